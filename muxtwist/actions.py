@@ -1,0 +1,45 @@
+"""
+What a rule can do with a connection, besides handing it to your own
+factory. Every action is itself an ``IProtocolFactory``.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IAddress, IProtocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
+
+__all__ = ["Reject"]
+
+log = Logger()
+
+
+@implementer(IConnectionInfoFactory)
+class Reject:
+    """
+    Close the connection at once, with a log line and a counter.
+
+    :ivar rejected: how many connections this has closed.
+    """
+
+    def __init__(self) -> None:
+        self.rejected = 0
+
+    def __repr__(self) -> str:
+        return "Reject()"
+
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
+        return self.buildProtocolForConnection(addr, ConnectionInfo(peer=addr), "")
+
+    def buildProtocolForConnection(self, addr: IAddress, info: ConnectionInfo, rule_name: str) -> IProtocol | None:
+        self.rejected += 1
+        log.info("rejected {peer} (rule {rule})", peer=info.source or addr, rule=rule_name)
+        return None

@@ -1,0 +1,266 @@
+"""
+The ``rules.py`` loader: run the file, read the names it defines, and check
+every one of them, so that a mistake is one clear message naming the file,
+the line and the problem.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+import traceback
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IProtocolFactory, IReactorCore
+
+from muxtwist.interfaces import IMatcher
+from muxtwist.sniffing import Rule, SniffingFactory
+
+__all__ = ["Config", "ConfigError", "Settings", "build_factory", "endpoint_description", "load_config"]
+
+SETTINGS = (
+    "sniff_timeout",
+    "max_sniff_bytes",
+    "on_timeout",
+    "on_no_match",
+    "max_connections",
+    "shutdown_timeout",
+    "accept_proxy_protocol",
+)
+
+
+class ConfigError(Exception):
+    """A rules file that cannot be used: where, and what is wrong."""
+
+    def __init__(self, path: str, line: int | None, problem: str) -> None:
+        super().__init__(path, line, problem)
+        self.path = path
+        self.line = line
+        self.problem = problem
+
+    def __str__(self) -> str:
+        where = self.path if self.line is None else f"{self.path}:{self.line}"
+        return f"{where}: {self.problem}"
+
+
+@attrs.frozen
+class Settings:
+    """The listener settings a rules file may set (or their defaults)."""
+
+    sniff_timeout: float = 5.0
+    max_sniff_bytes: int = 16384
+    on_timeout: IProtocolFactory | None = None
+    on_no_match: IProtocolFactory | None = None
+    max_connections: int | None = None
+    shutdown_timeout: float = 30.0
+    accept_proxy_protocol: tuple[str, ...] | None = None
+
+
+@attrs.frozen
+class Config:
+    """
+    A loaded rules file: ``rules`` for the ``--port`` listeners (``None`` if
+    the file only has ``listeners``), per-port ``listeners`` and settings.
+    """
+
+    path: str
+    rules: tuple[Rule, ...] | None
+    listeners: Mapping[str, tuple[Rule, ...]]
+    settings: Settings
+
+
+def endpoint_description(port: str) -> str:
+    """``"3000"`` -> ``"tcp:3000"``; anything else is taken as an endpoint description."""
+    return f"tcp:{port}" if port.isdigit() else port
+
+
+def check_endpoint(description: str) -> None:
+    """Raise ValueError if ``description`` is not a server endpoint description we can use."""
+    from twisted.internet import endpoints
+
+    class _NoReactor:
+        pass
+
+    try:
+        endpoints.serverFromString(_NoReactor(), description)
+    except Exception as e:
+        raise ValueError(f"bad endpoint description {description!r}: {e}") from None
+
+
+def _assignment_lines(source: str) -> dict[str, tuple[int, list[int]]]:
+    """For each module-level name: the line it is assigned on, and the lines of its list's items."""
+    lines: dict[str, tuple[int, list[int]]] = {}
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return lines
+    for node in tree.body:
+        targets: list[ast.expr] = []
+        value: ast.expr | None = None
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign):
+            targets, value = [node.target], node.value
+        for t in targets:
+            if isinstance(t, ast.Name):
+                items: list[int] = []
+                if isinstance(value, ast.List | ast.Tuple):
+                    items = [e.lineno for e in value.elts]
+                elif isinstance(value, ast.Dict):
+                    items = [v.lineno for v in value.values]
+                lines[t.id] = (node.lineno, items)
+    return lines
+
+
+def _run(path: str) -> tuple[dict[str, Any], str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read the rules file: {e.strerror or e}") from None
+    try:
+        code = compile(source, path, "exec")
+    except SyntaxError as e:
+        raise ConfigError(path, e.lineno, f"syntax error: {e.msg}") from None
+    module = types.ModuleType("muxtwist_rules")
+    module.__file__ = path
+    folder = os.path.dirname(os.path.abspath(path))
+    sys.path.insert(0, folder)
+    try:
+        exec(code, module.__dict__)
+    except Exception as e:
+        line = None
+        for frame, lineno in traceback.walk_tb(e.__traceback__):
+            if frame.f_code.co_filename == path:
+                line = lineno
+        raise ConfigError(path, line, f"{type(e).__name__} while loading: {e}") from None
+    finally:
+        try:
+            sys.path.remove(folder)
+        except ValueError:
+            pass
+    return module.__dict__, source
+
+
+def _check_rules(path: str, name: str, value: object, lines: tuple[int, list[int]] | None) -> tuple[Rule, ...]:
+    line = lines[0] if lines else None
+    if not isinstance(value, Sequence) or isinstance(value, str | bytes):
+        raise ConfigError(path, line, f"{name} must be a list of Rule, got {type(value).__name__}")
+    for i, rule in enumerate(value):
+        item_line = lines[1][i] if lines and i < len(lines[1]) else line
+        if not isinstance(rule, Rule):
+            raise ConfigError(path, item_line, f"{name}[{i}] is not a Rule: {rule!r}")
+        if not IMatcher.providedBy(rule.matcher):
+            raise ConfigError(path, item_line, f"{name}[{i}]: matcher {rule.matcher!r} is not an IMatcher")
+        if not IProtocolFactory.providedBy(rule.factory):
+            raise ConfigError(path, item_line, f"{name}[{i}]: factory {rule.factory!r} is not an IProtocolFactory")
+    return tuple(value)
+
+
+def _number(path: str, line: int | None, name: str, value: object, *, integer: bool, optional: bool) -> Any:
+    if value is None and optional:
+        return None
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < 0 or (integer and value == 0):
+        want = "a positive integer" if integer else "a non-negative number"
+        raise ConfigError(path, line, f"{name} must be {want}{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def _check_settings(path: str, ns: Mapping[str, Any], lines: Mapping[str, tuple[int, list[int]]]) -> Settings:
+    def line(name: str) -> int | None:
+        return lines[name][0] if name in lines else None
+
+    values: dict[str, Any] = {}
+    if "sniff_timeout" in ns:
+        values["sniff_timeout"] = _number(path, line("sniff_timeout"), "sniff_timeout", ns["sniff_timeout"], integer=False, optional=False)
+        if values["sniff_timeout"] == 0:
+            raise ConfigError(path, line("sniff_timeout"), "sniff_timeout must be more than 0")
+    if "shutdown_timeout" in ns:
+        values["shutdown_timeout"] = _number(path, line("shutdown_timeout"), "shutdown_timeout", ns["shutdown_timeout"], integer=False, optional=False)
+    if "max_sniff_bytes" in ns:
+        values["max_sniff_bytes"] = _number(path, line("max_sniff_bytes"), "max_sniff_bytes", ns["max_sniff_bytes"], integer=True, optional=False)
+    if "max_connections" in ns:
+        values["max_connections"] = _number(path, line("max_connections"), "max_connections", ns["max_connections"], integer=True, optional=True)
+    for name in ("on_timeout", "on_no_match"):
+        if name in ns:
+            value = ns[name]
+            if value is not None and not IProtocolFactory.providedBy(value):
+                raise ConfigError(path, line(name), f"{name} must be an IProtocolFactory or None, got {value!r}")
+            values[name] = value
+    if "accept_proxy_protocol" in ns and ns["accept_proxy_protocol"] is not None:
+        value = ns["accept_proxy_protocol"]
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise ConfigError(path, line("accept_proxy_protocol"), f"accept_proxy_protocol must be a list of CIDRs, got {value!r}")
+        from muxtwist.matchers._basic import parse_networks
+
+        try:
+            parse_networks(value)
+        except ValueError as e:
+            raise ConfigError(path, line("accept_proxy_protocol"), f"accept_proxy_protocol: {e}") from None
+        values["accept_proxy_protocol"] = tuple(value)
+    return Settings(**values)
+
+
+def load_config(path: str) -> Config:
+    """
+    Load and check a rules file.
+
+    :raises ConfigError: for any problem, with the file and, where there is
+        one, the line.
+    """
+    ns, source = _run(path)
+    lines = _assignment_lines(source)
+    if "rules" not in ns and "listeners" not in ns:
+        raise ConfigError(path, None, "defines neither 'rules' nor 'listeners'")
+    rules = _check_rules(path, "rules", ns["rules"], lines.get("rules")) if "rules" in ns else None
+    listeners: dict[str, tuple[Rule, ...]] = {}
+    if "listeners" in ns:
+        raw = ns["listeners"]
+        where = lines.get("listeners")
+        if not isinstance(raw, Mapping):
+            raise ConfigError(path, where and where[0], f"listeners must be a dict of endpoint -> rules, got {type(raw).__name__}")
+        for i, (description, listener_rules) in enumerate(raw.items()):
+            item_line = where[1][i] if where and i < len(where[1]) else (where and where[0])
+            if not isinstance(description, str):
+                raise ConfigError(path, item_line, f"listeners key {description!r} is not an endpoint description")
+            description = endpoint_description(description)
+            try:
+                check_endpoint(description)
+            except ValueError as e:
+                raise ConfigError(path, item_line, f"listeners: {e}") from None
+            listeners[description] = _check_rules(
+                path, f"listeners[{description!r}]", listener_rules, (item_line or 0, []) if item_line else None
+            )
+    settings = _check_settings(path, ns, lines)
+    return Config(path=path, rules=rules, listeners=listeners, settings=settings)
+
+
+def build_factory(rules: Sequence[Rule], settings: Settings, reactor: IReactorCore | None = None) -> SniffingFactory:
+    """A :class:`SniffingFactory` for ``rules`` with ``settings``."""
+    return SniffingFactory(
+        rules,
+        sniff_timeout=settings.sniff_timeout,
+        max_sniff_bytes=settings.max_sniff_bytes,
+        on_timeout=settings.on_timeout,
+        on_no_match=settings.on_no_match,
+        max_connections=settings.max_connections,
+        accept_proxy_protocol=settings.accept_proxy_protocol,
+        reactor=reactor,  # type: ignore[arg-type]
+    )
+
+
+def apply_settings(factory: SniffingFactory, rules: Sequence[Rule], settings: Settings) -> None:
+    """Give a running factory new rules and settings (a reload)."""
+    from muxtwist.matchers._basic import parse_networks
+
+    factory.sniff_timeout = settings.sniff_timeout
+    factory.max_sniff_bytes = settings.max_sniff_bytes
+    factory.max_connections = settings.max_connections
+    factory.accept_proxy_protocol = settings.accept_proxy_protocol
+    factory._trusted = None if settings.accept_proxy_protocol is None else parse_networks(settings.accept_proxy_protocol)
+    factory.set_rules(rules, on_timeout=settings.on_timeout, on_no_match=settings.on_no_match)

@@ -1,0 +1,96 @@
+"""
+The built-in rules that serve when no rules file is given: HTTP gets a small
+status page, anything else an echo service, so two protocols share the port
+out of the box.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+from zope.interface import implementer
+
+from muxtwist._version import __version__
+from muxtwist.matchers import HTTP1, Any
+from muxtwist.service import MuxService
+from muxtwist.sniffing import Rule
+
+__all__ = ["Echo", "StatusPage", "default_rules", "status"]
+
+
+@implementer(IHalfCloseableProtocol)
+class Echo(Protocol):
+    """Send back whatever arrives; when the client is done sending, finish and close."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+def status(service: MuxService) -> dict[str, object]:
+    """The numbers the status page shows: each listener's rules with live and total connections."""
+    listeners = []
+    for description, listener in sorted(service.listeners.items()):
+        factory = listener.factory
+        names = [r.name for r in factory.rules] + ["on_timeout", "on_no_match"]
+        listeners.append(
+            {
+                "endpoint": description,
+                "sniffing": sum(1 for c in factory.connections if c.sniffing),
+                "rules": [
+                    {"name": n, "active": factory.stats[n].active, "total": factory.stats[n].total} for n in names
+                ],
+            }
+        )
+    return {"version": __version__, "listeners": listeners}
+
+
+class StatusPage(Resource):
+    """``/`` in HTML, ``/status.json`` for machines."""
+
+    isLeaf = True
+
+    def __init__(self, service: MuxService) -> None:
+        super().__init__()
+        self.service = service
+
+    def render_GET(self, request: Request) -> bytes:
+        data = status(self.service)
+        if request.path.endswith(b".json"):
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps(data, indent=2).encode() + b"\n"
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        rows = []
+        for listener in data["listeners"]:  # type: ignore[attr-defined]
+            rows.append(f"<h2>{html.escape(listener['endpoint'])}</h2><p>sniffing now: {listener['sniffing']}</p>")
+            rows.append("<table><tr><th>rule</th><th>live</th><th>total</th></tr>")
+            for r in listener["rules"]:
+                rows.append(f"<tr><td>{html.escape(r['name'])}</td><td>{r['active']}</td><td>{r['total']}</td></tr>")
+            rows.append("</table>")
+        body = (
+            "<!doctype html><html><head><title>muxtwist</title></head><body>"
+            f"<h1>muxtwist {html.escape(__version__)}</h1>"
+            "<p>HTTP reaches this page; any other protocol on this port reaches an echo service "
+            "(try <code>nc</code>).</p>" + "".join(rows) + "</body></html>\n"
+        )
+        return body.encode()
+
+    render_HEAD = render_GET
+
+
+def default_rules(service: MuxService) -> list[Rule]:
+    """The built-in rules: HTTP to the status page of ``service``, anything else to echo."""
+    return [
+        Rule(HTTP1(), Site(StatusPage(service)), name="status-page"),
+        Rule(Any(), Factory.forProtocol(Echo), name="echo"),
+    ]

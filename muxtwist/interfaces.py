@@ -1,0 +1,133 @@
+"""
+The contracts: verdicts, matchers, matcher plugins and the connection snapshot.
+
+A matcher is a pure function of ``(data, info)``: it never does I/O, never
+reads a clock and keeps no state between calls, so the same bytes always get
+the same verdict and a fuzzer can call it a million times.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory
+from twisted.plugin import IPlugin
+from zope.interface import Attribute, Interface
+
+__all__ = [
+    "ConnectionInfo",
+    "IConnectionInfoFactory",
+    "IMatcher",
+    "IMatcherPlugin",
+    "IRespondingMatcher",
+    "Verdict",
+]
+
+
+class Verdict(enum.Enum):
+    """What a matcher says about the bytes buffered so far."""
+
+    MATCH = "match"
+    NO_MATCH = "no_match"
+    NEED_MORE = "need_more"
+
+
+@attrs.frozen
+class ConnectionInfo:
+    """
+    A snapshot of what is known about a connection, shown to every matcher.
+
+    :ivar peer: the address of the connecting client, as the transport sees it.
+    :ivar local: our own address on this connection.
+    :ivar proxy_source: the client address carried by an accepted PROXY
+        protocol header, or ``None``.
+    :ivar proxy_destination: the destination carried by that header, or ``None``.
+    :ivar sni: inside TLS termination, the server name the client asked for.
+    :ivar alpn: inside TLS termination, the negotiated ALPN protocol.
+    :ivar peer_certificate: inside TLS termination with client certificates,
+        the verified client certificate (a ``cryptography`` certificate).
+    """
+
+    peer: IAddress | None = None
+    local: IAddress | None = None
+    proxy_source: IAddress | None = None
+    proxy_destination: IAddress | None = None
+    sni: str | None = None
+    alpn: str | None = None
+    peer_certificate: Any = None
+
+    @property
+    def source(self) -> IAddress | None:
+        """The client as rules, logs and backends should see it: the PROXY source when there is one."""
+        return self.proxy_source if self.proxy_source is not None else self.peer
+
+    def evolve(self, **changes: Any) -> ConnectionInfo:
+        """A copy with some fields changed."""
+        return attrs.evolve(self, **changes)
+
+
+class IMatcher(Interface):
+    """Decides, from the first bytes of a connection, whether it speaks a protocol."""
+
+    name = Attribute("A short lower-case label for logs and metrics: 'tls', 'http1', ...")
+
+    def match(data: bytes, info: ConnectionInfo) -> Verdict:
+        """
+        Look at everything buffered so far.
+
+        Must never raise, and must be monotonic: once a prefix of the stream
+        gets MATCH or NO_MATCH, every longer prefix gets the same verdict.
+        """
+
+
+class IRespondingMatcher(IMatcher):
+    """
+    A matcher that must answer the client before it can decide.
+
+    gRPC clients wait for the server's HTTP/2 SETTINGS before they send the
+    request headers a matcher needs to see. Such a matcher declares the bytes
+    to write; the sniffer writes them at most once per connection, and never
+    writes anything else.
+    """
+
+    def respond(data: bytes, info: ConnectionInfo) -> bytes:
+        """
+        Bytes to write now, given that this matcher said NEED_MORE on ``data``
+        and its rule decides; ``b""`` for nothing yet.
+        """
+
+    def filter_replay(data: bytes) -> bytes:
+        """
+        Remove from the buffer what the client sent only in answer to our
+        declared bytes (the ACK of our SETTINGS), before it is replayed to
+        the winning protocol, which never sent them.
+        """
+
+
+class IConnectionInfoFactory(IProtocolFactory):
+    """
+    A factory that wants the sniffer's :class:`ConnectionInfo` of the
+    connection it is given: the PROXY source, the SNI, the rule that won.
+
+    The sniffer calls ``buildProtocolForConnection`` instead of
+    ``buildProtocol`` on factories that provide this.
+    """
+
+    def buildProtocolForConnection(addr: IAddress, info: ConnectionInfo, rule_name: str) -> IProtocol | None:
+        """Build the protocol for a connection whose sniffing ended with ``rule_name``."""
+
+
+class IMatcherPlugin(IPlugin):
+    """
+    A named way to build a matcher, found with ``twisted.plugin.getPlugins``.
+
+    Ship one by putting a module that holds a provider of this interface in
+    your own ``twisted/plugins/`` directory.
+    """
+
+    name = Attribute("The name :func:`muxtwist.matchers.plugin` looks it up by.")
+
+    def build(**options: Any) -> IMatcher:
+        """Build a matcher with these options."""

@@ -1,0 +1,218 @@
+"""
+HTTP/1.x: the request line and, when a rule asks about the host, the path or
+headers, a bounded parse of the request head.
+
+Bytes read: the request line (MATCH as soon as ``METHOD SP target SP
+HTTP/1.x CRLF`` is complete, NO_MATCH at the first byte that cannot belong to
+one); with ``host``/``path``/``headers`` the whole head up to the blank line.
+NEED_MORE bound: ``MAX_REQUEST_LINE`` bytes for the request line,
+``MAX_HEAD`` for the head; past those the verdict is NO_MATCH.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping
+
+import attrs
+from zope.interface import implementer
+
+from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
+
+__all__ = ["HTTP1", "HTTP_METHODS", "MAX_HEAD", "MAX_REQUEST_LINE", "RequestHead", "parse_request_head"]
+
+MATCH, NO_MATCH, NEED_MORE = Verdict.MATCH, Verdict.NO_MATCH, Verdict.NEED_MORE
+
+MAX_REQUEST_LINE = 8192
+MAX_HEAD = 16384
+
+#: The IANA HTTP method registry, but PRI, which only opens HTTP/2.
+HTTP_METHODS: frozenset[bytes] = frozenset(
+    m.encode()
+    for m in (
+        "ACL BASELINE-CONTROL BIND CHECKIN CHECKOUT CONNECT COPY DELETE GET HEAD LABEL LINK LOCK "
+        "MERGE MKACTIVITY MKCALENDAR MKCOL MKREDIRECTREF MKWORKSPACE MOVE OPTIONS ORDERPATCH PATCH "
+        "POST PROPFIND PROPPATCH PUT QUERY REBIND REPORT SEARCH TRACE UNBIND UNCHECKOUT UNLINK "
+        "UNLOCK UPDATE UPDATEREDIRECTREF VERSION-CONTROL"
+    ).split()
+)
+_LONGEST_METHOD = max(len(m) for m in HTTP_METHODS)
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+def _request_line(data: bytes, methods: frozenset[bytes]) -> tuple[Verdict, int]:
+    """
+    Judge the request line: (MATCH, end of line), (NEED_MORE, 0) or (NO_MATCH, 0).
+    """
+    space = data.find(b" ", 0, _LONGEST_METHOD + 1)
+    if space < 0:
+        if len(data) > _LONGEST_METHOD or not any(m.startswith(data) for m in methods):
+            return NO_MATCH, 0
+        return NEED_MORE, 0
+    if data[:space] not in methods:
+        return NO_MATCH, 0
+    end = data.find(b"\n", space, MAX_REQUEST_LINE)
+    if end < 0:
+        line = data[space + 1 : MAX_REQUEST_LINE].removesuffix(b"\r")
+        if len(data) >= MAX_REQUEST_LINE or line.startswith(b" ") or _CONTROL.search(line):
+            return NO_MATCH, 0
+        return NEED_MORE, 0
+    line = data[space + 1 : end].removesuffix(b"\r")
+    target, sep, version = line.rpartition(b" ")
+    if not sep or not target or b" " in target or version not in _VERSIONS:
+        return NO_MATCH, 0
+    if _CONTROL.search(target):
+        return NO_MATCH, 0
+    return MATCH, end + 1
+
+
+@attrs.frozen
+class RequestHead:
+    """A parsed HTTP/1.x request head: method, target, version and headers (names lower-cased)."""
+
+    method: bytes
+    target: bytes
+    version: bytes
+    headers: tuple[tuple[bytes, bytes], ...]
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lower-case), or ``None``."""
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    @property
+    def host(self) -> str | None:
+        """The host asked for, from an absolute-form target or Host, lower-cased, port removed."""
+        raw: bytes | None = None
+        if b"://" in self.target[:16]:
+            raw = self.target.split(b"://", 1)[1].split(b"/", 1)[0].split(b"@")[-1]
+        if raw is None:
+            raw = self.header(b"host")
+        if raw is None:
+            return None
+        try:
+            text = raw.decode("ascii").strip().lower()
+        except UnicodeDecodeError:
+            return None
+        if text.startswith("["):
+            return text[1:].split("]", 1)[0]
+        return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+    @property
+    def path(self) -> str | None:
+        """The path of the target, without query, or ``None`` if it is not valid ASCII."""
+        target = self.target
+        if b"://" in target[:16]:
+            rest = target.split(b"://", 1)[1]
+            target = b"/" + rest.split(b"/", 1)[1] if b"/" in rest else b"/"
+        try:
+            return target.split(b"?", 1)[0].split(b"#", 1)[0].decode("ascii")
+        except UnicodeDecodeError:
+            return None
+
+
+def parse_request_head(data: bytes, methods: frozenset[bytes] = HTTP_METHODS) -> tuple[Verdict, RequestHead | None]:
+    """
+    Parse an HTTP/1.x request head from the start of ``data``.
+
+    (MATCH, head) once the blank line ending the head has arrived;
+    (NEED_MORE, None) while it could still come within ``MAX_HEAD`` bytes;
+    (NO_MATCH, None) for anything that is not a request head.
+    """
+    verdict, line_end = _request_line(data, methods)
+    if verdict is not MATCH:
+        return verdict, None
+    end = data.find(b"\n\r\n", line_end - 1, MAX_HEAD)
+    end_lf = data.find(b"\n\n", line_end - 1, MAX_HEAD)
+    ends = [e for e in (end, end_lf) if e >= 0]
+    if not ends:
+        return (NO_MATCH if len(data) >= MAX_HEAD else NEED_MORE), None
+    head_end = min(ends)
+    method, _, rest = data[: line_end].partition(b" ")
+    target, _, version = rest.strip().rpartition(b" ")
+    headers = []
+    for raw in data[line_end : head_end + 1].split(b"\n"):
+        raw = raw.removesuffix(b"\r")
+        if not raw:
+            continue
+        name, colon, value = raw.partition(b":")
+        if not colon or not name or any(c not in _TCHAR for c in name):
+            return NO_MATCH, None
+        headers.append((name.lower(), value.strip(b" \t")))
+    return MATCH, RequestHead(method, target, version, tuple(headers))
+
+
+def _globs(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+@implementer(IMatcher)
+@attrs.frozen
+class HTTP1:
+    """
+    An HTTP/1.0 or 1.1 request.
+
+    :param methods: method names to accept (default: every registered method).
+    :param host: a host name or glob (``*.example.com``), or a list of them,
+        compared case-insensitively with the Host header (port ignored).
+    :param path: a path or glob (``/api/*``), or a list, compared with the
+        request path (query ignored).
+    :param headers: ``{name: glob or None}``; every header must be present
+        (``None``) or have a value matching the glob, case-insensitively.
+    """
+
+    methods: frozenset[bytes] = attrs.field(
+        default=None,
+        converter=lambda ms: HTTP_METHODS if ms is None else frozenset(_method(m) for m in ms),
+    )
+    host: tuple[str, ...] | None = attrs.field(
+        default=None, converter=lambda h: None if h is None else tuple(x.lower() for x in _globs(h) or ())
+    )
+    path: tuple[str, ...] | None = attrs.field(default=None, converter=_globs)
+    headers: tuple[tuple[bytes, str | None], ...] | None = attrs.field(
+        default=None,
+        converter=lambda hs: None
+        if hs is None
+        else tuple((k.lower().encode("ascii"), None if v is None else v.lower()) for k, v in _items(hs)),
+    )
+    name: str = attrs.field(default="http1", kw_only=True)
+
+    def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
+        if self.host is None and self.path is None and self.headers is None:
+            return _request_line(data, self.methods)[0]
+        verdict, head = parse_request_head(data, self.methods)
+        if head is None:
+            return verdict
+        return MATCH if self._head_matches(head) else NO_MATCH
+
+    def _head_matches(self, head: RequestHead) -> bool:
+        if self.host is not None:
+            host = head.host
+            if host is None or not any(fnmatch.fnmatchcase(host, g) for g in self.host):
+                return False
+        if self.path is not None:
+            path = head.path
+            if path is None or not any(fnmatch.fnmatchcase(path, g) for g in self.path):
+                return False
+        for name, glob in self.headers or ():
+            value = head.header(name)
+            if value is None:
+                return False
+            if glob is not None and not fnmatch.fnmatchcase(value.decode("latin-1").lower(), glob):
+                return False
+        return True
+
+
+def _method(m: str | bytes) -> bytes:
+    return m.encode("ascii").upper() if isinstance(m, str) else m.upper()
+
+
+def _items(hs: Mapping[str, str | None] | Iterable[tuple[str, str | None]]) -> Iterable[tuple[str, str | None]]:
+    return hs.items() if isinstance(hs, Mapping) else hs

@@ -1,0 +1,204 @@
+"""
+:class:`MuxService`: listeners, the registry of their live connections, a
+graceful stop, and reloading the rules file.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from muxtwist.config import Config, ConfigError, apply_settings, build_factory, endpoint_description, load_config
+from muxtwist.sniffing import SniffingFactory, SniffingProtocol
+
+__all__ = ["Listener", "MuxService"]
+
+log = Logger()
+
+
+class Listener(StreamServerEndpointService):
+    """One listening endpoint and the :class:`SniffingFactory` behind it."""
+
+    factory: SniffingFactory
+
+    def __init__(self, description: str, factory: SniffingFactory, reactor: Any) -> None:
+        super().__init__(endpoints.serverFromString(reactor, description), factory)
+        self.description = description
+        self._raiseSynchronously = True
+        self.setName(description)
+
+
+class MuxService(MultiService):
+    """
+    A ``MultiService`` of sniffing listeners, for ``twistd`` or as a child of
+    your own application.
+
+    On stop it stops accepting, aborts connections still sniffing, lets
+    handed-off connections finish for up to ``shutdown_timeout`` seconds and
+    aborts the rest; ``stopService``'s Deferred fires when they are all gone.
+
+    :param config_path: the rules file that :meth:`reload` reads again.
+    :param reload_on_sighup: install a SIGHUP handler that calls :meth:`reload`.
+    """
+
+    def __init__(
+        self,
+        *,
+        shutdown_timeout: float = 30.0,
+        config_path: str | None = None,
+        ports: tuple[str, ...] = (),
+        reload_on_sighup: bool = False,
+        reactor: Any = None,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self._reactor = reactor
+        self.shutdown_timeout = shutdown_timeout
+        self.config_path = config_path
+        self.ports = ports
+        self.reload_on_sighup = reload_on_sighup
+        self._old_sighup: Any = None
+        self._held: dict[int, SniffingFactory] = {}
+        self.reloaded: list[Callable[[Config], None]] = []
+
+    @property
+    def listeners(self) -> dict[str, Listener]:
+        """Every listener, by endpoint description."""
+        return {s.description: s for s in self if isinstance(s, Listener)}
+
+    @property
+    def connections(self) -> list[SniffingProtocol]:
+        """Every live connection on every listener."""
+        return [c for listener in self.listeners.values() for c in listener.factory.connections]
+
+    def add_listener(self, description: str, factory: SniffingFactory) -> Listener:
+        """
+        Serve ``factory`` on ``description`` (a port number or an endpoint
+        description); started at once if this service is running.
+        """
+        description = endpoint_description(description)
+        listener = Listener(description, factory, self._reactor)
+        # Hold the factory started for the whole service life, so that a port
+        # that stops listening does not stop the factories of connections
+        # that are still draining.
+        if id(factory) not in self._held:
+            self._held[id(factory)] = factory
+            factory.doStart()
+        listener.setServiceParent(self)
+        return listener
+
+    def remove_listener(self, description: str) -> defer.Deferred[None]:
+        """Stop one listener and drain its connections like a stop does."""
+        listener = self.listeners[endpoint_description(description)]
+        d = defer.maybeDeferred(listener.disownServiceParent)
+        d.addCallback(lambda _: self._drain([listener.factory]))
+        return d
+
+    def load(self, config: Config) -> None:
+        """Create the listeners of a loaded rules file: ``ports`` with ``rules``, plus ``listeners``."""
+        self.shutdown_timeout = config.settings.shutdown_timeout
+        for description, rules in self._wanted(config).items():
+            self.add_listener(description, build_factory(rules, config.settings, self._reactor))
+
+    def _wanted(self, config: Config) -> dict[str, tuple[Any, ...]]:
+        wanted: dict[str, tuple[Any, ...]] = {}
+        if config.rules is not None:
+            for port in self.ports or (("tcp:3000",) if not config.listeners else ()):
+                wanted[endpoint_description(port)] = config.rules
+        wanted.update(config.listeners)
+        return wanted
+
+    def reload(self) -> bool:
+        """
+        Read the rules file again. New connections get the new rules and
+        settings, live ones keep theirs; listeners that appear are started and
+        listeners that disappear are drained. A broken file changes nothing.
+        Returns whether the reload took effect.
+        """
+        if self.config_path is None:
+            log.warn("reload asked, but there is no rules file to read")
+            return False
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("reload failed, keeping the running rules: {problem}", problem=str(e))
+            return False
+        wanted = self._wanted(config)
+        current = self.listeners
+        for description in set(current) - set(wanted):
+            self.remove_listener(description)
+        for description, rules in wanted.items():
+            if description in current:
+                apply_settings(current[description].factory, rules, config.settings)
+            else:
+                try:
+                    self.add_listener(description, build_factory(rules, config.settings, self._reactor))
+                except Exception as e:
+                    log.error("reload: cannot listen on {description}: {problem}", description=description, problem=e)
+        self.shutdown_timeout = config.settings.shutdown_timeout
+        for hook in self.reloaded:
+            hook(config)
+        log.info("reloaded {path}: {n} listener(s)", path=self.config_path, n=len(wanted))
+        return True
+
+    def startService(self) -> None:
+        super().startService()
+        if self.reload_on_sighup:
+            self._old_sighup = signal.signal(signal.SIGHUP, self._sighup)
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        # Signal handlers run between bytecodes; do the work in the reactor.
+        self._reactor.callFromThread(self.reload)
+
+    def stopService(self) -> defer.Deferred[None]:
+        if self.reload_on_sighup and self._old_sighup is not None:
+            signal.signal(signal.SIGHUP, self._old_sighup)
+            self._old_sighup = None
+        factories = [listener.factory for listener in self.listeners.values()]
+        stopped = defer.maybeDeferred(super().stopService)
+        stopped.addCallback(lambda _: self._drain(factories))
+        return stopped
+
+    def _drain(self, factories: list[SniffingFactory]) -> defer.Deferred[None]:
+        for f in factories:
+            f.abort_sniffing()
+        reactor: IReactorTime = self._reactor
+        deadline = reactor.callLater(self.shutdown_timeout, self._abort, factories)
+        live = [f for f in factories if f.connections]
+        if live:
+            log.info(
+                "waiting up to {timeout}s for {n} connection(s) to finish",
+                timeout=self.shutdown_timeout,
+                n=sum(len(f.connections) for f in live),
+            )
+        done = defer.gatherResults([f.when_idle() for f in factories])
+
+        def finished(_: object) -> None:
+            if deadline.active():
+                deadline.cancel()
+            in_use = {id(listener.factory) for listener in self.listeners.values() if listener.running}
+            for f in factories:
+                if id(f) in self._held and id(f) not in in_use:
+                    del self._held[id(f)]
+                    f.doStop()
+
+        done.addCallback(finished)
+        return done
+
+    def _abort(self, factories: list[SniffingFactory]) -> None:
+        left = sum(len(f.connections) for f in factories)
+        if left:
+            log.warn("shutdown_timeout reached: aborting {n} connection(s)", n=left)
+        for f in factories:
+            f.abort_all()
+

@@ -1,0 +1,589 @@
+"""
+The sniffer: buffer a connection's first bytes, show them to the rules in
+order, and hand the connection, bytes replayed, to the winner's factory.
+
+After the handoff the winning protocol is put in the sniffer's place on the
+transport (``transport.protocol`` of a TCP or UNIX connection,
+``transport.wrappedProtocol`` of a TLS or other wrapping transport), so it
+receives data straight from the transport and the sniffer costs nothing per
+byte. Only on a transport that has neither attribute does the sniffer stay
+in between and pass each chunk on with one call.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    ITransport,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IMatcher, IRespondingMatcher, Verdict
+
+if TYPE_CHECKING:
+    from muxtwist.proxyprotocol import ProxyHeaderReader
+
+__all__ = ["Outcome", "Rule", "RuleStats", "SniffingFactory"]
+
+log = Logger()
+
+#: While the buffer is this small every chunk is evaluated at once. Past it,
+#: evaluation waits until the buffer has grown by a quarter, or until the
+#: client has paused for QUIET_DELAY; so a client dribbling bytes costs
+#: matcher work proportional to ``max_sniff_bytes``, not to its square.
+EAGER_BYTES = 1024
+QUIET_DELAY = 0.02
+
+
+def _provides(interface: type, what: str) -> Callable[[object, attrs.Attribute[object], object], None]:
+    def check(instance: object, attribute: attrs.Attribute[object], value: object) -> None:
+        if not interface.providedBy(value):  # type: ignore[attr-defined]
+            raise TypeError(f"Rule {attribute.name} must be {what}, got {value!r}")
+
+    return check
+
+
+@attrs.frozen
+class Rule:
+    """
+    Send connections whose first bytes ``matcher`` matches to ``factory``.
+
+    :param matcher: an :class:`~muxtwist.interfaces.IMatcher`.
+    :param factory: any ``IProtocolFactory``: a ``Site``, a ``Proxy``,
+        a ``TerminateTLS``, another ``SniffingFactory``.
+    :param name: the label for logs and metrics; the matcher's name by default.
+    """
+
+    matcher: IMatcher = attrs.field(validator=_provides(IMatcher, "an IMatcher"))
+    factory: IProtocolFactory = attrs.field(validator=_provides(IProtocolFactory, "an IProtocolFactory"))
+    name: str = attrs.field(kw_only=True, default=attrs.Factory(lambda self: self.matcher.name, takes_self=True))
+
+
+class Outcome(enum.Enum):
+    """How a connection's sniffing ended."""
+
+    HANDED_OFF = "handed_off"
+    TIMEOUT = "timeout"
+    NO_MATCH = "no_match"
+    REJECTED = "rejected"
+    CLOSED = "closed_while_sniffing"
+    ABORTED = "aborted_while_sniffing"
+
+
+@attrs.define
+class RuleStats:
+    """Live and total connection counts of one rule (or of ``on_timeout``/``on_no_match``)."""
+
+    active: int = 0
+    total: int = 0
+
+
+def _unique(factories: Iterable[IProtocolFactory | None]) -> list[IProtocolFactory]:
+    seen: dict[int, IProtocolFactory] = {}
+    for f in factories:
+        if f is not None:
+            seen.setdefault(id(f), f)
+    return list(seen.values())
+
+
+@implementer(IConnectionInfoFactory)
+class SniffingFactory:
+    """
+    A factory whose connections are sniffed and handed to the first rule that
+    matches; see DESIGN.md, "Sniffing semantics", for the exact rules.
+
+    :param rules: the :class:`Rule` list, in priority order.
+    :param sniff_timeout: seconds to wait for the rules to decide.
+    :param max_sniff_bytes: the most bytes buffered before deciding anyway.
+    :param on_timeout: the factory for clients that send nothing within
+        ``sniff_timeout`` (server-speaks-first protocols); default: close.
+    :param on_no_match: the factory for clients no rule matches; default: close.
+    :param max_connections: connections above this are closed at once.
+    :param accept_proxy_protocol: CIDRs of peers trusted to send a PROXY
+        protocol header before their data.
+    :param reactor: the reactor for timers (``twisted.internet.reactor`` by default).
+    """
+
+    def __init__(
+        self,
+        rules: Sequence[Rule],
+        *,
+        sniff_timeout: float = 5.0,
+        max_sniff_bytes: int = 16384,
+        on_timeout: IProtocolFactory | None = None,
+        on_no_match: IProtocolFactory | None = None,
+        max_connections: int | None = None,
+        accept_proxy_protocol: Sequence[str] | None = None,
+        reactor: IReactorTime | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor  # type: ignore[assignment]
+        self._reactor: IReactorTime = reactor  # type: ignore[assignment]
+        self.sniff_timeout = sniff_timeout
+        self.max_sniff_bytes = max_sniff_bytes
+        self.max_connections = max_connections
+        self.accept_proxy_protocol = accept_proxy_protocol
+        self._trusted = None if accept_proxy_protocol is None else _networks(accept_proxy_protocol)
+        self._started = 0
+        self._running: list[IProtocolFactory] = []
+        self.connections: set[SniffingProtocol] = set()
+        self._idle: list[defer.Deferred[None]] = []
+        self.stats: dict[str, RuleStats] = {}
+        self.rules: tuple[Rule, ...] = ()
+        self.on_timeout = on_timeout
+        self.on_no_match = on_no_match
+        self.set_rules(rules, on_timeout=on_timeout, on_no_match=on_no_match)
+
+    def __repr__(self) -> str:
+        return f"<SniffingFactory rules={[r.name for r in self.rules]}>"
+
+    def set_rules(
+        self,
+        rules: Sequence[Rule],
+        *,
+        on_timeout: IProtocolFactory | None = None,
+        on_no_match: IProtocolFactory | None = None,
+    ) -> None:
+        """
+        Use these rules for new connections; connections already sniffing or
+        handed off keep what they had. Factories that come in are started,
+        factories that go out are stopped, when this factory is running.
+        """
+        for r in rules:
+            if not isinstance(r, Rule):
+                raise TypeError(f"rules must be Rule instances, got {r!r}")
+        for what, f in (("on_timeout", on_timeout), ("on_no_match", on_no_match)):
+            if f is not None and not IProtocolFactory.providedBy(f):
+                raise TypeError(f"{what} must be an IProtocolFactory, got {f!r}")
+        self.rules = tuple(rules)
+        self.on_timeout = on_timeout
+        self.on_no_match = on_no_match
+        for name in [r.name for r in self.rules] + ["on_timeout", "on_no_match"]:
+            self.stats.setdefault(name, RuleStats())
+        if self._started:
+            self._start_inner()
+
+    def _inner_factories(self) -> list[IProtocolFactory]:
+        return _unique([r.factory for r in self.rules] + [self.on_timeout, self.on_no_match])
+
+    def _start_inner(self) -> None:
+        wanted = self._inner_factories()
+        wanted_ids = {id(f) for f in wanted}
+        running_ids = {id(f) for f in self._running}
+        for f in self._running:
+            if id(f) not in wanted_ids:
+                f.doStop()
+        for f in wanted:
+            if id(f) not in running_ids:
+                f.doStart()
+        self._running = wanted
+
+    # IProtocolFactory
+
+    def doStart(self) -> None:
+        """Start the inner factories, once, when the first port starts using us."""
+        if not self._started:
+            self._start_inner()
+        self._started += 1
+
+    def doStop(self) -> None:
+        """Stop the inner factories when the last port stops using us."""
+        if self._started == 0:
+            return
+        self._started -= 1
+        if not self._started:
+            for f in self._running:
+                f.doStop()
+            self._running = []
+
+    def buildProtocol(self, addr: IAddress) -> SniffingProtocol | None:
+        return self.buildProtocolForConnection(addr, None, "")
+
+    def buildProtocolForConnection(
+        self, addr: IAddress, info: ConnectionInfo | None, rule_name: str
+    ) -> SniffingProtocol | None:
+        """Build a sniffer; ``info`` comes from an outer sniffer when this one is nested."""
+        if self.max_connections is not None and len(self.connections) >= self.max_connections:
+            log.warn("refusing {peer}: max_connections ({limit}) reached", peer=addr, limit=self.max_connections)
+            return None
+        return SniffingProtocol(self, addr, info)
+
+    # The connection registry
+
+    def _add(self, p: SniffingProtocol) -> None:
+        self.connections.add(p)
+
+    def _remove(self, p: SniffingProtocol) -> None:
+        self.connections.discard(p)
+        if not self.connections and self._idle:
+            waiting, self._idle = self._idle, []
+            for d in waiting:
+                d.callback(None)
+
+    def when_idle(self) -> defer.Deferred[None]:
+        """A Deferred that fires once this factory has no live connections."""
+        if not self.connections:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle.append(d)
+        return d
+
+    def abort_sniffing(self) -> None:
+        """Abort every connection still sniffing (a stop in progress)."""
+        for p in [p for p in self.connections if p.sniffing]:
+            p.abort()
+
+    def abort_all(self) -> None:
+        """Abort every live connection, sniffing or handed off."""
+        for p in list(self.connections):
+            p.abort()
+
+
+def _networks(cidrs: Sequence[str]) -> tuple[object, ...]:
+    from muxtwist.matchers._basic import parse_networks
+
+    return parse_networks(cidrs)
+
+
+@implementer(IProtocol, IHalfCloseableProtocol)
+class SniffingProtocol:
+    """
+    One connection while it is being sniffed, and its record afterwards.
+
+    Slotted: tens of thousands of these may sit waiting for their first byte.
+    """
+
+    __slots__ = (
+        "_active",
+        "_buffer",
+        "_deadline",
+        "_info",
+        "_next_eval",
+        "_proxy_reader",
+        "_quiet",
+        "_read_closed",
+        "_responder",
+        "_rules",
+        "addr",
+        "ended_at",
+        "factory",
+        "outcome",
+        "rule_name",
+        "sniff_time",
+        "started",
+        "transport",
+        "winner",
+    )
+
+    def __init__(self, factory: SniffingFactory, addr: IAddress, info: ConnectionInfo | None) -> None:
+        self.factory = factory
+        self.addr = addr
+        self._info = info
+        self._rules = factory.rules
+        self.transport: ITransport | None = None
+        self._buffer: bytearray | None = bytearray()
+        self._deadline: IDelayedCall | None = None
+        self._quiet: IDelayedCall | None = None
+        self._next_eval = 0
+        self._read_closed = False
+        self._responder: IRespondingMatcher | None = None
+        self._active: RuleStats | None = None
+        self._proxy_reader: ProxyHeaderReader | None = None
+        self.winner: IProtocol | None = None
+        self.rule_name = ""
+        self.outcome: Outcome | None = None
+        self.started = 0.0
+        self.sniff_time: float | None = None
+        self.ended_at: float | None = None
+
+    def __repr__(self) -> str:
+        state = "sniffing" if self.sniffing else f"{self.outcome and self.outcome.value}:{self.rule_name}"
+        return f"<SniffingProtocol {self.addr} {state}>"
+
+    @property
+    def sniffing(self) -> bool:
+        """Whether the rules have not decided yet."""
+        return self.outcome is None
+
+    @property
+    def info(self) -> ConnectionInfo:
+        """What the matchers see of this connection."""
+        assert self._info is not None
+        return self._info
+
+    # IProtocol
+
+    def makeConnection(self, transport: ITransport) -> None:
+        self.transport = transport
+        self.connectionMade()
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        reactor = factory._reactor
+        self.started = reactor.seconds()
+        transport = self.transport
+        assert transport is not None
+        if self._info is None:
+            self._info = ConnectionInfo(peer=transport.getPeer(), local=transport.getHost())
+        factory._add(self)
+        self._deadline = reactor.callLater(factory.sniff_timeout, self._timed_out)
+        if factory._trusted is not None:
+            from muxtwist.proxyprotocol import ProxyHeaderReader
+
+            self._proxy_reader = ProxyHeaderReader(self._info, factory._trusted)
+        else:
+            self._evaluate(final=None)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.winner is not None:
+            # Forwarding mode: a transport we could not swap the winner into.
+            self.winner.dataReceived(data)
+            return
+        buffer = self._buffer
+        if buffer is None:
+            return
+        if self._proxy_reader is not None:
+            data = self._read_proxy_header(data)
+            if not data or self._buffer is None:
+                return
+        buffer += data
+        size = len(buffer)
+        if size >= self.factory.max_sniff_bytes:
+            self._evaluate(final=Outcome.NO_MATCH)
+        elif size <= EAGER_BYTES or size >= self._next_eval:
+            self._evaluate(final=None)
+        elif self._quiet is None:
+            self._quiet = self.factory._reactor.callLater(QUIET_DELAY, self._quiet_evaluate)
+
+    def _read_proxy_header(self, data: bytes) -> bytes:
+        reader = self._proxy_reader
+        assert reader is not None
+        try:
+            rest = reader.feed(data)
+        except ValueError as e:
+            log.warn("refusing {peer}: {problem}", peer=self.addr, problem=str(e))
+            self._end_sniffing(Outcome.REJECTED, "proxy_protocol")
+            assert self.transport is not None
+            self.transport.loseConnection()
+            return b""
+        if rest is None:
+            return b""
+        self._info = reader.info
+        self._proxy_reader = None
+        self._evaluate(final=None)
+        return rest
+
+    def readConnectionLost(self) -> None:
+        if self.winner is not None:
+            if IHalfCloseableProtocol.providedBy(self.winner):
+                self.winner.readConnectionLost()  # type: ignore[attr-defined]
+            elif self.transport is not None:
+                self.transport.loseConnection()
+            return
+        self._read_closed = True
+        if self._buffer is not None:
+            self._evaluate(final=Outcome.NO_MATCH)
+
+    def writeConnectionLost(self) -> None:
+        if self.winner is not None and IHalfCloseableProtocol.providedBy(self.winner):
+            self.winner.writeConnectionLost()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.winner is not None:
+            winner, self.winner = self.winner, None
+            try:
+                winner.connectionLost(reason)
+            finally:
+                self._ended()
+            return
+        if self.sniffing:
+            self._end_sniffing(Outcome.CLOSED, "")
+        self._ended()
+
+    # Deciding
+
+    def _quiet_evaluate(self) -> None:
+        self._quiet = None
+        if self._buffer is not None:
+            self._evaluate(final=None)
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if self._buffer is None:
+            return
+        if self._proxy_reader is not None:
+            log.info("{peer} sent no complete PROXY header in time", peer=self.addr)
+            self._end_sniffing(Outcome.TIMEOUT, "proxy_protocol")
+            assert self.transport is not None
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
+        self._evaluate(final=Outcome.TIMEOUT)
+
+    def _evaluate(self, final: Outcome | None) -> None:
+        """
+        Show the buffer to the rules in order. ``final`` is None for an
+        ordinary evaluation, or the reason this is the last one, in which
+        NEED_MORE counts as NO_MATCH.
+        """
+        buffer = self._buffer
+        assert buffer is not None
+        if self._quiet is not None:
+            self._quiet.cancel()
+            self._quiet = None
+        data = bytes(buffer)
+        size = len(data)
+        self._next_eval = size + (size >> 2) + 1
+        info = self.info
+        for rule in self._rules:
+            try:
+                verdict = rule.matcher.match(data, info)
+            except Exception:
+                log.failure("matcher of rule {rule} raised; taken as NO_MATCH", rule=rule.name)
+                continue
+            if verdict is Verdict.MATCH:
+                self._hand_off(rule.factory, rule.name, Outcome.HANDED_OFF, data)
+                return
+            if verdict is Verdict.NEED_MORE and final is None:
+                self._respond(rule.matcher, data)
+                return
+        if final is Outcome.TIMEOUT and not data:
+            self._hand_off(self.factory.on_timeout, "on_timeout", Outcome.TIMEOUT, data)
+        elif final is not None or data:
+            self._hand_off(self.factory.on_no_match, "on_no_match", Outcome.NO_MATCH, data)
+        # else: no rule can tell from zero bytes; wait for the first ones.
+
+    def _respond(self, matcher: IMatcher, data: bytes) -> None:
+        if self._responder is not None or not IRespondingMatcher.providedBy(matcher):
+            return
+        try:
+            out = matcher.respond(data, self.info)  # type: ignore[attr-defined]
+        except Exception:
+            log.failure("matcher {name} raised in respond()", name=matcher.name)
+            return
+        if out:
+            self._responder = matcher  # type: ignore[assignment]
+            assert self.transport is not None
+            self.transport.write(out)
+
+    def _end_sniffing(self, outcome: Outcome, rule_name: str) -> None:
+        self.outcome = outcome
+        self.rule_name = rule_name
+        self._buffer = None
+        self.sniff_time = self.factory._reactor.seconds() - self.started
+        for call in (self._deadline, self._quiet):
+            if call is not None and call.active():
+                call.cancel()
+        self._deadline = self._quiet = None
+        if rule_name:
+            self.factory.stats.setdefault(rule_name, RuleStats()).total += 1
+
+    def _hand_off(self, factory: IProtocolFactory | None, rule_name: str, outcome: Outcome, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        self._end_sniffing(outcome, rule_name)
+        if factory is None:
+            self._close_unhandled(transport, rule_name)
+            return
+        try:
+            if IConnectionInfoFactory.providedBy(factory):
+                proto = factory.buildProtocolForConnection(self.addr, self.info, rule_name)  # type: ignore[attr-defined]
+            else:
+                proto = factory.buildProtocol(self.addr)
+        except Exception:
+            log.failure("factory of rule {rule} raised in buildProtocol", rule=rule_name)
+            proto = None
+        if proto is None:
+            self._close_unhandled(transport, rule_name)
+            return
+        if self._responder is not None:
+            data = self._responder.filter_replay(data)
+        self._attach(transport, proto)
+        self._active = self.factory.stats[rule_name]
+        self._active.active += 1
+        proto.makeConnection(transport)
+        if data and not getattr(transport, "disconnecting", False):
+            proto.dataReceived(data)
+        if self._read_closed and not getattr(transport, "disconnected", False):
+            if IHalfCloseableProtocol.providedBy(proto):
+                proto.readConnectionLost()
+            else:
+                transport.loseConnection()
+
+    def _close_unhandled(self, transport: ITransport, rule_name: str) -> None:
+        if rule_name not in ("on_timeout", "on_no_match"):
+            log.info("{rule} declined {peer}: its factory built no protocol", rule=rule_name, peer=self.addr)
+            self.outcome = Outcome.REJECTED
+        transport.loseConnection()
+
+    def _attach(self, transport: ITransport, proto: IProtocol) -> None:
+        """Put ``proto`` where the transport delivers data, and learn when it ends."""
+        for attribute in ("protocol", "wrappedProtocol"):
+            if getattr(transport, attribute, None) is self:
+                original = proto.connectionLost
+                try:
+                    proto.connectionLost = self._watch(proto, original)  # type: ignore[method-assign]
+                except AttributeError:
+                    break
+                setattr(transport, attribute, proto)
+                return
+        self.winner = proto
+
+    def _watch(self, proto: IProtocol, original: Callable[[Failure], object]) -> Callable[[Failure], object]:
+        def connectionLost(reason: Failure) -> object:
+            try:
+                del proto.connectionLost  # type: ignore[attr-defined]
+            except AttributeError:
+                pass
+            try:
+                return original(reason)
+            finally:
+                self._ended()
+
+        return connectionLost
+
+    def _ended(self) -> None:
+        if self.ended_at is not None:
+            return
+        factory = self.factory
+        self.ended_at = factory._reactor.seconds()
+        if self._active is not None:
+            self._active.active -= 1
+            self._active = None
+        factory._remove(self)
+        log.debug(
+            "connection from {peer} ended: {outcome} {rule}",
+            peer=self.info.source if self._info is not None else self.addr,
+            outcome=self.outcome.value if self.outcome else "",
+            rule=self.rule_name,
+            sniff_time=self.sniff_time,
+            duration=self.ended_at - self.started,
+        )
+
+    def abort(self) -> None:
+        """Abort the connection at once (a stop's deadline, or a stop while sniffing)."""
+        transport = self.transport
+        if transport is None:
+            return
+        if self.sniffing:
+            self._end_sniffing(Outcome.ABORTED, "")
+        abort = getattr(transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            transport.loseConnection()
+
