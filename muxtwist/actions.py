@@ -10,8 +10,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
+from muxtwist.redirect import RedirectToHTTPS
+from muxtwist.tls import TerminateTLS
 
-__all__ = ["Reject"]
+__all__ = ["RedirectToHTTPS", "Reject", "TerminateTLS"]
 
 log = Logger()
 

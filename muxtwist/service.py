@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from muxtwist.config import Config, ConfigError, apply_settings, build_factory, endpoint_description, load_config
 from muxtwist.sniffing import SniffingFactory, SniffingProtocol
+from muxtwist.tls import reload_all_certificates
 
 __all__ = ["Listener", "MuxService"]
 
@@ -125,6 +126,7 @@ class MuxService(MultiService):
         listeners that disappear are drained. A broken file changes nothing.
         Returns whether the reload took effect.
         """
+        reload_all_certificates()
         if self.config_path is None:
             log.warn("reload asked, but there is no rules file to read")
             return False

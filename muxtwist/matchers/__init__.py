@@ -9,9 +9,12 @@ any installed matcher, built-in or third-party, by name.
 from muxtwist.matchers._basic import AllOf, Any, AnyOf, Not, Prefix, Regex, RemoteAddress
 from muxtwist.matchers._plugins import MatcherPlugin, plugin, plugins
 from muxtwist.matchers.http import HTTP1
+from muxtwist.matchers.info import ALPN, SNI
 
 __all__ = [
+    "ALPN",
     "HTTP1",
+    "SNI",
     "AllOf",
     "Any",
     "AnyOf",
