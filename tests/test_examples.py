@@ -1,0 +1,370 @@
+"""
+Every example in ``examples/`` started as a real process on 127.0.0.1 and
+checked with real clients (curl, nc, Python sockets), then stopped with
+SIGTERM, which must end it with exit status 0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+from twisted.trial.unittest import TestCase
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "muxtwist"]
+STARTUP = 20.0
+CLIENT = 10.0
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (for files that name their ports)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Running:
+    """A started example process whose output is read as it comes."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            [ROOT, *([env.pop("PYTHONPATH")] if env and "PYTHONPATH" in env else [])]
+        )
+        full_env["PYTHONUNBUFFERED"] = "1"
+        full_env.update(env or {})
+        self.process = subprocess.Popen(
+            list(args), cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        self.output = b""
+
+    def _read(self, deadline: float) -> bool:
+        """Read what is there, waiting until ``deadline`` at most; False at end of output."""
+        assert self.process.stdout is not None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        ready, _, _ = select.select([self.process.stdout], [], [], left)
+        if ready:
+            chunk = os.read(self.process.stdout.fileno(), 65536)
+            if not chunk:
+                return False
+            self.output += chunk
+        return True
+
+    def wait_for(self, pattern: bytes, timeout: float = STARTUP, count: int = 1) -> list[re.Match[bytes]]:
+        """Wait until ``pattern`` has appeared ``count`` times in the output."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = list(re.finditer(pattern, self.output))
+            if len(found) >= count:
+                return found
+            if not self._read(deadline):
+                break
+        raise AssertionError(f"{pattern!r} not seen in time; output:\n{self.output.decode(errors='replace')}")
+
+    def listening_ports(self, count: int = 1, kind: bytes = rb"SniffingFactory") -> list[int]:
+        """The ports of the first ``count`` listeners of this kind, from the log."""
+        return [int(m.group(1)) for m in self.wait_for(kind + rb" starting on (\d+)", count=count)[:count]]
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then the exit status (killed and failed if it takes longer than ``timeout``)."""
+        self.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self._read(deadline) and time.monotonic() < deadline:
+            pass
+        try:
+            return self.process.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError("did not stop on SIGTERM in time") from None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def curl(port: int, path: str = "/", *headers: str) -> str:
+    """The body curl gets (and a failed test if curl fails)."""
+    args = ["curl", "-sS", "--fail", "--max-time", str(CLIENT)]
+    for h in headers:
+        args += ["-H", h]
+    done = subprocess.run([*args, f"http://127.0.0.1:{port}{path}"], capture_output=True, timeout=CLIENT + 5)
+    assert done.returncode == 0, f"curl failed ({done.returncode}): {done.stderr!r}"
+    return done.stdout.decode()
+
+
+def nc(port: int, data: bytes, *, half_close: bool = True) -> bytes:
+    """
+    What ``nc`` gets back after sending ``data``: with ``half_close``, ``nc -N``
+    shuts down its sending side after ``data``; without, it reads until the
+    server closes.
+    """
+    done = subprocess.run(
+        ["nc", *(["-N"] if half_close else []), "-w", str(int(CLIENT)), "127.0.0.1", str(port)],
+        input=data,
+        capture_output=True,
+        timeout=CLIENT + 5,
+    )
+    return done.stdout
+
+
+def read_until(s: socket.socket, marker: bytes, timeout: float = CLIENT) -> bytes:
+    """Read from ``s`` until ``marker`` appears or the peer closes, within ``timeout``."""
+    s.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    data = b""
+    while marker not in data and time.monotonic() < deadline:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def read_all(s: socket.socket, timeout: float = CLIENT) -> bytes:
+    """Read from ``s`` until the peer closes (or resets: an abort), within ``timeout``."""
+    s.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    data = b""
+    while time.monotonic() < deadline:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+    raise AssertionError(f"connection not closed in time; got {data!r}")
+
+
+def dribble(port: int, data: bytes) -> bytes:
+    """Send ``data`` one byte per segment, then half-close and read the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=CLIENT) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(len(data)):
+            s.sendall(data[i : i + 1])
+        s.shutdown(socket.SHUT_WR)
+        return read_all(s)
+
+
+class ExampleTestCase(TestCase):
+    def start(self, args: Sequence[str], env: dict[str, str] | None = None) -> Running:
+        running = Running(args, env)
+        self.addCleanup(running.kill)
+        return running
+
+    def assertStops(self, running: Running, *, twistd: bool = True) -> None:
+        """
+        SIGTERM stops the process cleanly. An embedded script exits 0; twistd,
+        after a clean shutdown, re-raises the signal that stopped it (so
+        supervisors see "terminated by SIGTERM"), which is its clean exit.
+        """
+        code = running.stop()
+        log = running.output.decode(errors="replace")
+        if twistd:
+            self.assertEqual(code, -signal.SIGTERM, log)
+            self.assertIn("Server Shut Down.", log)
+        else:
+            self.assertEqual(code, 0, log)
+        self.assertNotIn("Traceback", log)
+
+
+class TutorialTests(ExampleTestCase):
+    """The tutorial: the built-in default, the embedded script, and twistd with a rules file."""
+
+    def test_builtin_default(self) -> None:
+        """With no --config, HTTP gets the status page and anything else is echoed."""
+        running = self.start([*TWISTD, "--port", "tcp:0:interface=127.0.0.1"])
+        (port,) = running.listening_ports()
+        self.assertIn("muxtwist", curl(port))
+        self.assertIn('"listeners"', curl(port, "/status.json"))
+        self.assertEqual(nc(port, b"hello\n"), b"hello\n")
+        self.assertStops(running)
+
+    def test_embedded(self) -> None:
+        """two_protocols.py serves HTTP and echo on one port."""
+        running = self.start([sys.executable, "examples/two_protocols.py", "tcp:0:interface=127.0.0.1"])
+        (port,) = running.listening_ports()
+        self.assertEqual(curl(port), "hello from HTTP\n")
+        self.assertEqual(nc(port, b"hello\n"), b"hello\n")
+        self.assertStops(running, twistd=False)
+
+    def test_twistd_rules(self) -> None:
+        """The tutorial's rules.py under twistd serves the same two protocols."""
+        running = self.start([*TWISTD, "--port", "tcp:0:interface=127.0.0.1", "--config", "examples/rules.py"])
+        (port,) = running.listening_ports()
+        self.assertEqual(curl(port), "hello from HTTP\n")
+        self.assertEqual(nc(port, b"hello\n"), b"hello\n")
+        self.assertStops(running)
+
+
+class MultiportTests(ExampleTestCase):
+    """examples/multiport: one process, two ports, each with its own rules."""
+
+    def test_two_ports(self) -> None:
+        """Each port serves its own rules; the admin port closes non-HTTP clients."""
+        public, admin = free_port(), free_port()
+        running = self.start(
+            [*TWISTD, "--config", "examples/multiport/rules.py"],
+            {"PUBLIC_PORT": str(public), "ADMIN_PORT": str(admin)},
+        )
+        self.assertEqual(sorted(running.listening_ports(2)), sorted([public, admin]))
+        self.assertEqual(curl(public), "public site\n")
+        self.assertEqual(nc(public, b"ping\n"), b"ping\n")
+        self.assertEqual(curl(admin), "admin console\n")
+        self.assertEqual(nc(admin, b"ping\n"), b"")
+        self.assertStops(running)
+
+
+class SupervisedTests(ExampleTestCase):
+    """examples/supervised.py: a MuxService and another server in one MultiService."""
+
+    def test_graceful_stop(self) -> None:
+        """SIGTERM lets a request in flight finish, aborts an idle echo client at shutdown_timeout, and exits 0."""
+        running = self.start(
+            [sys.executable, "examples/supervised.py", "tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"]
+        )
+        (public,) = running.listening_ports()
+        (admin,) = running.listening_ports(kind=rb"Site")
+        self.assertEqual(curl(public), "public site\n")
+        self.assertEqual(curl(admin), "admin console\n")
+
+        idle = socket.create_connection(("127.0.0.1", public), timeout=CLIENT)
+        self.addCleanup(idle.close)
+        idle.sendall(b"still here\n")
+        self.assertEqual(read_until(idle, b"\n"), b"still here\n")
+
+        slow = subprocess.Popen(
+            ["curl", "-sS", "--fail", "--max-time", str(CLIENT), f"http://127.0.0.1:{public}/slow"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.addCleanup(lambda: slow.poll() is None and slow.kill())
+        running.wait_for(rb"slow request started")
+        started = time.monotonic()
+        code = running.stop()
+        elapsed = time.monotonic() - started
+        out, err = slow.communicate(timeout=CLIENT)
+        self.assertEqual((slow.returncode, out), (0, b"slow response begins...\n...and ends\n"), err)
+        self.assertEqual(read_all(idle), b"")
+        self.assertEqual(code, 0, running.output.decode(errors="replace"))
+        # shutdown_timeout is 3 s: the idle echo connection holds the stop until then, not longer.
+        self.assertGreater(elapsed, 2.5)
+        self.assertLess(elapsed, 10.0)
+        self.assertIn(b"all services stopped", running.output)
+
+
+class GreeterTests(ExampleTestCase):
+    """examples/greeter: a server-speaks-first protocol behind on_timeout, next to HTTP."""
+
+    def test_greeter_and_http(self) -> None:
+        """HTTP gets the page at once; a silent client gets the greeting after sniff_timeout and can talk."""
+        running = self.start([*TWISTD, "--port", "tcp:0:interface=127.0.0.1", "--config", "examples/greeter/rules.py"])
+        (port,) = running.listening_ports()
+        self.assertEqual(curl(port), "web page\n")
+        with socket.create_connection(("127.0.0.1", port), timeout=CLIENT) as s:
+            started = time.monotonic()
+            greeting = read_until(s, b"\r\n")
+            waited = time.monotonic() - started
+            self.assertEqual(greeting, b"220 mail.example.test ESMTP muxtwist example\r\n")
+            self.assertGreater(waited, 0.4)
+            self.assertLess(waited, 3.0)
+            s.sendall(b"EHLO client.test\r\n")
+            self.assertEqual(read_until(s, b"\r\n"), b"250 mail.example.test\r\n")
+            s.sendall(b"QUIT\r\n")
+            self.assertEqual(read_all(s), b"221 Bye\r\n")
+        self.assertStops(running)
+
+
+class MatcherPluginTests(ExampleTestCase):
+    """examples/matcher_plugin: a third-party matcher found by name, and its trial tests."""
+
+    def plugin_env(self) -> dict[str, str]:
+        return {"PYTHONPATH": os.path.join(EXAMPLES, "matcher_plugin")}
+
+    def test_plugin_found_by_name(self) -> None:
+        """muxtwist.matchers.plugin('memcached') finds the module in examples/matcher_plugin/twisted/plugins."""
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(EXAMPLES, "matcher_plugin"), ROOT]))
+        code = "from muxtwist.matchers import plugin; print(type(plugin('memcached')).__module__)"
+        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, timeout=60)
+        self.assertEqual(done.stdout.strip(), b"acme_matchers", done.stderr)
+
+    def test_served(self) -> None:
+        """Under twistd, a memcached client reaches the cache and HTTP the web page."""
+        running = self.start(
+            [*TWISTD, "--port", "tcp:0:interface=127.0.0.1", "--config", "examples/matcher_plugin/rules.py"],
+            self.plugin_env(),
+        )
+        (port,) = running.listening_ports()
+        self.assertEqual(curl(port), "web page\n")
+        self.assertEqual(nc(port, b"version\r\nquit\r\n", half_close=False), b"VERSION 1.6.0-acme\r\n")
+        self.assertEqual(dribble(port, b"get key\r\nquit\r\n"), b"END\r\n")
+        self.assertStops(running)
+
+    def test_example_trial_tests(self) -> None:
+        """The example's own trial tests pass."""
+        folder = os.path.join(EXAMPLES, "matcher_plugin")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([folder, ROOT]))
+        with tempfile.TemporaryDirectory() as tmp:
+            done = subprocess.run(
+                [sys.executable, "-m", "twisted.trial", "--temp-directory", os.path.join(tmp, "trial"), "test_rules"],
+                env=env,
+                cwd=folder,
+                capture_output=True,
+                timeout=120,
+            )
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertIn(b"PASSED (successes=8)", done.stdout)
+
+
+class FourServicesTests(ExampleTestCase):
+    """examples/four_services: the two sites by Host, ECHO, and the greeter on one port."""
+
+    def setUp(self) -> None:
+        self.running = self.start(
+            [*TWISTD, "--port", "tcp:0:interface=127.0.0.1", "--config", "examples/four_services/rules.py"]
+        )
+        (self.port,) = self.running.listening_ports()
+
+    def test_every_service(self) -> None:
+        """curl with and without Host: a.test, nc with ECHO, and a silent client each reach their service."""
+        port = self.port
+        for _ in range(3):
+            self.assertEqual(curl(port, "/", "Host: a.test"), "this is a.test\n")
+            self.assertEqual(curl(port, "/", "Host: A.Test:3000"), "this is a.test\n")
+            self.assertEqual(curl(port), "some other host\n")
+            self.assertEqual(nc(port, b"ECHO hello\n"), b"ECHO hello\n")
+        with socket.create_connection(("127.0.0.1", port), timeout=CLIENT) as s:
+            started = time.monotonic()
+            greeting = read_until(s, b"\r\n")
+            waited = time.monotonic() - started
+            self.assertEqual(greeting, b"220 hello, silent client\r\n")
+            # sniff_timeout is 0.5 s: the greeting comes right after it.
+            self.assertGreater(waited, 0.4)
+            self.assertLess(waited, 2.0)
+        self.assertStops(self.running)
+
+    def test_one_byte_at_a_time(self) -> None:
+        """Clients that send one byte per segment reach the same services."""
+        port = self.port
+        a = dribble(port, b"GET / HTTP/1.0\r\nHost: a.test\r\n\r\n")
+        self.assertTrue(a.startswith(b"HTTP/1.0 200") and a.endswith(b"\r\n\r\nthis is a.test\n"), a)
+        other = dribble(port, b"GET / HTTP/1.0\r\nHost: b.test\r\n\r\n")
+        self.assertTrue(other.endswith(b"\r\n\r\nsome other host\n"), other)
+        self.assertEqual(dribble(port, b"ECHO one byte at a time\n"), b"ECHO one byte at a time\n")
+        self.assertStops(self.running)
