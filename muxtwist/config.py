@@ -165,7 +165,7 @@ def _number(path: str, line: int | None, name: str, value: object, *, integer: b
     if value is None and optional:
         return None
     kinds: tuple[type, ...] = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value < 0 or (integer and value == 0):
+    if isinstance(value, bool) or not isinstance(value, kinds) or float(value) < 0 or (integer and value == 0):  # type: ignore[arg-type]
         want = "a positive integer" if integer else "a non-negative number"
         raise ConfigError(path, line, f"{name} must be {want}{' or None' if optional else ''}, got {value!r}")
     return value
@@ -177,15 +177,23 @@ def _check_settings(path: str, ns: Mapping[str, Any], lines: Mapping[str, tuple[
 
     values: dict[str, Any] = {}
     if "sniff_timeout" in ns:
-        values["sniff_timeout"] = _number(path, line("sniff_timeout"), "sniff_timeout", ns["sniff_timeout"], integer=False, optional=False)
+        values["sniff_timeout"] = _number(
+            path, line("sniff_timeout"), "sniff_timeout", ns["sniff_timeout"], integer=False, optional=False
+        )
         if values["sniff_timeout"] == 0:
             raise ConfigError(path, line("sniff_timeout"), "sniff_timeout must be more than 0")
     if "shutdown_timeout" in ns:
-        values["shutdown_timeout"] = _number(path, line("shutdown_timeout"), "shutdown_timeout", ns["shutdown_timeout"], integer=False, optional=False)
+        values["shutdown_timeout"] = _number(
+            path, line("shutdown_timeout"), "shutdown_timeout", ns["shutdown_timeout"], integer=False, optional=False
+        )
     if "max_sniff_bytes" in ns:
-        values["max_sniff_bytes"] = _number(path, line("max_sniff_bytes"), "max_sniff_bytes", ns["max_sniff_bytes"], integer=True, optional=False)
+        values["max_sniff_bytes"] = _number(
+            path, line("max_sniff_bytes"), "max_sniff_bytes", ns["max_sniff_bytes"], integer=True, optional=False
+        )
     if "max_connections" in ns:
-        values["max_connections"] = _number(path, line("max_connections"), "max_connections", ns["max_connections"], integer=True, optional=True)
+        values["max_connections"] = _number(
+            path, line("max_connections"), "max_connections", ns["max_connections"], integer=True, optional=True
+        )
     for name in ("on_timeout", "on_no_match"):
         if name in ns:
             value = ns[name]
@@ -195,7 +203,9 @@ def _check_settings(path: str, ns: Mapping[str, Any], lines: Mapping[str, tuple[
     if "accept_proxy_protocol" in ns and ns["accept_proxy_protocol"] is not None:
         value = ns["accept_proxy_protocol"]
         if isinstance(value, str) or not isinstance(value, Sequence):
-            raise ConfigError(path, line("accept_proxy_protocol"), f"accept_proxy_protocol must be a list of CIDRs, got {value!r}")
+            raise ConfigError(
+                path, line("accept_proxy_protocol"), f"accept_proxy_protocol must be a list of CIDRs, got {value!r}"
+            )
         from muxtwist.matchers._basic import parse_networks
 
         try:
@@ -223,7 +233,9 @@ def load_config(path: str) -> Config:
         raw = ns["listeners"]
         where = lines.get("listeners")
         if not isinstance(raw, Mapping):
-            raise ConfigError(path, where and where[0], f"listeners must be a dict of endpoint -> rules, got {type(raw).__name__}")
+            raise ConfigError(
+                path, where and where[0], f"listeners must be a dict of endpoint -> rules, got {type(raw).__name__}"
+            )
         for i, (description, listener_rules) in enumerate(raw.items()):
             item_line = where[1][i] if where and i < len(where[1]) else (where and where[0])
             if not isinstance(description, str):
@@ -262,5 +274,7 @@ def apply_settings(factory: SniffingFactory, rules: Sequence[Rule], settings: Se
     factory.max_sniff_bytes = settings.max_sniff_bytes
     factory.max_connections = settings.max_connections
     factory.accept_proxy_protocol = settings.accept_proxy_protocol
-    factory._trusted = None if settings.accept_proxy_protocol is None else parse_networks(settings.accept_proxy_protocol)
+    factory._trusted = (
+        None if settings.accept_proxy_protocol is None else parse_networks(settings.accept_proxy_protocol)
+    )
     factory.set_rules(rules, on_timeout=settings.on_timeout, on_no_match=settings.on_no_match)

@@ -61,7 +61,7 @@ class StatusPage(Resource):
     isLeaf = True
 
     def __init__(self, service: MuxService) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.service = service
 
     def render_GET(self, request: Request) -> bytes:

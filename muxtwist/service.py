@@ -30,10 +30,10 @@ class Listener(StreamServerEndpointService):
     factory: SniffingFactory
 
     def __init__(self, description: str, factory: SniffingFactory, reactor: Any) -> None:
-        super().__init__(endpoints.serverFromString(reactor, description), factory)
+        super().__init__(endpoints.serverFromString(reactor, description), factory)  # type: ignore[no-untyped-call]
         self.description = description
         self._raiseSynchronously = True
-        self.setName(description)
+        self.setName(description)  # type: ignore[no-untyped-call]
 
 
 class MuxService(MultiService):
@@ -46,7 +46,9 @@ class MuxService(MultiService):
     aborts the rest; ``stopService``'s Deferred fires when they are all gone.
 
     :param config_path: the rules file that :meth:`reload` reads again.
-    :param reload_on_sighup: install a SIGHUP handler that calls :meth:`reload`.
+    :param handle_signals: once the reactor runs, make SIGHUP call
+        :meth:`reload`, and SIGTERM/SIGINT stop the reactor (so the stop
+        drains connections as above and the process exits 0).
     """
 
     def __init__(
@@ -55,10 +57,10 @@ class MuxService(MultiService):
         shutdown_timeout: float = 30.0,
         config_path: str | None = None,
         ports: tuple[str, ...] = (),
-        reload_on_sighup: bool = False,
+        handle_signals: bool = False,
         reactor: Any = None,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -67,8 +69,8 @@ class MuxService(MultiService):
         self.shutdown_timeout = shutdown_timeout
         self.config_path = config_path
         self.ports = ports
-        self.reload_on_sighup = reload_on_sighup
-        self._old_sighup: Any = None
+        self.handle_signals = handle_signals
+        self._old_handlers: dict[int, Any] = {}
         self._held: dict[int, SniffingFactory] = {}
         self.reloaded: list[Callable[[Config], None]] = []
 
@@ -95,7 +97,7 @@ class MuxService(MultiService):
         if id(factory) not in self._held:
             self._held[id(factory)] = factory
             factory.doStart()
-        listener.setServiceParent(self)
+        listener.setServiceParent(self)  # type: ignore[no-untyped-call]
         return listener
 
     def remove_listener(self, description: str) -> defer.Deferred[None]:
@@ -154,18 +156,40 @@ class MuxService(MultiService):
         return True
 
     def startService(self) -> None:
-        super().startService()
-        if self.reload_on_sighup:
-            self._old_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        super().startService()  # type: ignore[no-untyped-call]
+        if self.handle_signals:
+            # The reactor installs its own handlers when it starts running;
+            # ours go in after them.
+            if getattr(self._reactor, "running", False):
+                self._install_signals()
+            else:
+                self._reactor.addSystemEventTrigger("after", "startup", self._install_signals)
+
+    def _install_signals(self) -> None:
+        if not self.running or self._old_handlers:
+            return
+        for signum, handler in (
+            (signal.SIGHUP, self._sighup),
+            (signal.SIGTERM, self._stop_signal),
+            (signal.SIGINT, self._stop_signal),
+        ):
+            self._old_handlers[signum] = signal.signal(signum, handler)
+
+    def _restore_signals(self) -> None:
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler)
+        self._old_handlers = {}
 
     def _sighup(self, signum: int, frame: Any) -> None:
         # Signal handlers run between bytecodes; do the work in the reactor.
         self._reactor.callFromThread(self.reload)
 
+    def _stop_signal(self, signum: int, frame: Any) -> None:
+        log.info("received signal {signum}: draining and stopping", signum=signum)
+        self._reactor.callFromThread(self._reactor.stop)
+
     def stopService(self) -> defer.Deferred[None]:
-        if self.reload_on_sighup and self._old_sighup is not None:
-            signal.signal(signal.SIGHUP, self._old_sighup)
-            self._old_sighup = None
+        self._restore_signals()
         factories = [listener.factory for listener in self.listeners.values()]
         stopped = defer.maybeDeferred(super().stopService)
         stopped.addCallback(lambda _: self._drain(factories))
@@ -194,8 +218,7 @@ class MuxService(MultiService):
                     del self._held[id(f)]
                     f.doStop()
 
-        done.addCallback(finished)
-        return done
+        return done.addCallback(finished)
 
     def _abort(self, factories: list[SniffingFactory]) -> None:
         left = sum(len(f.connections) for f in factories)
@@ -203,4 +226,3 @@ class MuxService(MultiService):
             log.warn("shutdown_timeout reached: aborting {n} connection(s)", n=left)
         for f in factories:
             f.abort_all()
-

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from ipaddress import IPv4Network, IPv6Network
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet import defer
@@ -48,9 +49,9 @@ EAGER_BYTES = 1024
 QUIET_DELAY = 0.02
 
 
-def _provides(interface: type, what: str) -> Callable[[object, attrs.Attribute[object], object], None]:
-    def check(instance: object, attribute: attrs.Attribute[object], value: object) -> None:
-        if not interface.providedBy(value):  # type: ignore[attr-defined]
+def _provides(interface: Any, what: str) -> Callable[[Any, Any, Any], None]:
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        if not interface.providedBy(value):
             raise TypeError(f"Rule {attribute.name} must be {what}, got {value!r}")
 
     return check
@@ -69,7 +70,9 @@ class Rule:
 
     matcher: IMatcher = attrs.field(validator=_provides(IMatcher, "an IMatcher"))
     factory: IProtocolFactory = attrs.field(validator=_provides(IProtocolFactory, "an IProtocolFactory"))
-    name: str = attrs.field(kw_only=True, default=attrs.Factory(lambda self: self.matcher.name, takes_self=True))
+    name: str = attrs.field(
+        kw_only=True, default=attrs.Factory(lambda self: str(getattr(self.matcher, "name", "rule")), takes_self=True)
+    )
 
 
 class Outcome(enum.Enum):
@@ -132,8 +135,8 @@ class SniffingFactory:
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
-            reactor = _reactor  # type: ignore[assignment]
-        self._reactor: IReactorTime = reactor  # type: ignore[assignment]
+            reactor = _reactor
+        self._reactor: IReactorTime = reactor
         self.sniff_timeout = sniff_timeout
         self.max_sniff_bytes = max_sniff_bytes
         self.max_connections = max_connections
@@ -254,7 +257,7 @@ class SniffingFactory:
             p.abort()
 
 
-def _networks(cidrs: Sequence[str]) -> tuple[object, ...]:
+def _networks(cidrs: Sequence[str]) -> tuple[IPv4Network | IPv6Network, ...]:
     from muxtwist.matchers._basic import parse_networks
 
     return parse_networks(cidrs)
@@ -391,7 +394,7 @@ class SniffingProtocol:
     def readConnectionLost(self) -> None:
         if self.winner is not None:
             if IHalfCloseableProtocol.providedBy(self.winner):
-                self.winner.readConnectionLost()  # type: ignore[attr-defined]
+                self.winner.readConnectionLost()
             elif self.transport is not None:
                 self.transport.loseConnection()
             return
@@ -401,7 +404,7 @@ class SniffingProtocol:
 
     def writeConnectionLost(self) -> None:
         if self.winner is not None and IHalfCloseableProtocol.providedBy(self.winner):
-            self.winner.writeConnectionLost()  # type: ignore[attr-defined]
+            self.winner.writeConnectionLost()
 
     def connectionLost(self, reason: Failure) -> None:
         if self.winner is not None:
@@ -471,12 +474,12 @@ class SniffingProtocol:
         if self._responder is not None or not IRespondingMatcher.providedBy(matcher):
             return
         try:
-            out = matcher.respond(data, self.info)  # type: ignore[attr-defined]
+            out = matcher.respond(data, self.info)
         except Exception:
             log.failure("matcher {name} raised in respond()", name=matcher.name)
             return
         if out:
-            self._responder = matcher  # type: ignore[assignment]
+            self._responder = matcher
             assert self.transport is not None
             self.transport.write(out)
 
@@ -501,7 +504,7 @@ class SniffingProtocol:
             return
         try:
             if IConnectionInfoFactory.providedBy(factory):
-                proto = factory.buildProtocolForConnection(self.addr, self.info, rule_name)  # type: ignore[attr-defined]
+                proto = factory.buildProtocolForConnection(self.addr, self.info, rule_name)
             else:
                 proto = factory.buildProtocol(self.addr)
         except Exception:
@@ -516,9 +519,9 @@ class SniffingProtocol:
         self._active = self.factory.stats[rule_name]
         self._active.active += 1
         proto.makeConnection(transport)
-        if data and not getattr(transport, "disconnecting", False):
+        if data and not _closing(transport):
             proto.dataReceived(data)
-        if self._read_closed and not getattr(transport, "disconnected", False):
+        if self._read_closed and not _closing(transport):
             if IHalfCloseableProtocol.providedBy(proto):
                 proto.readConnectionLost()
             else:
@@ -546,7 +549,7 @@ class SniffingProtocol:
     def _watch(self, proto: IProtocol, original: Callable[[Failure], object]) -> Callable[[Failure], object]:
         def connectionLost(reason: Failure) -> object:
             try:
-                del proto.connectionLost  # type: ignore[attr-defined]
+                del proto.connectionLost
             except AttributeError:
                 pass
             try:
@@ -587,3 +590,11 @@ class SniffingProtocol:
         else:
             transport.loseConnection()
 
+
+def _closing(transport: ITransport) -> bool:
+    """Whether the transport is closing or closed (then the winner gets no replay)."""
+    return bool(
+        getattr(transport, "disconnecting", False)
+        or getattr(transport, "disconnected", False)
+        or getattr(transport, "connected", True) is False
+    )

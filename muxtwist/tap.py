@@ -27,11 +27,14 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self["port"] = []
 
     def opt_port(self, value: str) -> None:
-        """A port number or an endpoint description (tcp:3000:interface=127.0.0.1, ssl:..., unix:..., systemd:...); repeatable."""
+        """
+        A port number or an endpoint description (tcp:3000:interface=127.0.0.1,
+        ssl:..., unix:..., systemd:...); repeatable.
+        """
         description = endpoint_description(value)
         try:
             check_endpoint(description)
@@ -55,7 +58,7 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     """The :class:`MuxService` for these options."""
     ports = tuple(options["port"])
-    service = MuxService(config_path=options["config"], ports=ports, reload_on_sighup=options["config"] is not None)
+    service = MuxService(config_path=options["config"], ports=ports, handle_signals=True)
     config = options["loaded"]
     if config is None:
         from muxtwist.default import Echo, default_rules
@@ -66,4 +69,3 @@ def makeService(options: Options) -> IService:
     else:
         service.load(config)
     return service
-

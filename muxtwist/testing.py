@@ -17,11 +17,11 @@ from collections.abc import Sequence
 
 import attrs
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.python.failure import Failure
-from twisted.internet.error import ConnectionDone
 
 from muxtwist.interfaces import ConnectionInfo, Verdict
 from muxtwist.sniffing import Outcome, Rule, SniffingFactory, SniffingProtocol
@@ -129,7 +129,7 @@ class MemoryConnection:
         """The client shuts down its writing side."""
         proto = self.protocol
         if IHalfCloseableProtocol.providedBy(proto):
-            proto.readConnectionLost()  # type: ignore[attr-defined]
+            proto.readConnectionLost()
         else:
             self.transport.loseConnection()
 

@@ -71,6 +71,10 @@ class Prefix:
         return verdict
 
 
+def _compile(pattern: bytes | str | re.Pattern[bytes]) -> re.Pattern[bytes]:
+    return pattern if isinstance(pattern, re.Pattern) else re.compile(_as_bytes(pattern))
+
+
 @implementer(IMatcher)
 @attrs.frozen
 class Regex:
@@ -81,9 +85,7 @@ class Regex:
     needs to see.
     """
 
-    pattern: re.Pattern[bytes] = attrs.field(
-        converter=lambda p: p if isinstance(p, re.Pattern) else re.compile(_as_bytes(p))
-    )
+    pattern: re.Pattern[bytes] = attrs.field(converter=_compile)
     min_length: int = 0
     name: str = attrs.field(default="regex", kw_only=True)
 

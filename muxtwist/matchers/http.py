@@ -133,7 +133,7 @@ def parse_request_head(data: bytes, methods: frozenset[bytes] = HTTP_METHODS) ->
     if not ends:
         return (NO_MATCH if len(data) >= MAX_HEAD else NEED_MORE), None
     head_end = min(ends)
-    method, _, rest = data[: line_end].partition(b" ")
+    method, _, rest = data[:line_end].partition(b" ")
     target, _, version = rest.strip().rpartition(b" ")
     headers = []
     for raw in data[line_end : head_end + 1].split(b"\n"):
@@ -153,6 +153,31 @@ def _globs(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def _methods(methods: Iterable[str | bytes] | None) -> frozenset[bytes]:
+    return HTTP_METHODS if methods is None else frozenset(_method(m) for m in methods)
+
+
+def _hosts(hosts: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    globs = _globs(hosts)
+    return None if globs is None else tuple(g.lower() for g in globs)
+
+
+def _headers(
+    headers: Mapping[str, str | None] | Iterable[tuple[str, str | None]] | None,
+) -> tuple[tuple[bytes, str | None], ...] | None:
+    if headers is None:
+        return None
+    return tuple((k.lower().encode("ascii"), None if v is None else v.lower()) for k, v in _items(headers))
+
+
+def _method(m: str | bytes) -> bytes:
+    return m.encode("ascii").upper() if isinstance(m, str) else m.upper()
+
+
+def _items(hs: Mapping[str, str | None] | Iterable[tuple[str, str | None]]) -> Iterable[tuple[str, str | None]]:
+    return hs.items() if isinstance(hs, Mapping) else hs
+
+
 @implementer(IMatcher)
 @attrs.frozen
 class HTTP1:
@@ -168,20 +193,10 @@ class HTTP1:
         (``None``) or have a value matching the glob, case-insensitively.
     """
 
-    methods: frozenset[bytes] = attrs.field(
-        default=None,
-        converter=lambda ms: HTTP_METHODS if ms is None else frozenset(_method(m) for m in ms),
-    )
-    host: tuple[str, ...] | None = attrs.field(
-        default=None, converter=lambda h: None if h is None else tuple(x.lower() for x in _globs(h) or ())
-    )
+    methods: frozenset[bytes] = attrs.field(default=None, converter=_methods)
+    host: tuple[str, ...] | None = attrs.field(default=None, converter=_hosts)
     path: tuple[str, ...] | None = attrs.field(default=None, converter=_globs)
-    headers: tuple[tuple[bytes, str | None], ...] | None = attrs.field(
-        default=None,
-        converter=lambda hs: None
-        if hs is None
-        else tuple((k.lower().encode("ascii"), None if v is None else v.lower()) for k, v in _items(hs)),
-    )
+    headers: tuple[tuple[bytes, str | None], ...] | None = attrs.field(default=None, converter=_headers)
     name: str = attrs.field(default="http1", kw_only=True)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
@@ -208,11 +223,3 @@ class HTTP1:
             if glob is not None and not fnmatch.fnmatchcase(value.decode("latin-1").lower(), glob):
                 return False
         return True
-
-
-def _method(m: str | bytes) -> bytes:
-    return m.encode("ascii").upper() if isinstance(m, str) else m.upper()
-
-
-def _items(hs: Mapping[str, str | None] | Iterable[tuple[str, str | None]]) -> Iterable[tuple[str, str | None]]:
-    return hs.items() if isinstance(hs, Mapping) else hs

@@ -1,0 +1,1 @@
+A SniffingFactory that sniffs each connection's first bytes and hands it, replayed, to the first matching rule; basic and HTTP/1 matchers as plugins; MuxService with graceful stop and SIGHUP reload; `twistd muxtwist` with a built-in default.

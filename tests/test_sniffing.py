@@ -1,0 +1,479 @@
+"""
+Tests for muxtwist.sniffing: the exact sniffing semantics of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import protocol, task
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from muxtwist import Outcome, Rule, SniffingFactory, Verdict
+from muxtwist.interfaces import ConnectionInfo, IMatcher, IRespondingMatcher
+from muxtwist.matchers import Any as AnyMatcher
+from muxtwist.matchers import Prefix, RemoteAddress
+from muxtwist.testing import MemoryConnection
+
+
+class Recorder(protocol.Protocol):
+    """Records everything that happens to it."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self.received = b""
+
+    def connectionMade(self) -> None:
+        self.events.append("made")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.events.append(("data", data))
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.events.append("lost")
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCloseRecorder(Recorder):
+    def readConnectionLost(self) -> None:
+        self.events.append("read-closed")
+
+    def writeConnectionLost(self) -> None:
+        self.events.append("write-closed")
+
+
+class RecordingFactory(protocol.Factory):
+    """Builds recorders and remembers them, and counts starts and stops."""
+
+    def __init__(self, proto: type[Recorder] = Recorder) -> None:
+        self.proto = proto
+        self.built: list[Recorder] = []
+        self.starts = 0
+        self.stops = 0
+
+    def startFactory(self) -> None:
+        self.starts += 1
+
+    def stopFactory(self) -> None:
+        self.stops += 1
+
+    def buildProtocol(self, addr: Any) -> Recorder:
+        p = self.proto()
+        p.factory = self
+        self.built.append(p)
+        return p
+
+
+@implementer(IMatcher)
+@attrs.define
+class Scripted:
+    """A matcher that answers from a table keyed by buffer length, and counts its calls."""
+
+    name: str
+    decide: Any
+    calls: int = 0
+    bytes_seen: int = 0
+
+    def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
+        self.calls += 1
+        self.bytes_seen += len(data)
+        verdict: Verdict = self.decide(data)
+        return verdict
+
+
+def make(rules: list[Rule], **kw: Any) -> tuple[SniffingFactory, task.Clock]:
+    clock = task.Clock()
+    return SniffingFactory(rules, reactor=clock, **kw), clock
+
+
+class ReplayTests(unittest.TestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(
+        stream=st.binary(min_size=1, max_size=3000),
+        cuts=st.lists(st.integers(min_value=1, max_value=3000), max_size=40),
+        prefix_len=st.integers(min_value=1, max_value=8),
+    )
+    def test_every_byte_replayed_once_in_order(self, stream: bytes, cuts: list[int], prefix_len: int) -> None:
+        """Whatever the chunking, the winner receives exactly the bytes sent, once, in order."""
+        target = RecordingFactory()
+        rules = [Rule(Prefix(stream[:prefix_len]), target)]
+        factory, clock = make(rules)
+        conn = MemoryConnection(factory, clock=clock)
+        points = sorted({c for c in cuts if c < len(stream)})
+        chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+        for chunk in chunks:
+            conn.send(chunk)
+            clock.advance(0.05)
+        self.assertEqual(len(target.built), 1)
+        self.assertEqual(target.built[0].received, stream)
+        self.assertEqual(target.built[0].events[0], "made")
+
+    def test_replay_is_one_call_then_straight_from_transport(self) -> None:
+        """The buffer arrives in one dataReceived; later data reaches the winner directly."""
+        target = RecordingFactory()
+        factory, clock = make([Rule(Prefix(b"HELLO"), target)])
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"HE")
+        conn.send(b"LLO world")
+        winner = target.built[0]
+        self.assertIs(conn.transport.protocol, winner)
+        conn.send(b"more")
+        self.assertEqual(winner.events, ["made", ("data", b"HELLO world"), ("data", b"more")])
+
+
+class PriorityTests(unittest.TestCase):
+    def test_earlier_need_more_holds_back_later_match(self) -> None:
+        """An earlier undecided rule holds back a later rule that already matches."""
+        first, second = RecordingFactory(), RecordingFactory()
+        factory, clock = make([Rule(Prefix(b"ABCD"), first, name="first"), Rule(Prefix(b"A"), second, name="second")])
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"AB")
+        self.assertIsNone(conn.rule_name)
+        self.assertEqual(second.built, [])
+        conn.send(b"CD")
+        self.assertEqual(conn.rule_name, "first")
+        self.assertEqual(second.built, [])
+
+    def test_later_rule_wins_once_earlier_says_no(self) -> None:
+        """When the earlier rule turns NO_MATCH, the later matching rule gets the connection."""
+        first, second = RecordingFactory(), RecordingFactory()
+        factory, clock = make([Rule(Prefix(b"ABCD"), first, name="first"), Rule(Prefix(b"A"), second, name="second")])
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"AB")
+        conn.send(b"X")
+        self.assertEqual(conn.rule_name, "second")
+        self.assertEqual(second.built[0].received, b"ABX")
+
+    def test_all_no_match_goes_to_on_no_match(self) -> None:
+        """When every rule says NO_MATCH, on_no_match gets the connection."""
+        fallback = RecordingFactory()
+        factory, clock = make([Rule(Prefix(b"A"), RecordingFactory())], on_no_match=fallback)
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"ZZ")
+        self.assertEqual(conn.outcome, Outcome.NO_MATCH)
+        self.assertEqual(fallback.built[0].received, b"ZZ")
+
+    def test_no_match_without_fallback_closes(self) -> None:
+        """With no on_no_match, an unmatched connection is closed."""
+        factory, clock = make([Rule(Prefix(b"A"), RecordingFactory())])
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"Z")
+        self.assertFalse(conn.transport.connected)
+        self.assertEqual(factory.connections, set())
+
+    def test_address_rule_decides_before_any_byte(self) -> None:
+        """A rule that can decide from the address alone hands off at connect, before data."""
+        target = RecordingFactory()
+        factory, clock = make([Rule(RemoteAddress("192.0.2.0/24"), target)])
+        MemoryConnection(factory, clock=clock)
+        self.assertEqual(target.built[0].events, ["made"])
+
+    def test_silence_with_only_no_match_rules_waits_for_timeout(self) -> None:
+        """Rules that all say NO_MATCH on zero bytes do not send a silent client to on_no_match."""
+        greeter, fallback = RecordingFactory(), RecordingFactory()
+        factory, clock = make(
+            [Rule(RemoteAddress("10.0.0.0/8"), RecordingFactory())], on_timeout=greeter, on_no_match=fallback
+        )
+        MemoryConnection(factory, clock=clock)
+        self.assertEqual(fallback.built, [])
+        clock.advance(5)
+        self.assertEqual(len(greeter.built), 1)
+        self.assertEqual(fallback.built, [])
+
+
+class FinalEvaluationTests(unittest.TestCase):
+    def test_timeout_with_no_bytes_goes_to_on_timeout(self) -> None:
+        """A client silent for sniff_timeout goes to on_timeout, exactly at the timeout."""
+        greeter = RecordingFactory()
+        factory, clock = make([Rule(AnyMatcher(), RecordingFactory())], sniff_timeout=3.0, on_timeout=greeter)
+        conn = MemoryConnection(factory, clock=clock)
+        clock.advance(2.99)
+        self.assertEqual(greeter.built, [])
+        clock.advance(0.01)
+        self.assertEqual(conn.outcome, Outcome.TIMEOUT)
+        self.assertEqual(greeter.built[0].events, ["made"])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_timeout_with_some_bytes_does_final_evaluation(self) -> None:
+        """At the timeout with bytes buffered, NEED_MORE counts as NO_MATCH and later rules may win."""
+        greeter, fallback, second = RecordingFactory(), RecordingFactory(), RecordingFactory()
+        waiting = Scripted("waits", lambda d: Verdict.NEED_MORE)
+        takes_ab = Scripted("ab", lambda d: Verdict.MATCH if d.startswith(b"AB") else Verdict.NO_MATCH)
+        factory, clock = make(
+            [Rule(waiting, RecordingFactory()), Rule(takes_ab, second)], on_timeout=greeter, on_no_match=fallback
+        )
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"AB")
+        self.assertIsNone(conn.rule_name)
+        clock.advance(5)
+        self.assertEqual(conn.rule_name, "ab")
+        self.assertEqual(second.built[0].received, b"AB")
+        self.assertEqual(greeter.built, [])
+
+    def test_timeout_with_bytes_and_no_match_goes_to_on_no_match(self) -> None:
+        """At the timeout with bytes and nothing matching, on_no_match (not on_timeout) gets them."""
+        greeter, fallback = RecordingFactory(), RecordingFactory()
+        factory, clock = make([Rule(Prefix(b"ABCDEF"), RecordingFactory())], on_timeout=greeter, on_no_match=fallback)
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"ABC")
+        clock.advance(5)
+        self.assertEqual(conn.outcome, Outcome.NO_MATCH)
+        self.assertEqual(fallback.built[0].received, b"ABC")
+        self.assertEqual(greeter.built, [])
+
+    def test_max_sniff_bytes_reached_while_undecided(self) -> None:
+        """Reaching max_sniff_bytes undecided does the final evaluation at once."""
+        fallback, later = RecordingFactory(), RecordingFactory()
+        waiting = Scripted("waits", lambda d: Verdict.NEED_MORE)
+        factory, clock = make(
+            [Rule(waiting, RecordingFactory()), Rule(AnyMatcher(), later)], max_sniff_bytes=100, on_no_match=fallback
+        )
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"x" * 99)
+        self.assertIsNone(conn.rule_name)
+        conn.send(b"yy")
+        self.assertEqual(conn.rule_name, "any")
+        self.assertEqual(later.built[0].received, b"x" * 99 + b"yy")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_half_close_while_sniffing_reaches_half_closeable_winner_after_replay(self) -> None:
+        """A half-close during sniffing decides, replays, then gives the winner readConnectionLost."""
+        target = RecordingFactory(HalfCloseRecorder)
+        factory, clock = make([Rule(Prefix(b"ABCDEF"), RecordingFactory()), Rule(Prefix(b"AB"), target)])
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"ABC")
+        self.assertIsNone(conn.rule_name)
+        conn.half_close()
+        self.assertEqual(target.built[0].events, ["made", ("data", b"ABC"), "read-closed"])
+        self.assertTrue(conn.transport.connected)
+
+    def test_half_close_while_sniffing_closes_for_plain_winner(self) -> None:
+        """A winner that cannot half-close gets its replay, then the connection is closed."""
+        target = RecordingFactory()
+        factory, clock = make([Rule(Prefix(b"ABCDEF"), RecordingFactory()), Rule(Prefix(b"AB"), target)])
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"ABC")
+        conn.half_close()
+        self.assertEqual(target.built[0].events, ["made", ("data", b"ABC"), "lost"])
+
+    def test_connection_lost_while_sniffing_cancels_timers(self) -> None:
+        """A client that goes away while sniffing leaves no timer and no registry entry."""
+        waiting = Scripted("waits", lambda d: Verdict.NEED_MORE)
+        factory, clock = make([Rule(waiting, RecordingFactory())])
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"x" * 2000)
+        conn.send(b"y")
+        self.assertNotEqual(clock.getDelayedCalls(), [])
+        conn.close()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(factory.connections, set())
+        self.assertEqual(conn.outcome, Outcome.CLOSED)
+
+
+class WinnerTests(unittest.TestCase):
+    def test_factory_returning_none_closes(self) -> None:
+        """A winner whose factory builds no protocol gets the connection closed, counted as rejected."""
+
+        class Refuses(protocol.Factory):
+            def buildProtocol(self, addr: Any) -> None:
+                return None
+
+        factory, clock = make([Rule(AnyMatcher(), Refuses(), name="refuses")])
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"hi")
+        self.assertFalse(conn.transport.connected)
+        self.assertEqual(conn.outcome, Outcome.REJECTED)
+        self.assertEqual(factory.stats["refuses"].active, 0)
+        self.assertEqual(factory.stats["refuses"].total, 1)
+        self.assertEqual(factory.connections, set())
+
+    def test_winner_closing_in_connection_made(self) -> None:
+        """A winner that closes inside connectionMade gets no replay and the connection ends cleanly."""
+
+        class Closer(Recorder):
+            def connectionMade(self) -> None:
+                super().connectionMade()
+                self.transport.loseConnection()  # type: ignore[union-attr]
+
+        target = RecordingFactory(Closer)
+        factory, clock = make([Rule(AnyMatcher(), target, name="closer")])
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"hi")
+        self.assertEqual(target.built[0].events, ["made", "lost"])
+        self.assertEqual(factory.connections, set())
+        self.assertEqual(factory.stats["closer"].active, 0)
+
+    def test_raising_matcher_counts_as_no_match(self) -> None:
+        """A matcher that raises is logged and taken as NO_MATCH; the next rule still decides."""
+
+        def boom(data: bytes) -> Verdict:
+            raise RuntimeError("broken plugin")
+
+        target = RecordingFactory()
+        factory, clock = make([Rule(Scripted("boom", boom), RecordingFactory()), Rule(AnyMatcher(), target)])
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"x")
+        self.assertEqual(conn.rule_name, "any")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+    def test_active_and_total_counts(self) -> None:
+        """Each rule counts its live and total connections."""
+        factory, clock = make([Rule(AnyMatcher(), RecordingFactory(), name="r")])
+        a, b = MemoryConnection(factory, clock=clock), MemoryConnection(factory, clock=clock)
+        a.send(b"1")
+        b.send(b"2")
+        self.assertEqual((factory.stats["r"].active, factory.stats["r"].total), (2, 2))
+        a.close()
+        self.assertEqual((factory.stats["r"].active, factory.stats["r"].total), (1, 2))
+
+    def test_max_connections(self) -> None:
+        """Connections above max_connections are refused at once."""
+        factory, clock = make([Rule(AnyMatcher(), RecordingFactory())], max_connections=1)
+        MemoryConnection(factory, clock=clock)
+        self.assertIsNone(factory.buildProtocol(None))  # type: ignore[arg-type]
+
+
+class FactoryLifecycleTests(unittest.TestCase):
+    def test_inner_factories_started_and_stopped_once(self) -> None:
+        """Each inner factory, even used by several rules, gets doStart and doStop exactly once."""
+        shared, other, greeter = RecordingFactory(), RecordingFactory(), RecordingFactory()
+        factory, clock = make(
+            [Rule(Prefix(b"A"), shared), Rule(Prefix(b"B"), shared), Rule(Prefix(b"C"), other)],
+            on_timeout=greeter,
+            on_no_match=shared,
+        )
+        factory.doStart()
+        factory.doStart()  # a second port
+        factory.doStop()
+        self.assertEqual([f.starts for f in (shared, other, greeter)], [1, 1, 1])
+        self.assertEqual([f.stops for f in (shared, other, greeter)], [0, 0, 0])
+        factory.doStop()
+        self.assertEqual([f.stops for f in (shared, other, greeter)], [1, 1, 1])
+
+    def test_new_rules_start_new_factories_and_stop_old(self) -> None:
+        """set_rules on a running factory starts factories that come in and stops those that go."""
+        old, kept, new = RecordingFactory(), RecordingFactory(), RecordingFactory()
+        factory, clock = make([Rule(Prefix(b"A"), old), Rule(Prefix(b"B"), kept)])
+        factory.doStart()
+        factory.set_rules([Rule(Prefix(b"B"), kept), Rule(Prefix(b"C"), new)])
+        self.assertEqual((old.starts, old.stops), (1, 1))
+        self.assertEqual((kept.starts, kept.stops), (1, 0))
+        self.assertEqual((new.starts, new.stops), (1, 0))
+
+
+class BoundedWorkTests(unittest.TestCase):
+    def test_one_byte_at_a_time_costs_bounded_matcher_work(self) -> None:
+        """A client dribbling max_sniff_bytes one byte at a time costs matcher work linear in the bytes."""
+        size = 16384
+        matcher = Scripted("never", lambda d: Verdict.NEED_MORE)
+        factory, clock = make([Rule(matcher, RecordingFactory())], max_sniff_bytes=size)
+        conn = MemoryConnection(factory, clock=clock)
+        for _ in range(size):
+            conn.send(b"x")
+        self.assertFalse(conn.sniffer.sniffing)
+        # Evaluating every chunk would call it 16385 times over 134 million bytes.
+        self.assertLess(matcher.calls, 1100)
+        self.assertLess(matcher.bytes_seen, 1_000_000)
+
+    def test_quiet_client_is_evaluated_after_a_pause(self) -> None:
+        """Bytes held back from evaluation are evaluated once the client pauses, not at the timeout."""
+        target = RecordingFactory()
+        wanted = b"z" * 1500
+        factory, clock = make([Rule(Prefix(wanted), target)])
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(wanted[:1400])
+        conn.send(wanted[1400:])
+        self.assertIsNone(conn.rule_name)
+        clock.advance(0.05)
+        self.assertEqual(conn.rule_name, "prefix")
+        self.assertEqual(target.built[0].received, wanted)
+
+
+@implementer(IRespondingMatcher)
+@attrs.frozen
+class SaysHello:
+    """Needs the server to say HELLO before the client says who it is; the client answers OK first."""
+
+    name: str = "hello"
+
+    def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
+        if not data.startswith(b"C"):
+            return Verdict.NO_MATCH if data else Verdict.NEED_MORE
+        return Verdict.MATCH if b"WHO" in data else Verdict.NEED_MORE
+
+    def respond(self, data: bytes, info: ConnectionInfo) -> bytes:
+        return b"HELLO" if data else b""
+
+    def filter_replay(self, data: bytes) -> bytes:
+        return data.replace(b"OK", b"", 1)
+
+
+class RespondingMatcherTests(unittest.TestCase):
+    def test_declared_bytes_written_once_and_answer_filtered(self) -> None:
+        """A responding matcher's bytes are written once, and the client's answer is not replayed."""
+        target = RecordingFactory()
+        factory, clock = make([Rule(SaysHello(), target)])
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"C")
+        conn.send(b"OK")
+        conn.send(b"WHO")
+        self.assertEqual(conn.transport.value(), b"HELLO")
+        self.assertEqual(target.built[0].received, b"CWHO")
+
+
+class TLSTransportTests(unittest.TestCase):
+    def test_sniffing_inside_tls(self) -> None:
+        """A SniffingFactory wrapped in TLSMemoryBIOFactory sniffs the decrypted stream and hands off."""
+        from twisted.internet import ssl
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+        from twisted.test.iosim import connectedServerAndClient
+
+        from tests.certs import make_certificate
+
+        cert = make_certificate("localhost")
+        target = RecordingFactory()
+        clock = task.Clock()
+        sniffing = SniffingFactory([Rule(Prefix(b"SECRET"), target)], reactor=clock)
+        server_opts = ssl.PrivateCertificate.loadPEM(cert.key_pem + cert.cert_pem).options()
+        client_opts = ssl.optionsForClientTLS("localhost", ssl.Certificate.loadPEM(cert.cert_pem))
+
+        class Sender(protocol.Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(b"SEC")  # type: ignore[union-attr]
+                self.transport.write(b"RET payload")  # type: ignore[union-attr]
+
+        server_factory = TLSMemoryBIOFactory(server_opts, False, sniffing, clock=clock)
+        client_factory = TLSMemoryBIOFactory(client_opts, True, protocol.Factory.forProtocol(Sender), clock=clock)
+        client, server, pump = connectedServerAndClient(
+            lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None)
+        )
+        for _ in range(5):
+            pump.flush()
+            clock.advance(0)
+        self.assertEqual(len(target.built), 1)
+        self.assertEqual(target.built[0].received, b"SECRET payload")
+        self.assertIs(server.wrappedProtocol, target.built[0])
+
+
+class ForwardingTransportTests(unittest.TestCase):
+    def test_transport_without_protocol_attribute_forwards(self) -> None:
+        """On a transport the winner cannot be swapped into, the sniffer passes data on with one call."""
+        target = RecordingFactory(HalfCloseRecorder)
+        factory, clock = make([Rule(Prefix(b"AB"), target)])
+        transport = StringTransport()
+        sniffer = factory.buildProtocol(None)  # type: ignore[arg-type]
+        assert sniffer is not None
+        sniffer.makeConnection(transport)
+        sniffer.dataReceived(b"AB")
+        sniffer.dataReceived(b"C")
+        sniffer.readConnectionLost()
+        self.assertEqual(target.built[0].events, ["made", ("data", b"AB"), ("data", b"C"), "read-closed"])
+        sniffer.connectionLost(None)  # type: ignore[arg-type]
+        self.assertEqual(factory.connections, set())

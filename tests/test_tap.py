@@ -1,0 +1,178 @@
+"""
+Tests for ``twistd muxtwist`` (muxtwist.tap): the built-in default, a rules
+file reached by real curl and nc clients, broken files, reload and stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import textwrap
+import time
+
+from twisted.trial import unittest
+
+from tests.twistd import ROOT, Twistd, free_port, twistd_command
+
+RULES = """\
+from twisted.internet.protocol import Factory, Protocol
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from twisted.web.static import Data
+
+from muxtwist import Rule
+from muxtwist.default import Echo
+from muxtwist.matchers import HTTP1, Prefix
+
+
+class Greeter(Protocol):
+    def connectionMade(self):
+        self.transport.write(b"220 greeter ready\\r\\n")
+
+    def dataReceived(self, data):
+        self.transport.write(b"250 " + data)
+
+
+def page(text):
+    root = Resource()
+    root.putChild(b"", Data(text, "text/plain"))
+    return Site(root)
+
+
+rules = [
+    Rule(HTTP1(host="a.test"), page(b"site A\\n"), name="a"),
+    Rule(HTTP1(), page(b"site B\\n"), name="b"),
+    Rule(Prefix(b"ECHO"), Factory.forProtocol(Echo), name="echo"),
+]
+on_timeout = Factory.forProtocol(Greeter)
+sniff_timeout = 0.5
+"""
+
+
+def run(cmd: list[str], data: bytes | None = None, timeout: float = 20) -> bytes:
+    out = subprocess.run(cmd, input=data, capture_output=True, timeout=timeout, check=True)
+    return out.stdout
+
+
+def dribble(port: int, data: bytes, half_close: bool = True, pause: float = 0.003) -> bytes:
+    """Send one byte at a time, then read everything until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(len(data)):
+            s.sendall(data[i : i + 1])
+            time.sleep(pause)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+class DefaultTests(unittest.TestCase):
+    def test_default_status_page_and_echo(self) -> None:
+        """With no rules file, HTTP gets the status page and anything else is echoed, on one port."""
+        port = free_port()
+        server = Twistd("--port", str(port), wait_ports=(port,))
+        self.addCleanup(server.kill)
+        page = run(["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{port}/"])
+        self.assertIn(b"muxtwist", page)
+        self.assertIn(b"status-page", page)
+        self.assertEqual(run(["nc", "-N", "127.0.0.1", str(port)], b"hello\n"), b"hello\n")
+        status = json.loads(run(["curl", "-sS", "--max-time", "10", f"http://127.0.0.1:{port}/status.json"]))
+        rules = {r["name"]: r for r in status["listeners"][0]["rules"]}
+        self.assertEqual(rules["status-page"]["total"], 2)
+        self.assertEqual(rules["status-page"]["active"], 1)
+        self.assertEqual(rules["echo"]["total"], 1)
+        code, log = server.stop()
+        self.assertEqual(code, 0, log)
+
+
+class RulesFileTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.rules = os.path.abspath(self.mktemp() + "-rules.py")
+        with open(self.rules, "w") as f:
+            f.write(RULES)
+        self.port, self.port2 = free_port(), free_port()
+        self.server = Twistd(
+            "--port",
+            str(self.port),
+            "--port",
+            f"tcp:{self.port2}:interface=127.0.0.1",
+            "--config",
+            self.rules,
+            wait_ports=(self.port, self.port2),
+        )
+        self.addCleanup(self.server.kill)
+
+    def test_real_clients_reach_the_right_service(self) -> None:
+        """curl by Host, nc with ECHO, a silent client and byte-by-byte clients each reach their service."""
+        for port in (self.port, self.port2):
+            url = f"http://127.0.0.1:{port}/"
+            self.assertEqual(run(["curl", "-sS", "--max-time", "10", "-H", "Host: a.test", url]), b"site A\n")
+            self.assertEqual(run(["curl", "-sS", "--max-time", "10", url]), b"site B\n")
+            self.assertEqual(run(["nc", "-N", "127.0.0.1", str(port)], b"ECHO hi\n"), b"ECHO hi\n")
+        request = b"GET / HTTP/1.0\r\nHost: a.test\r\n\r\n"
+        self.assertTrue(dribble(self.port, request).endswith(b"site A\n"))
+        self.assertTrue(dribble(self.port, request.replace(b"a.test", b"c.test")).endswith(b"site B\n"))
+        self.assertEqual(dribble(self.port, b"ECHO one byte at a time"), b"ECHO one byte at a time")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            started = time.monotonic()
+            greeting = s.recv(100)
+            waited = time.monotonic() - started
+        self.assertEqual(greeting, b"220 greeter ready\r\n")
+        self.assertGreaterEqual(waited, 0.4)
+        self.assertLess(waited, 3)
+        code, log = self.server.stop()
+        self.assertEqual(code, 0, log)
+
+    def test_sighup_reloads_and_broken_file_keeps_old_rules(self) -> None:
+        """SIGHUP picks up a changed file; a broken one is logged and the old rules keep serving."""
+        url = f"http://127.0.0.1:{self.port}/"
+        with open(self.rules, "w") as f:
+            f.write(RULES.replace("site B", "site B2"))
+        self.server.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while run(["curl", "-sS", "--max-time", "10", url]) != b"site B2\n":
+            self.assertLess(time.monotonic(), deadline, "reload did not happen")
+            time.sleep(0.05)
+        with open(self.rules, "w") as f:
+            f.write("rules = [\n")
+        self.server.signal(signal.SIGHUP)
+        time.sleep(0.3)
+        self.assertEqual(run(["curl", "-sS", "--max-time", "10", url]), b"site B2\n")
+        code, log = self.server.stop()
+        self.assertEqual(code, 0, log)
+        self.assertIn("reload failed, keeping the running rules", log)
+        self.assertIn("syntax error", log)
+
+
+class BrokenConfigTests(unittest.TestCase):
+    def test_broken_file_is_one_message_and_non_zero_exit(self) -> None:
+        """A broken rules file stops twistd with one line naming file, line and problem."""
+        path = os.path.abspath(self.mktemp() + "-rules.py")
+        with open(path, "w") as f:
+            f.write(
+                textwrap.dedent("""
+                from muxtwist import Rule
+                from muxtwist.matchers import HTTP1
+                rules = [Rule(HTTP1(), "not a factory")]
+            """)
+            )
+        out = subprocess.run(
+            twistd_command("--port", str(free_port()), "--config", path), cwd=ROOT, capture_output=True, timeout=60
+        )
+        self.assertNotEqual(out.returncode, 0)
+        message = out.stderr.decode()
+        self.assertIn(f"{path}:4:", message)
+        self.assertIn("IProtocolFactory", message)
+        self.assertNotIn("Traceback", message)
+
+    def test_bad_port(self) -> None:
+        """A --port that is not an endpoint description is refused with a clear error."""
+        out = subprocess.run(twistd_command("--port", "carrier-pigeon:9"), cwd=ROOT, capture_output=True, timeout=60)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn("bad endpoint description 'carrier-pigeon:9'", out.stderr.decode() + out.stdout.decode())

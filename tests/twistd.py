@@ -1,0 +1,82 @@
+"""
+Run ``twistd -n muxtwist`` from this checkout as a child process, for tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def twistd_command(*args: str) -> list[str]:
+    """``twistd -n --pidfile= muxtwist ARGS``, importing muxtwist and its plugins from this checkout."""
+    return [
+        sys.executable,
+        "-c",
+        "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
+        "-n",
+        "--pidfile=",
+        "muxtwist",
+        *args,
+    ]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20.0) -> None:
+    """Wait until something accepts on 127.0.0.1:port (or the process dies, or time runs out)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''!r}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port} after {timeout}s")
+
+
+class Twistd:
+    """A running ``twistd muxtwist``; ``stop()`` sends SIGTERM and returns the exit code and log."""
+
+    def __init__(self, *args: str, wait_ports: tuple[int, ...] = (), cwd: str = ROOT) -> None:
+        self.proc = subprocess.Popen(
+            twistd_command(*args), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ)
+        )
+        try:
+            for port in wait_ports:
+                wait_for_port(port, self.proc)
+        except BaseException:
+            self.kill()
+            raise
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 30.0) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return self.proc.returncode, out.decode(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
