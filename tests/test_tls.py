@@ -1,0 +1,417 @@
+"""
+Tests for muxtwist.tls and muxtwist.redirect: TLS termination with real
+clients (curl, openssl s_client, Python ssl, grpcio) on loopback sockets.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import defer, protocol, reactor, threads
+from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+from zope.interface import implementer
+
+from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
+from muxtwist.matchers import ALPN, HTTP1, SNI, Any as AnyBytes, Prefix
+from muxtwist.redirect import RedirectToHTTPS
+from muxtwist.sniffing import Rule, SniffingFactory
+from muxtwist.tls import CertificateError, TerminateTLS, offered_protocols, reload_all_certificates
+
+DEADLINE = 10.0
+
+
+# Certificates
+
+
+class Pair:
+    """A certificate and its key, as cryptography objects and PEM."""
+
+    def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+        self.cert = cert
+        self.key = key
+        self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        self.key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def make_pair(cn: str, sans: Sequence[str] = (), ca: Pair | None = None, *, is_ca: bool = False) -> Pair:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca.cert.subject if ca else _name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+    )
+    if is_ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        ).add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    else:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in sans]), critical=False)
+    if ca is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
+        )
+    return Pair(builder.sign(ca.key if ca else key, hashes.SHA256()), key)
+
+
+class PKI:
+    """A CA and the certificates the tests serve and present."""
+
+    def __init__(self) -> None:
+        self.ca = make_pair("muxtwist test CA", is_ca=True)
+        self.a = make_pair("a.test", ["a.test"], self.ca)
+        self.b = make_pair("b.test", ["b.test"], self.ca)
+        self.wild = make_pair("*.wild.test", ["*.wild.test"], self.ca)
+        self.default = make_pair("default.test", ["default.test"], self.ca)
+        self.client = make_pair("client one", ["client.test"], self.ca)
+        self.stranger_ca = make_pair("stranger CA", is_ca=True)
+        self.stranger = make_pair("stranger", ["stranger.test"], self.stranger_ca)
+
+
+_pki: PKI | None = None
+
+
+def pki() -> PKI:
+    global _pki
+    if _pki is None:
+        _pki = PKI()
+    return _pki
+
+
+def write(path: str, data: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def cert_dir(test: TestCase, **pairs: Pair) -> str:
+    """A certificate directory with one PEM (chain + key) per ``name=pair``."""
+    path = test.mktemp()
+    os.makedirs(path)
+    for name, pair in pairs.items():
+        write(os.path.join(path, f"{name}.pem"), pair.cert_pem + pair.key_pem)
+    return path
+
+
+def ca_file(test: TestCase) -> str:
+    path = test.mktemp()
+    return write(path, pki().ca.cert_pem)
+
+
+# Servers
+
+
+class Hello(Resource):
+    """Answers with a label, the HTTP version and the path."""
+
+    isLeaf = True
+
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.label = label
+
+    def render_GET(self, request: Request) -> bytes:
+        return b"%s %s %s" % (self.label.encode(), request.clientproto, request.uri)
+
+
+@implementer(IConnectionInfoFactory)
+class Recorder(protocol.Factory):
+    """Records the ConnectionInfo each connection brings and answers one line with it."""
+
+    def __init__(self) -> None:
+        self.infos: list[ConnectionInfo] = []
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
+        return self.buildProtocolForConnection(addr, ConnectionInfo(peer=addr), "")
+
+    def buildProtocolForConnection(self, addr: IAddress, info: ConnectionInfo, rule_name: str) -> IProtocol | None:
+        self.infos.append(info)
+        proto = _Echo()
+        proto.factory = self
+        return proto
+
+
+class _Echo(protocol.Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"echo:" + data)
+        self.transport.loseConnection()
+
+
+def listen(test: TestCase, factory: IProtocolFactory) -> int:
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    test.addCleanup(port.stopListening)
+    if isinstance(factory, SniffingFactory):
+        test.addCleanup(factory.abort_all)
+    return int(port.getHost().port)
+
+
+def deadline(d: defer.Deferred[Any], seconds: float = DEADLINE) -> defer.Deferred[Any]:
+    return d.addTimeout(seconds, reactor)
+
+
+# External clients
+
+
+class _Collect(protocol.ProcessProtocol):
+    def __init__(self, done: defer.Deferred[tuple[int, bytes, bytes]]) -> None:
+        self.done = done
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+
+    def outReceived(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self.err.append(data)
+
+    def processEnded(self, reason: Failure) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        self.done.callback((code if code is not None else -1, b"".join(self.out), b"".join(self.err)))
+
+
+def run(test: TestCase, argv: Sequence[str], stdin: bytes = b"", timeout: float = DEADLINE) -> defer.Deferred[Any]:
+    """Run a command; its (exit code, stdout, stderr). Killed at ``timeout`` and at cleanup."""
+    done: defer.Deferred[tuple[int, bytes, bytes]] = defer.Deferred()
+    pp = _Collect(done)
+    process = reactor.spawnProcess(pp, argv[0], list(argv), env=os.environ)
+    if stdin:
+        process.write(stdin)
+    process.closeStdin()
+
+    def kill() -> None:
+        try:
+            process.signalProcess("KILL")
+        except Exception:
+            pass
+
+    timer = reactor.callLater(timeout, kill)
+    test.addCleanup(lambda: timer.active() and timer.cancel())
+    test.addCleanup(kill)
+    return done
+
+
+def curl(test: TestCase, port: int, host: str, *args: str, scheme: str = "https") -> defer.Deferred[Any]:
+    argv = [
+        "curl",
+        "-sS",
+        "-v",
+        "--max-time",
+        "8",
+        "--resolve",
+        f"{host}:{port}:127.0.0.1",
+        "--cacert",
+        ca_file(test),
+        "-w",
+        "\n%{http_version} %{http_code}",
+        *args,
+        f"{scheme}://{host}:{port}/path?q=1",
+    ]
+    return run(test, argv)
+
+
+def client_context(*, cert: Pair | None = None, test: TestCase | None = None, alpn: Sequence[str] = ()) -> Any:
+    ctx = ssl.create_default_context(cafile=None)
+    ctx.load_verify_locations(cadata=pki().ca.cert_pem.decode())
+    if cert is not None and test is not None:
+        path = test.mktemp()
+        write(path, cert.cert_pem + cert.key_pem)
+        ctx.load_cert_chain(path)
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+def tls_get(
+    port: int, server_hostname: str | None, ctx: ssl.SSLContext, request: bytes | None = None
+) -> dict[str, Any]:
+    """Blocking: one TLS connection, one request, everything read; for deferToThread."""
+    if server_hostname is None:
+        ctx.check_hostname = False
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as raw:
+        with ctx.wrap_socket(raw, server_hostname=server_hostname) as s:
+            cert = x509.load_der_x509_certificate(s.getpeercert(binary_form=True) or b"")
+            result: dict[str, Any] = {"cn": _cn(cert), "alpn": s.selected_alpn_protocol(), "version": s.version()}
+            if request is None:
+                host = server_hostname or "nobody"
+                request = b"GET /x HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host.encode()
+            if request:
+                s.sendall(request)
+                result["body"] = _read_all(s)
+            return result
+
+
+def _read_all(s: socket.socket | ssl.SSLSocket) -> bytes:
+    chunks = []
+    end = time.monotonic() + DEADLINE
+    while time.monotonic() < end:
+        try:
+            chunk = s.recv(65536)
+        except (ssl.SSLZeroReturnError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _cn(cert: x509.Certificate) -> str:
+    return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+def in_thread(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+    return deadline(threads.deferToThread(f, *args, **kwargs), DEADLINE + 5)
+
+
+def http_sites() -> SniffingFactory:
+    """The decrypted side: a.test and b.test, each its own Site, by SNI."""
+    return SniffingFactory(
+        [
+            Rule(SNI("a.test"), Site(Hello("site-a")), name="a"),
+            Rule(SNI("b.test", "*.wild.test"), Site(Hello("site-b")), name="b"),
+            Rule(AnyBytes(), Site(Hello("fallback")), name="fallback"),
+        ]
+    )
+
+
+def mux(tls: TerminateTLS, *more: Rule) -> SniffingFactory:
+    return SniffingFactory([Rule(Prefix(b"\x16\x03"), tls, name="tls"), *more])
+
+
+class SingleServingTests(TestCase):
+    """Certificates by SNI, ALPN and the HTTP versions, with curl and openssl."""
+
+    def setUp(self) -> None:
+        p = pki()
+        self.tls = TerminateTLS(cert_dir(self, **{"a.test": p.a, "b.test": p.b, "_.wild.test": p.wild}), http_sites())
+        self.port = listen(self, mux(self.tls, Rule(HTTP1(), RedirectToHTTPS(), name="redirect")))
+
+    @defer.inlineCallbacks
+    def test_curl_http11(self) -> Any:
+        """curl --http1.1 to a.test gets a.test's certificate and the a.test site over HTTP/1.1."""
+        code, out, err = yield curl(self, self.port, "a.test", "--http1.1")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, b"site-a HTTP/1.1 /path?q=1\n1.1 200")
+        self.assertIn(b"subject: CN=a.test", err)
+        self.assertIn(b"ALPN: server accepted http/1.1", err)
+
+    @defer.inlineCallbacks
+    def test_curl_http2(self) -> Any:
+        """curl --http2 to b.test negotiates h2 and gets b.test's certificate and site."""
+        code, out, err = yield curl(self, self.port, "b.test", "--http2")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, b"site-b HTTP/2 /path?q=1\n2 200")
+        self.assertIn(b"subject: CN=b.test", err)
+
+    @defer.inlineCallbacks
+    def test_curl_wildcard(self) -> Any:
+        """A name under *.wild.test gets the wildcard certificate from _.wild.test.pem."""
+        code, out, err = yield curl(self, self.port, "x.wild.test", "--http2")
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"subject: CN=*.wild.test", err)
+        self.assertEqual(out, b"site-b HTTP/2 /path?q=1\n2 200")
+
+    @defer.inlineCallbacks
+    def test_plain_http_redirected(self) -> Any:
+        """Plain HTTP on the same port is redirected to https, Host port dropped."""
+        code, out, err = yield curl(self, self.port, "a.test", scheme="http")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.endswith(b"\n1.1 301"), out)
+        self.assertIn(b"< location: https://a.test/path?q=1", err.lower())
+
+    @defer.inlineCallbacks
+    def test_openssl_s_client_alpn(self) -> Any:
+        """openssl s_client with -servername b.test -alpn h2 sees b.test's certificate and ALPN h2."""
+        argv = ["openssl", "s_client", "-connect", f"127.0.0.1:{self.port}", "-servername", "b.test"]
+        argv += ["-alpn", "h2,http/1.1", "-CAfile", ca_file(self), "-verify_return_error"]
+        code, out, err = yield run(self, argv, stdin=b"Q\n")
+        self.assertIn(b"ALPN protocol: h2", out)
+        self.assertIn(b"subject=CN = b.test", out)
+        self.assertIn(b"Verify return code: 0 (ok)", out)
+
+    @defer.inlineCallbacks
+    def test_no_sni_without_default_fails_cleanly(self) -> Any:
+        """With no DEFAULT certificate, a client without SNI gets a handshake failure and nothing else breaks."""
+        ctx = client_context()
+        error = yield self.assertFailure(in_thread(tls_get, self.port, None, ctx), ssl.SSLError)
+        self.assertIn("HANDSHAKE_FAILURE", str(error))
+        self.assertEqual(self.tls.stats["failed"], 1)
+        result = yield in_thread(tls_get, self.port, "a.test", client_context())
+        self.assertEqual(result["cn"], "a.test")
+
+    @defer.inlineCallbacks
+    def test_python_client_alpn_to_inner_info(self) -> Any:
+        """The negotiated ALPN protocol reaches Python's ssl client as the server's preference."""
+        result = yield in_thread(tls_get, self.port, "a.test", client_context(alpn=["http/1.1", "h2"]), b"")
+        self.assertEqual(result["alpn"], "h2")
+        self.assertEqual(self.tls.alpn, ("h2", "http/1.1"))
+
+
+class DefaultCertificateTests(TestCase):
+    """The DEFAULT certificate and what the inner factory is told."""
+
+    def setUp(self) -> None:
+        p = pki()
+        self.recorder = Recorder()
+        inner = SniffingFactory(
+            [
+                Rule(ALPN("x-echo"), self.recorder, name="echo"),
+                Rule(SNI("a.test"), self.recorder, name="a"),
+            ],
+            on_no_match=self.recorder,
+        )
+        self.tls = TerminateTLS(cert_dir(self, **{"a.test": p.a, "DEFAULT": p.default}), inner)
+        self.port = listen(self, mux(self.tls))
+
+    @defer.inlineCallbacks
+    def test_unknown_sni_gets_default(self) -> Any:
+        """An SNI nothing covers gets DEFAULT.pem; the inner rules see that SNI."""
+        ctx = client_context()
+        ctx.check_hostname = False
+        result = yield in_thread(tls_get, self.port, "nobody.test", ctx, b"hi")
+        self.assertEqual(result["cn"], "default.test")
+        self.assertEqual(result["body"], b"echo:hi")
+        self.assertEqual(self.recorder.infos[-1].sni, "nobody.test")
+        self.assertEqual(self.recorder.infos[-1].peer.host, "127.0.0.1")
+
+    @defer.inlineCallbacks
+    def test_no_sni_gets_default(self) -> Any:
+        """A client that sends no SNI gets DEFAULT.pem and an info with sni None."""
+        result = yield in_thread(tls_get, self.port, None, client_context(), b"hi")
+        self.assertEqual(result["cn"], "default.test")
+        self.assertIsNone(self.recorder.infos[-1].sni)
+
+    @defer.inlineCallbacks
+    def test_alpn_from_inner_rules(self) -> Any:
+        """An ALPN matcher inside makes TerminateTLS offer its protocol, and the info carries it."""
+        self.assertEqual(self.tls.alpn, ("x-echo", "http/1.1"))
+        result = yield in_thread(tls_get, self.port, "A.TEST", client_context(alpn=["x-echo"]), b"hi")
+        self.assertEqual(result["alpn"], "x-echo")
+        self.assertEqual(result["cn"], "a.test")
+        info = self.recorder.infos[-1]
+        self.assertEqual((info.sni, info.alpn), ("a.test", "x-echo"))
