@@ -9,20 +9,47 @@ any installed matcher, built-in or third-party, by name.
 from muxtwist.matchers._basic import AllOf, Any, AnyOf, Not, Prefix, Regex, RemoteAddress
 from muxtwist.matchers._plugins import MatcherPlugin, plugin, plugins
 from muxtwist.matchers.http import HTTP1
+from muxtwist.matchers.http2 import GRPC, HTTP2, HTTP2Header
 from muxtwist.matchers.info import ALPN, SNI
+from muxtwist.matchers.mqtt import MQTT
+from muxtwist.matchers.openvpn import OpenVPN
+from muxtwist.matchers.postgresql import PostgreSQL
+from muxtwist.matchers.rdp import RDP
+from muxtwist.matchers.redis import Redis
+from muxtwist.matchers.socks import SOCKS4, SOCKS5
+from muxtwist.matchers.ssh import SSH
+from muxtwist.matchers.tls import TLS, ClientHello, parse_client_hello
+from muxtwist.matchers.websocket import WebSocket
+from muxtwist.matchers.xmpp import XMPP
 
 __all__ = [
     "ALPN",
-    "HTTP1",
-    "SNI",
     "AllOf",
     "Any",
     "AnyOf",
+    "ClientHello",
+    "GRPC",
+    "HTTP1",
+    "HTTP2",
+    "HTTP2Header",
+    "MQTT",
     "MatcherPlugin",
     "Not",
+    "OpenVPN",
+    "PostgreSQL",
     "Prefix",
+    "RDP",
+    "Redis",
     "Regex",
     "RemoteAddress",
+    "SNI",
+    "SOCKS4",
+    "SOCKS5",
+    "SSH",
+    "TLS",
+    "WebSocket",
+    "XMPP",
+    "parse_client_hello",
     "plugin",
     "plugins",
 ]
