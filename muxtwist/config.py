@@ -28,6 +28,7 @@ SETTINGS = (
     "on_timeout",
     "on_no_match",
     "max_connections",
+    "max_connections_per_source",
     "shutdown_timeout",
     "accept_proxy_protocol",
 )
@@ -56,6 +57,7 @@ class Settings:
     on_timeout: IProtocolFactory | None = None
     on_no_match: IProtocolFactory | None = None
     max_connections: int | None = None
+    max_connections_per_source: int | None = None
     shutdown_timeout: float = 30.0
     accept_proxy_protocol: tuple[str, ...] | None = None
 
@@ -190,10 +192,9 @@ def _check_settings(path: str, ns: Mapping[str, Any], lines: Mapping[str, tuple[
         values["max_sniff_bytes"] = _number(
             path, line("max_sniff_bytes"), "max_sniff_bytes", ns["max_sniff_bytes"], integer=True, optional=False
         )
-    if "max_connections" in ns:
-        values["max_connections"] = _number(
-            path, line("max_connections"), "max_connections", ns["max_connections"], integer=True, optional=True
-        )
+    for name in ("max_connections", "max_connections_per_source"):
+        if name in ns:
+            values[name] = _number(path, line(name), name, ns[name], integer=True, optional=True)
     for name in ("on_timeout", "on_no_match"):
         if name in ns:
             value = ns[name]
@@ -261,6 +262,7 @@ def build_factory(rules: Sequence[Rule], settings: Settings, reactor: IReactorCo
         on_timeout=settings.on_timeout,
         on_no_match=settings.on_no_match,
         max_connections=settings.max_connections,
+        max_connections_per_source=settings.max_connections_per_source,
         accept_proxy_protocol=settings.accept_proxy_protocol,
         reactor=reactor,  # type: ignore[arg-type]
     )
@@ -273,6 +275,7 @@ def apply_settings(factory: SniffingFactory, rules: Sequence[Rule], settings: Se
     factory.sniff_timeout = settings.sniff_timeout
     factory.max_sniff_bytes = settings.max_sniff_bytes
     factory.max_connections = settings.max_connections
+    factory.max_connections_per_source = settings.max_connections_per_source
     factory.accept_proxy_protocol = settings.accept_proxy_protocol
     factory._trusted = (
         None if settings.accept_proxy_protocol is None else parse_networks(settings.accept_proxy_protocol)

@@ -5,8 +5,10 @@ graceful stop, and reloading the rules file.
 
 from __future__ import annotations
 
+import os
 import signal
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -16,24 +18,65 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from muxtwist.config import Config, ConfigError, apply_settings, build_factory, endpoint_description, load_config
+from muxtwist.metrics import EmfileWatcher, Metrics, default_metrics
 from muxtwist.sniffing import SniffingFactory, SniffingProtocol
-from muxtwist.tls import reload_all_certificates
 
-__all__ = ["Listener", "MuxService"]
+__all__ = ["Listener", "MuxService", "wanted_listeners"]
 
 log = Logger()
 
 
+def wanted_listeners(config: Config, ports: tuple[str, ...]) -> dict[str, tuple[Any, ...]]:
+    """The listeners a rules file asks for: ``ports`` (or ``tcp:3000``) with ``rules``, plus ``listeners``."""
+    wanted: dict[str, tuple[Any, ...]] = {}
+    if config.rules is not None:
+        for port in ports or (("tcp:3000",) if not config.listeners else ()):
+            wanted[endpoint_description(port)] = config.rules
+    wanted.update(config.listeners)
+    return wanted
+
+
 class Listener(StreamServerEndpointService):
-    """One listening endpoint and the :class:`SniffingFactory` behind it."""
+    """
+    One listening endpoint and the :class:`SniffingFactory` behind it.
+
+    :param inherited_fd: a listening socket made by a parent process
+        (``--workers``) to adopt instead of listening on ``description``.
+    """
 
     factory: SniffingFactory
 
-    def __init__(self, description: str, factory: SniffingFactory, reactor: Any) -> None:
-        super().__init__(endpoints.serverFromString(reactor, description), factory)  # type: ignore[no-untyped-call]
+    def __init__(
+        self, description: str, factory: SniffingFactory, reactor: Any, inherited_fd: int | None = None
+    ) -> None:
+        if inherited_fd is None:
+            endpoint = endpoints.serverFromString(reactor, description)
+        else:
+            probe = socket.socket(fileno=inherited_fd)
+            family = probe.family
+            probe.detach()  # leave the descriptor open: it was only looked at
+            endpoint = endpoints.AdoptedStreamServerEndpoint(reactor, inherited_fd, family)
+        super().__init__(endpoint, factory)  # type: ignore[no-untyped-call]
         self.description = description
+        self.inherited_fd = inherited_fd
+        self.port: Any = None
         self._raiseSynchronously = True
         self.setName(description)  # type: ignore[no-untyped-call]
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        if self._waitingForPort is not None:
+            self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        self.port = port
+        if self.inherited_fd is not None:
+            # The port listens on its own duplicate; the inherited descriptor
+            # would only keep the socket open after this worker stops.
+            os.close(self.inherited_fd)
+            self.inherited_fd = None
+        log.info("listening on {description} at {address}", description=self.description, address=port.getHost())
+        return port
 
 
 class MuxService(MultiService):
@@ -49,6 +92,12 @@ class MuxService(MultiService):
     :param handle_signals: once the reactor runs, make SIGHUP call
         :meth:`reload`, and SIGTERM/SIGINT stop the reactor (so the stop
         drains connections as above and the process exits 0).
+    :param inherited: listening sockets made by a parent process, by
+        endpoint description: those listeners adopt them (``--workers``).
+    :param metrics: the :class:`~muxtwist.metrics.Metrics` that counts
+        EMFILE refusals (the process-wide one by default).
+
+    :ivar draining: set once a stop has begun; ``/ready`` answers 503 from then on.
     """
 
     def __init__(
@@ -58,6 +107,8 @@ class MuxService(MultiService):
         config_path: str | None = None,
         ports: tuple[str, ...] = (),
         handle_signals: bool = False,
+        inherited: Mapping[str, int] | None = None,
+        metrics: Metrics | None = None,
         reactor: Any = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -73,6 +124,23 @@ class MuxService(MultiService):
         self._old_handlers: dict[int, Any] = {}
         self._held: dict[int, SniffingFactory] = {}
         self.reloaded: list[Callable[[Config], None]] = []
+        self.inherited = dict(inherited or {})
+        self.in_worker = bool(self.inherited)
+        self.metrics = metrics if metrics is not None else default_metrics()
+        self.draining = False
+        self._admin: StreamServerEndpointService | None = None
+        self._emfile: EmfileWatcher | None = None
+
+    def set_admin(self, description: str, inherited_fd: int | None = None) -> None:
+        """
+        Serve :func:`~muxtwist.admin.admin_site` on its own endpoint. It keeps
+        answering while the listeners drain, so ``/ready`` can say 503.
+        """
+        from muxtwist.admin import admin_site
+
+        description = endpoint_description(description)
+        site = admin_site(self, self.metrics)
+        self._admin = Listener(description, site, self._reactor, inherited_fd)  # type: ignore[arg-type]
 
     @property
     def listeners(self) -> dict[str, Listener]:
@@ -90,7 +158,7 @@ class MuxService(MultiService):
         description); started at once if this service is running.
         """
         description = endpoint_description(description)
-        listener = Listener(description, factory, self._reactor)
+        listener = Listener(description, factory, self._reactor, self.inherited.pop(description, None))
         # Hold the factory started for the whole service life, so that a port
         # that stops listening does not stop the factories of connections
         # that are still draining.
@@ -114,12 +182,7 @@ class MuxService(MultiService):
             self.add_listener(description, build_factory(rules, config.settings, self._reactor))
 
     def _wanted(self, config: Config) -> dict[str, tuple[Any, ...]]:
-        wanted: dict[str, tuple[Any, ...]] = {}
-        if config.rules is not None:
-            for port in self.ports or (("tcp:3000",) if not config.listeners else ()):
-                wanted[endpoint_description(port)] = config.rules
-        wanted.update(config.listeners)
-        return wanted
+        return wanted_listeners(config, self.ports)
 
     def reload(self) -> bool:
         """
@@ -128,7 +191,12 @@ class MuxService(MultiService):
         listeners that disappear are drained. A broken file changes nothing.
         Returns whether the reload took effect.
         """
-        reload_all_certificates()
+        try:
+            from muxtwist.tls import reload_all_certificates
+        except ImportError:
+            pass
+        else:
+            reload_all_certificates()
         if self.config_path is None:
             log.warn("reload asked, but there is no rules file to read")
             return False
@@ -144,6 +212,11 @@ class MuxService(MultiService):
         for description, rules in wanted.items():
             if description in current:
                 apply_settings(current[description].factory, rules, config.settings)
+            elif self.in_worker:
+                log.error(
+                    "reload: cannot add listener {description} in a worker; restart to add listeners",
+                    description=description,
+                )
             else:
                 try:
                     self.add_listener(description, build_factory(rules, config.settings, self._reactor))
@@ -155,7 +228,17 @@ class MuxService(MultiService):
         log.info("reloaded {path}: {n} listener(s)", path=self.config_path, n=len(wanted))
         return True
 
+    def privilegedStartService(self) -> None:
+        if self._admin is not None:
+            self._admin.privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+
     def startService(self) -> None:
+        self.draining = False
+        if self._admin is not None and not self._admin.running:
+            self._admin.startService()
+        if self._emfile is None:
+            self._emfile = self.metrics.watch_emfile()
         super().startService()  # type: ignore[no-untyped-call]
         if self.handle_signals:
             # The reactor installs its own handlers when it starts running;
@@ -189,11 +272,24 @@ class MuxService(MultiService):
         self._reactor.callFromThread(self._reactor.stop)
 
     def stopService(self) -> defer.Deferred[None]:
+        self.draining = True
         self._restore_signals()
         factories = [listener.factory for listener in self.listeners.values()]
         stopped = defer.maybeDeferred(super().stopService)
         stopped.addCallback(lambda _: self._drain(factories))
+        stopped.addBoth(self._stop_admin)
         return stopped
+
+    def _stop_admin(self, result: object) -> object:
+        if self._emfile is not None:
+            self._emfile.stop()
+            self._emfile = None
+        admin = self._admin
+        if admin is None or not admin.running:
+            return result
+        d = defer.maybeDeferred(admin.stopService)
+        d.addCallback(lambda _: result)
+        return d
 
     def _drain(self, factories: list[SniffingFactory]) -> defer.Deferred[None]:
         for f in factories:

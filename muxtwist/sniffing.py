@@ -35,6 +35,7 @@ from zope.interface import implementer
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IMatcher, IRespondingMatcher, Verdict
 
 if TYPE_CHECKING:
+    from muxtwist.metrics import Metrics
     from muxtwist.proxyprotocol import ProxyHeaderReader
 
 __all__ = ["Outcome", "Rule", "RuleStats", "SniffingFactory"]
@@ -66,6 +67,10 @@ class Rule:
     :param factory: any ``IProtocolFactory``: a ``Site``, a ``Proxy``,
         a ``TerminateTLS``, another ``SniffingFactory``.
     :param name: the label for logs and metrics; the matcher's name by default.
+    :param max_connections: the most connections this rule may hold open at
+        once on one :class:`SniffingFactory`; a connection that matches it
+        beyond that is closed (outcome ``rejected``) and counted as a limit
+        rejection. ``None``: no limit.
     """
 
     matcher: IMatcher = attrs.field(validator=_provides(IMatcher, "an IMatcher"))
@@ -73,6 +78,12 @@ class Rule:
     name: str = attrs.field(
         kw_only=True, default=attrs.Factory(lambda self: str(getattr(self.matcher, "name", "rule")), takes_self=True)
     )
+    max_connections: int | None = attrs.field(kw_only=True, default=None)
+
+    @max_connections.validator
+    def _check_max_connections(self, attribute: Any, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"Rule max_connections must be a positive integer or None, got {value!r}")
 
 
 class Outcome(enum.Enum):
@@ -84,6 +95,7 @@ class Outcome(enum.Enum):
     REJECTED = "rejected"
     CLOSED = "closed_while_sniffing"
     ABORTED = "aborted_while_sniffing"
+    BACKEND_FAILED = "backend_failed"
 
 
 @attrs.define
@@ -115,8 +127,12 @@ class SniffingFactory:
         ``sniff_timeout`` (server-speaks-first protocols); default: close.
     :param on_no_match: the factory for clients no rule matches; default: close.
     :param max_connections: connections above this are closed at once.
+    :param max_connections_per_source: connections from one source host
+        (the PROXY source once a header is accepted) above this are closed.
     :param accept_proxy_protocol: CIDRs of peers trusted to send a PROXY
         protocol header before their data.
+    :param metrics: the :class:`~muxtwist.metrics.Metrics` to count into
+        (the process-wide one by default).
     :param reactor: the reactor for timers (``twisted.internet.reactor`` by default).
     """
 
@@ -129,7 +145,9 @@ class SniffingFactory:
         on_timeout: IProtocolFactory | None = None,
         on_no_match: IProtocolFactory | None = None,
         max_connections: int | None = None,
+        max_connections_per_source: int | None = None,
         accept_proxy_protocol: Sequence[str] | None = None,
+        metrics: Metrics | None = None,
         reactor: IReactorTime | None = None,
     ) -> None:
         if reactor is None:
@@ -140,6 +158,14 @@ class SniffingFactory:
         self.sniff_timeout = sniff_timeout
         self.max_sniff_bytes = max_sniff_bytes
         self.max_connections = max_connections
+        self.max_connections_per_source = max_connections_per_source
+        self._per_source: dict[str, int] = {}
+        if metrics is None:
+            from muxtwist.metrics import default_metrics
+
+            metrics = default_metrics()
+        self.metrics: Metrics = metrics
+        metrics.track(self)
         self.accept_proxy_protocol = accept_proxy_protocol
         self._trusted = None if accept_proxy_protocol is None else _networks(accept_proxy_protocol)
         self._started = 0
@@ -222,9 +248,45 @@ class SniffingFactory:
     ) -> SniffingProtocol | None:
         """Build a sniffer; ``info`` comes from an outer sniffer when this one is nested."""
         if self.max_connections is not None and len(self.connections) >= self.max_connections:
-            log.warn("refusing {peer}: max_connections ({limit}) reached", peer=addr, limit=self.max_connections)
+            self._refused(addr, "max_connections", self.max_connections)
             return None
-        return SniffingProtocol(self, addr, info)
+        source = None
+        if self.max_connections_per_source is not None:
+            source = _host(info.source if info is not None else addr)
+            if not self._take_source(source):
+                self._refused(addr, "max_connections_per_source", self.max_connections_per_source)
+                return None
+        p = SniffingProtocol(self, addr, info)
+        p._source = source
+        return p
+
+    def _refused(self, peer: object, limit: str, value: int, rule: str = "") -> None:
+        self.metrics.limit_rejected(limit)
+        log.warn(
+            "refusing {peer}: {limit} ({value}) reached",
+            peer=peer,
+            limit=limit,
+            value=value,
+            rule=rule,
+            outcome=Outcome.REJECTED.value,
+        )
+
+    def _take_source(self, source: str | None) -> bool:
+        """Count one more connection from ``source``, unless it is at its limit."""
+        if source is None or self.max_connections_per_source is None:
+            return True
+        n = self._per_source.get(source, 0)
+        if n >= self.max_connections_per_source:
+            return False
+        self._per_source[source] = n + 1
+        return True
+
+    def _release_source(self, source: str) -> None:
+        n = self._per_source.get(source, 0) - 1
+        if n > 0:
+            self._per_source[source] = n
+        else:
+            self._per_source.pop(source, None)
 
     # The connection registry
 
@@ -257,6 +319,12 @@ class SniffingFactory:
             p.abort()
 
 
+def _host(address: object) -> str | None:
+    """The host part of a TCP address, the key of ``max_connections_per_source``."""
+    host = getattr(address, "host", None)
+    return host if isinstance(host, str) else None
+
+
 def _networks(cidrs: Sequence[str]) -> tuple[IPv4Network | IPv6Network, ...]:
     from muxtwist.matchers._basic import parse_networks
 
@@ -274,6 +342,8 @@ class SniffingProtocol:
     __slots__ = (
         "_active",
         "_buffer",
+        "_bytes_in",
+        "_bytes_out",
         "_deadline",
         "_info",
         "_next_eval",
@@ -282,6 +352,7 @@ class SniffingProtocol:
         "_read_closed",
         "_responder",
         "_rules",
+        "_source",
         "addr",
         "ended_at",
         "factory",
@@ -307,6 +378,9 @@ class SniffingProtocol:
         self._responder: IRespondingMatcher | None = None
         self._active: RuleStats | None = None
         self._proxy_reader: ProxyHeaderReader | None = None
+        self._source: str | None = None
+        self._bytes_in = 0
+        self._bytes_out = 0
         self.winner: IProtocol | None = None
         self.rule_name = ""
         self.outcome: Outcome | None = None
@@ -388,6 +462,20 @@ class SniffingProtocol:
             return b""
         self._info = reader.info
         self._proxy_reader = None
+        factory = self.factory
+        if self._source is not None:
+            source = _host(self._info.source)
+            if source is not None and source != self._source:
+                factory._release_source(self._source)
+                self._source = None
+                if not factory._take_source(source):
+                    assert factory.max_connections_per_source is not None
+                    factory._refused(source, "max_connections_per_source", factory.max_connections_per_source)
+                    self._end_sniffing(Outcome.REJECTED, "")
+                    assert self.transport is not None
+                    self.transport.loseConnection()
+                    return b""
+                self._source = source
         self._evaluate(final=None)
         return rest
 
@@ -459,7 +547,7 @@ class SniffingProtocol:
                 log.failure("matcher of rule {rule} raised; taken as NO_MATCH", rule=rule.name)
                 continue
             if verdict is Verdict.MATCH:
-                self._hand_off(rule.factory, rule.name, Outcome.HANDED_OFF, data)
+                self._hand_off(rule.factory, rule.name, Outcome.HANDED_OFF, data, rule.max_connections)
                 return
             if verdict is Verdict.NEED_MORE and final is None:
                 self._respond(rule.matcher, data)
@@ -480,12 +568,15 @@ class SniffingProtocol:
             return
         if out:
             self._responder = matcher
+            self._bytes_out += len(out)
             assert self.transport is not None
             self.transport.write(out)
 
     def _end_sniffing(self, outcome: Outcome, rule_name: str) -> None:
         self.outcome = outcome
         self.rule_name = rule_name
+        if self._buffer is not None:
+            self._bytes_in = len(self._buffer)
         self._buffer = None
         self.sniff_time = self.factory._reactor.seconds() - self.started
         for call in (self._deadline, self._quiet):
@@ -495,12 +586,24 @@ class SniffingProtocol:
         if rule_name:
             self.factory.stats.setdefault(rule_name, RuleStats()).total += 1
 
-    def _hand_off(self, factory: IProtocolFactory | None, rule_name: str, outcome: Outcome, data: bytes) -> None:
+    def _hand_off(
+        self,
+        factory: IProtocolFactory | None,
+        rule_name: str,
+        outcome: Outcome,
+        data: bytes,
+        limit: int | None = None,
+    ) -> None:
         transport = self.transport
         assert transport is not None
         self._end_sniffing(outcome, rule_name)
         if factory is None:
             self._close_unhandled(transport, rule_name)
+            return
+        if limit is not None and self.factory.stats[rule_name].active >= limit:
+            self.factory._refused(self.info.source, "rule_max_connections", limit, rule_name)
+            self.outcome = Outcome.REJECTED
+            transport.loseConnection()
             return
         try:
             if IConnectionInfoFactory.providedBy(factory):
@@ -555,6 +658,9 @@ class SniffingProtocol:
             try:
                 return original(reason)
             finally:
+                if getattr(proto, "side", True) is None and getattr(proto, "proxy", None) is not None:
+                    # A proxy relay that never reached a backend.
+                    self.outcome = Outcome.BACKEND_FAILED
                 self._ended()
 
         return connectionLost
@@ -568,12 +674,25 @@ class SniffingProtocol:
             self._active.active -= 1
             self._active = None
         factory._remove(self)
-        log.debug(
-            "connection from {peer} ended: {outcome} {rule}",
-            peer=self.info.source if self._info is not None else self.addr,
-            outcome=self.outcome.value if self.outcome else "",
-            rule=self.rule_name,
-            sniff_time=self.sniff_time,
+        if self._source is not None:
+            factory._release_source(self._source)
+            self._source = None
+        outcome = self.outcome.value if self.outcome else Outcome.CLOSED.value
+        rule = self.rule_name or "-"
+        sniff_time = self.sniff_time if self.sniff_time is not None else self.ended_at - self.started
+        info = self._info
+        factory.metrics.connection_ended(rule, outcome, sniff_time, self._bytes_in, self._bytes_out)
+        log.info(
+            "connection {peer} -> port {local_port} ended: {outcome}, rule {rule}, "
+            "sniffed {sniff_time:.4f}s, {bytes_in} bytes in / {bytes_out} out while sniffing, {duration:.3f}s",
+            log_event="connection_end",
+            peer=_address(info.source if info is not None else self.addr),
+            local_port=getattr(info.local if info is not None else None, "port", None),
+            rule=rule,
+            outcome=outcome,
+            sniff_time=sniff_time,
+            bytes_in=self._bytes_in,
+            bytes_out=self._bytes_out,
             duration=self.ended_at - self.started,
         )
 
@@ -589,6 +708,17 @@ class SniffingProtocol:
             abort()
         else:
             transport.loseConnection()
+
+
+def _address(address: object) -> str:
+    """``host:port`` of a TCP address, the path of a UNIX one, ``repr`` otherwise."""
+    host = getattr(address, "host", None)
+    if isinstance(host, str):
+        return f"[{host}]:{getattr(address, 'port', '')}" if ":" in host else f"{host}:{getattr(address, 'port', '')}"
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        return name.decode("utf-8", "replace")
+    return str(address)
 
 
 def _closing(transport: ITransport) -> bool:

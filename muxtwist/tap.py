@@ -4,31 +4,46 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 from twisted.application.service import IService
 from twisted.internet.protocol import Factory
+from twisted.logger import ILogObserver, jsonFileLogObserver
 from twisted.python import usage
 
 from muxtwist.config import ConfigError, Settings, build_factory, check_endpoint, endpoint_description, load_config
-from muxtwist.service import MuxService
+from muxtwist.service import MuxService, wanted_listeners
 
 __all__ = ["Options", "makeService"]
 
 
 class Options(usage.Options):
-    """twistd -n muxtwist [--port PORT]... [--config rules.py]"""
+    """twistd -n muxtwist [--port PORT]... [--config rules.py] [--admin ENDPOINT] [--workers N] [--log-format json]"""
 
-    synopsis = "[--port PORT]... [--config rules.py]"
+    synopsis = "[--port PORT]... [--config rules.py] [--admin ENDPOINT] [--workers N] [--log-format text|json]"
     longdesc = (
         "Serve many protocols on one port: each new connection is sniffed and handed to the first "
         "rule that matches. With no --config, HTTP gets a status page and anything else an echo service."
     )
     optParameters = [
         ["config", "c", None, "The rules file (plain Python defining rules and/or listeners)."],
+        ["admin", None, None, "Serve /metrics and /ready on this endpoint (a port number or a description)."],
+        ["workers", None, 1, "Serve with this many worker processes sharing the listening sockets.", int],
+        ["log-format", None, "text", "text (readable, the default) or json (one JSON object a line, on stdout)."],
     ]
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self["port"] = []
+        self["inherit"] = {}
+
+    def opt_inherit(self, value: str) -> None:
+        """(internal) FD=DESCRIPTION: a listening socket made by the --workers parent."""
+        fd, _, description = value.partition("=")
+        if not fd.isdigit() or not description:
+            raise usage.UsageError(f"--inherit wants FD=DESCRIPTION, got {value!r}")
+        self["inherit"][endpoint_description(description)] = int(fd)
 
     def opt_port(self, value: str) -> None:
         """
@@ -45,6 +60,20 @@ class Options(usage.Options):
     opt_p = opt_port
 
     def postOptions(self) -> None:
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(f"--log-format must be text or json, got {self['log-format']!r}")
+        if self["log-format"] == "json" and self.parent is not None:
+            # twistd builds its log observer from its own --logger option
+            # after all options are parsed; this is where ours goes in.
+            self.parent["logger"] = "muxtwist.tap.json_log_observer"
+        if self["workers"] < 1:
+            raise usage.UsageError(f"--workers must be at least 1, got {self['workers']}")
+        if self["admin"] is not None:
+            self["admin"] = endpoint_description(self["admin"])
+            try:
+                check_endpoint(self["admin"])
+            except ValueError as e:
+                raise usage.UsageError(f"--admin: {e}") from None
         self["loaded"] = None
         if self["config"] is not None:
             try:
@@ -55,10 +84,60 @@ class Options(usage.Options):
                 raise SystemExit(f"muxtwist: {self['config']}: --port given, but the file defines no 'rules'")
 
 
-def makeService(options: Options) -> IService:
-    """The :class:`MuxService` for these options."""
+def json_log_observer() -> ILogObserver:
+    """Every log event as one JSON object a line on stdout (``--log-format json``)."""
+    return jsonFileLogObserver(sys.stdout, recordSeparator="")
+
+
+def _worker_args(options: Options) -> list[str]:
+    args: list[str] = []
+    if options["config"] is not None:
+        args += ["--config", options["config"]]
+    for port in options["port"]:
+        args += ["--port", port]
+    if options["admin"] is not None:
+        args += ["--admin", options["admin"]]
+    return [*args, "--log-format", options["log-format"]]
+
+
+def _workers(options: Options) -> IService:
+    from muxtwist.workers import WorkerPool
+
+    config = options["loaded"]
     ports = tuple(options["port"])
-    service = MuxService(config_path=options["config"], ports=ports, handle_signals=True)
+    if config is None:
+        descriptions = list(ports or ("tcp:3000",))
+    else:
+        descriptions = list(wanted_listeners(config, ports))
+    admin = options["admin"]
+    # The admin endpoint is shared too: each scrape or readiness check is
+    # answered by whichever worker accepts it.
+    if admin is not None:
+        descriptions.append(admin)
+    twistd_args: list[str] = []
+    parent: Any = options.parent
+    if parent is not None and parent.get("logfile") and parent["logfile"] != "-":
+        twistd_args.append(f"--logfile={parent['logfile']}")
+    stop_timeout = (config.settings.shutdown_timeout if config is not None else 30.0) + 5.0
+    try:
+        return WorkerPool(
+            options["workers"], descriptions, _worker_args(options), twistd_args=twistd_args, stop_timeout=stop_timeout
+        )
+    except ValueError as e:
+        raise SystemExit(f"muxtwist: {e}") from None
+
+
+def makeService(options: Options) -> IService:
+    """The :class:`MuxService` for these options (a pool of workers with ``--workers`` above 1)."""
+    if options["workers"] > 1 and not options["inherit"]:
+        return _workers(options)
+    ports = tuple(options["port"])
+    inherited = dict(options["inherit"])
+    admin = options["admin"]
+    admin_fd = inherited.pop(admin, None) if admin is not None else None
+    service = MuxService(config_path=options["config"], ports=ports, handle_signals=True, inherited=inherited)
+    if admin is not None:
+        service.set_admin(admin, inherited_fd=admin_fd)
     config = options["loaded"]
     if config is None:
         from muxtwist.default import Echo, default_rules

@@ -1,0 +1,251 @@
+"""
+Prometheus metrics of the sniffers and of the proxies behind them.
+
+What changes per connection is counted once, when the connection ends
+(:meth:`Metrics.connection_ended`). What is live (connections open by rule,
+backend health and counters kept by :class:`~muxtwist.proxy.Proxy`) is read
+from the objects themselves at scrape time by a custom collector, so the
+relay's hot path carries no metrics code at all.
+
+Each :class:`Metrics` has its own ``CollectorRegistry`` (never the
+``prometheus_client`` global one), so tests and embedders stay isolated.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from muxtwist.sniffing import SniffingFactory
+
+__all__ = ["LIMITS", "OUTCOMES", "Metrics", "default_metrics", "proxies_of"]
+
+#: The ``outcome`` label values of ``muxtwist_connections_total``.
+OUTCOMES = (
+    "handed_off",
+    "timeout",
+    "no_match",
+    "rejected",
+    "backend_failed",
+    "closed_while_sniffing",
+    "aborted_while_sniffing",
+)
+
+#: The ``limit`` label values of ``muxtwist_limit_rejections_total``.
+LIMITS = ("max_connections", "max_connections_per_source", "rule_max_connections", "emfile")
+
+SNIFF_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """
+    The counters of one process (or one test).
+
+    :ivar registry: the ``CollectorRegistry`` that ``/metrics`` exposes.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.connections = Counter(
+            "muxtwist_connections",
+            "Connections ended, by the rule that got them and how sniffing ended.",
+            ["rule", "outcome"],
+            registry=self.registry,
+        )
+        self.sniff_duration = Histogram(
+            "muxtwist_sniff_duration_seconds",
+            "Seconds from accept to the rules' decision.",
+            buckets=SNIFF_BUCKETS,
+            registry=self.registry,
+        )
+        self.bytes = Counter(
+            "muxtwist_sniffed_bytes",
+            "Bytes read from clients while sniffing (in) and written to them by responding matchers (out).",
+            ["rule", "direction"],
+            registry=self.registry,
+        )
+        self.limit_rejections = Counter(
+            "muxtwist_limit_rejections",
+            "Connections closed at once because a limit was reached.",
+            ["limit"],
+            registry=self.registry,
+        )
+        for limit in LIMITS:
+            self.limit_rejections.labels(limit)
+        self._factories: weakref.WeakSet[SniffingFactory] = weakref.WeakSet()
+        # Label children cached by key: one dict lookup per connection end
+        # instead of prometheus_client's locked label resolution.
+        self._ended: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self.registry.register(_LiveCollector(self))
+
+    def track(self, factory: SniffingFactory) -> None:
+        """Read ``factory``'s live numbers at scrape time (held weakly)."""
+        self._factories.add(factory)
+
+    @property
+    def factories(self) -> list[SniffingFactory]:
+        """The sniffing factories being tracked and still alive."""
+        return list(self._factories)
+
+    def connection_ended(self, rule: str, outcome: str, sniff_time: float, bytes_in: int, bytes_out: int) -> None:
+        """Count one connection that has ended."""
+        children = self._ended.get((rule, outcome))
+        if children is None:
+            children = (
+                self.connections.labels(rule, outcome),
+                self.bytes.labels(rule, "in"),
+                self.bytes.labels(rule, "out"),
+            )
+            self._ended[(rule, outcome)] = children
+        count, got, sent = children
+        count.inc()
+        self.sniff_duration.observe(sniff_time)
+        if bytes_in:
+            got.inc(bytes_in)
+        if bytes_out:
+            sent.inc(bytes_out)
+
+    def limit_rejected(self, limit: str) -> None:
+        """Count one connection closed because ``limit`` was reached."""
+        self.limit_rejections.labels(limit).inc()
+
+    def value(self, name: str, **labels: str) -> float:
+        """The current value of one sample (0 when absent): for status pages and tests."""
+        found = self.registry.get_sample_value(name, labels)
+        return 0.0 if found is None else found
+
+    def watch_emfile(self) -> EmfileWatcher:
+        """
+        Count the clients Twisted's listening ports close when the process
+        is out of file descriptors; returns the watcher, to stop it later.
+        """
+        watcher = EmfileWatcher(self)
+        globalLogPublisher.addObserver(watcher)
+        return watcher
+
+
+_EMFILE_CLOSED = "EMFILE recovery: Closed socket from {address}"
+
+
+@implementer(ILogObserver)
+class EmfileWatcher:
+    """
+    ``twisted.internet.tcp.Port`` answers EMFILE by closing its reserved
+    descriptor, accepting and closing the waiting clients, then reserving
+    again; it logs one event per client closed. This observer counts them.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def __call__(self, event: LogEvent) -> None:
+        if event.get("log_format") == _EMFILE_CLOSED:
+            self.metrics.limit_rejected("emfile")
+
+    def stop(self) -> None:
+        globalLogPublisher.removeObserver(self)
+
+
+def proxies_of(factory: object, seen: set[int] | None = None) -> Iterator[tuple[str, Any]]:
+    """
+    ``(rule name, proxy)`` for each proxy reachable from ``factory``'s rules,
+    including through wrapping factories (``TerminateTLS``) and nested
+    sniffing factories. A proxy is anything with ``backends`` whose items
+    have ``stats`` and ``description``.
+    """
+    seen = set() if seen is None else seen
+    rules = getattr(factory, "rules", ())
+    pairs: list[tuple[str, object]] = [(r.name, r.factory) for r in rules]
+    for name in ("on_timeout", "on_no_match"):
+        pairs.append((name, getattr(factory, name, None)))
+    for rule_name, inner in pairs:
+        yield from _proxies_in(rule_name, inner, seen)
+
+
+def _proxies_in(rule_name: str, factory: object, seen: set[int]) -> Iterator[tuple[str, Any]]:
+    depth = 0
+    while factory is not None and depth < 4 and id(factory) not in seen:
+        seen.add(id(factory))
+        if isinstance(getattr(factory, "backends", None), list) and hasattr(factory, "gave_up"):
+            yield rule_name, factory
+            return
+        if hasattr(factory, "rules") and hasattr(factory, "connections"):
+            yield from proxies_of(factory, seen)
+            return
+        factory = getattr(factory, "factory", None) or getattr(factory, "wrappedFactory", None)
+        depth += 1
+
+
+class _LiveCollector(Collector):
+    """Reads live connection counts and proxy backends at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        active = GaugeMetricFamily("muxtwist_active_connections", "Connections open now, by rule.", labels=["rule"])
+        sniffing = GaugeMetricFamily("muxtwist_sniffing_connections", "Connections still being sniffed.")
+        up = GaugeMetricFamily(
+            "muxtwist_backend_up", "1 when the backend is usable (health checks pass).", labels=["rule", "backend"]
+        )
+        relays = GaugeMetricFamily(
+            "muxtwist_backend_active_connections", "Relays open to the backend now.", labels=["rule", "backend"]
+        )
+        opened = CounterMetricFamily(
+            "muxtwist_backend_connections", "Relays ever opened to the backend.", labels=["rule", "backend"]
+        )
+        failures = CounterMetricFamily(
+            "muxtwist_backend_failures",
+            "Connect failures and mid-stream resets, by kind.",
+            labels=["rule", "backend", "kind"],
+        )
+        gave_up = CounterMetricFamily(
+            "muxtwist_proxy_gave_up", "Connections a proxy closed: no backend could take them.", labels=["rule"]
+        )
+        by_rule: dict[str, int] = {}
+        n_sniffing = 0
+        seen: set[int] = set()
+        for factory in self.metrics.factories:
+            for name, stats in list(factory.stats.items()):
+                by_rule[name] = by_rule.get(name, 0) + stats.active
+            n_sniffing += sum(1 for c in list(factory.connections) if c.sniffing)
+            for rule, proxy in proxies_of(factory, seen):
+                gave_up.add_metric([rule], proxy.gave_up)
+                now = proxy._reactor.seconds()
+                for backend in proxy.backends:
+                    labels = [rule, backend.description]
+                    usable = backend.usable(now) if hasattr(backend, "usable") else backend.stats.healthy
+                    up.add_metric(labels, 1.0 if usable else 0.0)
+                    relays.add_metric(labels, backend.stats.active)
+                    opened.add_metric(labels, backend.stats.total)
+                    errors = dict(backend.stats.errors)
+                    if not errors and backend.stats.failures:
+                        errors = {"error": backend.stats.failures}
+                    for kind, count in sorted(errors.items()):
+                        failures.add_metric([*labels, kind], count)
+        for name, count in sorted(by_rule.items()):
+            active.add_metric([name], count)
+        sniffing.add_metric([], n_sniffing)
+        return [active, sniffing, up, relays, opened, failures, gave_up]
+
+
+_default: Metrics | None = None
+
+
+def default_metrics() -> Metrics:
+    """The process-wide :class:`Metrics` that factories use unless given one."""
+    global _default
+    if _default is None:
+        _default = Metrics()
+    return _default
