@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Any
+
+from docutils import nodes
+from docutils.parsers.rst import Directive
+from docutils.statemachine import StringList
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -56,6 +61,39 @@ def _fill_toctree(app: Any, docname: str, source: list[str]) -> None:
     source[0] = source[0].replace(PLACEHOLDER + "\n", block)
 
 
+class InterfaceDirective(Directive):
+    """
+    ``.. interface:: muxtwist.interfaces.IMatcher``: a zope interface with its
+    attributes and methods, from their docstrings (autodoc only knows classes).
+    """
+
+    required_arguments = 1
+
+    def run(self) -> list[nodes.Node]:
+        import inspect
+        import textwrap
+
+        from zope.interface.interface import Method
+
+        module_name, _, name = self.arguments[0].rpartition(".")
+        interface = getattr(importlib.import_module(module_name), name)
+        bases = [b.getName() for b in interface.__bases__ if b.getName() != "Interface"]
+        lines = [f".. py:class:: {name}", f"   :module: {module_name}", ""]
+        if bases:
+            lines += [f"   Extends: {', '.join(f':class:`{b}`' for b in bases)}.", ""]
+        lines += ["   " + line for line in inspect.cleandoc(interface.__doc__ or "").splitlines()] + [""]
+        for member_name, member in interface.namesAndDescriptions():
+            doc = textwrap.indent(inspect.cleandoc(member.getDoc() or ""), "      ")
+            if isinstance(member, Method):
+                lines += [f"   .. py:method:: {member_name}{member.getSignatureString()}", "", doc, ""]
+            else:
+                lines += [f"   .. py:attribute:: {member_name}", "", doc, ""]
+        container = nodes.container()
+        self.state.nested_parse(StringList(lines, source=self.arguments[0]), self.content_offset, container)
+        return container.children
+
+
 def setup(app: Any) -> dict[str, Any]:
     app.connect("source-read", _fill_toctree)
+    app.add_directive("interface", InterfaceDirective)
     return {"parallel_read_safe": True}
