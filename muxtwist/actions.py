@@ -10,10 +10,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
+from muxtwist.proxy import HealthCheck, Proxy
 from muxtwist.redirect import RedirectToHTTPS
 from muxtwist.tls import TerminateTLS
 
-__all__ = ["RedirectToHTTPS", "Reject", "TerminateTLS"]
+__all__ = ["HealthCheck", "Proxy", "RedirectToHTTPS", "Reject", "TerminateTLS"]
 
 log = Logger()
 

@@ -14,6 +14,7 @@ from muxtwist.matchers.info import ALPN, SNI
 from muxtwist.matchers.mqtt import MQTT
 from muxtwist.matchers.openvpn import OpenVPN
 from muxtwist.matchers.postgresql import PostgreSQL
+from muxtwist.matchers.proxy_protocol import ProxyProtocol
 from muxtwist.matchers.rdp import RDP
 from muxtwist.matchers.redis import Redis
 from muxtwist.matchers.socks import SOCKS4, SOCKS5
@@ -38,6 +39,7 @@ __all__ = [
     "OpenVPN",
     "PostgreSQL",
     "Prefix",
+    "ProxyProtocol",
     "RDP",
     "Redis",
     "Regex",

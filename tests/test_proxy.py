@@ -1,0 +1,403 @@
+"""
+The relay of muxtwist.proxy on real loopback sockets: order of bytes,
+half-close, aborts, failures, failover, backpressure and leaks.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from muxtwist import ConnectionInfo, Rule
+from muxtwist.actions import Proxy
+from muxtwist.matchers import Any as AnyMatcher
+from muxtwist.matchers import Prefix
+from tests.test_proxy_support import (
+    Echo,
+    Peer,
+    R,
+    backend,
+    connect,
+    free_port,
+    mux,
+    open_fds,
+    until,
+    wait,
+)
+
+
+def capture_logs(case: unittest.TestCase) -> list[dict[str, Any]]:
+    """Every log event emitted during the test."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    case.addCleanup(globalLogPublisher.removeObserver, events.append)
+    return events
+
+
+def logged(events: list[dict[str, Any]], word: str) -> list[dict[str, Any]]:
+    return [e for e in events if word in e.get("log_format", "") and e.get("log_namespace") == "muxtwist.proxy"]
+
+
+def proxied(case: unittest.TestCase, proxy: Proxy, **options: Any) -> int:
+    port, _ = mux(case, [Rule(AnyMatcher(), proxy, name="relay")], **options)
+    return port
+
+
+def _full_listener(case: unittest.TestCase) -> socket.socket:
+    """A listening socket whose accept queue is full: further SYNs are dropped, so connects hang."""
+    full = socket.socket()
+    case.addCleanup(full.close)
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    for _ in range(8):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(full.getsockname())
+        case.addCleanup(s.close)
+    return full
+
+
+class RelayTests(unittest.TestCase):
+    async def test_sniffed_bytes_first_then_both_ways(self) -> None:
+        """The sniffed bytes reach the backend first, then data flows both ways in order."""
+        desc, backends = backend(self)
+        port = proxied(self, Proxy(desc))
+        client = await connect(self, port)
+        client.transport.write(b"hello ")  # type: ignore[union-attr]
+        server = await wait(backends.arrived)
+        await server.received_at_least(6)
+        client.transport.write(b"world")  # type: ignore[union-attr]
+        self.assertEqual(await client.received_at_least(11), b"hello world")
+        self.assertEqual(bytes(server.received), b"hello world")
+
+    def test_client_paused_until_backend_connects(self) -> None:
+        """Reading from the client is paused as soon as the relay starts, before any backend answers."""
+        proxy = Proxy(f"tcp:host=127.0.0.1:port={free_port()}", connect_timeout=5)
+        relay = proxy.buildProtocolForConnection(None, ConnectionInfo(), "r")  # type: ignore[arg-type]
+        assert relay is not None
+        transport = StringTransport()
+        relay.makeConnection(transport)
+        self.assertEqual(transport.producerState, "paused")
+        relay.connectionLost(error.ConnectionDone())  # type: ignore[arg-type]
+        self.assertEqual(proxy.relays, set())
+
+    async def test_client_half_close_reaches_backend(self) -> None:
+        """A client's half-close reaches the backend, whose answer and own half-close still reach the client."""
+        desc, backends = backend(self, Echo)
+        proxy = Proxy(desc)
+        port = proxied(self, proxy)
+        client = await connect(self, port)
+        client.transport.write(b"ping")  # type: ignore[union-attr]
+        server = await wait(backends.arrived)
+        await server.received_at_least(4)
+        client.transport.write(b" more")  # type: ignore[union-attr]
+        client.transport.loseWriteConnection()  # type: ignore[union-attr]
+        await wait(server.eof)
+        await wait(client.eof)
+        self.assertEqual(bytes(client.received), b"ping more")
+        await client.closed()
+        await wait(server.lost)
+        self.assertTrue(client.reason.check(error.ConnectionDone))  # type: ignore[union-attr]
+        await until(lambda: not proxy.relays)
+
+    async def test_backend_half_close_reaches_client(self) -> None:
+        """A backend's half-close reaches the client, who can still send to the backend afterwards."""
+
+        class Greeter(Peer):
+            def connectionMade(self) -> None:
+                super().connectionMade()
+                self.transport.write(b"banner")  # type: ignore[union-attr]
+                self.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+        desc, backends = backend(self, Greeter)
+        proxy = Proxy(desc)
+        port = proxied(self, proxy)
+        client = await connect(self, port)
+        client.transport.write(b"a")  # type: ignore[union-attr]
+        await wait(client.eof)
+        self.assertEqual(bytes(client.received), b"banner")
+        self.assertFalse(client.lost.called)
+        client.transport.write(b"fter")  # type: ignore[union-attr]
+        server = backends.built[0]
+        self.assertEqual(await server.received_at_least(5), b"after")
+        client.transport.loseWriteConnection()  # type: ignore[union-attr]
+        await wait(server.lost)
+        await client.closed()
+        await until(lambda: not proxy.relays)
+
+    async def test_client_abort_aborts_backend(self) -> None:
+        """A client that resets its connection gets the backend connection aborted too."""
+        desc, backends = backend(self)
+        proxy = Proxy(desc)
+        port = proxied(self, proxy)
+        client = await connect(self, port)
+        client.transport.write(b"x")  # type: ignore[union-attr]
+        server = await wait(backends.arrived)
+        await server.received_at_least(1)
+        client.transport.abortConnection()  # type: ignore[union-attr]
+        await wait(server.lost)
+        reason = server.reason
+        assert reason is not None
+        self.assertFalse(reason.check(error.ConnectionDone), reason)
+        await until(lambda: not proxy.relays)
+
+    async def test_backend_reset_mid_stream(self) -> None:
+        """A backend reset mid-stream is logged once with rule and backend, counted, and aborts the client."""
+        events = capture_logs(self)
+        desc, backends = backend(self)
+        proxy = Proxy(desc)
+        port = proxied(self, proxy)
+        client = await connect(self, port)
+        client.transport.write(b"x")  # type: ignore[union-attr]
+        server = await wait(backends.arrived)
+        await server.received_at_least(1)
+        server.transport.abortConnection()  # type: ignore[union-attr]  # SO_LINGER 0: an RST
+        reason = await client.closed()
+        assert reason is not None
+        self.assertFalse(reason.check(error.ConnectionDone), reason)
+        await until(lambda: not proxy.relays)
+        resets = logged(events, "mid-stream")
+        self.assertEqual(len(resets), 1)
+        self.assertEqual((resets[0]["rule"], resets[0]["backend"]), ("relay", desc))
+        self.assertEqual(proxy.stats[desc].errors, {"reset": 1})
+        self.assertEqual(proxy.stats[desc].active, 0)
+
+    async def test_backend_clean_close_flushes_to_client(self) -> None:
+        """A backend that writes and closes gets every byte to the client before the client sees the end."""
+        big = bytes(range(256)) * 4096
+
+        class Sender(Peer):
+            def dataReceived(self, data: bytes) -> None:
+                self.transport.write(big)  # type: ignore[union-attr]
+                self.transport.loseConnection()  # type: ignore[union-attr]
+
+        desc, _ = backend(self, Sender)
+        port = proxied(self, Proxy(desc))
+        client = await connect(self, port)
+        client.transport.write(b"go")  # type: ignore[union-attr]
+        # A FIN cannot tell a close from a half-close: the client gets a half-close.
+        await wait(client.eof)
+        self.assertEqual(bytes(client.received), big)
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        await client.closed()
+
+
+class FailureTests(unittest.TestCase):
+    async def test_refused(self) -> None:
+        """A refused connect is logged once with rule and backend, counted, and closes the client cleanly."""
+        events = capture_logs(self)
+        desc = f"tcp:host=127.0.0.1:port={free_port()}"
+        proxy = Proxy(desc)
+        port = proxied(self, proxy)
+        client = await connect(self, port)
+        client.transport.write(b"hi")  # type: ignore[union-attr]
+        reason = await client.closed()
+        assert reason is not None
+        self.assertTrue(reason.check(error.ConnectionDone), reason)
+        failures = logged(events, "failed for")
+        self.assertEqual(len(failures), 1)
+        self.assertEqual((failures[0]["rule"], failures[0]["backend"], failures[0]["kind"]), ("relay", desc, "refused"))
+        self.assertEqual(proxy.stats[desc].errors, {"refused": 1})
+        self.assertEqual(proxy.gave_up, 1)
+        self.assertEqual(proxy.relays, set())
+
+    async def test_failover_to_next_backend(self) -> None:
+        """With several backends, a failed connect tries the next one, and the client never notices."""
+        dead = f"tcp:host=127.0.0.1:port={free_port()}"
+        desc, backends = backend(self)
+        proxy = Proxy([dead, desc], balance="first")
+        port = proxied(self, proxy)
+        client = await connect(self, port)
+        client.transport.write(b"hello")  # type: ignore[union-attr]
+        self.assertEqual(await client.received_at_least(5), b"hello")
+        self.assertEqual(proxy.stats[dead].errors, {"refused": 1})
+        self.assertEqual((proxy.stats[desc].total, proxy.stats[desc].active), (1, 1))
+
+    async def test_connect_timeout(self) -> None:
+        """A backend whose accept queue is full times out after connect_timeout, logged once and counted."""
+        events = capture_logs(self)
+        full = _full_listener(self)
+        desc = f"tcp:host=127.0.0.1:port={full.getsockname()[1]}"
+        proxy = Proxy(desc, connect_timeout=0.3)
+        port = proxied(self, proxy)
+        client = await connect(self, port)
+        client.transport.write(b"hi")  # type: ignore[union-attr]
+        started = time.monotonic()
+        reason = await client.closed()
+        assert reason is not None
+        self.assertTrue(reason.check(error.ConnectionDone), reason)
+        self.assertGreaterEqual(time.monotonic() - started, 0.25)
+        failures = logged(events, "failed for")
+        self.assertEqual([f["kind"] for f in failures], ["timeout"])
+        self.assertEqual(proxy.stats[desc].errors, {"timeout": 1})
+
+    async def test_client_leaves_while_connecting(self) -> None:
+        """A client gone while the backend connect is pending cancels the attempt and its timer, logging no failure."""
+        events = capture_logs(self)
+        full = _full_listener(self)
+        proxy = Proxy(f"tcp:host=127.0.0.1:port={full.getsockname()[1]}", connect_timeout=30)
+        relay = proxy.buildProtocolForConnection(None, ConnectionInfo(), "r")  # type: ignore[arg-type]
+        assert relay is not None
+        relay.makeConnection(StringTransport())
+        self.assertEqual(len(proxy.relays), 1)
+        self.assertTrue([c for c in R.getDelayedCalls() if getattr(c.func, "__self__", None) is relay])
+        # Reading is paused while connecting, so over TCP this is seen when the
+        # connect ends; here the transport reports it at once.
+        relay.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(proxy.relays, set())
+        self.assertEqual([c for c in R.getDelayedCalls() if getattr(c.func, "__self__", None) is relay], [])
+        self.assertEqual(logged(events, "failed for"), [])
+        self.assertEqual(proxy.stats[proxy.backends[0].description].failures, 0)
+
+    async def test_max_connections(self) -> None:
+        """Connections beyond max_connections are closed at once and counted."""
+        desc, _ = backend(self)
+        proxy = Proxy(desc, max_connections=1)
+        port = proxied(self, proxy)
+        first = await connect(self, port)
+        first.transport.write(b"1")  # type: ignore[union-attr]
+        await first.received_at_least(1)
+        second = await connect(self, port)
+        second.transport.write(b"2")  # type: ignore[union-attr]
+        await second.closed()
+        self.assertEqual(bytes(second.received), b"")
+        self.assertEqual(proxy.gave_up, 1)
+
+    async def test_idle_timeout(self) -> None:
+        """A relay with no byte moving for idle_timeout is closed on both ends."""
+        desc, backends = backend(self)
+        proxy = Proxy(desc, idle_timeout=0.2)
+        port = proxied(self, proxy)
+        client = await connect(self, port)
+        client.transport.write(b"1")  # type: ignore[union-attr]
+        await client.received_at_least(1)
+        started = time.monotonic()
+        await client.closed()
+        await wait(backends.built[0].lost)
+        self.assertGreaterEqual(time.monotonic() - started, 0.15)
+        await until(lambda: not proxy.relays)
+
+
+class LeakTests(unittest.TestCase):
+    async def test_no_leaks_after_every_ending(self) -> None:
+        """After normal ends, half-closes, aborts, resets, refusals and timeouts, no fd or delayed call is left."""
+        desc, backends = backend(self)
+        dead = f"tcp:host=127.0.0.1:port={free_port()}"
+        good = Proxy(desc)
+        bad = Proxy(dead)
+        port, _ = mux(self, [Rule(Prefix(b"bad"), bad), Rule(AnyMatcher(), good, name="good")])
+        # Warm up so lazily opened descriptors (the reactor's waker...) exist before counting.
+        warm = await connect(self, port)
+        warm.transport.write(b"w")  # type: ignore[union-attr]
+        await warm.received_at_least(1)
+        warm.transport.loseConnection()  # type: ignore[union-attr]
+        await warm.closed()
+        await until(lambda: not good.relays)
+        fds = open_fds()
+        calls = len(R.getDelayedCalls())
+        for ending in ("close", "half", "abort", "reset", "refused"):
+            client = await connect(self, port)
+            client.transport.write(b"bad" if ending == "refused" else b"data")  # type: ignore[union-attr]
+            if ending == "refused":
+                await client.closed()
+                continue
+            await client.received_at_least(4)
+            server = backends.built[-1]
+            if ending == "close":
+                client.transport.loseConnection()  # type: ignore[union-attr]
+            elif ending == "half":
+                client.transport.loseWriteConnection()  # type: ignore[union-attr]
+            elif ending == "abort":
+                client.transport.abortConnection()  # type: ignore[union-attr]
+            else:
+                server.transport.abortConnection()  # type: ignore[union-attr]
+            await client.closed()
+            await wait(server.lost)
+        await until(lambda: not good.relays and not bad.relays)
+        await until(lambda: open_fds() <= fds, 5)
+        self.assertEqual(len(R.getDelayedCalls()), calls)
+        self.assertEqual(good.stats[desc].active, 0)
+
+
+class BackpressureTests(unittest.TestCase):
+    SIZE = 200 * 1024 * 1024
+    BOUND = 1024 * 1024
+
+    async def test_slow_reader_keeps_memory_bounded(self) -> None:
+        """200 MB to a backend that reads slowly: the relay's buffered bytes stay under 1 MiB throughout."""
+        size, bound = self.SIZE, self.BOUND
+        worst = [0]
+
+        def buffered(transport: Any) -> int:
+            if transport is None or not hasattr(transport, "dataBuffer"):
+                return 0
+            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[no-any-return]
+
+        def measure() -> None:
+            for relay in proxy.relays:
+                total = buffered(relay.transport) + buffered(relay.side.transport if relay.side else None)
+                worst[0] = max(worst[0], total)
+
+        class SlowReader(Peer):
+            """Stops reading for a moment after every 8 MB."""
+
+            count = 0
+            mark = 0
+
+            def dataReceived(self, data: bytes) -> None:
+                self.count += len(data)
+                measure()
+                if self.count - self.mark >= 8 * 1024 * 1024:
+                    self.mark = self.count
+                    self.transport.pauseProducing()  # type: ignore[union-attr]
+                    R.callLater(0.05, self.transport.resumeProducing)  # type: ignore[union-attr]
+
+        desc, backends = backend(self, SlowReader)
+        proxy = Proxy(desc)
+        port = proxied(self, proxy)
+        client = await connect(self, port)
+        chunk = b"x" * 65536
+        sent = [0]
+        done: defer.Deferred[None] = defer.Deferred()
+
+        class Pump:
+            paused = False
+
+            def pauseProducing(self) -> None:
+                self.paused = True
+
+            def resumeProducing(self) -> None:
+                self.paused = False
+                R.callLater(0, self.fill)
+
+            def stopProducing(self) -> None:
+                self.paused = True
+
+            def fill(self) -> None:
+                while not self.paused and sent[0] < size:
+                    client.transport.write(chunk)  # type: ignore[union-attr]
+                    sent[0] += len(chunk)
+                    measure()
+                if sent[0] >= size and not done.called:
+                    client.transport.unregisterProducer()  # type: ignore[union-attr]
+                    done.callback(None)
+
+        pump = Pump()
+        client.transport.registerProducer(pump, True)  # type: ignore[union-attr]
+        started = time.monotonic()
+        pump.fill()
+        await wait(done, 60)
+        server = await wait(backends.arrived)
+        await until(lambda: server.count >= size, 60)
+        elapsed = time.monotonic() - started
+        self.assertEqual(server.count, size)
+        self.assertLess(worst[0], bound, f"relay buffered up to {worst[0]} bytes")
+        self.assertGreater(worst[0], 0)
+        self.assertLess(elapsed, 60)
