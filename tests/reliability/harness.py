@@ -1,0 +1,212 @@
+"""
+What every scenario needs: a ``twistd muxtwist`` server on the reliability
+rules with its settings, the load driver as a child process, and the leak
+check (open descriptors and pending delayed calls back to their baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import attrs
+
+from tests.twistd import ROOT, free_port, twistd_command, wait_for_port
+
+__all__ = ["Leaks", "MuxServer", "Row", "diag", "fd_count", "rss_kib", "run_client", "mux_server"]
+
+RULES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rules_mux.py")
+
+
+@attrs.frozen
+class Row:
+    """One line of docs/reliability.md: a scenario, what was tried, how many times, what happened."""
+
+    name: str
+    tried: str
+    times: str
+    result: str
+    green: bool
+    seconds: float = 0.0
+
+
+def fd_count(pid: int) -> int:
+    """How many descriptors process ``pid`` has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid: int) -> int:
+    """The resident memory of process ``pid``, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def diag(port: int, timeout: float = 5.0) -> dict[str, int]:
+    """Ask the server on ``port`` for its diagnostics (descriptors, delayed calls, memory)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"DIAG\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    result: dict[str, int] = json.loads(data)
+    return result
+
+
+class MuxServer:
+    """A ``twistd muxtwist`` child serving the reliability rules on one port, its log in a file."""
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.log = tempfile.NamedTemporaryFile(prefix="muxrel-", suffix=".log", delete=False)  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            twistd_command("--port", f"tcp:{self.port}:interface=127.0.0.1", "--config", RULES),
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        try:
+            wait_for_port(self.port, self.proc, timeout=30.0)
+        except BaseException as e:
+            log = self.log_text()
+            self.kill()
+            raise RuntimeError(f"muxtwist did not start: {e}; its log:\n{log[-3000:]}") from None
+        # wait_for_port's own probe connection must be gone from the baseline.
+        self.baseline = self.settled({}, timeout=5.0)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def state(self) -> dict[str, int]:
+        """Descriptors counted from outside, delayed calls and memory as the server reports them."""
+        d = diag(self.port)
+        return {"fds": fd_count(self.pid), "delayed_calls": d["delayed_calls"], "rss_kib": rss_kib(self.pid)}
+
+    def settled(self, baseline: Mapping[str, int], timeout: float = 10.0) -> dict[str, int]:
+        """Poll until descriptors and delayed calls are back to ``baseline`` (or stop changing), or time runs out."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, int] = {}
+        while True:
+            now = self.state()
+            back = baseline and all(now[k] <= baseline[k] for k in ("fds", "delayed_calls"))
+            steady = not baseline and last and all(now[k] == last[k] for k in ("fds", "delayed_calls"))
+            if back or steady or time.monotonic() > deadline:
+                return now
+            last = now
+            time.sleep(0.1)
+
+    def leaks(self, timeout: float = 10.0) -> Leaks:
+        """The leak check: descriptors and delayed calls against the baseline taken at start."""
+        return Leaks(self.baseline, self.settled(self.baseline, timeout))
+
+    def log_text(self) -> str:
+        with open(self.log.name, errors="replace") as f:
+            return f.read()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait, and return the exit code (killed after ``timeout``: -9)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -9
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+        if os.path.exists(self.log.name):
+            os.unlink(self.log.name)
+
+
+@attrs.frozen
+class Leaks:
+    """Descriptors and delayed calls before a scenario and after it settled."""
+
+    before: Mapping[str, int]
+    after: Mapping[str, int]
+
+    @property
+    def ok(self) -> bool:
+        return all(self.after[k] <= self.before[k] for k in ("fds", "delayed_calls"))
+
+    def __str__(self) -> str:
+        return (
+            f"fds {self.before['fds']}->{self.after['fds']}, "
+            f"delayed calls {self.before['delayed_calls']}->{self.after['delayed_calls']}"
+        )
+
+
+@contextmanager
+def mux_server(env: Mapping[str, str] | None = None) -> Iterator[MuxServer]:
+    """A :class:`MuxServer`, always killed at the end."""
+    server = MuxServer(env)
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def run_client(
+    port: int,
+    groups: list[dict[str, Any]],
+    *,
+    deadline: float = 60.0,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run the load driver against ``port``; return each group's summary by name."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.reliability.client"],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps({"port": port, "groups": groups, "deadline": deadline}))
+        proc.stdin.close()
+        result: dict[str, Any] | None = None
+        for line in proc.stdout:
+            event = json.loads(line)
+            if event["event"] == "done":
+                result = event
+            elif on_event is not None:
+                on_event(event)
+        proc.wait(deadline + 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if result is None:
+        raise RuntimeError(f"load driver exited {proc.returncode} without a result")
+    return {g["name"]: g for g in result["groups"]}
+
+
+def outcomes(summary: Mapping[str, Any]) -> str:
+    """``ok 1000`` or ``ok 998, misrouted:tls 2``."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(summary["outcomes"].items()))
+
+
+def all_ok(summary: Mapping[str, Any]) -> bool:
+    """Whether every connection of a group ended ``ok``."""
+    return bool(summary["outcomes"].get("ok", 0) == summary["count"])
