@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -17,6 +18,7 @@ from zope.interface import implementer
 
 from muxtwist._version import __version__
 from muxtwist.matchers import HTTP1, Any
+from muxtwist.metrics import LIMITS
 from muxtwist.service import MuxService
 from muxtwist.sniffing import Rule
 
@@ -38,7 +40,10 @@ class Echo(Protocol):
 
 
 def status(service: MuxService) -> dict[str, object]:
-    """The numbers the status page shows: each listener's rules with live and total connections."""
+    """
+    The numbers the status page shows: each listener's rules with live and
+    total connections, and the same process-wide counters ``/metrics`` exports.
+    """
     listeners = []
     for description, listener in sorted(service.listeners.items()):
         factory = listener.factory
@@ -52,7 +57,21 @@ def status(service: MuxService) -> dict[str, object]:
                 ],
             }
         )
-    return {"version": __version__, "listeners": listeners}
+    metrics = service.metrics
+    outcomes: dict[str, float] = {}
+    for family in metrics.connections.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                outcome = sample.labels["outcome"]
+                outcomes[outcome] = outcomes.get(outcome, 0) + sample.value
+    limits = {limit: metrics.value("muxtwist_limit_rejections_total", limit=limit) for limit in LIMITS}
+    return {
+        "version": __version__,
+        "pid": os.getpid(),
+        "listeners": listeners,
+        "connections_by_outcome": outcomes,
+        "limit_rejections": limits,
+    }
 
 
 class StatusPage(Resource):
@@ -77,6 +96,13 @@ class StatusPage(Resource):
             for r in listener["rules"]:
                 rows.append(f"<tr><td>{html.escape(r['name'])}</td><td>{r['active']}</td><td>{r['total']}</td></tr>")
             rows.append("</table>")
+        rows.append("<h2>ended connections by outcome</h2><table>")
+        for outcome, n in sorted(data["connections_by_outcome"].items()):  # type: ignore[attr-defined]
+            rows.append(f"<tr><td>{html.escape(outcome)}</td><td>{n:g}</td></tr>")
+        rows.append("</table><h2>refused by limits</h2><table>")
+        for limit, n in data["limit_rejections"].items():  # type: ignore[attr-defined]
+            rows.append(f"<tr><td>{html.escape(limit)}</td><td>{n:g}</td></tr>")
+        rows.append("</table>")
         body = (
             "<!doctype html><html><head><title>muxtwist</title></head><body>"
             f"<h1>muxtwist {html.escape(__version__)}</h1>"
