@@ -1,0 +1,1 @@
+Protocol matchers: a TLS ClientHello parser reassembled across records (SNI, ALPN, version), HTTP/2, HTTP/2 headers and gRPC (answering clients that wait for SETTINGS), WebSocket, SSH, Redis, PostgreSQL, MQTT, SOCKS4/4a/5, OpenVPN, XMPP and RDP.
