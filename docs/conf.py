@@ -95,5 +95,8 @@ class InterfaceDirective(Directive):
 
 def setup(app: Any) -> dict[str, Any]:
     app.connect("source-read", _fill_toctree)
+    # The index's table of contents depends on which pages exist, so read it
+    # again on every build, also an incremental one.
+    app.connect("env-get-outdated", lambda app, env, added, changed, removed: ["index"])
     app.add_directive("interface", InterfaceDirective)
     return {"parallel_read_safe": True}
