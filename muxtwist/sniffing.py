@@ -476,7 +476,10 @@ class SniffingProtocol:
                     self.transport.loseConnection()
                     return b""
                 self._source = source
-        self._evaluate(final=None)
+        if not rest:
+            # Rules that decide on zero bytes (RemoteAddress) decide now; with
+            # bytes after the header, dataReceived evaluates them with it.
+            self._evaluate(final=None)
         return rest
 
     def readConnectionLost(self) -> None:
