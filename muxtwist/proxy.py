@@ -149,15 +149,19 @@ def _kind(reason: Failure) -> str:
     if reason.check(error.ConnectionDone):
         return "closed"
     from OpenSSL import SSL
+    from service_identity import VerificationError
 
-    if reason.check(SSL.Error):
+    if reason.check(SSL.Error, VerificationError):
         return "tls"
     return "error"
 
 
 def _describe(reason: Failure) -> str:
     from OpenSSL import SSL
+    from service_identity import VerificationError
 
+    if reason.check(VerificationError):
+        return f"TLS certificate does not match the backend's name ({reason.value})"
     if reason.check(SSL.Error):
         text = str(reason.value)
         if "certificate verify failed" in text:
@@ -515,6 +519,10 @@ class _TLSBackendSide(_BackendSide):
     """A backend end reached over TLS: ready once the handshake (and verification) is done."""
 
     def handshakeCompleted(self) -> None:
+        # A failed hostname check aborts the connection from inside the
+        # handshake, which may still report completion afterwards.
+        if getattr(self.transport, "_aborted", False):
+            return
         self.ready = True
         self.relay._backend_ready(self)
 

@@ -141,7 +141,7 @@ def backend(case: unittest.TestCase, kind: Callable[[], Peer] = Echo) -> tuple[s
 
     def close_all() -> None:
         for p in factory.built:
-            if p.transport is not None:
+            if p.transport is not None and not p.lost.called:
                 p.transport.abortConnection()  # type: ignore[attr-defined]
 
     case.addCleanup(close_all)
@@ -214,15 +214,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def port_open(port: int, proc: subprocess.Popen[bytes] | None = None, seconds: float = 10.0) -> None:
-    """Wait until something accepts connections on loopback ``port``."""
+async def port_open(
+    port: int, proc: subprocess.Popen[bytes] | None = None, seconds: float = 10.0, host: str = "127.0.0.1"
+) -> None:
+    """Wait until something accepts connections on ``host`` (loopback) ``port``."""
     deadline = R.seconds() + seconds
     while True:
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"{proc.args!r} exited with {proc.returncode}")
         try:
             p = await endpoints.connectProtocol(
-                endpoints.TCP4ClientEndpoint(R, "127.0.0.1", port, timeout=1), protocol.Protocol()
+                endpoints.TCP4ClientEndpoint(R, host, port, timeout=1), protocol.Protocol()
             )
         except Exception:
             if R.seconds() > deadline:

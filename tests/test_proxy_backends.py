@@ -1,0 +1,311 @@
+"""
+Choosing backends: balancing, passive and active health checks, TLS to
+backends, PROXY headers over IPv6, and the Proxy's own validation.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from typing import Any
+
+from twisted.internet import ssl, task
+from twisted.internet.address import IPv4Address
+from twisted.trial import unittest
+
+from muxtwist import ConnectionInfo, Rule
+from muxtwist.actions import HealthCheck, Proxy
+from muxtwist.matchers import Any as AnyMatcher
+from muxtwist.matchers.proxy_protocol import parse
+from muxtwist.proxy import _host_of
+from tests.certs import make_ca, make_certificate
+from tests.test_proxy import capture_logs, logged
+from tests.test_proxy_support import (
+    Echo,
+    Peer,
+    PeerFactory,
+    R,
+    backend,
+    connect,
+    free_port,
+    mux,
+    open_fds,
+    until,
+    wait,
+)
+
+A, B, C = (f"tcp:host=127.0.0.1:port={p}" for p in (1001, 1002, 1003))
+
+
+def firsts(proxy: Proxy, n: int, info: ConnectionInfo | None = None) -> list[str]:
+    return [proxy.candidates(info or ConnectionInfo())[0].description for _ in range(n)]
+
+
+def client_from(host: str) -> ConnectionInfo:
+    return ConnectionInfo(peer=IPv4Address("TCP", host, 1234))
+
+
+class BalanceTests(unittest.TestCase):
+    def test_round_robin(self) -> None:
+        """round_robin starts each connection at the next backend, the others following as fallbacks."""
+        proxy = Proxy([A, B, C])
+        self.assertEqual(firsts(proxy, 6), [A, B, C, A, B, C])
+        self.assertEqual([b.description for b in proxy.candidates(ConnectionInfo())], [A, B, C])
+
+    def test_least_conn(self) -> None:
+        """least_conn picks the backend with the fewest open relays."""
+        proxy = Proxy([A, B, C], balance="least_conn")
+        for b, active in zip(proxy.backends, (2, 0, 1), strict=True):
+            b.stats.active = active
+        self.assertEqual([b.description for b in proxy.candidates(ConnectionInfo())], [B, C, A])
+
+    def test_first_is_ordered_failover(self) -> None:
+        """first always prefers the first usable backend, in the order given."""
+        proxy = Proxy([A, B, C], balance="first")
+        self.assertEqual(firsts(proxy, 3), [A, A, A])
+        proxy.backends[0].down_until = R.seconds() + 60
+        self.assertEqual([b.description for b in proxy.candidates(ConnectionInfo())], [B, C])
+
+    def test_random(self) -> None:
+        """random spreads connections over every backend, each candidate list a permutation."""
+        proxy = Proxy([A, B, C], balance="random")
+        proxy._random = random.Random(4)
+        seen = firsts(proxy, 300)
+        self.assertEqual(set(seen), {A, B, C})
+        self.assertTrue(all(seen.count(x) > 50 for x in (A, B, C)))
+        self.assertEqual(sorted(b.description for b in proxy.candidates(ConnectionInfo())), [A, B, C])
+
+    def test_source_hash(self) -> None:
+        """source_hash sends a client host to the same backend every time, and different hosts over all of them."""
+        proxy = Proxy([A, B, C], balance="source_hash")
+        for host in ("192.0.2.1", "198.51.100.20", "2001:db8::1"):
+            self.assertEqual(len(set(firsts(proxy, 5, client_from(host)))), 1)
+        spread = {proxy.candidates(client_from(f"10.0.0.{i}"))[0].description for i in range(50)}
+        self.assertEqual(spread, {A, B, C})
+        info = client_from("192.0.2.1")
+        chosen = proxy.candidates(info)[0]
+        chosen.stats.healthy = False
+        self.assertNotEqual(proxy.candidates(info)[0], chosen)
+
+    def test_all_down_still_tried(self) -> None:
+        """When every backend is marked down they are all tried anyway, so service returns with the first one back."""
+        proxy = Proxy([A, B])
+        for b in proxy.backends:
+            b.stats.healthy = False
+        self.assertEqual(len(proxy.candidates(ConnectionInfo())), 2)
+
+    def test_validation(self) -> None:
+        """Bad arguments are refused at construction with a clear error."""
+        for kwargs, error in (
+            ({"balance": "fastest"}, ValueError),
+            ({"proxy_protocol": 3}, ValueError),
+            ({"connect_timeout": 0}, ValueError),
+            ({"tls": 42}, TypeError),
+            ({"health_check": {"interval": 1}}, TypeError),
+        ):
+            with self.assertRaises(error, msg=kwargs):
+                Proxy(A, **kwargs)
+        with self.assertRaises(ValueError):
+            Proxy([])
+        with self.assertRaises(ValueError):
+            Proxy("nonsense:x=1")
+        with self.assertRaises(ValueError):
+            Proxy("unix:path=/tmp/x", tls=True)
+        with self.assertRaises(ValueError):
+            HealthCheck(interval=0)
+
+    def test_host_of(self) -> None:
+        """The hostname for tls=True comes from the description's host=, escapes undone."""
+        self.assertEqual(_host_of("tcp:host=db.example.com:port=5432"), "db.example.com")
+        self.assertEqual(_host_of(r"tcp6:port=1:host=2001\:db8\:\:1"), "2001:db8::1")
+        self.assertIsNone(_host_of("unix:path=/x"))
+
+
+class PassiveHealthTests(unittest.TestCase):
+    async def test_failing_backend_skipped_for_a_while(self) -> None:
+        """After max_fails refused connects in a row a backend is skipped, then tried again after fail_timeout."""
+        events = capture_logs(self)
+        dead = f"tcp:host=127.0.0.1:port={free_port()}"
+        live, _ = backend(self)
+        proxy = Proxy([dead, live], balance="first", max_fails=2, fail_timeout=0.3)
+        port, _ = mux(self, [Rule(AnyMatcher(), proxy)])
+
+        async def one() -> None:
+            client = await connect(self, port)
+            client.transport.write(b"x")  # type: ignore[union-attr]
+            await client.received_at_least(1)
+            client.transport.loseConnection()  # type: ignore[union-attr]
+
+        for _ in range(4):
+            await one()
+        self.assertEqual(proxy.stats[dead].errors, {"refused": 2})
+        self.assertEqual(len(logged(events, "skipped for")), 1)
+        await until(lambda: proxy.backends[0].down_until <= R.seconds(), 2)
+        await one()
+        self.assertEqual(proxy.stats[dead].errors, {"refused": 3})
+        self.assertEqual(proxy.stats[live].total, 5)
+
+
+class ActiveHealthTests(unittest.TestCase):
+    async def test_rise_and_fall(self) -> None:
+        """A backend failing `fall` checks is marked down and comes back after `rise` passing ones."""
+        events = capture_logs(self)
+        factory = PeerFactory(_Ponger)
+        listening = R.listenTCP(0, factory, interface="127.0.0.1")
+        port = listening.getHost().port
+        desc = f"tcp:host=127.0.0.1:port={port}"
+        proxy = Proxy(
+            desc,
+            health_check=HealthCheck(interval=0.02, timeout=0.5, rise=3, fall=2, send=b"PING\r\n", expect=b"+PONG"),
+        )
+        proxy.doStart()
+        self.addCleanup(proxy.doStop)
+        await until(lambda: proxy.backends[0]._checks_passed >= 2)
+        self.assertTrue(proxy.stats[desc].healthy)
+        await listening.stopListening()
+        await until(lambda: not proxy.stats[desc].healthy)
+        self.assertEqual(len(logged(events, "is down")), 1)
+        listening = R.listenTCP(port, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        await until(lambda: proxy.stats[desc].healthy)
+        self.assertEqual(len(logged(events, "healthy again")), 1)
+
+    async def test_wrong_answer_and_hang_fail(self) -> None:
+        """A backend that answers the wrong bytes, or whose connect hangs, fails its checks within the timeout."""
+        wrong, _ = backend(self, Echo)
+        hung = socket.socket()
+        self.addCleanup(hung.close)
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(0)
+        for _ in range(8):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(hung.getsockname())
+            self.addCleanup(s.close)
+        hung_desc = f"tcp:host=127.0.0.1:port={hung.getsockname()[1]}"
+        proxy = Proxy(
+            [wrong, hung_desc],
+            health_check=HealthCheck(interval=0.02, timeout=0.2, rise=1, fall=1, send=b"PING\r\n", expect=b"+PONG"),
+        )
+        proxy.doStart()
+        self.addCleanup(proxy.doStop)
+        await until(lambda: not any(s.healthy for s in proxy.stats.values()))
+
+    async def test_stop_leaves_nothing(self) -> None:
+        """doStop cancels every check timer and in-flight probe: no delayed call or descriptor is left."""
+        await until(lambda: True)  # a reactor turn, so its own lazily made descriptors exist before counting
+        await task.deferLater(R, 0.01, lambda: None)
+        fds = open_fds()
+        calls = len(R.getDelayedCalls())
+        hung = socket.socket()
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(0)
+        fillers = []
+        for _ in range(8):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(hung.getsockname())
+            fillers.append(s)
+        proxy = Proxy(
+            f"tcp:host=127.0.0.1:port={hung.getsockname()[1]}", health_check=HealthCheck(interval=0.01, timeout=5)
+        )
+        proxy.doStart()
+        await until(lambda: proxy.backends[0]._probe is not None and proxy.backends[0]._probe._attempt is not None)
+        proxy.doStop()
+        for s in [*fillers, hung]:
+            s.close()
+        await until(lambda: open_fds() <= fds, 5)
+        self.assertEqual(len(R.getDelayedCalls()), calls)
+
+
+class _Ponger(Peer):
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if b"PING\r\n" in self.received:
+            self.transport.write(b"+PONG\r\n")  # type: ignore[union-attr]
+
+
+def _tls_backend(case: unittest.TestCase, *names: str) -> tuple[int, Any, PeerFactory]:
+    ca = make_ca()
+    leaf = make_certificate(*names, ca=ca)
+    options = ssl.PrivateCertificate.loadPEM(leaf.key_pem + leaf.cert_pem).options()
+    factory = PeerFactory(Echo)
+    port = R.listenSSL(0, factory, options, interface="127.0.0.1")
+    case.addCleanup(port.stopListening)
+
+    def close_all() -> None:
+        for p in factory.built:
+            if p.transport is not None and not p.lost.called:
+                p.transport.abortConnection()  # type: ignore[attr-defined]
+
+    case.addCleanup(close_all)
+    return port.getHost().port, ssl.Certificate.loadPEM(ca.cert_pem), factory
+
+
+class TLSBackendTests(unittest.TestCase):
+    async def test_verified_tls_relay(self) -> None:
+        """With tls= options trusting the backend's CA, bytes are relayed over verified TLS."""
+        port, ca, factory = _tls_backend(self, "backend.test")
+        proxy = Proxy(f"tcp:host=127.0.0.1:port={port}", tls=ssl.optionsForClientTLS("backend.test", trustRoot=ca))
+        front, _ = mux(self, [Rule(AnyMatcher(), proxy)])
+        client = await connect(self, front)
+        client.transport.write(b"over tls")  # type: ignore[union-attr]
+        self.assertEqual(await client.received_at_least(8), b"over tls")
+        self.assertEqual(bytes(factory.built[0].received), b"over tls")
+
+    async def test_untrusted_certificate_clear_error(self) -> None:
+        """A backend certificate that does not verify is a clear logged TLS error, and the client is closed."""
+        events = capture_logs(self)
+        port, _, factory = _tls_backend(self, "backend.test")
+        desc = f"tcp:host=127.0.0.1:port={port}"
+        proxy = Proxy(desc, tls="backend.test")
+        front, _ = mux(self, [Rule(AnyMatcher(), proxy)])
+        client = await connect(self, front)
+        client.transport.write(b"secret")  # type: ignore[union-attr]
+        await client.closed()
+        self.assertEqual(bytes(client.received), b"")
+        (failure,) = logged(events, "failed for")
+        self.assertEqual(failure["kind"], "tls")
+        self.assertIn("certificate verification failed", failure["problem"])
+        self.assertEqual(proxy.stats[desc].errors, {"tls": 1})
+        self.assertTrue(all(p.received == b"" for p in factory.built))
+
+    async def test_wrong_hostname_clear_error(self) -> None:
+        """A trusted certificate for another name is refused with an error naming the mismatch; nothing is sent."""
+        events = capture_logs(self)
+        port, ca, factory = _tls_backend(self, "other.test")
+        proxy = Proxy(f"tcp:host=127.0.0.1:port={port}", tls=ssl.optionsForClientTLS("backend.test", trustRoot=ca))
+        front, _ = mux(self, [Rule(AnyMatcher(), proxy)])
+        client = await connect(self, front)
+        client.transport.write(b"secret")  # type: ignore[union-attr]
+        await client.closed()
+        (failure,) = logged(events, "failed for")
+        self.assertEqual(failure["kind"], "tls")
+        self.assertIn("does not match", failure["problem"])
+        self.assertTrue(all(p.received == b"" for p in factory.built))
+
+
+class IPv6Tests(unittest.TestCase):
+    async def test_proxy_header_over_ipv6(self) -> None:
+        """A client on ::1 reaches the backend as a TCP6 PROXY header with its own address and our listening one."""
+        desc, recorded = backend(self, Peer)
+        from muxtwist import SniffingFactory
+
+        factory = SniffingFactory([Rule(AnyMatcher(), Proxy(desc, proxy_protocol=1))])
+        listening = R.listenTCP(0, factory, interface="::1")
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        client = await connect(self, port, host="::1")
+        client.transport.write(b"hi")  # type: ignore[union-attr]
+        server = await wait(recorded.arrived)
+        data = await server.received_at_least(len(b"PROXY TCP6 ::1 ::1 1 1\r\nhi"))
+        header = parse(data)
+        assert header is not None and isinstance(header.source, tuple)
+        self.assertEqual(header.family, "TCP6")
+        self.assertEqual(header.source, ("::1", client.transport.getHost().port))  # type: ignore[union-attr]
+        self.assertEqual(header.destination, ("::1", port))
+        self.assertTrue(data.endswith(b"hi"))
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        await wait(client.lost)
+        factory.abort_all()
+        await wait(factory.when_idle())
