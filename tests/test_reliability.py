@@ -5,20 +5,17 @@ each one runs a real ``twistd muxtwist`` and must come out green.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from twisted.trial import unittest
 
-from tests.reliability import load, run_scenario
-from tests.reliability.harness import Row
+from tests.reliability import Scenario, hostile, load, run_scenario
 
 
 class ReliabilityTests(unittest.TestCase):
     """Every scenario, green."""
 
-    def check(self, scenario: Callable[[], Row]) -> None:
-        row = run_scenario(scenario)
-        self.assertTrue(row.green, f"{row.name}: {row.result}")
+    def check(self, scenario: Scenario) -> None:
+        red = [f"{r.name}: {r.result}" for r in run_scenario(scenario) if not r.green]
+        self.assertEqual(red, [])
 
     def test_mixed_load(self) -> None:
         """1,100 concurrent connections over 11 protocols through one port arrive intact, none misrouted."""
@@ -27,3 +24,11 @@ class ReliabilityTests(unittest.TestCase):
     def test_byte_dribble(self) -> None:
         """Every protocol's real client bytes, one byte every 2 ms, interleaved, reach the right service."""
         self.check(load.byte_dribble)
+
+    def test_hostile_clients(self) -> None:
+        """Slowloris, oversized heads, a huge ClientHello, bad Host and connect-and-close are shed; others served."""
+        self.check(hostile.hostile_clients)
+
+    def test_untrusted_proxy_headers(self) -> None:
+        """PROXY headers from untrusted peers are refused, from trusted ones honoured."""
+        self.check(hostile.untrusted_proxy_headers)

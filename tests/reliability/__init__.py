@@ -17,25 +17,30 @@ from collections.abc import Callable
 
 from tests.reliability.harness import Row
 
-__all__ = ["SCENARIOS", "run_scenario"]
+__all__ = ["SCENARIOS", "Scenario", "run_scenario"]
 
 
-def _scenarios() -> list[Callable[[], Row]]:
-    from tests.reliability import load
-
-    return [load.mixed_load, load.byte_dribble]
+Scenario = Callable[[], "Row | list[Row]"]
 
 
-SCENARIOS: list[Callable[[], Row]] = _scenarios()
+def _scenarios() -> list[Scenario]:
+    from tests.reliability import hostile, load
+
+    return [load.mixed_load, load.byte_dribble, hostile.hostile_clients, hostile.untrusted_proxy_headers]
 
 
-def run_scenario(scenario: Callable[[], Row]) -> Row:
-    """Run one scenario; an exception makes a red row that says what it was."""
+SCENARIOS: list[Scenario] = _scenarios()
+
+
+def run_scenario(scenario: Scenario) -> list[Row]:
+    """Run one scenario (some give a row per phase); an exception makes a red row that says what it was."""
     started = time.monotonic()
     try:
-        row = scenario()
+        result = scenario()
     except Exception as e:
         name = (scenario.__doc__ or scenario.__name__).strip().splitlines()[0]
         tb = traceback.format_exception_only(type(e), e)[-1].strip()
-        row = Row(scenario.__name__, name, "-", f"the scenario itself failed: {tb}", False)
-    return Row(row.name, row.tried, row.times, row.result, row.green, round(time.monotonic() - started, 1))
+        result = Row(scenario.__name__, name, "-", f"the scenario itself failed: {tb}", False)
+    rows = result if isinstance(result, list) else [result]
+    seconds = round((time.monotonic() - started) / len(rows), 1)
+    return [Row(r.name, r.tried, r.times, r.result, r.green, seconds) for r in rows]

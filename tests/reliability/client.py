@@ -13,6 +13,7 @@ connection one of
   sent, in order (by sha256); ``strip`` is what the sniffer may write first,
   ``reply`` what it may replay of the opener instead of all of it.
   ``expect`` is the service that must answer, or ``null`` for a connection the server must close unrouted;
+- ``abort``: connect and reset at once, sending nothing;
 - ``hold``: connect, send ``opener``, then one byte every ``interval``
   seconds (or nothing), and record when the server closes it.
 
@@ -32,6 +33,7 @@ import random
 import resource
 import selectors
 import socket
+import struct
 import sys
 import time
 from collections import Counter
@@ -122,6 +124,11 @@ class Conn:
     def writable(self, sel: selectors.BaseSelector, now: float) -> None:
         sock = self.sock
         assert sock is not None
+        if self.kind == "abort":
+            # Connected: reset at once, without a byte (SO_LINGER 0 makes close send RST).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.finish(sel, "ok", now)
+            return
         if self.sent < len(self.out):
             spec = self.group.spec
             chunk = int(spec.get("chunk", 0)) or len(self.out)

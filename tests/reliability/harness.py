@@ -24,6 +24,11 @@ from tests.twistd import ROOT, free_port, twistd_command, wait_for_port
 
 __all__ = ["Leaks", "MuxServer", "Row", "diag", "fd_count", "rss_kib", "run_client", "mux_server"]
 
+#: The listen backlog. Twisted's default of 50 overflows when thousands of
+#: clients connect within a second, and the kernel then drops SYNs, which
+#: clients retry only after a second: latency that is not muxtwist's.
+BACKLOG = 1024
+
 RULES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rules_mux.py")
 
 
@@ -53,10 +58,10 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def diag(port: int, timeout: float = 5.0) -> dict[str, int]:
+def diag(port: int, timeout: float = 5.0, preamble: bytes = b"") -> dict[str, int]:
     """Ask the server on ``port`` for its diagnostics (descriptors, delayed calls, memory)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(b"DIAG\n")
+        s.sendall(preamble + b"DIAG\n")
         data = b""
         while not data.endswith(b"\n"):
             chunk = s.recv(4096)
@@ -72,9 +77,12 @@ class MuxServer:
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         self.port = free_port()
-        self.log = tempfile.NamedTemporaryFile(prefix="muxrel-", suffix=".log", delete=False)  # noqa: SIM115
+        # A listener that trusts 127.0.0.1 to send PROXY headers requires one.
+        trusted = (env or {}).get("MUXREL_TRUST", "")
+        self.preamble = b"PROXY UNKNOWN\r\n" if "127." in trusted else b""
+        self.log = tempfile.NamedTemporaryFile(prefix="muxrel-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            twistd_command("--port", f"tcp:{self.port}:interface=127.0.0.1", "--config", RULES),
+            twistd_command("--port", f"tcp:{self.port}:interface=127.0.0.1:backlog={BACKLOG}", "--config", RULES),
             cwd=ROOT,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -95,7 +103,7 @@ class MuxServer:
 
     def state(self) -> dict[str, int]:
         """Descriptors counted from outside, delayed calls and memory as the server reports them."""
-        d = diag(self.port)
+        d = diag(self.port, preamble=self.preamble)
         return {"fds": fd_count(self.pid), "delayed_calls": d["delayed_calls"], "rss_kib": rss_kib(self.pid)}
 
     def settled(self, baseline: Mapping[str, int], timeout: float = 10.0) -> dict[str, int]:
@@ -210,3 +218,32 @@ def outcomes(summary: Mapping[str, Any]) -> str:
 def all_ok(summary: Mapping[str, Any]) -> bool:
     """Whether every connection of a group ended ``ok``."""
     return bool(summary["outcomes"].get("ok", 0) == summary["count"])
+
+
+class Sampler:
+    """Sample a process's resident memory and open descriptors every 20 ms in a thread; keep the peaks."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid = pid
+        self.peak_rss = rss_kib(pid)
+        self.peak_fds = fd_count(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                self.peak_rss = max(self.peak_rss, rss_kib(self.pid))
+                self.peak_fds = max(self.peak_fds, fd_count(self.pid))
+            except OSError:
+                return
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
