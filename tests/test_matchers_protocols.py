@@ -27,7 +27,7 @@ from muxtwist.matchers import (
     plugin,
 )
 from muxtwist.matchers.http2 import PREFACE, SETTINGS_FRAME, first_headers
-from muxtwist.matchers.tls import MAX_CLIENT_HELLO
+from muxtwist.matchers.tls import MAX_CLIENT_HELLO, MAX_RECORDS
 from tests.captures import openvpn_hard_reset, rdp_connection_request, xmpp_stream_header
 from tests.matcher_checks import (
     GET_HEADERS,
@@ -67,11 +67,20 @@ class TLSTests(_Case):
     def test_reassembles_across_records(self) -> None:
         """A ClientHello split over many small records parses like a whole one."""
         body = client_hello_body(sni="a.example.com", alpn=(b"h2",))
-        for size in (1, 2, 3, 4, 5, 7, 64, 1000):
+        for size in (2, 3, 4, 5, 7, 64, 1000):
             verdict, hello = parse_client_hello(records(body, size))
             self.assertIs(verdict, MATCH, size)
             assert hello is not None
             self.assertEqual((hello.sni, hello.alpn), ("a.example.com", ("h2",)))
+
+    def test_record_count_bounded(self) -> None:
+        """A hello spread over more than MAX_RECORDS records is NO_MATCH, decided at the record past the cap."""
+        body = client_hello_body(sni="a.example.com", padding=200)
+        data = records(body, 1)
+        self.assertVerdict(TLS(), data, NO_MATCH)
+        self.assertVerdict(TLS(), data[: 6 * MAX_RECORDS], NEED_MORE)
+        self.assertVerdict(TLS(), data[: 6 * MAX_RECORDS + 1], NO_MATCH)
+        self.assertIsNone(monotonic_failure(TLS(), data))
 
     def test_hello_larger_than_a_record(self) -> None:
         """A 20 KiB ClientHello (large post-quantum key shares) spans two records and still matches by SNI."""

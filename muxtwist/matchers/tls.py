@@ -6,14 +6,17 @@ Bytes read: TLS records of content type 22 (handshake) from the first byte,
 concatenated until the whole ClientHello handshake message is there.
 NEED_MORE bound: the ClientHello's own declared length plus 5 bytes of record
 header per record; a ClientHello declaring more than ``MAX_CLIENT_HELLO``
-bytes is NO_MATCH. Records longer than 2^14 bytes, other content types, other
+bytes is NO_MATCH, and so is one spread over more than ``MAX_RECORDS``
+records. Records longer than 2^14 bytes, other content types, other
 handshake messages, SSLv2-style hellos and every structural error are
 NO_MATCH.
 """
 
 from __future__ import annotations
 
+import array
 import fnmatch
+import sys
 from collections.abc import Iterable
 
 import attrs
@@ -21,7 +24,7 @@ from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 
-__all__ = ["MAX_CLIENT_HELLO", "TLS", "TLS_VERSIONS", "ClientHello", "parse_client_hello"]
+__all__ = ["MAX_CLIENT_HELLO", "MAX_RECORDS", "TLS", "TLS_VERSIONS", "ClientHello", "parse_client_hello"]
 
 MATCH, NO_MATCH, NEED_MORE = Verdict.MATCH, Verdict.NO_MATCH, Verdict.NEED_MORE
 
@@ -29,6 +32,10 @@ MATCH, NO_MATCH, NEED_MORE = Verdict.MATCH, Verdict.NO_MATCH, Verdict.NEED_MORE
 #: hellos 2-8 KiB; nothing legitimate comes near this.
 MAX_CLIENT_HELLO = 65536
 _MAX_RECORD = 1 << 14
+#: The most records a ClientHello may be spread over. Real clients use one,
+#: or two past 16 KiB; the cap keeps a hello sent in 1-byte records from
+#: costing a parse of thousands of records on every new chunk.
+MAX_RECORDS = 64
 # legacy_version 2 + random 32 + session id length 1 + one cipher suite with
 # its length 4 + one compression method with its length 2.
 _MIN_CLIENT_HELLO = 41
@@ -46,6 +53,14 @@ TLS_VERSIONS: dict[str, int] = {
 _EXT_SERVER_NAME = 0
 _EXT_ALPN = 16
 _EXT_SUPPORTED_VERSIONS = 43
+
+
+def _uint16s(raw: bytes) -> tuple[int, ...]:
+    """Big-endian 16-bit integers, without a Python loop per value."""
+    values = array.array("H", raw[: len(raw) // 2 * 2])
+    if sys.byteorder == "little":
+        values.byteswap()
+    return tuple(values)
 
 
 def _is_grease(value: int) -> bool:
@@ -100,7 +115,7 @@ def _handshake(data: bytes) -> tuple[Verdict, bytes]:
     while True:
         if pos >= size:
             return NEED_MORE, b""
-        if data[pos] != 22:
+        if len(fragments) >= MAX_RECORDS or data[pos] != 22:
             return NO_MATCH, b""
         if pos + 1 < size and data[pos + 1] != 3:
             return NO_MATCH, b""
@@ -197,8 +212,7 @@ def _supported_versions(ext: _Reader) -> tuple[int, ...]:
     versions = ext.vector(1)
     if ext.left or not versions.left or versions.left % 2:
         raise _Malformed()
-    raw = versions.take(versions.left)
-    return tuple(v for v in (int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)) if not _is_grease(v))
+    return tuple(v for v in _uint16s(versions.take(versions.left)) if not _is_grease(v))
 
 
 def _parse_body(body: bytes) -> ClientHello:
@@ -213,10 +227,7 @@ def _parse_body(body: bytes) -> ClientHello:
     suites = r.vector(2)
     if not suites.left or suites.left % 2:
         raise _Malformed()
-    raw = suites.take(suites.left)
-    cipher_suites = tuple(
-        s for s in (int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)) if not _is_grease(s)
-    )
+    cipher_suites = tuple(s for s in _uint16s(suites.take(suites.left)) if s & 0x0F0F != 0x0A0A)
     if not r.vector(1).left:
         raise _Malformed()
     sni: str | None = None

@@ -26,16 +26,15 @@ MATCH, NO_MATCH, NEED_MORE = Verdict.MATCH, Verdict.NO_MATCH, Verdict.NEED_MORE
 
 MAX_HEADER = 4096
 STREAMS_NS = "http://etherx.jabber.org/streams"
-_SPACE = b" \t\r\n"
+_SPACE = re.compile(rb"[ \t\r\n]*+")
 _START_TAG = re.compile(rb"""<(?:[^'"<>]++|"[^"<]*+"|'[^'<]*+')*+>""")
 _NAME = re.compile(rb"[^\s/>]*+")
 _ATTRIBUTE = re.compile(rb"""([\w.:-]+)\s*=\s*(?:"([^"]*)"|'([^']*)')""")
 
 
 def _skip_space(data: bytes, pos: int) -> int:
-    while pos < len(data) and data[pos] in _SPACE:
-        pos += 1
-    return pos
+    end = _SPACE.match(data, pos)
+    return pos if end is None else end.end()
 
 
 def parse_stream_header(data: bytes) -> tuple[Verdict, dict[str, str] | None]:
