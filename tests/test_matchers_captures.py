@@ -15,8 +15,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.resource import Resource
-from twisted.web.server import Site
-from twisted.web.static import Data
+from twisted.web.server import Request, Site
 
 from muxtwist import Rule, SniffingFactory
 from muxtwist.interfaces import IMatcher, Verdict
@@ -280,7 +279,7 @@ class OnePortTests(unittest.TestCase):
     def test_real_curl_and_redis_cli(self) -> Any:
         """curl and redis-cli themselves, pointed at the one port, are served by their own services."""
         root = Resource()
-        root.putChild(b"hello", Data(b"from the web service", "text/plain"))
+        root.putChild(b"hello", _Text())
         site = Site(root)
         pong = protocol.Factory.forProtocol(_Pong)
         rules = [Rule(m, site if m.name == "http1" else pong if m.name == "redis" else self.services[m.name])
@@ -312,6 +311,15 @@ class _Client(protocol.Protocol):
         self._waiting.append((n, d))
         self.dataReceived(b"")
         return d
+
+
+class _Text(Resource):
+    """A page that says which service answered."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        return b"from the web service"
 
 
 class _Pong(protocol.Protocol):
