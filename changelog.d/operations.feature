@@ -1,0 +1,1 @@
+Operations: one structured log event per connection (`--log-format json`), Prometheus metrics and `/ready` from `muxtwist.admin.admin_site()` (as a rule or on `--admin`), per-rule and per-source connection limits with EMFILE refusals counted, `--workers N` sharing the listening sockets, `systemd:` socket activation, and `python -m muxtwist check|explain`.
