@@ -307,3 +307,34 @@ class StatusPageTests(unittest.TestCase):
             metrics.value("muxtwist_connections_total", rule="on_no_match", outcome="no_match"),
         )
         self.assertEqual(data["limit_rejections"]["emfile"], 0)  # type: ignore[index]
+
+
+class ReloadSettingsTests(unittest.TestCase):
+    """A reload gives running listeners the new limits."""
+
+    def test_limits_reloaded(self) -> None:
+        """max_connections_per_source and a rule's max_connections change on reload; a broken file changes nothing."""
+        from muxtwist.config import load_config
+
+        path = self.mktemp() + ".py"
+        template = (
+            "from twisted.internet.protocol import Factory, Protocol\n"
+            "from muxtwist import Rule\nfrom muxtwist.matchers import Any\n"
+            "rules = [Rule(Any(), Factory.forProtocol(Protocol), name='r', max_connections={rule})]\n"
+            "max_connections_per_source = {source}\n"
+        )
+        with open(path, "w") as f:
+            f.write(template.format(rule=1, source=2))
+        service = MuxService(config_path=path, ports=("tcp:0:interface=127.0.0.1",), reactor=Clock(), metrics=Metrics())
+        service.load(load_config(path))
+        [listener] = service.listeners.values()
+        self.assertEqual(listener.factory.max_connections_per_source, 2)
+        with open(path, "w") as f:
+            f.write(template.format(rule=5, source=9))
+        self.assertTrue(service.reload())
+        self.assertEqual(listener.factory.max_connections_per_source, 9)
+        self.assertEqual(listener.factory.rules[0].max_connections, 5)
+        with open(path, "w") as f:
+            f.write(template.format(rule=0, source=9))
+        self.assertFalse(service.reload())
+        self.assertEqual(listener.factory.rules[0].max_connections, 5)
