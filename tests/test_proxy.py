@@ -132,6 +132,37 @@ class RelayTests(unittest.TestCase):
         await client.closed()
         await until(lambda: not proxy.relays)
 
+    async def test_half_close_while_sniffing_and_connecting(self) -> None:
+        """Bytes and a half-close sent before the rules decide reach the backend in order, and the answer comes back."""
+        desc, backends = backend(self, Echo)
+        proxy = Proxy(desc)
+        port, _ = mux(self, [Rule(Prefix(b"a-longer-prefix"), Proxy("tcp:host=127.0.0.1:port=1"))], on_no_match=proxy)
+        client = await connect(self, port)
+        client.transport.write(b"a-long")  # type: ignore[union-attr]
+        client.transport.loseWriteConnection()  # type: ignore[union-attr]
+        server = await wait(backends.arrived)
+        await wait(server.eof)
+        self.assertEqual(bytes(server.received), b"a-long")
+        await wait(client.eof)
+        self.assertEqual(bytes(client.received), b"a-long")
+        await wait(client.lost)
+        await until(lambda: not proxy.relays)
+
+    async def test_unix_backend(self) -> None:
+        """A backend on a UNIX socket works like a TCP one."""
+        from tests.test_proxy_support import PeerFactory, tempdir
+
+        path = tempdir(self) + "/backend.sock"
+        factory = PeerFactory(Echo)
+        listening = R.listenUNIX(path, factory)
+        self.addCleanup(listening.stopListening)
+        port = proxied(self, Proxy(f"unix:path={path}"))
+        client = await connect(self, port)
+        client.transport.write(b"over unix")  # type: ignore[union-attr]
+        self.assertEqual(await client.received_at_least(9), b"over unix")
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        await wait(factory.built[0].lost)
+
     async def test_client_abort_aborts_backend(self) -> None:
         """A client that resets its connection gets the backend connection aborted too."""
         desc, backends = backend(self)

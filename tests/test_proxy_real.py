@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from muxtwist import Rule
 from muxtwist.actions import HealthCheck, Proxy
-from muxtwist.matchers import HTTP1, Prefix
+from muxtwist.matchers import HTTP1, SSH, Prefix, Redis
 from muxtwist.matchers import Any as AnyMatcher
 from muxtwist.matchers.proxy_protocol import parse
 from tests.test_proxy_support import (
@@ -205,6 +205,46 @@ class SSHTests(unittest.TestCase):
         self.assertIn(key.encode(), out, err)
         out, err, code = await run([need("curl"), "-sS", "--max-time", "10", f"http://127.0.0.1:{port}/"])
         self.assertEqual(out, b"web", err)
+
+
+class RecipeTests(unittest.TestCase):
+    async def test_http_ssh_and_two_redis_on_one_port(self) -> None:
+        """The documented recipe: nginx, sshd and two health-checked Redis servers behind one port, one Redis dying."""
+        web, (sshd, key) = await start_nginx(self, "recipe"), await start_sshd(self)
+        first, second = await start_redis(self), await start_redis(self)
+        ssh = Proxy(f"tcp:host=127.0.0.1:port={sshd}", health_check=HealthCheck(interval=0.1, expect=b"SSH-"))
+        redis_backends = [f"tcp:host=127.0.0.1:port={first}", f"tcp:host=127.0.0.1:port={second}"]
+        to_redis = Proxy(
+            redis_backends,
+            balance="least_conn",
+            health_check=HealthCheck(interval=0.05, timeout=1, rise=2, fall=2, send=b"PING\r\n", expect=b"+PONG"),
+        )
+        port, _ = mux(
+            self,
+            [
+                Rule(HTTP1(), Proxy(f"tcp:host=127.0.0.1:port={web}")),
+                Rule(SSH(), ssh),
+                Rule(Redis(), to_redis),
+            ],
+            on_timeout=ssh,
+            sniff_timeout=0.5,
+        )
+        cli = [need("redis-cli"), "-h", "127.0.0.1", "-p", str(port)]
+        out, err, _ = await run([need("curl"), "-sS", "--max-time", "10", f"http://127.0.0.1:{port}/"])
+        self.assertEqual(out, b"recipe", err)
+        out, err, _ = await run([need("ssh-keyscan"), "-T", "10", "-t", "ed25519", "-p", str(port), "127.0.0.1"])
+        self.assertIn(key.encode(), out, err)
+        for _ in range(4):
+            out, err, _ = await run([*cli, "PING"])
+            self.assertEqual(out.strip(), b"PONG", err)
+        self.assertEqual([to_redis.stats[b].total for b in redis_backends], [2, 2])
+        # One Redis dies: the health check takes it out, and every client still gets an answer.
+        out, err, _ = await run([*cli, "-p", str(first), "SHUTDOWN", "NOSAVE"])
+        await until(lambda: not to_redis.stats[redis_backends[0]].healthy)
+        for _ in range(3):
+            out, err, _ = await run([*cli, "PING"])
+            self.assertEqual(out.strip(), b"PONG", err)
+        self.assertEqual(to_redis.stats[redis_backends[1]].total, 5)
 
 
 class HAProxyTests(unittest.TestCase):
