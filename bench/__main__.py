@@ -26,6 +26,7 @@ STEPS: dict[str, Callable[[scenarios.Context], Scenario | list[Scenario]]] = {
     "shared": scenarios.shared,
     "proxy": scenarios.proxy,
     "scale": scenarios.scale,
+    "workers": scenarios.workers_scenario,
     "tls": scenarios.tls,
     "profile": profile.profile,
 }
