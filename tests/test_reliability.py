@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from tests.reliability import Scenario, hostile, load, run_scenario
+from tests.reliability import Scenario, hostile, lifecycle, load, run_scenario
 
 
 class ReliabilityTests(unittest.TestCase):
@@ -32,3 +32,11 @@ class ReliabilityTests(unittest.TestCase):
     def test_untrusted_proxy_headers(self) -> None:
         """PROXY headers from untrusted peers are refused, from trusted ones honoured."""
         self.check(hostile.untrusted_proxy_headers)
+
+    def test_shutdown_under_load(self) -> None:
+        """SIGTERM with transfers in flight: those that can finish in shutdown_timeout do, intact; exit 0."""
+        self.check(lifecycle.shutdown_under_load)
+
+    def test_reload_under_load(self) -> None:
+        """Repeated SIGHUP during traffic fails no connection."""
+        self.check(lifecycle.reload_under_load)

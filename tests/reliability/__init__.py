@@ -24,9 +24,16 @@ Scenario = Callable[[], "Row | list[Row]"]
 
 
 def _scenarios() -> list[Scenario]:
-    from tests.reliability import hostile, load
+    from tests.reliability import hostile, lifecycle, load
 
-    return [load.mixed_load, load.byte_dribble, hostile.hostile_clients, hostile.untrusted_proxy_headers]
+    return [
+        load.mixed_load,
+        load.byte_dribble,
+        hostile.hostile_clients,
+        hostile.untrusted_proxy_headers,
+        lifecycle.shutdown_under_load,
+        lifecycle.reload_under_load,
+    ]
 
 
 SCENARIOS: list[Scenario] = _scenarios()
