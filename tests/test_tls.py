@@ -27,10 +27,11 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
-from muxtwist.matchers import ALPN, HTTP1, SNI, Any as AnyBytes, Prefix
+from muxtwist.matchers import ALPN, HTTP1, SNI, Prefix
+from muxtwist.matchers import Any as AnyBytes
 from muxtwist.redirect import RedirectToHTTPS
 from muxtwist.sniffing import Rule, SniffingFactory
-from muxtwist.tls import CertificateError, TerminateTLS, offered_protocols, reload_all_certificates
+from muxtwist.tls import TerminateTLS
 
 DEADLINE = 10.0
 
@@ -415,3 +416,202 @@ class DefaultCertificateTests(TestCase):
         self.assertEqual(result["cn"], "a.test")
         info = self.recorder.infos[-1]
         self.assertEqual((info.sni, info.alpn), ("a.test", "x-echo"))
+
+
+def split_hello_get(port: int, host: str) -> dict[str, Any]:
+    """Blocking: a TLS client whose ClientHello goes out as two TLS records, in two TCP segments."""
+    ctx = client_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=host)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    content_type, version, length = hello[0], hello[1:3], struct.unpack("!H", hello[3:5])[0]
+    assert content_type == 0x16 and len(hello) == 5 + length, "expected the ClientHello in one record"
+    body = hello[5:]
+    half = len(body) // 2
+    first = bytes([content_type]) + version + struct.pack("!H", half) + body[:half]
+    second = bytes([content_type]) + version + struct.pack("!H", len(body) - half) + body[half:]
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(first)
+        time.sleep(0.05)  # two TCP segments, not a wait for an event
+        s.sendall(second)
+        end = time.monotonic() + DEADLINE
+        while time.monotonic() < end:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pending = outgoing.read()
+                if pending:
+                    s.sendall(pending)
+                data = s.recv(65536)
+                if not data:
+                    raise ConnectionError("closed during the handshake")
+                incoming.write(data)
+        s.sendall(outgoing.read())
+        cert = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True) or b"")
+        tls.write(b"GET /split HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host.encode())
+        s.sendall(outgoing.read())
+        body_parts = []
+        finished = False
+        while not finished and time.monotonic() < end:
+            data = s.recv(65536)
+            if not data:
+                break
+            incoming.write(data)
+            while True:
+                try:
+                    chunk = tls.read(65536)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    chunk = b""
+                if not chunk:
+                    finished = True
+                    break
+                body_parts.append(chunk)
+        return {"records": (first[:5], second[:5]), "cn": _cn(cert), "body": b"".join(body_parts)}
+
+
+def raw_exchange(port: int, data: bytes) -> tuple[bytes, float]:
+    """Blocking: send ``data``, read until the server closes; what came back and how long it took."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
+        s.sendall(data)
+        return _read_all(s), time.monotonic() - start
+
+
+def client_hello(host: str) -> bytes:
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context().wrap_bio(incoming, outgoing, server_hostname=host)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+class RobustnessTests(TestCase):
+    """Odd and hostile clients fail alone, and the port keeps serving others."""
+
+    def setUp(self) -> None:
+        p = pki()
+        self.tls = TerminateTLS(cert_dir(self, **{"a.test": p.a, "b.test": p.b}), http_sites(), handshake_timeout=0.5)
+        self.port = listen(self, mux(self.tls))
+
+    @defer.inlineCallbacks
+    def test_client_hello_over_two_records(self) -> Any:
+        """A ClientHello split over two TLS records, in two TCP segments, is served normally."""
+        result = yield in_thread(split_hello_get, self.port, "b.test")
+        first, second = result["records"]
+        self.assertEqual((first[0], second[0]), (0x16, 0x16))
+        self.assertEqual(result["cn"], "b.test")
+        self.assertIn(b"site-b HTTP/1.1 /split", result["body"])
+
+    @defer.inlineCallbacks
+    def test_tls10_client_refused(self) -> Any:
+        """A client that offers only TLS 1.0 is refused with a protocol_version alert."""
+        argv = ["openssl", "s_client", "-connect", f"127.0.0.1:{self.port}", "-servername", "a.test"]
+        argv += ["-tls1", "-cipher", "DEFAULT@SECLEVEL=0"]
+        code, out, err = yield run(self, argv, stdin=b"Q\n")
+        self.assertNotEqual(code, 0)
+        self.assertIn(b"alert protocol version", err)
+        self.assertEqual((self.tls.stats["failed"], self.tls.stats["handshakes"]), (1, 0))
+
+    @defer.inlineCallbacks
+    def test_garbage_after_record_header(self) -> Any:
+        """Garbage after a handshake record header gets an alert and a close, at once."""
+        back, took = yield in_thread(raw_exchange, self.port, b"\x16\x03\x01\x00\x40" + b"\xee" * 64)
+        self.assertEqual(back[:1], b"\x15", "a TLS alert record")
+        self.assertLess(took, 0.45, "closed before the handshake timeout")
+        self.assertEqual(self.tls.stats["failed"], 1)
+
+    @defer.inlineCallbacks
+    def test_stalled_handshake_aborted(self) -> Any:
+        """A client that stops halfway through its ClientHello is aborted at handshake_timeout."""
+        hello = client_hello("a.test")
+        back, took = yield in_thread(raw_exchange, self.port, hello[: len(hello) // 2])
+        self.assertEqual(back, b"")
+        self.assertGreaterEqual(took, 0.45)
+        self.assertLess(took, 3.0)
+        self.assertEqual((self.tls.stats["timed_out"], self.tls.stats["failed"]), (1, 1))
+
+    @defer.inlineCallbacks
+    def test_others_undisturbed(self) -> Any:
+        """A live keep-alive connection keeps working through a stall, garbage and a TLS 1.0 client."""
+        port = self.port
+
+        def scenario() -> tuple[bytes, bytes]:
+            ctx = client_context()
+            with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as raw:
+                with ctx.wrap_socket(raw, server_hostname="a.test") as live:
+                    live.sendall(b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                    first = live.recv(65536)
+                    hello = client_hello("b.test")
+                    stall = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+                    stall.sendall(hello[:20])
+                    raw_exchange(port, b"\x16\x03\x01\x00\x40" + b"\xee" * 64)
+                    import subprocess
+
+                    subprocess.run(
+                        [
+                            "openssl",
+                            "s_client",
+                            "-connect",
+                            f"127.0.0.1:{port}",
+                            "-tls1",
+                            "-cipher",
+                            "DEFAULT@SECLEVEL=0",
+                        ],
+                        input=b"Q\n",
+                        capture_output=True,
+                        timeout=DEADLINE,
+                    )
+                    self.assertEqual(_read_all(stall), b"")
+                    stall.close()
+                    live.sendall(b"GET /two HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+                    second = _read_all(live)
+                    return first, second
+
+        first, second = yield in_thread(scenario)
+        self.assertIn(b"site-a HTTP/1.1 /one", first)
+        self.assertIn(b"site-a HTTP/1.1 /two", second)
+        self.assertEqual(self.tls.stats, {"handshakes": 1, "failed": 3, "timed_out": 1})
+
+
+class MutualTLSTests(TestCase):
+    """client_ca: clients must show a certificate the CA signed, and the rules see it."""
+
+    def setUp(self) -> None:
+        p = pki()
+        self.recorder = Recorder()
+        self.tls = TerminateTLS(cert_dir(self, **{"a.test": p.a}), self.recorder, client_ca=ca_file(self))
+        self.port = listen(self, mux(self.tls))
+
+    @defer.inlineCallbacks
+    def test_client_certificate_reaches_rules(self) -> Any:
+        """A client certificate signed by client_ca is accepted and reaches the inner factory's info."""
+        ctx = client_context(cert=pki().client, test=self)
+        result = yield in_thread(tls_get, self.port, "a.test", ctx, b"ping")
+        self.assertEqual(result["body"], b"echo:ping")
+        peer = self.recorder.infos[-1].peer_certificate
+        self.assertIsInstance(peer, x509.Certificate)
+        self.assertEqual(_cn(peer), "client one")
+
+    @defer.inlineCallbacks
+    def test_no_client_certificate_refused(self) -> Any:
+        """A client without a certificate is refused and the inner factory never sees it."""
+        yield self.assertFailure(in_thread(tls_get, self.port, "a.test", client_context(), b"ping"), ssl.SSLError)
+        self.assertEqual(self.recorder.infos, [])
+        self.assertEqual(self.tls.stats["failed"], 1)
+
+    @defer.inlineCallbacks
+    def test_foreign_client_certificate_refused(self) -> Any:
+        """A client certificate from another CA is refused."""
+        ctx = client_context(cert=pki().stranger, test=self)
+        yield self.assertFailure(in_thread(tls_get, self.port, "a.test", ctx, b"ping"), ssl.SSLError)
+        self.assertEqual(self.recorder.infos, [])
