@@ -10,6 +10,7 @@ import os
 import socket
 import ssl
 import struct
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,7 +32,7 @@ from muxtwist.matchers import ALPN, HTTP1, SNI, Prefix
 from muxtwist.matchers import Any as AnyBytes
 from muxtwist.redirect import RedirectToHTTPS
 from muxtwist.sniffing import Rule, SniffingFactory
-from muxtwist.tls import TerminateTLS
+from muxtwist.tls import CertificateError, TerminateTLS, offered_protocols, reload_all_certificates
 
 DEADLINE = 10.0
 
@@ -450,7 +451,7 @@ def split_hello_get(port: int, host: str) -> dict[str, Any]:
                     s.sendall(pending)
                 data = s.recv(65536)
                 if not data:
-                    raise ConnectionError("closed during the handshake")
+                    raise ConnectionError("closed during the handshake") from None
                 incoming.write(data)
         s.sendall(outgoing.read())
         cert = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True) or b"")
@@ -555,8 +556,6 @@ class RobustnessTests(TestCase):
                     stall = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
                     stall.sendall(hello[:20])
                     raw_exchange(port, b"\x16\x03\x01\x00\x40" + b"\xee" * 64)
-                    import subprocess
-
                     subprocess.run(
                         [
                             "openssl",
@@ -615,3 +614,302 @@ class MutualTLSTests(TestCase):
         ctx = client_context(cert=pki().stranger, test=self)
         yield self.assertFailure(in_thread(tls_get, self.port, "a.test", ctx, b"ping"), ssl.SSLError)
         self.assertEqual(self.recorder.infos, [])
+
+
+def keep_alive_get(live: ssl.SSLSocket, path: str, host: str) -> bytes:
+    """Blocking: one request on a keep-alive connection, read up to the end of its small body."""
+    live.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path.encode(), host.encode()))
+    data = b""
+    end = time.monotonic() + DEADLINE
+    while path.encode() not in data and time.monotonic() < end:
+        chunk = live.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def serial_of(port: int, host: str) -> int:
+    """Blocking: the serial number of the certificate served for ``host``."""
+    ctx = client_context()
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as raw:
+        with ctx.wrap_socket(raw, server_hostname=host) as s:
+            return x509.load_der_x509_certificate(s.getpeercert(binary_form=True) or b"").serial_number
+
+
+class ReloadTests(TestCase):
+    """Certificates are read again on reload; live connections keep theirs."""
+
+    def setUp(self) -> None:
+        p = pki()
+        self.dir = cert_dir(self, **{"a.test": p.a})
+        self.tls = TerminateTLS(self.dir, http_sites())
+        self.port = listen(self, mux(self.tls))
+
+    @defer.inlineCallbacks
+    def test_rotation_without_restart(self) -> Any:
+        """A rotated certificate is served to new connections while a live one carries on."""
+        p, port, path = pki(), self.port, os.path.join(self.dir, "a.test.pem")
+        rotated = make_pair("a.test", ["a.test"], p.ca)
+
+        def scenario() -> tuple[int, int, bytes, bytes]:
+            with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as raw:
+                with client_context().wrap_socket(raw, server_hostname="a.test") as live:
+                    before = keep_alive_get(live, "/before", "a.test")
+                    old = x509.load_der_x509_certificate(live.getpeercert(binary_form=True) or b"").serial_number
+                    write(path, rotated.cert_pem + rotated.key_pem)
+                    threads.blockingCallFromThread(reactor, reload_all_certificates)
+                    new = serial_of(port, "a.test")
+                    after = keep_alive_get(live, "/after", "a.test")
+                    return old, new, before, after
+
+        old, new, before, after = yield in_thread(scenario)
+        self.assertEqual(old, p.a.cert.serial_number)
+        self.assertEqual(new, rotated.cert.serial_number)
+        self.assertIn(b"site-a HTTP/1.1 /before", before)
+        self.assertIn(b"site-a HTTP/1.1 /after", after)
+
+    @defer.inlineCallbacks
+    def test_broken_file_keeps_old_certificate(self) -> Any:
+        """A certificate file broken at reload keeps the certificate it held, and reload says so."""
+        write(os.path.join(self.dir, "a.test.pem"), b"-----BEGIN CERTIFICATE-----\nnot base64\n")
+        self.assertFalse(self.tls.reload_certificates())
+        serial = yield in_thread(serial_of, self.port, "a.test")
+        self.assertEqual(serial, pki().a.cert.serial_number)
+
+    @defer.inlineCallbacks
+    def test_new_and_removed_files(self) -> Any:
+        """A new file adds its host and a removed one drops it, through MuxService.reload."""
+        from muxtwist.service import MuxService
+
+        p = pki()
+        write(os.path.join(self.dir, "b.test.pem"), p.b.cert_pem + p.b.key_pem)
+        os.remove(os.path.join(self.dir, "a.test.pem"))
+        self.assertEqual(self.tls.hosts, ["a.test"])
+        MuxService(reactor=reactor).reload()
+        self.assertEqual(self.tls.hosts, ["b.test"])
+        result = yield in_thread(tls_get, self.port, "b.test", client_context())
+        self.assertEqual(result["cn"], "b.test")
+        yield self.assertFailure(in_thread(tls_get, self.port, "a.test", client_context()), ssl.SSLError)
+
+
+class GrpcResponder(protocol.Protocol):
+    """A minimal gRPC server for unary calls, on the h2 library: answers ``hello <request>``."""
+
+    def connectionMade(self) -> None:
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+
+        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
+        self.h2.initiate_connection()
+        self.bodies: dict[int, bytes] = {}
+        self.paths: dict[int, str] = {}
+        self.transport.write(self.h2.data_to_send())
+
+    def dataReceived(self, data: bytes) -> None:
+        from h2 import events
+
+        for event in self.h2.receive_data(data):
+            if isinstance(event, events.RequestReceived):
+                self.bodies[event.stream_id] = b""
+                self.paths[event.stream_id] = dict(event.headers)[":path"]
+            elif isinstance(event, events.DataReceived):
+                self.bodies[event.stream_id] += event.data
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, events.StreamEnded):
+                self._answer(event.stream_id)
+        self.transport.write(self.h2.data_to_send())
+
+    def _answer(self, stream_id: int) -> None:
+        body = self.bodies.pop(stream_id)
+        reply = b"hello " + body[5:] + b" at " + self.paths.pop(stream_id).encode()
+        self.h2.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+        self.h2.send_data(stream_id, b"\x00" + struct.pack("!I", len(reply)) + reply)
+        self.h2.send_headers(stream_id, [("grpc-status", "0")], end_stream=True)
+
+
+@implementer(IConnectionInfoFactory)
+class GrpcFactory(protocol.Factory):
+    protocol = GrpcResponder
+
+    def __init__(self) -> None:
+        self.infos: list[ConnectionInfo] = []
+
+    def buildProtocolForConnection(self, addr: IAddress, info: ConnectionInfo, rule_name: str) -> IProtocol | None:
+        self.infos.append(info)
+        return self.buildProtocol(addr)
+
+
+def grpc_call(port: int, host: str, message: bytes) -> bytes:
+    """Blocking: one unary call over a grpcio secure channel."""
+    import grpc
+
+    credentials = grpc.ssl_channel_credentials(root_certificates=pki().ca.cert_pem)
+    options = [("grpc.ssl_target_name_override", host), ("grpc.enable_retries", 0)]
+    with grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=options) as channel:
+        call = channel.unary_unary("/test.Greeter/Hello")
+        reply: bytes = call(message, timeout=DEADLINE)
+        return reply
+
+
+class GrpcTests(TestCase):
+    """gRPC over TLS, with a grpcio client and an in-process HTTP/2 handler."""
+
+    @defer.inlineCallbacks
+    def test_grpcio_secure_channel(self) -> Any:
+        """A grpcio secure channel negotiates h2 through TerminateTLS and gets its answer."""
+        p = pki()
+        grpc_factory = GrpcFactory()
+        inner = SniffingFactory(
+            [Rule(ALPN("h2"), grpc_factory, name="grpc"), Rule(HTTP1(), Site(Hello("web")), name="web")]
+        )
+        tls = TerminateTLS(cert_dir(self, **{"a.test": p.a}), inner)
+        self.assertEqual(tls.alpn, ("h2", "http/1.1"))
+        port = listen(self, mux(tls))
+        reply = yield in_thread(grpc_call, port, "a.test", b"world")
+        self.assertEqual(reply, b"hello world at /test.Greeter/Hello")
+        self.assertEqual((grpc_factory.infos[0].sni, grpc_factory.infos[0].alpn), ("a.test", "h2"))
+
+
+class CertificateStoreTests(TestCase):
+    """Which certificate a server name gets, from a directory or a mapping (no sockets)."""
+
+    def test_directory_names(self) -> None:
+        """Files name hosts, _.x stands for *.x, DEFAULT covers the rest; names are case-insensitive."""
+        p = pki()
+        tls = TerminateTLS(cert_dir(self, **{"a.test": p.a, "_.wild.test": p.wild, "DEFAULT": p.default}), Recorder())
+        self.assertEqual(tls.hosts, ["*.wild.test", "DEFAULT", "a.test"])
+        a, wild, default = tls.context_for("a.test"), tls.context_for("x.wild.test"), tls.context_for(None)
+        self.assertEqual(len({id(a), id(wild), id(default)}), 3)
+        self.assertIs(tls.context_for("A.Test."), a)
+        self.assertIs(tls.context_for("wild.test"), default, "a wildcard needs a label in its place")
+        self.assertIs(tls.context_for("x.y.wild.test"), default, "a wildcard covers one label")
+        self.assertIs(tls.context_for("other.test"), default)
+
+    def test_mapping(self) -> None:
+        """A mapping of host to (certificate, key) paths, or to one path holding both, works like a directory."""
+        p = pki()
+        base = self.mktemp()
+        os.makedirs(base)
+        cert = write(os.path.join(base, "a.crt"), p.a.cert_pem)
+        key = write(os.path.join(base, "a.key"), p.a.key_pem)
+        both = write(os.path.join(base, "b.pem"), p.b.key_pem + p.b.cert_pem)
+        tls = TerminateTLS({"a.test": (cert, key), "B.test": both}, Recorder())
+        self.assertEqual(tls.hosts, ["a.test", "b.test"])
+        self.assertIsNone(tls.context_for("c.test"))
+
+    def test_broken_file_at_start(self) -> None:
+        """A broken or mismatched file at construction is a CertificateError naming the file."""
+        p = pki()
+        base = self.mktemp()
+        os.makedirs(base)
+        cert = write(os.path.join(base, "a.crt"), p.a.cert_pem)
+        other_key = write(os.path.join(base, "b.key"), p.b.key_pem)
+        error = self.assertRaises(CertificateError, TerminateTLS, {"a.test": (cert, other_key)}, Recorder())
+        self.assertIn("a.crt", str(error))
+        error = self.assertRaises(CertificateError, TerminateTLS, {"a.test": cert}, Recorder())
+        self.assertIn("no PEM private key", str(error))
+        missing = os.path.join(base, "missing.pem")
+        error = self.assertRaises(CertificateError, TerminateTLS, {"a.test": missing}, Recorder())
+        self.assertIn("missing.pem", str(error))
+
+    def test_min_version_checked(self) -> None:
+        """An unknown min_version is refused at once."""
+        self.assertRaises(ValueError, TerminateTLS, {}, Recorder(), min_version="SSLv2")
+
+    def test_passes_start_and_stop_through(self) -> None:
+        """doStart/doStop reach the inner factory."""
+        inner = Recorder()
+        tls = TerminateTLS({}, inner)
+        tls.doStart()
+        self.assertEqual(inner.numPorts, 1)
+        tls.doStop()
+        self.assertEqual(inner.numPorts, 0)
+
+
+class OfferedProtocolsTests(TestCase):
+    """ALPN derived from what the inner factory can speak."""
+
+    def test_site_offers_h2(self) -> None:
+        """A twisted.web Site can speak HTTP/2, so h2 is offered first."""
+        self.assertEqual(offered_protocols(Site(Hello("x"))), ["h2", "http/1.1"])
+
+    def test_plain_factory(self) -> None:
+        """A factory that is not known to speak HTTP/2 gets http/1.1 only."""
+        self.assertEqual(offered_protocols(Recorder()), ["http/1.1"])
+
+    def test_site_behind_http1_rule(self) -> None:
+        """A Site reachable only through an HTTP1 matcher does not make h2 offered."""
+        inner = SniffingFactory([Rule(HTTP1(), Site(Hello("x")))])
+        self.assertEqual(offered_protocols(inner), ["http/1.1"])
+
+    def test_alpn_matchers_and_nesting(self) -> None:
+        """ALPN matchers of nested rules add their protocols; a Site behind SNI counts for h2."""
+        from muxtwist.matchers import AnyOf
+
+        inner = SniffingFactory(
+            [
+                Rule(AnyOf(ALPN("x-one"), ALPN("h2")), Recorder()),
+                Rule(ALPN("x-two", "http/1.1"), SniffingFactory([Rule(SNI("a.test"), Site(Hello("x")))])),
+            ]
+        )
+        self.assertEqual(offered_protocols(inner), ["h2", "x-one", "x-two", "http/1.1"])
+
+    def test_explicit_alpn(self) -> None:
+        """An explicit alpn wins, and an empty one turns ALPN off."""
+        self.assertEqual(TerminateTLS({}, Site(Hello("x")), alpn=["http/1.1"]).alpn, ("http/1.1",))
+        self.assertEqual(TerminateTLS({}, Site(Hello("x")), alpn=[]).alpn, ())
+
+
+def redirect(request: bytes, port: int | None = None) -> bytes:
+    """What RedirectToHTTPS answers to ``request``, in memory."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+
+    factory = RedirectToHTTPS(port)
+    proto = factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1234))
+    transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 8080))
+    proto.makeConnection(transport)
+    proto.dataReceived(request)
+    proto.connectionLost(Failure(ConnectionDone()))
+    return bytes(transport.value())
+
+
+class RedirectTests(TestCase):
+    """RedirectToHTTPS answers plain HTTP with a redirect to https."""
+
+    def test_get_is_301(self) -> None:
+        """GET gets a 301 to the same host without its port, path and query kept."""
+        out = redirect(b"GET /a/b?c=d HTTP/1.1\r\nHost: Example.COM:8080\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 301 "), out)
+        self.assertIn(b"Location: https://example.com/a/b?c=d\r\n", out)
+
+    def test_post_is_308_with_port(self) -> None:
+        """Other methods get a 308, which keeps the method; a non-443 port is named."""
+        out = redirect(b"POST /form HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n", port=8443)
+        self.assertTrue(out.startswith(b"HTTP/1.1 308 "), out)
+        self.assertIn(b"Location: https://a.test:8443/form\r\n", out)
+        self.assertIn(
+            b"Location: https://a.test/form\r\n", redirect(b"GET /form HTTP/1.1\r\nHost: a.test\r\n\r\n", 443)
+        )
+
+    def test_absolute_form_and_ipv6(self) -> None:
+        """An absolute-form target keeps only its path; a bracketed IPv6 Host stays bracketed."""
+        out = redirect(b"GET http://a.test/x?y HTTP/1.1\r\nHost: [::1]:80\r\n\r\n")
+        self.assertIn(b"Location: https://[::1]/x?y\r\n", out)
+
+    def test_bad_host_refused(self) -> None:
+        """A Host that is not a host name or address is refused, not echoed into Location."""
+        out = redirect(b"GET / HTTP/1.1\r\nHost: evil.test/phish@x\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out)
+        self.assertNotIn(b"Location", out)
+
+    def test_no_host_uses_local_address(self) -> None:
+        """An HTTP/1.0 request without Host is sent to the address it came in on."""
+        out = redirect(b"GET /old HTTP/1.0\r\n\r\n")
+        self.assertIn(b"Location: https://127.0.0.1/old\r\n", out)
+
+    def test_port_checked(self) -> None:
+        """A port outside 1-65535 is refused at once."""
+        self.assertRaises(ValueError, RedirectToHTTPS, 0)
