@@ -1,0 +1,1 @@
+A `TerminateTLS` action: certificates chosen by SNI from a directory or mapping (wildcards, DEFAULT), ALPN offered from what the inner rules speak, mutual TLS, handshake timeouts and certificate reload on SIGHUP; the `SNI` and `ALPN` matchers for the decrypted stream; and `RedirectToHTTPS` for plain HTTP on the same port.
