@@ -1,0 +1,85 @@
+"""
+Run every atheris harness of this directory for a bounded time.
+
+    python fuzz/run.py [--seconds 20] [NAME ...]
+
+Each harness starts from a seed corpus of real openers and runs for
+``--seconds`` (``FUZZ_SECONDS`` in the environment, 20 by default). Crash
+inputs are copied to ``fuzz/crashes/<name>-<sha1>``; the exit status is 1 if
+there is any, so CI fails and the input can become a regression test in
+``tests/test_fuzz_regressions.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+
+from targets import SEEDS, TARGETS  # noqa: E402
+
+
+def fuzz(name: str, seconds: int, crashes: str) -> tuple[bool, str]:
+    """Run harness ``name``; return whether it stayed clean, and its last status line."""
+    with tempfile.TemporaryDirectory(prefix=f"fuzz-{name}-") as work:
+        corpus = os.path.join(work, "corpus")
+        os.mkdir(corpus)
+        for i, seed in enumerate(SEEDS().get(name, [])):
+            with open(os.path.join(corpus, f"seed-{i}"), "wb") as f:
+                f.write(seed)
+        log_path = os.path.join(work, "log")
+        with open(log_path, "wb") as log:
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    os.path.join(HERE, f"fuzz_{name}.py"),
+                    f"-max_total_time={seconds}",
+                    "-rss_limit_mb=2048",
+                    "-timeout=10",
+                    f"-artifact_prefix={work}/",
+                    corpus,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=seconds + 120,
+                check=False,
+            )
+        with open(log_path, errors="replace") as f:
+            lines = f.read().splitlines()
+        found = glob.glob(os.path.join(work, "crash-*")) + glob.glob(os.path.join(work, "timeout-*"))
+        found += glob.glob(os.path.join(work, "oom-*"))
+        for path in found:
+            os.makedirs(crashes, exist_ok=True)
+            shutil.copy(path, os.path.join(crashes, f"{name}-{os.path.basename(path)}"))
+        done = [ln for ln in lines if ln.startswith("Done ")]
+        if proc.returncode != 0 or found:
+            tail = "\n".join(lines[-40:])
+            return False, f"exit {proc.returncode}, {len(found)} crash input(s) in {crashes}\n{tail}"
+        return True, done[-1] if done else "no status line"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--seconds", type=int, default=int(os.environ.get("FUZZ_SECONDS", "20")))
+    parser.add_argument("names", nargs="*", default=list(TARGETS), help="harnesses (default: all)")
+    args = parser.parse_args()
+    crashes = os.path.join(HERE, "crashes")
+    clean = True
+    for name in args.names:
+        started = time.monotonic()
+        ok, status = fuzz(name, args.seconds, crashes)
+        clean = clean and ok
+        print(f"{'ok   ' if ok else 'CRASH'} {name:15} {time.monotonic() - started:5.1f}s  {status}", flush=True)
+    return 0 if clean else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
