@@ -144,7 +144,8 @@ def markdown(
     command: str,
 ) -> str:
     """The performance page: verdicts first, then each scenario's table."""
-    lines: list[str] = ["# Performance", ""]
+    # Generated, and not in a toctree: orphan keeps Sphinx's -W build quiet about it.
+    lines: list[str] = ["---", "orphan: true", "---", "", "# Performance", ""]
     if meta.get("quick"):
         lines += [
             "> **Quick run**: short and noisy, made to check the harness end to end. "
@@ -192,6 +193,18 @@ def markdown(
                     cells.append(cell)
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
+        foreign = [
+            v
+            for c in s.contenders
+            for k, values in s.samples.get(c, {}).items()
+            if k.endswith("foreign_cpu")
+            for v in values
+        ]
+        if foreign and statistics.median(foreign) > 0.25:
+            lines.append(
+                f"- **Noisy**: processes outside the benchmark used a median {statistics.median(foreign):.2f} "
+                f"cores (max {max(foreign):.2f}) of the {meta['machine'].get('cores', '?')} during these runs."
+            )
         for what, why in s.not_measured.items():
             lines.append(f"- **Not measured: {what}** — {why}")
         for note in s.notes:
@@ -239,7 +252,7 @@ def chart(scenarios: dict[str, Scenario], path: Path) -> bool:
     panels: list[tuple[Scenario, Metric]] = []
     for s in scenarios.values():
         for m in s.metrics:
-            if m.key in ("loadgen_cpu", "errors", "server_cpu"):
+            if any(word in m.key for word in ("loadgen_cpu", "foreign_cpu", "server_cpu", "errors", "rss_base")):
                 continue
             if sum(1 for c in s.contenders if s.median(c, m.key) is not None) >= 2:
                 panels.append((s, m))
