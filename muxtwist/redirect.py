@@ -32,20 +32,20 @@ class _Redirect(Resource):
     isLeaf = True
 
     def __init__(self, port: int | None) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self._port = port
 
     def render(self, request: Request) -> bytes:
         raw = request.getHeader(b"host")
         if raw is None:
-            local = request.getHost()  # type: ignore[no-untyped-call]
+            local = request.getHost()
             raw = getattr(local, "host", "").encode("ascii", "replace")
             if b":" in raw:
                 raw = b"[" + raw + b"]"
         found = _HOST.match(raw)
         if found is None:
             request.setResponseCode(400)
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")  # type: ignore[no-untyped-call]
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"Bad Host header\n"
         host = found.group(1).lower()
         if self._port is not None and self._port != 443:
@@ -53,9 +53,9 @@ class _Redirect(Resource):
         location = b"https://" + host + _path(request.uri)
         # 301 for reads; 308 keeps the method and body of anything else.
         request.setResponseCode(301 if request.method in _SAFE_METHODS else 308)
-        request.setHeader(b"location", location)  # type: ignore[no-untyped-call]
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")  # type: ignore[no-untyped-call]
-        request.setHeader(b"cache-control", b"no-store")  # type: ignore[no-untyped-call]
+        request.setHeader(b"location", location)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
         return b"Moved to " + location + b"\n"
 
 
@@ -77,7 +77,7 @@ class RedirectToHTTPS(Site):
     def __init__(self, port: int | None = None) -> None:
         if port is not None and not 0 < port < 65536:
             raise ValueError(f"port must be 1-65535, got {port!r}")
-        super().__init__(_Redirect(port))  # type: ignore[no-untyped-call]
+        super().__init__(_Redirect(port))
         self.port = port
         # An HTTP/1 answer only: this is never reached over TLS.
         self.noisy = False

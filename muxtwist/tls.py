@@ -460,7 +460,10 @@ class _Handshake:
         peer_certificate = None
         if owner.client_ca is not None:
             peer_certificate = connection.get_peer_certificate(as_cryptography=True)
-        info = self.info.evolve(
+        info = self.info
+        if info.local is None:
+            info = info.evolve(local=tls.getHost())
+        info = info.evolve(
             sni=raw_sni.decode("ascii", "replace").lower() if raw_sni else None,
             alpn=raw_alpn.decode("ascii", "replace") if raw_alpn else None,
             peer_certificate=peer_certificate,

@@ -418,6 +418,14 @@ class DefaultCertificateTests(TestCase):
         info = self.recorder.infos[-1]
         self.assertEqual((info.sni, info.alpn), ("a.test", "x-echo"))
 
+    @defer.inlineCallbacks
+    def test_alpn_without_overlap(self) -> Any:
+        """A client offering none of our protocols still connects, with no ALPN."""
+        result = yield in_thread(tls_get, self.port, "a.test", client_context(alpn=["x-unknown"]), b"hi")
+        self.assertIsNone(result["alpn"])
+        self.assertEqual(result["body"], b"echo:hi")
+        self.assertIsNone(self.recorder.infos[-1].alpn)
+
 
 def split_hello_get(port: int, host: str) -> dict[str, Any]:
     """Blocking: a TLS client whose ClientHello goes out as two TLS records, in two TCP segments."""
