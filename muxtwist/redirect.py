@@ -32,7 +32,7 @@ class _Redirect(Resource):
     isLeaf = True
 
     def __init__(self, port: int | None) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._port = port
 
     def render(self, request: Request) -> bytes:
@@ -77,7 +77,7 @@ class RedirectToHTTPS(Site):
     def __init__(self, port: int | None = None) -> None:
         if port is not None and not 0 < port < 65536:
             raise ValueError(f"port must be 1-65535, got {port!r}")
-        super().__init__(_Redirect(port))
+        super().__init__(_Redirect(port))  # type: ignore[no-untyped-call]
         self.port = port
         # An HTTP/1 answer only: this is never reached over TLS.
         self.noisy = False
