@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from tests.reliability import Scenario, hostile, lifecycle, load, run_scenario
+from tests.reliability import Scenario, faults, hostile, lifecycle, load, run_scenario
 
 
 class ReliabilityTests(unittest.TestCase):
@@ -40,3 +40,7 @@ class ReliabilityTests(unittest.TestCase):
     def test_reload_under_load(self) -> None:
         """Repeated SIGHUP during traffic fails no connection."""
         self.check(lifecycle.reload_under_load)
+
+    def test_backend_faults(self) -> None:
+        """Refused, black-holed, resetting, slow and killed backends end their clients' connections, leak nothing."""
+        self.check(faults.backend_faults)

@@ -24,7 +24,7 @@ Scenario = Callable[[], "Row | list[Row]"]
 
 
 def _scenarios() -> list[Scenario]:
-    from tests.reliability import hostile, lifecycle, load
+    from tests.reliability import faults, hostile, lifecycle, load
 
     return [
         load.mixed_load,
@@ -33,6 +33,7 @@ def _scenarios() -> list[Scenario]:
         hostile.untrusted_proxy_headers,
         lifecycle.shutdown_under_load,
         lifecycle.reload_under_load,
+        faults.backend_faults,
     ]
 
 

@@ -84,6 +84,7 @@ class Conn:
         self.outcome: str | None = None
         self.closed_after: float | None = None
         self.shut = False
+        self.ended: float | None = None
         self.events = READ | WRITE
 
     # setup
@@ -221,6 +222,7 @@ class Conn:
         if self.outcome is not None:
             return
         self.outcome = outcome
+        self.ended = now
         if self.closed_after is None:
             self.closed_after = now - self.started
         if self.sock is not None:
@@ -295,6 +297,8 @@ class Group:
             "p50": pct(0.5),
             "p99": pct(0.99),
             "max": times[-1] if times else None,
+            # time.monotonic() is the system-wide CLOCK_MONOTONIC: comparable across processes.
+            "last_end": max((c.ended for c in self.conns if c.ended is not None), default=None),
         }
 
 

@@ -1,0 +1,65 @@
+"""
+A backend for the proxy scenarios, run as its own process
+(``python -m tests.reliability.backend MODE``) so it can be killed:
+
+- ``echo``: write ``"echo <peer>\\n"``, then echo;
+- ``reset``: the same, but reset the connection after ``--after`` bytes;
+- ``slow``: greet, read nothing for ``--pause`` seconds, then echo.
+
+It listens on 127.0.0.1, an ephemeral port, and prints ``PORT <n>`` once ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import struct
+import sys
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        writer.write(f"echo {peer[0]}\n".encode())
+        if args.mode == "slow":
+            await asyncio.sleep(args.pause)
+        seen = 0
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                seen += len(data)
+                writer.write(data)
+                await writer.drain()
+                if args.mode == "reset" and seen >= args.after:
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
+                    return
+            writer.write_eof()
+            await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
+    port = server.sockets[0].getsockname()[1]
+    sys.stdout.write(f"PORT {port}\n")
+    sys.stdout.flush()
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["echo", "reset", "slow"])
+    parser.add_argument("--after", type=int, default=65536)
+    parser.add_argument("--pause", type=float, default=3.0)
+    asyncio.run(_serve(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
