@@ -85,7 +85,11 @@ def _sources(certificates: str | os.PathLike[str] | Mapping[str, Any]) -> dict[s
             found[_host_key(host)] = (cert_path, key_path)
         return found
     directory = os.fspath(certificates)
-    for entry in sorted(os.listdir(directory)):
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError as e:
+        raise CertificateError(f"cannot read the certificate directory {directory}: {e.strerror}") from None
+    for entry in entries:
         if entry.endswith(".pem") and not entry.startswith("."):
             path = os.path.join(directory, entry)
             found[_host_key(entry[: -len(".pem")])] = (path, path)
@@ -287,7 +291,7 @@ class TerminateTLS:
         """
         try:
             loaded = self._load(previous=self._certificates)
-        except OSError as e:
+        except CertificateError as e:
             log.error("cannot reload certificates from {source}: {problem}", source=self.source, problem=str(e))
             return False
         self._certificates = loaded

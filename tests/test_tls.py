@@ -821,6 +821,18 @@ class CertificateStoreTests(TestCase):
         error = self.assertRaises(CertificateError, TerminateTLS, {"a.test": missing}, Recorder())
         self.assertIn("missing.pem", str(error))
 
+    def test_missing_directory(self) -> None:
+        """A directory that is not there is a CertificateError at start, and a logged failure at reload."""
+        missing = self.mktemp()
+        self.assertRaises(CertificateError, TerminateTLS, missing, Recorder())
+        p = pki()
+        path = cert_dir(self, **{"a.test": p.a})
+        tls = TerminateTLS(path, Recorder())
+        os.remove(os.path.join(path, "a.test.pem"))
+        os.rmdir(path)
+        self.assertFalse(tls.reload_certificates())
+        self.assertEqual(tls.hosts, ["a.test"])
+
     def test_min_version_checked(self) -> None:
         """An unknown min_version is refused at once."""
         self.assertRaises(ValueError, TerminateTLS, {}, Recorder(), min_version="SSLv2")
