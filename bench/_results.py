@@ -104,6 +104,15 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3g}"
 
 
+def _short_path(text: str) -> str:
+    """``/long/site-packages/twisted/internet/tcp.py:12: ...`` as ``twisted/internet/tcp.py:12: ...``."""
+    for root in ("/muxtwist/", "/twisted/", "/bench/"):
+        at = text.find(root)
+        if at >= 0 and text.find(":", at) > at:
+            return text[at + 1 :]
+    return text
+
+
 def to_json(meta: dict[str, Any], scenarios: dict[str, Scenario], targets: Sequence[Target]) -> dict[str, Any]:
     """Everything measured, with medians, ratios and target verdicts."""
     out: dict[str, Any] = {"meta": meta, "scenarios": {}, "targets": []}
@@ -205,6 +214,10 @@ def markdown(
                 f"- **Noisy**: processes outside the benchmark used a median {statistics.median(foreign):.2f} "
                 f"cores (max {max(foreign):.2f}) of the {meta['machine'].get('cores', '?')} during these runs."
             )
+        for name, found in s.extra.items():
+            if isinstance(found, list) and found and all(isinstance(x, str) for x in found):
+                lines.append(f"- {name}, top {min(8, len(found))}:")
+                lines += [f"  - `{_short_path(x)}`" for x in found[:8]]
         for what, why in s.not_measured.items():
             lines.append(f"- **Not measured: {what}** — {why}")
         for note in s.notes:

@@ -568,6 +568,8 @@ def _scale_once(
         try:
             time.sleep(0.2)
             base = control.ask("stats")
+            if traced:
+                control.ask("mark")
             deadline = time.monotonic() + 120
             payload = b"hello\n" if kind == "scale-proxy" else b""
             sockets = _open_idle(port, count, payload, deadline)

@@ -178,6 +178,7 @@ class Control(LineReceiver):
 
     def __init__(self, watched: Any) -> None:
         self.watched = watched
+        self.baseline: tracemalloc.Snapshot | None = None
 
     def lineReceived(self, line: bytes) -> None:
         command = line.strip()
@@ -187,12 +188,17 @@ class Control(LineReceiver):
             if tracemalloc.is_tracing():
                 stats["heap"], stats["heap_peak"] = tracemalloc.get_traced_memory()
             self.sendLine(json.dumps(stats).encode())  # type: ignore[no-untyped-call]
+        elif command == b"mark":
+            gc.collect()
+            self.baseline = tracemalloc.take_snapshot() if tracemalloc.is_tracing() else None
+            self.sendLine(b"{}")  # type: ignore[no-untyped-call]
         elif command == b"top":
+            # What grew since "mark": the allocations the open connections hold, by source line.
             lines = []
-            if tracemalloc.is_tracing():
-                snapshot = tracemalloc.take_snapshot()
-                for stat in snapshot.statistics("lineno")[:15]:
-                    lines.append(str(stat))
+            if tracemalloc.is_tracing() and self.baseline is not None:
+                gc.collect()
+                grown = tracemalloc.take_snapshot().compare_to(self.baseline, "lineno")
+                lines = [str(stat) for stat in grown[:15]]
             self.sendLine(json.dumps(lines).encode())  # type: ignore[no-untyped-call]
         else:
             self.sendLine(b'{"error": "unknown command"}')  # type: ignore[no-untyped-call]
