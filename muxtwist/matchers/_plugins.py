@@ -44,7 +44,7 @@ def plugins() -> dict[str, IMatcherPlugin]:
     return found
 
 
-def plugin(name: str, **options: AnyType) -> IMatcher:
+def plugin(name: str, /, **options: AnyType) -> IMatcher:
     """
     Build the matcher registered under ``name`` with ``options``.
 
