@@ -44,7 +44,7 @@ myst_heading_anchors = 3
 #: Pages that other parts of the project bring along as they land, in the
 #: order they should appear; only those that exist go into the table of
 #: contents, so the build neither breaks nor leaves them out.
-OPTIONAL_PAGES = ["matchers", "proxy", "tls", "proxy-protocol", "metrics", "operations"]
+OPTIONAL_PAGES = ["matchers", "proxy", "tls", "proxy-protocol", "metrics", "operations", "reliability"]
 PLACEHOLDER = ".. optional-pages::"
 
 

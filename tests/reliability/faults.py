@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from tests.reliability.harness import MuxServer, Row, Sampler, all_ok, mux_server, outcomes, run_client
+from tests.reliability.harness import MuxServer, Row, Sampler, all_ok, mux_server, outcomes, run_client, shed
 from tests.twistd import ROOT
 
 __all__ = ["backend_faults"]
@@ -108,15 +108,14 @@ def _refused_and_black_holed(server: MuxServer) -> list[Row]:
             "Backend refused",
             "a Proxy rule whose backend port is closed; meanwhile clients of a healthy backend",
             "200 connections, with 200 to the healthy backend",
-            f"refused: closed {outcomes(refused)} (ok = closed without a byte) within {refused['max']:.2f} s; "
-            f"healthy: {outcomes(healthy)}; {leaks}",
+            f"{shed(refused)} within {refused['max']:.2f} s; healthy: {outcomes(healthy)}; {leaks}",
             all_ok(refused) and refused["max"] <= SLACK and all_ok(healthy) and leaks.ok,
         ),
         Row(
             "Backend black-holed",
             f"a backend whose accept queue is full, so connects hang (connect_timeout {CONNECT_TIMEOUT:g} s)",
             "50 connections, with 200 to a healthy backend",
-            f"{outcomes(hole)} after {hole['min']:.2f}-{hole['max']:.2f} s; healthy: {outcomes(healthy)}; {leaks}",
+            f"{shed(hole)} after {hole['min']:.2f}-{hole['max']:.2f} s; healthy: {outcomes(healthy)}; {leaks}",
             all_ok(hole) and hole["max"] <= CONNECT_TIMEOUT + SLACK and all_ok(healthy) and leaks.ok,
         ),
     ]
@@ -140,14 +139,14 @@ def _reset(server: MuxServer) -> Row:
 def _slow_reader(server: MuxServer) -> Row:
     rss0 = server.state()["rss_kib"]
     with Sampler(server.pid) as sampler:
-        r = run_client(server.port, [_via("slow", "slow", 10, 8 << 20)], deadline=60)
+        r = run_client(server.port, [_via("slow", "slow", 10, 4 << 20)], deadline=60)
     leaks = server.leaks()
     grown = sampler.peak_rss - rss0
     bound = 10 * 1024  # KiB: 1 MiB per relay would already mean buffering far past the socket buffers
     return Row(
         "Backend slow reader",
-        "a backend that reads nothing for 3 s while each client pushes 8 MiB as fast as it can, then echoes it all",
-        "10 connections, 80 MiB each way",
+        "a backend that reads nothing for 3 s while each client pushes 4 MiB as fast as it can, then echoes it all",
+        "10 connections, 40 MiB each way",
         f"{outcomes(r['slow'])} (sha256-checked); server memory grew {grown} KiB at most (bound {bound} KiB: "
         f"backpressure, not buffering); {leaks}",
         all_ok(r["slow"]) and grown <= bound and leaks.ok,

@@ -22,7 +22,20 @@ import attrs
 
 from tests.twistd import ROOT, free_port, twistd_command, wait_for_port
 
-__all__ = ["Leaks", "MuxServer", "Row", "diag", "fd_count", "rss_kib", "run_client", "mux_server"]
+__all__ = [
+    "Leaks",
+    "MuxServer",
+    "Row",
+    "Sampler",
+    "all_ok",
+    "diag",
+    "fd_count",
+    "mux_server",
+    "outcomes",
+    "rss_kib",
+    "run_client",
+    "shed",
+]
 
 #: The listen backlog. Twisted's default of 50 overflows when thousands of
 #: clients connect within a second, and the kernel then drops SYNs, which
@@ -247,3 +260,10 @@ class Sampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+def shed(summary: Mapping[str, Any]) -> str:
+    """For a group the server must close unrouted: ``200/200 closed unrouted`` (and what else happened)."""
+    ok = summary["outcomes"].get("ok", 0)
+    rest = {k: v for k, v in summary["outcomes"].items() if k != "ok"}
+    return f"{ok}/{summary['count']} closed unrouted" + (f" ({rest})" if rest else "")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from muxtwist.matchers.proxy_protocol import build_v1, build_v2
-from tests.reliability.harness import MuxServer, Row, Sampler, all_ok, mux_server, outcomes, run_client
+from tests.reliability.harness import MuxServer, Row, Sampler, all_ok, mux_server, outcomes, run_client, shed
 from tests.reliability.openers import OPENERS
 
 __all__ = ["hostile_clients", "untrusted_proxy_headers"]
@@ -124,7 +124,7 @@ def _oversized(server: MuxServer) -> list[Row]:
             "a TLS record of 16 KiB declaring a 65,535-byte ClientHello, followed by 100 KB of zeros (must be closed "
             "at max_sniff_bytes, before sniff_timeout) or by nothing (closed at sniff_timeout)",
             "100 + 100 connections, with 200 legitimate ones",
-            f"flood: closed unrouted {flood['outcomes']} after at most {flood['max']:.2f} s; stall: "
+            f"flood: {shed(flood)} after at most {flood['max']:.2f} s; stall: "
             f"{outcomes(stall)} after {stall['min']:.2f}-{stall['max']:.2f} s; {_legit_text(r['legit'])}; {leaks}",
             flood_ok and stall_ok and _legit_ok(r["legit"]) and leaks.ok,
         ),
@@ -178,7 +178,7 @@ def _connect_close(server: MuxServer) -> Row:
         "Hostile: connect and close with no data",
         "connect then half-close without a byte (server must close its side), and connect then reset",
         "1,000 + 1,000 connections, with 200 legitimate ones",
-        f"close: {outcomes(r['close'])}; reset: {outcomes(r['reset'])}; {_legit_text(r['legit'])}; {leaks}",
+        f"close: {shed(r['close'])}; reset: {outcomes(r['reset'])}; {_legit_text(r['legit'])}; {leaks}",
         all_ok(r["close"]) and all_ok(r["reset"]) and _legit_ok(r["legit"]) and leaks.ok,
     )
 
@@ -231,7 +231,7 @@ def untrusted_proxy_headers() -> Row:
         "(must be refused), plain clients (served, source 127.0.0.1); control: the same headers with "
         "127.0.0.0/8 trusted (source 203.0.113.9 reaches the service)",
         "200 untrusted + 100 plain + 200 trusted connections",
-        f"untrusted v1: {outcomes(r['v1'])} (ok = refused), v2: {outcomes(r['v2'])}, plain: {outcomes(r['plain'])} "
+        f"untrusted v1: {shed(r['v1'])}, v2: {shed(r['v2'])}; plain: {outcomes(r['plain'])}, "
         f"sources {r['plain']['sources']}; trusted: v1 {outcomes(t['v1'])}, v2 {outcomes(t['v2'])}, "
         f"sources seen {[g['sources'] for g in t.values()]}; {leaks}; exit {code}, {trusted_code}",
         green,
