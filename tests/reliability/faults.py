@@ -206,10 +206,18 @@ def _killed_during_shutdown(server: MuxServer, victim: Backend) -> Row:
 def backend_faults() -> list[Row]:
     """Refused, black-holed, reset, slow, killed and killed-at-shutdown backends, behind Proxy rules."""
     with ExitStack() as stack:
-        backends = {mode: Backend(mode) for mode in ("echo", "reset", "slow")}
-        victims = {name: Backend("echo") for name in ("victim", "victim2")}
-        for b in [*backends.values(), *victims.values()]:
-            stack.callback(b.kill)
+        started: dict[str, Backend] = {}
+        for name, mode in (
+            ("echo", "echo"),
+            ("reset", "reset"),
+            ("slow", "slow"),
+            ("victim", "echo"),
+            ("victim2", "echo"),
+        ):
+            started[name] = Backend(mode)
+            stack.callback(started[name].kill)
+        backends = {n: started[n] for n in ("echo", "reset", "slow")}
+        victims = {n: started[n] for n in ("victim", "victim2")}
         hole = stack.enter_context(_black_hole())
         ports = {name: b.port for name, b in {**backends, **victims}.items()}
         ports["refused"], ports["blackhole"] = _closed_port(), hole

@@ -103,12 +103,12 @@ class MuxServer:
         )
         try:
             wait_for_port(self.port, self.proc, timeout=30.0)
+            # wait_for_port's own probe connection must be gone from the baseline.
+            self.baseline = self.settled({}, timeout=5.0)
         except BaseException as e:
             log = self.log_text()
             self.kill()
             raise RuntimeError(f"muxtwist did not start: {e}; its log:\n{log[-3000:]}") from None
-        # wait_for_port's own probe connection must be gone from the baseline.
-        self.baseline = self.settled({}, timeout=5.0)
 
     @property
     def pid(self) -> int:
