@@ -209,6 +209,13 @@ def markdown(
             if k.endswith("foreign_cpu")
             for v in values
         ]
+        for c in s.contenders:
+            for k, values in s.samples.get(c, {}).items():
+                if k.endswith("loadgen_cpu") and statistics.median(values) > 0.9:
+                    lines.append(
+                        f"- **Load generator bound**: {c}, `{k}` median {statistics.median(values):.0%} of its "
+                        "core; that figure measures the load generator more than the server."
+                    )
         if foreign and statistics.median(foreign) > 0.25:
             lines.append(
                 f"- **Noisy**: processes outside the benchmark used a median {statistics.median(foreign):.2f} "
