@@ -26,7 +26,7 @@ class ReliabilityTests(unittest.TestCase):
         self.check(load.byte_dribble)
 
     def test_hostile_clients(self) -> None:
-        """Slowloris, oversized heads, a huge ClientHello, bad Host and connect-and-close are shed; others served."""
+        """Hostile clients of every kind are shed in time with memory bounded, while legitimate ones are served."""
         self.check(hostile.hostile_clients)
 
     def test_untrusted_proxy_headers(self) -> None:

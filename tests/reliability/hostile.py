@@ -92,6 +92,40 @@ def _slowloris(server: MuxServer, baseline_p99: float) -> Row:
     )
 
 
+def _full_buffers(server: MuxServer) -> Row:
+    # The start of a ClientHello declaring 65,535 bytes: the TLS rule needs
+    # more until MAX_CLIENT_HELLO, so each connection holds almost
+    # max_sniff_bytes, and no rule matches it when sniff_timeout ends it.
+    head = b"\x16\x03\x01\x40\x00" + b"\x01\x00\xff\xff" + b"\x03\x03"
+    opener = head + bytes(MAX_SNIFF_BYTES - 1 - len(head))
+    groups = [
+        {"name": "full", "kind": "hold", "count": 1000, "opener": opener.hex(), "spacing": 0.0005, "hold_max": 10},
+        legit(200, start_at=0.3),
+    ]
+    rss0 = server.state()["rss_kib"]
+    with Sampler(server.pid) as sampler:
+        r = run_client(server.port, groups, deadline=30)
+    leaks = server.leaks()
+    grown = sampler.peak_rss - rss0
+    # max_sniff_bytes per connection, plus the fixed cost of a connection
+    # (transport, protocol, timer: a few KiB, as the slowloris row shows).
+    bound = 1000 * (MAX_SNIFF_BYTES + 4096) // 1024
+    full = r["full"]
+    return Row(
+        "Hostile: full sniff buffers",
+        f"connections that each send max_sniff_bytes - 1 ({MAX_SNIFF_BYTES - 1}) bytes of a ClientHello that "
+        "could still complete, then stall: the most a sniffing connection can make the server hold",
+        "1,000 connections, with 200 legitimate ones",
+        f"{outcomes(full)} after {full['min']:.2f}-{full['max']:.2f} s; server memory +{grown} KiB at the peak, "
+        f"{grown * 1024 // 1000} bytes a connection (bound: 1,000 x (max_sniff_bytes + 4 KiB) = {bound} KiB); "
+        f"{_legit_text(r['legit'])}; {leaks}",
+        _closed_between(full, SNIFF_TIMEOUT * 0.9, SNIFF_TIMEOUT + CLOSE_SLACK)
+        and grown <= bound
+        and _legit_ok(r["legit"])
+        and leaks.ok,
+    )
+
+
 def _oversized(server: MuxServer) -> list[Row]:
     head = b"GET / HTTP/1.1\r\nHost: www.example.com\r\nX-Pad: " + b"a" * 200_000
     # A handshake record of the largest size, declaring a 65,535-byte ClientHello.
@@ -187,7 +221,7 @@ def hostile_clients() -> list[Row]:
     """Slowloris, oversized heads, huge ClientHello, bad Host, connect-and-close; leaks checked after each."""
     with mux_server(_ENV) as server:
         base = run_client(server.port, [legit(200)], deadline=30)["legit"]
-        rows = [_slowloris(server, base["p99"])]
+        rows = [_slowloris(server, base["p99"]), _full_buffers(server)]
         rows += _oversized(server)
         rows.append(_bad_host(server))
         rows.append(_connect_close(server))

@@ -91,7 +91,21 @@ def byte_dribble() -> Row:
             }
             for i, c in enumerate(captures)
         ]
-        result = run_client(server.port, groups, deadline=90.0)
+        # Ordinary clients of every protocol come and go meanwhile.
+        background = [
+            {
+                "name": f"background-{name}",
+                "kind": "echo",
+                "count": 20,
+                "opener": opener.hex(),
+                "size": 4096,
+                "seed": 100 + i,
+                "expect": name,
+                "spacing": 0.05,
+            }
+            for i, (name, opener) in enumerate(OPENERS.items())
+        ]
+        result = run_client(server.port, groups + background, deadline=90.0)
         leaks = server.leaks()
         code = server.stop()
     bad = {name: outcomes(g) for name, g in result.items() if not all_ok(g)}
@@ -101,8 +115,10 @@ def byte_dribble() -> Row:
     return Row(
         "Byte dribble",
         f"{len(captures)} client captures ({len(protocols)} protocols: {', '.join(protocols)}; "
-        f"{sum(c.real for c in captures)} from real clients) sent one byte every 2 ms, all interleaved",
-        f"{total} connections, up to {longest} bytes each (captures taken in {capture_time:.1f}s)",
+        f"{sum(c.real for c in captures)} from real clients) sent one byte every 2 ms, twice each, "
+        "all interleaved with each other and with ordinary clients of every protocol",
+        f"{len(captures) * 2} dribbled connections of up to {longest} bytes, {total - len(captures) * 2} "
+        f"ordinary ones alongside (captures taken in {capture_time:.1f}s)",
         f"{total - sum(g['outcomes'].get('ok', 0) for g in result.values())} misrouted or damaged"
         + (f" ({bad})" if bad else "")
         + f"; {leaks}; exit {code}",
