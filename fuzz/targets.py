@@ -11,6 +11,10 @@ Shared by the atheris harnesses (``fuzz/fuzz_<name>.py``, run by
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from muxtwist.interfaces import ConnectionInfo
 
 __all__ = ["SEEDS", "TARGETS", "check_matchers"]
 
@@ -128,7 +132,7 @@ def others(data: bytes) -> None:
     check_matchers([SSH(), XMPP(), WebSocket(), RDP(), OpenVPN()], data)
 
 
-def _info() -> object:
+def _info() -> ConnectionInfo:
     from muxtwist.interfaces import ConnectionInfo
 
     return ConnectionInfo()

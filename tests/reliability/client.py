@@ -95,7 +95,7 @@ class Conn:
         self.sock = sock
         self.started = now
         self.next_send = now
-        err = sock.connect_ex(tuple(self.group.address))  # type: ignore[arg-type]
+        err = sock.connect_ex(tuple(self.group.address))
         if err not in (0, errno.EINPROGRESS):
             self.finish(sel, f"connect:{errno.errorcode.get(err, err)}", now)
             return

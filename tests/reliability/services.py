@@ -74,7 +74,7 @@ def diagnostics() -> dict[str, int]:
                 rss = int(line.split()[1])
     return {
         "fds": len(os.listdir("/proc/self/fd")),
-        "delayed_calls": len(reactor.getDelayedCalls()),  # type: ignore[attr-defined]
+        "delayed_calls": len(reactor.getDelayedCalls()),
         "rss_kib": rss,
     }
 
