@@ -31,6 +31,7 @@ SETTINGS = (
     "max_connections_per_source",
     "shutdown_timeout",
     "accept_proxy_protocol",
+    "log_connections",
 )
 
 
@@ -58,6 +59,7 @@ class Settings:
     on_no_match: IProtocolFactory | None = None
     max_connections: int | None = None
     max_connections_per_source: int | None = None
+    log_connections: bool = True
     shutdown_timeout: float = 30.0
     accept_proxy_protocol: tuple[str, ...] | None = None
 
@@ -195,6 +197,12 @@ def _check_settings(path: str, ns: Mapping[str, Any], lines: Mapping[str, tuple[
     for name in ("max_connections", "max_connections_per_source"):
         if name in ns:
             values[name] = _number(path, line(name), name, ns[name], integer=True, optional=True)
+    if "log_connections" in ns:
+        if not isinstance(ns["log_connections"], bool):
+            raise ConfigError(
+                path, line("log_connections"), f"log_connections must be True or False, got {ns['log_connections']!r}"
+            )
+        values["log_connections"] = ns["log_connections"]
     for name in ("on_timeout", "on_no_match"):
         if name in ns:
             value = ns[name]
@@ -264,6 +272,7 @@ def build_factory(rules: Sequence[Rule], settings: Settings, reactor: IReactorCo
         max_connections=settings.max_connections,
         max_connections_per_source=settings.max_connections_per_source,
         accept_proxy_protocol=settings.accept_proxy_protocol,
+        log_connections=settings.log_connections,
         reactor=reactor,  # type: ignore[arg-type]
     )
 
@@ -276,6 +285,7 @@ def apply_settings(factory: SniffingFactory, rules: Sequence[Rule], settings: Se
     factory.max_sniff_bytes = settings.max_sniff_bytes
     factory.max_connections = settings.max_connections
     factory.max_connections_per_source = settings.max_connections_per_source
+    factory.log_connections = settings.log_connections
     factory.accept_proxy_protocol = settings.accept_proxy_protocol
     factory._trusted = (
         None if settings.accept_proxy_protocol is None else parse_networks(settings.accept_proxy_protocol)

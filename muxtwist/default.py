@@ -58,12 +58,7 @@ def status(service: MuxService) -> dict[str, object]:
             }
         )
     metrics = service.metrics
-    outcomes: dict[str, float] = {}
-    for family in metrics.connections.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                outcome = sample.labels["outcome"]
-                outcomes[outcome] = outcomes.get(outcome, 0) + sample.value
+    outcomes = metrics.connections_by_outcome()
     limits = {limit: metrics.value("muxtwist_limit_rejections_total", limit=limit) for limit in LIMITS}
     return {
         "version": __version__,

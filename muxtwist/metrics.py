@@ -14,12 +14,14 @@ Each :class:`Metrics` has its own ``CollectorRegistry`` (never the
 from __future__ import annotations
 
 import weakref
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
 
@@ -54,24 +56,6 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.connections = Counter(
-            "muxtwist_connections",
-            "Connections ended, by the rule that got them and how sniffing ended.",
-            ["rule", "outcome"],
-            registry=self.registry,
-        )
-        self.sniff_duration = Histogram(
-            "muxtwist_sniff_duration_seconds",
-            "Seconds from accept to the rules' decision.",
-            buckets=SNIFF_BUCKETS,
-            registry=self.registry,
-        )
-        self.bytes = Counter(
-            "muxtwist_sniffed_bytes",
-            "Bytes read from clients while sniffing (in) and written to them by responding matchers (out).",
-            ["rule", "direction"],
-            registry=self.registry,
-        )
         self.limit_rejections = Counter(
             "muxtwist_limit_rejections",
             "Connections closed at once because a limit was reached.",
@@ -81,9 +65,13 @@ class Metrics:
         for limit in LIMITS:
             self.limit_rejections.labels(limit)
         self._factories: weakref.WeakSet[SniffingFactory] = weakref.WeakSet()
-        # Label children cached by key: one dict lookup per connection end
-        # instead of prometheus_client's locked label resolution.
-        self._ended: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        # What ends with each connection is kept in plain lists and turned
+        # into metric families at scrape time: a few additions per
+        # connection instead of prometheus_client's locked updates.
+        self._ended: dict[tuple[str, str], list[int]] = {}
+        self._sniff_buckets = [0] * (len(SNIFF_BUCKETS) + 1)
+        self._sniff_sum = 0.0
+        self.registry.register(_EndedCollector(self))
         self.registry.register(_LiveCollector(self))
 
     def track(self, factory: SniffingFactory) -> None:
@@ -97,21 +85,21 @@ class Metrics:
 
     def connection_ended(self, rule: str, outcome: str, sniff_time: float, bytes_in: int, bytes_out: int) -> None:
         """Count one connection that has ended."""
-        children = self._ended.get((rule, outcome))
-        if children is None:
-            children = (
-                self.connections.labels(rule, outcome),
-                self.bytes.labels(rule, "in"),
-                self.bytes.labels(rule, "out"),
-            )
-            self._ended[(rule, outcome)] = children
-        count, got, sent = children
-        count.inc()
-        self.sniff_duration.observe(sniff_time)
-        if bytes_in:
-            got.inc(bytes_in)
-        if bytes_out:
-            sent.inc(bytes_out)
+        counts = self._ended.get((rule, outcome))
+        if counts is None:
+            counts = self._ended[(rule, outcome)] = [0, 0, 0]
+        counts[0] += 1
+        counts[1] += bytes_in
+        counts[2] += bytes_out
+        self._sniff_buckets[bisect_left(SNIFF_BUCKETS, sniff_time)] += 1
+        self._sniff_sum += sniff_time
+
+    def connections_by_outcome(self) -> dict[str, int]:
+        """Connections ended so far, by outcome (all rules)."""
+        totals: dict[str, int] = {}
+        for (_, outcome), counts in self._ended.items():
+            totals[outcome] = totals.get(outcome, 0) + counts[0]
+        return totals
 
     def limit_rejected(self, limit: str) -> None:
         """Count one connection closed because ``limit`` was reached."""
@@ -182,6 +170,49 @@ def _proxies_in(rule_name: str, factory: object, seen: set[int]) -> Iterator[tup
             return
         factory = getattr(factory, "factory", None) or getattr(factory, "wrappedFactory", None)
         depth += 1
+
+
+class _EndedCollector(Collector):
+    """Turns the counts kept by :meth:`Metrics.connection_ended` into metric families."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        m = self.metrics
+        connections = CounterMetricFamily(
+            "muxtwist_connections",
+            "Connections ended, by the rule that got them and how sniffing ended.",
+            labels=["rule", "outcome"],
+        )
+        sniffed = CounterMetricFamily(
+            "muxtwist_sniffed_bytes",
+            "Bytes read from clients while sniffing (in) and written to them by responding matchers (out).",
+            labels=["rule", "direction"],
+        )
+        by_rule: dict[str, list[int]] = {}
+        for (rule, outcome), (count, got, sent) in sorted(m._ended.items()):
+            connections.add_metric([rule, outcome], count)
+            totals = by_rule.setdefault(rule, [0, 0])
+            totals[0] += got
+            totals[1] += sent
+        for rule, (got, sent) in sorted(by_rule.items()):
+            sniffed.add_metric([rule, "in"], got)
+            sniffed.add_metric([rule, "out"], sent)
+        cumulative, buckets = 0, []
+        for bound, count in zip([*SNIFF_BUCKETS, float("inf")], m._sniff_buckets, strict=True):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        duration = HistogramMetricFamily(
+            "muxtwist_sniff_duration_seconds",
+            "Seconds from accept to the rules' decision.",
+            buckets=buckets,
+            sum_value=m._sniff_sum,
+        )
+        return [connections, sniffed, duration]
 
 
 class _LiveCollector(Collector):

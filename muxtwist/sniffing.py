@@ -133,6 +133,9 @@ class SniffingFactory:
         protocol header before their data.
     :param metrics: the :class:`~muxtwist.metrics.Metrics` to count into
         (the process-wide one by default).
+    :param log_connections: emit one log event per connection when it ends
+        (the metrics count every connection either way; turning the event
+        off saves a few microseconds per connection).
     :param reactor: the reactor for timers (``twisted.internet.reactor`` by default).
     """
 
@@ -148,6 +151,7 @@ class SniffingFactory:
         max_connections_per_source: int | None = None,
         accept_proxy_protocol: Sequence[str] | None = None,
         metrics: Metrics | None = None,
+        log_connections: bool = True,
         reactor: IReactorTime | None = None,
     ) -> None:
         if reactor is None:
@@ -159,6 +163,7 @@ class SniffingFactory:
         self.max_sniff_bytes = max_sniff_bytes
         self.max_connections = max_connections
         self.max_connections_per_source = max_connections_per_source
+        self.log_connections = log_connections
         self._per_source: dict[str, int] = {}
         if metrics is None:
             from muxtwist.metrics import default_metrics
@@ -443,7 +448,9 @@ class SniffingProtocol:
         if size >= self.factory.max_sniff_bytes:
             self._evaluate(final=Outcome.NO_MATCH)
         elif size <= EAGER_BYTES or size >= self._next_eval:
-            self._evaluate(final=None)
+            # The usual case: the whole opener in the first chunk, decided
+            # here without copying the buffer again.
+            self._evaluate(final=None, data=data if size == len(data) else None)
         elif self._quiet is None:
             self._quiet = self.factory._reactor.callLater(QUIET_DELAY, self._quiet_evaluate)
 
@@ -528,18 +535,20 @@ class SniffingProtocol:
             return
         self._evaluate(final=Outcome.TIMEOUT)
 
-    def _evaluate(self, final: Outcome | None) -> None:
+    def _evaluate(self, final: Outcome | None, data: bytes | None = None) -> None:
         """
-        Show the buffer to the rules in order. ``final`` is None for an
-        ordinary evaluation, or the reason this is the last one, in which
-        NEED_MORE counts as NO_MATCH.
+        Show the buffer (``data``, when the caller has it as bytes already)
+        to the rules in order. ``final`` is None for an ordinary evaluation,
+        or the reason this is the last one, in which NEED_MORE counts as
+        NO_MATCH.
         """
         buffer = self._buffer
         assert buffer is not None
         if self._quiet is not None:
             self._quiet.cancel()
             self._quiet = None
-        data = bytes(buffer)
+        if data is None:
+            data = bytes(buffer)
         size = len(data)
         self._next_eval = size + (size >> 2) + 1
         info = self.info
@@ -685,6 +694,8 @@ class SniffingProtocol:
         sniff_time = self.sniff_time if self.sniff_time is not None else self.ended_at - self.started
         info = self._info
         factory.metrics.connection_ended(rule, outcome, sniff_time, self._bytes_in, self._bytes_out)
+        if not factory.log_connections:
+            return
         log.info(
             "connection {peer} -> port {local_port} ended: {outcome}, rule {rule}, "
             "sniffed {sniff_time:.4f}s, {bytes_in} bytes in / {bytes_out} out while sniffing, {duration:.3f}s",

@@ -110,6 +110,7 @@ class LoaderTests(unittest.TestCase):
             "on_timeout = 42": "on_timeout must be an IProtocolFactory",
             "accept_proxy_protocol = '10.0.0.0/8'": "accept_proxy_protocol must be a list of CIDRs",
             "accept_proxy_protocol = ['10.0.0.300/8']": "not an IP network",
+            "log_connections = 'yes'": "log_connections must be True or False",
         }
         for line, problem in cases.items():
             error = self.broken(f"rules = [Rule(HTTP1(), echo)]\n{line}\n")
