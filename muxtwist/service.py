@@ -6,7 +6,6 @@ graceful stop, and reloading the rules file.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,6 +16,7 @@ from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from muxtwist._signals import SignalHandlers
 from muxtwist.config import Config, ConfigError, apply_settings, build_factory, endpoint_description, load_config
 from muxtwist.metrics import EmfileWatcher, Metrics, default_metrics
 from muxtwist.sniffing import SniffingFactory, SniffingProtocol
@@ -79,7 +79,7 @@ class Listener(StreamServerEndpointService):
         return port
 
 
-class MuxService(MultiService):
+class MuxService(SignalHandlers, MultiService):
     """
     A ``MultiService`` of sniffing listeners, for ``twistd`` or as a child of
     your own application.
@@ -241,39 +241,11 @@ class MuxService(MultiService):
             self._emfile = self.metrics.watch_emfile()
         super().startService()  # type: ignore[no-untyped-call]
         if self.handle_signals:
-            # The reactor installs its own handlers when it starts running;
-            # ours go in after them.
-            if getattr(self._reactor, "running", False):
-                self._install_signals()
-            else:
-                self._reactor.addSystemEventTrigger("after", "startup", self._install_signals)
-
-    def _install_signals(self) -> None:
-        if not self.running or self._old_handlers:
-            return
-        for signum, handler in (
-            (signal.SIGHUP, self._sighup),
-            (signal.SIGTERM, self._stop_signal),
-            (signal.SIGINT, self._stop_signal),
-        ):
-            self._old_handlers[signum] = signal.signal(signum, handler)
-
-    def _restore_signals(self) -> None:
-        for signum, handler in self._old_handlers.items():
-            signal.signal(signum, handler)
-        self._old_handlers = {}
-
-    def _sighup(self, signum: int, frame: Any) -> None:
-        # Signal handlers run between bytecodes; do the work in the reactor.
-        self._reactor.callFromThread(self.reload)
-
-    def _stop_signal(self, signum: int, frame: Any) -> None:
-        log.info("received signal {signum}: draining and stopping", signum=signum)
-        self._reactor.callFromThread(self._reactor.stop)
+            self.arm_signals()
 
     def stopService(self) -> defer.Deferred[None]:
         self.draining = True
-        self._restore_signals()
+        self.restore_signals()
         factories = [listener.factory for listener in self.listeners.values()]
         stopped = defer.maybeDeferred(super().stopService)
         stopped.addCallback(lambda _: self._drain(factories))

@@ -25,6 +25,8 @@ from twisted.internet.protocol import ProcessProtocol as _ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from muxtwist._signals import SignalHandlers
+
 __all__ = ["WorkerPool", "worker_command"]
 
 log = Logger()
@@ -81,7 +83,7 @@ class _Worker(_ProcessProtocol):
         self.pool._ended(self)
 
 
-class WorkerPool(Service):
+class WorkerPool(SignalHandlers, Service):
     """
     Make the listening sockets of ``descriptions`` and run ``count`` workers
     that adopt them.
@@ -156,10 +158,7 @@ class WorkerPool(Service):
         for slot in range(self.count):
             self._spawn(slot)
         if self.handle_signals:
-            if getattr(self._reactor, "running", False):
-                self._install_signals()
-            else:
-                self._reactor.addSystemEventTrigger("after", "startup", self._install_signals)
+            self.arm_signals()
 
     def _spawn(self, slot: int) -> None:
         self._pending.pop(slot, None)
@@ -204,29 +203,10 @@ class WorkerPool(Service):
         log.info("reload: signalling {n} worker(s)", n=len(self.workers))
         self.signal_workers(signal.SIGHUP)
 
-    def _install_signals(self) -> None:
-        if not self.running or self._old_handlers:
-            return
-        for signum, handler in (
-            (signal.SIGHUP, self._sighup),
-            (signal.SIGTERM, self._stop_signal),
-            (signal.SIGINT, self._stop_signal),
-        ):
-            self._old_handlers[signum] = signal.signal(signum, handler)
-
-    def _sighup(self, signum: int, frame: Any) -> None:
-        self._reactor.callFromThread(self.reload)
-
-    def _stop_signal(self, signum: int, frame: Any) -> None:
-        log.info("received signal {signum}: stopping the workers", signum=signum)
-        self._reactor.callFromThread(self._reactor.stop)
-
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
         self._stopping = True
-        for signum, handler in self._old_handlers.items():
-            signal.signal(signum, handler)
-        self._old_handlers = {}
+        self.restore_signals()
         for call in self._pending.values():
             if call.active():
                 call.cancel()
