@@ -116,8 +116,11 @@ class MuxServer:
 
     def state(self) -> dict[str, int]:
         """Descriptors counted from outside, delayed calls and memory as the server reports them."""
+        # Count before asking: the diagnostics connection itself closes a
+        # moment after its answer, and must not be counted.
+        fds = fd_count(self.pid)
         d = diag(self.port, preamble=self.preamble)
-        return {"fds": fd_count(self.pid), "delayed_calls": d["delayed_calls"], "rss_kib": rss_kib(self.pid)}
+        return {"fds": fds, "delayed_calls": d["delayed_calls"], "rss_kib": rss_kib(self.pid)}
 
     def settled(self, baseline: Mapping[str, int], timeout: float = 10.0) -> dict[str, int]:
         """Poll until descriptors and delayed calls are back to ``baseline`` (or stop changing), or time runs out."""
