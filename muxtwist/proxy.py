@@ -8,6 +8,11 @@ slow reader on either side stops reading on the other and memory stays
 bounded. After the backend connects, each chunk costs one ``write`` call: the
 protocols' ``dataReceived`` *is* the other transport's ``write``.
 
+On Linux, when both ends are plain TCP connections, the relay instead runs
+kernel-side with ``splice(2)`` once the sniffed bytes are handed over (see
+:mod:`muxtwist._splice`): no byte is copied into Python. ``splice=False``
+keeps the portable Twisted relay.
+
 Half-close is passed on both ways, an abort on one side aborts the other,
 and every ending cancels its timers and closes both sockets.
 """
@@ -38,6 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from muxtwist import _splice
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
 from muxtwist.matchers.proxy_protocol import build_v1, build_v2
 from muxtwist.proxyprotocol import header_for
@@ -195,6 +201,9 @@ class Proxy:
     :param max_fails: connect failures in a row after which a backend is
         skipped (passive health) ...
     :param fail_timeout: ... for this many seconds.
+    :param splice: relay with ``splice(2)`` where the platform and both
+        connections allow it (Linux, plain TCP on both sides); ``False``
+        always uses the portable Twisted relay.
     :param reactor: the reactor to connect and to time with.
 
     :ivar stats: the :class:`BackendStats` of each backend, by description.
@@ -214,6 +223,7 @@ class Proxy:
         health_check: HealthCheck | None = None,
         max_fails: int = 3,
         fail_timeout: float = 10.0,
+        splice: bool = True,
         reactor: Any = None,
     ) -> None:
         if reactor is None:
@@ -240,6 +250,7 @@ class Proxy:
         self.health_check = health_check
         self.max_fails = max_fails
         self.fail_timeout = fail_timeout
+        self.splice = splice and _splice.AVAILABLE
         self.backends: list[Backend] = []
         for d in descriptions:
             endpoint = clientFromString(reactor, d)
@@ -536,6 +547,13 @@ def _half_close(transport: ITransport) -> bool:
     return True
 
 
+def _unsent(transport: object) -> int:
+    """Bytes a Twisted transport holds to write, where it says."""
+    if transport is None or not hasattr(transport, "dataBuffer"):
+        return 0
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[attr-defined,no-any-return]
+
+
 def _abort(transport: ITransport) -> None:
     abort = getattr(transport, "abortConnection", None)
     if abort is not None:
@@ -552,7 +570,10 @@ class Relay(Protocol):
     :ivar info: the connection as the sniffer saw it.
     :ivar backend: the backend being tried or relayed to.
     :ivar side: the backend end, once a backend has connected.
+    :ivar spliced: whether the relay runs kernel-side with ``splice(2)``.
     """
+
+    spliced = False
 
     def __init__(self, proxy: Proxy, info: ConnectionInfo, rule_name: str) -> None:
         self.proxy = proxy
@@ -571,6 +592,29 @@ class Relay(Protocol):
         self._client_write_closed = False
         self._client_lost = False
         self._ended = False
+        self._splice: _splice.Splice | None = None
+        self._bytes_in = 0
+        self._bytes_out = 0
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes relayed from the client to the backend (sniffed bytes and PROXY header included)."""
+        return self._splice.bytes_in if self._splice is not None else self._bytes_in
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes relayed from the backend to the client."""
+        return self._splice.bytes_out if self._splice is not None else self._bytes_out
+
+    def buffered(self) -> int:
+        """Bytes the relay holds that neither end has taken yet (what backpressure bounds)."""
+        if self._splice is not None:
+            return self._splice.buffered()
+        return sum(_unsent(t) for t in (self.transport, self.side.transport if self.side else None))
+
+    def _unsplice(self) -> None:
+        if self._splice is not None:
+            self._splice.stop()
 
     def __repr__(self) -> str:
         backend = self.backend.description if self.backend else None
@@ -615,6 +659,7 @@ class Relay(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:  # noqa: B008
         self._client_lost = True
+        self._unsplice()
         self._cancel_attempt()
         side = self.side
         if side is not None and not side.lost:
@@ -725,24 +770,66 @@ class Relay(Protocol):
         pending, self._pending = self._pending or [], None
         if self.proxy.proxy_protocol is not None:
             pending.insert(0, self.proxy._header(self.info))
-        if pending:
-            backend_transport.write(b"".join(pending))
+        first = b"".join(pending)
+        if self._start_splice(client_transport, backend_transport, first):
+            self._linked()
+            return
+        if first:
+            self._bytes_in += len(first)
+            backend_transport.write(first)
         client_transport.registerProducer(backend_transport, True)  # type: ignore[attr-defined]
         backend_transport.registerProducer(client_transport, True)  # type: ignore[attr-defined]
         self._link(client_transport, backend_transport, side)
+        self._linked()
         if self._client_read_closed:
             backend_transport.unregisterProducer()  # type: ignore[attr-defined]
             _half_close(backend_transport)
         else:
             client_transport.resumeProducing()  # type: ignore[attr-defined]
 
+    def _start_splice(self, client_transport: ITransport, backend_transport: ITransport, first: bytes) -> bool:
+        """Relay with ``splice(2)`` from now on, if the proxy allows it and both ends can."""
+        if not (
+            self.proxy.splice
+            and not self._client_read_closed
+            and _splice.spliceable(client_transport)
+            and _splice.spliceable(backend_transport)
+        ):
+            return False
+        try:
+            splice = _splice.Splice(
+                client_transport,  # type: ignore[arg-type]
+                backend_transport,  # type: ignore[arg-type]
+                first,
+                client_transport.reactor,  # type: ignore[attr-defined]
+            )
+        except OSError as e:
+            # Out of descriptors for the pipes: the ordinary relay needs none.
+            log.warn("rule {rule}: no pipes for a spliced relay ({problem})", rule=self.rule_name, problem=e)
+            return False
+        self._splice = splice
+        self.spliced = True
+        splice.start()
+        return True
+
     def _link(self, client_transport: ITransport, backend_transport: ITransport, side: _BackendSide) -> None:
-        """
-        From now on each chunk is one write on the other transport and nothing
-        else. (A zero-copy splice path would replace this step.)
-        """
-        self.dataReceived = backend_transport.write  # type: ignore[method-assign]
-        side.dataReceived = client_transport.write  # type: ignore[method-assign]
+        """From now on each chunk is counted and written to the other transport, and nothing else."""
+        to_backend = backend_transport.write
+        to_client = client_transport.write
+
+        def from_client(data: bytes) -> None:
+            self._bytes_in += len(data)
+            to_backend(data)
+
+        def from_backend(data: bytes) -> None:
+            self._bytes_out += len(data)
+            to_client(data)
+
+        self.dataReceived = from_client  # type: ignore[method-assign]
+        side.dataReceived = from_backend  # type: ignore[method-assign]
+
+    def _linked(self) -> None:
+        """Hook for subclasses: bytes flow from now on."""
 
     def _backend_eof(self) -> None:
         client_transport = self.transport
@@ -756,6 +843,7 @@ class Relay(Protocol):
             side.transport.loseConnection()
 
     def _backend_lost(self, side: _BackendSide, reason: Failure) -> None:
+        self._unsplice()
         if self.side is not side:
             # Lost before the relay ran: a failed connect or TLS handshake.
             if self._trying is side:
@@ -790,6 +878,7 @@ class Relay(Protocol):
         if self.side is not None and not self.side.lost:
             return
         self._ended = True
+        self._unsplice()
         self._pending = None
         if self.side is not None and self.backend is not None:
             self.backend.stats.active -= 1
@@ -807,21 +896,11 @@ class _IdleTimedRelay(Relay):
 
     def __init__(self, proxy: Proxy, info: ConnectionInfo, rule_name: str) -> None:
         super().__init__(proxy, info, rule_name)
-        self._moved = True
+        self._seen = -1
         self._quiet_ticks = 0
         self._idle_call: IDelayedCall | None = None
 
-    def _link(self, client_transport: ITransport, backend_transport: ITransport, side: _BackendSide) -> None:
-        def to_backend(data: bytes) -> None:
-            self._moved = True
-            backend_transport.write(data)
-
-        def to_client(data: bytes) -> None:
-            self._moved = True
-            client_transport.write(data)
-
-        self.dataReceived = to_backend  # type: ignore[method-assign]
-        side.dataReceived = to_client  # type: ignore[method-assign]
+    def _linked(self) -> None:
         self._tick_later()
 
     def _tick_later(self) -> None:
@@ -830,8 +909,9 @@ class _IdleTimedRelay(Relay):
 
     def _tick(self) -> None:
         self._idle_call = None
-        if self._moved:
-            self._moved = False
+        moved = self.bytes_in + self.bytes_out
+        if moved != self._seen:
+            self._seen = moved
             self._quiet_ticks = 0
         else:
             self._quiet_ticks += 1
@@ -842,6 +922,7 @@ class _IdleTimedRelay(Relay):
                     client=self.info.source,
                     backend=self.backend.description if self.backend else None,
                 )
+                self._unsplice()
                 for transport in (self.transport, self.side.transport if self.side else None):
                     if transport is not None:
                         transport.unregisterProducer()  # type: ignore[attr-defined]

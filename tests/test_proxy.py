@@ -6,6 +6,7 @@ half-close, aborts, failures, failover, backpressure and leaks.
 from __future__ import annotations
 
 import socket
+import sys
 import time
 from typing import Any
 
@@ -64,11 +65,21 @@ def _full_listener(case: unittest.TestCase) -> socket.socket:
     return full
 
 
-class RelayTests(unittest.TestCase):
+class SpliceOption:
+    """Tests of the relay run on the splice(2) path (where the platform has it) and, in a subclass, without it."""
+
+    splice = True
+
+    def relay_proxy(self, backends: Any, **options: Any) -> Proxy:
+        return Proxy(backends, splice=self.splice, **options)
+
+
+class RelayTests(SpliceOption, unittest.TestCase):
     async def test_sniffed_bytes_first_then_both_ways(self) -> None:
         """The sniffed bytes reach the backend first, then data flows both ways in order."""
         desc, backends = backend(self)
-        port = proxied(self, Proxy(desc))
+        proxy = self.relay_proxy(desc)
+        port = proxied(self, proxy)
         client = await connect(self, port)
         client.transport.write(b"hello ")  # type: ignore[union-attr]
         server = await wait(backends.arrived)
@@ -76,10 +87,15 @@ class RelayTests(unittest.TestCase):
         client.transport.write(b"world")  # type: ignore[union-attr]
         self.assertEqual(await client.received_at_least(11), b"hello world")
         self.assertEqual(bytes(server.received), b"hello world")
+        (relay,) = proxy.relays
+        self.assertEqual(relay.spliced, self.splice and sys.platform.startswith("linux"))
+        server.transport.write(b"!")  # type: ignore[union-attr]
+        await client.received_at_least(12)
+        self.assertEqual((relay.bytes_in, relay.bytes_out), (11, 12))
 
     def test_client_paused_until_backend_connects(self) -> None:
         """Reading from the client is paused as soon as the relay starts, before any backend answers."""
-        proxy = Proxy(f"tcp:host=127.0.0.1:port={free_port()}", connect_timeout=5)
+        proxy = self.relay_proxy(f"tcp:host=127.0.0.1:port={free_port()}", connect_timeout=5)
         relay = proxy.buildProtocolForConnection(None, ConnectionInfo(), "r")  # type: ignore[arg-type]
         assert relay is not None
         transport = StringTransport()
@@ -91,7 +107,7 @@ class RelayTests(unittest.TestCase):
     async def test_client_half_close_reaches_backend(self) -> None:
         """A client's half-close reaches the backend, whose answer and own half-close still reach the client."""
         desc, backends = backend(self, Echo)
-        proxy = Proxy(desc)
+        proxy = self.relay_proxy(desc)
         port = proxied(self, proxy)
         client = await connect(self, port)
         client.transport.write(b"ping")  # type: ignore[union-attr]
@@ -117,7 +133,7 @@ class RelayTests(unittest.TestCase):
                 self.transport.loseWriteConnection()  # type: ignore[union-attr]
 
         desc, backends = backend(self, Greeter)
-        proxy = Proxy(desc)
+        proxy = self.relay_proxy(desc)
         port = proxied(self, proxy)
         client = await connect(self, port)
         client.transport.write(b"a")  # type: ignore[union-attr]
@@ -135,8 +151,10 @@ class RelayTests(unittest.TestCase):
     async def test_half_close_while_sniffing_and_connecting(self) -> None:
         """Bytes and a half-close sent before the rules decide reach the backend in order, and the answer comes back."""
         desc, backends = backend(self, Echo)
-        proxy = Proxy(desc)
-        port, _ = mux(self, [Rule(Prefix(b"a-longer-prefix"), Proxy("tcp:host=127.0.0.1:port=1"))], on_no_match=proxy)
+        proxy = self.relay_proxy(desc)
+        port, _ = mux(
+            self, [Rule(Prefix(b"a-longer-prefix"), self.relay_proxy("tcp:host=127.0.0.1:port=1"))], on_no_match=proxy
+        )
         client = await connect(self, port)
         client.transport.write(b"a-long")  # type: ignore[union-attr]
         client.transport.loseWriteConnection()  # type: ignore[union-attr]
@@ -156,7 +174,7 @@ class RelayTests(unittest.TestCase):
         factory = PeerFactory(Echo)
         listening = R.listenUNIX(path, factory)
         self.addCleanup(listening.stopListening)
-        port = proxied(self, Proxy(f"unix:path={path}"))
+        port = proxied(self, self.relay_proxy(f"unix:path={path}"))
         client = await connect(self, port)
         client.transport.write(b"over unix")  # type: ignore[union-attr]
         self.assertEqual(await client.received_at_least(9), b"over unix")
@@ -166,7 +184,7 @@ class RelayTests(unittest.TestCase):
     async def test_client_abort_aborts_backend(self) -> None:
         """A client that resets its connection gets the backend connection aborted too."""
         desc, backends = backend(self)
-        proxy = Proxy(desc)
+        proxy = self.relay_proxy(desc)
         port = proxied(self, proxy)
         client = await connect(self, port)
         client.transport.write(b"x")  # type: ignore[union-attr]
@@ -183,7 +201,7 @@ class RelayTests(unittest.TestCase):
         """A backend reset mid-stream is logged once with rule and backend, counted, and aborts the client."""
         events = capture_logs(self)
         desc, backends = backend(self)
-        proxy = Proxy(desc)
+        proxy = self.relay_proxy(desc)
         port = proxied(self, proxy)
         client = await connect(self, port)
         client.transport.write(b"x")  # type: ignore[union-attr]
@@ -210,7 +228,7 @@ class RelayTests(unittest.TestCase):
                 self.transport.loseConnection()  # type: ignore[union-attr]
 
         desc, _ = backend(self, Sender)
-        port = proxied(self, Proxy(desc))
+        port = proxied(self, self.relay_proxy(desc))
         client = await connect(self, port)
         client.transport.write(b"go")  # type: ignore[union-attr]
         # A FIN cannot tell a close from a half-close: the client gets a half-close.
@@ -220,12 +238,12 @@ class RelayTests(unittest.TestCase):
         await client.closed()
 
 
-class FailureTests(unittest.TestCase):
+class FailureTests(SpliceOption, unittest.TestCase):
     async def test_refused(self) -> None:
         """A refused connect is logged once with rule and backend, counted, and closes the client cleanly."""
         events = capture_logs(self)
         desc = f"tcp:host=127.0.0.1:port={free_port()}"
-        proxy = Proxy(desc)
+        proxy = self.relay_proxy(desc)
         port = proxied(self, proxy)
         client = await connect(self, port)
         client.transport.write(b"hi")  # type: ignore[union-attr]
@@ -243,7 +261,7 @@ class FailureTests(unittest.TestCase):
         """With several backends, a failed connect tries the next one, and the client never notices."""
         dead = f"tcp:host=127.0.0.1:port={free_port()}"
         desc, backends = backend(self)
-        proxy = Proxy([dead, desc], balance="first")
+        proxy = self.relay_proxy([dead, desc], balance="first")
         port = proxied(self, proxy)
         client = await connect(self, port)
         client.transport.write(b"hello")  # type: ignore[union-attr]
@@ -256,7 +274,7 @@ class FailureTests(unittest.TestCase):
         events = capture_logs(self)
         full = _full_listener(self)
         desc = f"tcp:host=127.0.0.1:port={full.getsockname()[1]}"
-        proxy = Proxy(desc, connect_timeout=0.3)
+        proxy = self.relay_proxy(desc, connect_timeout=0.3)
         port = proxied(self, proxy)
         client = await connect(self, port)
         client.transport.write(b"hi")  # type: ignore[union-attr]
@@ -273,7 +291,7 @@ class FailureTests(unittest.TestCase):
         """A client gone while the backend connect is pending cancels the attempt and its timer, logging no failure."""
         events = capture_logs(self)
         full = _full_listener(self)
-        proxy = Proxy(f"tcp:host=127.0.0.1:port={full.getsockname()[1]}", connect_timeout=30)
+        proxy = self.relay_proxy(f"tcp:host=127.0.0.1:port={full.getsockname()[1]}", connect_timeout=30)
         relay = proxy.buildProtocolForConnection(None, ConnectionInfo(), "r")  # type: ignore[arg-type]
         assert relay is not None
         relay.makeConnection(StringTransport())
@@ -290,7 +308,7 @@ class FailureTests(unittest.TestCase):
     async def test_max_connections(self) -> None:
         """Connections beyond max_connections are closed at once and counted."""
         desc, _ = backend(self)
-        proxy = Proxy(desc, max_connections=1)
+        proxy = self.relay_proxy(desc, max_connections=1)
         port = proxied(self, proxy)
         first = await connect(self, port)
         first.transport.write(b"1")  # type: ignore[union-attr]
@@ -304,7 +322,7 @@ class FailureTests(unittest.TestCase):
     async def test_idle_timeout(self) -> None:
         """A relay with no byte moving for idle_timeout is closed on both ends."""
         desc, backends = backend(self)
-        proxy = Proxy(desc, idle_timeout=0.2)
+        proxy = self.relay_proxy(desc, idle_timeout=0.2)
         port = proxied(self, proxy)
         client = await connect(self, port)
         client.transport.write(b"1")  # type: ignore[union-attr]
@@ -316,13 +334,13 @@ class FailureTests(unittest.TestCase):
         await until(lambda: not proxy.relays)
 
 
-class LeakTests(unittest.TestCase):
+class LeakTests(SpliceOption, unittest.TestCase):
     async def test_no_leaks_after_every_ending(self) -> None:
         """After normal ends, half-closes, aborts, resets, refusals and timeouts, no fd or delayed call is left."""
         desc, backends = backend(self)
         dead = f"tcp:host=127.0.0.1:port={free_port()}"
-        good = Proxy(desc)
-        bad = Proxy(dead)
+        good = self.relay_proxy(desc)
+        bad = self.relay_proxy(dead)
         port, _ = mux(self, [Rule(Prefix(b"bad"), bad), Rule(AnyMatcher(), good, name="good")])
         # Warm up so lazily opened descriptors (the reactor's waker...) exist before counting.
         warm = await connect(self, port)
@@ -357,7 +375,7 @@ class LeakTests(unittest.TestCase):
         self.assertEqual(good.stats[desc].active, 0)
 
 
-class BackpressureTests(unittest.TestCase):
+class BackpressureTests(SpliceOption, unittest.TestCase):
     SIZE = 200 * 1024 * 1024
     BOUND = 1024 * 1024
 
@@ -366,15 +384,9 @@ class BackpressureTests(unittest.TestCase):
         size, bound = self.SIZE, self.BOUND
         worst = [0]
 
-        def buffered(transport: Any) -> int:
-            if transport is None or not hasattr(transport, "dataBuffer"):
-                return 0
-            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[no-any-return]
-
         def measure() -> None:
             for relay in proxy.relays:
-                total = buffered(relay.transport) + buffered(relay.side.transport if relay.side else None)
-                worst[0] = max(worst[0], total)
+                worst[0] = max(worst[0], relay.buffered())
 
         class SlowReader(Peer):
             """Stops reading for a moment after every 8 MB."""
@@ -391,7 +403,7 @@ class BackpressureTests(unittest.TestCase):
                     R.callLater(0.05, self.transport.resumeProducing)  # type: ignore[union-attr]
 
         desc, backends = backend(self, SlowReader)
-        proxy = Proxy(desc)
+        proxy = self.relay_proxy(desc)
         port = proxied(self, proxy)
         client = await connect(self, port)
         chunk = b"x" * 65536
@@ -432,3 +444,19 @@ class BackpressureTests(unittest.TestCase):
         self.assertLess(worst[0], bound, f"relay buffered up to {worst[0]} bytes")
         self.assertGreater(worst[0], 0)
         self.assertLess(elapsed, 60)
+
+
+class RelayTestsWithoutSplice(RelayTests):
+    splice = False
+
+
+class FailureTestsWithoutSplice(FailureTests):
+    splice = False
+
+
+class LeakTestsWithoutSplice(LeakTests):
+    splice = False
+
+
+class BackpressureTestsWithoutSplice(BackpressureTests):
+    splice = False

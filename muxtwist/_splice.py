@@ -1,0 +1,281 @@
+"""
+A zero-copy relay between two TCP transports, for Linux.
+
+Once a relay's first bytes have been handed over, the two sockets are taken
+off Twisted's read and write path and bytes move kernel-side with
+``splice(2)``: socket -> pipe -> socket, one pipe per direction, never
+copied into Python. A destination that cannot take more stops reading from
+its source until it is writable again, so memory stays bounded by the pipes.
+
+An end of file is passed on as a half-close of the other socket; when both
+directions have ended, or on any socket error, the sockets are given back to
+their Twisted transports to be closed, so the protocols' ``connectionLost``
+runs as usual.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+from typing import Any
+
+from twisted.internet import error, tcp
+from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = ["AVAILABLE", "Splice", "spliceable"]
+
+AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
+
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+#: the most one splice call asks for: a default pipe's capacity.
+_CHUNK = 65536
+#: full reads in a row before giving other connections their turn.
+_ROUNDS = 16
+_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH)
+
+
+def spliceable(transport: object) -> bool:
+    """Whether ``transport`` is a plain, open TCP connection with nothing left to write."""
+    if not AVAILABLE or not isinstance(transport, tcp.Connection):
+        return False
+    sock = getattr(transport, "socket", None)
+    if sock is None or sock.family not in _FAMILIES or transport.disconnecting or transport.disconnected:
+        return False
+    # Bytes Twisted still holds for this socket would otherwise be overtaken.
+    unsent = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    return unsent == 0 and transport.producer is None
+
+
+class _Flow:
+    """One direction: from ``src``'s socket through a pipe into ``dst``'s."""
+
+    __slots__ = ("blocked", "dst", "ended", "in_pipe", "moved", "prefix", "read_end", "src", "write_end")
+
+    def __init__(self, src: _End, dst: _End, prefix: bytes) -> None:
+        self.src = src
+        self.dst = dst
+        self.read_end, self.write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        #: bytes spliced into the pipe and not yet out of it.
+        self.in_pipe = 0
+        #: bytes to send before anything from the pipe (the sniffed bytes).
+        self.prefix: memoryview | None = memoryview(prefix) if prefix else None
+        #: bytes delivered to ``dst``.
+        self.moved = 0
+        self.ended = False
+        self.blocked = False
+
+    def close(self) -> None:
+        for fd in (self.read_end, self.write_end):
+            if fd >= 0:
+                os.close(fd)
+        self.read_end = self.write_end = -1
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _End:
+    """One socket of the relay, as the reactor sees it while spliced."""
+
+    __slots__ = ("fd", "incoming", "outgoing", "reading", "socket", "splice", "transport", "writing")
+
+    def __init__(self, splice: Splice, transport: tcp.Connection) -> None:
+        self.splice = splice
+        self.transport = transport
+        self.socket: socket.socket = transport.socket
+        self.fd = self.socket.fileno()
+        self.reading = False
+        self.writing = False
+        #: the flow this socket is read for, and the one it is written for.
+        self.outgoing: _Flow
+        self.incoming: _Flow
+
+    def fileno(self) -> int:
+        # -1 once closed, so the reactor never mistakes a reused number for us.
+        return self.socket.fileno()
+
+    def doRead(self) -> None:
+        self.splice._pump(self.outgoing)
+
+    def doWrite(self) -> None:
+        self.splice._drained(self.incoming)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.splice._failed(self, reason)
+
+    def logPrefix(self) -> str:
+        return "muxtwist.splice"
+
+
+class Splice:
+    """
+    Relay ``client`` and ``backend`` with ``splice(2)`` until both directions end.
+
+    :param first: bytes for the backend before anything read from the client.
+    :ivar bytes_in: bytes delivered from the client to the backend (``first`` included).
+    :ivar bytes_out: bytes delivered from the backend to the client.
+    """
+
+    def __init__(self, client: tcp.Connection, backend: tcp.Connection, first: bytes, reactor: Any) -> None:
+        self._reactor = reactor
+        self.client = _End(self, client)
+        self.backend = _End(self, backend)
+        self.up = _Flow(self.client, self.backend, first)
+        try:
+            self.down = _Flow(self.backend, self.client, b"")
+        except OSError:
+            self.up.close()
+            raise
+        self.client.outgoing = self.backend.incoming = self.up
+        self.backend.outgoing = self.client.incoming = self.down
+        self.running = False
+
+    @property
+    def bytes_in(self) -> int:
+        return self.up.moved
+
+    @property
+    def bytes_out(self) -> int:
+        return self.down.moved
+
+    def buffered(self) -> int:
+        """Bytes held in the pipes and not yet delivered."""
+        return self.up.in_pipe + self.down.in_pipe + (len(self.up.prefix) if self.up.prefix is not None else 0)
+
+    def start(self) -> None:
+        """Take both sockets over from their transports and start relaying."""
+        self.running = True
+        for end in (self.client, self.backend):
+            end.transport.stopReading()
+            end.transport.stopWriting()
+        self._read(self.client)
+        self._read(self.backend)
+        if self.up.prefix is not None:
+            self._flush(self.up)
+
+    def stop(self) -> None:
+        """Give the sockets back (unregistered) and close the pipes; idempotent."""
+        if not self.running:
+            return
+        self.running = False
+        reactor = self._reactor
+        for end in (self.client, self.backend):
+            if end.reading:
+                end.reading = False
+                reactor.removeReader(end)
+            if end.writing:
+                end.writing = False
+                reactor.removeWriter(end)
+        self.up.close()
+        self.down.close()
+
+    # Moving bytes
+
+    def _read(self, end: _End) -> None:
+        if not end.reading:
+            end.reading = True
+            self._reactor.addReader(end)
+
+    def _pump(self, flow: _Flow) -> None:
+        """``flow.src`` is readable: move what it has, as long as ``flow.dst`` keeps up."""
+        src = flow.src.fd
+        pipe = flow.write_end
+        for _ in range(_ROUNDS):
+            try:
+                got = os.splice(src, pipe, _CHUNK, flags=_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self._broken(flow.src, e)
+                return
+            if not got:
+                self._ended(flow)
+                return
+            flow.in_pipe = got
+            if not self._flush(flow) or got < _CHUNK:
+                # Blocked, or a short read: the socket is drained for now.
+                return
+
+    def _flush(self, flow: _Flow) -> bool:
+        """Empty ``flow``'s pipe (and first bytes) into its destination; ``False`` if it blocked."""
+        dst = flow.dst
+        try:
+            if flow.prefix is not None:
+                sent = dst.socket.send(flow.prefix)
+                flow.moved += sent
+                flow.prefix = flow.prefix[sent:] if sent < len(flow.prefix) else None
+                if flow.prefix is not None:
+                    raise BlockingIOError
+            pipe = flow.read_end
+            while flow.in_pipe:
+                sent = os.splice(pipe, dst.fd, flow.in_pipe, flags=_FLAGS)
+                flow.in_pipe -= sent
+                flow.moved += sent
+        except BlockingIOError:
+            self._block(flow)
+            return False
+        except OSError as e:
+            self._broken(dst, e)
+            return False
+        return True
+
+    def _block(self, flow: _Flow) -> None:
+        """Stop reading the source until the destination is writable."""
+        if flow.blocked:
+            return
+        flow.blocked = True
+        src, dst = flow.src, flow.dst
+        if src.reading:
+            src.reading = False
+            self._reactor.removeReader(src)
+        if not dst.writing:
+            dst.writing = True
+            self._reactor.addWriter(dst)
+
+    def _drained(self, flow: _Flow) -> None:
+        """``flow.dst`` is writable again."""
+        if not self._flush(flow):
+            return
+        flow.blocked = False
+        dst = flow.dst
+        if dst.writing:
+            dst.writing = False
+            self._reactor.removeWriter(dst)
+        if not flow.ended and self.running:
+            self._read(flow.src)
+
+    # Endings
+
+    def _ended(self, flow: _Flow) -> None:
+        """End of file from ``flow.src``: half-close ``flow.dst``; close both once both ways ended."""
+        flow.ended = True
+        src = flow.src
+        if src.reading:
+            src.reading = False
+            self._reactor.removeReader(src)
+        try:
+            flow.dst.socket.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            self._broken(flow.dst, e)
+            return
+        if self.up.ended and self.down.ended:
+            self.stop()
+            self.client.transport.loseConnection()
+            self.backend.transport.loseConnection()
+
+    def _broken(self, end: _End, e: OSError) -> None:
+        """A socket error on ``end``: it is lost; its protocol ends the other side."""
+        if e.errno in _GONE:
+            reason: Exception = error.ConnectionLost(os.strerror(e.errno or 0))
+        else:
+            reason = e
+        self._failed(end, Failure(reason))
+
+    def _failed(self, end: _End, reason: Failure) -> None:
+        if not self.running:
+            return
+        self.stop()
+        end.transport.connectionLost(reason)
