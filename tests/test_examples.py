@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import re
 import select
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -18,6 +20,9 @@ import time
 from collections.abc import Sequence
 
 from twisted.trial.unittest import TestCase
+
+from tests.certs import make_ca, make_certificate
+from tests.test_proxy_real import start_nginx, start_redis, start_sshd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -37,7 +42,7 @@ def free_port() -> int:
 class Running:
     """A started example process whose output is read as it comes."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()) -> None:
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = os.pathsep.join(
             [ROOT, *([env.pop("PYTHONPATH")] if env and "PYTHONPATH" in env else [])]
@@ -45,7 +50,7 @@ class Running:
         full_env["PYTHONUNBUFFERED"] = "1"
         full_env.update(env or {})
         self.process = subprocess.Popen(
-            list(args), cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            list(args), cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=pass_fds
         )
         self.output = b""
 
@@ -362,3 +367,291 @@ class FourServicesTests(ExampleTestCase):
         self.assertTrue(other.endswith(b"\r\n\r\nsome other host\n"), other)
         self.assertEqual(dribble(port, b"ECHO one byte at a time\n"), b"ECHO one byte at a time\n")
         self.assertStops(self.running)
+
+
+def run_client(args: Sequence[str], timeout: float = CLIENT) -> subprocess.CompletedProcess[bytes]:
+    """Run a client program to the end, within ``timeout``."""
+    return subprocess.run(list(args), capture_output=True, timeout=timeout + 5)
+
+
+def wait_port(port: int, timeout: float = STARTUP) -> None:
+    """Wait until something accepts connections on loopback ``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise AssertionError(f"nothing listens on port {port} after {timeout}s")
+
+
+class GrpcAndHttpTests(ExampleTestCase):
+    """examples/grpc_and_http: gRPC and HTTP/1.1 on one port in one process (the cmux pattern)."""
+
+    def test_grpcio_and_curl(self) -> None:
+        """A grpcio client gets its unary answer and curl the web page, on the same port, twice over."""
+        import grpc
+
+        running = self.start(
+            [*TWISTD, "--port", "tcp:0:interface=127.0.0.1", "--config", "examples/grpc_and_http/rules.py"]
+        )
+        (port,) = running.listening_ports()
+        for word in (b"world", b"again"):
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.enable_retries", 0)]) as channel:
+                reply = channel.unary_unary("/demo.Greeter/Hello")(word, timeout=CLIENT)
+            self.assertEqual(reply, b"hello " + word)
+            self.assertEqual(curl(port), "hello from HTTP\n")
+        running.wait_for(rb"ended: handed_off, rule grpc", count=2)
+        self.assertStops(running)
+
+
+class PortReuseTests(ExampleTestCase):
+    """examples/port_reuse: real nginx, redis-server and sshd behind one muxtwist port."""
+
+    async def test_curl_redis_cli_and_ssh_keyscan(self) -> None:
+        """curl reaches nginx, redis-cli reaches redis-server, ssh-keyscan gets sshd's host key."""
+        nginx = await start_nginx(self, "hello from nginx")
+        redis = await start_redis(self)
+        sshd, host_key = await start_sshd(self)
+        running = self.start(
+            [*TWISTD, "--port", "tcp:0:interface=127.0.0.1", "--config", "examples/port_reuse/rules.py"],
+            {"NGINX_PORT": str(nginx), "REDIS_PORT": str(redis), "SSHD_PORT": str(sshd)},
+        )
+        (port,) = running.listening_ports()
+        self.assertEqual(curl(port), "hello from nginx")
+        done = run_client(["redis-cli", "-p", str(port), "SET", "muxtwist", "one port"])
+        self.assertEqual((done.returncode, done.stdout), (0, b"OK\n"), done.stderr)
+        done = run_client(["redis-cli", "-p", str(port), "GET", "muxtwist"])
+        self.assertEqual(done.stdout, b"one port\n", done.stderr)
+        done = run_client(["ssh-keyscan", "-T", str(int(CLIENT)), "-t", "ed25519", "-p", str(port), "127.0.0.1"])
+        self.assertIn(host_key.encode(), done.stdout, done.stderr)
+        # ssh-keyscan waits for the server's banner: it reached sshd through on_timeout.
+        running.wait_for(rb"ended: timeout, rule on_timeout")
+        # The OpenSSH client speaks first, so the SSH() rule takes it to sshd, which asks for a key it lacks.
+        done = run_client(
+            [
+                *("ssh", "-p", str(port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"),
+                *("-o", "UserKnownHostsFile=/dev/null", "-o", f"ConnectTimeout={int(CLIENT)}"),
+                *("-o", "PreferredAuthentications=publickey", "nobody@127.0.0.1", "true"),
+            ]
+        )
+        self.assertIn(b"Permission denied (publickey", done.stderr)
+        for rule in (b"web", b"redis", b"ssh"):
+            running.wait_for(rb"ended: handed_off, rule " + rule)
+        self.assertStops(running)
+
+
+class TLSSitesTests(ExampleTestCase):
+    """examples/tls_sites: two certificates, HTTP/2 and HTTP/1.1, and the redirect, on one port."""
+
+    def test_curl(self) -> None:
+        """curl gets each host's certificate over h2 or HTTP/1.1; plain HTTP gets a 301 to https."""
+        ca = make_ca()
+        folder = tempfile.mkdtemp(prefix="muxtwist-example-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        certificates = os.path.join(folder, "certs")
+        os.mkdir(certificates)
+        for host in ("a.test", "b.test"):
+            pair = make_certificate(host, ca=ca)
+            with open(os.path.join(certificates, host + ".pem"), "wb") as f:
+                f.write(pair.cert_pem + pair.key_pem)
+        ca_path = os.path.join(folder, "ca.pem")
+        with open(ca_path, "wb") as f:
+            f.write(ca.cert_pem)
+        port = free_port()
+        running = self.start(
+            [*TWISTD, "--port", f"tcp:{port}:interface=127.0.0.1", "--config", "examples/tls_sites/rules.py"],
+            {"CERT_DIR": certificates, "PUBLIC_PORT": str(port)},
+        )
+        running.listening_ports()
+
+        def https(host: str, version: str) -> tuple[str, str]:
+            done = run_client(
+                [
+                    *("curl", "-sS", "--fail", "--max-time", str(CLIENT), "--cacert", ca_path, version),
+                    *("--resolve", f"{host}:{port}:127.0.0.1", "-w", "|%{http_version}"),
+                    f"https://{host}:{port}/",
+                ]
+            )
+            self.assertEqual(done.returncode, 0, done.stderr)
+            body, _, http_version = done.stdout.decode().rpartition("|")
+            return body, http_version
+
+        # curl checks each certificate against the CA and the name it asked for.
+        self.assertEqual(https("a.test", "--http2"), ("a.test over HTTP/2\n", "2"))
+        self.assertEqual(https("b.test", "--http2"), ("b.test over HTTP/2\n", "2"))
+        self.assertEqual(https("a.test", "--http1.1"), ("a.test over HTTP/1.1\n", "1.1"))
+        done = run_client(
+            [
+                *("curl", "-sS", "--max-time", str(CLIENT), "-o", "/dev/null"),
+                *("-w", "%{http_code} %{redirect_url}", "--resolve", f"a.test:{port}:127.0.0.1"),
+                f"http://a.test:{port}/page?x=1",
+            ]
+        )
+        self.assertEqual(done.stdout.decode(), f"301 https://a.test:{port}/page?x=1", done.stderr)
+        done = run_client(
+            [
+                "curl",
+                "-sS",
+                "-L",
+                "--max-time",
+                str(CLIENT),
+                "--cacert",
+                ca_path,
+                "--resolve",
+                f"b.test:{port}:127.0.0.1",
+                f"http://b.test:{port}/",
+            ]
+        )
+        self.assertEqual(done.stdout, b"b.test over HTTP/2\n", done.stderr)
+        self.assertStops(running)
+
+
+HAPROXY = """\
+global
+    maxconn 50
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 10s
+    timeout server 10s
+frontend front
+    bind 127.0.0.1:{front}
+    default_backend muxtwist
+backend muxtwist
+    server m1 127.0.0.1:{port} send-proxy-v2
+"""
+
+
+def proxy_v2_header(source: str, source_port: int, destination: str, destination_port: int) -> bytes:
+    """A PROXY protocol v2 header for a TCP over IPv4 connection, as load balancers send it."""
+    addresses = (
+        socket.inet_aton(source) + socket.inet_aton(destination) + struct.pack("!HH", source_port, destination_port)
+    )
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", len(addresses)) + addresses
+
+
+class ProductionTests(ExampleTestCase):
+    """examples/production: behind HAProxy with PROXY v2, from a systemd socket, and with --workers 2."""
+
+    RULES = ("--config", "examples/production/rules.py")
+
+    def test_behind_haproxy(self) -> None:
+        """Through HAProxy's send-proxy-v2, rules and logs see the client's own address and port."""
+        port, front = free_port(), free_port()
+        running = self.start([*TWISTD, "--port", f"tcp:{port}:interface=127.0.0.1", *self.RULES])
+        running.listening_ports()
+        folder = tempfile.mkdtemp(prefix="muxtwist-example-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        config = os.path.join(folder, "haproxy.cfg")
+        with open(config, "w") as f:
+            f.write(HAPROXY.format(front=front, port=port))
+        haproxy = subprocess.Popen(["haproxy", "-db", "-f", config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.addCleanup(lambda: (haproxy.poll() is None and haproxy.kill(), haproxy.communicate()))
+        wait_port(front)
+
+        def through_haproxy(interface: str) -> tuple[str, int]:
+            done = run_client(
+                [
+                    *("curl", "-sS", "--fail", "--max-time", str(CLIENT), "--interface", interface),
+                    *("-w", "|%{local_port}", f"http://127.0.0.1:{front}/"),
+                ]
+            )
+            self.assertEqual(done.returncode, 0, done.stderr)
+            body, _, local_port = done.stdout.decode().rpartition("|")
+            return body, int(local_port)
+
+        body, office_port = through_haproxy("127.0.0.2")
+        self.assertTrue(body.startswith("hello, office; process "), body)
+        body, world_port = through_haproxy("127.0.0.1")
+        self.assertTrue(body.startswith("hello, world; process "), body)
+        # The log names curl's own address and port, not HAProxy's connection.
+        running.wait_for(
+            rf"connection 127\.0\.0\.2:{office_port} -> port {port} ended: handed_off, rule office".encode()
+        )
+        running.wait_for(rf"connection 127\.0\.0\.1:{world_port} -> port {port} ended: handed_off, rule web".encode())
+        self.assertStops(running)
+
+    def test_proxy_v2_header_and_untrusted_peer(self) -> None:
+        """A v2 header from a trusted peer routes by its source; from an untrusted peer it is refused."""
+        running = self.start(
+            [*TWISTD, "--port", "tcp:0:interface=127.0.0.1", *self.RULES], {"TRUSTED_PROXIES": "127.0.0.1/32"}
+        )
+        (port,) = running.listening_ports()
+        request = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
+        header = proxy_v2_header("127.0.0.2", 40000, "127.0.0.1", port)
+        with socket.create_connection(("127.0.0.1", port), timeout=CLIENT) as s:
+            s.sendall(header + request)
+            self.assertIn(b"hello, office; process ", read_all(s))
+        with socket.create_connection(("127.0.0.1", port), timeout=CLIENT) as s:
+            s.sendall(request)
+            # A trusted peer must send a header: without one the connection is refused.
+            self.assertEqual(read_all(s), b"")
+        with socket.create_connection(("127.0.0.1", port), timeout=CLIENT, source_address=("127.0.0.3", 0)) as s:
+            s.sendall(header + request)
+            self.assertEqual(read_all(s), b"")
+        with socket.create_connection(("127.0.0.1", port), timeout=CLIENT, source_address=("127.0.0.3", 0)) as s:
+            s.sendall(b"ECHO untrusted peers sniffed as usual\n")
+            s.shutdown(socket.SHUT_WR)
+            self.assertEqual(read_all(s), b"ECHO untrusted peers sniffed as usual\n")
+        running.wait_for(rb"connection 127\.0\.0\.2:40000 -> port \d+ ended: handed_off, rule office")
+        self.assertStops(running)
+
+    def test_systemd_socket_activation(self) -> None:
+        """With the service unit's --port, a socket passed as fd 3 with LISTEN_FDS is served, and SIGTERM exits 0."""
+        with open(os.path.join(EXAMPLES, "production", "muxtwist.service")) as f:
+            (exec_start,) = [line for line in f if line.startswith("ExecStart=")]
+        (port_option,) = re.findall(r"--port (systemd:\S+)", exec_start)
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(16)
+        port = listening.getsockname()[1]
+        # What systemd does: the socket as fd 3, LISTEN_PID naming the process that execs twistd.
+        wrapper = (
+            "import os, sys\n"
+            "fd = int(sys.argv[1])\n"
+            "os.dup2(fd, 3)\n"
+            "os.set_inheritable(3, True)\n"
+            "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES='muxtwist')\n"
+            "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
+        )
+        running = Running(
+            [sys.executable, "-c", wrapper, str(listening.fileno()), *TWISTD[1:], "--port", port_option, *self.RULES],
+            {"TRUSTED_PROXIES": "192.0.2.1/32"},
+            pass_fds=(listening.fileno(),),
+        )
+        self.addCleanup(running.kill)
+        listening.close()  # only the server holds it now
+        running.wait_for(rb"SniffingFactory starting on " + str(port).encode())
+        self.assertTrue(curl(port).startswith("hello, world; process "))
+        self.assertEqual(nc(port, b"ECHO from systemd\n"), b"ECHO from systemd\n")
+        self.assertStops(running)
+
+    def test_workers(self) -> None:
+        """--workers 2: two worker processes answer on the one port; SIGTERM stops both and exits 0."""
+        port = free_port()
+        running = self.start(
+            [*TWISTD, "--port", f"tcp:{port}:interface=127.0.0.1", "--workers", "2", *self.RULES],
+            {"TRUSTED_PROXIES": "192.0.2.1/32"},
+        )
+        running.wait_for(rb"SniffingFactory starting on " + str(port).encode(), count=2)
+        pids: set[int] = set()
+        deadline = time.monotonic() + STARTUP
+        while len(pids) < 2 and time.monotonic() < deadline:
+            # Several clients at once, so that both workers are woken.
+            socks = [socket.create_connection(("127.0.0.1", port), timeout=CLIENT) for _ in range(8)]
+            for s in socks:
+                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            for s in socks:
+                with s:
+                    found = re.search(rb"process (\d+)", read_all(s))
+                    assert found is not None
+                    pids.add(int(found.group(1)))
+        self.assertEqual(len(pids), 2, pids)
+        self.assertNotIn(running.process.pid, pids)
+        self.assertStops(running)
+        for pid in pids:
+            with self.assertRaises(ProcessLookupError):
+                os.kill(pid, 0)
