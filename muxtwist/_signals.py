@@ -58,5 +58,12 @@ class SignalHandlers:
         self._reactor.callFromThread(self.reload)
 
     def _stop_signal(self, signum: int, frame: Any) -> None:
+        if not self.running:
+            # Already stopping: a second signal cuts the drain short.
+            stop_now = getattr(self, "stop_now", None)
+            if stop_now is not None:
+                log.info("received signal {signum} again: aborting the remaining connections", signum=signum)
+                self._reactor.callFromThread(stop_now)
+            return
         log.info("received signal {signum}: stopping", signum=signum)
         self._reactor.callFromThread(self._reactor.stop)

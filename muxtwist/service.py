@@ -122,6 +122,7 @@ class MuxService(SignalHandlers, MultiService):
         self.ports = ports
         self.handle_signals = handle_signals
         self._old_handlers: dict[int, Any] = {}
+        self._stopping_factories: list[SniffingFactory] = []
         self._held: dict[int, SniffingFactory] = {}
         self.reloaded: list[Callable[[Config], None]] = []
         self.inherited = dict(inherited or {})
@@ -245,12 +246,23 @@ class MuxService(SignalHandlers, MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         self.draining = True
-        self.restore_signals()
         factories = [listener.factory for listener in self.listeners.values()]
+        self._stopping_factories = factories
         stopped = defer.maybeDeferred(super().stopService)
         stopped.addCallback(lambda _: self._drain(factories))
         stopped.addBoth(self._stop_admin)
+        # Our handlers stay in while draining, so that a second SIGTERM cuts
+        # the drain short instead of killing the process.
+        stopped.addBoth(self._signals_off)
         return stopped
+
+    def _signals_off(self, result: object) -> object:
+        self.restore_signals()
+        return result
+
+    def stop_now(self) -> None:
+        """Abort every connection at once (a second SIGTERM while draining)."""
+        self._abort(self._stopping_factories)
 
     def _stop_admin(self, result: object) -> object:
         if self._emfile is not None:

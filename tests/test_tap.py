@@ -150,6 +150,29 @@ class RulesFileTests(unittest.TestCase):
         self.assertIn("syntax error", log)
 
 
+class SecondSignalTests(unittest.TestCase):
+    def test_second_sigterm_cuts_the_drain_short(self) -> None:
+        """A second SIGTERM while draining aborts what is left, and the exit status is still 0."""
+        rules = os.path.abspath(self.mktemp() + "-rules.py")
+        with open(rules, "w") as f:
+            f.write(RULES + "shutdown_timeout = 60\n")
+        port = free_port()
+        server = Twistd("--port", str(port), "--config", rules, wait_ports=(port,))
+        self.addCleanup(server.kill)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"ECHO held open\n")
+            self.assertEqual(s.recv(100), b"ECHO held open\n")
+            server.signal(signal.SIGTERM)
+            time.sleep(0.5)
+            self.assertIsNone(server.proc.poll(), "the first SIGTERM should wait for the open connection")
+            started = time.monotonic()
+            server.signal(signal.SIGTERM)
+            code, log = server.stop(timeout=20)
+            self.assertLess(time.monotonic() - started, 10)
+        self.assertEqual(code, 0, log)
+        self.assertIn("aborting the remaining connections", log)
+
+
 class BrokenConfigTests(unittest.TestCase):
     def test_broken_file_is_one_message_and_non_zero_exit(self) -> None:
         """A broken rules file stops twistd with one line naming file, line and problem."""
