@@ -227,9 +227,12 @@ def backend_faults() -> list[Row]:
             "MUXREL_SHUTDOWN_TIMEOUT": "10",
         }
         server = stack.enter_context(mux_server(env))
+        # The slow reader goes first, so that its memory figure is not hidden
+        # in what earlier phases left allocated.
+        slow = _slow_reader(server)
         rows = _refused_and_black_holed(server)
         rows.append(_reset(server))
-        rows.append(_slow_reader(server))
+        rows.append(slow)
         rows.append(_killed(server, victims["victim"]))
         rows.append(_killed_during_shutdown(server, victims["victim2"]))
     return rows
