@@ -44,7 +44,16 @@ myst_heading_anchors = 3
 #: Pages that other parts of the project bring along as they land, in the
 #: order they should appear; only those that exist go into the table of
 #: contents, so the build neither breaks nor leaves them out.
-OPTIONAL_PAGES = ["matchers", "proxy", "tls", "proxy-protocol", "metrics", "operations", "reliability"]
+OPTIONAL_PAGES = [
+    "matchers",
+    "proxy",
+    "tls",
+    "proxy-protocol",
+    "metrics",
+    "operations",
+    "performance",
+    "reliability",
+]
 PLACEHOLDER = ".. optional-pages::"
 
 
@@ -57,7 +66,7 @@ def _fill_toctree(app: Any, docname: str, source: list[str]) -> None:
         return
     pages = _optional_pages()
     entries = "".join(f"   {p}\n" for p in pages)
-    block = f".. toctree::\n   :maxdepth: 2\n   :caption: Protocols, proxies and TLS\n\n{entries}" if pages else ""
+    block = f".. toctree::\n   :maxdepth: 2\n   :caption: Protocols, proxies, TLS and operations\n\n{entries}" if pages else ""
     source[0] = source[0].replace(PLACEHOLDER + "\n", block)
 
 
