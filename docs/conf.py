@@ -66,7 +66,8 @@ def _fill_toctree(app: Any, docname: str, source: list[str]) -> None:
         return
     pages = _optional_pages()
     entries = "".join(f"   {p}\n" for p in pages)
-    block = f".. toctree::\n   :maxdepth: 2\n   :caption: Protocols, proxies, TLS and operations\n\n{entries}" if pages else ""
+    caption = "Protocols, proxies, TLS and operations"
+    block = f".. toctree::\n   :maxdepth: 2\n   :caption: {caption}\n\n{entries}" if pages else ""
     source[0] = source[0].replace(PLACEHOLDER + "\n", block)
 
 
