@@ -1,0 +1,1 @@
+How-to recipes, each with an example the test suite runs: HTTP and gRPC on one port, HTTP, Redis and SSH behind one port through proxies, TLS sites with HTTP/2 and a redirect, and production (PROXY protocol behind HAProxy, systemd socket activation, workers).
