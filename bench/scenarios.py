@@ -421,14 +421,20 @@ def proxy(ctx: Context) -> Scenario:
 
 def _splice_note() -> str:
     try:
-        source = Path(__file__).resolve().parent.parent.joinpath("muxtwist", "proxy.py").read_text()
-    except OSError:
-        source = ""
-    if "os.splice" in source:
-        return "muxtwist's Proxy has a splice(2) path (`os.splice` appears in muxtwist/proxy.py)."
+        from muxtwist import _splice
+    except ImportError:
+        available = False
+    else:
+        available = _splice.AVAILABLE
+    if available:
+        return (
+            "muxtwist's Proxy relays with its Linux path here: once the sniffed bytes are sent, it reads and "
+            "writes both sockets itself (recv/send for small exchanges; splice(2) through a pipe from a "
+            "direction's first full 64 KiB read, so bulk bytes are never copied into Python)."
+        )
     return (
-        "muxtwist's Proxy has no zero-copy splice(2) relay yet (no `os.splice` in muxtwist/proxy.py): every "
-        "byte is read into Python and written back, so bulk throughput is bounded by the ordinary Twisted relay."
+        "muxtwist's Proxy used the portable Twisted relay here (no os.splice on this platform): every byte is "
+        "read into Python and written back."
     )
 
 

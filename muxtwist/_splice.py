@@ -2,9 +2,13 @@
 A zero-copy relay between two TCP transports, for Linux.
 
 Once a relay's first bytes have been handed over, the two sockets are taken
-off Twisted's read and write path and bytes move kernel-side with
-``splice(2)``: socket -> pipe -> socket, one pipe per direction, never
-copied into Python. A destination that cannot take more stops reading from
+off Twisted's read and write path and read and written here, straight from
+the reactor's readiness events. Each direction starts by copying: a
+``recv`` and a ``send``, which for small requests and answers costs no more
+than ``splice(2)`` and needs no pipe. The first read that fills a whole
+chunk shows bulk transfer; from then on that direction moves kernel-side
+with ``splice(2)``, socket -> pipe -> socket, never copied into Python. A
+destination that cannot take more stops reading from
 its source until it is writable again, so memory stays bounded by the pipes.
 
 An end of file is passed on as a half-close of the other socket; when both
@@ -54,12 +58,13 @@ def spliceable(transport: object) -> bool:
 class _Flow:
     """One direction: from ``src``'s socket through a pipe into ``dst``'s."""
 
-    __slots__ = ("blocked", "dst", "ended", "in_pipe", "moved", "prefix", "read_end", "src", "write_end")
+    __slots__ = ("blocked", "dst", "ended", "in_pipe", "moved", "piped", "prefix", "read_end", "src", "write_end")
 
     def __init__(self, src: _End, dst: _End, prefix: bytes) -> None:
         self.src = src
         self.dst = dst
-        self.read_end, self.write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        #: the pipe, once the flow has shown bulk transfer (-1 until then).
+        self.read_end = self.write_end = -1
         #: bytes spliced into the pipe and not yet out of it.
         self.in_pipe = 0
         #: bytes to send before anything from the pipe (the sniffed bytes).
@@ -68,6 +73,12 @@ class _Flow:
         self.moved = 0
         self.ended = False
         self.blocked = False
+        #: whether the flow has moved to splice(2).
+        self.piped = False
+
+    def open_pipe(self) -> None:
+        self.read_end, self.write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.piped = True
 
     def close(self) -> None:
         for fd in (self.read_end, self.write_end):
@@ -124,14 +135,15 @@ class Splice:
         self.client = _End(self, client)
         self.backend = _End(self, backend)
         self.up = _Flow(self.client, self.backend, first)
-        try:
-            self.down = _Flow(self.backend, self.client, b"")
-        except OSError:
-            self.up.close()
-            raise
+        self.down = _Flow(self.backend, self.client, b"")
         self.client.outgoing = self.backend.incoming = self.up
         self.backend.outgoing = self.client.incoming = self.down
         self.running = False
+
+    @property
+    def zero_copy(self) -> bool:
+        """Whether either direction has moved to splice(2)."""
+        return self.up.piped or self.down.piped
 
     @property
     def bytes_in(self) -> int:
@@ -181,6 +193,25 @@ class Splice:
 
     def _pump(self, flow: _Flow) -> None:
         """``flow.src`` is readable: move what it has, as long as ``flow.dst`` keeps up."""
+        if flow.read_end < 0:
+            try:
+                data = flow.src.socket.recv(_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self._broken(flow.src, e)
+                return
+            if not data:
+                self._ended(flow)
+                return
+            flow.prefix = memoryview(data)
+            if not self._flush(flow) or len(data) < _CHUNK:
+                return
+            try:
+                flow.open_pipe()
+            except OSError:
+                # Out of descriptors: this flow keeps copying.
+                return
         src = flow.src.fd
         pipe = flow.write_end
         for _ in range(_ROUNDS):

@@ -484,6 +484,10 @@ class _Probe(Protocol):
 class _OneProtocol(Factory):
     """A factory handing out one protocol instance that already exists."""
 
+    # One factory per backend connection: "Starting factory" logs would cost
+    # every new relay a log event.
+    noisy = False
+
     def __init__(self, protocol: Protocol) -> None:
         self._protocol = protocol
 
@@ -796,17 +800,12 @@ class Relay(Protocol):
             and _splice.spliceable(backend_transport)
         ):
             return False
-        try:
-            splice = _splice.Splice(
-                client_transport,  # type: ignore[arg-type]
-                backend_transport,  # type: ignore[arg-type]
-                first,
-                client_transport.reactor,  # type: ignore[attr-defined]
-            )
-        except OSError as e:
-            # Out of descriptors for the pipes: the ordinary relay needs none.
-            log.warn("rule {rule}: no pipes for a spliced relay ({problem})", rule=self.rule_name, problem=e)
-            return False
+        splice = _splice.Splice(
+            client_transport,  # type: ignore[arg-type]
+            backend_transport,  # type: ignore[arg-type]
+            first,
+            client_transport.reactor,  # type: ignore[attr-defined]
+        )
         self._splice = splice
         self.spliced = True
         splice.start()

@@ -384,9 +384,12 @@ class BackpressureTests(SpliceOption, unittest.TestCase):
         size, bound = self.SIZE, self.BOUND
         worst = [0]
 
+        zero_copy = [False]
+
         def measure() -> None:
             for relay in proxy.relays:
                 worst[0] = max(worst[0], relay.buffered())
+                zero_copy[0] = zero_copy[0] or (relay._splice is not None and relay._splice.zero_copy)
 
         class SlowReader(Peer):
             """Stops reading for a moment after every 8 MB."""
@@ -444,6 +447,7 @@ class BackpressureTests(SpliceOption, unittest.TestCase):
         self.assertLess(worst[0], bound, f"relay buffered up to {worst[0]} bytes")
         self.assertGreater(worst[0], 0)
         self.assertLess(elapsed, 60)
+        self.assertEqual(zero_copy[0], self.splice and sys.platform.startswith("linux"))
 
 
 class RelayTestsWithoutSplice(RelayTests):
