@@ -294,8 +294,14 @@ class Splice:
             return
         if self.up.ended and self.down.ended:
             self.stop()
-            self.client.transport.loseConnection()
-            self.backend.transport.loseConnection()
+            # Both ways ended and nothing is buffered: close both now, as a
+            # loseConnection would one reactor turn later. Marked closing
+            # first, so the relay's own loseConnection calls are no-ops.
+            client, backend = self.client.transport, self.backend.transport
+            client.disconnecting = backend.disconnecting = True
+            done = Failure(error.ConnectionDone())
+            client.connectionLost(done)
+            backend.connectionLost(done)
 
     def _broken(self, end: _End, e: OSError) -> None:
         """A socket error on ``end``: it is lost; its protocol ends the other side."""
