@@ -189,10 +189,18 @@ def _http1_only(matcher: IMatcher) -> bool:
 class _Certificates:
     """One loaded set of certificates: a TLS context per host name."""
 
-    def __init__(self, contexts: dict[str, SSL.Context], sources: dict[str, tuple[str, str]], ok: bool) -> None:
+    def __init__(
+        self,
+        contexts: dict[str, SSL.Context],
+        sources: dict[str, tuple[str, str]],
+        ok: bool,
+        first: SSL.Context | None,
+    ) -> None:
         self.contexts = contexts
         self.sources = sources
         self.ok = ok
+        #: the context a connection starts with (``None``: the bare one, which chooses by SNI).
+        self.first = first
 
     def lookup(self, server_name: str | None) -> SSL.Context | None:
         contexts = self.contexts
@@ -233,6 +241,10 @@ class TerminateTLS:
         present a certificate they signed (mutual TLS).
     :param handshake_timeout: seconds a client may take to finish the
         handshake before the connection is aborted.
+    :param resumption: let clients resume sessions (a server-side session
+        cache and session tickets). Off by default, as in Twisted's own TLS
+        endpoints: every handshake is a full one, and no handshake pays for
+        making tickets that short-lived clients never use.
     :raises CertificateError: a certificate file is missing or broken.
     """
 
@@ -245,6 +257,7 @@ class TerminateTLS:
         min_version: str = "TLSv1.2",
         client_ca: str | os.PathLike[str] | None = None,
         handshake_timeout: float = 10.0,
+        resumption: bool = False,
         reactor: IReactorTime | None = None,
     ) -> None:
         if reactor is None:
@@ -261,10 +274,13 @@ class TerminateTLS:
         self.min_version = min_version
         self.client_ca = os.fspath(client_ca) if client_ca is not None else None
         self.handshake_timeout = handshake_timeout
+        self.resumption = resumption
         self.stats: dict[str, int] = {"handshakes": 0, "failed": 0, "timed_out": 0}
         self._creator = _ConnectionCreator(self)
         self._tls_factory = TLSMemoryBIOFactory(self._creator, False, factory, clock=self._reactor)
-        self._bare = self._new_context()
+        #: contexts that call back into Python to choose a certificate by SNI.
+        self._choosing: weakref.WeakSet[SSL.Context] = weakref.WeakSet()
+        self._bare = self._new_context(choose=True)
         self._certificates = self._load(previous=None)
         _instances.add(self)
 
@@ -300,11 +316,14 @@ class TerminateTLS:
 
     def _load(self, previous: _Certificates | None) -> _Certificates:
         sources = _sources(self.source)
+        # With one certificate for every name, OpenSSL need not call back
+        # into Python on each handshake to choose it.
+        choose = set(sources) != {DEFAULT}
         contexts: dict[str, SSL.Context] = {}
         ok = True
         for host, (cert_path, key_path) in sources.items():
             try:
-                contexts[host] = self._context_with(cert_path, key_path)
+                contexts[host] = self._context_with(cert_path, key_path, choose)
             except CertificateError as e:
                 if previous is None:
                     raise
@@ -318,12 +337,21 @@ class TerminateTLS:
         if previous is not None:
             for host in sorted(set(previous.contexts) - set(contexts)):
                 log.info("certificate for {host} removed", host=host)
-        return _Certificates(contexts, sources, ok)
+        first = contexts.get(DEFAULT)
+        if first is not None and choose and first not in self._choosing:
+            # A kept DEFAULT from a single-certificate set cannot choose by
+            # SNI (a used context cannot change): start from the bare one.
+            first = None
+        return _Certificates(contexts, sources, ok, first)
 
-    def _new_context(self) -> SSL.Context:
+    def _new_context(self, choose: bool) -> SSL.Context:
         ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
         ctx.set_min_proto_version(_VERSIONS[self.min_version])
-        ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+        options = SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
+        if not self.resumption:
+            options |= SSL.OP_NO_TICKET
+            ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        ctx.set_options(options)
         # Session resumption with client certificates needs a context id.
         ctx.set_session_id(b"muxtwist")
         if self.client_ca is not None:
@@ -331,14 +359,16 @@ class TerminateTLS:
             ctx.load_verify_locations(ca)
             ctx.load_client_ca(ca)
             ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, None)
-        ctx.set_tlsext_servername_callback(self._creator.servername)
+        if choose:
+            ctx.set_tlsext_servername_callback(self._creator.servername)
+            self._choosing.add(ctx)
         if self._alpn_wire:
             ctx.set_alpn_select_callback(self._creator.select_alpn)
         return ctx
 
-    def _context_with(self, cert_path: str, key_path: str) -> SSL.Context:
+    def _context_with(self, cert_path: str, key_path: str, choose: bool) -> SSL.Context:
         chain, key = _read_pair(cert_path, key_path)
-        ctx = self._new_context()
+        ctx = self._new_context(choose)
         try:
             ctx.use_certificate(chain[0])
             for extra in chain[1:]:
@@ -378,7 +408,7 @@ class _ConnectionCreator:
     def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         owner = self._owner()
         assert owner is not None
-        ctx = owner.context_for(None) or owner._bare
+        ctx = owner._certificates.first or owner._bare
         connection = SSL.Connection(ctx, None)
         handshake = tlsProtocol.wrappedProtocol
         if isinstance(handshake, _Handshake):
@@ -465,9 +495,8 @@ class _Handshake:
         if owner.client_ca is not None:
             peer_certificate = connection.get_peer_certificate(as_cryptography=True)
         info = self.info
-        if info.local is None:
-            info = info.evolve(local=tls.getHost())
         info = info.evolve(
+            local=tls.getHost() if info.local is None else info.local,
             sni=raw_sni.decode("ascii", "replace").lower() if raw_sni else None,
             alpn=raw_alpn.decode("ascii", "replace") if raw_alpn else None,
             peer_certificate=peer_certificate,
