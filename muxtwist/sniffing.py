@@ -673,11 +673,12 @@ class SniffingProtocol:
                 if getattr(proto, "side", True) is None and getattr(proto, "proxy", None) is not None:
                     # A proxy relay that never reached a backend.
                     self.outcome = Outcome.BACKEND_FAILED
-                self._ended()
+                # A winner that relays (Proxy) says how many bytes it moved each way.
+                self._ended(getattr(proto, "bytes_in", None), getattr(proto, "bytes_out", None))
 
         return connectionLost
 
-    def _ended(self) -> None:
+    def _ended(self, relayed_in: int | None = None, relayed_out: int | None = None) -> None:
         if self.ended_at is not None:
             return
         factory = self.factory
@@ -707,6 +708,8 @@ class SniffingProtocol:
             sniff_time=sniff_time,
             bytes_in=self._bytes_in,
             bytes_out=self._bytes_out,
+            relayed_in=relayed_in,
+            relayed_out=relayed_out,
             duration=self.ended_at - self.started,
         )
 

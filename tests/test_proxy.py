@@ -93,6 +93,24 @@ class RelayTests(SpliceOption, unittest.TestCase):
         await client.received_at_least(12)
         self.assertEqual((relay.bytes_in, relay.bytes_out), (11, 12))
 
+    async def test_end_event_carries_relayed_bytes(self) -> None:
+        """The connection's end event says how many bytes the relay moved each way."""
+        events = capture_logs(self)
+        desc, backends = backend(self)
+        proxy = self.relay_proxy(desc)
+        port = proxied(self, proxy)
+        client = await connect(self, port)
+        client.transport.write(b"ping")  # type: ignore[union-attr]
+        server = await wait(backends.arrived)
+        await client.received_at_least(4)
+        server.transport.write(b"+pong")  # type: ignore[union-attr]
+        await client.received_at_least(9)
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        await client.closed()
+        await until(lambda: any(e.get("log_event") == "connection_end" for e in events))
+        (end,) = [e for e in events if e.get("log_event") == "connection_end"]
+        self.assertEqual((end["relayed_in"], end["relayed_out"]), (4, 9))
+
     def test_client_paused_until_backend_connects(self) -> None:
         """Reading from the client is paused as soon as the relay starts, before any backend answers."""
         proxy = self.relay_proxy(f"tcp:host=127.0.0.1:port={free_port()}", connect_timeout=5)
