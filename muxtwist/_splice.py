@@ -20,6 +20,7 @@ runs as usual.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import sys
@@ -35,8 +36,11 @@ __all__ = ["AVAILABLE", "Splice", "spliceable"]
 AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
 
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-#: the most one splice call asks for: a default pipe's capacity.
+#: the most one recv asks for while copying; a read this full starts splicing.
 _CHUNK = 65536
+#: the pipe's capacity, asked for when a flow starts splicing (the kernel may
+#: cap it; the most one splice call asks for).
+_PIPE = 256 * 1024
 #: full reads in a row before giving other connections their turn.
 _ROUNDS = 16
 _FAMILIES = (socket.AF_INET, socket.AF_INET6)
@@ -58,7 +62,19 @@ def spliceable(transport: object) -> bool:
 class _Flow:
     """One direction: from ``src``'s socket through a pipe into ``dst``'s."""
 
-    __slots__ = ("blocked", "dst", "ended", "in_pipe", "moved", "piped", "prefix", "read_end", "src", "write_end")
+    __slots__ = (
+        "blocked",
+        "dst",
+        "ended",
+        "in_pipe",
+        "moved",
+        "piped",
+        "prefix",
+        "read_end",
+        "size",
+        "src",
+        "write_end",
+    )
 
     def __init__(self, src: _End, dst: _End, prefix: bytes) -> None:
         self.src = src
@@ -75,10 +91,17 @@ class _Flow:
         self.blocked = False
         #: whether the flow has moved to splice(2).
         self.piped = False
+        #: the pipe's capacity.
+        self.size = _CHUNK
 
     def open_pipe(self) -> None:
         self.read_end, self.write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.piped = True
+        try:
+            # Fewer, larger splices for bulk transfer; pages are only taken as filled.
+            self.size = fcntl.fcntl(self.write_end, fcntl.F_SETPIPE_SZ, _PIPE)
+        except OSError:
+            self.size = _CHUNK
 
     def close(self) -> None:
         for fd in (self.read_end, self.write_end):
@@ -214,9 +237,10 @@ class Splice:
                 return
         src = flow.src.fd
         pipe = flow.write_end
+        size = flow.size
         for _ in range(_ROUNDS):
             try:
-                got = os.splice(src, pipe, _CHUNK, flags=_FLAGS)
+                got = os.splice(src, pipe, size, flags=_FLAGS)
             except BlockingIOError:
                 return
             except OSError as e:
@@ -226,7 +250,7 @@ class Splice:
                 self._ended(flow)
                 return
             flow.in_pipe = got
-            if not self._flush(flow) or got < _CHUNK:
+            if not self._flush(flow) or got < size:
                 # Blocked, or a short read: the socket is drained for now.
                 return
 
