@@ -311,21 +311,22 @@ class Splice:
         if src.reading:
             src.reading = False
             self._reactor.removeReader(src)
-        try:
-            flow.dst.socket.shutdown(socket.SHUT_WR)
-        except OSError as e:
-            self._broken(flow.dst, e)
+        if not (self.up.ended and self.down.ended):
+            try:
+                flow.dst.socket.shutdown(socket.SHUT_WR)
+            except OSError as e:
+                self._broken(flow.dst, e)
             return
-        if self.up.ended and self.down.ended:
-            self.stop()
-            # Both ways ended and nothing is buffered: close both now, as a
-            # loseConnection would one reactor turn later. Marked closing
-            # first, so the relay's own loseConnection calls are no-ops.
-            client, backend = self.client.transport, self.backend.transport
-            client.disconnecting = backend.disconnecting = True
-            done = Failure(error.ConnectionDone())
-            client.connectionLost(done)
-            backend.connectionLost(done)
+        self.stop()
+        # Both ways ended and nothing is buffered: close both now (the close
+        # sends the last FIN), as a loseConnection would one reactor turn
+        # later. Marked closing first, so the relay's own loseConnection
+        # calls are no-ops.
+        client, backend = self.client.transport, self.backend.transport
+        client.disconnecting = backend.disconnecting = True
+        done = Failure(error.ConnectionDone())
+        client.connectionLost(done)
+        backend.connectionLost(done)
 
     def _broken(self, end: _End, e: OSError) -> None:
         """A socket error on ``end``: it is lost; its protocol ends the other side."""
