@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import shutil
 import sys
@@ -47,6 +48,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="where results go")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="where performance.md goes")
     parser.add_argument("--no-docs", action="store_true", help="write bench/results/ only")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the scenarios not run now from the previous results/latest.json, each labelled as earlier",
+    )
     return parser.parse_args(argv)
 
 
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         finished = datetime.datetime.now().astimezone()
         command = "python -m bench" + (" --quick" if options.quick else "")
         command += "".join(f" --only {n}" for n in options.only or [])
+        command += "".join(f" --{k} {v}" for k, v in (("runs", options.runs), ("seconds", options.seconds)) if v)
         meta = {
             "quick": options.quick,
             "runs": runs,
@@ -108,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             "pinning": {"servers": " ".join(server_cpu) or "none", "load": " ".join(load_cpu) or "none"},
             "machine": _procs.machine(reactor_name),
         }
+        if options.merge and (options.results / "latest.json").exists():
+            earlier = _results.from_json(json.loads((options.results / "latest.json").read_text()))
+            kept = {key: s for key, s in earlier.items() if key not in done}
+            if kept:
+                meta["merged"] = [s.title for s in kept.values()]
+                # The page keeps the earlier run's order of scenarios.
+                order = list(earlier) + [key for key in done if key not in earlier]
+                done = {key: done.get(key) or kept[key] for key in order if key in done or key in kept}
         meta["machine"]["pinning"] = (
             f"servers `{' '.join(server_cpu)}`, load `{' '.join(load_cpu)}`" if server_cpu else "none"
         )

@@ -77,6 +77,33 @@ class Scenario:
         return a / b
 
 
+def from_json(data: dict[str, Any]) -> dict[str, Scenario]:
+    """The scenarios of an earlier ``latest.json``, each noted with when and how it was measured."""
+    meta = data.get("meta", {})
+    quick = " (quick run)" if meta.get("quick") else ""
+    when = (
+        f"Measured earlier, {meta.get('finished', '?')}{quick}: {meta.get('runs', '?')} runs of "
+        f"{meta.get('seconds', '?')} s; kept from that run's results, not measured again in this one."
+    )
+    found: dict[str, Scenario] = {}
+    for key, entry in data.get("scenarios", {}).items():
+        scenario = Scenario(
+            key,
+            entry["title"],
+            entry.get("reference"),
+            [Metric(**m) for m in entry.get("metrics", [])],
+            not_measured=dict(entry.get("not_measured", {})),
+            notes=[n for n in entry.get("notes", []) if not n.startswith("Measured earlier")] + [when],
+            extra=dict(entry.get("extra", {})),
+        )
+        for contender, figures in entry.get("contenders", {}).items():
+            scenario.add(contender, {})
+            for metric, figure in figures.items():
+                scenario.samples[contender][metric] = [float(v) for v in figure["samples"]]
+        found[key] = scenario
+    return found
+
+
 def evaluate(target: Target, scenarios: dict[str, Scenario]) -> tuple[str, float | None]:
     """``("met" | "not met" | "not measured", the figure compared)``."""
     scenario = scenarios.get(target.scenario)
@@ -166,6 +193,14 @@ def markdown(
         f"{meta['seconds']} s per measurement; every figure is the **median** of those runs "
         "(min-max beside it), and ratios are median over median. Everything ran on 127.0.0.1.",
         "",
+    ]
+    if meta.get("merged"):
+        lines += [
+            f"**Not all from one run**: {', '.join(meta['merged'])} come from an earlier run (the note under "
+            "each says when and how); only the other scenarios were measured by the command above.",
+            "",
+        ]
+    lines += [
         "## Targets",
         "",
         "| target | figure | status |",
