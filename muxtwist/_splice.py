@@ -7,9 +7,11 @@ the reactor's readiness events. Each direction starts by copying: a
 ``recv`` and a ``send``, which for small requests and answers costs no more
 than ``splice(2)`` and needs no pipe. The first read that fills a whole
 chunk shows bulk transfer; from then on that direction moves kernel-side
-with ``splice(2)``, socket -> pipe -> socket, never copied into Python. A
-destination that cannot take more stops reading from
-its source until it is writable again, so memory stays bounded by the pipes.
+with ``splice(2)``, socket -> pipe -> socket, never copied into Python.
+
+A destination that cannot take more stops reading from its source until it
+is writable again, so memory stays bounded by one chunk or one pipe per
+direction.
 
 An end of file is passed on as a half-close of the other socket; when both
 directions have ended, or on any socket error, the sockets are given back to
@@ -177,8 +179,8 @@ class Splice:
         return self.down.moved
 
     def buffered(self) -> int:
-        """Bytes held in the pipes and not yet delivered."""
-        return self.up.in_pipe + self.down.in_pipe + (len(self.up.prefix) if self.up.prefix is not None else 0)
+        """Bytes read (or given) and not yet delivered, in either direction."""
+        return sum(f.in_pipe + (len(f.prefix) if f.prefix is not None else 0) for f in (self.up, self.down))
 
     def start(self) -> None:
         """Take both sockets over from their transports and start relaying."""

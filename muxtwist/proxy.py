@@ -8,10 +8,12 @@ slow reader on either side stops reading on the other and memory stays
 bounded. After the backend connects, each chunk costs one ``write`` call: the
 protocols' ``dataReceived`` *is* the other transport's ``write``.
 
-On Linux, when both ends are plain TCP connections, the relay instead runs
-kernel-side with ``splice(2)`` once the sniffed bytes are handed over (see
-:mod:`muxtwist._splice`): no byte is copied into Python. ``splice=False``
-keeps the portable Twisted relay.
+On Linux, when both ends are plain TCP connections, the relay instead takes
+both sockets off Twisted's read/write path once the sniffed bytes are handed
+over (see :mod:`muxtwist._splice`): small exchanges are one ``recv`` and one
+``send``, and a direction carrying bulk moves kernel-side with ``splice(2)``
+through a pipe, never copied into Python. ``splice=False`` keeps the
+portable Twisted relay.
 
 Half-close is passed on both ways, an abort on one side aborts the other,
 and every ending cancels its timers and closes both sockets.
