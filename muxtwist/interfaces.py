@@ -19,6 +19,7 @@ from zope.interface import Attribute, Interface
 __all__ = [
     "ConnectionInfo",
     "IConnectionInfoFactory",
+    "IConnectionReport",
     "IMatcher",
     "IMatcherPlugin",
     "IRespondingMatcher",
@@ -117,6 +118,19 @@ class IConnectionInfoFactory(IProtocolFactory):
 
     def buildProtocolForConnection(addr: IAddress, info: ConnectionInfo, rule_name: str) -> IProtocol | None:
         """Build the protocol for a connection whose sniffing ended with ``rule_name``."""
+
+
+class IConnectionReport(Interface):
+    """
+    A handed-off protocol that can say more about its connection than the
+    sniffer sees (which is nothing after the handoff): the sniffer reads
+    these when the connection ends, for its log event and metrics.
+    Optional; :class:`muxtwist.proxy.Relay` provides it.
+    """
+
+    bytes_in = Attribute("Bytes moved from the client onwards.")
+    bytes_out = Attribute("Bytes moved back to the client.")
+    backend_failed = Attribute("True if the connection ended because no backend could take it.")
 
 
 class IMatcherPlugin(IPlugin):

@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from muxtwist import _splice
-from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
+from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IConnectionReport
 from muxtwist.matchers.proxy_protocol import build_v1, build_v2
 from muxtwist.proxyprotocol import header_for
 
@@ -568,7 +568,7 @@ def _abort(transport: ITransport) -> None:
         transport.loseConnection()
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IConnectionReport)
 class Relay(Protocol):
     """
     The client's end of one relay, and the relay itself.
@@ -611,6 +611,11 @@ class Relay(Protocol):
     def bytes_out(self) -> int:
         """Bytes relayed from the backend to the client."""
         return self._splice.bytes_out if self._splice is not None else self._bytes_out
+
+    @property
+    def backend_failed(self) -> bool:
+        """Whether the relay ended without ever reaching a backend."""
+        return self.side is None
 
     def buffered(self) -> int:
         """Bytes the relay holds that neither end has taken yet (what backpressure bounds)."""

@@ -32,7 +32,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IMatcher, IRespondingMatcher, Verdict
+from muxtwist.interfaces import (
+    ConnectionInfo,
+    IConnectionInfoFactory,
+    IConnectionReport,
+    IMatcher,
+    IRespondingMatcher,
+    Verdict,
+)
 
 if TYPE_CHECKING:
     from muxtwist.metrics import Metrics
@@ -510,7 +517,7 @@ class SniffingProtocol:
             try:
                 winner.connectionLost(reason)
             finally:
-                self._ended()
+                self._ended(winner)
             return
         if self.sniffing:
             self._end_sniffing(Outcome.CLOSED, "")
@@ -670,17 +677,19 @@ class SniffingProtocol:
             try:
                 return original(reason)
             finally:
-                if getattr(proto, "side", True) is None and getattr(proto, "proxy", None) is not None:
-                    # A proxy relay that never reached a backend.
-                    self.outcome = Outcome.BACKEND_FAILED
-                # A winner that relays (Proxy) says how many bytes it moved each way.
-                self._ended(getattr(proto, "bytes_in", None), getattr(proto, "bytes_out", None))
+                self._ended(proto)
 
         return connectionLost
 
-    def _ended(self, relayed_in: int | None = None, relayed_out: int | None = None) -> None:
+    def _ended(self, winner: IProtocol | None = None) -> None:
         if self.ended_at is not None:
             return
+        relayed_in = relayed_out = None
+        if winner is not None and IConnectionReport.providedBy(winner):
+            report: Any = winner
+            relayed_in, relayed_out = report.bytes_in, report.bytes_out
+            if report.backend_failed:
+                self.outcome = Outcome.BACKEND_FAILED
         factory = self.factory
         self.ended_at = factory._reactor.seconds()
         if self._active is not None:
