@@ -436,7 +436,7 @@ class SniffingProtocol:
 
             self._proxy_reader = ProxyHeaderReader(self._info, factory._trusted)
         else:
-            self._evaluate(final=None)
+            self._evaluate(final=None, data=b"")
 
     def dataReceived(self, data: bytes) -> None:
         if self.winner is not None:

@@ -32,6 +32,8 @@ INLINE_COMMANDS: frozenset[bytes] = frozenset(
     b"KEYS EXISTS INCR DECR LPUSH RPUSH HGET HSET MGET MSET FLUSHALL FLUSHDB CONFIG".split()
 )
 _LONGEST_INLINE = max(len(c) for c in INLINE_COMMANDS)
+_INLINE_PREFIXES = frozenset(c[:i] for c in INLINE_COMMANDS for i in range(1, len(c) + 1))
+_WORD = re.compile(rb"[^ \r\n]*")
 _NAME = re.compile(rb"[A-Za-z][A-Za-z|_.-]*\Z")
 
 
@@ -77,13 +79,12 @@ def _resp(data: bytes) -> Verdict:
 
 def _inline(data: bytes) -> Verdict:
     word = data[: _LONGEST_INLINE + 1]
-    for i, byte in enumerate(word):
-        if byte in b" \r\n":
-            return MATCH if i and word[:i].upper() in INLINE_COMMANDS else NO_MATCH
+    end = _WORD.match(word).end()  # type: ignore[union-attr]
+    if end < len(word):  # the word ends within reach
+        return MATCH if end and word[:end].upper() in INLINE_COMMANDS else NO_MATCH
     if len(word) > _LONGEST_INLINE:
         return NO_MATCH
-    upper = word.upper()
-    return NEED_MORE if any(c.startswith(upper) for c in INLINE_COMMANDS) else NO_MATCH
+    return NEED_MORE if word.upper() in _INLINE_PREFIXES else NO_MATCH
 
 
 @implementer(IMatcher)
