@@ -145,111 +145,109 @@ def _handshake(data: bytes) -> tuple[Verdict, bytes]:
         pos += 5 + length
 
 
-class _Reader:
-    """Bounds-checked reads from one ClientHello body; any overrun is malformed."""
-
-    __slots__ = ("data", "end", "pos")
-
-    def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
-        self.data = data
-        self.pos = pos
-        self.end = len(data) if end is None else end
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > self.end:
-            raise _Malformed()
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def uint(self, n: int) -> int:
-        return int.from_bytes(self.take(n), "big")
-
-    def vector(self, length_bytes: int) -> _Reader:
-        n = self.uint(length_bytes)
-        start = self.pos
-        self.take(n)
-        return _Reader(self.data, start, start + n)
-
-    @property
-    def left(self) -> int:
-        return self.end - self.pos
+def _u16(data: bytes, pos: int) -> int:
+    return (data[pos] << 8) | data[pos + 1]
 
 
-def _server_name(ext: _Reader) -> str | None:
-    names = ext.vector(2)
-    if ext.left or not names.left:
+def _vector(data: bytes, pos: int, end: int, length_bytes: int) -> tuple[int, int]:
+    """The bounds ``(start, stop)`` of the length-prefixed vector at ``pos``; malformed if it overruns ``end``."""
+    start = pos + length_bytes
+    if start > end:
         raise _Malformed()
+    n = data[pos] if length_bytes == 1 else _u16(data, pos)
+    stop = start + n
+    if stop > end:
+        raise _Malformed()
+    return start, stop
+
+
+def _whole_vector(data: bytes, pos: int, end: int, length_bytes: int) -> tuple[int, int]:
+    """A non-empty vector that fills the extension exactly."""
+    start, stop = _vector(data, pos, end, length_bytes)
+    if stop != end or start == stop:
+        raise _Malformed()
+    return start, stop
+
+
+def _server_name(data: bytes, pos: int, end: int) -> str | None:
+    pos, end = _whole_vector(data, pos, end, 2)
     found: str | None = None
-    while names.left:
-        kind = names.uint(1)
-        name = names.vector(2)
+    while pos < end:
+        kind = data[pos]
+        start, stop = _vector(data, pos + 1, end, 2)
         if kind == 0 and found is None:
-            raw = name.take(name.left)
-            if not raw:
+            if start == stop:
                 raise _Malformed()
             try:
-                found = raw.decode("ascii").rstrip(".").lower()
+                found = data[start:stop].decode("ascii").rstrip(".").lower()
             except UnicodeDecodeError:
                 raise _Malformed() from None
+        pos = stop
     return found
 
 
-def _alpn(ext: _Reader) -> tuple[str, ...]:
-    protocols = ext.vector(2)
-    if ext.left or not protocols.left:
-        raise _Malformed()
+def _alpn(data: bytes, pos: int, end: int) -> tuple[str, ...]:
+    pos, end = _whole_vector(data, pos, end, 2)
     out = []
-    while protocols.left:
-        proto = protocols.vector(1)
-        if not proto.left:
+    while pos < end:
+        start, stop = _vector(data, pos, end, 1)
+        if start == stop:
             raise _Malformed()
-        out.append(proto.take(proto.left).decode("latin-1"))
+        out.append(data[start:stop].decode("latin-1"))
+        pos = stop
     return tuple(out)
 
 
-def _supported_versions(ext: _Reader) -> tuple[int, ...]:
-    versions = ext.vector(1)
-    if ext.left or not versions.left or versions.left % 2:
+def _supported_versions(data: bytes, pos: int, end: int) -> tuple[int, ...]:
+    start, stop = _whole_vector(data, pos, end, 1)
+    if (stop - start) % 2:
         raise _Malformed()
-    return tuple(v for v in _uint16s(versions.take(versions.left)) if not _is_grease(v))
+    return tuple(v for v in _uint16s(data[start:stop]) if not _is_grease(v))
 
 
 def _parse_body(body: bytes) -> ClientHello:
-    r = _Reader(body)
-    legacy_version = r.uint(2)
+    # Positions into the body instead of slices and reader objects: this
+    # runs for every TLS connection a rule list looks at.
+    end = len(body)
+    if end < 35:
+        raise _Malformed()
+    legacy_version = _u16(body, 0)
     if legacy_version >> 8 != 3 or legacy_version & 0xFF > 4:
         raise _Malformed()
-    r.take(32)
-    session_id = r.vector(1)
-    if session_id.left > 32:
+    start, pos = _vector(body, 34, end, 1)  # session id, after the 32 random bytes
+    if pos - start > 32:
         raise _Malformed()
-    suites = r.vector(2)
-    if not suites.left or suites.left % 2:
+    start, pos = _vector(body, pos, end, 2)
+    if start == pos or (pos - start) % 2:
         raise _Malformed()
-    cipher_suites = tuple(s for s in _uint16s(suites.take(suites.left)) if s & 0x0F0F != 0x0A0A)
-    if not r.vector(1).left:
+    cipher_suites = tuple(s for s in _uint16s(body[start:pos]) if s & 0x0F0F != 0x0A0A)
+    start, pos = _vector(body, pos, end, 1)  # compression methods
+    if start == pos:
         raise _Malformed()
     sni: str | None = None
     alpn: tuple[str, ...] = ()
     versions: tuple[int, ...] | None = None
     types: list[int] = []
-    if r.left:
-        extensions = r.vector(2)
-        if r.left:
+    if pos < end:
+        pos, stop = _vector(body, pos, end, 2)
+        if stop != end:
             raise _Malformed()
-        while extensions.left:
-            kind = extensions.uint(2)
-            ext = extensions.vector(2)
-            if kind in types:
+        seen: set[int] = set()
+        while pos < end:
+            if pos + 2 > end:
                 raise _Malformed()
+            kind = _u16(body, pos)
+            start, pos = _vector(body, pos + 2, end, 2)
+            if kind in seen:
+                raise _Malformed()
+            seen.add(kind)
             types.append(kind)
             if kind == _EXT_SERVER_NAME:
-                sni = _server_name(ext)
+                sni = _server_name(body, start, pos)
             elif kind == _EXT_ALPN:
-                alpn = _alpn(ext)
+                alpn = _alpn(body, start, pos)
             elif kind == _EXT_SUPPORTED_VERSIONS:
-                versions = _supported_versions(ext)
+                versions = _supported_versions(body, start, pos)
     return ClientHello(
         legacy_version=legacy_version,
         versions=versions if versions else (legacy_version,),
@@ -257,7 +255,7 @@ def _parse_body(body: bytes) -> ClientHello:
         alpn=alpn,
         cipher_suites=cipher_suites,
         extensions=tuple(types),
-        size=len(body),
+        size=end,
     )
 
 
