@@ -8,8 +8,9 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
+
+from muxtwist.workers import worker_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,15 +25,7 @@ def free_port() -> int:
 
 def twistd_command(*args: str) -> list[str]:
     """``twistd -n --pidfile= muxtwist ARGS``, importing muxtwist and its plugins from this checkout."""
-    return [
-        sys.executable,
-        "-c",
-        "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
-        "-n",
-        "--pidfile=",
-        "muxtwist",
-        *args,
-    ]
+    return worker_command(args)
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20.0) -> None:

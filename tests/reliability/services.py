@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IProtocol
+from twisted.internet.interfaces import IAddress, IProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from muxtwist.default import Echo
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
 
 __all__ = ["Diag", "NamedEcho", "diagnostics"]
@@ -23,8 +24,7 @@ def _host(address: IAddress | None) -> str:
     return str(getattr(address, "host", "-"))
 
 
-@implementer(IHalfCloseableProtocol)
-class _Echo(Protocol):
+class _Echo(Echo):
     """Write ``"<service> <source host>\\n"``, then echo; close once the client has finished sending."""
 
     def __init__(self, greeting: bytes) -> None:
@@ -32,15 +32,6 @@ class _Echo(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.write(self.greeting)  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
-
-    def readConnectionLost(self) -> None:
-        self.transport.loseConnection()  # type: ignore[union-attr]
-
-    def writeConnectionLost(self) -> None:
-        pass
 
 
 @implementer(IConnectionInfoFactory)
