@@ -15,8 +15,14 @@ over (see :mod:`muxtwist._splice`): small exchanges are one ``recv`` and one
 through a pipe, never copied into Python. ``splice=False`` keeps the
 portable Twisted relay.
 
-Half-close is passed on both ways, an abort on one side aborts the other,
-and every ending cancels its timers and closes both sockets.
+Half-close is passed on both ways between plain TCP and UNIX streams. TLS
+has no half-close Twisted can send, so towards a TLS end (``TerminateTLS``,
+a TLS listener, ``tls=`` backends) none is passed on: the other side's end
+of stream is kept until the TLS end closes (a client that half-closes still
+gets the rest of a TLS backend's answer), and a backend that closes first
+closes a TLS client with a ``close_notify`` once everything is written.
+An abort on one side aborts the other, and every ending cancels its timers
+and closes both sockets.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IProtocol,
+    ISSLTransport,
     IStreamClientEndpoint,
     ITransport,
 )
@@ -544,12 +551,26 @@ class _TLSBackendSide(_BackendSide):
         self.relay._backend_ready(self)
 
 
+def _can_half_close(transport: object) -> bool:
+    """
+    Whether ``transport`` itself can shut its writing side alone: a plain TCP
+    or UNIX stream, not TLS.
+
+    Looked up on the class, never on the instance: a TLS transport
+    (``TLSMemoryBIOProtocol``, any ``ProtocolWrapper``) forwards attributes
+    it lacks to the TCP transport under it, whose FIN would cut the TLS
+    stream without a ``close_notify``. TLS has no half-close of its own that
+    Twisted can send, and ``startTLS`` on a TCP transport marks it
+    ``ISSLTransport``.
+    """
+    return getattr(type(transport), "loseWriteConnection", None) is not None and not ISSLTransport.providedBy(transport)
+
+
 def _half_close(transport: ITransport) -> bool:
-    """Shut our writing side; ``False`` where the transport cannot (TLS)."""
-    lose_write = getattr(transport, "loseWriteConnection", None)
-    if lose_write is None:
+    """Shut our writing side; ``False`` where the transport cannot (TLS), leaving it open."""
+    if not _can_half_close(transport):
         return False
-    lose_write()
+    transport.loseWriteConnection()  # type: ignore[attr-defined]
     return True
 
 
