@@ -18,7 +18,7 @@ import attrs
 from twisted.internet.interfaces import IProtocolFactory, IReactorCore
 
 from muxtwist.interfaces import IMatcher
-from muxtwist.sniffing import Rule, SniffingFactory
+from muxtwist.sniffing import Rule, SniffingFactory, duplicate_names
 
 __all__ = ["Config", "ConfigError", "Settings", "build_factory", "endpoint_description", "load_config"]
 
@@ -162,6 +162,20 @@ def _check_rules(path: str, name: str, value: object, lines: tuple[int, list[int
             raise ConfigError(path, item_line, f"{name}[{i}]: matcher {rule.matcher!r} is not an IMatcher")
         if not IProtocolFactory.providedBy(rule.factory):
             raise ConfigError(path, item_line, f"{name}[{i}]: factory {rule.factory!r} is not an IProtocolFactory")
+    clash = duplicate_names(value)
+    if clash is not None:
+        first, second, rule_name = clash
+        if second < 0:
+            first_line = lines[1][first] if lines and first < len(lines[1]) else line
+            raise ConfigError(path, first_line, f"{name}[{first}] takes the reserved rule name {rule_name!r}")
+        second_line = lines[1][second] if lines and second < len(lines[1]) else line
+        first_line = lines[1][first] if lines and first < len(lines[1]) else line
+        raise ConfigError(
+            path,
+            second_line,
+            f"{name}[{second}] is named {rule_name!r} like {name}[{first}]"
+            f"{f' (line {first_line})' if first_line is not None else ''}; rule names must be unique: give one a name=",
+        )
     return tuple(value)
 
 

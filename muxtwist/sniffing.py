@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from muxtwist.metrics import Metrics
     from muxtwist.proxyprotocol import ProxyHeaderReader
 
-__all__ = ["Outcome", "Rule", "RuleStats", "SniffingFactory"]
+__all__ = ["Outcome", "Rule", "RuleStats", "SniffingFactory", "check_unique_names", "duplicate_names"]
 
 log = Logger()
 
@@ -65,6 +65,51 @@ def _provides(interface: Any, what: str) -> Callable[[Any, Any, Any], None]:
     return check
 
 
+def _rule_name(name: str | None, rule: Any) -> str:
+    """``None`` means the default name: the matcher's."""
+    if name is None:
+        return str(getattr(rule.matcher, "name", "rule"))
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"Rule name must be a non-empty string or None, got {name!r}")
+    return name
+
+
+#: Names the sniffer keeps its own statistics under; no rule may take them.
+RESERVED_NAMES = ("on_timeout", "on_no_match")
+
+
+def duplicate_names(rules: Sequence[Rule]) -> tuple[int, int, str] | None:
+    """
+    The first clash in ``rules``: ``(first index, second index, name)`` of
+    two rules sharing a name (the second index is -1 when a rule takes a
+    reserved name), or ``None`` when every name is unique.
+    """
+    seen: dict[str, int] = {}
+    for i, rule in enumerate(rules):
+        if rule.name in RESERVED_NAMES:
+            return i, -1, rule.name
+        if rule.name in seen:
+            return seen[rule.name], i, rule.name
+        seen[rule.name] = i
+    return None
+
+
+def check_unique_names(rules: Sequence[Rule]) -> None:
+    """Raise ValueError naming both rules when two of ``rules`` share a name."""
+    clash = duplicate_names(rules)
+    if clash is None:
+        return
+    first, second, name = clash
+    if second < 0:
+        raise ValueError(
+            f"rule {first} (matcher {rules[first].matcher!r}) takes the reserved name {name!r}; give it another name="
+        )
+    raise ValueError(
+        f"rules {first} (matcher {rules[first].matcher!r}) and {second} (matcher {rules[second].matcher!r}) "
+        f"are both named {name!r}; rule names key limits, statistics and metrics: give each a unique name="
+    )
+
+
 @attrs.frozen
 class Rule:
     """
@@ -73,7 +118,9 @@ class Rule:
     :param matcher: an :class:`~muxtwist.interfaces.IMatcher`.
     :param factory: any ``IProtocolFactory``: a ``Site``, a ``Proxy``,
         a ``TerminateTLS``, another ``SniffingFactory``.
-    :param name: the label for logs and metrics; the matcher's name by default.
+    :param name: the label for logs, limits and metrics; ``None`` (the
+        default) means the matcher's name. Names are unique per rule list:
+        :class:`SniffingFactory` refuses a list where two rules share one.
     :param max_connections: the most connections this rule may hold open at
         once on one :class:`SniffingFactory`; a connection that matches it
         beyond that is closed (outcome ``rejected``) and counted as a limit
@@ -83,7 +130,9 @@ class Rule:
     matcher: IMatcher = attrs.field(validator=_provides(IMatcher, "an IMatcher"))
     factory: IProtocolFactory = attrs.field(validator=_provides(IProtocolFactory, "an IProtocolFactory"))
     name: str = attrs.field(
-        kw_only=True, default=attrs.Factory(lambda self: str(getattr(self.matcher, "name", "rule")), takes_self=True)
+        kw_only=True,
+        default=None,
+        converter=attrs.Converter(_rule_name, takes_self=True),  # type: ignore[misc]
     )
     max_connections: int | None = attrs.field(kw_only=True, default=None)
 
@@ -208,6 +257,7 @@ class SniffingFactory:
         for r in rules:
             if not isinstance(r, Rule):
                 raise TypeError(f"rules must be Rule instances, got {r!r}")
+        check_unique_names(rules)
         for what, f in (("on_timeout", on_timeout), ("on_no_match", on_no_match)):
             if f is not None and not IProtocolFactory.providedBy(f):
                 raise TypeError(f"{what} must be an IProtocolFactory, got {f!r}")

@@ -165,3 +165,74 @@ class ReloadTests(unittest.TestCase):
         again = yield defer.Deferred.fromCoroutine(connect(port, b"HI"))
         self.assertEqual((yield again.lost), b"new")
         self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+
+class RuleNameTests(unittest.TestCase):
+    """Rule names are unique per rule list; ``name=None`` means the default name."""
+
+    def test_name_none_means_the_matchers_name(self) -> None:
+        """Rule(..., name=None) is named after its matcher, like a Rule given no name."""
+        factory = protocol.Factory.forProtocol(protocol.Protocol)
+        self.assertEqual(Rule(Prefix(b"A"), factory, name=None).name, "prefix")
+        self.assertEqual(Rule(Prefix(b"A"), factory).name, "prefix")
+        self.assertEqual(Rule(Prefix(b"A"), factory, name="a").name, "a")
+
+    def test_rules_sharing_a_name_are_refused_naming_both(self) -> None:
+        """Two rules with the same (default) name make SniffingFactory raise, naming both rules."""
+        factory = protocol.Factory.forProtocol(protocol.Protocol)
+        rules = [Rule(Prefix(b"A"), factory), Rule(Prefix(b"Z"), factory, name="z"), Rule(Prefix(b"B"), factory)]
+        with self.assertRaises(ValueError) as caught:
+            SniffingFactory(rules)
+        message = str(caught.exception)
+        self.assertIn("rules 0 (matcher Prefix(", message)
+        self.assertIn("and 2 (matcher Prefix(", message)
+        self.assertIn("'prefix'", message)
+        SniffingFactory([Rule(Prefix(b"A"), factory, name="a"), Rule(Prefix(b"B"), factory, name="b")])
+
+    def test_reserved_rule_names_are_refused(self) -> None:
+        """A rule may not take the name the sniffer counts on_timeout or on_no_match under."""
+        factory = protocol.Factory.forProtocol(protocol.Protocol)
+        with self.assertRaises(ValueError):
+            SniffingFactory([Rule(Prefix(b"A"), factory, name="on_no_match")])
+
+    def test_rules_file_with_shared_names_is_one_error_with_file_and_lines(self) -> None:
+        """The loader refuses a rules file whose rules share a name, naming the file and both rules' lines."""
+        from muxtwist.config import ConfigError, load_config
+
+        path = os.path.abspath(self.mktemp() + "-rules.py")
+        with open(path, "w") as f:
+            f.write(
+                textwrap.dedent("""\
+                    from twisted.internet.protocol import Factory, Protocol
+                    from muxtwist import Rule
+                    from muxtwist.matchers import TLS
+                    rules = [
+                        Rule(TLS(sni="a.test"), Factory.forProtocol(Protocol)),
+                        Rule(TLS(sni="b.test"), Factory.forProtocol(Protocol)),
+                    ]
+                """)
+            )
+        with self.assertRaises(ConfigError) as caught:
+            load_config(path)
+        self.assertEqual(caught.exception.line, 6)
+        self.assertEqual(
+            str(caught.exception),
+            f"{path}:6: rules[1] is named 'tls' like rules[0] (line 5); rule names must be unique: give one a name=",
+        )
+
+    def test_reload_to_shared_names_keeps_the_running_rules(self) -> None:
+        """A reload to a file whose rules share a name fails and changes nothing."""
+        path = os.path.abspath(self.mktemp() + "-rules.py")
+        head = "from twisted.internet.protocol import Factory, Protocol\nfrom muxtwist import Rule\n"
+        head += "from muxtwist.matchers import Prefix\nf = Factory.forProtocol(Protocol)\n"
+        with open(path, "w") as f:
+            f.write(head + "rules = [Rule(Prefix(b'A'), f, name='a')]\n")
+        from muxtwist.config import load_config
+
+        service = MuxService(config_path=path, ports=("tcp:0:interface=127.0.0.1",))
+        service.load(load_config(path))
+        with open(path, "w") as f:
+            f.write(head + "rules = [Rule(Prefix(b'A'), f), Rule(Prefix(b'B'), f)]\n")
+        self.assertFalse(service.reload())
+        (listener,) = service.listeners.values()
+        self.assertEqual([r.name for r in listener.factory.rules], ["a"])

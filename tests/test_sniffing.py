@@ -246,7 +246,7 @@ class FinalEvaluationTests(unittest.TestCase):
     def test_half_close_while_sniffing_reaches_half_closeable_winner_after_replay(self) -> None:
         """A half-close during sniffing decides, replays, then gives the winner readConnectionLost."""
         target = RecordingFactory(HalfCloseRecorder)
-        factory, clock = make([Rule(Prefix(b"ABCDEF"), RecordingFactory()), Rule(Prefix(b"AB"), target)])
+        factory, clock = make([Rule(Prefix(b"ABCDEF"), RecordingFactory(), name="long"), Rule(Prefix(b"AB"), target)])
         conn = MemoryConnection(factory, clock=clock)
         conn.send(b"ABC")
         self.assertIsNone(conn.rule_name)
@@ -257,7 +257,7 @@ class FinalEvaluationTests(unittest.TestCase):
     def test_half_close_while_sniffing_closes_for_plain_winner(self) -> None:
         """A winner that cannot half-close gets its replay, then the connection is closed."""
         target = RecordingFactory()
-        factory, clock = make([Rule(Prefix(b"ABCDEF"), RecordingFactory()), Rule(Prefix(b"AB"), target)])
+        factory, clock = make([Rule(Prefix(b"ABCDEF"), RecordingFactory(), name="long"), Rule(Prefix(b"AB"), target)])
         conn = MemoryConnection(factory, clock=clock)
         conn.send(b"ABC")
         conn.half_close()
@@ -345,7 +345,11 @@ class FactoryLifecycleTests(unittest.TestCase):
         """Each inner factory, even used by several rules, gets doStart and doStop exactly once."""
         shared, other, greeter = RecordingFactory(), RecordingFactory(), RecordingFactory()
         factory, clock = make(
-            [Rule(Prefix(b"A"), shared), Rule(Prefix(b"B"), shared), Rule(Prefix(b"C"), other)],
+            [
+                Rule(Prefix(b"A"), shared, name="a"),
+                Rule(Prefix(b"B"), shared, name="b"),
+                Rule(Prefix(b"C"), other, name="c"),
+            ],
             on_timeout=greeter,
             on_no_match=shared,
         )
@@ -360,9 +364,9 @@ class FactoryLifecycleTests(unittest.TestCase):
     def test_new_rules_start_new_factories_and_stop_old(self) -> None:
         """set_rules on a running factory starts factories that come in and stops those that go."""
         old, kept, new = RecordingFactory(), RecordingFactory(), RecordingFactory()
-        factory, clock = make([Rule(Prefix(b"A"), old), Rule(Prefix(b"B"), kept)])
+        factory, clock = make([Rule(Prefix(b"A"), old, name="a"), Rule(Prefix(b"B"), kept, name="b")])
         factory.doStart()
-        factory.set_rules([Rule(Prefix(b"B"), kept), Rule(Prefix(b"C"), new)])
+        factory.set_rules([Rule(Prefix(b"B"), kept, name="b"), Rule(Prefix(b"C"), new, name="c")])
         self.assertEqual((old.starts, old.stops), (1, 1))
         self.assertEqual((kept.starts, kept.stops), (1, 0))
         self.assertEqual((new.starts, new.stops), (1, 0))
