@@ -7,6 +7,7 @@ the line and the problem.
 from __future__ import annotations
 
 import ast
+import difflib
 import os
 import sys
 import traceback
@@ -16,11 +17,22 @@ from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IProtocolFactory, IReactorCore
+from twisted.logger import Logger
 
 from muxtwist.interfaces import IMatcher
 from muxtwist.sniffing import Rule, SniffingFactory, duplicate_names
 
-__all__ = ["Config", "ConfigError", "Settings", "build_factory", "endpoint_description", "load_config"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ConfigWarning",
+    "Settings",
+    "build_factory",
+    "endpoint_description",
+    "load_config",
+]
+
+log = Logger()
 
 SETTINGS = (
     "sniff_timeout",
@@ -75,6 +87,61 @@ class Config:
     rules: tuple[Rule, ...] | None
     listeners: Mapping[str, tuple[Rule, ...]]
     settings: Settings
+    warnings: tuple[ConfigWarning, ...] = ()
+
+
+@attrs.frozen
+class ConfigWarning:
+    """
+    Something in a usable rules file that is probably not what its author
+    meant: a ``misspelled`` setting name (ignored, so ``check`` fails on it),
+    or a rule offering ``h2`` to a factory that cannot speak it (``h2``).
+    """
+
+    path: str
+    line: int | None
+    problem: str
+    kind: str
+
+    def __str__(self) -> str:
+        where = self.path if self.line is None else f"{self.path}:{self.line}"
+        return f"{where}: {self.problem}"
+
+
+#: The module-level names the loader reads; anything else is the file's own.
+KNOWN_NAMES = ("rules", "listeners", *SETTINGS)
+
+
+def _misspelled(path: str, ns: Mapping[str, Any], lines: Mapping[str, tuple[int, list[int]]]) -> list[ConfigWarning]:
+    """A warning for each name the file assigns that is not read but looks like one that is."""
+    found = []
+    for name, (line, _) in lines.items():
+        if name in KNOWN_NAMES or name.startswith("_") or name not in ns:
+            continue
+        close = difflib.get_close_matches(name, KNOWN_NAMES, n=1, cutoff=0.85)
+        if close:
+            found.append(
+                ConfigWarning(
+                    path, line, f"{name!r} is not a setting and is ignored; did you mean {close[0]!r}?", "misspelled"
+                )
+            )
+    return found
+
+
+def _h2_without_support(path: str, rules: Sequence[Rule], line: int | None) -> list[ConfigWarning]:
+    """A warning for each TerminateTLS that offers h2 while a twisted.web Site behind it cannot speak HTTP/2."""
+    from muxtwist._checks import h2_unable_sites
+
+    return [
+        ConfigWarning(
+            path,
+            line,
+            f"{tls!r} offers h2 (ALPN), but {site} behind it cannot speak HTTP/2: Twisted's HTTP/2 support is "
+            'not installed (pip install "Twisted[http2]"), so clients that pick h2 will fail',
+            "h2",
+        )
+        for tls, site in h2_unable_sites(rules)
+    ]
 
 
 def endpoint_description(port: str) -> str:
@@ -272,7 +339,13 @@ def load_config(path: str) -> Config:
                 path, f"listeners[{description!r}]", listener_rules, (item_line or 0, []) if item_line else None
             )
     settings = _check_settings(path, ns, lines)
-    return Config(path=path, rules=rules, listeners=listeners, settings=settings)
+    warnings = _misspelled(path, ns, lines)
+    for key, some_rules in ({"rules": rules or ()} | {k: v for k, v in listeners.items()}).items():
+        where = lines.get(key if key == "rules" else "listeners")
+        warnings += _h2_without_support(path, some_rules, where[0] if where else None)
+    for warning in warnings:
+        log.warn("{warning}", warning=str(warning))
+    return Config(path=path, rules=rules, listeners=listeners, settings=settings, warnings=tuple(warnings))
 
 
 def build_factory(rules: Sequence[Rule], settings: Settings, reactor: IReactorCore | None = None) -> SniffingFactory:

@@ -53,6 +53,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from muxtwist import _splice
+from muxtwist._options import check_proxy
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IConnectionReport
 from muxtwist.matchers.proxy_protocol import build_v1, build_v2
 from muxtwist.proxyprotocol import header_for
@@ -240,6 +241,16 @@ class Proxy:
 
             reactor = _reactor
         self._reactor = reactor
+        check_proxy(
+            backends,
+            connect_timeout=connect_timeout,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
+            max_fails=max_fails,
+            fail_timeout=fail_timeout,
+            splice=splice,
+            tls=tls,
+        )
         descriptions = [backends] if isinstance(backends, str) else list(backends)
         if not descriptions or not all(isinstance(d, str) for d in descriptions):
             raise ValueError(f"Proxy needs one or more endpoint description strings, got {backends!r}")

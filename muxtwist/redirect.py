@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from muxtwist._options import check_redirect
+
 __all__ = ["RedirectToHTTPS"]
 
 # A host name, an IPv4 address or a bracketed IPv6 address, then an optional
@@ -75,6 +77,7 @@ class RedirectToHTTPS(Site):
     """
 
     def __init__(self, port: int | None = None) -> None:
+        check_redirect(port)
         if port is not None and not 0 < port < 65536:
             raise ValueError(f"port must be 1-65535, got {port!r}")
         super().__init__(_Redirect(port))  # type: ignore[no-untyped-call]

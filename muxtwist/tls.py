@@ -32,6 +32,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from muxtwist._options import check_terminate_tls
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IMatcher
 
 __all__ = ["DEFAULT", "CertificateError", "TerminateTLS", "offered_protocols", "reload_all_certificates"]
@@ -264,6 +265,9 @@ class TerminateTLS:
             from twisted.internet import reactor as _reactor
 
             reactor = _reactor
+        check_terminate_tls(
+            certificates, alpn=alpn, client_ca=client_ca, handshake_timeout=handshake_timeout, resumption=resumption
+        )
         if min_version not in _VERSIONS:
             raise ValueError(f"min_version must be one of {', '.join(_VERSIONS)}, got {min_version!r}")
         self._reactor: IReactorTime = reactor

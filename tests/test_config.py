@@ -8,9 +8,12 @@ import os
 import textwrap
 
 from twisted.internet.protocol import Factory
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
+from twisted.web import http
 
 from muxtwist.config import ConfigError, load_config
+from tests.certs import make_ca, make_certificate
 
 HEADER = """\
 from twisted.internet.protocol import Factory, Protocol
@@ -130,3 +133,58 @@ class LoaderTests(unittest.TestCase):
         config = load_config(path)
         assert config.rules is not None
         self.assertEqual(len(config.rules), 1)
+
+
+class WarningTests(unittest.TestCase):
+    """Usable files with a probable mistake load, with a warning naming it."""
+
+    def write(self, body: str) -> str:
+        path = self.mktemp() + "-rules.py"
+        with open(path, "w") as f:
+            f.write(HEADER + textwrap.dedent(body))
+        return path
+
+    def test_misspelled_settings_name_the_closest_setting(self) -> None:
+        """snif_timeout and on_timout are not read; the warning names the setting meant and its line."""
+        path = self.write("rules = [Rule(HTTP1(), echo)]\nsnif_timeout = 2\non_timout = echo\nhelper_page = 3\n")
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        config = load_config(path)
+        problems = [(w.line, w.kind, w.problem) for w in config.warnings]
+        first = HEADER.count("\n") + 2
+        self.assertEqual(
+            problems,
+            [
+                (first, "misspelled", "'snif_timeout' is not a setting and is ignored; did you mean 'sniff_timeout'?"),
+                (first + 1, "misspelled", "'on_timout' is not a setting and is ignored; did you mean 'on_timeout'?"),
+            ],
+        )
+        self.assertEqual(config.settings.sniff_timeout, 5.0)
+        logged = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(len([t for t in logged if "did you mean" in t]), 2, logged)
+        self.assertIn(f"{path}:{first}: 'snif_timeout'", logged[0])
+
+    def test_h2_offered_to_a_site_without_http2_support(self) -> None:
+        """Without Twisted's HTTP/2 support, a TerminateTLS offering h2 in front of a Site gets one clear warning."""
+        folder = self.mktemp()
+        os.mkdir(folder)
+        pair = make_certificate("a.test", ca=make_ca())
+        with open(os.path.join(folder, "a.test.pem"), "wb") as f:
+            f.write(pair.cert_pem + pair.key_pem)
+        body = f"""
+            from twisted.web.resource import Resource
+            from twisted.web.server import Site
+            from muxtwist import SniffingFactory
+            from muxtwist.actions import TerminateTLS
+            from muxtwist.matchers import TLS, Any
+            rules = [Rule(TLS(), TerminateTLS({folder!r}, SniffingFactory([Rule(Any(), Site(Resource()))]),
+                                               alpn=["h2", "http/1.1"]), name="tls")]
+        """
+        self.patch(http, "H2_ENABLED", False)
+        config = load_config(self.write(body))
+        self.assertEqual([w.kind for w in config.warnings], ["h2"])
+        self.assertIn("cannot speak HTTP/2", config.warnings[0].problem)
+        self.assertIn('pip install "Twisted[http2]"', config.warnings[0].problem)
+        self.patch(http, "H2_ENABLED", True)
+        self.assertEqual(load_config(self.write(body)).warnings, ())

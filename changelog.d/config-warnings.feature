@@ -1,0 +1,1 @@
+A rules file that assigns a name close to a setting (`snif_timeout`, `on_timout`) gets a warning at load naming the setting it probably meant; such names are ignored, as before. A `TerminateTLS` that offers `h2` to a `Site` while Twisted's HTTP/2 support is missing gets a warning too.

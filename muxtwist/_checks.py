@@ -1,0 +1,135 @@
+"""
+Looking over a loaded set of rules for things that work, but not the way
+their author probably expects: a ``TerminateTLS`` offering ``h2`` to a
+``twisted.web`` ``Site`` that cannot speak HTTP/2, and access control or
+traffic splits built on per-request fields (Host, path, headers) when
+routing is decided once per connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from muxtwist.interfaces import IMatcher
+from muxtwist.sniffing import Rule
+
+__all__ = ["h2_unable_sites", "per_request_routing"]
+
+#: Matchers a client that negotiated h2 can reach a rule through.
+_H2_NAMES = frozenset({"http2", "h2", "grpc", "http2_header", "alpn", "any", "sni"})
+#: Attributes of a matcher that look at one request rather than the connection.
+_PER_REQUEST = ("host", "path", "headers")
+
+
+def _matchers(matcher: object) -> Iterator[object]:
+    yield matcher
+    for inner in getattr(matcher, "matchers", ()) or ():
+        yield from _matchers(inner)
+    inner = getattr(matcher, "matcher", None)
+    if inner is not None and IMatcher.providedBy(inner):
+        yield from _matchers(inner)
+
+
+def _names(matcher: object) -> set[str]:
+    return {str(getattr(m, "name", "")) for m in _matchers(matcher)}
+
+
+def _children(factory: object) -> Iterator[tuple[object, object]]:
+    """(matcher or None, factory) for each factory a connection can be handed to from ``factory``."""
+    for rule in getattr(factory, "rules", ()) or ():
+        yield rule.matcher, rule.factory
+    for name in ("on_timeout", "on_no_match"):
+        other = getattr(factory, name, None)
+        if other is not None:
+            yield None, other
+    for name in ("factory", "wrappedFactory"):
+        inner = getattr(factory, name, None)
+        if inner is not None:
+            yield None, inner
+
+
+def _h2_sites(factory: object, depth: int) -> Iterator[object]:
+    """Sites reachable from ``factory`` by a client that negotiated h2."""
+    from twisted.web.server import Site
+
+    if depth > 8:
+        return
+    if isinstance(factory, Site):
+        yield factory
+        return
+    for matcher, child in _children(factory):
+        names = _names(matcher) if matcher is not None else set()
+        if "http1" in names and not names & _H2_NAMES:
+            continue
+        yield from _h2_sites(child, depth + 1)
+
+
+def _tls_terminators(factories: Sequence[object], depth: int = 0) -> Iterator[object]:
+    from muxtwist.tls import TerminateTLS
+
+    if depth > 8:
+        return
+    for factory in factories:
+        if isinstance(factory, TerminateTLS):
+            yield factory
+        yield from _tls_terminators([child for _, child in _children(factory)], depth + 1)
+
+
+def h2_unable_sites(rules: Sequence[Rule]) -> list[tuple[object, str]]:
+    """
+    ``(terminate_tls, site)`` for each ``TerminateTLS`` in ``rules`` (nested
+    ones too) that offers ``h2`` while a ``Site`` a client could reach after
+    negotiating it cannot speak HTTP/2 (Twisted's ``http2`` extra missing).
+    """
+    from twisted.web import http
+
+    if getattr(http, "H2_ENABLED", False):
+        return []
+    found: list[tuple[object, str]] = []
+    for tls in _tls_terminators([rule.factory for rule in rules]):
+        if "h2" not in getattr(tls, "alpn", ()):
+            continue
+        for site in _h2_sites(getattr(tls, "factory", None), 0):
+            found.append((tls, type(site).__name__))
+            break
+    return found
+
+
+def _per_request_fields(matcher: object) -> list[str]:
+    fields = []
+    for m in _matchers(matcher):
+        for attribute in _PER_REQUEST:
+            if getattr(m, attribute, None) is not None and f"{attribute}=" not in fields:
+                fields.append(f"{attribute}=")
+        if getattr(m, "name", None) == "http2_header" and "header" not in fields:
+            fields.append("header")
+    return fields
+
+
+def per_request_routing(rules: Sequence[Rule]) -> list[str]:
+    """
+    A warning for each rule that rejects, or splits off, connections by a
+    per-request field (Host, path, a header): routing is decided on a
+    connection's first request, so later requests on a keep-alive connection
+    go to the same place whatever they say.
+    """
+    from muxtwist.actions import Reject
+
+    warnings = []
+    for rule in rules:
+        fields = _per_request_fields(rule.matcher)
+        if not fields:
+            continue
+        by = ", ".join(fields)
+        if isinstance(rule.factory, Reject):
+            warnings.append(
+                f"rule {rule.name!r} rejects by {by} of the first request only: routing is per connection, so a "
+                "client can send an allowed first request and then others on the same connection; put access "
+                "control in the server behind"
+            )
+        elif "path=" in fields or "headers=" in fields or "header" in fields:
+            warnings.append(
+                f"rule {rule.name!r} splits by {by} of the first request only: later requests on a keep-alive "
+                "connection reach the same server whatever their path or headers"
+            )
+    return warnings

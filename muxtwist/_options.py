@@ -1,0 +1,124 @@
+"""
+Checking the options an action is built with (``Proxy``, ``TerminateTLS``,
+``RedirectToHTTPS``), so a mistake in ``rules.py`` fails where it is made,
+with a message that names the option, the value given and what is expected,
+instead of a ``TypeError`` deep inside Twisted when the first client comes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["OptionError", "check_proxy", "check_redirect", "check_terminate_tls"]
+
+
+class OptionError(ValueError, TypeError):
+    """An action option with a value it cannot take (both a ValueError and a TypeError)."""
+
+    def __init__(self, owner: str, option: str, value: object, expected: str) -> None:
+        super().__init__(f"{owner} option {option}={value!r}: expected {expected}")
+        self.owner = owner
+        self.option = option
+        self.value = value
+        self.expected = expected
+
+
+def _number(owner: str, option: str, value: object, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise OptionError(owner, option, value, "a positive number of seconds" + (" or None" if optional else ""))
+
+
+def _integer(owner: str, option: str, value: object, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise OptionError(owner, option, value, "a positive integer" + (" or None" if optional else ""))
+
+
+def _boolean(owner: str, option: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise OptionError(owner, option, value, "True or False")
+
+
+def _client_endpoint(owner: str, option: str, description: object) -> None:
+    from twisted.internet.endpoints import clientFromString
+
+    if not isinstance(description, str) or not description:
+        raise OptionError(owner, option, description, 'a client endpoint description such as "tcp:host=HOST:port=PORT"')
+
+    class _NoReactor:
+        pass
+
+    try:
+        clientFromString(_NoReactor(), description)
+    except Exception as e:
+        raise OptionError(
+            owner, option, description, f'a client endpoint description such as "tcp:host=HOST:port=PORT" ({e})'
+        ) from None
+
+
+def check_proxy(
+    backends: object,
+    *,
+    connect_timeout: object,
+    idle_timeout: object,
+    max_connections: object,
+    max_fails: object,
+    fail_timeout: object,
+    splice: object,
+    tls: object,
+) -> None:
+    """Raise :class:`OptionError` for the first ``Proxy`` option that cannot work."""
+    if isinstance(backends, str):
+        _client_endpoint("Proxy", "backends", backends)
+    elif isinstance(backends, Sequence) and backends:
+        for i, description in enumerate(backends):
+            _client_endpoint("Proxy", f"backends[{i}]", description)
+    else:
+        raise OptionError("Proxy", "backends", backends, "an endpoint description string or a non-empty list of them")
+    _number("Proxy", "connect_timeout", connect_timeout)
+    _number("Proxy", "idle_timeout", idle_timeout, optional=True)
+    _integer("Proxy", "max_connections", max_connections, optional=True)
+    _integer("Proxy", "max_fails", max_fails)
+    _number("Proxy", "fail_timeout", fail_timeout)
+    _boolean("Proxy", "splice", splice)
+    if isinstance(tls, str) and not tls:
+        raise OptionError("Proxy", "tls", tls, "True, a hostname to verify, or a client TLS options object")
+
+
+def check_terminate_tls(
+    certificates: object,
+    *,
+    alpn: object,
+    client_ca: object,
+    handshake_timeout: object,
+    resumption: object,
+) -> None:
+    """Raise :class:`OptionError` for the first ``TerminateTLS`` option that cannot work."""
+    if not isinstance(certificates, str | os.PathLike | Mapping):
+        raise OptionError(
+            "TerminateTLS", "certificates", certificates, "a directory or file path, or a {hostname: path} mapping"
+        )
+    if alpn is not None:
+        if (
+            isinstance(alpn, str | bytes)
+            or not isinstance(alpn, Sequence)
+            or not all(isinstance(p, str) and p and p.isascii() for p in alpn)
+        ):
+            raise OptionError("TerminateTLS", "alpn", alpn, 'a list of protocol names such as ["h2", "http/1.1"]')
+    if client_ca is not None and not isinstance(client_ca, str | os.PathLike):
+        raise OptionError("TerminateTLS", "client_ca", client_ca, "the path of a PEM file of CA certificates, or None")
+    _number("TerminateTLS", "handshake_timeout", handshake_timeout)
+    _boolean("TerminateTLS", "resumption", resumption)
+
+
+def check_redirect(port: Any) -> None:
+    """Raise :class:`OptionError` if ``RedirectToHTTPS``'s ``port`` is not a port number or None."""
+    if port is None:
+        return
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise OptionError("RedirectToHTTPS", "port", port, "a port number 1-65535, or None")

@@ -1,0 +1,72 @@
+"""
+Tests for muxtwist._options: actions refuse options they cannot use when they
+are built, naming the option, the value and what is expected.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial import unittest
+
+from muxtwist._options import OptionError
+from muxtwist.actions import Proxy, RedirectToHTTPS, TerminateTLS
+
+BACKEND = "tcp:host=127.0.0.1:port=6379"
+
+
+class ActionOptionTests(unittest.TestCase):
+    """Each bad option is one ValueError (also a TypeError) saying option=value: expected what."""
+
+    def refused(self, build: object, *args: object, **options: object) -> str:
+        error = self.assertRaises(OptionError, build, *args, **options)
+        self.assertIsInstance(error, ValueError)
+        self.assertIsInstance(error, TypeError)
+        return str(error)
+
+    def test_proxy_options(self) -> None:
+        """Proxy names the bad option and value: timeouts, limits, splice and backend descriptions."""
+        cases = {
+            "connect_timeout": ("5", "Proxy option connect_timeout='5': expected a positive number of seconds"),
+            "idle_timeout": (0, "Proxy option idle_timeout=0: expected a positive number of seconds or None"),
+            "max_connections": (-1, "Proxy option max_connections=-1: expected a positive integer or None"),
+            "max_fails": (0, "Proxy option max_fails=0: expected a positive integer"),
+            "fail_timeout": (True, "Proxy option fail_timeout=True: expected a positive number of seconds"),
+            "splice": ("no", "Proxy option splice='no': expected True or False"),
+            "tls": ("", "Proxy option tls='': expected True, a hostname to verify"),
+        }
+        for option, (value, message) in cases.items():
+            self.assertIn(message, self.refused(Proxy, BACKEND, **{option: value}), option)
+
+    def test_proxy_backend_descriptions(self) -> None:
+        """A backend description Twisted cannot parse is refused with its index and an example of a good one."""
+        text = self.refused(Proxy, "tcp:6379")
+        self.assertIn("Proxy option backends='tcp:6379': expected a client endpoint description", text)
+        text = self.refused(Proxy, [BACKEND, "bogus:x"])
+        self.assertIn("Proxy option backends[1]='bogus:x'", text)
+        self.assertIn("Unknown endpoint type", text)
+        self.assertIn("expected an endpoint description string or a non-empty list", self.refused(Proxy, []))
+
+    def test_terminate_tls_options(self) -> None:
+        """TerminateTLS checks its options before it reads any certificate."""
+        factory = Factory.forProtocol(Protocol)
+        missing = os.path.join(self.mktemp(), "certs")
+        cases = {
+            "alpn": ("h2", "TerminateTLS option alpn='h2': expected a list of protocol names"),
+            "handshake_timeout": ("3", "TerminateTLS option handshake_timeout='3': expected a positive number"),
+            "resumption": ("yes", "TerminateTLS option resumption='yes': expected True or False"),
+            "client_ca": (3, "TerminateTLS option client_ca=3: expected the path of a PEM file"),
+        }
+        for option, (value, message) in cases.items():
+            self.assertIn(message, self.refused(TerminateTLS, missing, factory, **{option: value}), option)
+        self.assertIn("TerminateTLS option certificates=42", self.refused(TerminateTLS, 42, factory))
+
+    def test_redirect_port(self) -> None:
+        """RedirectToHTTPS takes a port number or None, not a string or a bool."""
+        for value in ("443", True, 0, 70000):
+            self.assertIn(
+                f"RedirectToHTTPS option port={value!r}: expected a port number 1-65535, or None",
+                self.refused(RedirectToHTTPS, port=value),
+            )
+        self.assertIsNotNone(RedirectToHTTPS(port=8443))
