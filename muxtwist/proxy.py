@@ -76,9 +76,10 @@ class HealthCheck:
     An active health check, run against every backend of a :class:`Proxy`.
 
     Every ``interval`` seconds a connection is opened to the backend; it
-    passes when it connects within ``timeout`` seconds and, if ``send`` is
-    given, that is written, and, if ``expect`` is given, those bytes arrive
-    within the timeout. ``rise`` passes in a row mark a backend healthy,
+    passes when it connects within ``timeout`` seconds (to a TLS backend:
+    completes the handshake and verifies the certificate, so a backend with
+    a bad certificate is down) and, if ``send`` is given, that is written,
+    and, if ``expect`` is given, those bytes arrive within the timeout. ``rise`` passes in a row mark a backend healthy,
     ``fall`` failures in a row mark it down.
     """
 
@@ -414,8 +415,13 @@ class Proxy:
             self._schedule_check(backend, hc.interval)
 
 
+@implementer(IHandshakeListener)
 class _Probe(Protocol):
-    """One active health check connection: connect, maybe send, maybe expect, and close."""
+    """
+    One active health check connection: connect (and, to a TLS backend,
+    complete the handshake and verify the certificate), maybe send, maybe
+    expect, and close.
+    """
 
     def __init__(self, proxy: Proxy, backend: Backend, check: HealthCheck) -> None:
         self.proxy = proxy
@@ -448,8 +454,15 @@ class _Probe(Protocol):
             self.transport.write(build_v2(None, None, local=True))  # type: ignore[union-attr]
         if self.check.send:
             self.transport.write(self.check.send)  # type: ignore[union-attr]
-        if not self.check.expect:
+        if not self.check.expect and not self.backend.tls:
             self._finish(True, "")
+
+    def handshakeCompleted(self) -> None:
+        # TLS backends only: without ``expect``, the check passes once the
+        # handshake is done and the certificate verified, not at TCP connect.
+        if self._done or self.check.expect or _verification_failed(self.transport):
+            return
+        self._finish(True, "")
 
     def dataReceived(self, data: bytes) -> None:
         expect = self.check.expect
@@ -554,12 +567,19 @@ class _TLSBackendSide(_BackendSide):
     """A backend end reached over TLS: ready once the handshake (and verification) is done."""
 
     def handshakeCompleted(self) -> None:
-        # A failed hostname check aborts the connection from inside the
-        # handshake, which may still report completion afterwards.
-        if getattr(self.transport, "_aborted", False):
+        if _verification_failed(self.transport):
             return
         self.ready = True
         self.relay._backend_ready(self)
+
+
+def _verification_failed(transport: object) -> bool:
+    """
+    Whether a TLS transport reporting a completed handshake was aborted in
+    it: a failed hostname check aborts the connection from inside the
+    handshake, which may still report completion afterwards.
+    """
+    return bool(getattr(transport, "_aborted", False))
 
 
 def _can_half_close(transport: object) -> bool:

@@ -19,7 +19,7 @@ from twisted.internet import threads
 from twisted.trial import unittest
 
 from muxtwist import Rule, SniffingFactory
-from muxtwist.actions import Proxy, TerminateTLS
+from muxtwist.actions import HealthCheck, Proxy, TerminateTLS
 from muxtwist.matchers import TLS
 from muxtwist.matchers import Any as AnyMatcher
 from tests.certs import Certificate, make_ca, make_certificate
@@ -142,8 +142,13 @@ class TerminatedClientTests(unittest.TestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
 
 
-def tls_backend(case: unittest.TestCase, kind: Any = Answerer) -> tuple[str, Any, PeerFactory]:
-    """A TLS backend for ``backend.test`` on loopback: its description, client TLS options trusting it, its factory."""
+def tls_backend(
+    case: unittest.TestCase, kind: Any = Answerer, verify_as: str = "backend.test"
+) -> tuple[str, Any, PeerFactory]:
+    """
+    A TLS backend for ``backend.test`` on loopback: its description, client
+    TLS options trusting its CA and expecting ``verify_as``, its factory.
+    """
     ca = make_ca()
     leaf = make_certificate("backend.test", ca=ca)
     options = tssl.PrivateCertificate.loadPEM(leaf.key_pem + leaf.cert_pem).options()
@@ -157,7 +162,7 @@ def tls_backend(case: unittest.TestCase, kind: Any = Answerer) -> tuple[str, Any
                 p.transport.abortConnection()  # type: ignore[attr-defined]
 
     case.addCleanup(close_all)
-    trust = tssl.optionsForClientTLS("backend.test", trustRoot=tssl.Certificate.loadPEM(ca.cert_pem))
+    trust = tssl.optionsForClientTLS(verify_as, trustRoot=tssl.Certificate.loadPEM(ca.cert_pem))
     return f"tcp:host=127.0.0.1:port={port.getHost().port}", trust, factory
 
 
@@ -226,3 +231,37 @@ class TLSListenerTests(unittest.TestCase):
         self.assertEqual((answer == answer_for(request.strip()), ending), (True, "close_notify"))
         await until(lambda: not proxy.relays)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class TLSHealthCheckTests(unittest.TestCase):
+    """Active health checks of TLS backends without ``expect``."""
+
+    async def checked(self, proxy: Proxy) -> tuple[bool, int, int]:
+        """Run the checks until one has passed twice or failed once: (healthy, passed, failed)."""
+        proxy.doStart()
+        self.addCleanup(proxy.doStop)
+        (b,) = proxy.backends
+        await until(lambda: b._checks_passed >= 2 or b._checks_failed >= 1)
+        return b.stats.healthy, b._checks_passed, b._checks_failed
+
+    async def test_untrusted_certificate_is_down(self) -> None:
+        """A TLS backend whose certificate does not verify is marked down by a check without expect."""
+        events = capture_logs(self)
+        desc, _, factory = tls_backend(self)
+        proxy = Proxy(desc, tls="backend.test", health_check=HealthCheck(interval=0.05, timeout=2, rise=1, fall=1))
+        self.assertEqual(await self.checked(proxy), (False, 0, 1))
+        (down,) = [e for e in events if "is down" in e.get("log_format", "")]
+        self.assertIn("certificate verification failed", down["why"])
+        self.assertTrue(all(p.received == b"" for p in factory.built))
+
+    async def test_wrong_hostname_is_down(self) -> None:
+        """A TLS backend with a trusted certificate for another name is marked down by a check without expect."""
+        desc, trust, _ = tls_backend(self, verify_as="other.test")
+        proxy = Proxy(desc, tls=trust, health_check=HealthCheck(interval=0.05, timeout=2, rise=1, fall=1))
+        self.assertEqual(await self.checked(proxy), (False, 0, 1))
+
+    async def test_verified_backend_is_up(self) -> None:
+        """A TLS backend whose certificate verifies passes a check without expect once the handshake is done."""
+        desc, trust, _ = tls_backend(self)
+        proxy = Proxy(desc, tls=trust, health_check=HealthCheck(interval=0.05, timeout=2, rise=1, fall=1))
+        self.assertEqual(await self.checked(proxy), (True, 2, 0))
