@@ -234,18 +234,38 @@ def _real_clients() -> list[tuple[str, str, Callable[[int], list[str]], Respond 
     ]
 
 
-def openvpn_hard_reset(tls_auth_hmac: int = 0) -> bytes:
+def openvpn_hard_reset(tls_auth_hmac: int = 0, *, opcode: int = 7, tlv: bool = True) -> bytes:
     """
     Built from the OpenVPN wire format (not captured: no client is installed):
-    a TCP length prefix, then P_CONTROL_HARD_RESET_CLIENT_V2 with key id 0, a
-    session id, optionally a tls-auth HMAC, replay packet id and time, an
-    empty ACK array and message packet id 0, and the early-negotiation TLV
-    OpenVPN 2.6 clients append.
+    a TCP length prefix, then P_CONTROL_HARD_RESET_CLIENT (V2 unless
+    ``opcode`` says otherwise) with key id 0, a session id, optionally a
+    tls-auth HMAC of ``tls_auth_hmac`` bytes, replay packet id and time, an
+    empty ACK array and message packet id 0, and (``tlv``) the
+    early-negotiation TLV OpenVPN 2.6 clients append.
     """
-    packet = bytes([7 << 3]) + bytes.fromhex("5ac1d3f0a2b4c6e8")
+    packet = bytes([opcode << 3]) + bytes.fromhex("5ac1d3f0a2b4c6e8")
     if tls_auth_hmac:
         packet += bytes(range(1, tls_auth_hmac + 1)) + (1).to_bytes(4, "big") + (1700000000).to_bytes(4, "big")
-    packet += b"\x00" + (0).to_bytes(4, "big") + bytes.fromhex("0f0f") + bytes.fromhex("0001000200 01".replace(" ", ""))
+    packet += b"\x00" + (0).to_bytes(4, "big")
+    if tlv:
+        packet += bytes.fromhex("0f0f") + bytes.fromhex("0001000200 01".replace(" ", ""))
+    return len(packet).to_bytes(2, "big") + packet
+
+
+def openvpn_tls_crypt_reset(*, v2_key: bool = False) -> bytes:
+    """
+    Built from the OpenVPN wire format: a tls-crypt hard reset (V2), or with
+    ``v2_key`` a tls-crypt-v2 one (V3) carrying the wrapped client key: session
+    id, replay packet id 1 and time, a 32-byte tag, then the encrypted ACK
+    array, message packet id and TLV (random-looking bytes here).
+    """
+    opcode = 10 if v2_key else 7
+    packet = bytes([opcode << 3]) + bytes.fromhex("1e2d3c4b5a697887")
+    packet += (1).to_bytes(4, "big") + (1700000000).to_bytes(4, "big") + bytes(range(100, 132))
+    packet += bytes.fromhex("9c4f2a71e05b33d8d1f06e1a4b")
+    if v2_key:
+        wkc = bytes((i * 37 + 11) % 256 for i in range(290))
+        packet += wkc + (len(wkc) + 2).to_bytes(2, "big")
     return len(packet).to_bytes(2, "big") + packet
 
 
@@ -281,6 +301,11 @@ def all_captures() -> tuple[Capture, ...]:
     built = [
         Capture("openvpn-hard-reset", "openvpn", openvpn_hard_reset(), real=False),
         Capture("openvpn-hard-reset-tls-auth", "openvpn", openvpn_hard_reset(20), real=False),
+        Capture("openvpn-hard-reset-tls-auth-md5", "openvpn", openvpn_hard_reset(16), real=False),
+        Capture("openvpn-hard-reset-tls-auth-sha224", "openvpn", openvpn_hard_reset(28), real=False),
+        Capture("openvpn-hard-reset-tls-auth-sha512", "openvpn", openvpn_hard_reset(64), real=False),
+        Capture("openvpn-hard-reset-tls-crypt", "openvpn", openvpn_tls_crypt_reset(), real=False),
+        Capture("openvpn-hard-reset-tls-crypt-v2", "openvpn", openvpn_tls_crypt_reset(v2_key=True), real=False),
         Capture("xmpp-stream", "xmpp", xmpp_stream_header(), real=False),
         Capture("rdp-connection-request", "rdp", rdp_connection_request(), real=False),
     ]

@@ -27,6 +27,7 @@ from muxtwist.matchers import (
     plugin,
 )
 from muxtwist.matchers.http2 import PREFACE, SETTINGS_FRAME, first_headers
+from muxtwist.matchers.ssh import parse_identification
 from muxtwist.matchers.tls import MAX_CLIENT_HELLO, MAX_RECORDS
 from tests.captures import openvpn_hard_reset, rdp_connection_request, xmpp_stream_header
 from tests.matcher_checks import (
@@ -237,14 +238,20 @@ class OtherProtocolTests(_Case):
         self.assertVerdict(WebSocket(), WEBSOCKET[:-2], NEED_MORE)
 
     def test_ssh(self) -> None:
-        """SSH-2.0 and SSH-1.99 lines match; SSH-1.5, empty software and control bytes do not."""
+        """SSH-2.0 and SSH-1.99 lines match from their prefix on; SSH-1.5 does not."""
         self.assertVerdict(SSH(), b"SSH-2.0-OpenSSH_9.6\r\n", MATCH)
         self.assertVerdict(SSH(), b"SSH-1.99-x\n", MATCH)
-        self.assertVerdict(SSH(), b"SSH-2.0-OpenSSH_9.6\r", NEED_MORE)
+        self.assertVerdict(SSH(), b"SSH-2.0-OpenSSH_9.6\r", MATCH)
         self.assertVerdict(SSH(), b"SSH-1.5-old\r\n", NO_MATCH)
-        self.assertVerdict(SSH(), b"SSH-2.0-\r\n", NO_MATCH)
-        self.assertVerdict(SSH(), b"SSH-2.0-a\x00b\r\n", NO_MATCH)
-        self.assertVerdict(SSH(), b"SSH-2.0-" + b"a" * 300, NO_MATCH)
+        self.assertVerdict(SSH(), b"SSH-2", NEED_MORE)
+
+    def test_ssh_identification_line(self) -> None:
+        """parse_identification reads the software version; empty software and control bytes are NO_MATCH."""
+        self.assertEqual(parse_identification(b"SSH-2.0-OpenSSH_9.6 Ubuntu\r\n"), (MATCH, "OpenSSH_9.6 Ubuntu"))
+        self.assertEqual(parse_identification(b"SSH-2.0-OpenSSH_9.6\r"), (NEED_MORE, None))
+        self.assertEqual(parse_identification(b"SSH-2.0-\r\n"), (NO_MATCH, None))
+        self.assertEqual(parse_identification(b"SSH-2.0-a\x00b\r\n"), (NO_MATCH, None))
+        self.assertEqual(parse_identification(b"SSH-2.0-" + b"a" * 300), (NO_MATCH, None))
 
     def test_redis(self) -> None:
         """RESP arrays and inline commands match; zero, huge or non-numeric lengths and GET do not."""

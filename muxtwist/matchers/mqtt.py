@@ -4,8 +4,9 @@ and 5.0) or ``MQIsdp`` (level 3, MQTT 3.1).
 
 Bytes read: the fixed header (packet type 1, flags 0, a 1-4 byte remaining
 length), the protocol name, the level and the connect flags (reserved bit
-clear, will QoS below 3, no will QoS or retain without a will). NEED_MORE
-bound: ``MAX_PREFIX`` (15) bytes.
+clear, will QoS below 3, no will QoS or retain without a will). A bridge
+(Mosquitto's ``try_private``) sets the top bit of the level, 0x83 to 0x85;
+those are taken too. NEED_MORE bound: ``MAX_PREFIX`` (15) bytes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ MATCH, NO_MATCH, NEED_MORE = Verdict.MATCH, Verdict.NO_MATCH, Verdict.NEED_MORE
 
 MAX_PREFIX = 15
 _NAMES = {b"\x00\x04MQTT": (4, 5), b"\x00\x06MQIsdp": (3,)}
+#: The level without the bridge bit (0x80) a bridging broker may set.
+_BRIDGE = 0x7F
 
 
 def _remaining_length(data: bytes) -> tuple[Verdict, int, int]:
@@ -62,7 +65,7 @@ class MQTT:
             if len(data) < pos + n + 2:
                 return NEED_MORE
             level, flags = data[pos + n], data[pos + n + 1]
-            if level not in levels or flags & 0x01:
+            if (level & _BRIDGE) not in levels or flags & 0x01:
                 return NO_MATCH
             will, will_qos, will_retain = flags & 0x04, (flags >> 3) & 0x03, flags & 0x20
             if will_qos == 3 or (not will and (will_qos or will_retain)):

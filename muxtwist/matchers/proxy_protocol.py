@@ -312,6 +312,10 @@ class ProxyProtocol:
     name: str = attrs.field(default="proxy_protocol", kw_only=True)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
+        if self.version is not None and data:
+            # The first byte tells the versions apart: no need to wait for the other one's header.
+            if data[0] != (V1_PREFIX if self.version == 1 else V2_SIGNATURE)[0]:
+                return Verdict.NO_MATCH
         try:
             header = parse(data)
         except ProxyProtocolError:

@@ -6,8 +6,11 @@ Bytes read: the 4-byte TPKT header (version 3, length 11 to
 ``MAX_PACKET``), the 7 fixed bytes of the X.224 CR (length indicator equal to
 the TPKT length minus 5, code 0xE0, destination reference 0, class 0), then
 the rest of the packet: an optional cookie or routing token ending in CRLF,
-and an optional RDP_NEG_REQ (type 1, length 8). NEED_MORE bound: the
-declared TPKT length, at most ``MAX_PACKET`` bytes.
+an optional RDP_NEG_REQ (2.2.1.1.1: type 1, length 8) and, exactly when its
+flags carry CORRELATION_INFO_PRESENT (0x08), an RDP_NEG_CORRELATION_INFO
+after it (2.2.1.1.2: type 6, flags 0, length 36, a 16-byte correlation id
+and 16 reserved bytes that are zero). Nothing else may follow. NEED_MORE
+bound: the declared TPKT length, at most ``MAX_PACKET`` bytes.
 """
 
 from __future__ import annotations
@@ -40,15 +43,40 @@ def _fixed_ok(data: bytes) -> bool:
     return True
 
 
+_NEG_REQ = 1
+_NEG_REQ_LENGTH = 8
+_CORRELATION_INFO = 6
+_CORRELATION_INFO_LENGTH = 36
+_CORRELATION_INFO_PRESENT = 0x08
+
+
+def _correlation_ok(block: bytes) -> bool:
+    """An RDP_NEG_CORRELATION_INFO: type, zero flags, length 36, a correlation id and zero reserved bytes."""
+    return (
+        len(block) == _CORRELATION_INFO_LENGTH
+        and block[0] == _CORRELATION_INFO
+        and block[1] == 0
+        and int.from_bytes(block[2:4], "little") == _CORRELATION_INFO_LENGTH
+        and block[20:36] == bytes(16)
+    )
+
+
 def _variable_ok(rest: bytes) -> bool:
-    if rest and rest[0] != 1:
+    if rest and rest[0] != _NEG_REQ:
         end = rest.find(b"\r\n")
         if end < 0:
             return False
         rest = rest[end + 2 :]
     if not rest:
         return True
-    return len(rest) >= 8 and rest[0] == 1 and rest[2:4] == b"\x08\x00"
+    if len(rest) < _NEG_REQ_LENGTH or rest[0] != _NEG_REQ:
+        return False
+    if int.from_bytes(rest[2:4], "little") != _NEG_REQ_LENGTH:
+        return False
+    after = rest[_NEG_REQ_LENGTH:]
+    if rest[1] & _CORRELATION_INFO_PRESENT:
+        return _correlation_ok(after)
+    return not after
 
 
 @implementer(IMatcher)

@@ -2,9 +2,13 @@
 SSH: the client's identification line, ``SSH-2.0-software comments CRLF``
 (RFC 4253, section 4.2), protocol 2.0 or the compatible 1.99.
 
-Bytes read: the identification line. NO_MATCH at the first byte that cannot
-start ``SSH-2.0-`` or ``SSH-1.99-``, or at a control character in the line;
-NEED_MORE until the line ends, bound ``MAX_LINE`` (255) bytes.
+Bytes read by :class:`SSH`: the first 8 or 9 bytes. ``SSH-2.0-`` or
+``SSH-1.99-`` is conclusive (a client must send its identification first,
+and nothing else starts so), so the matcher decides there, without waiting
+for the rest of the line or its CRLF; NO_MATCH at the first byte that cannot
+start either. :func:`parse_identification` reads the whole line, for the
+software version: NO_MATCH at a control character in it; NEED_MORE until the
+line ends, bound ``MAX_LINE`` (255) bytes.
 """
 
 from __future__ import annotations
@@ -54,4 +58,9 @@ class SSH:
     name: str = attrs.field(default="ssh", kw_only=True)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
-        return parse_identification(data)[0]
+        undecided = False
+        for prefix in _PREFIXES:
+            if data.startswith(prefix):
+                return MATCH
+            undecided = undecided or prefix.startswith(data)
+        return NEED_MORE if undecided else NO_MATCH
