@@ -32,6 +32,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from muxtwist import matchers
 from muxtwist._options import check_terminate_tls
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IMatcher
 
@@ -156,7 +157,13 @@ def _matchers(matcher: IMatcher) -> Iterator[IMatcher]:
         yield from _matchers(inner)
 
 
-_H2_MATCHERS = frozenset({"http2", "h2", "grpc"})
+def _h2_matcher(matcher: IMatcher) -> bool:
+    """Whether ``matcher`` recognises HTTP/2 (by its type, never by its ``name`` label)."""
+    return isinstance(matcher, (matchers.HTTP2, matchers.HTTP2Header, matchers.GRPC))
+
+
+def _alpn_protocols(matcher: IMatcher) -> tuple[str, ...]:
+    return matcher.protocols if isinstance(matcher, matchers.ALPN) else ()
 
 
 def _h2_capable(factory: object, wanted: list[str], depth: int) -> bool:
@@ -170,9 +177,9 @@ def _h2_capable(factory: object, wanted: list[str], depth: int) -> bool:
     capable = False
     for rule in getattr(factory, "rules", ()):
         for m in _matchers(rule.matcher):
-            if getattr(m, "name", None) in _H2_MATCHERS:
+            if _h2_matcher(m):
                 capable = True
-            for p in getattr(m, "protocols", ()) if getattr(m, "name", None) == "alpn" else ():
+            for p in _alpn_protocols(m):
                 if p not in wanted:
                     wanted.append(p)
         # A Site behind a rule that only matches HTTP/1 requests cannot be
@@ -183,8 +190,10 @@ def _h2_capable(factory: object, wanted: list[str], depth: int) -> bool:
 
 
 def _http1_only(matcher: IMatcher) -> bool:
-    names = {getattr(m, "name", None) for m in _matchers(matcher)}
-    return "http1" in names and not names & (_H2_MATCHERS | {"alpn", "any", "sni"})
+    found = list(_matchers(matcher))
+    return any(isinstance(m, matchers.HTTP1) for m in found) and not any(
+        _h2_matcher(m) or isinstance(m, (matchers.ALPN, matchers.Any, matchers.SNI)) for m in found
+    )
 
 
 class _Certificates:
@@ -246,7 +255,8 @@ class TerminateTLS:
         cache and session tickets). Off by default, as in Twisted's own TLS
         endpoints: every handshake is a full one, and no handshake pays for
         making tickets that short-lived clients never use.
-    :raises CertificateError: a certificate file is missing or broken.
+    :raises CertificateError: a certificate file is missing or broken, or
+        there is no certificate at all (an empty directory or mapping).
     """
 
     def __init__(
@@ -320,6 +330,14 @@ class TerminateTLS:
 
     def _load(self, previous: _Certificates | None) -> _Certificates:
         sources = _sources(self.source)
+        if not sources:
+            # Every handshake would fail; say so now rather than once per client.
+            where = (
+                "no certificate in the mapping (it is empty)"
+                if isinstance(self.source, Mapping)
+                else f"no certificate in {os.fspath(self.source)} (it holds no *.pem file)"
+            )
+            raise CertificateError(f"{where}: TerminateTLS needs at least one certificate")
         # With one certificate for every name, OpenSSL need not call back
         # into Python on each handshake to choose it.
         choose = set(sources) != {DEFAULT}

@@ -840,7 +840,7 @@ class CertificateStoreTests(TestCase):
     def test_passes_start_and_stop_through(self) -> None:
         """doStart/doStop reach the inner factory."""
         inner = Recorder()
-        tls = TerminateTLS({}, inner)
+        tls = TerminateTLS(cert_dir(self, **{"a.test": pki().a}), inner)
         tls.doStart()
         self.assertEqual(inner.numPorts, 1)
         tls.doStop()
@@ -877,8 +877,9 @@ class OfferedProtocolsTests(TestCase):
 
     def test_explicit_alpn(self) -> None:
         """An explicit alpn wins, and an empty one turns ALPN off."""
-        self.assertEqual(TerminateTLS({}, Site(Hello("x")), alpn=["http/1.1"]).alpn, ("http/1.1",))
-        self.assertEqual(TerminateTLS({}, Site(Hello("x")), alpn=[]).alpn, ())
+        certificates = cert_dir(self, **{"a.test": pki().a})
+        self.assertEqual(TerminateTLS(certificates, Site(Hello("x")), alpn=["http/1.1"]).alpn, ("http/1.1",))
+        self.assertEqual(TerminateTLS(certificates, Site(Hello("x")), alpn=[]).alpn, ())
 
 
 def redirect(request: bytes, port: int | None = None) -> bytes:
