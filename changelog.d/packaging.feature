@@ -1,0 +1,1 @@
+muxtwist depends on `Twisted[tls,http2]`, so a `twisted.web` `Site` behind `TerminateTLS` speaks HTTP/2 as the TLS recipe shows; `python -m build` makes an sdist and a wheel that `twine check` accepts, and the docs say to install from a checkout (`pip install .`) until the package is published.

@@ -1,0 +1,86 @@
+"""
+The package as a user gets it: ``python -m build`` makes an sdist and a
+wheel from the source tree, ``twine check`` accepts both, and the wheel
+installed into a fresh virtual environment brings the ``twistd muxtwist``
+plugin, ``python -m muxtwist`` and Twisted's HTTP/2 support with it.
+
+Slow (about 20 s: a build and a ``pip install`` from the package index).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from twisted.trial import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args: list[str], cwd: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run a command to its end; its output in the failure message if it fails."""
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, start_new_session=True)
+    assert done.returncode == 0, f"{args} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def source_copy(destination: str) -> None:
+    """The files git would commit now (tracked and new, not ignored), copied to ``destination``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = os.path.join(ROOT, name)
+        if not os.path.isfile(source):
+            continue
+        target = os.path.join(destination, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(source, target)
+
+
+class PackagingTests(unittest.TestCase):
+    """Build, check and install the distribution the way a release would."""
+
+    def test_wheel_installs_the_twistd_plugin(self) -> None:
+        """The built wheel, installed alone in a fresh venv, provides twistd muxtwist with our options."""
+        if shutil.which("git") is None or not os.path.isdir(os.path.join(ROOT, ".git")):
+            raise unittest.SkipTest("needs a git checkout to know which files are the source")
+        scratch = os.path.abspath(self.mktemp())
+        source, dist, venv, elsewhere = (os.path.join(scratch, n) for n in ("src", "dist", "venv", "elsewhere"))
+        os.makedirs(elsewhere)
+        source_copy(source)
+
+        run([sys.executable, "-m", "build", "--outdir", dist, source], cwd=scratch)
+        (sdist,) = glob.glob(os.path.join(dist, "muxtwist-*.tar.gz"))
+        (wheel,) = glob.glob(os.path.join(dist, "muxtwist-*-py3-none-any.whl"))
+        checked = run([sys.executable, "-m", "twine", "check", "--strict", sdist, wheel], cwd=scratch)
+        self.assertEqual(checked.stdout.count("PASSED"), 2, checked.stdout)
+
+        run([sys.executable, "-m", "venv", venv], cwd=scratch)
+        python = os.path.join(venv, "bin", "python")
+        run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", wheel], cwd=elsewhere)
+
+        # From a directory outside the checkout, so nothing can come from it.
+        where = run([python, "-c", "import muxtwist; print(muxtwist.__file__)"], cwd=elsewhere).stdout
+        self.assertTrue(where.startswith(venv), where)
+        helped = run([os.path.join(venv, "bin", "twistd"), "muxtwist", "--help"], cwd=elsewhere).stdout
+        self.assertIn("Usage: twistd [options] muxtwist", helped)
+        for option in ("--port=", "--config=", "--workers=", "--log-format="):
+            self.assertIn(option, helped)
+        h2 = run([python, "-c", "from twisted.web.http import H2_ENABLED; print(H2_ENABLED)"], cwd=elsewhere)
+        self.assertEqual(h2.stdout.strip(), "True", "Twisted[http2] not installed with the wheel")
+        rules = os.path.join(elsewhere, "rules.py")
+        with open(rules, "w") as f:
+            f.write(
+                "from muxtwist import Rule\nfrom muxtwist.matchers import Any\nfrom muxtwist.actions import Reject\n"
+            )
+            f.write("rules = [Rule(Any(), Reject(), name='all')]\n")
+        checked_rules = run([python, "-m", "muxtwist", "check", rules], cwd=elsewhere).stdout
+        self.assertIn("OK", checked_rules)
