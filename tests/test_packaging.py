@@ -84,3 +84,30 @@ class PackagingTests(unittest.TestCase):
             f.write("rules = [Rule(Any(), Reject(), name='all')]\n")
         checked_rules = run([python, "-m", "muxtwist", "check", rules], cwd=elsewhere).stdout
         self.assertIn("OK", checked_rules)
+
+
+class SetupCfgTests(unittest.TestCase):
+    """setup.cfg configures codespell, which .ci/run runs over the tree."""
+
+    def codespell(self, cwd: str) -> subprocess.CompletedProcess[str]:
+        if shutil.which("codespell") is None:
+            raise unittest.SkipTest("codespell is not installed (pip install -e '.[test]')")
+        return subprocess.run(["codespell"], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+    def test_codespell_reads_setup_cfg(self) -> None:
+        """codespell takes its word list from setup.cfg: a real typo is caught, a listed protocol term is not."""
+        scratch = os.path.abspath(self.mktemp())
+        os.makedirs(scratch)
+        shutil.copy(os.path.join(ROOT, "setup.cfg"), scratch)
+        typo = "rec" + "ieve"  # spelled apart so that this file stays clean
+        with open(os.path.join(scratch, "sample.py"), "w") as f:
+            f.write(f'HEADERS = [b"te", b"trailers"]  # we {typo} these\n')
+        done = self.codespell(scratch)
+        self.assertNotEqual(done.returncode, 0)
+        self.assertIn(f"{typo} ==> receive", done.stdout)
+        self.assertNotIn(" te ", done.stdout)
+
+    def test_tree_is_spelled_right(self) -> None:
+        """The code, tests and docs have no misspellings codespell knows."""
+        done = self.codespell(ROOT)
+        self.assertEqual(done.returncode, 0, done.stdout)
