@@ -13,6 +13,14 @@ A destination that cannot take more stops reading from its source until it
 is writable again, so memory stays bounded by one chunk or one pipe per
 direction.
 
+Pipes are capped process-wide (as HAProxy's ``maxpipes``): each costs two
+descriptors for the life of its flow, and under load those compete with
+``accept()``. :data:`pipes` counts them; a flow that would go past
+:attr:`PipeBudget.limit` keeps copying with ``recv``/``send`` (asking again
+on later full reads, so it moves to ``splice(2)`` once a pipe is free).
+The default limit lets pipes hold at most a quarter of the process's
+descriptor limit (``RLIMIT_NOFILE // 8`` pipes).
+
 An end of file is passed on as a half-close of the other socket; when both
 directions have ended, or on any socket error, the sockets are given back to
 their Twisted transports to be closed, so the protocols' ``connectionLost``
@@ -33,7 +41,7 @@ from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["AVAILABLE", "Splice", "spliceable"]
+__all__ = ["AVAILABLE", "PipeBudget", "Splice", "default_max_pipes", "pipes", "spliceable"]
 
 AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
 
@@ -47,6 +55,51 @@ _PIPE = 256 * 1024
 _ROUNDS = 16
 _FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH)
+
+
+def default_max_pipes() -> int:
+    """Pipes that hold at most a quarter of the process's descriptor limit (at least one)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 256
+    if soft == getattr(resource, "RLIM_INFINITY", -1) or soft <= 0:
+        soft = 65536
+    return max(1, soft // 8)
+
+
+class PipeBudget:
+    """
+    The splice pipes open across the process, and how many may be.
+
+    :ivar limit: the most pipes open at once.
+    :ivar open: pipes open now.
+    :ivar refused: flows that kept copying because the limit was reached
+        (each counted once).
+    """
+
+    __slots__ = ("limit", "open", "refused")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self.refused = 0
+
+    def take(self) -> bool:
+        """One pipe, if the limit allows it."""
+        if self.open >= self.limit:
+            return False
+        self.open += 1
+        return True
+
+    def give_back(self) -> None:
+        self.open -= 1
+
+
+#: the process-wide pipe budget (``Proxy.set_max_pipes`` changes its limit).
+pipes = PipeBudget(default_max_pipes())
 
 
 def spliceable(transport: object) -> bool:
@@ -66,6 +119,7 @@ class _Flow:
 
     __slots__ = (
         "blocked",
+        "capped",
         "dst",
         "ended",
         "in_pipe",
@@ -95,21 +149,39 @@ class _Flow:
         self.piped = False
         #: the pipe's capacity.
         self.size = _CHUNK
+        #: whether the pipe budget has refused this flow a pipe.
+        self.capped = False
 
-    def open_pipe(self) -> None:
-        self.read_end, self.write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    def open_pipe(self) -> bool:
+        """Move to ``splice(2)``; ``False`` (keep copying) past the pipe budget.
+
+        :raises OSError: no descriptors for a pipe.
+        """
+        if not pipes.take():
+            if not self.capped:
+                self.capped = True
+                pipes.refused += 1
+            return False
+        try:
+            self.read_end, self.write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            pipes.give_back()
+            raise
         self.piped = True
         try:
             # Fewer, larger splices for bulk transfer; pages are only taken as filled.
             self.size = fcntl.fcntl(self.write_end, fcntl.F_SETPIPE_SZ, _PIPE)
         except OSError:
             self.size = _CHUNK
+        return True
 
     def close(self) -> None:
+        if self.read_end < 0:
+            return
         for fd in (self.read_end, self.write_end):
-            if fd >= 0:
-                os.close(fd)
+            os.close(fd)
         self.read_end = self.write_end = -1
+        pipes.give_back()
 
 
 @implementer(IReadDescriptor, IWriteDescriptor)
@@ -233,7 +305,8 @@ class Splice:
             if not self._flush(flow) or len(data) < _CHUNK:
                 return
             try:
-                flow.open_pipe()
+                if not flow.open_pipe():
+                    return
             except OSError:
                 # Out of descriptors: this flow keeps copying.
                 return

@@ -5,18 +5,20 @@ half-close, aborts, failures, failover, backpressure and leaks.
 
 from __future__ import annotations
 
+import os
+import random
 import socket
 import sys
 import time
 from typing import Any
 
-from twisted.internet import defer, error
+from twisted.internet import defer, error, task
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from muxtwist import ConnectionInfo, Rule
+from muxtwist import ConnectionInfo, Rule, _splice
 from muxtwist.actions import Proxy
 from muxtwist.matchers import Any as AnyMatcher
 from muxtwist.matchers import Prefix
@@ -482,3 +484,85 @@ class LeakTestsWithoutSplice(LeakTests):
 
 class BackpressureTestsWithoutSplice(BackpressureTests):
     splice = False
+
+
+def _open_pipes() -> int:
+    """How many pipe descriptors this process has open."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:"):
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+class PipeCapTests(unittest.TestCase):
+    """The process-wide cap on splice pipes (``Proxy.set_max_pipes``)."""
+
+    def setUp(self) -> None:
+        if not _splice.AVAILABLE:
+            raise unittest.SkipTest("splice(2) is Linux only")
+        limit = Proxy.pipe_usage()["limit"]
+        self.addCleanup(Proxy.set_max_pipes, limit)
+
+    async def test_cap_holds_and_bytes_stay_intact_past_it(self) -> None:
+        """With a cap of one pipe, four bulk relays both ways open one pipe at most and every byte arrives intact."""
+        Proxy.set_max_pipes(1)
+        refused_before = Proxy.pipe_usage()["refused"]
+        desc, _ = backend(self, Echo)
+        proxy = Proxy(desc, splice=True)
+        port = proxied(self, proxy)
+        # Warm up so lazily opened descriptors (the reactor's waker...) exist before counting.
+        warm = await connect(self, port)
+        warm.transport.write(b"w")  # type: ignore[union-attr]
+        await warm.received_at_least(1)
+        warm.transport.loseConnection()  # type: ignore[union-attr]
+        await warm.closed()
+        await until(lambda: not proxy.relays)
+        baseline = _open_pipes()
+        worst = [0]
+
+        def sample() -> None:
+            n = _open_pipes() - baseline
+            worst[0] = max(worst[0], n)
+
+        sampler = task.LoopingCall(sample)
+        sampler.start(0.002)
+        self.addCleanup(lambda: sampler.stop() if sampler.running else None)
+        payloads = [random.Random(i).randbytes(3 * 1024 * 1024) for i in range(4)]
+        clients = [await connect(self, port) for _ in payloads]
+        for client, payload in zip(clients, payloads, strict=True):
+            client.transport.write(payload)  # type: ignore[union-attr]
+        for client, payload in zip(clients, payloads, strict=True):
+            await client.received_at_least(len(payload), 30)
+        piped = [f for r in proxy.relays for f in (r._splice.up, r._splice.down) if r._splice and f.piped]
+        self.assertEqual(len(proxy.relays), 4)
+        self.assertTrue(all(r.spliced for r in proxy.relays))
+        for client in clients:
+            client.transport.loseConnection()  # type: ignore[union-attr]
+            await client.closed()
+        sampler.stop()
+        self.assertEqual([bytes(c.received) == p for c, p in zip(clients, payloads, strict=True)], [True] * 4)
+        self.assertEqual(len(piped), 1)
+        self.assertEqual(worst[0], 2)
+        self.assertIn(Proxy.pipe_usage()["refused"] - refused_before, range(1, 8))
+        await until(lambda: not proxy.relays)
+        self.assertEqual(Proxy.pipe_usage()["open"], 0)
+        self.assertEqual(_open_pipes(), baseline)
+
+    def test_zero_and_bad_limits(self) -> None:
+        """A cap of 0 is allowed (never splice-pipe); a negative or non-integer cap is refused with a clear error."""
+        Proxy.set_max_pipes(0)
+        self.assertEqual(Proxy.pipe_usage()["limit"], 0)
+        for bad in (-1, 1.5, "8", True):
+            with self.assertRaises(ValueError) as caught:
+                Proxy.set_max_pipes(bad)  # type: ignore[arg-type]
+            self.assertIn("max pipes", str(caught.exception))
+
+    def test_default_is_a_quarter_of_the_descriptor_limit(self) -> None:
+        """By default pipes may hold a quarter of the process's descriptors: RLIMIT_NOFILE // 8 pipes."""
+        import resource
+
+        self.assertEqual(_splice.default_max_pipes(), resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8)

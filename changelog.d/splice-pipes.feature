@@ -1,0 +1,1 @@
+Splice pipes are capped across the process, as HAProxy's `maxpipes`: `Proxy.set_max_pipes(n)` sets the cap (default: a quarter of the descriptor limit, `RLIMIT_NOFILE // 8` pipes), a relay direction past it keeps the copying relay with every byte intact, and `Proxy.pipe_usage()` reports pipes open, the limit and refusals.
