@@ -1,34 +1,650 @@
 """
-The admin site: ``/metrics`` (Prometheus text exposition) and ``/ready``
-(readiness for load balancers and orchestrators).
+The admin site: an HTML stats page at ``/`` (per listener, rule and backend:
+live and total connections, bytes each way, outcomes, backend health), the
+numbers behind it at ``/status.json``, ``/metrics`` (Prometheus text
+exposition) and ``/ready`` (readiness for load balancers and orchestrators).
 
 It is an ordinary ``Site``, so it can be a rule of its own listener::
 
     Rule(HTTP1(path="/metrics"), admin_site())
 
 or served on a separate endpoint with ``twistd muxtwist --admin tcp:9100``.
+
+Under ``--workers N`` every worker serves its own numbers on a private UNIX
+socket in the directory named by ``MUXTWIST_WORKERS_DIR`` (``/worker/metrics``
+and ``/worker/status.json``); an admin site that finds that variable (or is
+given ``peers=``) asks every worker and answers with the sum.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import html
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from twisted.internet import defer
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, readBody
+from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
-from muxtwist.metrics import Metrics, default_metrics
+from muxtwist.metrics import LIMITS, Metrics, default_metrics, proxies_of
 
 if TYPE_CHECKING:
-    from muxtwist.service import MuxService
+    from muxtwist.sniffing import SniffingFactory
 
-__all__ = ["MetricsResource", "ReadyResource", "admin_site"]
+__all__ = [
+    "MetricsResource",
+    "ReadyResource",
+    "StatsPage",
+    "StatusResource",
+    "WorkerPeers",
+    "admin_site",
+    "merge_metrics",
+    "merge_status",
+    "render_page",
+    "status",
+]
+
+log = Logger()
+
+#: The environment variable a ``--workers`` parent sets for its workers:
+#: the directory holding each worker's private admin socket.
+WORKERS_DIR_ENV = "MUXTWIST_WORKERS_DIR"
+
+#: Seconds the aggregating admin waits for each worker's numbers.
+PEER_TIMEOUT = 2.0
+
+#: Seconds between two refreshes of the stats page in the browser.
+REFRESH_SECONDS = 2
 
 
-class MetricsResource(Resource):
-    """The registry's samples in the Prometheus text format."""
+class _Stoppable(Protocol):
+    """What ``/ready`` and ``status()`` read from a service (``MuxService`` or ``WorkerPool``)."""
 
+    running: int
+
+    @property
+    def draining(self) -> bool: ...
+
+
+# The numbers
+
+
+def _factories(service: Any, metrics: Metrics) -> list[tuple[str, SniffingFactory]]:
+    listeners = getattr(service, "listeners", None)
+    if listeners is not None:
+        return [(description, listener.factory) for description, listener in sorted(listeners.items())]
+    # No service: every sniffing factory counting into these metrics, outermost ones only.
+    inner = {id(f) for factory in metrics.factories for f in _nested(factory)}
+    outer = [f for f in metrics.factories if id(f) not in inner]
+    return [(f"listener {i + 1}", f) for i, f in enumerate(outer)]
+
+
+def _nested(factory: object) -> Iterator[object]:
+    """The sniffing factories inside ``factory``'s rules (behind ``TerminateTLS`` and the like)."""
+    for rule in getattr(factory, "rules", ()):
+        inner, depth = rule.factory, 0
+        while inner is not None and depth < 4:
+            if hasattr(inner, "rules") and hasattr(inner, "connections"):
+                yield inner
+                yield from _nested(inner)
+                break
+            inner = getattr(inner, "factory", None) or getattr(inner, "wrappedFactory", None)
+            depth += 1
+
+
+def _rule_row(name: str, stats: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "live": stats.active,
+        "total": stats.total,
+        "bytes_in": getattr(stats, "bytes_in", 0),
+        "bytes_out": getattr(stats, "bytes_out", 0),
+        "outcomes": dict(getattr(stats, "outcomes", {})),
+    }
+
+
+def _listener_status(description: str, factory: SniffingFactory) -> dict[str, Any]:
+    names = [r.name for r in factory.rules] + ["on_timeout", "on_no_match"]
+    names += sorted(set(factory.stats) - set(names))  # rules removed by a reload, and "-"
+    rules = {n: _rule_row(n, factory.stats[n]) for n in names if n in factory.stats}
+    backends = []
+    for rule_name, proxy in proxies_of(factory):
+        now = proxy._reactor.seconds()
+        direct = any(r.name == rule_name and r.factory is proxy for r in factory.rules)
+        live_relays = [r for r in list(proxy.relays) if r.side is not None and (not direct or r.rule_name == rule_name)]
+        row = rules.get(rule_name)
+        if row is not None:
+            # Bytes of relays still open, so a long transfer shows while it runs.
+            row["bytes_in"] += sum(r.bytes_in for r in live_relays)
+            row["bytes_out"] += sum(r.bytes_out for r in live_relays)
+        for backend in proxy.backends:
+            stats = backend.stats
+            mine = [r for r in live_relays if r.backend is backend]
+            backends.append(
+                {
+                    "rule": rule_name,
+                    "backend": backend.description,
+                    "live": stats.active,
+                    "total": stats.total,
+                    "bytes_in": getattr(stats, "bytes_in", 0) + sum(r.bytes_in for r in mine),
+                    "bytes_out": getattr(stats, "bytes_out", 0) + sum(r.bytes_out for r in mine),
+                    "failures": stats.failures,
+                    "errors": dict(stats.errors),
+                    "checked": proxy.health_check is not None,
+                    "healthy": stats.healthy,
+                    "since": getattr(stats, "since", None),
+                    "last_check": getattr(stats, "last_check", None),
+                    "last_check_at": getattr(stats, "last_check_at", None),
+                    "skipped_until": backend.down_until if backend.down_until > now else None,
+                }
+            )
+    rows = list(rules.values())
+    named = [r for r in rows if r["name"] != "-"]
+    outcomes: dict[str, int] = {}
+    for r in rows:
+        for outcome, n in r["outcomes"].items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + n
+    return {
+        "endpoint": description,
+        "live": sum(r["live"] for r in named),
+        "sniffing": sum(1 for c in list(factory.connections) if c.sniffing),
+        "total": sum(outcomes.values()) + len(factory.connections),
+        "bytes_in": sum(r["bytes_in"] for r in rows),
+        "bytes_out": sum(r["bytes_out"] for r in rows),
+        "outcomes": outcomes,
+        "rules": rows,
+        "backends": backends,
+    }
+
+
+def status(service: Any = None, metrics: Metrics | None = None, reactor: Any = None) -> dict[str, Any]:
+    """
+    The numbers of this process: each listener with its rules and backends
+    (live and total connections, bytes each way, outcomes, health), and the
+    limit refusals. ``/status.json`` serves it; the stats page shows it.
+
+    :param service: a :class:`~muxtwist.service.MuxService`; without one,
+        every sniffing factory counting into ``metrics`` is shown.
+    """
+    if metrics is None:
+        metrics = getattr(service, "metrics", None) or default_metrics()
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    return {
+        "time": reactor.seconds(),
+        "draining": bool(getattr(service, "draining", False)),
+        "workers": [{"slot": _slot(), "pid": os.getpid(), "answered": True}],
+        "listeners": [_listener_status(d, f) for d, f in _factories(service, metrics)],
+        "limit_rejections": {
+            limit: int(metrics.value("muxtwist_limit_rejections_total", limit=limit)) for limit in LIMITS
+        },
+    }
+
+
+def _slot() -> int | None:
+    slot = os.environ.get("MUXTWIST_WORKER")
+    return int(slot) if slot is not None and slot.isdigit() else None
+
+
+# Merging the numbers of several workers
+
+_SUMMED = ("live", "sniffing", "total", "bytes_in", "bytes_out", "failures")
+
+
+def _add_counts(into: dict[str, Any], row: dict[str, Any]) -> None:
+    for key in _SUMMED:
+        if key in row:
+            into[key] = into.get(key, 0) + row[key]
+    for key in ("outcomes", "errors"):
+        if key in row:
+            merged = into.setdefault(key, {})
+            for k, n in row[key].items():
+                merged[k] = merged.get(k, 0) + n
+
+
+def _merge_backend(into: dict[str, Any] | None, row: dict[str, Any]) -> dict[str, Any]:
+    if into is None:
+        into = {k: v for k, v in row.items() if k not in (*_SUMMED, "errors")}
+        into["healthy_in"] = 0
+        into["workers"] = 0
+    _add_counts(into, row)
+    into["workers"] += 1
+    into["healthy_in"] += 1 if row["healthy"] else 0
+    into["healthy"] = into["healthy_in"] == into["workers"]
+    # The backend has been in its (merged) state since the latest change any worker saw.
+    into["since"] = max((t for t in (into.get("since"), row.get("since")) if t is not None), default=None)
+    if (row.get("last_check_at") or 0) > (into.get("last_check_at") or 0):
+        into["last_check"], into["last_check_at"] = row.get("last_check"), row.get("last_check_at")
+    into["skipped_until"] = max(
+        (t for t in (into.get("skipped_until"), row.get("skipped_until")) if t is not None), default=None
+    )
+    return into
+
+
+def merge_status(parts: Sequence[dict[str, Any]], now: float, draining: bool = False) -> dict[str, Any]:
+    """
+    One status from the statuses of several workers: connections, bytes and
+    outcomes summed; a backend is healthy when it is healthy in every worker.
+    """
+    listeners: dict[str, dict[str, Any]] = {}
+    rules: dict[tuple[str, str], dict[str, Any]] = {}
+    backends: dict[tuple[str, str, str], dict[str, Any]] = {}
+    limits: dict[str, int] = {}
+    workers: list[dict[str, Any]] = []
+    for part in parts:
+        workers.extend(part.get("workers", []))
+        for limit, n in part.get("limit_rejections", {}).items():
+            limits[limit] = limits.get(limit, 0) + n
+        for listener in part.get("listeners", []):
+            endpoint = listener["endpoint"]
+            into = listeners.setdefault(endpoint, {"endpoint": endpoint, "rules": [], "backends": []})
+            _add_counts(into, listener)
+            for row in listener["rules"]:
+                key = (endpoint, row["name"])
+                if key not in rules:
+                    rules[key] = {"name": row["name"]}
+                    into["rules"].append(rules[key])
+                _add_counts(rules[key], row)
+            for row in listener["backends"]:
+                bkey = (endpoint, row["rule"], row["backend"])
+                merged = _merge_backend(backends.get(bkey), row)
+                if bkey not in backends:
+                    backends[bkey] = merged
+                    into["backends"].append(merged)
+    return {
+        "time": now,
+        "draining": draining,
+        "workers": workers,
+        "listeners": list(listeners.values()),
+        "limit_rejections": limits,
+    }
+
+
+def merge_metrics(texts: Iterable[str]) -> list[Metric]:
+    """
+    The metric families of several workers' ``/metrics`` as one: each
+    sample summed over the workers, except ``muxtwist_backend_up`` (the
+    lowest: 1 only when every worker can use the backend) and ``_created``
+    timestamps (the earliest).
+    """
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                values[family.name] = {}
+            samples = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                old = samples.get(key)
+                if old is None:
+                    samples[key] = sample.value
+                elif sample.name == "muxtwist_backend_up" or sample.name.endswith("_created"):
+                    samples[key] = min(old, sample.value)
+                else:
+                    samples[key] = old + sample.value
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    return list(families.values())
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+def _exposition(families: list[Metric]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))
+    return generate_latest(registry)
+
+
+@implementer(IAgentEndpointFactory)
+class _UNIXSockets:
+    """Agent endpoints for ``http://worker-N/...``: the socket ``worker-N.sock`` in one directory."""
+
+    def __init__(self, reactor: Any, directory: str) -> None:
+        self.reactor = reactor
+        self.directory = directory
+
+    def endpointForURI(self, uri: Any) -> UNIXClientEndpoint:
+        name = uri.host.decode("ascii")
+        return UNIXClientEndpoint(self.reactor, os.path.join(self.directory, f"{name}.sock"), timeout=PEER_TIMEOUT)
+
+
+class WorkerPeers:
+    """
+    The workers of a ``--workers`` pool, reached through their private admin
+    sockets (``worker-N.sock`` in ``directory``).
+    """
+
+    def __init__(self, directory: str, reactor: Any = None, expected: Callable[[], int] | None = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.directory = directory
+        self._reactor = reactor
+        self._agent = Agent.usingEndpointFactory(reactor, _UNIXSockets(reactor, directory))
+        self._expected = expected
+
+    def names(self) -> list[str]:
+        """``worker-N`` for each socket in the directory, in slot order."""
+        try:
+            entries = os.listdir(self.directory)
+        except OSError:
+            return []
+        found = [e[: -len(".sock")] for e in entries if e.startswith("worker-") and e.endswith(".sock")]
+        return sorted(found, key=lambda n: int(n.partition("-")[2]) if n.partition("-")[2].isdigit() else -1)
+
+    @property
+    def expected(self) -> int:
+        """How many workers there should be (the pool's count, or the sockets found)."""
+        return self._expected() if self._expected is not None else len(self.names())
+
+    def fetch(self, path: str) -> defer.Deferred[list[tuple[str, bytes | None]]]:
+        """``GET path`` from every worker; ``None`` for a worker that did not answer in time."""
+        names = self.names()
+
+        def one(name: str) -> defer.Deferred[tuple[str, bytes | None]]:
+            d = self._agent.request(b"GET", f"http://{name}{path}".encode("ascii"))
+
+            def body(response: Any) -> Any:
+                if response.code != 200:
+                    raise ValueError(f"{name}{path} answered {response.code}")
+                return readBody(response)
+
+            d.addCallback(body)
+            d.addTimeout(PEER_TIMEOUT, self._reactor)
+
+            def answered(data: bytes) -> tuple[str, bytes | None]:
+                return name, data
+
+            def failed(reason: Failure) -> tuple[str, bytes | None]:
+                log.warn("admin: no answer from {worker}: {problem}", worker=name, problem=reason.getErrorMessage())
+                return name, None
+
+            result: defer.Deferred[tuple[str, bytes | None]] = d.addCallbacks(answered, failed)
+            return result
+
+        return defer.gatherResults([one(n) for n in names])
+
+
+# The page
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _fmt_age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def _e(value: object) -> str:
+    """Every value goes through here: names, endpoints and reasons may come from users and clients."""
+    return html.escape(str(value), quote=True)
+
+
+def _outcomes(outcomes: dict[str, int]) -> str:
+    if not outcomes:
+        return "-"
+    return ", ".join(f"{_e(k)}&nbsp;{_e(v)}" for k, v in sorted(outcomes.items()))
+
+
+def _health(row: dict[str, Any], now: float) -> tuple[str, str]:
+    """(css class, text) of a backend's health cell."""
+    parts = []
+    if row.get("skipped_until") is not None:
+        cls, state = "down", "SKIPPED"
+        parts.append(f"after failed connects, for {_fmt_age(row['skipped_until'] - now)} more")
+    elif not row.get("healthy", True):
+        cls, state = "down", "DOWN"
+    elif row.get("workers", 1) > row.get("healthy_in", row.get("workers", 1)):
+        cls, state = "down", "DOWN"
+    else:
+        cls, state = "up", "UP"
+    if "workers" in row and row["workers"] > 1:
+        parts.append(f"healthy in {row['healthy_in']} of {row['workers']} workers")
+    if row.get("since") is not None:
+        parts.insert(0, f"for {_fmt_age(now - row['since'])}")
+    if not row.get("checked"):
+        parts.append("no active check")
+    elif row.get("last_check") is None:
+        parts.append("not checked yet")
+    else:
+        parts.append(f"last check {row['last_check']} {_fmt_age(now - row['last_check_at'])} ago")
+    return cls, f"{state} " + "; ".join(parts)
+
+
+def render_page(data: dict[str, Any]) -> bytes:
+    """The HTML stats page for a :func:`status` (or :func:`merge_status`) result."""
+    now = data["time"]
+    out = []
+    workers = data.get("workers", [])
+    if len(workers) > 1 or any(w.get("slot") is not None for w in workers):
+        answered = [w for w in workers if w.get("answered")]
+        pids = ", ".join(_e(w.get("pid")) for w in answered)
+        out.append(f'<p id="workers">{len(answered)} of {len(workers)} workers answered (pids {pids})</p>')
+    if data.get("draining"):
+        out.append('<p class="down" id="draining">draining: stopping, /ready answers 503</p>')
+    for listener in data["listeners"]:
+        out.append(f'<section class="listener"><h2>{_e(listener["endpoint"])}</h2>')
+        out.append(
+            "<table><thead><tr><th>rule</th><th>live</th><th>total</th><th>bytes in</th><th>bytes out</th>"
+            "<th>outcomes</th></tr></thead><tbody>"
+        )
+        out.append(
+            f'<tr class="total"><td>listener (sniffing now: {_e(listener.get("sniffing", 0))})</td>'
+            f"<td>{_e(listener['live'])}</td><td>{_e(listener['total'])}</td>"
+            f"<td>{_e(_fmt_bytes(listener['bytes_in']))}</td><td>{_e(_fmt_bytes(listener['bytes_out']))}</td>"
+            f"<td>{_outcomes(listener['outcomes'])}</td></tr>"
+        )
+        for rule in listener["rules"]:
+            if rule["name"] == "-" and not rule["total"] and not rule["outcomes"]:
+                continue
+            label = "(ended while sniffing)" if rule["name"] == "-" else rule["name"]
+            out.append(
+                f'<tr class="rule" data-rule="{_e(rule["name"])}"><td>{_e(label)}</td>'
+                f'<td class="live">{_e(rule["live"])}</td><td>{_e(rule["total"])}</td>'
+                f"<td>{_e(_fmt_bytes(rule['bytes_in']))}</td><td>{_e(_fmt_bytes(rule['bytes_out']))}</td>"
+                f"<td>{_outcomes(rule['outcomes'])}</td></tr>"
+            )
+        out.append("</tbody></table>")
+        if listener["backends"]:
+            out.append(
+                "<table><thead><tr><th>rule</th><th>backend</th><th>health</th><th>live</th><th>total</th>"
+                "<th>bytes in</th><th>bytes out</th><th>failures</th></tr></thead><tbody>"
+            )
+            for b in listener["backends"]:
+                cls, text = _health(b, now)
+                errors = ", ".join(f"{_e(k)}&nbsp;{_e(v)}" for k, v in sorted(b["errors"].items())) or "0"
+                out.append(
+                    f'<tr class="backend" data-backend="{_e(b["backend"])}"><td>{_e(b["rule"])}</td>'
+                    f'<td>{_e(b["backend"])}</td><td class="health {cls}">{_e(text)}</td>'
+                    f'<td class="live">{_e(b["live"])}</td><td>{_e(b["total"])}</td>'
+                    f"<td>{_e(_fmt_bytes(b['bytes_in']))}</td><td>{_e(_fmt_bytes(b['bytes_out']))}</td>"
+                    f"<td>{errors}</td></tr>"
+                )
+            out.append("</tbody></table>")
+        out.append("</section>")
+    limits = ", ".join(f"{_e(k)}&nbsp;{_e(v)}" for k, v in sorted(data["limit_rejections"].items()))
+    out.append(f'<p id="limits">refused by limits: {limits}</p>')
+    body = "".join(out)
+    return (
+        "<!doctype html>\n"
+        '<html lang="en"><head><meta charset="utf-8"><title>muxtwist stats</title>'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<link rel="stylesheet" href="stats.css"><script src="stats.js" defer></script>'
+        f'<noscript><meta http-equiv="refresh" content="{REFRESH_SECONDS}"></noscript></head>'
+        f'<body data-refresh="{REFRESH_SECONDS}"><header><h1>muxtwist stats</h1>'
+        '<span id="updated">live</span> <a href="status.json">status.json</a> <a href="metrics">metrics</a></header>'
+        f'<main id="stats">{body}</main></body></html>\n'
+    ).encode()
+
+
+# Resources
+
+_CSP = (
+    b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def _headers(request: Request, content_type: bytes) -> None:
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    request.setHeader(b"server", b"muxtwist")
+
+
+class _Aggregating(Resource):
+    """A resource answering with this process's numbers, or, given peers, every worker's summed."""
+
+    isLeaf = True
+
+    def __init__(self, service: Any, metrics: Metrics, peers: WorkerPeers | None, reactor: Any = None) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.service = service
+        self.metrics = metrics
+        self.peers = peers
+        self._reactor = reactor
+
+    def local_status(self) -> dict[str, Any]:
+        return status(self.service, self.metrics, self._reactor)
+
+    def gathered_status(self) -> defer.Deferred[dict[str, Any]]:
+        """Every worker's status, merged (or this process's, without peers)."""
+        peers = self.peers
+        if peers is None:
+            return defer.succeed(self.local_status())
+
+        def merge(answers: list[tuple[str, bytes | None]]) -> dict[str, Any]:
+            parts, missing = [], []
+            for name, body in answers:
+                if body is None:
+                    missing.append(name)
+                    continue
+                part = json.loads(body)
+                for w in part.get("workers", []):
+                    w["answered"] = True
+                parts.append(part)
+            merged = merge_status(parts, self._reactor.seconds(), bool(getattr(self.service, "draining", False)))
+            for name in missing:
+                slot = name.partition("-")[2]
+                merged["workers"].append({"slot": int(slot) if slot.isdigit() else slot, "answered": False})
+            merged["workers"].sort(key=lambda w: str(w.get("slot")))
+            return merged
+
+        return peers.fetch("/worker/status.json").addCallback(merge)
+
+    def respond(self, request: Request, d: defer.Deferred[bytes]) -> int:
+        def write(body: bytes) -> None:
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.write(body)
+                request.finish()
+
+        def failed(reason: Failure) -> None:
+            log.failure("admin: cannot answer {path}", reason, path=request.path)
+            if not request.finished:
+                request.setResponseCode(500)
+                request.write(b"error\n")
+                request.finish()
+
+        d.addCallbacks(write, failed)
+        return NOT_DONE_YET
+
+
+class StatusResource(_Aggregating):
+    """``/status.json``: :func:`status`, summed over the workers under ``--workers``."""
+
+    def render_GET(self, request: Request) -> int:
+        _headers(request, b"application/json")
+        return self.respond(request, self.gathered_status().addCallback(_json))
+
+
+class StatsPage(_Aggregating):
+    """``/``: the HTML stats page (it reloads its numbers every few seconds)."""
+
+    def render_GET(self, request: Request) -> int:
+        _headers(request, b"text/html; charset=utf-8")
+        request.setHeader(b"content-security-policy", _CSP)
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        return self.respond(request, self.gathered_status().addCallback(render_page))
+
+
+def _json(data: object) -> bytes:
+    return json.dumps(data, indent=1, sort_keys=True).encode("utf-8") + b"\n"
+
+
+class MetricsResource(_Aggregating):
+    """The registry's samples in the Prometheus text format (summed over the workers under ``--workers``)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | Metrics,
+        peers: WorkerPeers | None = None,
+        reactor: Any = None,
+    ) -> None:
+        metrics = registry if isinstance(registry, Metrics) else None
+        super().__init__(None, metrics or default_metrics(), peers, reactor)
+        self.registry = registry.registry if isinstance(registry, Metrics) else registry
+
+    def render_GET(self, request: Request) -> int | bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        peers = self.peers
+        if peers is None:
+            return generate_latest(self.registry)
+
+        def merge(answers: list[tuple[str, bytes | None]]) -> bytes:
+            texts = [body.decode("utf-8") for _, body in answers if body is not None]
+            families = merge_metrics(texts)
+            workers = Metric("muxtwist_workers", "Worker processes the pool runs.", "gauge")
+            workers.add_sample("muxtwist_workers", {}, peers.expected)
+            answered = Metric("muxtwist_workers_answered", "Workers whose numbers are in this scrape.", "gauge")
+            answered.add_sample("muxtwist_workers_answered", {}, len(texts))
+            return _exposition([*families, workers, answered])
+
+        return self.respond(request, peers.fetch("/worker/metrics").addCallback(merge))
+
+
+class _LocalMetrics(Resource):
     isLeaf = True
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -40,6 +656,34 @@ class MetricsResource(Resource):
         return generate_latest(self.registry)
 
 
+class _LocalStatus(Resource):
+    isLeaf = True
+
+    def __init__(self, service: Any, metrics: Metrics) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.service = service
+        self.metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        _headers(request, b"application/json")
+        return _json(status(self.service, self.metrics))
+
+
+class _Static(Resource):
+    isLeaf = True
+
+    def __init__(self, name: str, content_type: bytes) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.body = resources.files("muxtwist").joinpath("admin_static", name).read_bytes()
+        self.content_type = content_type
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", self.content_type)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"cache-control", b"max-age=300")
+        return self.body
+
+
 class ReadyResource(Resource):
     """
     200 while the service serves, 503 once it is draining (or stopped), so a
@@ -49,7 +693,7 @@ class ReadyResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, service: MuxService | None) -> None:
+    def __init__(self, service: Any | None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.service = service
 
@@ -64,22 +708,41 @@ class ReadyResource(Resource):
     render_HEAD = render_GET
 
 
-def admin_site(service: MuxService | None = None, registry: CollectorRegistry | Metrics | None = None) -> Site:
+def admin_site(
+    service: Any | None = None,
+    registry: CollectorRegistry | Metrics | None = None,
+    *,
+    peers: WorkerPeers | None = None,
+    reactor: Any = None,
+) -> Site:
     """
-    A ``Site`` serving ``/metrics`` and ``/ready``.
+    A ``Site`` serving the stats page at ``/``, ``/status.json``,
+    ``/metrics`` and ``/ready``.
 
-    :param service: the :class:`~muxtwist.service.MuxService` whose draining
-        ``/ready`` reports.
+    :param service: the :class:`~muxtwist.service.MuxService` whose listeners
+        the page shows and whose draining ``/ready`` reports.
     :param registry: the registry (or :class:`~muxtwist.metrics.Metrics`) to
         expose; the process-wide one by default.
+    :param peers: the workers to ask and sum; by default, the workers of the
+        ``--workers`` pool this process runs in, if any.
     """
     if registry is None:
-        registry = default_metrics()
-    if isinstance(registry, Metrics):
-        registry = registry.registry
+        registry = getattr(service, "metrics", None) or default_metrics()
+    metrics = registry if isinstance(registry, Metrics) else default_metrics()
+    raw = registry.registry if isinstance(registry, Metrics) else registry
+    if peers is None and os.environ.get(WORKERS_DIR_ENV):
+        peers = WorkerPeers(os.environ[WORKERS_DIR_ENV], reactor)
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry))
+    root.putChild(b"", StatsPage(service, metrics, peers, reactor))
+    root.putChild(b"status.json", StatusResource(service, metrics, peers, reactor))
+    root.putChild(b"metrics", MetricsResource(registry, peers, reactor))
     root.putChild(b"ready", ReadyResource(service))
+    root.putChild(b"stats.css", _Static("stats.css", b"text/css; charset=utf-8"))
+    root.putChild(b"stats.js", _Static("stats.js", b"text/javascript; charset=utf-8"))
+    worker = Resource()
+    worker.putChild(b"metrics", _LocalMetrics(raw))
+    worker.putChild(b"status.json", _LocalStatus(service, metrics))
+    root.putChild(b"worker", worker)
     site = Site(root)
     site.displayTracebacks = False
     site.noisy = False

@@ -249,7 +249,8 @@ class _LiveCollector(Collector):
         seen: set[int] = set()
         for factory in self.metrics.factories:
             for name, stats in list(factory.stats.items()):
-                by_rule[name] = by_rule.get(name, 0) + stats.active
+                if name != "-":  # connections that ended before any rule got them
+                    by_rule[name] = by_rule.get(name, 0) + stats.active
             n_sniffing += sum(1 for c in list(factory.connections) if c.sniffing)
             for rule, proxy in proxies_of(factory, seen):
                 gave_up.add_metric([rule], proxy.gave_up)

@@ -156,10 +156,19 @@ class Outcome(enum.Enum):
 
 @attrs.define
 class RuleStats:
-    """Live and total connection counts of one rule (or of ``on_timeout``/``on_no_match``)."""
+    """
+    Connection counts of one rule (or of ``on_timeout``/``on_no_match``;
+    ``-`` for connections that ended before any rule got them): live and
+    total, and for those that ended, bytes each way (what was sniffed, plus
+    what an :class:`~muxtwist.interfaces.IConnectionReport` winner moved)
+    and how many ended with each outcome.
+    """
 
     active: int = 0
     total: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    outcomes: dict[str, int] = attrs.Factory(dict)
 
 
 def _unique(factories: Iterable[IProtocolFactory | None]) -> list[IProtocolFactory]:
@@ -753,6 +762,10 @@ class SniffingProtocol:
         rule = self.rule_name or "-"
         sniff_time = self.sniff_time if self.sniff_time is not None else self.ended_at - self.started
         info = self._info
+        ended = factory.stats.get(rule) or factory.stats.setdefault(rule, RuleStats())
+        ended.outcomes[outcome] = ended.outcomes.get(outcome, 0) + 1
+        ended.bytes_in += self._bytes_in if relayed_in is None else relayed_in
+        ended.bytes_out += self._bytes_out + (relayed_out or 0)
         factory.metrics.connection_ended(rule, outcome, sniff_time, self._bytes_in, self._bytes_out)
         if not factory.log_connections:
             return

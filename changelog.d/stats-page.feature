@@ -1,0 +1,1 @@
+`admin_site()` serves an HTML stats page at `/` (per listener, rule and backend: live and total connections, bytes each way, outcomes, backend health with the last check result and since when), refreshing itself every 2 seconds, with the same numbers at `/status.json`.
