@@ -28,6 +28,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     ITransport,
 )
+from twisted.internet.protocol import AbstractDatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -57,9 +58,9 @@ EAGER_BYTES = 1024
 QUIET_DELAY = 0.02
 
 
-def _provides(interface: Any, what: str) -> Callable[[Any, Any, Any], None]:
+def _provides(interface: Any, what: str, also: type | None = None) -> Callable[[Any, Any, Any], None]:
     def check(instance: Any, attribute: Any, value: Any) -> None:
-        if not interface.providedBy(value):
+        if not interface.providedBy(value) and not (also is not None and isinstance(value, also)):
             raise TypeError(f"Rule {attribute.name} must be {what}, got {value!r}")
 
     return check
@@ -128,7 +129,10 @@ class Rule:
     """
 
     matcher: IMatcher = attrs.field(validator=_provides(IMatcher, "an IMatcher"))
-    factory: IProtocolFactory = attrs.field(validator=_provides(IProtocolFactory, "an IProtocolFactory"))
+    # A UDP listener's rules hand flows to DatagramProtocols (muxtwist.udp).
+    factory: IProtocolFactory = attrs.field(
+        validator=_provides(IProtocolFactory, "an IProtocolFactory (or a DatagramProtocol)", AbstractDatagramProtocol)
+    )
     name: str = attrs.field(
         kw_only=True,
         default=None,

@@ -1,0 +1,1 @@
+UDP on the same port number: ``udp:PORT`` listeners sniff each flow (one remote address and port) with the same rules and verdicts as TCP and hand it to a ``DatagramProtocol`` served in-process or to ``UDPProxy``; the flow table is bounded under spoofed-source floods, and each flow ends with a ``connection_end`` event and UDP metrics.

@@ -1,0 +1,124 @@
+"""
+UDP listeners for ``MuxService`` and ``twistd muxtwist``: the
+``udp:PORT[:interface=ADDR]`` and ``udp6:PORT[:interface=ADDR]``
+descriptions, and :class:`UDPListener`, the service that listens on one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from muxtwist.udp.mux import UDPMux
+from muxtwist.udp.proxy import _fields
+
+if TYPE_CHECKING:
+    from muxtwist.config import Settings
+    from muxtwist.sniffing import Rule
+
+__all__ = ["UDPAddress", "UDPListener", "build_udp_mux", "is_udp", "parse_udp_description"]
+
+log = Logger()
+
+
+def is_udp(description: str) -> bool:
+    """Whether an endpoint description is a UDP listener's."""
+    return description.startswith(("udp:", "udp6:"))
+
+
+@attrs.frozen
+class UDPAddress:
+    """Where a UDP listener listens."""
+
+    port: int
+    interface: str
+
+
+def parse_udp_description(description: str) -> UDPAddress:
+    """
+    ``udp:443``, ``udp:443:interface=127.0.0.1``, ``udp:port=443``,
+    ``udp6:443:interface=\\:\\:1`` (IPv6 colons escaped, as in Twisted's
+    endpoint strings; ``udp6`` listens on ``::`` by default).
+
+    :raises ValueError: anything else, with what is wrong.
+    """
+    kind, rest = description.split(":", 1) if ":" in description else (description, "")
+    if kind not in ("udp", "udp6") or not rest:
+        raise ValueError(f"bad UDP listener {description!r}: want udp:PORT[:interface=ADDRESS]")
+    first, _, tail = rest.partition(":")
+    if first.isdigit():
+        rest = f"port={first}" + (f":{tail}" if tail else "")
+    _, fields = _fields(f"{kind}:{rest}")
+    unknown = set(fields) - {"port", "interface"}
+    if unknown:
+        raise ValueError(f"bad UDP listener {description!r}: unknown option(s) {', '.join(sorted(unknown))}")
+    try:
+        port = int(fields["port"])
+    except (KeyError, ValueError):
+        raise ValueError(f"bad UDP listener {description!r}: no port number") from None
+    if not 0 <= port < 65536:
+        raise ValueError(f"bad UDP listener {description!r}: port {port} out of range")
+    interface = fields.get("interface", "::" if kind == "udp6" else "")
+    if kind == "udp6" and ":" not in interface:
+        raise ValueError(f"bad UDP listener {description!r}: udp6 wants an IPv6 interface")
+    return UDPAddress(port, interface)
+
+
+def build_udp_mux(rules: Sequence[Rule], settings: Settings, reactor: Any = None) -> UDPMux:
+    """A :class:`UDPMux` for ``rules`` with a rules file's settings (``sniff_timeout`` and the UDP ones)."""
+    return UDPMux(
+        rules,
+        sniff_timeout=settings.sniff_timeout,
+        log_connections=settings.log_connections,
+        **udp_settings(settings),
+        reactor=reactor,
+    )
+
+
+def udp_settings(settings: object) -> dict[str, Any]:
+    """The UDP settings a :class:`~muxtwist.config.Settings` carries (none if it predates them)."""
+    names = ("max_udp_flows", "max_flows_per_source", "max_sniff_datagrams", "flow_idle_timeout")
+    return {n: getattr(settings, n) for n in names if getattr(settings, n, None) is not None}
+
+
+class UDPListener(Service):
+    """
+    One UDP listening socket and the :class:`UDPMux` behind it; a child of
+    ``MuxService`` like the TCP listeners (``factory`` is the mux).
+    """
+
+    def __init__(self, description: str, factory: UDPMux, reactor: Any) -> None:
+        self.description = description
+        self.address = parse_udp_description(description)
+        self.factory = factory
+        self._reactor = reactor
+        self.port: Any = None
+        self.setName(description)  # type: ignore[no-untyped-call]
+
+    def privilegedStartService(self) -> None:
+        # Bind here, before twistd drops privileges (port 443).
+        if self.port is None:
+            self.port = self._reactor.listenUDP(
+                self.address.port, self.factory.protocol, interface=self.address.interface
+            )
+            log.info(
+                "listening on {description} at {address}", description=self.description, address=self.port.getHost()
+            )
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()  # type: ignore[no-untyped-call]
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
