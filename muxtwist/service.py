@@ -15,6 +15,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from muxtwist._signals import SignalHandlers
 from muxtwist.config import Config, ConfigError, apply_settings, build_factory, endpoint_description, load_config
@@ -166,7 +167,14 @@ class MuxService(SignalHandlers, MultiService):
         if id(factory) not in self._held:
             self._held[id(factory)] = factory
             factory.doStart()
-        listener.setServiceParent(self)  # type: ignore[no-untyped-call]
+        try:
+            listener.setServiceParent(self)  # type: ignore[no-untyped-call]
+        except BaseException:
+            # A listener that could not listen is not kept: a later reload
+            # sees it missing and tries again.
+            listener.disownServiceParent()  # type: ignore[no-untyped-call]
+            self._release([factory])
+            raise
         return listener
 
     def remove_listener(self, description: str) -> defer.Deferred[None]:
@@ -175,6 +183,23 @@ class MuxService(SignalHandlers, MultiService):
         d = defer.maybeDeferred(listener.disownServiceParent)
         d.addCallback(lambda _: self._drain([listener.factory]))
         return d
+
+    def _close_port(self, listener: Listener) -> defer.Deferred[None]:
+        """
+        Stop ``listener`` listening; the Deferred fires once its port is
+        closed. Its connections drain in the background, as at a stop.
+        """
+        closed: defer.Deferred[None] = defer.maybeDeferred(listener.disownServiceParent)
+
+        def drain(_: object) -> None:
+            self._drain([listener.factory]).addErrback(
+                lambda f: log.failure("draining {description} failed", f, description=listener.description)
+            )
+
+        def failed(f: Failure) -> None:
+            log.failure("closing {description} failed", f, description=listener.description)
+
+        return closed.addCallbacks(drain, failed)
 
     def load(self, config: Config) -> None:
         """Create the listeners of a loaded rules file: ``ports`` with ``rules``, plus ``listeners``."""
@@ -185,12 +210,21 @@ class MuxService(SignalHandlers, MultiService):
     def _wanted(self, config: Config) -> dict[str, tuple[Any, ...]]:
         return wanted_listeners(config, self.ports)
 
-    def reload(self) -> bool:
+    def reload(self) -> defer.Deferred[bool]:
         """
         Read the rules file again. New connections get the new rules and
         settings, live ones keep theirs; listeners that appear are started and
         listeners that disappear are drained. A broken file changes nothing.
-        Returns whether the reload took effect.
+
+        A listener whose description changes but whose port stays (say
+        ``tcp:3000`` to ``tcp:3000:interface=127.0.0.1``) is one that
+        disappears and one that appears: the old port is closed first, then
+        the new one listens. A listener that cannot listen is logged, left
+        out, and tried again at the next reload.
+
+        :returns: a Deferred that fires, once the new listeners listen, with
+            whether the reload fully took effect (``False`` for a broken file
+            or a listener that could not be started).
         """
         try:
             from muxtwist.tls import reload_all_certificates
@@ -200,34 +234,55 @@ class MuxService(SignalHandlers, MultiService):
             reload_all_certificates()
         if self.config_path is None:
             log.warn("reload asked, but there is no rules file to read")
-            return False
+            return defer.succeed(False)
         try:
             config = load_config(self.config_path)
         except ConfigError as e:
             log.error("reload failed, keeping the running rules: {problem}", problem=str(e))
-            return False
+            return defer.succeed(False)
         wanted = self._wanted(config)
         current = self.listeners
-        for description in set(current) - set(wanted):
-            self.remove_listener(description)
+        # Old ports close before new ones listen: the same port may be in both.
+        closing = [self._close_port(current[d]) for d in sorted(set(current) - set(wanted))]
         for description, rules in wanted.items():
             if description in current:
                 apply_settings(current[description].factory, rules, config.settings)
-            elif self.in_worker:
-                log.error(
-                    "reload: cannot add listener {description} in a worker; restart to add listeners",
-                    description=description,
-                )
-            else:
-                try:
-                    self.add_listener(description, build_factory(rules, config.settings, self._reactor))
-                except Exception as e:
-                    log.error("reload: cannot listen on {description}: {problem}", description=description, problem=e)
         self.shutdown_timeout = config.settings.shutdown_timeout
         for hook in self.reloaded:
             hook(config)
-        log.info("reloaded {path}: {n} listener(s)", path=self.config_path, n=len(wanted))
-        return True
+        added = {d: rules for d, rules in wanted.items() if d not in current}
+
+        def start_new(_: object) -> bool:
+            failed = []
+            for description, rules in added.items():
+                if self.in_worker:
+                    log.error(
+                        "reload: cannot add listener {description} in a worker; restart to add listeners",
+                        description=description,
+                    )
+                    failed.append(description)
+                    continue
+                try:
+                    self.add_listener(description, build_factory(rules, config.settings, self._reactor))
+                except Exception as e:
+                    log.error(
+                        "reload: cannot listen on {description}: {problem}; the next reload tries again",
+                        description=description,
+                        problem=str(e),
+                    )
+                    failed.append(description)
+            if failed:
+                log.error(
+                    "reloaded {path}, but {n} listener(s) did not start: {failed}",
+                    path=self.config_path,
+                    n=len(failed),
+                    failed=", ".join(failed),
+                )
+                return False
+            log.info("reloaded {path}: {n} listener(s)", path=self.config_path, n=len(wanted))
+            return True
+
+        return defer.gatherResults(closing).addCallback(start_new)
 
     def privilegedStartService(self) -> None:
         if self._admin is not None:
@@ -292,13 +347,17 @@ class MuxService(SignalHandlers, MultiService):
         def finished(_: object) -> None:
             if deadline.active():
                 deadline.cancel()
-            in_use = {id(listener.factory) for listener in self.listeners.values() if listener.running}
-            for f in factories:
-                if id(f) in self._held and id(f) not in in_use:
-                    del self._held[id(f)]
-                    f.doStop()
+            self._release(factories)
 
         return done.addCallback(finished)
+
+    def _release(self, factories: list[SniffingFactory]) -> None:
+        """Stop the factories no running listener uses any more."""
+        in_use = {id(listener.factory) for listener in self.listeners.values() if listener.running}
+        for f in factories:
+            if id(f) in self._held and id(f) not in in_use:
+                del self._held[id(f)]
+                f.doStop()
 
     def _abort(self, factories: list[SniffingFactory]) -> None:
         left = sum(len(f.connections) for f in factories)

@@ -331,10 +331,10 @@ class ReloadSettingsTests(unittest.TestCase):
         self.assertEqual(listener.factory.max_connections_per_source, 2)
         with open(path, "w") as f:
             f.write(template.format(rule=5, source=9))
-        self.assertTrue(service.reload())
+        self.assertTrue(self.successResultOf(service.reload()))
         self.assertEqual(listener.factory.max_connections_per_source, 9)
         self.assertEqual(listener.factory.rules[0].max_connections, 5)
         with open(path, "w") as f:
             f.write(template.format(rule=0, source=9))
-        self.assertFalse(service.reload())
+        self.assertFalse(self.successResultOf(service.reload()))
         self.assertEqual(listener.factory.rules[0].max_connections, 5)

@@ -155,13 +155,13 @@ class ReloadTests(unittest.TestCase):
         port = port_of(service)
         sniffing = yield defer.Deferred.fromCoroutine(connect(port, b"H"))
         self.write(path, rules + "WORD = b'new'\n")
-        self.assertTrue(service.reload())
+        self.assertTrue((yield service.reload()))
         fresh = yield defer.Deferred.fromCoroutine(connect(port, b"HI"))
         self.assertEqual((yield fresh.lost), b"new")
         sniffing.transport.write(b"I")  # type: ignore[union-attr]
         self.assertEqual((yield sniffing.lost), b"old")
         self.write(path, "rules = [\n")
-        self.assertFalse(service.reload())
+        self.assertFalse((yield service.reload()))
         again = yield defer.Deferred.fromCoroutine(connect(port, b"HI"))
         self.assertEqual((yield again.lost), b"new")
         self.assertEqual(len(self.flushLoggedErrors()), 0)
@@ -233,6 +233,85 @@ class RuleNameTests(unittest.TestCase):
         service.load(load_config(path))
         with open(path, "w") as f:
             f.write(head + "rules = [Rule(Prefix(b'A'), f), Rule(Prefix(b'B'), f)]\n")
-        self.assertFalse(service.reload())
+        self.assertFalse(self.successResultOf(service.reload()))
         (listener,) = service.listeners.values()
         self.assertEqual([r.name for r in listener.factory.rules], ["a"])
+
+
+LISTENERS = """\
+from twisted.internet.protocol import Factory, Protocol
+from muxtwist import Rule
+from muxtwist.matchers import Prefix
+
+
+class Say(Protocol):
+    def dataReceived(self, data):
+        self.transport.write(b"%s:" % WORD + data)
+        self.transport.loseConnection()
+
+
+listeners = {{"{description}": [Rule(Prefix(b"HI"), Factory.forProtocol(Say), name="hi")]}}
+sniff_timeout = 2
+WORD = b"{word}"
+"""
+
+
+class ReloadListenerTests(unittest.TestCase):
+    """Reloads that change listeners, on real ports."""
+
+    def write(self, description: str, word: str) -> None:
+        with open(self.path, "w") as f:
+            f.write(LISTENERS.format(description=description, word=word))
+
+    def start(self, description: str) -> MuxService:
+        from muxtwist.config import load_config
+
+        self.path = os.path.abspath(self.mktemp() + "-rules.py")
+        self.write(description, "one")
+        service = MuxService(config_path=self.path, shutdown_timeout=1)
+        service.load(load_config(self.path))
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    @defer.inlineCallbacks
+    def test_reload_that_keeps_the_port_keeps_serving(self) -> Any:
+        """A reload that adds interface= to a listener on the same port closes the old port first and serves on."""
+        from tests.twistd import free_port
+
+        port = free_port()
+        service = self.start(f"tcp:{port}")
+        first = yield defer.Deferred.fromCoroutine(connect(port, b"HI"))
+        self.assertEqual((yield first.lost), b"one:HI")
+        self.write(f"tcp:{port}:interface=127.0.0.1", "two")
+        self.assertTrue((yield service.reload()))
+        self.assertEqual(list(service.listeners), [f"tcp:{port}:interface=127.0.0.1"])
+        second = yield defer.Deferred.fromCoroutine(connect(port, b"HI"))
+        self.assertEqual((yield second.lost), b"two:HI")
+
+    @defer.inlineCallbacks
+    def test_listener_that_cannot_listen_fails_the_reload_and_is_retried(self) -> Any:
+        """A new listener whose port is taken makes reload report failure and log why; the next reload retries it."""
+        import socket
+
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service = self.start("tcp:0:interface=127.0.0.1")
+        blocker = socket.socket()
+        self.addCleanup(blocker.close)
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+        self.write(f"tcp:{port}:interface=127.0.0.1", "two")
+        self.assertFalse((yield service.reload()))
+        problems = [e for e in events if "cannot listen on" in e.get("log_format", "")]
+        self.assertEqual(len(problems), 1)
+        self.assertIn("Address already in use", problems[0]["problem"])
+        self.assertEqual(list(service.listeners), [])
+        blocker.close()
+        self.assertTrue((yield service.reload()))
+        client = yield defer.Deferred.fromCoroutine(connect(port, b"HI"))
+        self.assertEqual((yield client.lost), b"two:HI")
