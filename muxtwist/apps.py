@@ -427,6 +427,7 @@ class ASGI(Factory):
         self._lifespan: Any = None
         self._ready: bool | None = None
         self._waiting: list[_Bridge] = []
+        self._started_waiters: list[defer.Deferred[bool]] = []
         self._stopping: defer.Deferred[None] | None = None
         self._stopped: defer.Deferred[None] = defer.succeed(None)
         self._trigger: Any = None
@@ -469,6 +470,9 @@ class ASGI(Factory):
         if failed:
             log.error("ASGI application {app} failed its lifespan startup: refusing its connections", app=repr(self))
         self._ready = not failed
+        started, self._started_waiters = self._started_waiters, []
+        for d in started:
+            d.callback(not failed)
         waiting, self._waiting = self._waiting, []
         for bridge in waiting:
             if bridge.lost:
@@ -516,6 +520,14 @@ class ASGI(Factory):
         if self._ready is not None and self._lifespan is not None:
             assert self._loop is not None
             await defer.Deferred.fromFuture(self._loop.create_task(self._lifespan.shutdown()))
+
+    def when_started(self) -> defer.Deferred[bool]:
+        """A Deferred that fires with whether the lifespan startup succeeded, once it is done."""
+        if self._ready is not None:
+            return defer.succeed(self._ready)
+        d: defer.Deferred[bool] = defer.Deferred()
+        self._started_waiters.append(d)
+        return d
 
     def when_stopped(self) -> defer.Deferred[None]:
         """A Deferred that fires once the lifespan shutdown of the last stop is done."""
