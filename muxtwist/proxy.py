@@ -199,8 +199,8 @@ class Proxy:
         order: failover) or ``source_hash`` (the same client host always gets
         the same backend while the set of usable backends stays the same).
     :param proxy_protocol: ``1`` or ``2`` to send the backend a PROXY header
-        first: source the client (the accepted PROXY source, if any),
-        destination our listening address.
+        first: source the client, destination our listening address, or
+        both as an accepted (trusted) incoming PROXY header gave them.
     :param connect_timeout: seconds for a backend to connect (and finish its
         TLS handshake) before the next one is tried.
     :param idle_timeout: close relays that move no byte either way for this long.
@@ -384,7 +384,10 @@ class Proxy:
 
     def _header(self, info: ConnectionInfo) -> bytes:
         assert self.proxy_protocol is not None
-        return header_for(self.proxy_protocol, info.source, info.local)
+        # A trusted PROXY header carried the connection's original ends; pass
+        # both on, not the balancer's address and our listening one.
+        destination = info.proxy_destination if info.proxy_destination is not None else info.local
+        return header_for(self.proxy_protocol, info.source, destination)
 
     # Passive health
 

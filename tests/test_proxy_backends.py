@@ -309,3 +309,45 @@ class IPv6Tests(unittest.TestCase):
         await wait(client.lost)
         factory.abort_all()
         await wait(factory.when_idle())
+
+
+class OutgoingHeaderTests(unittest.TestCase):
+    """The PROXY header a Proxy sends when the connection came with a trusted one."""
+
+    async def header_seen(self, incoming: bytes, version: int) -> Any:
+        """The header a backend of ``Proxy(proxy_protocol=version)`` gets for a client that sent ``incoming`` first."""
+        desc, recorded = backend(self, Peer)
+        port, _ = mux(
+            self,
+            [Rule(AnyMatcher(), Proxy(desc, proxy_protocol=version))],
+            accept_proxy_protocol=["127.0.0.1/32"],
+        )
+        client = await connect(self, port)
+        client.transport.write(incoming + b"hello")  # type: ignore[union-attr]
+        server = await wait(recorded.arrived)
+        await until(lambda: bytes(server.received).endswith(b"hello"))
+        header = parse(bytes(server.received))
+        assert header is not None
+        self.assertEqual(bytes(server.received)[header.length :], b"hello")
+        return header, port, client
+
+    async def test_trusted_destination_is_passed_on(self) -> None:
+        """Both ends of a trusted incoming header reach the backend, in v1 and v2, not our listening address."""
+        for version in (1, 2):
+            incoming = b"PROXY TCP4 203.0.113.7 198.51.100.9 5555 443\r\n"
+            header, _, _ = await self.header_seen(incoming, version)
+            self.assertEqual(
+                (header.version, header.source, header.destination),
+                (version, ("203.0.113.7", 5555), ("198.51.100.9", 443)),
+            )
+
+    async def test_trusted_ipv6_destination_is_passed_on(self) -> None:
+        """An IPv6 trusted header is passed on as TCP6 with its own destination."""
+        header, _, _ = await self.header_seen(b"PROXY TCP6 2001:db8::7 2001:db8::1 5555 8443\r\n", 2)
+        self.assertEqual((header.source, header.destination), (("2001:db8::7", 5555), ("2001:db8::1", 8443)))
+
+    async def test_local_header_keeps_our_addresses(self) -> None:
+        """A trusted UNKNOWN header leaves the balancer as source and our listening address as destination."""
+        header, port, client = await self.header_seen(b"PROXY UNKNOWN\r\n", 1)
+        self.assertEqual(header.source, ("127.0.0.1", client.transport.getHost().port))  # type: ignore[union-attr]
+        self.assertEqual(header.destination, ("127.0.0.1", port))

@@ -249,7 +249,7 @@ class RecipeTests(unittest.TestCase):
 
 class HAProxyTests(unittest.TestCase):
     async def test_haproxy_send_proxy_v2_client_address_arrives_intact(self) -> None:
-        """HAProxy sends PROXY v2 to the mux, which passes proxy_protocol=2 on: the backend sees curl's own address."""
+        """HAProxy sends PROXY v2 to the mux, which passes proxy_protocol=2 on: the backend sees curl's addresses."""
         desc, recorded = backend(self, _HTTPRecorder)
         port, _ = mux(
             self,
@@ -287,7 +287,8 @@ backend mux
         assert header is not None and isinstance(header.source, tuple)
         self.assertEqual(header.version, 2)
         self.assertEqual(header.source[0], "127.0.0.3")
-        self.assertEqual(header.destination, ("127.0.0.1", port))
+        # The destination curl connected to (HAProxy's frontend), not the mux's own listening address.
+        self.assertEqual(header.destination, ("127.0.0.2", front))
         self.assertTrue(bytes(server.received)[header.length :].startswith(b"GET / HTTP/1.1\r\n"))
 
 
