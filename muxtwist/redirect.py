@@ -13,7 +13,7 @@ from twisted.web.server import Request, Site
 
 from muxtwist._options import check_redirect
 
-__all__ = ["RedirectToHTTPS"]
+__all__ = ["RedirectToHTTPS", "location"]
 
 # A host name, an IPv4 address or a bracketed IPv6 address, then an optional
 # port: anything else in Host is refused rather than echoed into Location.
@@ -21,13 +21,39 @@ _HOST = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}))(
 _SAFE_METHODS = (b"GET", b"HEAD")
 
 
-def _path(uri: bytes) -> bytes:
-    """The path and query of a request target, also of the absolute form."""
+_ABSOLUTE = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _path(uri: bytes) -> bytes | None:
+    """
+    The path and query of a request target, also of the absolute form;
+    ``None`` for any other target (``*``, ``@evil.example/x``), which must
+    never follow the host in a Location.
+    """
     if uri.startswith(b"/"):
         return uri
+    if _ABSOLUTE.match(uri) is None:
+        return None
     split = urlsplit(uri)
-    path = split.path or b"/"
+    path = split.path if split.path.startswith(b"/") else b"/"
     return path + (b"?" + split.query if split.query else b"")
+
+
+def location(host: bytes | None, port: int | None, uri: bytes) -> bytes | None:
+    """
+    The https URL to redirect a request to: ``https://`` + ``host`` (a Host
+    value; its port is replaced by ``port``, left out for ``None`` or 443) +
+    the target's path and query. ``None`` when the host is not a plain host
+    name or address, or the target is neither a path nor an absolute URI.
+    """
+    found = _HOST.match(host) if host is not None else None
+    path = _path(uri)
+    if found is None or path is None:
+        return None
+    name = found.group(1).lower()
+    if port is not None and port != 443:
+        name += b":%d" % port
+    return b"https://" + name + path
 
 
 class _Redirect(Resource):
@@ -44,28 +70,34 @@ class _Redirect(Resource):
             raw = getattr(local, "host", "").encode("ascii", "replace")
             if b":" in raw:
                 raw = b"[" + raw + b"]"
-        found = _HOST.match(raw)
-        if found is None:
+        target = location(raw, self._port, request.uri)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        if target is None:
             request.setResponseCode(400)
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"Bad Host header\n"
-        host = found.group(1).lower()
-        if self._port is not None and self._port != 443:
-            host += b":%d" % self._port
-        location = b"https://" + host + _path(request.uri)
+            return self._body(request, b"Bad Host header or request target\n")
         # 301 for reads; 308 keeps the method and body of anything else.
         request.setResponseCode(301 if request.method in _SAFE_METHODS else 308)
-        request.setHeader(b"location", location)
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"location", target)
         request.setHeader(b"cache-control", b"no-store")
-        return b"Moved to " + location + b"\n"
+        return self._body(request, b"Moved to " + target + b"\n")
+
+    @staticmethod
+    def _body(request: Request, body: bytes) -> bytes:
+        """``body``, or for HEAD its length alone: a HEAD answer has no body (RFC 9110 section 9.3.2)."""
+        if request.method == b"HEAD":
+            request.setHeader(b"content-length", b"%d" % len(body))
+            return b""
+        return body
 
 
 class RedirectToHTTPS(Site):
     """
     A factory that answers every plain HTTP request with a redirect to
     ``https://<Host without its port>[:port]<path and query>``: 301 for
-    ``GET``/``HEAD``, 308 for other methods. Put it behind ``HTTP1()`` on the
+    ``GET``/``HEAD``, 308 for other methods (``HEAD`` gets the headers
+    without a body). A request whose Host is not a plain host name or
+    address, or whose target is neither a path nor an absolute URI (``*``,
+    ``@evil.example/x``), gets 400, never a Location built from it. Put it behind ``HTTP1()`` on the
     port that also terminates TLS::
 
         Rule(TLS(), TerminateTLS("certs/", site)),

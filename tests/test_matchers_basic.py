@@ -111,7 +111,7 @@ class HTTP1Tests(unittest.TestCase):
         self.assertEqual(HTTP1(host="example.com").match(REQUEST, INFO), NO_MATCH)
         v6 = b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n"
         self.assertEqual(HTTP1(host="::1").match(v6, INFO), MATCH)
-        absolute = b"GET http://a.test:81/x HTTP/1.1\r\nHost: other\r\n\r\n"
+        absolute = b"GET http://a.test:81/x HTTP/1.1\r\nHost: a.test:81\r\n\r\n"
         self.assertEqual(HTTP1(host="a.test", path="/x").match(absolute, INFO), MATCH)
         self.assertEqual(HTTP1(host="a.test").match(b"GET / HTTP/1.0\r\n\r\n", INFO), NO_MATCH)
 

@@ -85,35 +85,74 @@ class RequestHead:
                 return v
         return None
 
+    def header_values(self, name: bytes) -> tuple[bytes, ...]:
+        """Every value of header ``name`` (lower-case), in order."""
+        return tuple(v for k, v in self.headers if k == name)
+
+    @property
+    def absolute_form(self) -> bool:
+        """Whether the request target is an absolute URI (``http://host/path``), not a path with a URL in its query."""
+        return _ABSOLUTE.match(self.target) is not None
+
     @property
     def host(self) -> str | None:
-        """The host asked for, from an absolute-form target or Host, lower-cased, port removed."""
-        raw: bytes | None = None
-        if b"://" in self.target[:16]:
-            raw = self.target.split(b"://", 1)[1].split(b"/", 1)[0].split(b"@")[-1]
-        if raw is None:
-            raw = self.header(b"host")
-        if raw is None:
+        """
+        The host asked for, lower-cased, port and trailing dot removed; ``None``
+        when there is none, when it is not a valid host, and when it is
+        ambiguous: several ``Host`` headers (RFC 9112 section 3.2 makes that a
+        400), or an absolute-form target whose host differs from ``Host``
+        (servers disagree on which one counts, so a rule cannot know which
+        site the server behind will serve).
+        """
+        values = self.header_values(b"host")
+        if len(values) > 1:
             return None
-        try:
-            text = raw.decode("ascii").strip().lower()
-        except UnicodeDecodeError:
+        header = _host(values[0]) if values else None
+        if not self.absolute_form:
+            return header
+        authority = self.target.split(b"://", 1)[1]
+        authority = re.split(rb"[/?#]", authority, maxsplit=1)[0].rpartition(b"@")[2]
+        uri = _host(authority)
+        if values and uri != header:
             return None
-        if text.startswith("["):
-            return text[1:].split("]", 1)[0]
-        return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+        return uri
 
     @property
     def path(self) -> str | None:
         """The path of the target, without query, or ``None`` if it is not valid ASCII."""
         target = self.target
-        if b"://" in target[:16]:
-            rest = target.split(b"://", 1)[1]
+        if self.absolute_form:
+            rest = re.split(rb"[?#]", target.split(b"://", 1)[1], maxsplit=1)[0]
             target = b"/" + rest.split(b"/", 1)[1] if b"/" in rest else b"/"
         try:
             return target.split(b"?", 1)[0].split(b"#", 1)[0].decode("ascii")
         except UnicodeDecodeError:
             return None
+
+
+# An absolute-form request target starts with a URI scheme and "://"
+# (RFC 9112 section 3.2.2); "/?next=http://x" is origin-form, whatever follows.
+_ABSOLUTE = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://")
+# A host as it may appear in Host or a URI authority: a DNS name or IPv4
+# address, or an IPv6 literal in brackets, then an optional port. The rarer
+# characters RFC 3986 allows in a reg-name (",", ";", "%", ...) name no host a
+# rule could mean, so a value holding them matches no host rule.
+_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::[0-9]*)?")
+
+
+def _host(raw: bytes) -> str | None:
+    """A Host value or URI authority, normalised for comparison: lower case, no port, no trailing dot."""
+    try:
+        text = raw.decode("ascii").strip(" \t").lower()
+    except UnicodeDecodeError:
+        return None
+    found = _HOST.fullmatch(text)
+    if found is None:
+        return None
+    name = found.group(1)
+    if name.startswith("["):
+        return name[1:-1]
+    return name.removesuffix(".") or None
 
 
 def parse_request_head(data: bytes, methods: frozenset[bytes] = HTTP_METHODS) -> tuple[Verdict, RequestHead | None]:
@@ -159,7 +198,7 @@ def _methods(methods: Iterable[str | bytes] | None) -> frozenset[bytes]:
 
 def _hosts(hosts: str | Iterable[str] | None) -> tuple[str, ...] | None:
     globs = _globs(hosts)
-    return None if globs is None else tuple(g.lower() for g in globs)
+    return None if globs is None else tuple(g.lower().removesuffix(".") for g in globs)
 
 
 def _headers(
@@ -186,7 +225,10 @@ class HTTP1:
 
     :param methods: method names to accept (default: every registered method).
     :param host: a host name or glob (``*.example.com``), or a list of them,
-        compared case-insensitively with the Host header (port ignored).
+        compared case-insensitively with the Host header or the host of an
+        absolute-form target (port and a trailing dot ignored). A request
+        whose host is ambiguous (two ``Host`` headers, or an absolute URI
+        naming another host than ``Host``) matches no host rule.
     :param path: a path or glob (``/api/*``), or a list, compared with the
         request path (query ignored).
     :param headers: ``{name: glob or None}``; every header must be present
