@@ -1,0 +1,239 @@
+"""
+muxtwist.aio.serve inside asyncio.run, and the targets that need the event
+loop (ASGI, asyncio stream protocols). Each test runs a short asyncio
+program in a child process (a process has one reactor, and this test
+session may run another), which prints one JSON line of what it observed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+from twisted.trial.unittest import TestCase
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PRELUDE = """
+import asyncio, json, sys
+import muxtwist.aio
+from muxtwist import Rule
+from muxtwist.apps import ASGI, AsyncioProtocol
+from muxtwist.matchers import HTTP1, Prefix
+
+async def http_get(port, path, timeout=10):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n".encode())
+    data = await asyncio.wait_for(reader.read(), timeout)
+    writer.close()
+    return data.decode()
+"""
+
+
+def run_program(case: TestCase, body: str, timeout: float = 90.0) -> dict[str, Any]:
+    """Run ``body`` (after PRELUDE) in a child Python; the JSON object of its last output line."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(body)],
+        capture_output=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    lines = done.stdout.decode().strip().splitlines()
+    case.assertEqual(done.returncode, 0, done.stderr.decode()[-3000:])
+    case.assertTrue(lines, done.stderr.decode()[-3000:])
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+class ServeTests(TestCase):
+    def test_serve_and_close_drain_a_request_then_run_the_lifespan_shutdown(self) -> None:
+        """close() lets an in-flight request finish, then runs the lifespan shutdown; root_path reaches the scope."""
+        got = run_program(
+            self,
+            """
+            events = []
+            async def app(scope, receive, send):
+                if scope["type"] == "lifespan":
+                    while True:
+                        message = await receive()
+                        events.append(message["type"])
+                        if message["type"] == "lifespan.startup":
+                            await send({"type": "lifespan.startup.complete"})
+                        else:
+                            await send({"type": "lifespan.shutdown.complete"})
+                            return
+                events.append("request " + scope["path"] + " " + scope["root_path"])
+                await asyncio.sleep(0.3)
+                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
+                await send({"type": "http.response.body", "body": b"slow"})
+                events.append("responded")
+
+            async def main():
+                rules = [Rule(HTTP1(), ASGI(app, root_path="/api"))]
+                server = await muxtwist.aio.serve(rules, "tcp:0:interface=127.0.0.1", shutdown_timeout=5)
+                events.append("serving")
+                request = asyncio.create_task(http_get(server.port, "/slow"))
+                while not any(e.startswith("request") for e in events):
+                    await asyncio.sleep(0.01)
+                await server.close()
+                events.append("closed")
+                print(json.dumps({"events": events, "response": await request}))
+
+            asyncio.run(main())
+            """,
+        )
+        self.assertEqual(
+            got["events"],
+            ["lifespan.startup", "serving", "request /api/slow /api", "responded", "lifespan.shutdown", "closed"],
+        )
+        self.assertTrue(got["response"].startswith("HTTP/1.1 200"), got["response"])
+        self.assertTrue(got["response"].endswith("slow"), got["response"])
+
+    def test_connections_wait_for_the_lifespan_startup(self) -> None:
+        """A request that arrives while the lifespan startup runs is served after it, with its state."""
+        got = run_program(
+            self,
+            """
+            import socket
+            s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+            async def app(scope, receive, send):
+                if scope["type"] == "lifespan":
+                    await receive()
+                    await asyncio.sleep(0.5)
+                    scope["state"]["ready"] = "yes"
+                    await send({"type": "lifespan.startup.complete"})
+                    await receive()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+                body = scope["state"]["ready"].encode()
+                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"3")]})
+                await send({"type": "http.response.body", "body": body})
+
+            async def main():
+                rules = [Rule(HTTP1(), ASGI(app))]
+                serving = asyncio.create_task(muxtwist.aio.serve(rules, f"tcp:{port}:interface=127.0.0.1"))
+                while True:
+                    try:
+                        response = await http_get(port, "/")
+                        break
+                    except OSError:
+                        await asyncio.sleep(0.01)
+                server = await serving
+                await server.close()
+                print(json.dumps({"response": response}))
+
+            asyncio.run(main())
+            """,
+        )
+        self.assertTrue(got["response"].startswith("HTTP/1.1 200"), got["response"])
+        self.assertTrue(got["response"].endswith("yes"), got["response"])
+
+    def test_failed_lifespan_startup_raises_from_serve(self) -> None:
+        """An application whose lifespan startup fails makes serve() raise, and nothing keeps listening."""
+        got = run_program(
+            self,
+            """
+            async def app(scope, receive, send):
+                await receive()
+                await send({"type": "lifespan.startup.failed", "message": "no database"})
+
+            async def main():
+                try:
+                    await muxtwist.aio.serve([Rule(HTTP1(), ASGI(app, lifespan="on"))], "tcp:0:interface=127.0.0.1")
+                except RuntimeError as e:
+                    print(json.dumps({"error": str(e)}))
+
+            asyncio.run(main())
+            """,
+        )
+        self.assertIn("failed its lifespan startup", got["error"])
+
+    def test_another_reactor_installed_is_a_clear_error(self) -> None:
+        """serve() under an already installed non-asyncio reactor raises AsyncioReactorRequired saying so."""
+        got = run_program(
+            self,
+            """
+            from twisted.internet import reactor  # installs the default reactor first
+
+            async def main():
+                try:
+                    await muxtwist.aio.serve([], "tcp:0:interface=127.0.0.1")
+                except muxtwist.aio.AsyncioReactorRequired as e:
+                    print(json.dumps({"error": str(e)}))
+
+            asyncio.run(main())
+            """,
+        )
+        self.assertIn("another reactor is already installed", got["error"])
+        self.assertIn("install_reactor()", got["error"])
+
+    def test_stream_protocol_echoes_100_mb_to_a_slow_reader_in_bounded_memory(self) -> None:
+        """A start_server-style handler echoes 100 MB to a slow reader in bounded memory; half-close ends it."""
+        got = run_program(
+            self,
+            """
+            import resource
+            TOTAL = 100 * 1024 * 1024
+
+            async def handle(reader, writer):
+                while True:
+                    data = await reader.read(65536)
+                    if not data:
+                        break
+                    writer.write(data)
+                    await writer.drain()
+                writer.write(b"bye")
+                writer.close()
+
+            def stream_protocol():
+                return asyncio.StreamReaderProtocol(asyncio.StreamReader(), handle)
+
+            def peak_mb():
+                return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+            async def main():
+                server = await muxtwist.aio.serve([Rule(Prefix(b"STREAM"), AsyncioProtocol(stream_protocol))],
+                                                  "tcp:0:interface=127.0.0.1")
+                before = peak_mb()
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                chunk = b"STREAM" + b"y" * 65530
+
+                async def send():
+                    for _ in range(TOTAL // len(chunk)):
+                        writer.write(chunk)
+                        await writer.drain()
+                    writer.write_eof()
+
+                sender = asyncio.create_task(send())
+                received = 0
+                tail = b""
+                while True:
+                    data = await asyncio.wait_for(reader.read(65536), 30)
+                    if not data:
+                        break
+                    received += len(data)
+                    tail = (tail + data)[-3:]
+                    if received % (4 * 1024 * 1024) < 65536:
+                        await asyncio.sleep(0.02)  # the slow reader
+                await sender
+                writer.close()
+                await server.close()
+                sent = (TOTAL // len(chunk)) * len(chunk)
+                print(json.dumps({"sent": sent, "received": received, "tail": tail.decode(),
+                                  "growth_mb": peak_mb() - before}))
+
+            asyncio.run(main())
+            """,
+        )
+        self.assertEqual(got["received"], got["sent"] + 3)
+        self.assertEqual(got["tail"], "bye")
+        # Without flow control the echo side would buffer most of the 100 MB.
+        self.assertLess(got["growth_mb"], 40, got)
