@@ -26,7 +26,7 @@ from zope.interface import provider
 from muxtwist import Rule
 from muxtwist.actions import Proxy, Reject
 from muxtwist.interfaces import ConnectionInfo, Verdict
-from muxtwist.matchers import HTTP1
+from muxtwist.matchers import HTTP1, WebSocket
 from muxtwist.matchers.http import parse_request_head
 from muxtwist.redirect import RedirectToHTTPS, location
 from tests.test_proxy_support import connect, free_port, mux, need, port_open, run, tempdir
@@ -292,3 +292,34 @@ class RealServerHostTests(unittest.TestCase):
         nginx = start_vhost_nginx(self)
         await port_open(nginx, self.nginx_proc)  # type: ignore[attr-defined]
         await self.check(Proxy(f"tcp:host=127.0.0.1:port={nginx}"), 3)
+
+
+class PathRuleTests(unittest.TestCase):
+    """What HTTP1(path=...) and WebSocket(path=...) compare: the path as the server behind resolves it."""
+
+    def test_dot_segments_resolved(self) -> None:
+        """``/public/../admin`` is ``/admin``: it matches an /admin rule and escapes no /public rule."""
+        data = request(b"/public/../admin/x", b"a.test")
+        self.assertIs(HTTP1(path="/admin/*").match(data, INFO), MATCH)
+        self.assertIs(HTTP1(path="/public/*").match(data, INFO), NO_MATCH)
+        self.assertIs(HTTP1(path="/a/").match(request(b"/a/b/..", b"a.test"), INFO), MATCH)
+
+    def test_percent_escapes_and_repeated_slashes(self) -> None:
+        """``/%61dmin``, ``//admin`` and ``/public%2F..%2Fadmin`` are all ``/admin``, as nginx reads them."""
+        for target in (b"/%61dmin/x", b"//admin//x", b"/public%2F..%2Fadmin/x", b"/./admin/x"):
+            self.assertIs(HTTP1(path="/admin/*").match(request(target, b"a.test"), INFO), MATCH, target)
+            self.assertIs(HTTP1(path="/public/*").match(request(target, b"a.test"), INFO), NO_MATCH, target)
+
+    def test_escaped_control_characters_match_no_path_rule(self) -> None:
+        """A path with an escaped NUL or line break matches no path rule, not even ``*``."""
+        for target in (b"/x%00", b"/x%0d%0aSet-Cookie:%20a", b"/%ff"):
+            self.assertIs(HTTP1(path="*").match(request(target, b"a.test"), INFO), NO_MATCH, target)
+
+    def test_websocket_connection_header_over_two_lines(self) -> None:
+        """A handshake with ``Connection: keep-alive`` and ``Connection: Upgrade`` on separate lines is WebSocket."""
+        data = (
+            b"GET /chat HTTP/1.1\r\nHost: a.test\r\nConnection: keep-alive\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        self.assertIs(WebSocket().match(data, INFO), MATCH)
+        self.assertIs(WebSocket(path="/c*").match(data.replace(b"/chat", b"/x/../chat"), INFO), MATCH)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Iterable, Mapping
+from urllib.parse import unquote_to_bytes
 
 import attrs
 from zope.interface import implementer
@@ -119,15 +120,43 @@ class RequestHead:
 
     @property
     def path(self) -> str | None:
-        """The path of the target, without query, or ``None`` if it is not valid ASCII."""
+        """
+        The path of the target without its query, normalised as servers such
+        as nginx see it before choosing a location: percent-escapes decoded
+        (UTF-8), repeated slashes merged, ``.`` and ``..`` segments resolved
+        (RFC 3986 section 5.2.4), so ``/public/../admin`` and ``/%61dmin`` are
+        ``/admin``. ``None`` when it does not decode or holds a control
+        character.
+        """
         target = self.target
         if self.absolute_form:
             rest = re.split(rb"[?#]", target.split(b"://", 1)[1], maxsplit=1)[0]
             target = b"/" + rest.split(b"/", 1)[1] if b"/" in rest else b"/"
-        try:
-            return target.split(b"?", 1)[0].split(b"#", 1)[0].decode("ascii")
-        except UnicodeDecodeError:
-            return None
+        return _normalize_path(target.split(b"?", 1)[0].split(b"#", 1)[0])
+
+
+def _normalize_path(raw: bytes) -> str | None:
+    try:
+        text = unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if _CONTROL_TEXT.search(text):
+        return None
+    if not text.startswith("/"):
+        return text  # "*", or a CONNECT target's authority
+    segments = text.split("/")[1:]
+    out: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment not in (".", ""):
+            out.append(segment)
+    trailing = out and (text.endswith("/") or segments[-1] in (".", ".."))
+    return "/" + "/".join(out) + ("/" if trailing else "")
+
+
+_CONTROL_TEXT = re.compile(r"[\x00-\x1f\x7f]")
 
 
 # An absolute-form request target starts with a URI scheme and "://"
@@ -230,7 +259,8 @@ class HTTP1:
         whose host is ambiguous (two ``Host`` headers, or an absolute URI
         naming another host than ``Host``) matches no host rule.
     :param path: a path or glob (``/api/*``), or a list, compared with the
-        request path (query ignored).
+        request path (query ignored), normalised as :attr:`RequestHead.path`
+        says (``/api/../admin`` is ``/admin``).
     :param headers: ``{name: glob or None}``; every header must be present
         (``None``) or have a value matching the glob, case-insensitively.
     """

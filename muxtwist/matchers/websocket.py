@@ -3,7 +3,9 @@ WebSocket: the HTTP/1.1 opening handshake (RFC 6455), a ``GET`` whose head
 asks to upgrade to ``websocket``.
 
 Bytes read: the request head up to its blank line, parsed by
-:func:`~muxtwist.matchers.http.parse_request_head`. NO_MATCH at the first
+:func:`~muxtwist.matchers.http.parse_request_head`. ``Connection`` and
+``Upgrade`` are lists that a client may split over several lines
+(``Connection: keep-alive`` then ``Connection: Upgrade``); every line counts. NO_MATCH at the first
 byte that cannot start ``GET``; NEED_MORE bound: ``MAX_HEAD`` bytes of head.
 """
 
@@ -25,10 +27,9 @@ MATCH, NO_MATCH = Verdict.MATCH, Verdict.NO_MATCH
 _GET = frozenset({b"GET"})
 
 
-def _tokens(value: bytes | None) -> set[bytes]:
-    if value is None:
-        return set()
-    return {t.strip(b" \t").lower() for t in value.split(b",")}
+def _tokens(head: RequestHead, name: bytes) -> set[bytes]:
+    """The tokens of a list-valued header, over all its lines (RFC 9110 section 5.3 lets a client split it)."""
+    return {t.strip(b" \t").lower() for value in head.header_values(name) for t in value.split(b",")}
 
 
 def is_websocket_handshake(head: RequestHead) -> bool:
@@ -36,8 +37,8 @@ def is_websocket_handshake(head: RequestHead) -> bool:
     return (
         head.method == b"GET"
         and head.version.strip() == b"HTTP/1.1"
-        and b"websocket" in _tokens(head.header(b"upgrade"))
-        and b"upgrade" in _tokens(head.header(b"connection"))
+        and b"websocket" in _tokens(head, b"upgrade")
+        and b"upgrade" in _tokens(head, b"connection")
         and bool(head.header(b"sec-websocket-key"))
     )
 
