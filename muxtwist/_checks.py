@@ -133,3 +133,61 @@ def per_request_routing(rules: Sequence[Rule]) -> list[str]:
                 "connection reach the same server whatever their path or headers"
             )
     return warnings
+
+
+def probe_listen(description: str) -> str | None:
+    """
+    Why a TCP server endpoint ``description`` cannot listen right now (the
+    port is taken, or needs privileges), or ``None`` if it can or is not TCP.
+    Binding and closing at once, as ``twistd`` would bind: checked before
+    ``twistd`` detaches, so that the error reaches the terminal.
+    """
+    import errno
+    import socket
+
+    from twisted.internet import endpoints
+
+    class _NoReactor:
+        pass
+
+    try:
+        endpoint = endpoints.serverFromString(_NoReactor(), description)
+    except Exception:
+        return None
+    port = getattr(endpoint, "_port", None)
+    interface = getattr(endpoint, "_interface", "")
+    if not isinstance(endpoint, endpoints.TCP4ServerEndpoint | endpoints.TCP6ServerEndpoint) or not port:
+        return None
+    family = (
+        socket.AF_INET6 if isinstance(endpoint, endpoints.TCP6ServerEndpoint) or ":" in interface else socket.AF_INET
+    )
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((interface or ("::" if family == socket.AF_INET6 else ""), port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return "the address is already in use (another server listens there)"
+            return e.strerror or str(e)
+    return None
+
+
+#: twistd's own options, which go before the plugin name.
+TWISTD_OPTIONS = frozenset(
+    "-n --nodaemon --pidfile -l --logfile -d --rundir -u --uid -g --gid --umask -r --reactor --logger --syslog "
+    "--prefix --chroot --euid -b --debug --profile --spew -o --no_save --savestats --profiler".split()
+)
+
+
+def twistd_option_hint(message: str) -> str | None:
+    """For twistd's "option X not recognized" about one of twistd's own options: where it belongs."""
+    import re
+
+    found = re.match(r"option (-{1,2}[\w-]+) not recognized", message)
+    if found is None or found.group(1) not in TWISTD_OPTIONS:
+        return None
+    option = found.group(1)
+    return (
+        f"{option} is an option of twistd itself: put it before the plugin name, "
+        f"as in: twistd {option}{' ...' if option not in ('-n', '--nodaemon') else ''} muxtwist --port 3000"
+    )

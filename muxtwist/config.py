@@ -157,9 +157,12 @@ def check_endpoint(description: str) -> None:
         pass
 
     try:
-        endpoints.serverFromString(_NoReactor(), description)
+        endpoint = endpoints.serverFromString(_NoReactor(), description)
     except Exception as e:
         raise ValueError(f"bad endpoint description {description!r}: {e}") from None
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise ValueError(f"bad endpoint description {description!r}: port {port} is not in 0-65535")
 
 
 def _assignment_lines(source: str) -> dict[str, tuple[int, list[int]]]:

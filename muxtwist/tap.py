@@ -12,6 +12,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import ILogObserver, jsonFileLogObserver
 from twisted.python import usage
 
+from muxtwist._checks import probe_listen, twistd_option_hint
 from muxtwist.config import ConfigError, Settings, build_factory, check_endpoint, endpoint_description, load_config
 from muxtwist.service import MuxService, wanted_listeners
 
@@ -54,10 +55,19 @@ class Options(usage.Options):
         try:
             check_endpoint(description)
         except ValueError as e:
-            raise usage.UsageError(str(e)) from None
+            raise SystemExit(f"muxtwist: --port: {e}") from None
         self["port"].append(description)
 
     opt_p = opt_port
+
+    def parseOptions(self, options: Any = None) -> None:
+        try:
+            super().parseOptions(options)  # type: ignore[no-untyped-call]
+        except usage.UsageError as e:
+            hint = twistd_option_hint(str(e))
+            if hint is None:
+                raise
+            raise SystemExit(f"muxtwist: {hint}") from None
 
     def postOptions(self) -> None:
         if self["log-format"] not in ("text", "json"):
@@ -82,6 +92,17 @@ class Options(usage.Options):
                 raise SystemExit(f"muxtwist: {e}") from None
             if self["loaded"].rules is None and self["port"]:
                 raise SystemExit(f"muxtwist: {self['config']}: --port given, but the file defines no 'rules'")
+        if not self["inherit"]:
+            # Here, before twistd detaches, so that the error reaches the terminal in daemon mode too.
+            wanted = (
+                list(self["port"] or ["tcp:3000"])
+                if self["loaded"] is None
+                else list(wanted_listeners(self["loaded"], tuple(self["port"])))
+            )
+            for description in [*wanted, *([self["admin"]] if self["admin"] is not None else [])]:
+                reason = probe_listen(description)
+                if reason is not None:
+                    raise SystemExit(f"muxtwist: cannot listen on {description}: {reason}")
 
 
 def json_log_observer() -> ILogObserver:

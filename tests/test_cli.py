@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -87,7 +88,7 @@ class CLITests(unittest.TestCase):
         self.assertEqual(code, 2)
         self.assertIn("1. site-a: NEED_MORE", out)
         self.assertIn("needs more bytes", out)
-        self.assertIn("nothing more (timeout or end of stream): on_no_match", out)
+        self.assertIn("nothing more (timeout or end of stream): the connection will be closed (on_no_match", out)
         code, out, _ = self.run_main("explain", path, "--hex", "00 01 02")
         self.assertEqual(code, 2)
         self.assertIn("on_no_match", out)
@@ -122,3 +123,178 @@ class CLITests(unittest.TestCase):
             timeout=30,
         )
         self.assertEqual(bad.returncode, 1)
+
+
+class CheckShowsWhatWasWrittenTests(unittest.TestCase):
+    """check shows rules as written and warns about what will not work as meant."""
+
+    def write(self, text: str) -> str:
+        path = self.mktemp() + ".py"
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(text))
+        return path
+
+    def run_main(self, *argv: str, stdin: object = None) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = main(list(argv), out, err, stdin)
+        return code, out.getvalue(), err.getvalue()
+
+    def test_matchers_shown_with_their_non_default_options(self) -> None:
+        """HTTP1(host='a.test') is shown as that, not with the expanded set of every HTTP method."""
+        code, out, _ = self.run_main("check", self.write(RULES), "--port", "4000")
+        self.assertEqual(code, 0)
+        self.assertIn("1. site-a: HTTP1(host='a.test') -> Factory", out)
+        self.assertIn("2. ssh: Prefix(prefixes=b'SSH-') -> Factory", out)
+        self.assertNotIn("frozenset", out)
+
+    def test_nested_matchers_shown_as_written(self) -> None:
+        """Combinators show their inner matchers the same way, without derived names."""
+        path = self.write(
+            RULES.replace('Prefix(b"SSH-")', 'AnyOf(HTTP1(path="/x"), Not(Prefix(b"Q")))').replace(
+                "from muxtwist.matchers import HTTP1, Prefix", "from muxtwist.matchers import HTTP1, AnyOf, Not, Prefix"
+            )
+        )
+        code, out, _ = self.run_main("check", path, "--port", "4000")
+        self.assertEqual(code, 0, out)
+        self.assertIn("2. ssh: AnyOf(HTTP1(path='/x'), Not(Prefix(prefixes=b'Q'))) -> Factory", out)
+
+    def test_misspelled_settings_fail_check(self) -> None:
+        """A misspelled setting is a warning naming the setting meant, and check exits 1."""
+        path = self.write(RULES + "snif_timeout = 1.0\non_timout = None\n")
+        code, out, err = self.run_main("check", path)
+        self.assertEqual(code, 1)
+        self.assertIn("did you mean 'sniff_timeout'?", err)
+        self.assertIn("did you mean 'on_timeout'?", err)
+        self.assertIn(f"{path}:{RULES.count(chr(10)) + 1}: 'snif_timeout'", err)
+
+    def test_per_request_access_control_warns(self) -> None:
+        """A Reject or a path split by a per-request field gets a warning that routing is per connection."""
+        path = self.write("""\
+            from twisted.internet.protocol import Factory, Protocol
+            from muxtwist import Rule
+            from muxtwist.actions import Reject
+            from muxtwist.matchers import HTTP1
+            rules = [
+                Rule(HTTP1(host="admin.internal"), Reject(), name="no-admin"),
+                Rule(HTTP1(path="/api/*"), Factory.forProtocol(Protocol), name="api"),
+                Rule(HTTP1(host="a.test"), Factory.forProtocol(Protocol), name="a"),
+            ]
+        """)
+        code, _, err = self.run_main("check", path)
+        self.assertEqual(code, 0)
+        self.assertIn("rule 'no-admin' rejects by host= of the first request only: routing is per connection", err)
+        self.assertIn("rule 'api' splits by path= of the first request only", err)
+        self.assertNotIn("rule 'a'", err)
+
+
+class ExplainInputTests(unittest.TestCase):
+    """explain takes the client's bytes as text with escapes, @file, stdin or hex."""
+
+    def setUp(self) -> None:
+        self.rules = self.mktemp() + ".py"
+        with open(self.rules, "w") as f:
+            f.write(RULES)
+
+    def run_main(self, *argv: str, stdin: object = None) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = main(list(argv), out, err, stdin)
+        return code, out.getvalue(), err.getvalue()
+
+    def test_text_with_escapes(self) -> None:
+        """'GET / HTTP/1.1\\r\\nHost: a.test\\r\\n\\r\\n' is read with its escapes, also after an option."""
+        text = r"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"
+        for argv in (("explain", self.rules, text), ("explain", self.rules, "--final", text)):
+            code, out, err = self.run_main(*argv)
+            self.assertEqual(code, 0, err)
+            self.assertIn("32 bytes: b'GET / HTTP/1.1\\r\\nHost: a.test\\r\\n\\r\\n'", out)
+            self.assertIn("winner: site-a", out)
+
+    def test_file_and_stdin(self) -> None:
+        """@path reads a capture file; - reads standard input as bytes."""
+        capture = self.mktemp()
+        with open(capture, "wb") as f:
+            f.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        code, out, _ = self.run_main("explain", self.rules, "@" + capture)
+        self.assertEqual(code, 0)
+        self.assertIn("winner: ssh", out)
+        stdin = io.TextIOWrapper(io.BytesIO(b"SSH-2.0-x\r\n\xff"))
+        code, out, _ = self.run_main("explain", self.rules, "-", stdin=stdin)
+        self.assertEqual(code, 0)
+        self.assertIn("12 bytes: b'SSH-2.0-x\\r\\n\\xff'", out)
+        code, _, err = self.run_main("explain", self.rules, "@" + capture + ".missing")
+        self.assertEqual(code, 1)
+        self.assertIn("No such file", err)
+
+    def test_one_source_only(self) -> None:
+        """Bytes given twice (text and --hex) or not at all is one clear error."""
+        code, _, err = self.run_main("explain", self.rules, "GET", "--hex", "00")
+        self.assertEqual(code, 1)
+        self.assertIn("explain wants the client's bytes once", err)
+        code, _, err = self.run_main("explain", self.rules)
+        self.assertEqual(code, 1)
+
+    def test_unset_on_timeout_closes(self) -> None:
+        """With on_timeout unset, a silent client is said to be closed, not sent to "on_timeout"."""
+        code, out, _ = self.run_main("explain", self.rules, "--hex", "")
+        self.assertEqual(code, 2)
+        self.assertIn("on a timeout, the connection will be closed (on_timeout is not set)", out)
+        with open(self.rules, "a") as f:
+            f.write("on_timeout = Factory.forProtocol(Protocol)\n")
+        code, out, _ = self.run_main("explain", self.rules, "--hex", "")
+        self.assertIn("on a timeout, on_timeout -> Factory", out)
+
+
+class TwistdErrorTests(unittest.TestCase):
+    """Mistakes on the twistd command line are one line on stderr and a non-zero exit, not a traceback."""
+
+    def twistd(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        done = subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *argv],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            start_new_session=True,
+        )
+        self.assertNotIn("Traceback", done.stderr + done.stdout)
+        return done
+
+    def busy_port(self) -> int:
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        port: int = listening.getsockname()[1]
+        return port
+
+    def test_port_in_use(self) -> None:
+        """A port already in use names the endpoint and the reason, in the foreground and in daemon mode."""
+        port = self.busy_port()
+        description = f"tcp:{port}:interface=127.0.0.1"
+        for mode in (["-n", "--pidfile="], ["--pidfile=twistd.pid", "--logfile=twistd.log"]):
+            done = self.twistd(*mode, "muxtwist", "--port", description)
+            self.assertEqual(done.returncode, 1, done.stderr)
+            self.assertEqual(
+                done.stderr.strip(),
+                f"muxtwist: cannot listen on {description}: the address is already in use (another server listens "
+                "there)",
+            )
+
+    def test_port_out_of_range(self) -> None:
+        """--port 99999 is one line naming the port and the range."""
+        done = self.twistd("-n", "--pidfile=", "muxtwist", "--port", "99999")
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(
+            done.stderr.strip(), "muxtwist: --port: bad endpoint description 'tcp:99999': port 99999 is not in 0-65535"
+        )
+
+    def test_twistd_option_after_the_plugin_name(self) -> None:
+        """-n after muxtwist says it belongs before the plugin name."""
+        done = self.twistd("muxtwist", "-n", "--port", "3000")
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("-n is an option of twistd itself: put it before the plugin name", done.stderr)
+        self.assertIn("twistd -n muxtwist --port 3000", done.stderr)

@@ -1,0 +1,1 @@
+`python -m muxtwist explain` also takes the client's bytes as text with escapes (`'GET / HTTP/1.1\r\n'`), `@file` and `-` (standard input), and says a connection will be closed when `on_timeout` or `on_no_match` is not set.
