@@ -12,9 +12,38 @@ from typing import Any
 
 from twisted.logger import Logger
 
-__all__ = ["SignalHandlers"]
+__all__ = ["SignalHandlers", "hold_sighup", "take_pending_sighup"]
 
 log = Logger()
+
+#: A SIGHUP that arrived before the services' own handlers were in.
+_sighup_pending = False
+
+
+def _hold(signum: int, frame: Any) -> None:
+    global _sighup_pending
+    _sighup_pending = True
+
+
+def hold_sighup() -> None:
+    """
+    From now until :class:`SignalHandlers` installs its handlers, a SIGHUP is
+    remembered (and acted on then) instead of killing the process, which is
+    what SIGHUP's default action does. Call it first thing in start-up
+    (``twistd``'s option parsing), before anything slow. A SIGHUP that was
+    blocked until now (a ``--workers`` parent starts its workers with SIGHUP
+    blocked) is delivered here. A handler someone else installed is left alone.
+    """
+    if signal.getsignal(signal.SIGHUP) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        signal.signal(signal.SIGHUP, _hold)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+
+
+def take_pending_sighup() -> bool:
+    """Whether a SIGHUP was held since :func:`hold_sighup`; forgets it."""
+    global _sighup_pending
+    pending, _sighup_pending = _sighup_pending, False
+    return pending
 
 
 class SignalHandlers:
@@ -27,6 +56,7 @@ class SignalHandlers:
     running: int
     _reactor: Any
     _old_handlers: dict[int, Any]
+    _reload_queued: bool
     reload: Callable[[], object]
 
     def arm_signals(self) -> None:
@@ -46,6 +76,11 @@ class SignalHandlers:
             (signal.SIGINT, self._stop_signal),
         ):
             self._old_handlers[signum] = signal.signal(signum, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        if take_pending_sighup():
+            log.info("a SIGHUP arrived during start-up: reloading now")
+            self._reload_queued = True
+            self._reactor.callLater(0, self._queued_reload)
 
     def restore_signals(self) -> None:
         """Put back the handlers that were there before."""
@@ -55,10 +90,25 @@ class SignalHandlers:
 
     def _sighup(self, signum: int, frame: Any) -> None:
         # Signal handlers run between bytecodes; do the work in the reactor.
-        self._reactor.callFromThread(self.reload)
+        # SIGHUPs that arrive while a reload is still waiting to run are one
+        # reload: a burst of signals does not queue a burst of reloads.
+        if getattr(self, "_reload_queued", False):
+            return
+        self._reload_queued = True
+        self._reactor.callFromThread(self._queued_reload)
+
+    def _queued_reload(self) -> object:
+        self._reload_queued = False
+        return self.reload()
 
     def _stop_signal(self, signum: int, frame: Any) -> None:
         if not self.running:
+            if getattr(self, "in_worker", False):
+                # A --workers worker: the parent signals it once; a signal to
+                # every process (systemd's KillMode=control-group) must not
+                # make that a second one. The parent decides when to stop waiting.
+                log.info("received signal {signum} while draining: ignored in a worker", signum=signum)
+                return
             # Already stopping: a second signal cuts the drain short.
             stop_now = getattr(self, "stop_now", None)
             if stop_now is not None:

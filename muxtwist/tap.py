@@ -13,6 +13,7 @@ from twisted.logger import ILogObserver, jsonFileLogObserver
 from twisted.python import usage
 
 from muxtwist._checks import probe_listen, twistd_option_hint
+from muxtwist._signals import hold_sighup
 from muxtwist.config import ConfigError, Settings, build_factory, check_endpoint, endpoint_description, load_config
 from muxtwist.service import MuxService, wanted_listeners
 
@@ -70,6 +71,10 @@ class Options(usage.Options):
             raise SystemExit(f"muxtwist: {hint}") from None
 
     def postOptions(self) -> None:
+        if self.parent is not None:
+            # Under twistd: from here on a SIGHUP during start-up (loading a
+            # slow rules file, say) is kept for later, not fatal.
+            hold_sighup()
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError(f"--log-format must be text or json, got {self['log-format']!r}")
         if self["log-format"] == "json" and self.parent is not None:
@@ -116,8 +121,8 @@ def _worker_args(options: Options) -> list[str]:
         args += ["--config", options["config"]]
     for port in options["port"]:
         args += ["--port", port]
-    if options["admin"] is not None:
-        args += ["--admin", options["admin"]]
+    # No --admin: each worker serves its own numbers on a private socket and
+    # the parent serves the admin endpoint, summing them (muxtwist.workers).
     return [*args, "--log-format", options["log-format"]]
 
 
@@ -130,11 +135,6 @@ def _workers(options: Options) -> IService:
         descriptions = list(ports or ("tcp:3000",))
     else:
         descriptions = list(wanted_listeners(config, ports))
-    admin = options["admin"]
-    # The admin endpoint is shared too: each scrape or readiness check is
-    # answered by whichever worker accepts it.
-    if admin is not None:
-        descriptions.append(admin)
     twistd_args: list[str] = []
     parent: Any = options.parent
     if parent is not None and parent.get("logfile") and parent["logfile"] != "-":
@@ -142,7 +142,12 @@ def _workers(options: Options) -> IService:
     stop_timeout = (config.settings.shutdown_timeout if config is not None else 30.0) + 5.0
     try:
         return WorkerPool(
-            options["workers"], descriptions, _worker_args(options), twistd_args=twistd_args, stop_timeout=stop_timeout
+            options["workers"],
+            descriptions,
+            _worker_args(options),
+            twistd_args=twistd_args,
+            stop_timeout=stop_timeout,
+            admin=options["admin"],
         )
     except ValueError as e:
         raise SystemExit(f"muxtwist: {e}") from None
@@ -150,6 +155,7 @@ def _workers(options: Options) -> IService:
 
 def makeService(options: Options) -> IService:
     """The :class:`MuxService` for these options (a pool of workers with ``--workers`` above 1)."""
+    hold_sighup()
     if options["workers"] > 1 and not options["inherit"]:
         return _workers(options)
     ports = tuple(options["port"])

@@ -12,10 +12,11 @@ import socket
 import subprocess
 import textwrap
 import time
+from typing import Any
 
 from twisted.trial import unittest
 
-from tests.twistd import ROOT, Twistd, free_port, twistd_command
+from tests.twistd import ROOT, Twistd, free_port, twistd_command, wait_for_port
 
 RULES = """\
 from twisted.internet.protocol import Factory, Protocol
@@ -199,3 +200,141 @@ class BrokenConfigTests(unittest.TestCase):
         out = subprocess.run(twistd_command("--port", "carrier-pigeon:9"), cwd=ROOT, capture_output=True, timeout=60)
         self.assertNotEqual(out.returncode, 0)
         self.assertIn("bad endpoint description 'carrier-pigeon:9'", out.stderr.decode() + out.stdout.decode())
+
+
+SLOW_RULES = """\
+import os, time
+from twisted.internet.protocol import Factory
+from muxtwist import Rule
+from muxtwist.default import Echo
+from muxtwist.matchers import Prefix
+
+with open(os.path.join({folder!r}, "loading-%d" % os.getpid()), "a") as marker:
+    marker.write("x")
+time.sleep({sleep})
+rules = [Rule(Prefix(b"ECHO"), Factory.forProtocol(Echo), name="echo")]
+"""
+
+
+class Process:
+    """``twistd muxtwist ARGS`` in a session of its own, stopped with its whole process group."""
+
+    def __init__(self, test: unittest.TestCase, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            twistd_command(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        test.addCleanup(self.kill)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.communicate(timeout=30)
+
+    def stop(self, timeout: float = 30.0) -> tuple[int | None, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            out, _ = self.proc.communicate(timeout=30)
+        return self.proc.returncode, out.decode(errors="replace")
+
+
+def wait_for(condition: Any, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached in {timeout}s")
+        time.sleep(0.01)
+
+
+def catches_sighup(pid: int) -> bool:
+    """Whether process ``pid`` has a handler for SIGHUP (from /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    return False
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def loads(folder: str) -> int:
+    """How many times the SLOW_RULES file in ``folder`` has been loaded, by any process."""
+    total = 0
+    for name in os.listdir(folder):
+        if name.startswith("loading-"):
+            with open(os.path.join(folder, name)) as f:
+                total += len(f.read())
+    return total
+
+
+def echo_once(port: int) -> bytes:
+    return run(["nc", "-N", "-w", "10", "127.0.0.1", str(port)], b"ECHO ok\n")
+
+
+class StartupSignalTests(unittest.TestCase):
+    """A reload signal never kills anything, even while the process is starting."""
+
+    def write_rules(self, sleep: float) -> tuple[str, str]:
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        path = os.path.join(folder, "rules.py")
+        with open(path, "w") as f:
+            f.write(SLOW_RULES.format(folder=folder, sleep=sleep))
+        return folder, path
+
+    def test_sighup_while_loading_the_rules_file_is_a_reload_later(self) -> None:
+        """SIGHUP while twistd is still loading its rules file does not kill it; it reloads once started."""
+        folder, path = self.write_rules(sleep=1.0)
+        port = free_port()
+        server = Process(self, "--port", str(port), "--config", path)
+        wait_for(lambda: loads(folder) >= 1, what="rules file loading")
+        server.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.2)
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for_port(port, timeout=30)
+        self.assertIsNone(server.proc.poll())
+        self.assertEqual(echo_once(port), b"ECHO ok\n")
+        # Loaded at start-up, then once more for the SIGHUPs held meanwhile.
+        wait_for(lambda: loads(folder) >= 2, what="reload after start-up")
+        code, log = server.stop()
+        self.assertEqual(code, 0, log)
+        self.assertIn("a SIGHUP arrived during start-up: reloading now", log)
+        self.assertEqual(loads(folder), 2)
+
+    def test_sighup_forwarded_to_starting_workers_kills_none(self) -> None:
+        """With --workers, SIGHUPs sent while the workers start (just spawned, loading rules) kill none of them."""
+        folder, path = self.write_rules(sleep=0.3)
+        port = free_port()
+        server = Process(self, "--port", str(port), "--config", path, "--workers", "2")
+        # Once the parent listens and catches SIGHUP itself, it is starting
+        # its workers: SIGHUP it every 20 ms (it forwards each to the
+        # workers) until both workers have loaded the rules, and a little longer.
+        wait_for(lambda: catches_sighup(server.proc.pid) and listening(port), what="parent started")
+        deadline = time.monotonic() + 30.0
+        until = None
+        while time.monotonic() < deadline and server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.02)
+            if until is None and loads(folder) >= 3:
+                until = time.monotonic() + 0.5
+            if until is not None and time.monotonic() > until:
+                break
+        self.assertIsNone(server.proc.poll())
+        wait_for_port(port, timeout=30)
+        self.assertEqual(echo_once(port), b"ECHO ok\n")
+        code, log = server.stop()
+        self.assertEqual(code, 0, log)
+        self.assertNotIn("ended: exit code", log)
+        self.assertNotIn("starting worker", log)
