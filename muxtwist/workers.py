@@ -171,28 +171,20 @@ class WorkerPool(SignalHandlers, Service):
             args += ["--inherit", f"{3 + i}={description}"]
         worker = _Worker(self, slot)
         self.workers[slot] = worker
-        env = dict(os.environ, MUXTWIST_WORKER=str(slot))
-        env[WORKERS_DIR_ENV] = self.directory
         # The worker starts with SIGHUP blocked (the mask survives exec) and
         # unblocks it once a SIGHUP can no longer kill it (hold_sighup), so a
         # reload forwarded while it starts waits instead of killing it.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
-            process = self._reactor.spawnProcess(
+            self._reactor.spawnProcess(
                 worker,
                 sys.executable,
-                worker_command(args, self.twistd_args, own_group=True),
-                env=env,
+                worker_command(args, self.twistd_args),
+                env=dict(os.environ, MUXTWIST_WORKER=str(slot)),
                 childFDs=child_fds,
             )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        pid = getattr(process, "pid", None)
-        if pid is not None:
-            try:
-                os.setpgid(pid, pid)
-            except OSError:
-                pass  # the worker did it first (then it may have exec'd: EACCES), or it is gone already
 
     def _ended(self, worker: _Worker) -> None:
         if self.workers.get(worker.slot) is worker:
