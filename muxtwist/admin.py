@@ -248,7 +248,12 @@ def merge_status(parts: Sequence[dict[str, Any]], now: float, draining: bool = F
     limits: dict[str, int] = {}
     workers: list[dict[str, Any]] = []
     for part in parts:
-        workers.extend(part.get("workers", []))
+        for worker in part.get("workers", []):
+            # Each part is one process: its own live and total connections, to see how the kernel spreads them.
+            worker = dict(worker)
+            worker["live"] = sum(listener["live"] for listener in part.get("listeners", []))
+            worker["total"] = sum(listener["total"] for listener in part.get("listeners", []))
+            workers.append(worker)
         for limit, n in part.get("limit_rejections", {}).items():
             limits[limit] = limits.get(limit, 0) + n
         for listener in part.get("listeners", []):
@@ -456,8 +461,8 @@ def render_page(data: dict[str, Any]) -> bytes:
     workers = data.get("workers", [])
     if len(workers) > 1 or any(w.get("slot") is not None for w in workers):
         answered = [w for w in workers if w.get("answered")]
-        pids = ", ".join(_e(w.get("pid")) for w in answered)
-        out.append(f'<p id="workers">{len(answered)} of {len(workers)} workers answered (pids {pids})</p>')
+        pids = ", ".join(f"{_e(w.get('pid'))} ({_e(w.get('live', 0))} live)" for w in answered)
+        out.append(f'<p id="workers">{len(answered)} of {len(workers)} workers answered: pids {pids}</p>')
     if data.get("draining"):
         out.append('<p class="down" id="draining">draining: stopping, /ready answers 503</p>')
     for listener in data["listeners"]:

@@ -7,13 +7,28 @@ of the workers waiting in ``accept``.
 The parent forwards SIGHUP to every worker (each reloads its rules), turns
 SIGTERM/SIGINT into a stop that sends SIGTERM to every worker and waits for
 them to drain, and starts a new worker when one dies.
+
+Each worker runs in a process group of its own, so a Ctrl-C in the terminal
+(a signal to the parent's process group) reaches the parent only, and the
+workers get one SIGTERM, from the parent. A worker that is already draining
+ignores further SIGTERM/SIGINT (systemd's default ``KillMode=control-group``
+signals every process of the unit): only the parent decides to cut the
+drain short, on a second signal of its own, by killing the workers.
+
+Every worker also serves its own numbers on a private UNIX socket,
+``worker-N.sock`` in a directory only this user can read (named to the
+workers by ``MUXTWIST_WORKERS_DIR``); the parent's ``--admin`` endpoint, and
+any :func:`~muxtwist.admin.admin_site` in a worker, ask every worker there and
+answer with the sum.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from muxtwist._signals import SignalHandlers
+from muxtwist.admin import WORKERS_DIR_ENV, WorkerPeers, admin_site
 
 __all__ = ["WorkerPool", "worker_command"]
 
@@ -39,12 +55,29 @@ RESTART_MAX = 30.0
 HEALTHY_AFTER = 10.0
 
 
-def worker_command(args: Sequence[str], twistd_args: Sequence[str] = ()) -> list[str]:
-    """The command line of one worker: ``twistd -n --pidfile= [twistd_args] muxtwist ARGS``."""
+def worker_command(args: Sequence[str], twistd_args: Sequence[str] = (), *, own_group: bool = False) -> list[str]:
+    """
+    The command line of one worker: ``twistd -n --pidfile= [twistd_args] muxtwist ARGS``.
+
+    :param own_group: start by moving into a process group of its own (the
+        parent does it too, right after the fork, so no signal to the
+        parent's group can reach the worker in between), and, on Linux, ask
+        for a SIGTERM when the parent dies, since a signal to the parent's
+        group no longer reaches the worker.
+    """
+    group = ""
+    if own_group:
+        group = (
+            "import os, signal; os.setpgid(0, 0)\n"
+            "try:\n"
+            "    import ctypes; ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+            "except (OSError, AttributeError): pass\n"
+            f"if os.getppid() != {os.getpid()}: raise SystemExit('muxtwist worker: the parent is gone')\n"
+        )
     return [
         sys.executable,
         "-c",
-        "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
+        group + "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
         "-n",
         "--pidfile=",
         *twistd_args,
@@ -93,6 +126,9 @@ class WorkerPool(SignalHandlers, Service):
     :param twistd_args: ``twistd`` options for each worker (``--logfile``).
     :param stop_timeout: seconds to wait for workers to drain after SIGTERM
         before they are killed.
+    :param admin: an endpoint description where the parent serves the
+        admin site (stats page, ``/status.json``, ``/metrics``, ``/ready``)
+        with the numbers of every worker summed.
     """
 
     def __init__(
@@ -104,6 +140,7 @@ class WorkerPool(SignalHandlers, Service):
         twistd_args: Sequence[str] = (),
         stop_timeout: float = 35.0,
         handle_signals: bool = True,
+        admin: str | None = None,
         reactor: Any = None,
     ) -> None:
         if reactor is None:
@@ -128,6 +165,15 @@ class WorkerPool(SignalHandlers, Service):
         self._delay = RESTART_DELAY
         self._pending: dict[int, Any] = {}
         self._old_handlers: dict[int, Any] = {}
+        self.admin = admin
+        self.admin_port: Any = None
+        #: The private directory of the workers' admin sockets.
+        self.directory: str | None = None
+
+    @property
+    def draining(self) -> bool:
+        """Whether a stop has begun (``/ready`` answers 503 from then on)."""
+        return self._stopping
 
     @property
     def pids(self) -> list[int]:
@@ -136,6 +182,13 @@ class WorkerPool(SignalHandlers, Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()  # type: ignore[no-untyped-call]
+        if self.directory is None:
+            self.directory = tempfile.mkdtemp(prefix="muxtwist-workers-")  # mode 0700: this user only
+        if self.admin is not None and self.admin_port is None:
+            peers = WorkerPeers(self.directory, self._reactor, expected=lambda: self.count)
+            site = admin_site(self, peers=peers, reactor=self._reactor)
+            self.admin_port = _result(endpoints.serverFromString(self._reactor, self.admin).listen(site))
+            log.info("admin site on {description} for every worker", description=self.admin)
         # Listening through the endpoint gives every kind of description
         # (tcp, tcp6, unix, systemd) for free; the parent then never reads:
         # only the workers accept.
@@ -169,22 +222,35 @@ class WorkerPool(SignalHandlers, Service):
         for i, (description, port) in enumerate(self.ports.items()):
             child_fds[3 + i] = port.fileno()
             args += ["--inherit", f"{3 + i}={description}"]
+        assert self.directory is not None
+        sock = os.path.join(self.directory, f"worker-{slot}.sock")
+        if os.path.exists(sock):
+            os.unlink(sock)  # left by a worker that died
+        args += ["--admin", "unix:" + endpoints.quoteStringArgument(sock)]
         worker = _Worker(self, slot)
         self.workers[slot] = worker
+        env = dict(os.environ, MUXTWIST_WORKER=str(slot))
+        env[WORKERS_DIR_ENV] = self.directory
         # The worker starts with SIGHUP blocked (the mask survives exec) and
         # unblocks it once a SIGHUP can no longer kill it (hold_sighup), so a
         # reload forwarded while it starts waits instead of killing it.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
-            self._reactor.spawnProcess(
+            process = self._reactor.spawnProcess(
                 worker,
                 sys.executable,
-                worker_command(args, self.twistd_args),
-                env=dict(os.environ, MUXTWIST_WORKER=str(slot)),
+                worker_command(args, self.twistd_args, own_group=True),
+                env=env,
                 childFDs=child_fds,
             )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        pid = getattr(process, "pid", None)
+        if pid is not None:
+            try:
+                os.setpgid(pid, pid)
+            except OSError:
+                pass  # the worker did it first (then it may have exec'd: EACCES), or it is gone already
 
     def _ended(self, worker: _Worker) -> None:
         if self.workers.get(worker.slot) is worker:
@@ -205,6 +271,15 @@ class WorkerPool(SignalHandlers, Service):
             except ProcessLookupError:
                 pass
 
+    def stop_now(self) -> None:
+        """A second SIGTERM/SIGINT while draining: kill the workers, aborting their connections."""
+        for w in list(self.workers.values()):
+            if w.pid is not None and not w.ended.called:
+                try:
+                    os.kill(w.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
     def reload(self) -> None:
         """Tell every worker to reload its rules file."""
         log.info("reload: signalling {n} worker(s)", n=len(self.workers))
@@ -213,7 +288,7 @@ class WorkerPool(SignalHandlers, Service):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
         self._stopping = True
-        self.restore_signals()
+        # Our handlers stay in while the workers drain: a second signal kills them.
         for call in self._pending.values():
             if call.active():
                 call.cancel()
@@ -226,9 +301,18 @@ class WorkerPool(SignalHandlers, Service):
         kill = self._reactor.callLater(self.stop_timeout, self._kill, running)
         done = defer.gatherResults([w.ended for w in running])
 
-        def finished(_: object) -> None:
+        def finished(_: object) -> defer.Deferred[None] | None:
             if kill.active():
                 kill.cancel()
+            self.restore_signals()
+            if self.directory is not None:
+                shutil.rmtree(self.directory, ignore_errors=True)
+                self.directory = None
+            port, self.admin_port = self.admin_port, None
+            if port is not None:
+                # The admin site answers (503 on /ready) until the workers are gone.
+                return defer.maybeDeferred(port.stopListening)
+            return None
 
         return done.addCallback(finished)
 

@@ -1,0 +1,1 @@
+With `--workers N`, `/metrics`, `/status.json` and the stats page answer for every worker: the parent serves `--admin` itself and sums the numbers each worker serves on a private UNIX socket (`muxtwist_workers_answered` says how many answered); an `admin_site()` rule in a worker sums them too.

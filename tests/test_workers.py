@@ -1,0 +1,234 @@
+"""
+``twistd muxtwist --workers 2`` as a real process tree: one ``/metrics``
+scrape and one ``/status.json`` count the connections of every worker, and
+a stop signal, however it arrives (Ctrl-C to the process group, or SIGTERM
+to every process as systemd's default ``KillMode=control-group`` sends it),
+drains each worker exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+import urllib.request
+from typing import Any
+
+from twisted.trial import unittest
+
+from tests.test_admin_page import Process, free_port, twistd, until, wait_for_port
+
+RULES = """\
+from twisted.internet.protocol import Factory
+
+from muxtwist import Rule
+from muxtwist.admin import admin_site
+from muxtwist.default import Echo
+from muxtwist.matchers import HTTP1, Any
+
+rules = [
+    Rule(HTTP1(path="/metrics"), admin_site(), name="admin"),
+    Rule(Any(), Factory.forProtocol(Echo), name="echo"),
+]
+shutdown_timeout = 15.0
+"""
+
+
+def get(port: int, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        body: bytes = response.read()
+        return body
+
+
+def sample(metrics: str, line_start: str) -> float:
+    """The value of the one sample whose line starts with ``line_start``."""
+    (line,) = [line for line in metrics.splitlines() if line.startswith(line_start + " ")]
+    return float(line.rsplit(" ", 1)[1])
+
+
+class Pool:
+    """A ``twistd muxtwist --workers 2 --admin`` serving ``RULES``, with every process stopped at cleanup."""
+
+    def __init__(self, case: unittest.TestCase) -> None:
+        tmp = case.mktemp()
+        os.makedirs(tmp)
+        rules = os.path.join(tmp, "rules.py")
+        with open(rules, "w") as f:
+            f.write(RULES)
+        self.port, self.admin = free_port(), free_port()
+        self.server: Process = twistd(
+            tmp,
+            "--config",
+            rules,
+            "--port",
+            f"tcp:{self.port}:interface=127.0.0.1",
+            "--admin",
+            f"tcp:{self.admin}:interface=127.0.0.1",
+            "--workers",
+            "2",
+        )
+        self.worker_pids: set[int] = set()
+        case.addCleanup(self.kill)
+        wait_for_port(self.port, self.server.proc)
+        wait_for_port(self.admin, self.server.proc)
+        until(lambda: len(self.children()) == 2, 30, "two workers")
+
+    def children(self) -> set[int]:
+        """The worker processes: the children of the parent, as Linux lists them."""
+        pid = self.server.proc.pid
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                found = {int(p) for p in f.read().split()}
+        except OSError:
+            return set()
+        self.worker_pids |= found
+        return found
+
+    def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(get(self.admin, "/status.json"))
+        return data
+
+    def answering(self) -> list[dict[str, Any]]:
+        workers = [w for w in self.status()["workers"] if w.get("answered")]
+        self.worker_pids.update(w["pid"] for w in workers)
+        return workers
+
+    def kill(self) -> None:
+        self.server.kill()
+        for pid in self.worker_pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def connect_until_both_workers_hold_some(pool: Pool, limit: int = 120) -> list[socket.socket]:
+    """Open echo connections, several at once, until each worker holds at least one."""
+    held: list[socket.socket] = []
+    deadline = time.monotonic() + 30
+    while len(held) < limit and time.monotonic() < deadline:
+        batch = [socket.create_connection(("127.0.0.1", pool.port), timeout=5) for _ in range(6)]
+        for s in batch:
+            s.sendall(b"hello\n")
+        for s in batch:
+            if s.recv(100) != b"hello\n":
+                raise AssertionError("no echo")
+        held += batch
+        if all(w["live"] > 0 for w in pool.answering()):
+            return held
+    raise AssertionError(f"the kernel gave {len(held)} connections to one worker only")
+
+
+class AggregatedMetricsTests(unittest.TestCase):
+    """/metrics and /status.json under --workers answer for every worker."""
+
+    def test_one_scrape_counts_every_workers_connections(self) -> None:
+        """Connections held by two different workers all show in one /metrics scrape and one /status.json."""
+        pool = Pool(self)
+        until(lambda: len(pool.answering()) == 2, 30, "both workers answering the admin site")
+        held = connect_until_both_workers_hold_some(pool)
+        self.addCleanup(lambda: [s.close() for s in held])
+        status = pool.status()
+        workers = [w for w in status["workers"] if w["answered"]]
+        self.assertEqual(len(workers), 2, status["workers"])
+        self.assertEqual(len({w["pid"] for w in workers}), 2)
+        self.assertTrue(all(w["live"] > 0 for w in workers), workers)
+        (listener,) = status["listeners"]
+        echo = next(r for r in listener["rules"] if r["name"] == "echo")
+        self.assertEqual(echo["live"], len(held))
+
+        metrics = get(pool.admin, "/metrics").decode()
+        self.assertEqual(sample(metrics, 'muxtwist_active_connections{rule="echo"}'), len(held))
+        self.assertEqual(sample(metrics, "muxtwist_workers_answered"), 2)
+        self.assertEqual(sample(metrics, "muxtwist_workers"), 2)
+
+        # An admin_site() that is a rule on the shared port sums the workers too,
+        # whichever worker takes the scrape.
+        for _ in range(4):
+            through_rule = get(pool.port, "/metrics").decode()
+            self.assertEqual(sample(through_rule, 'muxtwist_active_connections{rule="echo"}'), len(held))
+
+        # Connections that ended in either worker are counted once each.
+        for s in held:
+            s.close()
+        until(
+            lambda: sample(get(pool.admin, "/metrics").decode(), 'muxtwist_active_connections{rule="echo"}') == 0,
+            15,
+            "the closed connections to end",
+        )
+        ended = sample(
+            get(pool.admin, "/metrics").decode(), 'muxtwist_connections_total{outcome="handed_off",rule="echo"}'
+        )
+        self.assertEqual(ended, len(held))
+
+
+class PacedTransfer:
+    """A client sending a line every 0.1 s to the echo rule and reading each back."""
+
+    def __init__(self, port: int, lines: int = 40) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.lines = [f"line {i:03d} of a paced transfer\n".encode() for i in range(lines)]
+        self.sent = 0
+        self.received = b""
+
+    def step(self) -> None:
+        self.sock.sendall(self.lines[self.sent])
+        self.sent += 1
+        want = b"".join(self.lines[: self.sent])
+        while len(self.received) < len(want):
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise AssertionError(f"closed after {len(self.received)} bytes of {len(want)}")
+            self.received += chunk
+        time.sleep(0.1)  # the pace of the client, not a wait for the server
+
+    def finish(self) -> bytes:
+        while self.sent < len(self.lines):
+            self.step()
+        self.sock.shutdown(socket.SHUT_WR)
+        while chunk := self.sock.recv(4096):
+            self.received += chunk
+        self.sock.close()
+        return self.received
+
+
+class StopSignalTests(unittest.TestCase):
+    """A stop signal drains each worker exactly once, however it arrives."""
+
+    def _drains_once(self, send_signal: Any) -> str:
+        pool = Pool(self)
+        transfer = PacedTransfer(pool.port)
+        for _ in range(3):
+            transfer.step()
+        send_signal(pool)
+        received = transfer.finish()
+        self.assertEqual(received, b"".join(transfer.lines))
+        code = pool.server.wait(30)
+        self.assertEqual(code, 0, pool.server.output[-3000:])
+        self.assertNotIn("aborting the remaining connections", pool.server.output)
+        return pool.server.output
+        for pid in pool.worker_pids:
+            with self.assertRaises(ProcessLookupError):
+                os.kill(pid, 0)
+
+    def test_ctrl_c_to_the_process_group_drains_once(self) -> None:
+        """SIGINT to the process group of `twistd -n muxtwist --workers 2` lets a paced transfer finish; exit 0."""
+        output = self._drains_once(lambda pool: os.killpg(pool.server.proc.pid, signal.SIGINT))
+        # The parent alone got the Ctrl-C; each worker one SIGTERM, from the parent.
+        self.assertEqual(output.count("received signal 2: stopping"), 1, output[-3000:])
+        self.assertEqual(output.count("received signal 15: stopping"), 2, output[-3000:])
+
+    def test_sigterm_to_every_process_drains_once(self) -> None:
+        """SIGTERM to the parent and to each worker (systemd's KillMode=control-group) lets the transfer finish."""
+
+        def every_process(pool: Pool) -> None:
+            # The workers first, and the parent once one of them is draining
+            # the transfer: its forwarded SIGTERM is the second one that worker gets.
+            for pid in pool.children():
+                os.kill(pid, signal.SIGTERM)
+            until(lambda: "waiting up to" in pool.server.output, 15, "the worker with the transfer to drain")
+            os.kill(pool.server.proc.pid, signal.SIGTERM)
+
+        self._drains_once(every_process)
