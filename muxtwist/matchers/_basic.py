@@ -13,6 +13,7 @@ import attrs
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, IRespondingMatcher, Verdict
+from muxtwist.matchers import _options
 
 __all__ = ["AllOf", "Any", "AnyOf", "Not", "Prefix", "Regex", "RemoteAddress", "source_ip"]
 
@@ -32,7 +33,7 @@ class Any:
     ``Any()`` rule does not swallow server-speaks-first clients.
     """
 
-    name: str = attrs.field(default="any", kw_only=True)
+    name: str = attrs.field(default="any", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         return MATCH if data else NEED_MORE
@@ -56,10 +57,16 @@ class Prefix:
     def __init__(self, *prefixes: bytes | str, name: str = "prefix") -> None:
         if not prefixes:
             raise ValueError("Prefix() needs at least one prefix")
+        for p in prefixes:
+            if not isinstance(p, bytes | str):
+                raise TypeError(f"Prefix prefixes must be bytes or str, got {_options.describe(p)}")
         values = tuple(_as_bytes(p) for p in prefixes)
         if any(not p for p in values):
             raise ValueError("Prefix() prefixes must not be empty")
         self.__attrs_init__(values, name)  # type: ignore[attr-defined]
+
+    def __attrs_post_init__(self) -> None:
+        _options.check_name(self, None, self.name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         verdict = NO_MATCH
@@ -72,7 +79,25 @@ class Prefix:
 
 
 def _compile(pattern: bytes | str | re.Pattern[bytes]) -> re.Pattern[bytes]:
-    return pattern if isinstance(pattern, re.Pattern) else re.compile(_as_bytes(pattern))
+    if isinstance(pattern, re.Pattern):
+        if not isinstance(pattern.pattern, bytes):
+            raise TypeError(f"Regex pattern must be a bytes pattern (or bytes or str), got {pattern!r} (a str pattern)")
+        return pattern
+    if not isinstance(pattern, bytes | str):
+        raise TypeError(
+            f"Regex pattern must be bytes, str or a compiled bytes pattern, got {_options.describe(pattern)}"
+        )
+    try:
+        return re.compile(_as_bytes(pattern))
+    except (re.error, UnicodeEncodeError) as e:
+        raise ValueError(f"Regex pattern must be a valid regular expression, got {pattern!r}: {e}") from None
+
+
+def _min_length(instance: object, attribute: object, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Regex min_length must be an int, got {_options.describe(value)}")
+    if value < 0:
+        raise ValueError(f"Regex min_length must be 0 or more, got {value!r}")
 
 
 @implementer(IMatcher)
@@ -86,8 +111,8 @@ class Regex:
     """
 
     pattern: re.Pattern[bytes] = attrs.field(converter=_compile)
-    min_length: int = 0
-    name: str = attrs.field(default="regex", kw_only=True)
+    min_length: int = attrs.field(default=0, validator=_min_length)
+    name: str = attrs.field(default="regex", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         if self.pattern.search(data) is not None:
@@ -144,16 +169,30 @@ class RemoteAddress:
     def __init__(self, *cidrs: str, name: str = "remote_address") -> None:
         if not cidrs:
             raise ValueError("RemoteAddress() needs at least one network")
-        self.__attrs_init__(parse_networks(cidrs), name)  # type: ignore[attr-defined]
+        for cidr in cidrs:
+            if not isinstance(cidr, str):
+                raise TypeError(
+                    f"RemoteAddress networks must be str (such as '10.0.0.0/8'), got {_options.describe(cidr)}"
+                )
+        try:
+            networks = parse_networks(cidrs)
+        except ValueError as e:
+            raise ValueError(f"RemoteAddress networks must be IP networks: {e}") from None
+        self.__attrs_init__(networks, name)  # type: ignore[attr-defined]
+
+    def __attrs_post_init__(self) -> None:
+        _options.check_name(self, None, self.name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         return MATCH if in_networks(source_ip(info), self.networks) else NO_MATCH
 
 
-def _check_matchers(matchers: tuple[object, ...], combinator: str) -> tuple[IMatcher, ...]:
+def _check_matchers(matchers: tuple[object, ...], combinator: str, name: object = None) -> tuple[IMatcher, ...]:
     for m in matchers:
         if not IMatcher.providedBy(m):
             raise TypeError(f"{combinator}() takes matchers, got {m!r}")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError(f"{combinator} name must be a non-empty str or None, got {_options.describe(name)}")
     return matchers  # type: ignore[return-value]
 
 
@@ -186,7 +225,7 @@ class AnyOf(_Responding):
     name: str
 
     def __init__(self, *matchers: IMatcher, name: str | None = None) -> None:
-        checked = _check_matchers(matchers, "AnyOf")
+        checked = _check_matchers(matchers, "AnyOf", name)
         self.__attrs_init__(checked, name or "|".join(m.name for m in checked))  # type: ignore[attr-defined]
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
@@ -209,7 +248,7 @@ class AllOf(_Responding):
     name: str
 
     def __init__(self, *matchers: IMatcher, name: str | None = None) -> None:
-        checked = _check_matchers(matchers, "AllOf")
+        checked = _check_matchers(matchers, "AllOf", name)
         self.__attrs_init__(checked, name or "&".join(m.name for m in checked))  # type: ignore[attr-defined]
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
@@ -232,7 +271,7 @@ class Not:
     name: str
 
     def __init__(self, matcher: IMatcher, name: str | None = None) -> None:
-        (checked,) = _check_matchers((matcher,), "Not")
+        (checked,) = _check_matchers((matcher,), "Not", name)
         self.__attrs_init__(checked, name or f"not-{checked.name}")  # type: ignore[attr-defined]
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from urllib.parse import unquote_to_bytes
 
 import attrs
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
+from muxtwist.matchers import _options
 
 __all__ = ["HTTP1", "HTTP_METHODS", "MAX_HEAD", "MAX_REQUEST_LINE", "RequestHead", "parse_request_head"]
 
@@ -215,35 +216,57 @@ def parse_request_head(data: bytes, methods: frozenset[bytes] = HTTP_METHODS) ->
     return MATCH, RequestHead(method, target, version, tuple(headers))
 
 
-def _globs(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    return (value,) if isinstance(value, str) else tuple(value)
+_host_globs = _options.strings("HTTP1", "host", _options.host_glob)
+_path_strings = _options.strings("HTTP1", "path", _options.path_glob)
 
 
-def _methods(methods: Iterable[str | bytes] | None) -> frozenset[bytes]:
-    return HTTP_METHODS if methods is None else frozenset(_method(m) for m in methods)
+def _path_globs(paths: object) -> tuple[str, ...] | None:
+    return _path_strings(paths)
 
 
-def _hosts(hosts: str | Iterable[str] | None) -> tuple[str, ...] | None:
-    globs = _globs(hosts)
+def _methods(methods: object) -> frozenset[bytes]:
+    if methods is None:
+        return HTTP_METHODS
+    values = (methods,) if isinstance(methods, str | bytes) else _options.iterable("HTTP1", "methods", methods)
+    if not values:
+        raise ValueError("HTTP1 methods must name at least one method, got an empty list")
+    out = set()
+    for m in values:
+        if not isinstance(m, str | bytes):
+            raise TypeError(f"HTTP1 methods must be str or bytes method names, got {_options.describe(m)}")
+        text = m.decode("latin-1") if isinstance(m, bytes) else m
+        problem = _options.token(text)
+        if problem is not None:
+            raise ValueError(f"HTTP1 methods entries {problem}, got {m!r}")
+        out.add(text.upper().encode("ascii"))
+    return frozenset(out)
+
+
+def _hosts(hosts: object) -> tuple[str, ...] | None:
+    globs = _host_globs(hosts)
     return None if globs is None else tuple(g.lower().removesuffix(".") for g in globs)
 
 
-def _headers(
-    headers: Mapping[str, str | None] | Iterable[tuple[str, str | None]] | None,
-) -> tuple[tuple[bytes, str | None], ...] | None:
+def _headers(headers: object) -> tuple[tuple[bytes, str | None], ...] | None:
     if headers is None:
         return None
-    return tuple((k.lower().encode("ascii"), None if v is None else v.lower()) for k, v in _items(headers))
-
-
-def _method(m: str | bytes) -> bytes:
-    return m.encode("ascii").upper() if isinstance(m, str) else m.upper()
-
-
-def _items(hs: Mapping[str, str | None] | Iterable[tuple[str, str | None]]) -> Iterable[tuple[str, str | None]]:
-    return hs.items() if isinstance(hs, Mapping) else hs
+    items = headers.items() if isinstance(headers, Mapping) else _options.iterable("HTTP1", "headers", headers)
+    out = []
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise TypeError(
+                f"HTTP1 headers must be a mapping or (name, glob or None) pairs, got {_options.describe(item)}"
+            )
+        name, glob = item
+        if not isinstance(name, str):
+            raise TypeError(f"HTTP1 headers names must be str, got {_options.describe(name)}")
+        problem = _options.token(name)
+        if problem is not None:
+            raise ValueError(f"HTTP1 headers names {problem}, got {name!r}")
+        if glob is not None and not isinstance(glob, str):
+            raise TypeError(f"HTTP1 headers values must be a str glob or None, got {_options.describe(glob)}")
+        out.append((name.lower().encode("ascii"), None if glob is None else glob.lower()))
+    return tuple(out)
 
 
 @implementer(IMatcher)
@@ -267,9 +290,9 @@ class HTTP1:
 
     methods: frozenset[bytes] = attrs.field(default=None, converter=_methods)
     host: tuple[str, ...] | None = attrs.field(default=None, converter=_hosts)
-    path: tuple[str, ...] | None = attrs.field(default=None, converter=_globs)
+    path: tuple[str, ...] | None = attrs.field(default=None, converter=_path_globs)
     headers: tuple[tuple[bytes, str | None], ...] | None = attrs.field(default=None, converter=_headers)
-    name: str = attrs.field(default="http1", kw_only=True)
+    name: str = attrs.field(default="http1", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         if self.host is None and self.path is None and self.headers is None:

@@ -26,6 +26,7 @@ from hpack import Decoder
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, IRespondingMatcher, Verdict
+from muxtwist.matchers import _options
 
 __all__ = ["GRPC", "HTTP2", "MAX_SCAN", "PREFACE", "SETTINGS_FRAME", "HTTP2Header", "first_headers"]
 
@@ -142,7 +143,11 @@ def _strip_ack(data: bytes) -> bytes:
     return data
 
 
-def _lower(value: str) -> str:
+def _lower(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"HTTP2Header header must be a str header name, got {_options.describe(value)}")
+    if not value:
+        raise ValueError("HTTP2Header header must be a header name, got ''")
     return value.lower()
 
 
@@ -164,7 +169,7 @@ class _AnswersSettings:
 class HTTP2:
     """The HTTP/2 prior-knowledge client preface (``PRI * HTTP/2.0...``); decides within 24 bytes."""
 
-    name: str = attrs.field(default="http2", kw_only=True)
+    name: str = attrs.field(default="http2", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         return _preface(data)
@@ -183,9 +188,9 @@ class HTTP2Header(_AnswersSettings):
     """
 
     header: str = attrs.field(converter=_lower)
-    value: str | None = None
-    prefix: str | None = None
-    name: str = attrs.field(default="http2_header", kw_only=True)
+    value: str | None = attrs.field(default=None, validator=_options.text_or_none("HTTP2Header", "value"))
+    prefix: str | None = attrs.field(default=None, validator=_options.text_or_none("HTTP2Header", "prefix"))
+    name: str = attrs.field(default="http2_header", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         verdict, headers = first_headers(data)
@@ -207,7 +212,7 @@ class HTTP2Header(_AnswersSettings):
 class GRPC(_AnswersSettings):
     """An HTTP/2 prior-knowledge connection whose first request has ``content-type: application/grpc*``."""
 
-    name: str = attrs.field(default="grpc", kw_only=True)
+    name: str = attrs.field(default="grpc", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         verdict, headers = first_headers(data)

@@ -18,6 +18,7 @@ import attrs
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
+from muxtwist.matchers import _options
 
 __all__ = ["ALPN", "SNI"]
 
@@ -45,6 +46,7 @@ class SNI:
             raise ValueError("SNI() needs at least one name or pattern")
         if not all(isinstance(p, str) and p for p in patterns):
             raise TypeError(f"SNI() takes non-empty strings, got {patterns!r}")
+        _options.check_name(self, None, name)
         self.__attrs_init__(tuple(patterns), name, _compile(patterns))  # type: ignore[attr-defined]
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
@@ -72,6 +74,7 @@ class ALPN:
             raise ValueError("ALPN() needs at least one protocol")
         if not all(isinstance(p, str) and p for p in protocols):
             raise TypeError(f"ALPN() takes non-empty strings, got {protocols!r}")
+        _options.check_name(self, None, name)
         self.__attrs_init__(tuple(protocols), name)  # type: ignore[attr-defined]
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:

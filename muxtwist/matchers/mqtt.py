@@ -15,6 +15,7 @@ import attrs
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
+from muxtwist.matchers import _options
 
 __all__ = ["MAX_PREFIX", "MQTT"]
 
@@ -44,7 +45,7 @@ def _remaining_length(data: bytes) -> tuple[Verdict, int, int]:
 class MQTT:
     """An MQTT CONNECT packet, protocol level 3, 4 or 5."""
 
-    name: str = attrs.field(default="mqtt", kw_only=True)
+    name: str = attrs.field(default="mqtt", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         if not data:

@@ -27,6 +27,7 @@ import attrs
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
+from muxtwist.matchers import _options
 
 __all__ = ["HMAC_SIZES", "MAX_PACKET", "OpenVPN"]
 
@@ -68,7 +69,7 @@ def _layout_ok(packet: bytes) -> bool:
 class OpenVPN:
     """An OpenVPN TCP client's hard-reset packet, which opens every session."""
 
-    name: str = attrs.field(default="openvpn", kw_only=True)
+    name: str = attrs.field(default="openvpn", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         if len(data) >= 2:

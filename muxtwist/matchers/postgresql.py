@@ -17,6 +17,7 @@ import attrs
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
+from muxtwist.matchers import _options
 
 __all__ = ["MAX_STARTUP", "PostgreSQL"]
 
@@ -54,7 +55,7 @@ def _startup(body: bytes) -> bool:
 class PostgreSQL:
     """A PostgreSQL client's first message: startup, SSL or GSS encryption request, or cancel."""
 
-    name: str = attrs.field(default="postgresql", kw_only=True)
+    name: str = attrs.field(default="postgresql", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         if data[:2].strip(b"\x00"):

@@ -16,6 +16,7 @@ import attrs
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
+from muxtwist.matchers import _options
 
 __all__ = [
     "MAX_V1_LENGTH",
@@ -296,6 +297,11 @@ def build_v2(source: tuple[str, int] | None, destination: tuple[str, int] | None
     return V2_SIGNATURE + struct.pack("!BBH", command, family_byte, len(body)) + body
 
 
+def _version(instance: object, attribute: object, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or value not in (1, 2)):
+        raise ValueError(f"ProxyProtocol version must be 1, 2 or None (either), got {_options.describe(value)}")
+
+
 @implementer(IMatcher)
 @attrs.frozen
 class ProxyProtocol:
@@ -308,8 +314,8 @@ class ProxyProtocol:
     connections, header and all, for example to a backend that reads it.
     """
 
-    version: int | None = None
-    name: str = attrs.field(default="proxy_protocol", kw_only=True)
+    version: int | None = attrs.field(default=None, validator=_version)
+    name: str = attrs.field(default="proxy_protocol", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         if self.version is not None and data:

@@ -19,6 +19,7 @@ import attrs
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
+from muxtwist.matchers import _options
 
 __all__ = ["MAX_PACKET", "RDP"]
 
@@ -84,7 +85,7 @@ def _variable_ok(rest: bytes) -> bool:
 class RDP:
     """An RDP client's X.224 Connection Request."""
 
-    name: str = attrs.field(default="rdp", kw_only=True)
+    name: str = attrs.field(default="rdp", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         if not _fixed_ok(data[:_FIXED]):

@@ -24,6 +24,7 @@ import attrs
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
+from muxtwist.matchers import _options
 
 __all__ = ["INLINE_COMMANDS", "MAX_INLINE", "MAX_PREFIX", "Redis"]
 
@@ -157,7 +158,7 @@ def _resp(data: bytes) -> Verdict:
 
 def _split(line: bytes) -> _Args | None:
     """The arguments of an inline line, or ``None`` if it does not split as Redis splits it."""
-    args = []
+    args: _Args = []
     pos = 0
     while pos < len(line):
         found = _ARG.match(line, pos)
@@ -201,7 +202,7 @@ def _inline(data: bytes) -> Verdict:
 class Redis:
     """A Redis client's first command, in RESP or inline form."""
 
-    name: str = attrs.field(default="redis", kw_only=True)
+    name: str = attrs.field(default="redis", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         if not data:

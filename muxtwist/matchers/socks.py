@@ -18,6 +18,7 @@ import attrs
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
+from muxtwist.matchers import _options
 
 __all__ = ["MAX_SOCKS4", "SOCKS4", "SOCKS5"]
 
@@ -45,8 +46,8 @@ class SOCKS4:
     :param allow_4a: also accept SOCKS4a requests that carry a host name.
     """
 
-    allow_4a: bool = True
-    name: str = attrs.field(default="socks4", kw_only=True)
+    allow_4a: bool = attrs.field(default=True, validator=_options.boolean("SOCKS4", "allow_4a"))
+    name: str = attrs.field(default="socks4", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         if not data:
@@ -75,7 +76,7 @@ class SOCKS4:
 class SOCKS5:
     """A SOCKS5 greeting: version 5 and the authentication methods offered."""
 
-    name: str = attrs.field(default="socks5", kw_only=True)
+    name: str = attrs.field(default="socks5", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         if not data:

@@ -19,6 +19,7 @@ import attrs
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
+from muxtwist.matchers import _options
 
 __all__ = ["MAX_LINE", "SSH", "parse_identification"]
 
@@ -55,7 +56,7 @@ def parse_identification(data: bytes) -> tuple[Verdict, str | None]:
 class SSH:
     """An SSH client identification line for protocol 2.0 (or 1.99)."""
 
-    name: str = attrs.field(default="ssh", kw_only=True)
+    name: str = attrs.field(default="ssh", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         undecided = False

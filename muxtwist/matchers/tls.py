@@ -23,6 +23,7 @@ import attrs
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
+from muxtwist.matchers import _options
 
 __all__ = ["MAX_CLIENT_HELLO", "MAX_RECORDS", "TLS", "TLS_VERSIONS", "ClientHello", "parse_client_hello"]
 
@@ -276,26 +277,34 @@ def parse_client_hello(data: bytes) -> tuple[Verdict, ClientHello | None]:
         return NO_MATCH, None
 
 
-def _names(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    values = (value,) if isinstance(value, str) else tuple(value)
-    return tuple(v.lower().rstrip(".") for v in values)
+_sni_globs = _options.strings("TLS", "sni", _options.host_glob)
+_alpn_names = _options.strings("TLS", "alpn")
 
 
 def _protocols(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    return (value,) if isinstance(value, str) else tuple(value)
+    return _alpn_names(value)
+
+
+def _names(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    values = _sni_globs(value)
+    return None if values is None else tuple(v.lower().rstrip(".") for v in values)
 
 
 def _version(value: str | int | None) -> int | None:
-    if value is None or isinstance(value, int):
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0x0300 <= value <= 0x0304:
+            raise ValueError(f"TLS min_version must be 0x0300 (SSLv3) to 0x0304 (TLSv1.3), got {value:#06x}")
         return value
+    if not isinstance(value, str):
+        raise TypeError(f"TLS min_version must be a version name or number, got {_options.describe(value)}")
     try:
         return TLS_VERSIONS[value]
     except KeyError:
-        raise ValueError(f"unknown TLS version {value!r}; use one of {', '.join(TLS_VERSIONS)}") from None
+        raise ValueError(
+            f"TLS min_version must be one of {', '.join(TLS_VERSIONS)} (or a number), got {value!r}"
+        ) from None
 
 
 @implementer(IMatcher)
@@ -317,7 +326,7 @@ class TLS:
     sni: tuple[str, ...] | None = attrs.field(default=None, converter=_names)
     alpn: tuple[str, ...] | None = attrs.field(default=None, converter=_protocols)
     min_version: int | None = attrs.field(default=None, converter=_version)
-    name: str = attrs.field(default="tls", kw_only=True)
+    name: str = attrs.field(default="tls", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         verdict, hello = parse_client_hello(data)

@@ -12,12 +12,12 @@ byte that cannot start ``GET``; NEED_MORE bound: ``MAX_HEAD`` bytes of head.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
 
 import attrs
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
+from muxtwist.matchers import _options
 from muxtwist.matchers.http import RequestHead, parse_request_head
 
 __all__ = ["WebSocket", "is_websocket_handshake"]
@@ -43,10 +43,11 @@ def is_websocket_handshake(head: RequestHead) -> bool:
     )
 
 
-def _globs(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    return (value,) if isinstance(value, str) else tuple(value)
+_paths = _options.strings("WebSocket", "path", _options.path_glob)
+
+
+def _globs(value: object) -> tuple[str, ...] | None:
+    return _paths(value)
 
 
 @implementer(IMatcher)
@@ -60,7 +61,7 @@ class WebSocket:
     """
 
     path: tuple[str, ...] | None = attrs.field(default=None, converter=_globs)
-    name: str = attrs.field(default="websocket", kw_only=True)
+    name: str = attrs.field(default="websocket", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         verdict, head = parse_request_head(data, _GET)

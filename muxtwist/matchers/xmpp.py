@@ -19,6 +19,7 @@ import attrs
 from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
+from muxtwist.matchers import _options
 
 __all__ = ["MAX_HEADER", "XMPP", "parse_stream_header"]
 
@@ -76,10 +77,12 @@ def parse_stream_header(data: bytes) -> tuple[Verdict, dict[str, str] | None]:
     return MATCH, attributes
 
 
+_domains = _options.strings("XMPP", "to", _options.host_glob)
+
+
 def _globs(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    return tuple(v.lower() for v in ((value,) if isinstance(value, str) else value))
+    values = _domains(value)
+    return None if values is None else tuple(v.lower() for v in values)
 
 
 @implementer(IMatcher)
@@ -93,7 +96,7 @@ class XMPP:
     """
 
     to: tuple[str, ...] | None = attrs.field(default=None, converter=_globs)
-    name: str = attrs.field(default="xmpp", kw_only=True)
+    name: str = attrs.field(default="xmpp", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
         verdict, attributes = parse_stream_header(data)
