@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import html
 import json
-import os
+import typing
 
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from muxtwist._version import __version__
 from muxtwist.matchers import HTTP1, Any
 from muxtwist.metrics import LIMITS
 from muxtwist.service import MuxService
@@ -25,17 +24,46 @@ from muxtwist.sniffing import Rule
 __all__ = ["Echo", "StatusPage", "default_rules", "status"]
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IPushProducer)
 class Echo(Protocol):
-    """Send back whatever arrives; when the client is done sending, finish and close."""
+    """
+    Send back whatever arrives; when the client is done sending, finish and close.
+
+    A client that writes without reading must not make the server hold what
+    it cannot send: Echo is the streaming producer of its own transport, so
+    when the transport's write buffer fills up it pauses reading from the
+    client (the rest waits in the kernel and the client's sends block), and
+    reads again once the buffer has drained.
+    """
+
+    def connectionMade(self) -> None:
+        transport: typing.Any = self.transport
+        transport.registerProducer(self, True)
 
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
 
     def readConnectionLost(self) -> None:
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        transport: typing.Any = self.transport
+        transport.unregisterProducer()
+        transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
+        pass
+
+    # IPushProducer: what we write is what the client sent, so our output
+    # is throttled by throttling our input.
+
+    def pauseProducing(self) -> None:
+        transport: typing.Any = self.transport
+        transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        transport: typing.Any = self.transport
+        if transport.connected and not transport.disconnecting:
+            transport.resumeProducing()
+
+    def stopProducing(self) -> None:
         pass
 
 
@@ -45,12 +73,15 @@ def status(service: MuxService) -> dict[str, object]:
     total connections, and the same process-wide counters ``/metrics`` exports.
     """
     listeners = []
-    for description, listener in sorted(service.listeners.items()):
+    for _, listener in sorted(service.listeners.items()):
         factory = listener.factory
         names = [r.name for r in factory.rules] + ["on_timeout", "on_no_match"]
+        # The port number only: a stranger may reach this page, so no
+        # interface, path, PID or version is shown (the admin site has those).
+        host = listener.port.getHost() if listener.port is not None else None
         listeners.append(
             {
-                "endpoint": description,
+                "endpoint": f"port {getattr(host, 'port', '')}" if hasattr(host, "port") else "listener",
                 "sniffing": sum(1 for c in factory.connections if c.sniffing),
                 "rules": [
                     {"name": n, "active": factory.stats[n].active, "total": factory.stats[n].total} for n in names
@@ -61,8 +92,6 @@ def status(service: MuxService) -> dict[str, object]:
     outcomes = metrics.connections_by_outcome()
     limits = {limit: metrics.value("muxtwist_limit_rejections_total", limit=limit) for limit in LIMITS}
     return {
-        "version": __version__,
-        "pid": os.getpid(),
         "listeners": listeners,
         "connections_by_outcome": outcomes,
         "limit_rejections": limits,
@@ -80,6 +109,7 @@ class StatusPage(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         data = status(self.service)
+        request.setHeader(b"server", b"muxtwist")  # not Twisted's name and version
         if request.path.endswith(b".json"):
             request.setHeader(b"content-type", b"application/json")
             return json.dumps(data, indent=2).encode() + b"\n"
@@ -100,7 +130,7 @@ class StatusPage(Resource):
         rows.append("</table>")
         body = (
             "<!doctype html><html><head><title>muxtwist</title></head><body>"
-            f"<h1>muxtwist {html.escape(__version__)}</h1>"
+            "<h1>muxtwist</h1>"
             "<p>HTTP reaches this page; any other protocol on this port reaches an echo service "
             "(try <code>nc</code>).</p>" + "".join(rows) + "</body></html>\n"
         )

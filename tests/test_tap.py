@@ -338,3 +338,59 @@ class StartupSignalTests(unittest.TestCase):
         self.assertEqual(code, 0, log)
         self.assertNotIn("ended: exit code", log)
         self.assertNotIn("starting worker", log)
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of process ``pid`` in KiB (from /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+class EchoBackpressureTests(unittest.TestCase):
+    """The built-in echo service holds a bounded amount for a client that writes without reading."""
+
+    def test_client_writing_without_reading_keeps_the_server_small(self) -> None:
+        """A client writing 64 MiB to the default echo without reading stalls; the server grows by a few MiB only."""
+        import hashlib
+
+        port = free_port()
+        server = Process(self, "--port", str(port))
+        wait_for_port(port, server.proc, timeout=30)  # type: ignore[arg-type]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"ping\n")
+            self.assertEqual(s.recv(100), b"ping\n")
+            before = rss_kib(server.proc.pid)
+            s.setblocking(False)
+            block = os.urandom(1 << 20)
+            total, sent = 64 << 20, 0
+            digest = hashlib.sha256()
+            last_progress = time.monotonic()
+            deadline = time.monotonic() + 60
+            while sent < total and time.monotonic() - last_progress < 2.0 and time.monotonic() < deadline:
+                offset = sent % len(block)
+                try:
+                    n = s.send(block[offset:])
+                except BlockingIOError:
+                    time.sleep(0.01)
+                    continue
+                digest.update(block[offset : offset + n])
+                sent += n
+                last_progress = time.monotonic()
+            grown = rss_kib(server.proc.pid) - before
+            self.assertLess(sent, 32 << 20, "the client could send most of 64 MiB: nothing pushed back")
+            self.assertLess(grown, 16 * 1024, f"the server grew by {grown} KiB")
+            # Everything sent so far comes back, in order, once the client reads.
+            s.setblocking(True)
+            s.shutdown(socket.SHUT_WR)
+            back = hashlib.sha256()
+            received = 0
+            while chunk := s.recv(1 << 20):
+                back.update(chunk)
+                received += len(chunk)
+        self.assertEqual(received, sent)
+        self.assertEqual(back.hexdigest(), digest.hexdigest())
+        code, log = server.stop()
+        self.assertEqual(code, 0, log)
