@@ -11,16 +11,17 @@ import json
 import os
 import typing
 
-from muxtwist._version import __version__
-from muxtwist.matchers import HTTP1, Any
-from muxtwist.metrics import LIMITS
-from muxtwist.service import MuxService
-from muxtwist.sniffing import Rule
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
+
+from muxtwist._version import __version__
+from muxtwist.matchers import HTTP1, Any
+from muxtwist.metrics import LIMITS
+from muxtwist.service import MuxService
+from muxtwist.sniffing import Rule
 
 __all__ = ["Echo", "StatusPage", "default_rules", "status"]
 
