@@ -17,7 +17,8 @@ def main(name: str) -> None:
 
     with atheris.instrument_imports(include=["muxtwist", "hpack"]):
         import muxtwist.matchers
-        import muxtwist.proxyprotocol  # noqa: F401
+        import muxtwist.proxyprotocol
+        import muxtwist.redirect  # noqa: F401
 
     from targets import TARGETS
 

@@ -1,10 +1,12 @@
 """
 Run every atheris harness of this directory for a bounded time.
 
-    python fuzz/run.py [--seconds 20] [NAME ...]
+    python fuzz/run.py [--seconds 20] [--no-captures] [NAME ...]
 
-Each harness starts from a seed corpus of real openers and runs for
-``--seconds`` (``FUZZ_SECONDS`` in the environment, 20 by default). Crash
+Each harness starts from a seed corpus of real openers (the bytes real
+clients send, taken by tests/captures.py, unless ``--no-captures``; built
+openers; ordinary text) and runs for ``--seconds`` (``FUZZ_SECONDS`` in the
+environment, 20 by default). Crash
 inputs are copied to ``fuzz/crashes/<name>-<sha1>``; the exit status is 1 if
 there is any, so CI fails and the input can become a regression test in
 ``tests/test_fuzz_regressions.py``.
@@ -27,12 +29,12 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 from targets import SEEDS, TARGETS  # noqa: E402
 
 
-def fuzz(name: str, seconds: int, crashes: str) -> tuple[bool, str]:
+def fuzz(name: str, seconds: int, crashes: str, seeds: list[bytes]) -> tuple[bool, str]:
     """Run harness ``name``; return whether it stayed clean, and its last status line."""
     with tempfile.TemporaryDirectory(prefix=f"fuzz-{name}-") as work:
         corpus = os.path.join(work, "corpus")
         os.mkdir(corpus)
-        for i, seed in enumerate(SEEDS().get(name, [])):
+        for i, seed in enumerate(seeds):
             with open(os.path.join(corpus, f"seed-{i}"), "wb") as f:
                 f.write(seed)
         log_path = os.path.join(work, "log")
@@ -89,13 +91,20 @@ def _reproduces(name: str, path: str) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--seconds", type=int, default=int(os.environ.get("FUZZ_SECONDS", "20")))
+    parser.add_argument("--no-captures", action="store_true", help="seed without running the real clients")
     parser.add_argument("names", nargs="*", default=list(TARGETS), help="harnesses (default: all)")
     args = parser.parse_args()
+    unknown = sorted(set(args.names) - set(TARGETS))
+    if unknown:
+        parser.error(f"unknown harness {', '.join(unknown)}; known: {', '.join(TARGETS)}")
+    if args.seconds <= 0:
+        parser.error(f"--seconds must be positive, got {args.seconds}")
+    seeds = SEEDS(real_captures=not args.no_captures)
     crashes = os.path.join(HERE, "crashes")
     clean = True
     for name in args.names:
         started = time.monotonic()
-        ok, status = fuzz(name, args.seconds, crashes)
+        ok, status = fuzz(name, args.seconds, crashes, seeds.get(name, []))
         clean = clean and ok
         print(f"{'ok   ' if ok else 'CRASH'} {name:15} {time.monotonic() - started:5.1f}s  {status}", flush=True)
     return 0 if clean else 1

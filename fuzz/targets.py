@@ -49,8 +49,27 @@ def http_head(data: bytes) -> None:
     verdict, head = parse_request_head(data)
     if head is not None:
         assert verdict is Verdict.MATCH
-        _ = head.host, head.path
+        host, path = head.host, head.path
+        # A host is a plain name or address: nothing a server could read as another host or a path.
+        assert host is None or (host and not set(host) & set("/@?#, \t\\")), host
+        if host is not None and len(head.header_values(b"host")) > 1:
+            raise AssertionError(f"duplicate Host headers gave host {host!r}")
+        assert path is None or not path.startswith("/") or ("/../" not in path + "/" and "//" not in path), path
     check_matchers([HTTP1(), HTTP1(host="*.example.com", path="/api/*", headers={"upgrade": None})], data)
+
+
+def redirect(data: bytes) -> None:
+    """RedirectToHTTPS's Location: https, the Host's name, then a path starting with '/' or nothing at all."""
+    import re
+
+    from muxtwist.redirect import location
+
+    host, _, uri = data.partition(b"\n")
+    port = int.from_bytes(uri[:2], "big") or None if uri[:1] == b"\x00" else None
+    out = location(host, port, uri)
+    if out is not None:
+        found = re.match(rb"https://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*)(:[0-9]+)?(/.*)?\Z", out, re.S)
+        assert found is not None and found.group(3) is not None, out
 
 
 def http2(data: bytes) -> None:
@@ -149,10 +168,58 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "mqtt": mqtt,
     "socks": socks,
     "others": others,
+    "redirect": redirect,
 }
 
 
-def _seeds() -> dict[str, list[bytes]]:
+#: capture protocol (tests/captures.py) -> harness.
+_CAPTURE_HARNESS = {
+    "tls": "tls",
+    "http1": "http_head",
+    "websocket": "http_head",
+    "http2": "http2",
+    "grpc": "http2",
+    "redis": "redis",
+    "postgresql": "postgresql",
+    "mqtt": "mqtt",
+    "socks4": "socks",
+    "socks5": "socks",
+    "ssh": "others",
+    "xmpp": "others",
+    "rdp": "others",
+    "openvpn": "others",
+}
+
+#: Ordinary text and other protocols' openers, given to every harness: the
+#: negative cases peer projects test matchers with.
+_TEXT = [b"hello world\r\n", b"Hello World\n", b"HELLO 3\r\n", b"PING\r\n", b"\r\n", b"\x05\x01\x00"]
+
+
+def _capture_seeds() -> dict[str, list[bytes]]:
+    """The real clients' first bytes from tests/captures.py, by harness (empty if they cannot be taken)."""
+    try:
+        from muxtwist.matchers.http2 import PREFACE
+        from tests.captures import all_captures
+
+        captures = all_captures()
+    except Exception:
+        return {}
+    out: dict[str, list[bytes]] = {}
+    for c in captures:
+        harness = _CAPTURE_HARNESS.get(c.protocol)
+        if harness is None or not c.data:
+            continue
+        data = c.data.removeprefix(PREFACE) if harness == "http2" else c.data
+        out.setdefault(harness, []).append(data)
+    return out
+
+
+def _seeds(real_captures: bool = False) -> dict[str, list[bytes]]:
+    """
+    Seed inputs per harness: built openers, text, and with ``real_captures``
+    the bytes real clients send (tests/captures.py runs them, so this takes
+    a few seconds and needs the clients installed).
+    """
     from muxtwist.matchers.proxy_protocol import build_v1, build_v2
 
     try:
@@ -163,7 +230,7 @@ def _seeds() -> dict[str, list[bytes]]:
     http2_frames = bytes.fromhex("000000040000000000") + bytes.fromhex(
         "00001d0105000000018286418aa0e41d139d09b8f01e07847a8825b650c3abb6f2e053"
     )
-    return {
+    seeds: dict[str, list[bytes]] = {
         "tls": [OPENERS.get("tls", b"\x16\x03\x01")],
         "http_head": [OPENERS.get("http1", b"GET / HTTP/1.1\r\n\r\n"), OPENERS.get("websocket", b"")],
         "http2": [http2_frames],
@@ -173,8 +240,20 @@ def _seeds() -> dict[str, list[bytes]]:
         "mqtt": [OPENERS.get("mqtt", b"\x10")],
         "socks": [b"\x05\x01\x00", b"\x04\x01\x00\x50\x7f\x00\x00\x01alice\x00"],
         "others": [OPENERS.get("ssh", b"SSH-2.0-x\r\n"), b"<?xml version='1.0'?><stream:stream to='a'>"],
+        "redirect": [
+            b"a.test\n/x?y=1",
+            b"a.test:80\n\x00\x00http://evil.example/p",
+            b"[::1]:8080\n@evil.example/x",
+            b"a.test\n\x20\xfb//evil.example",
+        ],
     }
+    captured = _capture_seeds() if real_captures else {}
+    for name, inputs in seeds.items():
+        inputs.extend(captured.get(name, []))
+        if name != "redirect":
+            inputs.extend(_TEXT)
+    return seeds
 
 
 #: harness name -> seed inputs (real openers where there are some).
-SEEDS: Callable[[], dict[str, list[bytes]]] = _seeds
+SEEDS: Callable[..., dict[str, list[bytes]]] = _seeds

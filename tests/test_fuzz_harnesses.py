@@ -66,6 +66,7 @@ class FuzzTargetTests(unittest.TestCase):
     test_mqtt = _check("mqtt")
     test_socks = _check("socks")
     test_others = _check("others")
+    test_redirect = _check("redirect")
 
     def test_every_target_is_run(self) -> None:
         """Every target of fuzz/targets.py has a test here and a harness in fuzz/."""
