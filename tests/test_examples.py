@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Sequence
 
@@ -42,15 +44,28 @@ def free_port() -> int:
 class Running:
     """A started example process whose output is read as it comes."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: dict[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+        cwd: str = ROOT,
+    ) -> None:
         full_env = dict(os.environ)
         full_env["PYTHONPATH"] = os.pathsep.join(
             [ROOT, *([env.pop("PYTHONPATH")] if env and "PYTHONPATH" in env else [])]
         )
         full_env["PYTHONUNBUFFERED"] = "1"
         full_env.update(env or {})
+        # Its own process group, so that kill() stops its children too (nginx's workers, twistd's).
         self.process = subprocess.Popen(
-            list(args), cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=pass_fds
+            list(args),
+            cwd=cwd,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            pass_fds=pass_fds,
+            start_new_session=True,
         )
         self.output = b""
 
@@ -96,11 +111,36 @@ class Running:
             raise AssertionError("did not stop on SIGTERM in time") from None
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+        """Stop the process and everything it started: its process group, TERM, then KILL after 5 s."""
+        stop_group(self.process)
         if self.process.stdout is not None:
             self.process.stdout.close()
+
+
+def stop_group(process: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """
+    SIGTERM to the process group of ``process`` (started with
+    ``start_new_session=True``), SIGKILL to what is left after ``grace``
+    seconds, and reap ``process``.
+    """
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                try:
+                    os.killpg(process.pid, 0)
+                except ProcessLookupError:
+                    break
+            time.sleep(0.02)
+        else:
+            continue
+        break
+    if process.poll() is None:
+        process.wait(10)
 
 
 def curl(port: int, path: str = "/", *headers: str) -> str:
@@ -168,8 +208,8 @@ def dribble(port: int, data: bytes) -> bytes:
 
 
 class ExampleTestCase(TestCase):
-    def start(self, args: Sequence[str], env: dict[str, str] | None = None) -> Running:
-        running = Running(args, env)
+    def start(self, args: Sequence[str], env: dict[str, str] | None = None, cwd: str = ROOT) -> Running:
+        running = Running(args, env, cwd=cwd)
         self.addCleanup(running.kill)
         return running
 
@@ -713,3 +753,94 @@ class ReadmeTests(ExampleTestCase):
         self.assertIn("docs/reference/sniffing.rst", named)
         for path in named:
             self.assertTrue(os.path.exists(os.path.join(ROOT, path)), path)
+
+
+def recipe_setup(name: str) -> list[str]:
+    """The ``sh`` code blocks of a how-to's "Before you start" section, as written."""
+    with open(os.path.join(ROOT, "docs", "howto", name + ".rst")) as f:
+        text = f.read()
+    section = text.split("Before you start\n----------------\n", 1)[1].split("\n----", 1)[0]
+    blocks = []
+    for found in re.finditer(r"\.\. code-block:: sh\n\n((?:   .*\n|\n)+)", section):
+        blocks.append(textwrap.dedent(found.group(1)).strip() + "\n")
+    return blocks
+
+
+def installed(pip_line: str) -> list[str]:
+    """The distributions a ``pip install`` line names, besides the checkout itself."""
+    return [word for word in shlex.split(pip_line)[2:] if word != "." and not word.startswith("-")]
+
+
+class RecipeSetupTests(ExampleTestCase):
+    """Each how-to starts with the exact install and setup lines, and they work as written."""
+
+    def scratch(self) -> str:
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        return folder
+
+    def test_grpc_recipe_installs_what_it_uses(self) -> None:
+        """The gRPC recipe installs muxtwist, h2 and grpcio: the packages its handler and client import."""
+        (install,) = recipe_setup("grpc-and-http")
+        self.assertEqual(install, "pip install . h2 grpcio\n")
+        modules = {"h2": "h2", "grpcio": "grpc"}
+        for distribution in installed(install):
+            __import__(modules[distribution])
+        with open(os.path.join(EXAMPLES, "grpc_and_http", "greeter_grpc.py")) as f:
+            self.assertIn("from h2.connection import H2Connection", f.read())
+
+    def test_tls_recipe_certificates(self) -> None:
+        """The TLS recipe's openssl commands make certificates the example serves and curl accepts, per host."""
+        install, certificates = recipe_setup("tls-sites")
+        self.assertEqual(install, "pip install .\n")
+        folder = self.scratch()
+        done = subprocess.run(["sh", "-e", "-c", certificates], cwd=folder, capture_output=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(sorted(os.listdir(os.path.join(folder, "certs"))), ["a.test.pem", "b.test.pem"])
+        port = free_port()
+        running = self.start(
+            [*TWISTD, "--port", f"tcp:{port}:interface=127.0.0.1", "--config", "examples/tls_sites/rules.py"],
+            {"CERT_DIR": os.path.join(folder, "certs"), "PUBLIC_PORT": str(port)},
+        )
+        running.listening_ports()
+        for host in ("a.test", "b.test"):
+            done = run_client(
+                [
+                    *("curl", "-sS", "--fail", "--max-time", str(CLIENT), "--cacert", os.path.join(folder, "ca.pem")),
+                    *("--http2", "--resolve", f"{host}:{port}:127.0.0.1", f"https://{host}:{port}/"),
+                ]
+            )
+            self.assertEqual(done.stdout.decode(), f"{host} over HTTP/2\n", done.stderr)
+        self.assertStops(running)
+
+    async def test_port_reuse_recipe_servers(self) -> None:
+        """The port-reuse recipe's nginx, redis-server and sshd start as written and serve through the example."""
+        install, prepare, start = recipe_setup("port-reuse")
+        self.assertIn("apt-get install -y nginx redis-server", install)
+        folder = self.scratch()
+        ports = {"8080": free_port(), "6379": free_port(), "2222": free_port()}
+
+        def on_free_ports(command: str) -> str:
+            for written, port in ports.items():
+                command = command.replace(written, str(port))
+            return command
+
+        done = subprocess.run(["bash", "-e", "-c", on_free_ports(prepare)], cwd=folder, capture_output=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        for line in start.splitlines():
+            # Each in its own process group, as in its own terminal; stopped with its children.
+            self.start(["bash", "-c", on_free_ports(line)], cwd=folder)
+        for port in ports.values():
+            wait_port(port)
+        running = self.start(
+            [*TWISTD, "--port", "tcp:0:interface=127.0.0.1", "--config", "examples/port_reuse/rules.py"],
+            {"NGINX_PORT": str(ports["8080"]), "REDIS_PORT": str(ports["6379"]), "SSHD_PORT": str(ports["2222"])},
+        )
+        (port,) = running.listening_ports()
+        self.assertEqual(curl(port), "hello from nginx")
+        done = run_client(["redis-cli", "-p", str(port), "PING"])
+        self.assertEqual(done.stdout, b"PONG\n", done.stderr)
+        done = run_client(["ssh-keyscan", "-T", str(int(CLIENT)), "-t", "ed25519", "-p", str(port), "127.0.0.1"])
+        with open(os.path.join(folder, "ssh_host_ed25519_key.pub")) as f:
+            self.assertIn(f.read().split()[1].encode(), done.stdout, done.stderr)
+        self.assertStops(running)
