@@ -13,8 +13,9 @@ from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
 from muxtwist.proxy import HealthCheck, Proxy
 from muxtwist.redirect import RedirectToHTTPS
 from muxtwist.tls import TerminateTLS
+from muxtwist.udp.proxy import UDPProxy
 
-__all__ = ["HealthCheck", "Proxy", "RedirectToHTTPS", "Reject", "TerminateTLS"]
+__all__ = ["HealthCheck", "Proxy", "RedirectToHTTPS", "Reject", "TerminateTLS", "UDPProxy"]
 
 log = Logger()
 

@@ -11,8 +11,11 @@ from twisted.trial import unittest
 PUBLIC = {
     "muxtwist": ["SniffingFactory", "Rule", "Verdict", "MuxService", "ConnectionInfo", "IMatcher", "IMatcherPlugin"],
     "muxtwist.interfaces": ["IMatcher", "IMatcherPlugin", "ConnectionInfo", "Verdict", "IRespondingMatcher"],
-    "muxtwist.matchers": ["Any", "Prefix", "Regex", "RemoteAddress", "AnyOf", "AllOf", "Not", "HTTP1", "plugin"],
-    "muxtwist.actions": ["Reject"],
+    "muxtwist.matchers": [
+        *("Any", "Prefix", "Regex", "RemoteAddress", "AnyOf", "AllOf", "Not", "HTTP1", "plugin"),
+        *("QUIC", "DNS", "WireGuard", "DTLS", "STUN"),
+    ],
+    "muxtwist.actions": ["Reject", "UDPProxy"],
     "muxtwist.testing": ["route", "MemoryConnection"],
 }
 

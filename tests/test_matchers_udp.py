@@ -19,7 +19,7 @@ from muxtwist.interfaces import ConnectionInfo, Verdict
 from muxtwist.matchers.datagram import DatagramInfo
 from muxtwist.matchers.dns import DNS
 from muxtwist.matchers.dtls import DTLS, parse_dtls_client_hello
-from muxtwist.matchers.openvpn_udp import OpenVPNUDP
+from muxtwist.matchers.openvpn import OpenVPN
 from muxtwist.matchers.stun import STUN
 from muxtwist.matchers.wireguard import WireGuard
 
@@ -223,7 +223,7 @@ class DTLSTests(unittest.SynchronousTestCase):
 
 class OpenVPNUDPTests(unittest.SynchronousTestCase):
     def test_hard_resets_without_length_prefix(self) -> None:
-        """The client hard-reset packets of every layout, without the TCP length prefix, match on UDP."""
+        """OpenVPN() on UDP: the client hard-reset packets of every layout, without the length prefix, match."""
         for packet in (
             openvpn_hard_reset(),
             openvpn_hard_reset(20),
@@ -232,10 +232,10 @@ class OpenVPNUDPTests(unittest.SynchronousTestCase):
             openvpn_tls_crypt_reset(),
             openvpn_tls_crypt_reset(v2_key=True),
         ):
-            self.assertIs(OpenVPNUDP().match(*udp(packet[2:])), MATCH)
+            self.assertIs(OpenVPN().match(*udp(packet[2:])), MATCH)
 
     def test_not_hard_resets(self) -> None:
-        """The TCP form, other opcodes, a zero session id and short packets are NO_MATCH on UDP."""
+        """On UDP the TCP form, other opcodes, a zero session id and short packets are NO_MATCH."""
         packet = openvpn_hard_reset()[2:]
         for bad in (
             openvpn_hard_reset(),
@@ -243,4 +243,4 @@ class OpenVPNUDPTests(unittest.SynchronousTestCase):
             packet[:1] + b"\x00" * 8 + packet[9:],
             packet[:10],
         ):
-            self.assertIs(OpenVPNUDP().match(*udp(bad)), NO_MATCH)
+            self.assertIs(OpenVPN().match(*udp(bad)), NO_MATCH)

@@ -25,7 +25,7 @@ from twisted.web.static import Data
 from muxtwist.matchers import HTTP1
 from muxtwist.matchers.dns import DNS
 from muxtwist.matchers.dtls import DTLS
-from muxtwist.matchers.openvpn_udp import OpenVPNUDP
+from muxtwist.matchers.openvpn import OpenVPN
 from muxtwist.matchers.stun import STUN
 from muxtwist.metrics import Metrics
 from muxtwist.sniffing import Rule, SniffingFactory
@@ -161,7 +161,7 @@ class OtherClientTests(unittest.TestCase):
             raise unittest.SkipTest("openvpn is not installed")
         args = ["openvpn", "--client", "--dev", "null", "--proto", "udp", "--remote", "127.0.0.1", "{port}"]
         args += ["--ca", "ca.pem", "--cert", "site.pem", "--key", "site.key", "--nobind", "--verb", "0"]
-        first, _ = yield self.serve_until_first(OpenVPNUDP(), args)
+        first, _ = yield self.serve_until_first(OpenVPN(), args)
         self.assertEqual(first[0] >> 3, 7)  # P_CONTROL_HARD_RESET_CLIENT_V2
 
     @defer.inlineCallbacks

@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers import _options
+from muxtwist.matchers.datagram import DatagramInfo
 
 __all__ = ["HMAC_SIZES", "MAX_PACKET", "OpenVPN"]
 
@@ -72,6 +73,9 @@ class OpenVPN:
     name: str = attrs.field(default="openvpn", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
+        if isinstance(info, DatagramInfo) and info.datagrams:
+            # On UDP a datagram is one packet, with no length prefix: read it as the TCP form.
+            data = min(len(info.datagrams[0]), 0xFFFF).to_bytes(2, "big") + info.datagrams[0]
         if len(data) >= 2:
             length = int.from_bytes(data[:2], "big")
             if length < _MIN_PACKET or length > MAX_PACKET:
