@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import typing
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
@@ -17,7 +16,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from muxtwist._version import __version__
 from muxtwist.matchers import HTTP1, Any
 from muxtwist.metrics import LIMITS
 from muxtwist.service import MuxService
@@ -75,12 +73,15 @@ def status(service: MuxService) -> dict[str, object]:
     total connections, and the same process-wide counters ``/metrics`` exports.
     """
     listeners = []
-    for description, listener in sorted(service.listeners.items()):
+    for _, listener in sorted(service.listeners.items()):
         factory = listener.factory
         names = [r.name for r in factory.rules] + ["on_timeout", "on_no_match"]
+        # The port number only: a stranger may reach this page, so no
+        # interface, path, PID or version is shown (the admin site has those).
+        host = listener.port.getHost() if listener.port is not None else None
         listeners.append(
             {
-                "endpoint": description,
+                "endpoint": f"port {getattr(host, 'port', '')}" if hasattr(host, "port") else "listener",
                 "sniffing": sum(1 for c in factory.connections if c.sniffing),
                 "rules": [
                     {"name": n, "active": factory.stats[n].active, "total": factory.stats[n].total} for n in names
@@ -91,8 +92,6 @@ def status(service: MuxService) -> dict[str, object]:
     outcomes = metrics.connections_by_outcome()
     limits = {limit: metrics.value("muxtwist_limit_rejections_total", limit=limit) for limit in LIMITS}
     return {
-        "version": __version__,
-        "pid": os.getpid(),
         "listeners": listeners,
         "connections_by_outcome": outcomes,
         "limit_rejections": limits,
@@ -110,6 +109,7 @@ class StatusPage(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         data = status(self.service)
+        request.setHeader(b"server", b"muxtwist")  # not Twisted's name and version
         if request.path.endswith(b".json"):
             request.setHeader(b"content-type", b"application/json")
             return json.dumps(data, indent=2).encode() + b"\n"
@@ -130,7 +130,7 @@ class StatusPage(Resource):
         rows.append("</table>")
         body = (
             "<!doctype html><html><head><title>muxtwist</title></head><body>"
-            f"<h1>muxtwist {html.escape(__version__)}</h1>"
+            "<h1>muxtwist</h1>"
             "<p>HTTP reaches this page; any other protocol on this port reaches an echo service "
             "(try <code>nc</code>).</p>" + "".join(rows) + "</body></html>\n"
         )

@@ -283,8 +283,8 @@ class BrowserTests(unittest.TestCase):
 
     def test_stats_page_shows_live_connections_and_backend_health(self) -> None:
         """Headless chromium shows live connections per rule, backend health and escaped names, refreshing itself."""
-        tmp = self.mktemp()
-        os.makedirs(tmp)
+        tmp = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
         backend = EchoBackend()
         self.addCleanup(backend.stop)
         rules = os.path.join(tmp, "rules.py")

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -548,3 +550,51 @@ class LoadBalancerTests(unittest.TestCase):
         ends = [e for e in json_events(out) if e.get("log_event") == "connection_end" and e.get("rule") == "answer"]
         self.assertGreater(len(ends), 60)
         self.assertTrue(all(str(e["peer"]).startswith(client + ":") for e in ends), ends[:3])
+
+
+class DefaultPageTests(unittest.TestCase):
+    """The built-in demo (no --config) shows a stranger nothing but rule names and counts."""
+
+    def test_default_page_shows_no_pid_paths_or_versions(self) -> None:
+        """The demo page and its JSON show rules and counts but no PID, socket path or version, in body or headers."""
+        import twisted
+        from muxtwist._version import __version__
+        from tests.test_admin_page import twistd as start_twistd
+        from tests.test_admin_page import wait_for_port as wait_until_listening
+
+        tmp = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        unix_path = os.path.join(tmp, "demo.sock")
+        port = free_port()
+        server = start_twistd(tmp, "--port", f"tcp:{port}:interface=127.0.0.1", "--port", f"unix:{unix_path}")
+        self.addCleanup(server.kill)
+        wait_until_listening(port, server.proc)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            client.sendall(b"hello\n")
+            client.shutdown(socket.SHUT_WR)
+            self.assertEqual(client.recv(100), b"hello\n")
+
+        def curl(*args: str) -> str:
+            out = subprocess.run(["curl", "-sS", "-i", "--max-time", "10", *args], capture_output=True, check=True)
+            return out.stdout.decode()
+
+        page = curl(f"http://127.0.0.1:{port}/")
+        data = curl(f"http://127.0.0.1:{port}/status.json")
+        over_unix = curl("--unix-socket", unix_path, "http://demo/")
+        for shown in (page, data, over_unix):
+            self.assertIn("status-page", shown)
+            self.assertIn("echo", shown)
+            self.assertNotIn(str(server.proc.pid), shown)
+            self.assertNotIn(tmp, shown)
+            self.assertNotIn(__version__, shown)
+            self.assertNotIn(twisted.__version__, shown)
+            self.assertNotIn("TwistedWeb", shown)
+        body = json.loads(data.split("\r\n\r\n", 1)[1])
+        self.assertNotIn("pid", body)
+        self.assertNotIn("version", body)
+        self.assertEqual(sorted(listener["endpoint"] for listener in body["listeners"]), ["listener", f"port {port}"])
+        (tcp,) = [listener for listener in body["listeners"] if listener["endpoint"] == f"port {port}"]
+        echo = next(r for r in tcp["rules"] if r["name"] == "echo")
+        self.assertEqual(echo["total"], 1)
+        server.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(server.wait(30), 0, server.output[-3000:])

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 import urllib.request
 from typing import Any
@@ -52,8 +54,8 @@ class Pool:
     """A ``twistd muxtwist --workers 2 --admin`` serving ``RULES``, with every process stopped at cleanup."""
 
     def __init__(self, case: unittest.TestCase) -> None:
-        tmp = case.mktemp()
-        os.makedirs(tmp)
+        tmp = tempfile.mkdtemp(prefix="muxtwist-test-")
+        case.addCleanup(shutil.rmtree, tmp, True)
         rules = os.path.join(tmp, "rules.py")
         with open(rules, "w") as f:
             f.write(RULES)
