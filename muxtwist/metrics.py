@@ -42,7 +42,14 @@ OUTCOMES = (
 )
 
 #: The ``limit`` label values of ``muxtwist_limit_rejections_total``.
-LIMITS = ("max_connections", "max_connections_per_source", "rule_max_connections", "emfile")
+LIMITS = (
+    "max_connections",
+    "max_connections_per_source",
+    "rule_max_connections",
+    "emfile",
+    "max_handshakes",
+    "max_handshakes_per_source",
+)
 
 SNIFF_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

@@ -12,7 +12,7 @@ import os
 import re
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -35,6 +35,9 @@ from zope.interface import implementer
 from muxtwist import matchers
 from muxtwist._options import check_terminate_tls
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IMatcher
+
+if TYPE_CHECKING:
+    from muxtwist.metrics import Metrics
 
 __all__ = ["DEFAULT", "CertificateError", "TerminateTLS", "offered_protocols", "reload_all_certificates"]
 
@@ -255,6 +258,15 @@ class TerminateTLS:
         cache and session tickets). Off by default, as in Twisted's own TLS
         endpoints: every handshake is a full one, and no handshake pays for
         making tickets that short-lived clients never use.
+    :param max_handshakes: the most handshakes in progress at once; a
+        connection beyond it is closed at once, counted as a limit rejection
+        (``max_handshakes``) and logged. A stalled handshake holds about
+        70 KiB until ``handshake_timeout``. ``None``: no limit.
+    :param max_handshakes_per_source: the same, per client host (the PROXY
+        protocol source when one was accepted); limit
+        ``max_handshakes_per_source``. ``None``: no limit.
+    :param metrics: the :class:`~muxtwist.metrics.Metrics` that counts
+        refusals (the process-wide one by default).
     :raises CertificateError: a certificate file is missing or broken, or
         there is no certificate at all (an empty directory or mapping).
     """
@@ -269,6 +281,9 @@ class TerminateTLS:
         client_ca: str | os.PathLike[str] | None = None,
         handshake_timeout: float = 10.0,
         resumption: bool = False,
+        max_handshakes: int | None = 1000,
+        max_handshakes_per_source: int | None = 50,
+        metrics: Metrics | None = None,
         reactor: IReactorTime | None = None,
     ) -> None:
         if reactor is None:
@@ -289,7 +304,24 @@ class TerminateTLS:
         self.client_ca = os.fspath(client_ca) if client_ca is not None else None
         self.handshake_timeout = handshake_timeout
         self.resumption = resumption
-        self.stats: dict[str, int] = {"handshakes": 0, "failed": 0, "timed_out": 0}
+        for what, value in (
+            ("max_handshakes", max_handshakes),
+            ("max_handshakes_per_source", max_handshakes_per_source),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{what} must be a positive integer or None, got {value!r}")
+        self.max_handshakes = max_handshakes
+        self.max_handshakes_per_source = max_handshakes_per_source
+        if metrics is None:
+            from muxtwist.metrics import default_metrics
+
+            metrics = default_metrics()
+        self.metrics = metrics
+        #: handshakes in progress, overall and by client host.
+        self.handshaking = 0
+        self._per_source: dict[str, int] = {}
+        self._refusals = _RefusalLog(reactor)
+        self.stats: dict[str, int] = {"handshakes": 0, "failed": 0, "timed_out": 0, "refused": 0}
         self._creator = _ConnectionCreator(self)
         self._tls_factory = TLSMemoryBIOFactory(self._creator, False, factory, clock=self._reactor)
         #: contexts that call back into Python to choose a certificate by SNI.
@@ -413,9 +445,71 @@ class TerminateTLS:
         return self.buildProtocolForConnection(addr, ConnectionInfo(peer=addr), "")
 
     def buildProtocolForConnection(self, addr: IAddress, info: ConnectionInfo, rule_name: str) -> IProtocol | None:
-        handshake = _Handshake(self, addr, info, rule_name)
+        source = _host(info.source if info.source is not None else addr)
+        limit = None
+        if self.max_handshakes is not None and self.handshaking >= self.max_handshakes:
+            limit, value = "max_handshakes", self.max_handshakes
+        elif (
+            self.max_handshakes_per_source is not None
+            and source is not None
+            and self._per_source.get(source, 0) >= self.max_handshakes_per_source
+        ):
+            limit, value = "max_handshakes_per_source", self.max_handshakes_per_source
+        if limit is not None:
+            self.stats["refused"] += 1
+            self.metrics.limit_rejected(limit)
+            self._refusals.refused(info.source or addr, limit, value)
+            return None
+        self.handshaking += 1
+        if source is not None:
+            self._per_source[source] = self._per_source.get(source, 0) + 1
+        handshake = _Handshake(self, addr, info, rule_name, source)
         tls: TLSMemoryBIOProtocol = self._tls_factory.protocol(self._tls_factory, handshake)
         return tls
+
+    def _handshake_over(self, source: str | None) -> None:
+        self.handshaking -= 1
+        if source is not None:
+            n = self._per_source.get(source, 0) - 1
+            if n > 0:
+                self._per_source[source] = n
+            else:
+                self._per_source.pop(source, None)
+
+
+def _host(address: object) -> str | None:
+    host = getattr(address, "host", None)
+    return host if isinstance(host, str) else None
+
+
+class _RefusalLog:
+    """
+    One warning per limit per second at most: a connect loop against a full
+    limit must not turn into a log line per connection. The lines left out
+    are counted in the next one.
+    """
+
+    INTERVAL = 1.0
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        self._reactor = reactor
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def refused(self, peer: object, limit: str, value: int) -> None:
+        now = self._reactor.seconds()
+        last = self._last.get(limit)
+        if last is not None and now - last < self.INTERVAL:
+            self._quiet[limit] = self._quiet.get(limit, 0) + 1
+            return
+        self._last[limit] = now
+        log.warn(
+            "refusing {peer}: {limit} ({value}) reached; {suppressed} more refused since the last such line",
+            peer=str(peer),
+            limit=limit,
+            value=value,
+            suppressed=self._quiet.pop(limit, 0),
+        )
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -468,8 +562,12 @@ class _Handshake:
     ``wrappedProtocol``, so the decrypted stream costs nothing extra per byte.
     """
 
-    def __init__(self, owner: TerminateTLS, addr: IAddress, info: ConnectionInfo, rule_name: str) -> None:
+    def __init__(
+        self, owner: TerminateTLS, addr: IAddress, info: ConnectionInfo, rule_name: str, source: str | None = None
+    ) -> None:
         self.owner = owner
+        self.source = source
+        self._counted = True
         self.addr = addr
         self.info = info
         self.rule_name = rule_name
@@ -502,6 +600,9 @@ class _Handshake:
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
         self._timeout = None
+        if self._counted:
+            self._counted = False
+            self.owner._handshake_over(self.source)
 
     def handshakeCompleted(self) -> None:
         self._cancel_timeout()

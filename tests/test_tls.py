@@ -587,7 +587,7 @@ class RobustnessTests(TestCase):
         first, second = yield in_thread(scenario)
         self.assertIn(b"site-a HTTP/1.1 /one", first)
         self.assertIn(b"site-a HTTP/1.1 /two", second)
-        self.assertEqual(self.tls.stats, {"handshakes": 1, "failed": 3, "timed_out": 1})
+        self.assertEqual(self.tls.stats, {"handshakes": 1, "failed": 3, "timed_out": 1, "refused": 0})
 
 
 class MutualTLSTests(TestCase):

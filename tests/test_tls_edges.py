@@ -7,15 +7,19 @@ handshakes, with real TLS clients on loopback.
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from muxtwist.matchers import GRPC, HTTP1, HTTP2
+from muxtwist.metrics import Metrics
 from muxtwist.sniffing import Rule, SniffingFactory
 from muxtwist.tls import CertificateError, TerminateTLS
-from tests.test_tls import Recorder, cert_dir, client_context, in_thread, listen, mux, pki, tls_get
+from tests.test_tls import Recorder, cert_dir, client_context, client_hello, in_thread, listen, mux, pki, tls_get
 
 
 class ALPNByTypeTests(TestCase):
@@ -91,3 +95,63 @@ class NoCertificateTests(TestCase):
             load_config(path)
         self.assertEqual(caught.exception.line, 5)
         self.assertIn("no certificate", caught.exception.problem)
+
+
+class HandshakeLimitTests(TestCase):
+    """Concurrent TLS handshakes are limited overall and per source, counted and logged."""
+
+    def stall(self, port: int) -> socket.socket:
+        """A client that sends half a ClientHello and waits."""
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.addCleanup(s.close)
+        hello = client_hello("a.test")
+        s.sendall(hello[: len(hello) // 2])
+        return s
+
+    @defer.inlineCallbacks
+    def wait_handshaking(self, tls: TerminateTLS, n: int) -> Any:
+        for _ in range(500):
+            if tls.handshaking == n:
+                return
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.fail(f"{tls.handshaking} handshakes in progress, wanted {n}")
+
+    @defer.inlineCallbacks
+    def check_limit(self, limit: str, **options: Any) -> Any:
+        metrics = Metrics()
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        tls = TerminateTLS(cert_dir(self, **{"a.test": pki().a}), Recorder(), metrics=metrics, **options)
+        port = listen(self, mux(tls))
+        stalled = [self.stall(port), self.stall(port)]
+        yield self.wait_handshaking(tls, 2)
+        for _ in range(3):
+            with self.assertRaises((ssl.SSLError, OSError)):
+                yield in_thread(tls_get, port, "a.test", client_context(), b"hi")
+        self.assertEqual(metrics.value("muxtwist_limit_rejections_total", limit=limit), 3)
+        self.assertEqual(tls.stats["refused"], 3)
+        refusals = [e for e in events if e.get("limit") == limit]
+        self.assertEqual(len(refusals), 1, "one log line per second per limit, not one per connection")
+        stalled[0].close()
+        yield self.wait_handshaking(tls, 1)
+        result = yield in_thread(tls_get, port, "a.test", client_context(), b"hi")
+        self.assertEqual(result["body"], b"echo:hi")
+        self.assertEqual(tls.handshaking, 1)
+
+    def test_handshakes_beyond_max_handshakes_are_refused(self) -> Any:
+        """With max_handshakes=2 and two stalled handshakes, a third client is closed at once until one ends."""
+        return self.check_limit("max_handshakes", max_handshakes=2, max_handshakes_per_source=None)
+
+    def test_handshakes_beyond_the_per_source_limit_are_refused(self) -> Any:
+        """With max_handshakes_per_source=2, a source with two stalled handshakes gets no third one."""
+        return self.check_limit("max_handshakes_per_source", max_handshakes=None, max_handshakes_per_source=2)
+
+    def test_limits_have_defaults_and_are_checked(self) -> None:
+        """The limits are on by default, and a limit that is not a positive integer is refused."""
+        certificates = cert_dir(self, **{"a.test": pki().a})
+        tls = TerminateTLS(certificates, Recorder())
+        self.assertEqual((tls.max_handshakes, tls.max_handshakes_per_source), (1000, 50))
+        for bad in (0, -1, 1.5, True):
+            with self.assertRaises(ValueError):
+                TerminateTLS(certificates, Recorder(), max_handshakes=bad)  # type: ignore[arg-type]

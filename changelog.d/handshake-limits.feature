@@ -1,0 +1,1 @@
+`TerminateTLS(max_handshakes=1000, max_handshakes_per_source=50)` limits the TLS handshakes in progress at once, overall and per client host; refusals are counted in `muxtwist_limit_rejections_total` (`max_handshakes`, `max_handshakes_per_source`) and logged at most once a second per limit.
