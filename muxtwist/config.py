@@ -21,6 +21,8 @@ from twisted.logger import Logger
 
 from muxtwist.interfaces import IMatcher
 from muxtwist.sniffing import Rule, SniffingFactory, duplicate_names
+from muxtwist.udp.listener import is_udp, parse_udp_description, udp_target_problem
+from muxtwist.udp.mux import is_datagram_target
 
 __all__ = [
     "Config",
@@ -44,6 +46,9 @@ SETTINGS = (
     "shutdown_timeout",
     "accept_proxy_protocol",
     "log_connections",
+    "max_udp_flows",
+    "max_flows_per_source",
+    "max_sniff_datagrams",
 )
 
 
@@ -74,6 +79,10 @@ class Settings:
     log_connections: bool = True
     shutdown_timeout: float = 30.0
     accept_proxy_protocol: tuple[str, ...] | None = None
+    #: UDP listeners (muxtwist.udp): flow table size, live flows per source host, datagrams held while sniffing.
+    max_udp_flows: int | None = None
+    max_flows_per_source: int | None = None
+    max_sniff_datagrams: int | None = None
 
 
 @attrs.frozen
@@ -151,6 +160,9 @@ def endpoint_description(port: str) -> str:
 
 def check_endpoint(description: str) -> None:
     """Raise ValueError if ``description`` is not a server endpoint description we can use."""
+    if is_udp(description):
+        parse_udp_description(description)
+        return
     from twisted.internet import endpoints
 
     class _NoReactor:
@@ -230,7 +242,7 @@ def _check_rules(path: str, name: str, value: object, lines: tuple[int, list[int
             raise ConfigError(path, item_line, f"{name}[{i}] is not a Rule: {rule!r}")
         if not IMatcher.providedBy(rule.matcher):
             raise ConfigError(path, item_line, f"{name}[{i}]: matcher {rule.matcher!r} is not an IMatcher")
-        if not IProtocolFactory.providedBy(rule.factory):
+        if not IProtocolFactory.providedBy(rule.factory) and not is_datagram_target(rule.factory):
             raise ConfigError(path, item_line, f"{name}[{i}]: factory {rule.factory!r} is not an IProtocolFactory")
     clash = duplicate_names(value)
     if clash is not None:
@@ -278,7 +290,13 @@ def _check_settings(path: str, ns: Mapping[str, Any], lines: Mapping[str, tuple[
         values["max_sniff_bytes"] = _number(
             path, line("max_sniff_bytes"), "max_sniff_bytes", ns["max_sniff_bytes"], integer=True, optional=False
         )
-    for name in ("max_connections", "max_connections_per_source"):
+    for name in (
+        "max_connections",
+        "max_connections_per_source",
+        "max_udp_flows",
+        "max_flows_per_source",
+        "max_sniff_datagrams",
+    ):
         if name in ns:
             values[name] = _number(path, line(name), name, ns[name], integer=True, optional=True)
     if "log_connections" in ns:
@@ -341,6 +359,8 @@ def load_config(path: str) -> Config:
             listeners[description] = _check_rules(
                 path, f"listeners[{description!r}]", listener_rules, (item_line or 0, []) if item_line else None
             )
+            if (problem := udp_target_problem(description, listeners[description])) is not None:
+                raise ConfigError(path, item_line, problem)
     settings = _check_settings(path, ns, lines)
     warnings = _misspelled(path, ns, lines)
     for key, some_rules in ({"rules": rules or ()} | {k: v for k, v in listeners.items()}).items():

@@ -21,6 +21,7 @@ from muxtwist._signals import SignalHandlers
 from muxtwist.config import Config, ConfigError, apply_settings, build_factory, endpoint_description, load_config
 from muxtwist.metrics import EmfileWatcher, Metrics, default_metrics
 from muxtwist.sniffing import SniffingFactory, SniffingProtocol
+from muxtwist.udp.listener import add_udp_listener, is_udp, reload_udp_listeners
 
 __all__ = ["Listener", "MuxService", "wanted_listeners"]
 
@@ -205,6 +206,9 @@ class MuxService(SignalHandlers, MultiService):
         """Create the listeners of a loaded rules file: ``ports`` with ``rules``, plus ``listeners``."""
         self.shutdown_timeout = config.settings.shutdown_timeout
         for description, rules in self._wanted(config).items():
+            if is_udp(description):
+                add_udp_listener(self, description, rules, config.settings)
+                continue
             self.add_listener(description, build_factory(rules, config.settings, self._reactor))
 
     def _wanted(self, config: Config) -> dict[str, tuple[Any, ...]]:
@@ -241,6 +245,8 @@ class MuxService(SignalHandlers, MultiService):
             log.error("reload failed, keeping the running rules: {problem}", problem=str(e))
             return defer.succeed(False)
         wanted = self._wanted(config)
+        reload_udp_listeners(self, {d: r for d, r in wanted.items() if is_udp(d)}, config.settings)
+        wanted = {d: r for d, r in wanted.items() if not is_udp(d)}
         current = self.listeners
         # Old ports close before new ones listen: the same port may be in both.
         closing = [self._close_port(current[d]) for d in sorted(set(current) - set(wanted))]

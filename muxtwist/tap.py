@@ -16,6 +16,7 @@ from muxtwist._checks import probe_listen, twistd_option_hint
 from muxtwist._signals import hold_sighup
 from muxtwist.config import ConfigError, Settings, build_factory, check_endpoint, endpoint_description, load_config
 from muxtwist.service import MuxService, wanted_listeners
+from muxtwist.udp.listener import is_udp
 
 __all__ = ["Options", "makeService"]
 
@@ -97,6 +98,12 @@ class Options(usage.Options):
                 raise SystemExit(f"muxtwist: {e}") from None
             if self["loaded"].rules is None and self["port"]:
                 raise SystemExit(f"muxtwist: {self['config']}: --port given, but the file defines no 'rules'")
+        udp = [p for p in self["port"] if is_udp(p)]
+        if self["loaded"] is not None:
+            udp += [d for d in self["loaded"].listeners if is_udp(d)]
+        if udp and (self["loaded"] is None or self["workers"] > 1):
+            why = "--workers is TCP only" if self["loaded"] is not None else "the built-in rules are TCP: give --config"
+            raise usage.UsageError(f"cannot serve {', '.join(udp)}: {why}")
         if not self["inherit"]:
             # Here, before twistd detaches, so that the error reaches the terminal in daemon mode too.
             wanted = (

@@ -21,7 +21,17 @@ if TYPE_CHECKING:
     from muxtwist.config import Settings
     from muxtwist.sniffing import Rule
 
-__all__ = ["UDPAddress", "UDPListener", "build_udp_mux", "is_udp", "parse_udp_description"]
+__all__ = [
+    "UDPAddress",
+    "UDPListener",
+    "add_udp_listener",
+    "build_udp_mux",
+    "is_udp",
+    "parse_udp_description",
+    "reload_udp_listeners",
+    "udp_listeners",
+    "udp_target_problem",
+]
 
 log = Logger()
 
@@ -53,7 +63,10 @@ def parse_udp_description(description: str) -> UDPAddress:
     first, _, tail = rest.partition(":")
     if first.isdigit():
         rest = f"port={first}" + (f":{tail}" if tail else "")
-    _, fields = _fields(f"{kind}:{rest}")
+    try:
+        _, fields = _fields(f"{kind}:{rest}")
+    except ValueError:
+        raise ValueError(f"bad UDP listener {description!r}: want udp:PORT[:interface=ADDRESS]") from None
     unknown = set(fields) - {"port", "interface"}
     if unknown:
         raise ValueError(f"bad UDP listener {description!r}: unknown option(s) {', '.join(sorted(unknown))}")
@@ -82,7 +95,7 @@ def build_udp_mux(rules: Sequence[Rule], settings: Settings, reactor: Any = None
 
 def udp_settings(settings: object) -> dict[str, Any]:
     """The UDP settings a :class:`~muxtwist.config.Settings` carries (none if it predates them)."""
-    names = ("max_udp_flows", "max_flows_per_source", "max_sniff_datagrams", "flow_idle_timeout")
+    names = ("max_udp_flows", "max_flows_per_source", "max_sniff_datagrams")
     return {n: getattr(settings, n) for n in names if getattr(settings, n, None) is not None}
 
 
@@ -122,3 +135,62 @@ class UDPListener(Service):
         if port is None:
             return defer.succeed(None)
         return defer.maybeDeferred(port.stopListening)
+
+
+def udp_target_problem(description: str, rules: Sequence[Rule]) -> str | None:
+    """What is wrong with ``rules`` for the listener ``description`` (``None`` if nothing)."""
+    from muxtwist.udp.mux import is_datagram_target
+
+    for i, rule in enumerate(rules):
+        if is_udp(description) and not is_datagram_target(rule.factory):
+            return (
+                f"listeners[{description!r}][{i}] (rule {rule.name!r}): a UDP listener's target must be a "
+                f"DatagramProtocol (UDPProxy or your own), got {rule.factory!r}"
+            )
+        if not is_udp(description) and is_datagram_target(rule.factory):
+            return (
+                f"rule {rule.name!r} on {description!r}: a DatagramProtocol target serves only UDP listeners "
+                "(udp:PORT); give TCP listeners a factory"
+            )
+    return None
+
+
+def udp_listeners(service: Any) -> dict[str, UDPListener]:
+    """The UDP listeners among ``service``'s children, by description."""
+    return {s.description: s for s in service if isinstance(s, UDPListener)}
+
+
+def add_udp_listener(service: Any, description: str, rules: Sequence[Rule], settings: Settings) -> UDPListener:
+    """Serve ``rules`` on the UDP listener ``description`` as a child of ``service`` (a ``MuxService``)."""
+    listener = UDPListener(description, build_udp_mux(rules, settings, service._reactor), service._reactor)
+    listener.setServiceParent(service)  # type: ignore[no-untyped-call]
+    return listener
+
+
+def reload_udp_listeners(service: Any, wanted: dict[str, Sequence[Rule]], settings: Settings) -> None:
+    """
+    A reload for the UDP listeners: new rules for those that stay (live flows
+    keep their targets), new listeners started, gone ones stopped.
+    """
+    current = udp_listeners(service)
+    for description in set(current) - set(wanted):
+        current[description].disownServiceParent()  # type: ignore[no-untyped-call]
+    for description, rules in wanted.items():
+        listener = current.get(description)
+        try:
+            if listener is None:
+                add_udp_listener(service, description, rules, settings)
+                continue
+            mux = listener.factory
+            mux.sniff_timeout = settings.sniff_timeout
+            mux.log_connections = settings.log_connections
+            for name, value in udp_settings(settings).items():
+                if name == "max_udp_flows":
+                    mux.table.max_flows = value
+                elif name == "max_flows_per_source":
+                    mux.table.max_flows_per_source = value
+                else:
+                    setattr(mux, name, value)
+            mux.set_rules(rules)
+        except Exception as e:
+            log.error("reload: cannot serve {description}: {problem}", description=description, problem=str(e))
