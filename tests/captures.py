@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import attrs
 
+from tests.processes import stop_group
+
 QUIET = 0.3
 DEADLINE = 15.0
 
@@ -56,6 +58,7 @@ def capture(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, **(env or {})},
+        start_new_session=True,
     )
     data = bytearray()
     try:
@@ -80,8 +83,7 @@ def capture(
                         answered += 1
                         conn.sendall(out)
     finally:
-        proc.kill()
-        proc.wait()
+        stop_group(proc)
         listener.close()
     return bytes(data)
 

@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import shutil
-import signal
 import socket
 import socketserver
 import subprocess
@@ -35,6 +34,7 @@ from muxtwist.metrics import Metrics
 from muxtwist.sniffing import Rule, SniffingFactory
 from muxtwist.testing import MemoryConnection
 from muxtwist.workers import worker_command
+from tests.processes import stop_group
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -120,12 +120,8 @@ class Process:
             raise AssertionError(f"process did not exit in {timeout}s:\n{self.output[-3000:]}") from None
 
     def kill(self) -> None:
-        """Kill the process and everything left in its process group."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
+        """Stop the process and everything left in its process group (TERM, then KILL)."""
+        stop_group(self.proc)
         self._log.close()
 
 

@@ -9,7 +9,6 @@ the host.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 from typing import Any
 
@@ -29,6 +28,7 @@ from muxtwist.interfaces import ConnectionInfo, Verdict
 from muxtwist.matchers import HTTP1, WebSocket
 from muxtwist.matchers.http import parse_request_head
 from muxtwist.redirect import RedirectToHTTPS, location
+from tests.processes import stop_group
 from tests.test_proxy_support import connect, free_port, mux, need, port_open, run, tempdir
 
 MATCH, NO_MATCH, NEED_MORE = Verdict.MATCH, Verdict.NO_MATCH, Verdict.NEED_MORE
@@ -211,9 +211,7 @@ http {{
     )
 
     def stop() -> None:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        stop_group(proc)
 
     case.addCleanup(stop)
     case.nginx_proc = proc  # type: ignore[attr-defined]

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from twisted.trial import unittest
 
+from tests.processes import stop_group
 from tests.twistd import ROOT, Twistd, free_port, twistd_command, wait_for_port
 
 #: A rule set that answers with the worker's pid, the rules' version and the
@@ -122,8 +123,7 @@ class Server(Twistd):
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            stop_group(self.proc)
         self._reader.join(10)
         return self.proc.returncode, self.output
 
@@ -133,8 +133,7 @@ class Server(Twistd):
         return self.wait(timeout)
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        stop_group(self.proc)
         self.wait()
 
 
@@ -270,8 +269,9 @@ class EmfileTests(unittest.TestCase):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             preexec_fn=lower_limit,
+            start_new_session=True,
         )
-        self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.communicate()))
+        self.addCleanup(lambda: (stop_group(proc), proc.communicate()))
         wait_for_port(port, proc)
         held: list[socket.socket] = []
         refused = 0
@@ -447,8 +447,9 @@ class SystemdTests(unittest.TestCase):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             pass_fds=(listening.fileno(),),
+            start_new_session=True,
         )
-        self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.communicate()))
+        self.addCleanup(lambda: (stop_group(proc), proc.communicate()))
         listening.close()  # only the child holds it now
 
         def served() -> bool:
@@ -517,8 +518,10 @@ class LoadBalancerTests(unittest.TestCase):
         config = self.mktemp() + ".cfg"
         with open(config, "w") as f:
             f.write(HAPROXY.format(front=front, port1=port1, admin1=admin1, port2=port2, admin2=admin2))
-        haproxy = subprocess.Popen(["haproxy", "-db", "-f", config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.addCleanup(lambda: (haproxy.poll() is None and haproxy.kill(), haproxy.communicate()))
+        haproxy = subprocess.Popen(
+            ["haproxy", "-db", "-f", config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.addCleanup(lambda: (stop_group(haproxy), haproxy.communicate()))
         wait_for_port(front, None)
         # 127.0.0.2 is loopback too; HAProxy itself connects from 127.0.0.1.
         client = "127.0.0.2"

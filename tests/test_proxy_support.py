@@ -20,6 +20,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from muxtwist import Rule, SniffingFactory
+from tests.processes import stop_group
 
 R: Any = reactor
 
@@ -193,15 +194,9 @@ def tempdir(case: unittest.TestCase) -> str:
 
 
 def start_process(case: unittest.TestCase, args: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
-    """Start a server process; it is killed and reaped in cleanup."""
-    proc = subprocess.Popen(list(args), stdin=subprocess.DEVNULL, **kw)
-
-    def stop() -> None:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-    case.addCleanup(stop)
+    """Start a server process in its own process group; in cleanup it is stopped with its children."""
+    proc = subprocess.Popen(list(args), stdin=subprocess.DEVNULL, start_new_session=True, **kw)
+    case.addCleanup(stop_group, proc)
     return proc
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.trial import unittest
 
+from tests.processes import stop_group
 from tests.twistd import ROOT, Twistd, free_port, twistd_command, wait_for_port
 
 RULES = """\
@@ -226,11 +227,7 @@ class Process:
         test.addCleanup(self.kill)
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_group(self.proc)
         self.proc.communicate(timeout=30)
 
     def stop(self, timeout: float = 30.0) -> tuple[int | None, str]:
@@ -239,7 +236,7 @@ class Process:
         try:
             out, _ = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            stop_group(self.proc)
             out, _ = self.proc.communicate(timeout=30)
         return self.proc.returncode, out.decode(errors="replace")
 

@@ -11,6 +11,7 @@ import subprocess
 import time
 
 from muxtwist.workers import worker_command
+from tests.processes import stop_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +48,12 @@ class Twistd:
 
     def __init__(self, *args: str, wait_ports: tuple[int, ...] = (), cwd: str = ROOT) -> None:
         self.proc = subprocess.Popen(
-            twistd_command(*args), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ)
+            twistd_command(*args),
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+            start_new_session=True,
         )
         try:
             for port in wait_ports:
@@ -65,11 +71,11 @@ class Twistd:
         try:
             out, _ = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            stop_group(self.proc)
             out, _ = self.proc.communicate()
         return self.proc.returncode, out.decode(errors="replace")
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        """Stop the server and its whole process group (workers too): TERM, then KILL."""
+        stop_group(self.proc)
         self.proc.communicate()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 from twisted.internet import defer, reactor
 from twisted.internet.utils import getProcessOutputAndValue
+
+from tests.processes import stop_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H3 = os.path.join(ROOT, "examples", "udp", "h3.py")
@@ -34,16 +35,7 @@ def start(args: Sequence[str], cleanup: Callable[..., object], **kwargs: object)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+    stop_group(proc)
     if proc.stdout is not None:
         proc.stdout.close()
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+from tests.processes import stop_group
 from tests.reliability.harness import MuxServer, Row, Sampler, all_ok, mux_server, outcomes, run_client, shed
 from tests.twistd import ROOT
 
@@ -35,6 +36,7 @@ class Backend:
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -44,9 +46,7 @@ class Backend:
         self.port = int(line.split()[1])
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+        stop_group(self.proc)
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from typing import Any
 
 import attrs
 
+from tests.processes import stop_group
 from tests.twistd import ROOT, free_port, twistd_command, wait_for_port
 
 __all__ = [
@@ -100,6 +101,7 @@ class MuxServer:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            start_new_session=True,
         )
         try:
             wait_for_port(self.port, self.proc, timeout=30.0)
@@ -154,9 +156,7 @@ class MuxServer:
             return -9
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+        stop_group(self.proc)
         self.log.close()
         if os.path.exists(self.log.name):
             os.unlink(self.log.name)
@@ -204,6 +204,7 @@ def run_client(
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     try:
         assert proc.stdin is not None and proc.stdout is not None
@@ -218,9 +219,7 @@ def run_client(
                 on_event(event)
         proc.wait(deadline + 30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_group(proc)
     if result is None:
         raise RuntimeError(f"load driver exited {proc.returncode} without a result")
     return {g["name"]: g for g in result["groups"]}

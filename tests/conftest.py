@@ -1,0 +1,128 @@
+"""
+Session-wide test hygiene, for every test run by pytest:
+
+- the run works in a scratch directory (trial's ``self.mktemp()`` and
+  ``_trial_temp`` are relative to the working directory), so it leaves no
+  ``tests.test_*`` directories in the checkout;
+- at the end, the run fails if any process it started is still alive (a
+  child or grandchild of the pytest process: an nginx worker whose master
+  was killed, a twistd that ignored SIGTERM), or if it left new scratch
+  files in the checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Ignored paths a run may create without leaving scratch behind.
+_HARMLESS = ("__pycache__", ".pyc", "dropin.cache", ".egg-info")
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every live process below ``pid`` (children, grandchildren...), with its command line; from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name is in parentheses and may hold spaces; the state and ppid follow it.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if fields[0] in ("Z", "X"):
+            continue  # a zombie holds nothing open; its parent reaps it
+        parents[int(entry)] = int(fields[1])
+    found: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, its_parent in parents.items():
+            if its_parent == parent and child not in found:
+                try:
+                    with open(f"/proc/{child}/cmdline", "rb") as f:
+                        found[child] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                except OSError:
+                    found[child] = "?"
+                frontier.append(child)
+    return found
+
+
+def leftover_processes(grace: float = 5.0) -> dict[int, str]:
+    """Processes started by this run still alive after ``grace`` seconds (cleanups may still be ending them)."""
+    deadline = time.monotonic() + grace
+    while True:
+        left = descendants(os.getpid())
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def scratch_entries() -> set[str]:
+    """
+    Ignored files and directories at the top of the checkout (where a test's
+    relative paths land), but for caches any import makes.
+    """
+    try:
+        done = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored", "--untracked-files=normal"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    if done.returncode != 0:
+        return set()
+    return {
+        line[3:]
+        for line in done.stdout.splitlines()
+        if line.startswith("!! ") and "/" not in line[3:].rstrip("/") and not any(part in line for part in _HARMLESS)
+    }
+
+
+_before: set[str] = set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _before.update(scratch_entries())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Run the session in a scratch directory, so trial's mktemp() and _trial_temp land there."""
+    here = os.getcwd()
+    scratch = tmp_path_factory.mktemp("cwd")
+    os.chdir(scratch)
+    try:
+        yield scratch
+    finally:
+        os.chdir(here)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    problems = []
+    left = leftover_processes()
+    if left:
+        problems.append(
+            "processes started by the tests are still running:\n"
+            + "\n".join(f"  {pid}: {command}" for pid, command in sorted(left.items()))
+        )
+    new = sorted(scratch_entries() - _before)
+    if new:
+        problems.append("the run left files in the checkout:\n" + "\n".join(f"  {path}" for path in new))
+    if problems:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        for problem in problems:
+            if reporter is not None:
+                reporter.write_line(f"muxtwist test hygiene: {problem}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
