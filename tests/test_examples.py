@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from twisted.trial.unittest import TestCase
 
 from tests.certs import make_ca, make_certificate
+from tests.processes import stop_group
 from tests.test_proxy_real import start_nginx, start_redis, start_sshd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,32 +116,6 @@ class Running:
         stop_group(self.process)
         if self.process.stdout is not None:
             self.process.stdout.close()
-
-
-def stop_group(process: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    """
-    SIGTERM to the process group of ``process`` (started with
-    ``start_new_session=True``), SIGKILL to what is left after ``grace``
-    seconds, and reap ``process``.
-    """
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                try:
-                    os.killpg(process.pid, 0)
-                except ProcessLookupError:
-                    break
-            time.sleep(0.02)
-        else:
-            continue
-        break
-    if process.poll() is None:
-        process.wait(10)
 
 
 def curl(port: int, path: str = "/", *headers: str) -> str:
