@@ -8,6 +8,8 @@
   connection, and why, without sending anything anywhere. ``BYTES`` is text
   with Python escapes (``'GET / HTTP/1.1\\r\\n'``), ``@path`` a file, ``-``
   standard input.
+- ``doctor rules.py``: for the file's transparent rules, what this host
+  still needs (capability, policy routing, packet marking), as commands.
 """
 
 from __future__ import annotations
@@ -255,6 +257,8 @@ def main(
     p_check = commands.add_parser("check", help="load and validate a rules file, print its listeners and rules")
     p_check.add_argument("rules", help="the rules file")
     p_check.add_argument("--port", action="append", default=[], help="a --port as twistd would get it (repeatable)")
+    p_doctor = commands.add_parser("doctor", help="check what the host needs for the file's transparent rules")
+    p_doctor.add_argument("rules", help="the rules file")
     p_explain = commands.add_parser("explain", help="show where a connection sending these bytes would go")
     p_explain.add_argument("rules", help="the rules file")
     p_explain.add_argument(
@@ -271,6 +275,10 @@ def main(
         "--final", action="store_true", help="the client sent nothing more (end of stream or timeout)"
     )
     args, extra = parser.parse_known_args(argv)
+    if args.command == "doctor":
+        from muxtwist.doctor import doctor
+
+        return doctor(args.rules, out, err)
     if args.command == "check":
         return check(args.rules, args.port, out, err)
     if extra:

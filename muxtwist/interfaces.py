@@ -131,6 +131,7 @@ class IConnectionReport(Interface):
     bytes_in = Attribute("Bytes moved from the client onwards.")
     bytes_out = Attribute("Bytes moved back to the client.")
     backend_failed = Attribute("True if the connection ended because no backend could take it.")
+    transparent = Attribute("True if the backend connection was made from the client's own address.")
 
 
 class IMatcherPlugin(IPlugin):

@@ -748,9 +748,11 @@ class SniffingProtocol:
         if self.ended_at is not None:
             return
         relayed_in = relayed_out = None
+        transparent = False
         if winner is not None and IConnectionReport.providedBy(winner):
             report: Any = winner
             relayed_in, relayed_out = report.bytes_in, report.bytes_out
+            transparent = bool(getattr(report, "transparent", False))
             if report.backend_failed:
                 self.outcome = Outcome.BACKEND_FAILED
         factory = self.factory
@@ -775,7 +777,8 @@ class SniffingProtocol:
             return
         log.info(
             "connection {peer} -> port {local_port} ended: {outcome}, rule {rule}, "
-            "sniffed {sniff_time:.4f}s, {bytes_in} bytes in / {bytes_out} out while sniffing, {duration:.3f}s",
+            "sniffed {sniff_time:.4f}s, {bytes_in} bytes in / {bytes_out} out while sniffing, {duration:.3f}s"
+            "{how}",
             log_event="connection_end",
             peer=_address(info.source if info is not None else self.addr),
             local_port=getattr(info.local if info is not None else None, "port", None),
@@ -786,6 +789,8 @@ class SniffingProtocol:
             bytes_out=self._bytes_out,
             relayed_in=relayed_in,
             relayed_out=relayed_out,
+            transparent=transparent,
+            how=", relayed from the client's address" if transparent else "",
             duration=self.ended_at - self.started,
         )
 

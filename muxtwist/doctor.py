@@ -1,0 +1,230 @@
+"""
+``python -m muxtwist doctor rules.py``: what the host still needs for the
+file's transparent rules.
+
+For each ``Proxy(..., transparent=True)`` reachable from the file's rules
+it checks, on this host, as this process: the capability
+(``CAP_NET_ADMIN``), the policy route that delivers the backends' replies
+locally (``ip rule`` and routing table :data:`~muxtwist.transparent.ROUTE_TABLE`),
+the packet-marking rules that give those replies their mark (nftables
+table ``inet muxtwist``), and ``route_localnet`` where a backend is on
+127.0.0.0/8. What is missing is printed as the exact commands to run; the
+exit code is 0 only when nothing is.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
+from typing import Any, TextIO
+
+import attrs
+
+from muxtwist.transparent import OUT_MARK, REPLY_MARK, ROUTE_TABLE, unavailable_reason
+
+__all__ = ["Finding", "doctor", "marking_commands", "transparent_proxies"]
+
+
+@attrs.frozen
+class Finding:
+    """One thing checked: what, whether it is in place, and the commands that would put it there."""
+
+    what: str
+    ok: bool
+    detail: str = ""
+    commands: tuple[str, ...] = ()
+
+
+def transparent_proxies(
+    rules: Sequence[Any], on_timeout: object = None, on_no_match: object = None
+) -> Iterator[tuple[str, Any]]:
+    """``(rule name, proxy)`` for each transparent proxy reachable from ``rules``, nested ones included."""
+    from muxtwist.metrics import proxies_of
+
+    top = SimpleNamespace(rules=rules, on_timeout=on_timeout, on_no_match=on_no_match)
+    for name, proxy in proxies_of(top):
+        if getattr(proxy, "transparent", False):
+            yield name, proxy
+
+
+def marking_commands() -> tuple[str, ...]:
+    """The nftables commands that mark the replies of transparent connections."""
+    out, reply = f"{OUT_MARK:#x}", f"{REPLY_MARK:#x}"
+    return (
+        "nft add table inet muxtwist",
+        "nft 'add chain inet muxtwist output { type route hook output priority mangle; }'",
+        "nft 'add chain inet muxtwist prerouting { type filter hook prerouting priority mangle; }'",
+        f"nft add rule inet muxtwist output meta mark {out} ct mark set {reply}",
+        f"nft add rule inet muxtwist output ct mark {reply} meta mark != {out} meta mark set {reply}",
+        f"nft add rule inet muxtwist prerouting ct mark {reply} meta mark set {reply}",
+    )
+
+
+def _run(argv: Sequence[str]) -> str | None:
+    """The output of a command, or None when it is missing or fails."""
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _mark(value: int) -> str:
+    # nft prints marks as 0x%08x; accept any number of leading zeros.
+    return rf"0x0*{value:x}\b"
+
+
+def _check_marking() -> Finding:
+    ruleset = _run(["nft", "list", "table", "inet", "muxtwist"])
+    what = "packet marking (nftables table inet muxtwist)"
+    if ruleset is None:
+        why = "nft is not installed" if shutil.which("nft") is None else "the table inet muxtwist does not exist"
+        return Finding(what, False, why, marking_commands())
+    commands = marking_commands()
+    wanted = [  # (chain, the rule as its command adds it, how nft lists it)
+        ("output", commands[3], rf"meta mark {_mark(OUT_MARK)} ct mark set {_mark(REPLY_MARK)}"),
+        ("output", commands[4], rf"ct mark {_mark(REPLY_MARK)} meta mark != {_mark(OUT_MARK)} meta mark set"),
+        ("prerouting", commands[5], rf"ct mark {_mark(REPLY_MARK)} meta mark set {_mark(REPLY_MARK)}"),
+    ]
+    chains = dict(re.findall(r"chain (\w+) \{(.*?)\n\s*\}", ruleset, re.S))
+    missing = [
+        f"chain {chain}: {command.split(chain, 1)[1].strip()}"
+        for chain, command, listed in wanted
+        if chain not in chains or re.search(listed, chains[chain]) is None
+    ]
+    hooks = {"output": "type route hook output", "prerouting": "type filter hook prerouting"}
+    missing += [f"chain {c} must be '{h}'" for c, h in hooks.items() if c in chains and h not in chains[c]]
+    if missing:
+        return Finding(
+            what,
+            False,
+            "missing: " + "; ".join(missing),
+            ("nft delete table inet muxtwist", *marking_commands()),
+        )
+    return Finding(what, True)
+
+
+def _check_route(version: int) -> list[Finding]:
+    ip = ["ip", f"-{version}"]
+    default = "0.0.0.0/0" if version == 4 else "::/0"
+    findings = []
+    rules = _run([*ip, "rule", "show"])
+    if rules is None:
+        return [Finding(f"IPv{version} policy routing", False, "the ip command (iproute2) is missing or failed")]
+    has_rule = re.search(rf"fwmark {_mark(REPLY_MARK)}(/0x0*f+)? lookup {ROUTE_TABLE}\b", rules) is not None
+    findings.append(
+        Finding(
+            f"IPv{version} rule: packets marked {REPLY_MARK:#x} use table {ROUTE_TABLE}",
+            has_rule,
+            "" if has_rule else "no such ip rule",
+            () if has_rule else (f"{' '.join(ip)} rule add fwmark {REPLY_MARK:#x} lookup {ROUTE_TABLE}",),
+        )
+    )
+    table = _run([*ip, "route", "show", "table", str(ROUTE_TABLE)]) or ""
+    has_route = re.search(r"^local (default|0\.0\.0\.0/0|::/0) dev lo\b", table, re.M) is not None
+    findings.append(
+        Finding(
+            f"IPv{version} table {ROUTE_TABLE}: deliver everything locally",
+            has_route,
+            "" if has_route else f"table {ROUTE_TABLE} has no 'local default dev lo' route",
+            () if has_route else (f"{' '.join(ip)} route add local {default} dev lo table {ROUTE_TABLE}",),
+        )
+    )
+    return findings
+
+
+def _backend_hosts(proxy: Any) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    hosts = []
+    for backend in proxy.backends:
+        found = re.search(r"(?:^|:)host=((?:\\.|[^:\\])+)", backend.description)
+        if found is None:
+            continue
+        try:
+            hosts.append(ipaddress.ip_address(re.sub(r"\\(.)", r"\1", found.group(1))))
+        except ValueError:
+            continue
+    return hosts
+
+
+def _check_localnet() -> Finding:
+    try:
+        with open("/proc/sys/net/ipv4/conf/all/route_localnet") as f:
+            on = f.read().strip() == "1"
+    except OSError:
+        on = False
+    return Finding(
+        "route_localnet (a backend is on 127.0.0.0/8)",
+        on,
+        "" if on else "replies from 127.0.0.0/8 to a client address are dropped as martians",
+        ()
+        if on
+        else (
+            "sysctl -w net.ipv4.conf.all.route_localnet=1",
+            "nft add table inet muxtwist_localnet",
+            "nft 'add chain inet muxtwist_localnet martians { type filter hook prerouting priority raw; }'",
+            "nft add rule inet muxtwist_localnet martians iif != lo ip daddr 127.0.0.0/8 drop",
+        ),
+    )
+
+
+def findings_for(proxies: Sequence[Any]) -> list[Finding]:
+    """Everything the host needs for these transparent proxies, checked."""
+    reason = unavailable_reason()
+    found = [Finding("capability CAP_NET_ADMIN (IP_TRANSPARENT, SO_MARK)", reason is None, reason or "")]
+    hosts = [h for p in proxies for h in _backend_hosts(p)]
+    versions = sorted({h.version for h in hosts}) or [4]
+    found.append(_check_marking())
+    for version in versions:
+        found += _check_route(version)
+    if any(h.version == 4 and h.is_loopback for h in hosts):
+        found.append(_check_localnet())
+    if any(h.version == 6 and h.is_loopback for h in hosts):
+        found.append(
+            Finding(
+                "IPv6 backend on ::1",
+                False,
+                "Linux never routes ::1 to or from another address; give the backend another local address",
+            )
+        )
+    return found
+
+
+def doctor(path: str, out: TextIO, err: TextIO) -> int:
+    """Check what the transparent rules of ``path`` need; 0 when everything is in place."""
+    from muxtwist.config import ConfigError, load_config
+    from muxtwist.service import wanted_listeners
+
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(f"muxtwist: {e}", file=err)
+        return 1
+    pairs = [
+        pair
+        for rules in wanted_listeners(config, ()).values()
+        for pair in transparent_proxies(rules, config.settings.on_timeout, config.settings.on_no_match)
+    ]
+    if not pairs:
+        print(f"{path}: no rule proxies transparently; nothing to check", file=out)
+        return 0
+    names = sorted({name for name, _ in pairs})
+    print(f"{path}: transparent rules: {', '.join(names)}", file=out)
+    findings = findings_for([p for _, p in pairs])
+    commands: list[str] = []
+    for f in findings:
+        print(f"  [{'ok' if f.ok else 'MISSING'}] {f.what}{'' if f.ok else ': ' + f.detail}", file=out)
+        commands += [c for c in f.commands if c not in commands]
+    if all(f.ok for f in findings):
+        print("everything transparent proxying needs is in place", file=out)
+        return 0
+    if commands:
+        print("to fix, run as root:", file=out)
+        for c in commands:
+            print(f"  {c}", file=out)
+    return 1

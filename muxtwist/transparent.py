@@ -1,0 +1,239 @@
+"""
+Transparent proxying: connect to a backend from the client's own address.
+
+A backend that cannot read the PROXY protocol (sshd, mail and VPN daemons)
+sees the address a connection comes from. With ``Proxy(...,
+transparent=True)`` that is the client's: the backend socket gets Linux's
+``IP_TRANSPARENT`` (``IPV6_TRANSPARENT``), is bound to the client's address
+(and port, when it is free) and then connected. Twisted has no client
+endpoint that sets a socket option before ``bind``, so the connect is done
+here, non-blocking, and the connected socket is handed to the reactor with
+``adoptStreamConnection`` (a public ``IReactorSocket`` method).
+
+The host must route the backend's replies, which are addressed to the
+client, back to this process. Every backend socket carries the firewall
+mark :data:`OUT_MARK`; the packet-marking rules turn connections carrying it
+into connections whose replies get :data:`REPLY_MARK`, and a policy route
+delivers packets with that mark locally. ``python -m muxtwist doctor``
+(:mod:`muxtwist.doctor`) checks all of it and prints what is missing.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sys
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = [
+    "OUT_MARK",
+    "REPLY_MARK",
+    "ROUTE_TABLE",
+    "TransparentEndpoint",
+    "TransparentUnavailable",
+    "unavailable_reason",
+]
+
+#: The mark on every packet a transparent backend socket sends (``SO_MARK``).
+OUT_MARK = 0x2
+#: The mark the packet-marking rules give to replies of those connections;
+#: the policy route for it delivers them to this host.
+REPLY_MARK = 0x1
+#: The routing table holding that local route.
+ROUTE_TABLE = 100
+
+# Linux's values; the socket module names them only on some Python builds.
+_IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+_IPV6_TRANSPARENT = 75
+_SO_MARK = getattr(socket, "SO_MARK", 36)
+
+HOW_TO_FIX = (
+    "run muxtwist as root, or give it the capability "
+    "(systemd: AmbientCapabilities=CAP_NET_ADMIN; otherwise: setcap cap_net_admin+ep on the Python binary)"
+)
+
+
+class TransparentUnavailable(ValueError):
+    """``transparent=True`` cannot work on this platform or in this process."""
+
+
+def unavailable_reason() -> str | None:
+    """
+    Why transparent proxying cannot work here, in one line, or ``None`` if it can.
+
+    Tried for real: a socket is given ``IP_TRANSPARENT`` and ``SO_MARK``,
+    which the kernel allows only with ``CAP_NET_ADMIN`` (or ``CAP_NET_RAW``).
+    """
+    if not sys.platform.startswith("linux"):
+        return f"transparent=True needs Linux (IP_TRANSPARENT); this is {sys.platform}"
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_IP, _IP_TRANSPARENT, 1)
+        s.setsockopt(socket.SOL_SOCKET, _SO_MARK, OUT_MARK)
+    except PermissionError:
+        return f"transparent=True needs the CAP_NET_ADMIN capability, which this process lacks; {HOW_TO_FIX}"
+    except OSError as e:
+        return f"transparent=True: the kernel refused IP_TRANSPARENT ({e.strerror or e})"
+    finally:
+        s.close()
+    return None
+
+
+def _transparent_socket(family: int, source: tuple[str, int]) -> socket.socket:
+    """A non-blocking socket with IP(V6)_TRANSPARENT, bound to ``source`` (or its host, if the port is taken)."""
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, _IPV6_TRANSPARENT, 1)
+        else:
+            s.setsockopt(socket.SOL_IP, _IP_TRANSPARENT, 1)
+        s.setsockopt(socket.SOL_SOCKET, _SO_MARK, OUT_MARK)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(source)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            # The client's port is taken on this host (a client on this very
+            # machine, say): keep its address, let the kernel pick a port.
+            s.bind((source[0], 0))
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+class _PendingConnect:
+    """An ``IWriteDescriptor`` waiting for one non-blocking connect to finish."""
+
+    def __init__(self, reactor: Any, sock: socket.socket, factory: IProtocolFactory, d: defer.Deferred[IProtocol]):
+        self._reactor = reactor
+        self._sock: socket.socket | None = sock
+        self._factory = factory
+        self._d = d
+
+    def fileno(self) -> int:
+        return self._sock.fileno() if self._sock is not None else -1
+
+    def logPrefix(self) -> str:
+        return "muxtwist-transparent-connect"
+
+    def doWrite(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        self._reactor.removeWriter(self)
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._close()
+            self._d.errback(_connect_error(code))
+            return
+        built: list[IProtocol] = []
+        factory = _Capture(self._factory, built)
+        try:
+            self._reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
+        except Exception:
+            self._close()
+            self._d.errback(Failure())
+            return
+        # The reactor holds its own duplicate of the descriptor now.
+        self._close()
+        if built and built[0] is not None:
+            self._d.callback(built[0])
+        else:
+            self._d.errback(error.ConnectError(string="the factory built no protocol"))
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The reactor saw an error or hang-up on the socket (a refused
+        # connect, with epoll) and dropped it without calling doWrite.
+        sock = self._sock
+        if sock is None:
+            return
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._close()
+        self._d.errback(_connect_error(code) if code else reason)
+
+    def cancel(self, d: defer.Deferred[IProtocol]) -> None:
+        if self._sock is not None:
+            self._reactor.removeWriter(self)
+            self._close()
+
+    def _close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+
+def _connect_error(code: int) -> Exception:
+    if code == errno.ECONNREFUSED:
+        return error.ConnectionRefusedError()
+    if code == errno.ETIMEDOUT:
+        return error.TCPTimedOutError()
+    return error.ConnectError(osError=code, string=errno.errorcode.get(code, str(code)))
+
+
+@implementer(IProtocolFactory)
+class _Capture:
+    """Passes ``buildProtocol`` on to the real factory and keeps what it built."""
+
+    def __init__(self, factory: IProtocolFactory, built: list[IProtocol]) -> None:
+        self._factory = factory
+        self._built = built
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
+        p = self._factory.buildProtocol(addr)
+        if p is not None:
+            self._built.append(p)
+        return p
+
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
+
+
+@implementer(IStreamClientEndpoint)
+class TransparentEndpoint:
+    """
+    Connect to ``host:port`` from ``source`` (the client's address and port).
+
+    :param reactor: an ``IReactorFDSet`` and ``IReactorSocket`` (every POSIX
+        reactor Twisted ships, the asyncio one included).
+    """
+
+    def __init__(self, reactor: Any, host: str, port: int, source: tuple[str, int]) -> None:
+        self._reactor = reactor
+        self._host = host
+        self._port = port
+        self._source = source
+
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        source = self._source
+        if (":" in source[0]) != (family == socket.AF_INET6):
+            return defer.fail(
+                TransparentUnavailable(
+                    f"cannot connect to {self._host} from {source[0]}: the client and the backend "
+                    "use different IP versions"
+                )
+            )
+        try:
+            sock = _transparent_socket(family, source)
+        except OSError as e:
+            return defer.fail(e)
+        pending: _PendingConnect
+        d: defer.Deferred[IProtocol] = defer.Deferred(lambda d: pending.cancel(d))
+        pending = _PendingConnect(self._reactor, sock, protocolFactory, d)
+        code = sock.connect_ex((self._host, self._port))
+        if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            pending._close()
+            return defer.fail(_connect_error(code))
+        self._reactor.addWriter(pending)
+        return d

@@ -1,0 +1,461 @@
+"""
+Transparent proxying on real network namespaces: a client host, muxtwist in
+the middle and a backend host, joined by veth pairs, each a namespace these
+tests make and remove. A real sshd and a real nginx behind the mux log the
+address the connection came from, which must be the client's; ``doctor``
+names what the host is missing; a process without ``CAP_NET_ADMIN`` is
+refused at load with one clear line.
+
+These tests need root (network namespaces, nftables); CI runs as root.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Sequence
+
+from twisted.trial import unittest
+
+from muxtwist.doctor import marking_commands
+from muxtwist.transparent import TransparentEndpoint, unavailable_reason
+from tests.processes import stop_group
+from tests.twistd import ROOT, twistd_command
+
+CLIENT, MUX_FRONT, MUX_BACK, BACKEND = "10.77.1.2", "10.77.1.1", "10.77.2.1", "10.77.2.2"
+WAIT = 20.0
+_counter = itertools.count()
+
+
+def _why_not() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "Linux only"
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    for tool in ("ip", "nft", "setpriv"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (see .ci/apt-packages.txt)"
+    return None
+
+
+SKIP = _why_not()
+
+
+def sh(*args: str, check: bool = True, timeout: float = WAIT) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done
+
+
+class Hosts:
+    """Three namespaces, client -- mux -- backend, with the addresses above; removed by ``remove()``."""
+
+    def __init__(self) -> None:
+        self.prefix = f"mt{os.getpid() % 10000}x{next(_counter)}"
+        self.names = {role: f"{self.prefix}{role}" for role in ("c", "m", "b")}
+        self.created: list[str] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
+        try:
+            self._build()
+        except BaseException:
+            self.remove()
+            raise
+
+    def ns(self, role: str) -> str:
+        return self.names[role]
+
+    def _build(self) -> None:
+        p = self.prefix
+        for name in self.names.values():
+            sh("ip", "netns", "add", name)
+            self.created.append(name)
+            sh("ip", "-n", name, "link", "set", "lo", "up")
+        c, m, b = self.names["c"], self.names["m"], self.names["b"]
+        sh("ip", "link", "add", f"{p}c0", "netns", c, "type", "veth", "peer", "name", f"{p}m0", "netns", m)
+        sh("ip", "link", "add", f"{p}m1", "netns", m, "type", "veth", "peer", "name", f"{p}b0", "netns", b)
+        for ns, dev, address in (
+            (c, f"{p}c0", CLIENT),
+            (m, f"{p}m0", MUX_FRONT),
+            (m, f"{p}m1", MUX_BACK),
+            (b, f"{p}b0", BACKEND),
+        ):
+            sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", c, "route", "add", "default", "via", MUX_FRONT)
+        sh("ip", "-n", b, "route", "add", "default", "via", MUX_BACK)
+
+    def run(self, role: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "netns", "exec", self.ns(role), *args, check=check)
+
+    def start(self, role: str, args: Sequence[str], log: str, cwd: str | None = None) -> subprocess.Popen[bytes]:
+        """A process in ``role``'s namespace, in its own process group, output to ``log``."""
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns(role), *args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=cwd,
+            )
+        self.processes.append(proc)
+        return proc
+
+    def apply(self, commands: Sequence[str]) -> None:
+        """Run shell commands (as ``doctor`` prints them) in the mux namespace."""
+        for command in commands:
+            sh("ip", "netns", "exec", self.ns("m"), "sh", "-c", command)
+
+    def remove(self) -> None:
+        for proc in self.processes:
+            stop_group(proc)
+        for name in self.created:
+            sh("ip", "netns", "del", name, check=False)
+        self.created = []
+
+
+def wait_listening(hosts: Hosts, role: str, address: str, port: int, proc: subprocess.Popen[bytes], log: str) -> None:
+    """Wait until ``address:port`` accepts connections inside ``role``'s namespace."""
+    probe = f"import socket; socket.create_connection(({address!r}, {port}), timeout=0.5).close()"
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            with open(log) as f:
+                raise AssertionError(f"exited with {proc.returncode}: {f.read()[-2000:]}")
+        if hosts.run(role, sys.executable, "-c", probe, check=False).returncode == 0:
+            return
+        time.sleep(0.1)
+    with open(log) as f:
+        raise AssertionError(f"nothing listens on {address}:{port} in {role}: {f.read()[-2000:]}")
+
+
+def start_nginx(hosts: Hosts, role: str, directory: str, address: str, port: int) -> str:
+    """A real nginx in ``role``'s namespace that logs each client address; the access log's path."""
+    access = os.path.join(directory, f"access-{port}.log")
+    conf = os.path.join(directory, f"nginx-{port}.conf")
+    with open(conf, "w") as f:
+        f.write(
+            textwrap.dedent(
+                f"""
+                pid {directory}/nginx-{port}.pid;
+                error_log {directory}/nginx-{port}-error.log;
+                worker_processes 1;
+                events {{ worker_connections 64; }}
+                http {{
+                    log_format peer "$remote_addr";
+                    access_log {access} peer;
+                    client_body_temp_path {directory}/body;
+                    proxy_temp_path {directory}/proxy;
+                    fastcgi_temp_path {directory}/fastcgi;
+                    uwsgi_temp_path {directory}/uwsgi;
+                    scgi_temp_path {directory}/scgi;
+                    server {{
+                        listen {address}:{port};
+                        location / {{ return 200 "you are $remote_addr\\n"; }}
+                    }}
+                }}
+                """
+            )
+        )
+    log = os.path.join(directory, f"nginx-{port}.out")
+    proc = hosts.start(role, ["nginx", "-c", conf, "-p", directory, "-g", "daemon off;"], log)
+    wait_listening(hosts, role, address, port, proc, log)
+    return access
+
+
+def start_sshd(hosts: Hosts, role: str, directory: str, address: str, port: int) -> str:
+    """A real sshd in ``role``'s namespace; its log (which names each client address)."""
+    key = os.path.join(directory, "host_ed25519")
+    if not os.path.exists(key):
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key)
+    os.makedirs("/run/sshd", exist_ok=True)
+    conf = os.path.join(directory, f"sshd-{port}.conf")
+    with open(conf, "w") as f:
+        f.write(
+            f"HostKey {key}\nListenAddress {address}:{port}\nPidFile none\nLogLevel VERBOSE\n"
+            "UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        )
+    log = os.path.join(directory, f"sshd-{port}.log")
+    proc = hosts.start(role, ["/usr/sbin/sshd", "-D", "-e", "-f", conf], log)
+    wait_listening(hosts, role, address, port, proc, log)
+    return log
+
+
+def write_rules(directory: str, rules: str) -> str:
+    path = os.path.join(directory, "rules.py")
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(rules))
+    return path
+
+
+def start_mux(
+    hosts: Hosts, directory: str, rules: str, env: dict[str, str] | None = None, port: int = 443
+) -> tuple[subprocess.Popen[bytes], str]:
+    log = os.path.join(directory, "muxtwist.log")
+    variables = [f"{k}={v}" for k, v in {"PYTHONPATH": ROOT, **(env or {})}.items()]
+    args = ["env", *variables, *twistd_command("--port", f"tcp:{port}", "--config", rules)]
+    proc = hosts.start("m", args, log, cwd=directory)
+    wait_listening(hosts, "m", MUX_FRONT, port, proc, log)
+    return proc, log
+
+
+def read(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def until(condition: object, what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class TransparentTestCase(unittest.SynchronousTestCase):
+    skip = SKIP
+
+    def setUp(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="muxtwist-transparent-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        self.hosts = Hosts()
+        self.addCleanup(self.hosts.remove)
+
+    def doctor(self, rules: str) -> subprocess.CompletedProcess[str]:
+        return self.hosts.run(
+            "m", "env", f"PYTHONPATH={ROOT}", sys.executable, "-m", "muxtwist", "doctor", rules, check=False
+        )
+
+    def set_up_with_doctor(self, rules: str) -> None:
+        """Run doctor, apply the commands it prints, and run it again: now it must pass."""
+        first = self.doctor(rules)
+        self.assertEqual(first.returncode, 1, first.stdout + first.stderr)
+        commands = [
+            line.strip() for line in first.stdout.split("to fix, run as root:", 1)[1].splitlines() if line.strip()
+        ]
+        self.hosts.apply(commands)
+        second = self.doctor(rules)
+        self.assertEqual(second.returncode, 0, second.stdout + second.stderr)
+        self.assertIn("everything transparent proxying needs is in place", second.stdout)
+
+
+class SeparateHostTests(TransparentTestCase):
+    """Backends on another host, whose default route is the mux."""
+
+    def test_sshd_and_nginx_log_the_client_address(self) -> None:
+        """
+        examples/transparent, set up with the commands doctor prints: ssh-keyscan
+        and curl reach a real sshd and nginx that see the client's own address.
+        """
+        ssh_log = start_sshd(self.hosts, "b", self.directory, BACKEND, 22)
+        access = start_nginx(self.hosts, "b", self.directory, BACKEND, 8080)
+        rules = os.path.join(ROOT, "examples", "transparent", "rules.py")
+        self.env = {"SSH_BACKEND": f"tcp:host={BACKEND}:port=22", "HTTP_BACKEND": f"tcp:host={BACKEND}:port=8080"}
+        self.set_up_with_doctor(rules)
+        mux, mux_log = start_mux(self.hosts, self.directory, rules, self.env)
+
+        page = self.hosts.run("c", "curl", "-sS", "--max-time", "5", f"http://{MUX_FRONT}:443/")
+        self.assertEqual(page.stdout, f"you are {CLIENT}\n")
+        until(lambda: CLIENT in read(access), "nginx's access log")
+        self.assertNotIn(MUX_BACK, read(access))
+
+        keys = self.hosts.run("c", "ssh-keyscan", "-T", "5", "-p", "443", MUX_FRONT)
+        self.assertIn("ssh-ed25519", keys.stdout)
+        until(lambda: f"Connection from {CLIENT} port" in read(ssh_log), "sshd's log line")
+        self.assertNotIn(f"Connection from {MUX_BACK}", read(ssh_log))
+
+        until(lambda: "relayed from the client's address" in read(mux_log), "a connection_end line saying so")
+
+
+class SameHostTests(TransparentTestCase):
+    """Backends on the mux's own host: on one of its addresses, and on 127.0.0.1."""
+
+    def test_local_address_and_loopback_backends(self) -> None:
+        """A backend on a local address and one on 127.0.0.1 both see the client's address."""
+        access_local = start_nginx(self.hosts, "m", self.directory, MUX_BACK, 8081)
+        access_loop = start_nginx(self.hosts, "m", self.directory, "127.0.0.1", 8082)
+        rules = write_rules(
+            self.directory,
+            f"""
+            from muxtwist import Rule
+            from muxtwist.actions import Proxy
+            from muxtwist.matchers import HTTP1
+            rules = [
+                Rule(HTTP1(path="/local*"), Proxy("tcp:host={MUX_BACK}:port=8081", transparent=True), name="local"),
+                Rule(HTTP1(), Proxy("tcp:host=127.0.0.1:port=8082", transparent=True), name="loopback"),
+            ]
+            """,
+        )
+        self.set_up_with_doctor(rules)
+        start_mux(self.hosts, self.directory, rules)
+        local = self.hosts.run("c", "curl", "-sS", "--max-time", "5", f"http://{MUX_FRONT}:443/local")
+        self.assertEqual(local.stdout, f"you are {CLIENT}\n")
+        loop = self.hosts.run("c", "curl", "-sS", "--max-time", "5", f"http://{MUX_FRONT}:443/")
+        self.assertEqual(loop.stdout, f"you are {CLIENT}\n")
+        until(lambda: CLIENT in read(access_local) and CLIENT in read(access_loop), "both access logs")
+
+
+class DoctorTests(TransparentTestCase):
+    """``python -m muxtwist doctor`` on a host that lacks some of the setup."""
+
+    def rules(self) -> str:
+        return write_rules(
+            self.directory,
+            f"""
+            from muxtwist import Rule
+            from muxtwist.actions import Proxy
+            from muxtwist.matchers import SSH
+            rules = [Rule(SSH(), Proxy("tcp:host={BACKEND}:port=22", transparent=True), name="ssh")]
+            """,
+        )
+
+    def test_names_exactly_what_is_missing(self) -> None:
+        """With the policy route in place but no marking, doctor reports only the marking and prints its commands."""
+        self.hosts.apply(["ip -4 rule add fwmark 0x1 lookup 100", "ip -4 route add local 0.0.0.0/0 dev lo table 100"])
+        done = self.doctor(self.rules())
+        self.assertEqual(done.returncode, 1, done.stdout + done.stderr)
+        self.assertIn("[ok] capability CAP_NET_ADMIN", done.stdout)
+        self.assertIn("[ok] IPv4 rule", done.stdout)
+        self.assertIn("[ok] IPv4 table 100", done.stdout)
+        self.assertIn("[MISSING] packet marking", done.stdout)
+        for command in marking_commands():
+            self.assertIn(command, done.stdout)
+        self.assertNotIn("ip -4 rule add", done.stdout)
+
+    def test_a_half_made_marking_table_is_reported(self) -> None:
+        """A marking table missing one rule is reported with the rule it lacks."""
+        self.hosts.apply(marking_commands()[:4])
+        done = self.doctor(self.rules())
+        self.assertEqual(done.returncode, 1)
+        (line,) = [line for line in done.stdout.splitlines() if "packet marking" in line]
+        self.assertIn("[MISSING]", line)
+        self.assertIn("chain output: ct mark 0x1 meta mark != 0x2 meta mark set 0x1", line)
+        self.assertIn("chain prerouting: ct mark 0x1 meta mark set 0x1", line)
+        self.assertNotIn("chain output: meta mark 0x2 ct mark set 0x1", line)
+
+    def test_a_file_without_transparent_rules_passes(self) -> None:
+        """A rules file with no transparent rule has nothing to check and exits 0."""
+        rules = write_rules(
+            self.directory,
+            "from muxtwist import Rule\nfrom muxtwist.actions import Proxy\nfrom muxtwist.matchers import SSH\n"
+            "rules = [Rule(SSH(), Proxy('tcp:host=127.0.0.1:port=22'), name='ssh')]\n",
+        )
+        done = self.doctor(rules)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertIn("nothing to check", done.stdout)
+
+
+class CapabilityTests(TransparentTestCase):
+    """A process without CAP_NET_ADMIN."""
+
+    def test_load_fails_with_one_clear_line(self) -> None:
+        """twistd muxtwist with a transparent rule and no CAP_NET_ADMIN exits non-zero, saying how to fix it."""
+        rules = write_rules(
+            self.directory,
+            f"""
+            from muxtwist import Rule
+            from muxtwist.actions import Proxy
+            from muxtwist.matchers import SSH
+            rules = [Rule(SSH(), Proxy("tcp:host={BACKEND}:port=22", transparent=True), name="ssh")]
+            """,
+        )
+        drop = ["setpriv", "--inh-caps=-net_admin,-net_raw", "--bounding-set=-net_admin,-net_raw", "--"]
+        done = self.hosts.run(
+            "m",
+            "env",
+            f"PYTHONPATH={ROOT}",
+            *drop,
+            *twistd_command("--port", "tcp:443", "--config", rules),
+            check=False,
+        )
+        self.assertNotEqual(done.returncode, 0)
+        output = done.stdout + done.stderr
+        self.assertIn("CAP_NET_ADMIN", output)
+        self.assertIn("AmbientCapabilities=CAP_NET_ADMIN", output)
+        self.assertNotIn("Traceback", output)
+        check = self.hosts.run(
+            "m", "env", f"PYTHONPATH={ROOT}", *drop, sys.executable, "-m", "muxtwist", "check", rules, check=False
+        )
+        self.assertEqual(check.returncode, 1)
+        self.assertEqual(len(check.stderr.strip().splitlines()), 1, check.stderr)
+        self.assertRegex(check.stderr, rf"{re.escape(rules)}:\d+: .*CAP_NET_ADMIN")
+
+
+class EndpointTests(unittest.TestCase):
+    """``TransparentEndpoint`` on this host's loopback, where every 127/8 address is local."""
+
+    skip = SKIP or (None if unavailable_reason() is None else unavailable_reason())
+
+    async def test_connects_from_the_given_address_and_port(self) -> None:
+        """The backend sees the source address and port it was given."""
+        from twisted.internet import protocol, reactor
+
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        self.addCleanup(server.close)
+        source_port = _free_port("127.0.0.3")
+        endpoint = TransparentEndpoint(reactor, "127.0.0.1", server.getsockname()[1], ("127.0.0.3", source_port))
+        client = await endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
+        self.addCleanup(client.transport.loseConnection)  # type: ignore[attr-defined]
+        server.settimeout(5)
+        accepted, peer = server.accept()
+        accepted.close()
+        self.assertEqual(peer, ("127.0.0.3", source_port))
+
+    async def test_refused_connect_fails_the_deferred(self) -> None:
+        """A connect to a closed port fails with ConnectionRefusedError and closes its socket."""
+        from twisted.internet import error, protocol, reactor
+
+        writers = set(reactor.getWriters())
+        endpoint = TransparentEndpoint(reactor, "127.0.0.1", _free_port("127.0.0.1"), ("127.0.0.3", 0))
+        d = endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
+        (pending,) = set(reactor.getWriters()) - writers
+        with self.assertRaises(error.ConnectionRefusedError):
+            await d
+        self.assertEqual(set(reactor.getWriters()), writers)
+        self.assertEqual(pending.fileno(), -1)
+
+    def test_cancel_closes_the_socket(self) -> None:
+        """Cancelling a pending connect removes it from the reactor and closes its socket."""
+        from twisted.internet import defer, protocol, reactor
+
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        self.addCleanup(server.close)
+        writers = set(reactor.getWriters())
+        endpoint = TransparentEndpoint(reactor, "127.0.0.1", server.getsockname()[1], ("127.0.0.3", 0))
+        d = endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
+        (pending,) = set(reactor.getWriters()) - writers
+        fd = pending.fileno()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertNotIn(pending, reactor.getWriters())
+        self.assertEqual(pending.fileno(), -1)
+        self.assertFalse(os.path.exists(f"/proc/self/fd/{fd}") and _is_socket_to(fd, server.getsockname()))
+
+
+def _is_socket_to(fd: int, address: tuple[str, int]) -> bool:
+    """Whether descriptor ``fd`` is (still) a socket connected or connecting to ``address``."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as s:
+            return bool(s.getpeername() == address)
+    except OSError:
+        return False
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
