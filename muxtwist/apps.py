@@ -615,8 +615,18 @@ class WSGI(Site):
             reactor = _reactor  # type: ignore[assignment]
         self.app = app
         self.threads = threads
-        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="muxtwist-wsgi")
-        super().__init__(WSGIResource(reactor, self.pool, app))  # type: ignore[no-untyped-call]
+        self.pool = self._new_pool()
+        # twisted.web.wsgi only calls callInThread on its pool: this factory
+        # stands in for it, so that a restart can use a fresh pool (a stopped
+        # ThreadPool cannot start again).
+        super().__init__(WSGIResource(reactor, self, app))  # type: ignore[no-untyped-call]
+
+    def _new_pool(self) -> ThreadPool:
+        return ThreadPool(minthreads=0, maxthreads=self.threads, name="muxtwist-wsgi")
+
+    def callInThread(self, f: Callable[..., object], *args: object, **kwargs: object) -> None:
+        """Run ``f`` on the pool (what ``WSGIResource`` calls for each request)."""
+        self.pool.callInThread(f, *args, **kwargs)
 
     def __repr__(self) -> str:
         name = getattr(self.app, "__qualname__", None) or getattr(self.app, "name", None) or type(self.app).__name__
@@ -624,6 +634,8 @@ class WSGI(Site):
 
     def startFactory(self) -> None:
         super().startFactory()
+        if self.pool.joined:
+            self.pool = self._new_pool()
         if not self.pool.started:
             self.pool.start()
 

@@ -1,0 +1,103 @@
+"""
+WSGI: a Flask application served in-process on a bounded thread pool, with
+curl as the client, next to another rule the reactor keeps serving.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from flask import Flask
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
+from twisted.trial import unittest
+
+from muxtwist import Rule
+from muxtwist.apps import WSGI
+from muxtwist.default import Echo
+from muxtwist.matchers import HTTP1, Prefix
+from tests.test_proxy_support import connect, mux, run, until, wait
+
+
+class SlowApp:
+    """A Flask app whose /slow requests wait for ``release``, counting how many run at once."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+        self.threads: set[str] = set()
+        self.flask = Flask("slow")
+        self.flask.add_url_rule("/slow", "slow", self.slow)
+        self.flask.add_url_rule("/hello", "hello", lambda: "hello from flask")
+
+    def slow(self) -> str:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.threads.add(threading.current_thread().name)
+        try:
+            self.release.wait(10)
+        finally:
+            with self.lock:
+                self.running -= 1
+        return "done"
+
+
+class WSGITests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.app = SlowApp()
+        self.target = WSGI(self.app.flask, threads=2)
+        self.port, self.factory = mux(
+            self,
+            [Rule(HTTP1(), self.target, name="flask"), Rule(Prefix(b"ECHO"), Factory.forProtocol(Echo), name="echo")],
+        )
+        self.factory.doStart()
+        self.addCleanup(self.factory.doStop)
+        # Runs first: no request thread is left waiting when the pool stops.
+        self.addCleanup(self.app.release.set)
+
+    def curl(self, path: str) -> defer.Deferred[tuple[bytes, bytes, int]]:
+        url = f"http://127.0.0.1:{self.port}{path}"
+        return defer.Deferred.fromCoroutine(run(["curl", "-sS", "--max-time", "20", url], seconds=25))
+
+    async def test_flask_answers_through_the_sniffer(self) -> None:
+        """curl gets the Flask response through the HTTP1 rule."""
+        out, err, code = await self.curl("/hello")
+        self.assertEqual((code, out), (0, b"hello from flask"), err)
+
+    async def test_slow_requests_are_bounded_by_the_pool_and_the_reactor_stays_responsive(self) -> None:
+        """Five slow requests run at most two at a time, and an echo client is served while they wait."""
+        requests = [self.curl("/slow") for _ in range(5)]
+        await until(lambda: self.app.running == 2, 15)
+        # The reactor is not blocked by the application: another rule answers at once.
+        client = await connect(self, self.port)
+        assert client.transport is not None
+        client.transport.write(b"ECHO ping")
+        self.assertEqual(await client.received_at_least(9, 5), b"ECHO ping")
+        self.assertEqual(self.app.running, 2)
+        self.assertEqual(self.target.pool.q.qsize(), 3)
+        self.app.release.set()
+        results = await wait(defer.gatherResults(requests), 30)
+        self.assertEqual([(code, out) for out, _, code in results], [(0, b"done")] * 5)
+        self.assertEqual(self.app.most, 2)
+        self.assertLessEqual(len(self.app.threads), 2)
+
+    async def test_pool_starts_and_stops_with_the_factory(self) -> None:
+        """The thread pool runs while the factory is started and is stopped with it."""
+        self.assertTrue(self.target.pool.started)
+        out, _, code = await self.curl("/hello")
+        self.assertEqual(code, 0)
+        self.factory.doStop()  # the cleanup's port stop makes the last one
+        self.factory.doStop()
+        await until(lambda: not self.target.pool.started, 5)
+        self.assertFalse([t for t in self.target.pool.threads if t.is_alive()])
+        self.factory.doStart()
+        self.factory.doStart()
+        self.assertTrue(self.target.pool.started)
+
+    def test_threads_must_be_positive(self) -> None:
+        """threads=0 is a clear ValueError."""
+        with self.assertRaises(ValueError):
+            WSGI(self.app.flask, threads=0)
