@@ -248,6 +248,11 @@ class _LiveCollector(Collector):
             "Connect failures and mid-stream resets, by kind.",
             labels=["rule", "backend", "kind"],
         )
+        transparent = CounterMetricFamily(
+            "muxtwist_backend_transparent_connections",
+            "Relays opened to the backend from the client's own address (transparent=True).",
+            labels=["rule", "backend"],
+        )
         gave_up = CounterMetricFamily(
             "muxtwist_proxy_gave_up", "Connections a proxy closed: no backend could take them.", labels=["rule"]
         )
@@ -268,6 +273,8 @@ class _LiveCollector(Collector):
                     up.add_metric(labels, 1.0 if usable else 0.0)
                     relays.add_metric(labels, backend.stats.active)
                     opened.add_metric(labels, backend.stats.total)
+                    if getattr(proxy, "transparent", False):
+                        transparent.add_metric(labels, backend.stats.transparent)
                     errors = dict(backend.stats.errors)
                     if not errors and backend.stats.failures:
                         errors = {"error": backend.stats.failures}
@@ -276,7 +283,7 @@ class _LiveCollector(Collector):
         for name, count in sorted(by_rule.items()):
             active.add_metric([name], count)
         sniffing.add_metric([], n_sniffing)
-        return [active, sniffing, up, relays, opened, failures, gave_up]
+        return [active, sniffing, up, relays, opened, transparent, failures, gave_up]
 
 
 _default: Metrics | None = None

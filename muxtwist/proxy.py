@@ -27,6 +27,7 @@ and closes both sockets.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import re
 import zlib
@@ -56,7 +57,8 @@ from muxtwist import _splice
 from muxtwist._options import check_proxy
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IConnectionReport
 from muxtwist.matchers.proxy_protocol import build_v1, build_v2
-from muxtwist.proxyprotocol import header_for
+from muxtwist.proxyprotocol import header_for, ip_port
+from muxtwist.transparent import TransparentEndpoint, TransparentUnavailable, unavailable_reason
 
 __all__ = ["BALANCE", "Backend", "BackendStats", "HealthCheck", "Proxy"]
 
@@ -98,6 +100,7 @@ class BackendStats:
 
     :ivar active: relays open to it now.
     :ivar total: relays ever opened to it.
+    :ivar transparent: of those, relays opened from the client's own address.
     :ivar failures: connect failures and mid-stream resets.
     :ivar healthy: what the active health check says (``True`` without one).
     :ivar errors: ``failures`` by kind: refused, timeout, reset, tls, error.
@@ -105,6 +108,7 @@ class BackendStats:
 
     active: int = 0
     total: int = 0
+    transparent: int = 0
     failures: int = 0
     healthy: bool = True
     errors: dict[str, int] = attrs.Factory(dict)
@@ -141,6 +145,24 @@ class Backend:
     def usable(self, now: float) -> bool:
         """Whether neither health check is keeping connections away from it."""
         return self.stats.healthy and self.down_until <= now
+
+
+def _transparent_addresses(descriptions: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """The IP address and port of each ``tcp:`` backend, or a clear error why transparent=True cannot work."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise TransparentUnavailable(reason)
+    addresses = {}
+    for d in descriptions:
+        host, port = _host_of(d), re.search(r"(?:^|:)port=(\d+)(?::|$)", d)
+        if not d.startswith(("tcp:", "tcp6:")) or host is None or port is None:
+            raise ValueError(f"transparent=True needs tcp:host=ADDRESS:port=N backends, got {d!r}")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"transparent=True needs the backend's IP address, not a name: {d!r}") from None
+        addresses[d] = (host, int(port.group(1)))
+    return addresses
 
 
 def _tls_creator(tls: object, description: str) -> IOpenSSLClientConnectionCreator:
@@ -216,6 +238,14 @@ class Proxy:
         connections allow it (Linux, plain TCP on both sides); ``False``
         always uses the portable Twisted relay. Pipes are capped across the
         process: see :meth:`set_max_pipes`.
+    :param transparent: connect to the backends from the client's own
+        address and port (the PROXY source, when a header was accepted),
+        with Linux's ``IP_TRANSPARENT``, so backends that cannot read the
+        PROXY protocol log the real client. Needs ``CAP_NET_ADMIN`` (checked
+        here: without it, construction fails with one line saying how to fix
+        it), ``tcp:`` backends given by IP address, and the host routing that
+        ``python -m muxtwist doctor`` checks. A client that has no IP address
+        (a UNIX-socket listener) is relayed from the host's own address.
     :param reactor: the reactor to connect and to time with.
 
     :ivar stats: the :class:`BackendStats` of each backend, by description.
@@ -236,6 +266,7 @@ class Proxy:
         max_fails: int = 3,
         fail_timeout: float = 10.0,
         splice: bool = True,
+        transparent: bool = False,
         reactor: Any = None,
     ) -> None:
         if reactor is None:
@@ -279,6 +310,10 @@ class Proxy:
             if tls is not None and tls is not False:
                 endpoint = wrapClientTLS(_tls_creator(tls, d), endpoint)
             self.backends.append(Backend(d, endpoint, tls is not None and tls is not False))
+        self.transparent = bool(transparent)
+        self._tls = tls
+        if self.transparent:
+            self._transparent_addresses = _transparent_addresses(descriptions)
         self.stats: dict[str, BackendStats] = {b.description: b.stats for b in self.backends}
         self.relays: set[Relay] = set()
         #: connections closed because no backend could take them, or max_connections.
@@ -286,6 +321,20 @@ class Proxy:
         self._next = 0
         self._random = random.Random()
         self._started = 0
+
+    def _connect(self, backend: Backend, relay: Relay, factory: Factory) -> defer.Deferred[Any]:
+        """Connect ``factory`` to ``backend``, from the client's address when transparent."""
+        relay.transparent = False
+        if self.transparent:
+            source = ip_port(relay.info.source)
+            if source is not None:
+                host, port = self._transparent_addresses[backend.description]
+                endpoint: IStreamClientEndpoint = TransparentEndpoint(self._reactor, host, port, source)
+                if backend.tls:
+                    endpoint = wrapClientTLS(_tls_creator(self._tls, backend.description), endpoint)
+                relay.transparent = True
+                return endpoint.connect(factory)
+        return backend.endpoint.connect(factory)
 
     def __repr__(self) -> str:
         return f"Proxy({[b.description for b in self.backends]!r}, balance={self.balance!r})"
@@ -666,6 +715,8 @@ class Relay(Protocol):
         self.rule_name = rule_name
         self.backend: Backend | None = None
         self.backend_tls = False
+        #: whether the backend connection was made from the client's address.
+        self.transparent = False
         self.side: _BackendSide | None = None
         self._pending: list[bytes] | None = []
         self._candidates: list[Backend] = []
@@ -783,7 +834,7 @@ class Relay(Protocol):
         self._trying = side
         self._timed_out = False
         self._timer = proxy._reactor.callLater(proxy.connect_timeout, self._connect_timed_out)
-        attempt = backend.endpoint.connect(_OneProtocol(side))
+        attempt = proxy._connect(backend, self, _OneProtocol(side))
         if self._trying is side and not side.ready:
             self._attempt = attempt
         attempt.addCallbacks(self._attempt_connected, self._attempt_failed, callbackArgs=(side,), errbackArgs=(side,))
@@ -857,6 +908,8 @@ class Relay(Protocol):
             return
         self.side = side
         self.proxy._connect_succeeded(self.backend)
+        if self.transparent:
+            self.backend.stats.transparent += 1
         pending, self._pending = self._pending or [], None
         if self.proxy.proxy_protocol is not None:
             pending.insert(0, self.proxy._header(self.info))
