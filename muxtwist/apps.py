@@ -401,6 +401,9 @@ class ASGI(Factory):
     :raises AsyncioReactorRequired: from ``doStart``, under another reactor.
     """
 
+    #: ``python -m muxtwist check`` says so next to the rule.
+    needs_asyncio_reactor = True
+
     def __init__(
         self,
         app: Any,

@@ -104,6 +104,8 @@ def _short(text: str, width: int = 100) -> str:
 
 def _describe_rule(rule: Rule) -> str:
     limit = f"  (max_connections={rule.max_connections})" if rule.max_connections is not None else ""
+    if getattr(rule.factory, "needs_asyncio_reactor", False):
+        limit += "  (needs Twisted's asyncio reactor: twistd --reactor=asyncio muxtwist ...)"
     return f"{rule.name}: {_short(user_repr(rule.matcher))} -> {_short(_factory_name(rule.factory))}{limit}"
 
 

@@ -17,6 +17,8 @@ PUBLIC = {
     ],
     "muxtwist.actions": ["Reject", "UDPProxy"],
     "muxtwist.testing": ["route", "MemoryConnection"],
+    "muxtwist.apps": ["ASGI", "WSGI", "AsyncioProtocol", "AsyncioReactorRequired"],
+    "muxtwist.aio": ["serve", "Server", "install_reactor", "AsyncioReactorRequired"],
 }
 
 
