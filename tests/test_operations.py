@@ -142,7 +142,7 @@ def write_rules(path: str, text: str) -> str:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)  # a reload never sees a half-written file
-    return path
+    return os.path.abspath(path)  # twistd runs from the checkout, the tests from a scratch directory
 
 
 def ask(port: int, data: bytes = b"hi\n", source: str | None = None, timeout: float = 5.0) -> bytes:
@@ -320,7 +320,7 @@ class ReloadUnderLoadTests(unittest.TestCase):
 
     def test_reload_under_load(self) -> None:
         """Four client threads, five reloads alternating two rules files: zero failed connections."""
-        path = self.mktemp()
+        path = os.path.abspath(self.mktemp())
         write_rules(path, ANSWER_RULES.format(version="v1", extra=""))
         port = free_port()
         server = Server("--config", path, "--port", f"tcp:{port}:interface=127.0.0.1", wait_ports=(port,))
@@ -370,7 +370,7 @@ class WorkersTests(unittest.TestCase):
 
     def test_workers(self) -> None:
         """Connections reach two worker pids; SIGHUP reloads both; SIGKILLed worker is replaced; SIGTERM exits 0."""
-        path = self.mktemp()
+        path = os.path.abspath(self.mktemp())
         write_rules(path, ANSWER_RULES.format(version="v1", extra=""))
         port = free_port()
         server = Server(
