@@ -50,6 +50,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -226,6 +227,10 @@ class Proxy:
     :param connect_timeout: seconds for a backend to connect (and finish its
         TLS handshake) before the next one is tried.
     :param idle_timeout: close relays that move no byte either way for this long.
+    :param close_timeout: seconds an end the relay has closed may linger
+        without taking a byte before it is aborted: a TLS peer that never
+        answers our ``close_notify``, or a reader that stopped reading, would
+        otherwise hold its socket for ever.
     :param tls: ``True`` (verify the certificate against the ``host=`` of the
         description), a hostname to verify, or a client TLS options object
         (``optionsForClientTLS(...)``) for TLS to the backends.
@@ -260,6 +265,7 @@ class Proxy:
         proxy_protocol: int | None = None,
         connect_timeout: float = 5.0,
         idle_timeout: float | None = None,
+        close_timeout: float = 10.0,
         tls: object = None,
         max_connections: int | None = None,
         health_check: HealthCheck | None = None,
@@ -293,12 +299,15 @@ class Proxy:
             raise ValueError(f"proxy_protocol must be None, 1 or 2, got {proxy_protocol!r}")
         if connect_timeout <= 0 or (idle_timeout is not None and idle_timeout <= 0):
             raise ValueError("connect_timeout and idle_timeout must be positive")
+        if isinstance(close_timeout, bool) or not isinstance(close_timeout, (int, float)) or not close_timeout > 0:
+            raise ValueError(f"close_timeout must be a positive number of seconds, got {close_timeout!r}")
         if health_check is not None and not isinstance(health_check, HealthCheck):
             raise TypeError(f"health_check must be a HealthCheck, got {health_check!r}")
         self.balance = balance
         self.proxy_protocol = proxy_protocol
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
+        self.close_timeout = float(close_timeout)
         self.max_connections = max_connections
         self.health_check = health_check
         self.max_fails = max_fails
@@ -630,8 +639,8 @@ class _BackendSide(Protocol):
 
     def writeConnectionLost(self) -> None:
         self.write_closed = True
-        if self.read_closed:
-            self.transport.loseConnection()  # type: ignore[union-attr]
+        if self.read_closed and self.transport is not None:
+            self.relay._close(self.transport)
 
     def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:  # noqa: B008
         self.lost = True
@@ -688,6 +697,13 @@ def _unsent(transport: object) -> int:
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[attr-defined,no-any-return]
 
 
+def _wire_unsent(transport: object) -> int:
+    """Bytes a transport still holds to put on the wire, under its TLS layer if it has one."""
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        return _unsent(transport.transport) + sum(len(d) for d in transport._appSendBuffer)
+    return _unsent(transport)
+
+
 def _abort(transport: ITransport) -> None:
     abort = getattr(transport, "abortConnection", None)
     if abort is not None:
@@ -729,6 +745,10 @@ class Relay(Protocol):
         self._client_lost = False
         self._ended = False
         self._splice: _splice.Splice | None = None
+        #: ends the relay has closed that have not gone yet, with the bytes
+        #: each still held to write at the last look.
+        self._closing: dict[ITransport, int] = {}
+        self._close_call: IDelayedCall | None = None
         self._bytes_in = 0
         self._bytes_out = 0
 
@@ -796,7 +816,7 @@ class Relay(Protocol):
 
     def _close_client_if_done(self) -> None:
         if self._client_read_closed and self._client_write_closed and self.transport is not None:
-            self.transport.loseConnection()
+            self._close(self.transport)
 
     def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:  # noqa: B008
         self._client_lost = True
@@ -808,7 +828,7 @@ class Relay(Protocol):
             assert transport is not None
             if reason.check(error.ConnectionDone):
                 transport.unregisterProducer()  # type: ignore[attr-defined]
-                transport.loseConnection()
+                self._close(transport)
             else:
                 _abort(transport)
         self._maybe_end()
@@ -825,7 +845,7 @@ class Relay(Protocol):
                 client=self.info.source,
             )
             assert self.transport is not None
-            self.transport.loseConnection()
+            self._close(self.transport)
             return
         backend = self._candidates.pop(0)
         self.backend = backend
@@ -976,9 +996,9 @@ class Relay(Protocol):
         if client_transport is not None and not self._client_lost:
             client_transport.unregisterProducer()  # type: ignore[attr-defined]
             if not _half_close(client_transport):
-                client_transport.loseConnection()
+                self._close(client_transport)
         if side.write_closed:
-            side.transport.loseConnection()
+            self._close(side.transport)
 
     def _backend_lost(self, side: _BackendSide, reason: Failure) -> None:
         self._unsplice()
@@ -992,7 +1012,7 @@ class Relay(Protocol):
         if not self._client_lost and client_transport is not None:
             if reason.check(error.ConnectionDone):
                 client_transport.unregisterProducer()  # type: ignore[attr-defined]
-                client_transport.loseConnection()
+                self._close(client_transport)
             else:
                 backend = self.backend
                 assert backend is not None
@@ -1021,7 +1041,57 @@ class Relay(Protocol):
         if self.side is not None and self.backend is not None:
             self.backend.stats.active -= 1
         self.proxy.relays.discard(self)
+        self._closing.clear()
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()
+        self._close_call = None
         self._stop_timers()
+
+    # Closing ends that do not go away
+
+    def _close(self, transport: ITransport) -> None:
+        """
+        Close one end cleanly, and abort it if it is still there after
+        ``close_timeout`` seconds in which its peer took no byte: a TLS
+        client that never answers our ``close_notify`` (the TLS layer waits
+        for that answer before closing the socket), or a reader that stopped
+        reading what we still have to write.
+        """
+        transport.loseConnection()
+        if self._ended or self._gone(transport) or transport in self._closing:
+            return
+        self._closing[transport] = _wire_unsent(transport)
+        if self._close_call is None:
+            self._close_call = self.proxy._reactor.callLater(self.proxy.close_timeout, self._check_closing)
+
+    def _gone(self, transport: ITransport) -> bool:
+        if transport is self.transport:
+            return self._client_lost
+        side = self.side
+        return side is None or transport is not side.transport or side.lost
+
+    def _check_closing(self) -> None:
+        self._close_call = None
+        for transport, before in list(self._closing.items()):
+            if self._gone(transport):
+                del self._closing[transport]
+                continue
+            now = _wire_unsent(transport)
+            if 0 < now < before:
+                # Still draining to a slow reader: it gets more time.
+                self._closing[transport] = now
+                continue
+            del self._closing[transport]
+            log.info(
+                "rule {rule}: {end} of {client}'s relay still open {seconds}s after it was closed; aborted",
+                rule=self.rule_name,
+                end="client end" if transport is self.transport else "backend end",
+                client=self.info.source,
+                seconds=self.proxy.close_timeout,
+            )
+            _abort(transport)
+        if self._closing and not self._ended:
+            self._close_call = self.proxy._reactor.callLater(self.proxy.close_timeout, self._check_closing)
 
     def _stop_timers(self) -> None:
         """Hook for subclasses with timers of their own."""
@@ -1064,7 +1134,7 @@ class _IdleTimedRelay(Relay):
                 for transport in (self.transport, self.side.transport if self.side else None):
                     if transport is not None:
                         transport.unregisterProducer()  # type: ignore[attr-defined]
-                        transport.loseConnection()
+                        self._close(transport)
                 return
         self._tick_later()
 

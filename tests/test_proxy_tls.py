@@ -12,6 +12,7 @@ import random
 import socket
 import ssl
 import subprocess
+import time
 from typing import Any
 
 from twisted.internet import ssl as tssl
@@ -140,6 +141,53 @@ class TerminatedClientTests(unittest.TestCase):
         self.assertNotIn(b"unexpected eof", done.stderr.lower() + done.stdout.lower())
         await until(lambda: not proxy.relays)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+def read_then_ignore_close_notify(port: int, ca_pem: bytes, request: bytes, wait: float) -> tuple[int, str, float]:
+    """
+    Blocking, for a thread: one TLS request read to the server's
+    ``close_notify``, which this client never answers; then wait up to
+    ``wait`` seconds on the bare socket. The answer's length, how the server
+    ended the socket (``eof``, ``reset`` or ``open``) and the seconds it took.
+    """
+    ctx = ssl.create_default_context(cadata=ca_pem.decode())
+    received = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        s = ctx.wrap_socket(raw, server_hostname=NAME, suppress_ragged_eofs=False)
+        s.sendall(request)
+        while chunk := s.recv(65536):
+            received += len(chunk)
+        bare = socket.socket(fileno=os.dup(s.fileno()))
+        with bare:
+            bare.settimeout(wait)
+            started = time.monotonic()
+            try:
+                ending = "eof" if bare.recv(1) == b"" else "data"
+            except ConnectionResetError:
+                ending = "reset"
+            except TimeoutError:
+                ending = "open"
+            took = time.monotonic() - started
+        s.close()
+    return received, ending, took
+
+
+class UnansweredCloseNotifyTests(unittest.TestCase):
+    """TerminateTLS -> Proxy -> a backend that answers and closes, for a client that never answers close_notify."""
+
+    async def test_tls_client_that_never_answers_close_notify_is_aborted_after_close_timeout(self) -> None:
+        """A TLS client that never answers the relay's close_notify loses its socket after close_timeout, not never."""
+        desc, _ = backend(self, Answerer)
+        proxy = Proxy(desc, close_timeout=1.0)
+        port, _, ca = terminating_mux(self, proxy)
+        request = b"7 100000\n"
+        received, ending, took = await wait(
+            threads.deferToThread(read_then_ignore_close_notify, port, ca.cert_pem, request, 8.0), 20
+        )
+        self.assertEqual(received, 100_000)
+        self.assertIn(ending, ("eof", "reset"))
+        self.assertLess(took, 5.0)
+        await until(lambda: not proxy.relays)
 
 
 def tls_backend(
