@@ -127,6 +127,9 @@ class MuxService(SignalHandlers, MultiService):
         self._stopping_factories: list[SniffingFactory] = []
         self._held: dict[int, SniffingFactory] = {}
         self.reloaded: list[Callable[[Config], None]] = []
+        # Reloads run one after another: each waits for the previous one's
+        # old ports to close, so two of them never race for the same port.
+        self._reloads: defer.Deferred[None] = defer.succeed(None)
         self.inherited = dict(inherited or {})
         self.in_worker = bool(self.inherited)
         self.metrics = metrics if metrics is not None else default_metrics()
@@ -215,6 +218,20 @@ class MuxService(SignalHandlers, MultiService):
         return wanted_listeners(config, self.ports)
 
     def reload(self) -> defer.Deferred[bool]:
+        """
+        Read the rules file again, once any reload still in progress has
+        finished (see :meth:`_reload_now`).
+        """
+        result: defer.Deferred[bool] = defer.Deferred()
+
+        def run(_: object) -> defer.Deferred[None]:
+            done = defer.maybeDeferred(self._reload_now)
+            return done.addCallbacks(result.callback, result.errback)
+
+        self._reloads.addBoth(run)
+        return result
+
+    def _reload_now(self) -> defer.Deferred[bool]:
         """
         Read the rules file again. New connections get the new rules and
         settings, live ones keep theirs; listeners that appear are started and

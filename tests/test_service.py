@@ -315,3 +315,22 @@ class ReloadListenerTests(unittest.TestCase):
         self.assertTrue((yield service.reload()))
         client = yield defer.Deferred.fromCoroutine(connect(port, b"HI"))
         self.assertEqual((yield client.lost), b"two:HI")
+
+    @defer.inlineCallbacks
+    def test_back_to_back_reloads_that_move_a_port_end_serving_the_last_file(self) -> Any:
+        """Reloads asked before the previous one closed its old port end with the last file's listener serving."""
+        from tests.twistd import free_port
+
+        port = free_port()
+        service = self.start(f"tcp:{port}")
+        pending = []
+        for i in range(6):
+            description = f"tcp:{port}:interface=127.0.0.1" if i % 2 == 0 else f"tcp:{port}"
+            self.write(description, f"w{i}")
+            pending.append(service.reload())
+        results = yield defer.gatherResults(pending)
+        self.assertEqual(results, [True] * 6)
+        self.assertEqual(list(service.listeners), [f"tcp:{port}"])
+        self.assertTrue(all(listener.running for listener in service.listeners.values()))
+        client = yield defer.Deferred.fromCoroutine(connect(port, b"HI"))
+        self.assertEqual((yield client.lost), b"w5:HI")
