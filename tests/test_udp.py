@@ -11,6 +11,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -104,6 +105,30 @@ class ReplayTests(unittest.SynchronousTestCase):
         calls = matcher.calls
         mux.datagram_received(b"W9", A)
         self.assertEqual(matcher.calls, calls)
+
+    def test_max_sniff_bytes_bounds_what_an_undecided_flow_holds(self) -> None:
+        """Once a flow's held datagrams reach max_sniff_bytes the evaluation is final: nothing more is held for it."""
+        matcher = Counting(b"W", datagrams=99)
+        target = Recorder()
+        mux, _, _ = make_mux([Rule(matcher, target)], max_sniff_bytes=1000)
+        mux.datagram_received(b"W" * 600, A)
+        self.assertEqual(sum(map(len, mux.table.flows[A].held)), 600)
+        mux.datagram_received(b"W" * 600, A)
+        self.assertEqual(len(mux.table.flows), 0)
+        self.assertEqual(mux.table.unmatched, 1)
+        self.assertEqual(mux.stats.ended[("-", "no_match")][0], 1)
+        big = ("10.0.0.3", 7000)
+        mux.datagram_received(b"W" * 65507, big)
+        self.assertNotIn(big, mux.table.flows)
+        self.assertEqual(target.got, [])
+
+    def test_max_sniff_bytes_comes_from_the_rules_file_settings(self) -> None:
+        """build_udp_mux and a reload give the mux the rules file's max_sniff_bytes."""
+        from muxtwist.config import Settings
+        from muxtwist.udp.listener import build_udp_mux
+
+        mux = build_udp_mux([Rule(Prefix(b"x"), Recorder())], Settings(max_sniff_bytes=2048), reactor=Clock())
+        self.assertEqual(mux.max_sniff_bytes, 2048)
 
 
 class UnmatchedTests(unittest.SynchronousTestCase):

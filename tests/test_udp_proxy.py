@@ -16,7 +16,8 @@ from twisted.trial import unittest
 from muxtwist.matchers import Prefix
 from muxtwist.metrics import Metrics
 from muxtwist.sniffing import Rule
-from muxtwist.udp import UDPMux, UDPProxy, parse_udp_description
+from muxtwist.udp import UDPListener, UDPMux, UDPProxy, parse_udp_description
+from muxtwist.udp.mux import MAX_DATAGRAM
 from muxtwist.udp.proxy import parse_backend
 
 from .udp_helpers import Echo
@@ -159,6 +160,27 @@ class ProxyTests(unittest.TestCase):
         self.assertEqual(third.replies, [])
         self.assertEqual(proxy.rejected, 1)
         self.assertEqual(mux.stats.ended[("prefix", "rejected")][0], 1)
+
+    @defer.inlineCallbacks
+    def test_largest_datagrams_relayed_whole(self) -> Any:
+        """Datagrams of the largest UDP size pass whole both ways through a UDPListener and UDPProxy."""
+        backend = Backend(b"")
+        backend_port = reactor.listenUDP(0, backend, interface="127.0.0.1", maxPacketSize=MAX_DATAGRAM)
+        self.addCleanup(backend_port.stopListening)
+        proxy = UDPProxy(f"udp:host=127.0.0.1:port={backend_port.getHost().port}")
+        mux = UDPMux([Rule(Prefix(b"big"), proxy)], metrics=Metrics())
+        listener = UDPListener("udp:0:interface=127.0.0.1", mux, reactor)
+        listener.startService()
+        self.addCleanup(listener.stopService)
+        c = Client()
+        p = reactor.listenUDP(0, c, interface="127.0.0.1", maxPacketSize=MAX_DATAGRAM)
+        p.connect("127.0.0.1", listener.port.getHost().port)
+        self.addCleanup(p.stopListening)
+        payload = b"big" + bytes(range(256)) * 255 + b"x" * 223
+        p.write(payload)
+        reply = yield c.next_reply()
+        self.assertEqual(len(payload), 65506)
+        self.assertEqual(reply, b":" + payload)  # 65507 bytes back
 
     @defer.inlineCallbacks
     def test_in_process_target_on_real_socket(self) -> Any:

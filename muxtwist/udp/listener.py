@@ -14,7 +14,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from muxtwist.udp.mux import UDPMux
+from muxtwist.udp.mux import MAX_DATAGRAM, UDPMux
 from muxtwist.udp.proxy import _fields
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ def build_udp_mux(rules: Sequence[Rule], settings: Settings, reactor: Any = None
     return UDPMux(
         rules,
         sniff_timeout=settings.sniff_timeout,
+        max_sniff_bytes=settings.max_sniff_bytes,
         log_connections=settings.log_connections,
         **udp_settings(settings),
         reactor=reactor,
@@ -117,7 +118,7 @@ class UDPListener(Service):
         # Bind here, before twistd drops privileges (port 443).
         if self.port is None:
             self.port = self._reactor.listenUDP(
-                self.address.port, self.factory.protocol, interface=self.address.interface
+                self.address.port, self.factory.protocol, interface=self.address.interface, maxPacketSize=MAX_DATAGRAM
             )
             log.info(
                 "listening on {description} at {address}", description=self.description, address=self.port.getHost()
@@ -183,6 +184,7 @@ def reload_udp_listeners(service: Any, wanted: dict[str, Sequence[Rule]], settin
                 continue
             mux = listener.factory
             mux.sniff_timeout = settings.sniff_timeout
+            mux.max_sniff_bytes = settings.max_sniff_bytes
             mux.log_connections = settings.log_connections
             for name, value in udp_settings(settings).items():
                 if name == "max_udp_flows":

@@ -38,11 +38,16 @@ if TYPE_CHECKING:
     from muxtwist.metrics import Metrics
     from muxtwist.sniffing import Rule
 
-__all__ = ["UDPMux", "is_datagram_target"]
+__all__ = ["MAX_DATAGRAM", "UDPMux", "is_datagram_target"]
 
 log = Logger()
 
 MATCH, NO_MATCH, NEED_MORE = Verdict.MATCH, Verdict.NO_MATCH, Verdict.NEED_MORE
+
+#: The largest UDP payload (IPv4: 65535 - 20 - 8 = 65507; IPv6 jumbograms
+#: aside). Sockets read with a buffer this size, so that no datagram is cut
+#: short (Twisted's listenUDP reads 8192 bytes by default).
+MAX_DATAGRAM = 65535
 
 
 def is_datagram_target(value: object) -> bool:
@@ -95,13 +100,18 @@ class UDPMux:
     """
     The sniffer of one UDP listener: flows, rules, targets.
 
-    Listen with ``reactor.listenUDP(port, mux.protocol)``, or through
-    :class:`~muxtwist.udp.listener.UDPListener` and ``MuxService``.
+    Listen with ``reactor.listenUDP(port, mux.protocol,
+    maxPacketSize=MAX_DATAGRAM)`` (Twisted's default of 8192 bytes cuts larger
+    datagrams short), or through :class:`~muxtwist.udp.listener.UDPListener`
+    and ``MuxService``.
 
     :param rules: :class:`~muxtwist.sniffing.Rule` s whose targets are
         ``DatagramProtocol`` s (each target serves one listener).
     :param sniff_timeout: seconds a flow may stay undecided.
     :param max_sniff_datagrams: the most datagrams held while undecided.
+    :param max_sniff_bytes: once the datagrams held for a flow reach this
+        many bytes, the evaluation is the final one (as on TCP), so a flow
+        still undecided holds less than this.
     :param max_udp_flows: the most entries in the flow table (live flows and
         remembered unmatched remotes together).
     :param max_flows_per_source: the most live flows from one source host.
@@ -120,6 +130,7 @@ class UDPMux:
         *,
         sniff_timeout: float = 5.0,
         max_sniff_datagrams: int = 4,
+        max_sniff_bytes: int = 16384,
         max_udp_flows: int = 10000,
         max_flows_per_source: int | None = None,
         flow_idle_timeout: float = 60.0,
@@ -139,6 +150,7 @@ class UDPMux:
             raise ValueError(f"max_sniff_datagrams must be at least 1, got {max_sniff_datagrams!r}")
         self.sniff_timeout = sniff_timeout
         self.max_sniff_datagrams = max_sniff_datagrams
+        self.max_sniff_bytes = max_sniff_bytes
         self.flow_idle_timeout = flow_idle_timeout
         self.log_connections = log_connections
         self.table = FlowTable(max_udp_flows, max_flows_per_source, unmatched_timeout)
@@ -304,7 +316,8 @@ class UDPMux:
         flow.held.append(data)
         flow.datagrams_in += 1
         flow.bytes_in += len(data)
-        self._evaluate(flow, final=len(flow.held) >= self.max_sniff_datagrams)
+        final = len(flow.held) >= self.max_sniff_datagrams or flow.bytes_in >= self.max_sniff_bytes
+        self._evaluate(flow, final=final)
         if flow.sniffing and flow.timer is None and self.table.flows.get(flow.addr) is flow:
             flow.timer = self._reactor.callLater(self.sniff_timeout, self._sniff_timed_out, flow)
 
@@ -331,8 +344,11 @@ class UDPMux:
         if self.on_no_match is not None:
             self._hand_off(flow, "on_no_match", self.on_no_match)
             return
-        if final and reason == "no_match" and len(datagrams) >= self.max_sniff_datagrams:
-            reason = "max_sniff_datagrams"
+        if final and reason == "no_match":
+            if len(datagrams) >= self.max_sniff_datagrams:
+                reason = "max_sniff_datagrams"
+            elif flow.bytes_in >= self.max_sniff_bytes:
+                reason = "max_sniff_bytes"
         self._end(flow, "no_match", reason)
         self.table.remember_unmatched(flow.addr, self._reactor.seconds())
 

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from muxtwist.udp.interfaces import IFlowTarget
+from muxtwist.udp.mux import MAX_DATAGRAM
 
 __all__ = ["BALANCE", "UDPBackend", "UDPProxy", "parse_backend"]
 
@@ -228,7 +229,7 @@ class UDPProxy(DatagramProtocol):
         side = _BackendSide(self, addr, backend)
         interface = "::" if backend.family == socket.AF_INET6 else ""
         try:
-            self._reactor.listenUDP(0, side, interface=interface)
+            self._reactor.listenUDP(0, side, interface=interface, maxPacketSize=MAX_DATAGRAM)
         except Exception as e:
             backend.failures += 1
             self.failed += 1
