@@ -27,6 +27,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 from targets import SEEDS, TARGETS  # noqa: E402
+from udp_targets import UDP_TARGETS, udp_seeds  # noqa: E402
+
+TARGETS = {**TARGETS, **UDP_TARGETS}
 
 
 def fuzz(name: str, seconds: int, crashes: str, seeds: list[bytes]) -> tuple[bool, str]:
@@ -100,6 +103,7 @@ def main() -> int:
     if args.seconds <= 0:
         parser.error(f"--seconds must be positive, got {args.seconds}")
     seeds = SEEDS(real_captures=not args.no_captures)
+    seeds.update(udp_seeds())
     crashes = os.path.join(HERE, "crashes")
     clean = True
     for name in args.names:

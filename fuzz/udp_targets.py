@@ -69,6 +69,7 @@ def openvpn_udp(data: bytes) -> None:
     _check([OpenVPN()], data)
 
 
+#: harness name -> target.
 UDP_TARGETS: dict[str, Callable[[bytes], None]] = {
     "quic": quic,
     "dns": dns,
@@ -77,3 +78,18 @@ UDP_TARGETS: dict[str, Callable[[bytes], None]] = {
     "stun": stun,
     "openvpn_udp": openvpn_udp,
 }
+
+
+def udp_seeds() -> dict[str, list[bytes]]:
+    """
+    Seed inputs per UDP harness: the real-format openers the hypothesis run
+    in ``tests/test_fuzz_udp.py`` mutates (a QUIC Initial over two datagrams,
+    a DNS query, a WireGuard initiation, DTLS ClientHello fragments, a STUN
+    binding request, an OpenVPN hard reset); empty if the test helpers
+    cannot be imported.
+    """
+    try:
+        from tests.test_fuzz_udp import SEEDS
+    except Exception:
+        return {}
+    return {name: [seed] for name, seed in SEEDS.items()}
