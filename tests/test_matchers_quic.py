@@ -132,6 +132,26 @@ class HandBuiltTests(unittest.SynchronousTestCase):
         self.assertIs(m.match(*udp([b"\x16\x03\x01" + b"\x00" * 1197])), NO_MATCH)
         self.assertIs(m.match(b"", DatagramInfo()), NEED_MORE)  # nothing yet, as on a new TCP connection
 
+    def test_datagrams_no_client_sends_cost_bounded_work(self) -> None:
+        """A datagram of many coalesced Initials, or an Initial of thousands of tiny frames, is NO_MATCH unwalked."""
+        partial = self.hello[:300]
+        many = initial_packet(crypto_frame(0, partial) + b"\x01" * 24, dcid=DCID, pn=0)
+        many += b"".join(initial_packet(b"\x01" * 24, dcid=DCID, pn=pn) for pn in range(1, 200))
+        self.assertIs(QUIC().match(*udp([many])), NO_MATCH)
+        tiny = initial_packet(crypto_frame(0, partial) + crypto_frame(0, b"\x01") * 4000, dcid=DCID, pad_to=16300)
+        self.assertIs(QUIC().match(*udp([tiny])), NO_MATCH)
+        pings = initial_packet(crypto_frame(0, partial) + b"\x01" * 8000, dcid=DCID, pad_to=8100)
+        self.assertIs(QUIC().match(*udp([pings])), NO_MATCH)
+        # What real clients send stays within the bounds: a ClientHello in 40 CRYPTO frames with a PING
+        # between each, and an Initial and a 0-RTT-sized second Initial coalesced.
+        step = len(self.hello) // 40 + 1
+        frames = [b"\x01" + crypto_frame(i, self.hello[i : i + step]) for i in range(0, len(self.hello), step)]
+        half = len(frames) // 2
+        datagram = b"".join(
+            initial_packet(b"".join(part), dcid=DCID, pn=n) for n, part in enumerate((frames[:half], frames[half:]))
+        )
+        self.assertIs(QUIC(sni="a.test").match(*udp([datagram])), MATCH)
+
     def test_short_first_dcid_refused(self) -> None:
         """A first Initial with a Destination Connection ID under 8 bytes is not a client's (RFC 9000 7.2)."""
         datagrams = initial_datagrams(self.hello[:900], [], dcid=b"\x01\x02\x03")

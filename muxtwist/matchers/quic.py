@@ -20,7 +20,9 @@ NEED_MORE while the ClientHello is incomplete (bounded by the listener's
 datagram that is not a client Initial of an accepted version, a packet that
 does not decrypt, a change of Destination Connection ID, a ClientHello
 declaring more than ``MAX_CLIENT_HELLO`` bytes, or one the TLS parser
-rejects.
+rejects; also for a datagram of more than 8 long-header packets or a flow
+of more than 512 frames, which no client's first flight holds (walking them
+would let one 64 KiB datagram cost a second of CPU).
 """
 
 from __future__ import annotations
@@ -59,6 +61,13 @@ _ZERO_RTT = {V1: 1, V2: 2}
 _MIN_DATAGRAM = 1200
 _MIN_FIRST_DCID = 8
 _MAX_CID = 20
+# A client's first datagrams coalesce an Initial and perhaps a 0-RTT packet,
+# and split its ClientHello over a few CRYPTO frames (some clients mix in
+# PING and PADDING frames). Walking more costs CPU per datagram an attacker
+# can make as large as 64 KiB, re-done at every evaluation of the flow:
+# past these bounds the datagrams are not a client's first flight.
+_MAX_PACKETS_PER_DATAGRAM = 8
+_MAX_FRAMES = 512
 
 
 class _Malformed(Exception):
@@ -123,12 +132,24 @@ def _open_initial(datagram: bytes, start: int, pn_offset: int, end: int, version
     return payload
 
 
-def _crypto_frames(payload: bytes, out: list[tuple[int, bytes]]) -> None:
+class _Budget:
+    """The frames an evaluation may still read (all packets and datagrams of the flow together)."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self) -> None:
+        self.frames = _MAX_FRAMES
+
+
+def _crypto_frames(payload: bytes, out: list[tuple[int, bytes]], budget: _Budget) -> None:
     """Append the (offset, data) of each CRYPTO frame; raise on anything a client Initial cannot hold."""
     pos, end = 0, len(payload)
     if not end:
         raise _Malformed()
     while pos < end:
+        budget.frames -= 1
+        if budget.frames < 0:
+            raise _Malformed()
         kind, pos = _varint(payload, pos, end)
         if kind == 0x00:  # PADDING: skip the run at once
             rest = payload[pos:end].lstrip(b"\x00")
@@ -163,7 +184,12 @@ def _crypto_frames(payload: bytes, out: list[tuple[int, bytes]]) -> None:
 
 
 def _datagram_crypto(
-    datagram: bytes, versions: frozenset[int], first: bool, dcid: bytes | None, out: list[tuple[int, bytes]]
+    datagram: bytes,
+    versions: frozenset[int],
+    first: bool,
+    dcid: bytes | None,
+    out: list[tuple[int, bytes]],
+    budget: _Budget,
 ) -> bytes | None:
     """
     Walk the long-header packets of one datagram, decrypting the Initials
@@ -172,7 +198,11 @@ def _datagram_crypto(
     """
     pos, size = 0, len(datagram)
     seen_initial = False
+    packets = 0
     while pos < size:
+        packets += 1
+        if packets > _MAX_PACKETS_PER_DATAGRAM:
+            raise _Malformed()
         start = pos
         head = datagram[pos]
         if head & 0xC0 != 0xC0:  # not a long header with the fixed bit: padding, or a later short packet
@@ -211,7 +241,7 @@ def _datagram_crypto(
                 dcid = packet_dcid
             elif packet_dcid != dcid:
                 raise _Malformed()
-            _crypto_frames(_open_initial(datagram, start, pos, end, version, packet_dcid), out)
+            _crypto_frames(_open_initial(datagram, start, pos, end, version, packet_dcid), out, budget)
             seen_initial = True
         pos = end
     if seen_initial and size < _MIN_DATAGRAM:
@@ -241,9 +271,10 @@ def parse_initial_datagrams(
     accepted = frozenset(versions)
     frames: list[tuple[int, bytes]] = []
     dcid: bytes | None = None
+    budget = _Budget()
     try:
         for i, datagram in enumerate(datagrams):
-            found = _datagram_crypto(datagram, accepted, i == 0, dcid, frames)
+            found = _datagram_crypto(datagram, accepted, i == 0, dcid, frames, budget)
             if i == 0 and found is None:
                 return NO_MATCH, None
             dcid = found or dcid
