@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from muxtwist._twisted import endpoint_port
 from muxtwist.interfaces import IMatcher
 from muxtwist.sniffing import Rule
 
@@ -154,8 +155,7 @@ def probe_listen(description: str) -> str | None:
         endpoint = endpoints.serverFromString(_NoReactor(), description)
     except Exception:
         return None
-    port = getattr(endpoint, "_port", None)
-    interface = getattr(endpoint, "_interface", "")
+    port, interface = endpoint_port(endpoint) or (0, "")
     if not isinstance(endpoint, endpoints.TCP4ServerEndpoint | endpoints.TCP6ServerEndpoint) or not port:
         return None
     family = (

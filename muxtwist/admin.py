@@ -40,6 +40,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
+from muxtwist._twisted import default_reactor
 from muxtwist.metrics import LIMITS, Metrics, default_metrics, proxies_of
 
 if TYPE_CHECKING:
@@ -182,10 +183,7 @@ def status(service: Any = None, metrics: Metrics | None = None, reactor: Any = N
     """
     if metrics is None:
         metrics = getattr(service, "metrics", None) or default_metrics()
-    if reactor is None:
-        from twisted.internet import reactor as _reactor
-
-        reactor = _reactor
+    reactor = default_reactor(reactor)
     return {
         "time": reactor.seconds(),
         "draining": bool(getattr(service, "draining", False)),
@@ -345,10 +343,7 @@ class WorkerPeers:
     """
 
     def __init__(self, directory: str, reactor: Any = None, expected: Callable[[], int] | None = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+        reactor = default_reactor(reactor)
         self.directory = directory
         self._reactor = reactor
         self._agent = Agent.usingEndpointFactory(reactor, _UNIXSockets(reactor, directory))
@@ -542,14 +537,10 @@ class _Aggregating(Resource):
 
     def __init__(self, service: Any, metrics: Metrics, peers: WorkerPeers | None, reactor: Any = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
         self.service = service
         self.metrics = metrics
         self.peers = peers
-        self._reactor = reactor
+        self._reactor = default_reactor(reactor)
 
     def local_status(self) -> dict[str, Any]:
         return status(self.service, self.metrics, self._reactor)
@@ -580,8 +571,11 @@ class _Aggregating(Resource):
         return peers.fetch("/worker/status.json").addCallback(merge)
 
     def respond(self, request: Request, d: defer.Deferred[bytes]) -> int:
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+
         def write(body: bytes) -> None:
-            if not request.finished and not getattr(request, "_disconnected", False):
+            if not request.finished and not gone:
                 request.write(body)
                 request.finish()
 

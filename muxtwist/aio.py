@@ -28,6 +28,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IProtocolFactory
 from twisted.logger import Logger
 
+from muxtwist._twisted import asyncio_loop_of, reactor_started
 from muxtwist.apps import ASGI, AsyncioReactorRequired
 from muxtwist.service import MuxService
 from muxtwist.sniffing import Rule, SniffingFactory
@@ -68,13 +69,13 @@ def install_reactor(loop: asyncio.AbstractEventLoop | None = None) -> Any:
             "twisted.internet.reactor before muxtwist.aio.serve ran: call muxtwist.aio.install_reactor() "
             "first thing inside asyncio.run, before importing code that imports the reactor"
         )
-    elif reactor._asyncioEventloop is not loop:
+    elif asyncio_loop_of(reactor) is not loop:
         raise AsyncioReactorRequired(
             "Twisted's asyncio reactor is installed on a different event loop than the running one; "
             "one process has one reactor: serve from the loop it was installed on"
         )
     r: Any = reactor
-    if not r.running and not r._started:
+    if not r.running and not reactor_started(r):
         r.startRunning(installSignalHandlers=False)
     return r
 

@@ -19,6 +19,7 @@ import attrs
 from twisted.internet.interfaces import IProtocolFactory, IReactorCore
 from twisted.logger import Logger
 
+from muxtwist._twisted import endpoint_port
 from muxtwist.interfaces import IMatcher
 from muxtwist.sniffing import Rule, SniffingFactory, duplicate_names
 from muxtwist.udp.listener import is_udp, parse_udp_description, udp_target_problem
@@ -172,8 +173,8 @@ def check_endpoint(description: str) -> None:
         endpoint = endpoints.serverFromString(_NoReactor(), description)
     except Exception as e:
         raise ValueError(f"bad endpoint description {description!r}: {e}") from None
-    port = getattr(endpoint, "_port", None)
-    if isinstance(port, int) and not 0 <= port <= 65535:
+    port, _ = endpoint_port(endpoint) or (0, "")
+    if not 0 <= port <= 65535:
         raise ValueError(f"bad endpoint description {description!r}: port {port} is not in 0-65535")
 
 

@@ -9,6 +9,7 @@ the same verdict and a fuzzer can call it a million times.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -17,7 +18,11 @@ from twisted.plugin import IPlugin
 from zope.interface import Attribute, Interface
 
 __all__ = [
+    "BackendState",
+    "ConnectionEnd",
     "ConnectionInfo",
+    "IBackendPool",
+    "IConnectionObserver",
     "IConnectionInfoFactory",
     "IConnectionReport",
     "IMatcher",
@@ -132,6 +137,94 @@ class IConnectionReport(Interface):
     bytes_out = Attribute("Bytes moved back to the client.")
     backend_failed = Attribute("True if the connection ended because no backend could take it.")
     transparent = Attribute("True if the backend connection was made from the client's own address.")
+
+
+@attrs.frozen
+class ConnectionEnd:
+    """
+    What is known about a connection when it ends: what the sniffer tells
+    each :class:`IConnectionObserver`.
+
+    :ivar rule: the rule that got the connection, ``"on_timeout"``,
+        ``"on_no_match"``, or ``"-"`` when it ended before any did.
+    :ivar outcome: how sniffing ended (a :data:`muxtwist.metrics.OUTCOMES` value).
+    :ivar sniff_time: seconds from accept to the rules' decision (to the end,
+        for a connection that ended while sniffing).
+    :ivar sniffed_in: bytes read from the client while sniffing.
+    :ivar sniffed_out: bytes written to it by responding matchers.
+    :ivar relayed_in: bytes the handed-off protocol moved from the client
+        onwards, when it reports them (:class:`IConnectionReport`), else ``None``.
+    :ivar relayed_out: bytes it moved back to the client, or ``None``.
+    :ivar transparent: the backend connection came from the client's own address.
+    :ivar peer: the client as logs show it (the PROXY source when there is one).
+    :ivar local_port: our port the client connected to, when known.
+    :ivar duration: seconds from accept to the end.
+    """
+
+    rule: str
+    outcome: str
+    sniff_time: float
+    sniffed_in: int
+    sniffed_out: int
+    relayed_in: int | None = None
+    relayed_out: int | None = None
+    transparent: bool = False
+    peer: str = ""
+    local_port: int | None = None
+    duration: float = 0.0
+
+
+class IConnectionObserver(Interface):
+    """
+    Told how each connection ended and which limits refused connections:
+    metrics (:class:`muxtwist.metrics.Metrics`) and the ``connection_end``
+    log (:class:`muxtwist._report.ConnectionLog`) are observers.
+
+    Called once per connection, on the reactor thread; must not raise.
+    """
+
+    def connection_end(end: ConnectionEnd) -> None:
+        """A connection has ended."""
+
+    def limit_rejected(limit: str) -> None:
+        """A connection was closed at once because ``limit`` was reached."""
+
+
+@attrs.frozen
+class BackendState:
+    """
+    A snapshot of one backend of an :class:`IBackendPool`, read at scrape time.
+
+    :ivar description: the backend's endpoint description, as metrics label it.
+    :ivar usable: new connections may go to it now (health checks pass, not
+        skipped after failures).
+    :ivar active: relays open to it now.
+    :ivar total: relays ever opened to it.
+    :ivar transparent: of those, relays opened from the client's own address.
+    :ivar failures: connect failures and mid-stream resets.
+    :ivar errors: ``failures`` by kind (refused, timeout, reset, tls, error).
+    """
+
+    description: str
+    usable: bool
+    active: int
+    total: int
+    transparent: int
+    failures: int
+    errors: Mapping[str, int]
+
+
+class IBackendPool(Interface):
+    """
+    A factory that relays connections to a set of backends
+    (:class:`muxtwist.proxy.Proxy`): what metrics and status pages read.
+    """
+
+    gave_up = Attribute("Connections closed because no backend could take them.")
+    transparent = Attribute("True if backend connections are made from the client's own address.")
+
+    def backend_states() -> Sequence[BackendState]:
+        """One :class:`BackendState` per backend, in configuration order."""
 
 
 class IMatcherPlugin(IPlugin):

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import weakref
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -25,10 +25,9 @@ from prometheus_client.utils import floatToGoString
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
 
-if TYPE_CHECKING:
-    from muxtwist.sniffing import SniffingFactory
+from muxtwist.interfaces import BackendState, ConnectionEnd, IBackendPool, IConnectionObserver
 
-__all__ = ["LIMITS", "OUTCOMES", "Metrics", "default_metrics", "proxies_of"]
+__all__ = ["LIMITS", "OUTCOMES", "Metrics", "backend_pools", "default_metrics", "proxies_of"]
 
 #: The ``outcome`` label values of ``muxtwist_connections_total``.
 OUTCOMES = (
@@ -51,12 +50,34 @@ LIMITS = (
     "max_handshakes_per_source",
 )
 
+
+class _Connection(Protocol):
+    @property
+    def sniffing(self) -> bool: ...
+
+
+class Tracked(Protocol):
+    """
+    What :class:`Metrics` reads from a tracked sniffing factory at scrape time
+    (:class:`muxtwist.SniffingFactory` provides it): typed here so that this
+    module does not import the sniffer, which reports to it.
+    """
+
+    @property
+    def stats(self) -> Mapping[str, Any]: ...
+
+    @property
+    def connections(self) -> Iterable[_Connection]: ...
+
+
 SNIFF_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+@implementer(IConnectionObserver)
 class Metrics:
     """
-    The counters of one process (or one test).
+    The counters of one process (or one test); an
+    :class:`~muxtwist.interfaces.IConnectionObserver`.
 
     :ivar registry: the ``CollectorRegistry`` that ``/metrics`` exposes.
     """
@@ -71,7 +92,7 @@ class Metrics:
         )
         for limit in LIMITS:
             self.limit_rejections.labels(limit)
-        self._factories: weakref.WeakSet[SniffingFactory] = weakref.WeakSet()
+        self._factories: weakref.WeakSet[Any] = weakref.WeakSet()
         # What ends with each connection is kept in plain lists and turned
         # into metric families at scrape time: a few additions per
         # connection instead of prometheus_client's locked updates.
@@ -81,14 +102,18 @@ class Metrics:
         self.registry.register(_EndedCollector(self))
         self.registry.register(_LiveCollector(self))
 
-    def track(self, factory: SniffingFactory) -> None:
+    def track(self, factory: Tracked) -> None:
         """Read ``factory``'s live numbers at scrape time (held weakly)."""
         self._factories.add(factory)
 
     @property
-    def factories(self) -> list[SniffingFactory]:
+    def factories(self) -> list[Any]:
         """The sniffing factories being tracked and still alive."""
         return list(self._factories)
+
+    def connection_end(self, end: ConnectionEnd) -> None:
+        """Count one connection that has ended (:class:`~muxtwist.interfaces.IConnectionObserver`)."""
+        self.connection_ended(end.rule, end.outcome, end.sniff_time, end.sniffed_in, end.sniffed_out)
 
     def connection_ended(self, rule: str, outcome: str, sniff_time: float, bytes_in: int, bytes_out: int) -> None:
         """Count one connection that has ended."""
@@ -149,11 +174,62 @@ class EmfileWatcher:
         globalLogPublisher.removeObserver(self)
 
 
+def backend_pools(factory: object, seen: set[int] | None = None) -> Iterator[tuple[str, IBackendPool]]:
+    """
+    ``(rule name, pool)`` for each :class:`~muxtwist.interfaces.IBackendPool`
+    reachable from ``factory``'s rules, as :func:`proxies_of` finds them.
+    """
+    for rule_name, proxy in proxies_of(factory, seen):
+        yield rule_name, proxy if IBackendPool.providedBy(proxy) else _DuckPool(proxy)
+
+
+def _is_pool(factory: object) -> bool:
+    if IBackendPool.providedBy(factory):
+        return True
+    # Until Proxy declares IBackendPool: anything with a list of backends and a gave_up count.
+    return isinstance(getattr(factory, "backends", None), list) and hasattr(factory, "gave_up")
+
+
+@implementer(IBackendPool)
+class _DuckPool:
+    """
+    :class:`~muxtwist.interfaces.IBackendPool` read from a proxy that does not
+    declare it, by its attributes (``backends`` with ``stats`` and
+    ``description``); goes once :class:`muxtwist.proxy.Proxy` provides it.
+    """
+
+    def __init__(self, proxy: Any) -> None:
+        self.proxy = proxy
+        self.gave_up: int = proxy.gave_up
+        self.transparent = bool(getattr(proxy, "transparent", False))
+
+    def backend_states(self) -> Sequence[BackendState]:
+        now = self.proxy._reactor.seconds()
+        states = []
+        for backend in self.proxy.backends:
+            stats = backend.stats
+            usable = backend.usable(now) if hasattr(backend, "usable") else stats.healthy
+            states.append(
+                BackendState(
+                    description=backend.description,
+                    usable=bool(usable),
+                    active=stats.active,
+                    total=stats.total,
+                    transparent=getattr(stats, "transparent", 0),
+                    failures=stats.failures,
+                    errors=dict(stats.errors),
+                )
+            )
+        return states
+
+
 def proxies_of(factory: object, seen: set[int] | None = None) -> Iterator[tuple[str, Any]]:
     """
     ``(rule name, proxy)`` for each proxy reachable from ``factory``'s rules,
     including through wrapping factories (``TerminateTLS``) and nested
-    sniffing factories. A proxy is anything with ``backends`` whose items
+    sniffing factories. A proxy provides
+    :class:`~muxtwist.interfaces.IBackendPool`, or (until
+    :class:`muxtwist.proxy.Proxy` declares it) has ``backends`` whose items
     have ``stats`` and ``description``.
     """
     seen = set() if seen is None else seen
@@ -169,7 +245,7 @@ def _proxies_in(rule_name: str, factory: object, seen: set[int]) -> Iterator[tup
     depth = 0
     while factory is not None and depth < 4 and id(factory) not in seen:
         seen.add(id(factory))
-        if isinstance(getattr(factory, "backends", None), list) and hasattr(factory, "gave_up"):
+        if _is_pool(factory):
             yield rule_name, factory
             return
         if hasattr(factory, "rules") and hasattr(factory, "connections"):
@@ -264,20 +340,18 @@ class _LiveCollector(Collector):
                 if name != "-":  # connections that ended before any rule got them
                     by_rule[name] = by_rule.get(name, 0) + stats.active
             n_sniffing += sum(1 for c in list(factory.connections) if c.sniffing)
-            for rule, proxy in proxies_of(factory, seen):
-                gave_up.add_metric([rule], proxy.gave_up)
-                now = proxy._reactor.seconds()
-                for backend in proxy.backends:
-                    labels = [rule, backend.description]
-                    usable = backend.usable(now) if hasattr(backend, "usable") else backend.stats.healthy
-                    up.add_metric(labels, 1.0 if usable else 0.0)
-                    relays.add_metric(labels, backend.stats.active)
-                    opened.add_metric(labels, backend.stats.total)
-                    if getattr(proxy, "transparent", False):
-                        transparent.add_metric(labels, backend.stats.transparent)
-                    errors = dict(backend.stats.errors)
-                    if not errors and backend.stats.failures:
-                        errors = {"error": backend.stats.failures}
+            for rule, pool in backend_pools(factory, seen):
+                gave_up.add_metric([rule], pool.gave_up)
+                for state in pool.backend_states():
+                    labels = [rule, state.description]
+                    up.add_metric(labels, 1.0 if state.usable else 0.0)
+                    relays.add_metric(labels, state.active)
+                    opened.add_metric(labels, state.total)
+                    if pool.transparent:
+                        transparent.add_metric(labels, state.transparent)
+                    errors = dict(state.errors)
+                    if not errors and state.failures:
+                        errors = {"error": state.failures}
                     for kind, count in sorted(errors.items()):
                         failures.add_metric([*labels, kind], count)
         for name, count in sorted(by_rule.items()):

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from muxtwist._signals import SignalHandlers
+from muxtwist._twisted import default_reactor, listen_errors_raise, listening
 from muxtwist.config import Config, ConfigError, apply_settings, build_factory, endpoint_description, load_config
 from muxtwist.metrics import EmfileWatcher, Metrics, default_metrics
 from muxtwist.sniffing import SniffingFactory, SniffingProtocol
@@ -62,13 +63,14 @@ class Listener(StreamServerEndpointService):
         self.description = description
         self.inherited_fd = inherited_fd
         self.port: Any = None
-        self._raiseSynchronously = True
+        listen_errors_raise(self)
         self.setName(description)  # type: ignore[no-untyped-call]
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()  # type: ignore[no-untyped-call]
-        if self._waitingForPort is not None:
-            self._waitingForPort.addCallback(self._listening)
+        waiting = listening(self)
+        if waiting is not None:
+            waiting.addCallback(self._listening)
 
     def _listening(self, port: Any) -> Any:
         self.port = port
@@ -114,11 +116,7 @@ class MuxService(SignalHandlers, MultiService):
         reactor: Any = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
-        self._reactor = reactor
+        self._reactor = default_reactor(reactor)
         self.shutdown_timeout = shutdown_timeout
         self.config_path = config_path
         self.ports = ports

@@ -1,0 +1,1 @@
+`import muxtwist`, `muxtwist.matchers` and any matcher module no longer load `prometheus_client`, `twisted.application` or the reactor (254 modules instead of 504): the facades load their heavy names on first use.

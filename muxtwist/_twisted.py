@@ -1,0 +1,152 @@
+"""
+The places where muxtwist reads or sets private attributes of Twisted's
+objects, one helper each, and the default-reactor lookup.
+
+Each helper says why Twisted offers no public way and on which Twisted
+versions the attribute was checked. ``tests/test_twisted_private.py`` builds
+real Twisted objects and fails, naming the helper, as soon as a Twisted
+release renames or changes one of them: the fix then belongs here alone.
+
+Checked on: Twisted 26.10.0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    # Types only: this module is imported by light modules (no twisted.application).
+    from twisted.application.internet import StreamServerEndpointService
+    from twisted.internet import defer
+    from twisted.internet.interfaces import IStreamServerEndpoint
+
+__all__ = [
+    "asyncio_loop_of",
+    "default_reactor",
+    "endpoint_port",
+    "listen_errors_raise",
+    "listening",
+    "reactor_started",
+    "unsent_bytes",
+    "was_aborted",
+]
+
+
+def default_reactor(reactor: Any) -> Any:
+    """
+    ``reactor``, or the global one when it is ``None``.
+
+    Importing ``twisted.internet.reactor`` installs the default reactor, so it
+    is done only here, when a caller did not pass one (tests pass a ``Clock``
+    or ``MemoryReactorClock``; embedders pass theirs).
+    """
+    if reactor is None:
+        from twisted.internet import reactor as installed
+
+        return installed
+    return reactor
+
+
+def unsent_bytes(transport: object) -> int | None:
+    """
+    Bytes a Twisted ``FileDescriptor`` transport (TCP, UNIX) holds and has not
+    yet written to its socket; ``None`` for a transport that is not one.
+
+    Why private: ``FileDescriptor`` keeps its write buffer as ``dataBuffer``
+    (bytes, of which ``offset`` are already written) plus ``_tempDataLen``
+    bytes queued in ``_tempDataBuffer``; the only public view is
+    ``IProducer``-style pausing at ``bufferSize``, which says "more than
+    64 KiB", not "how many" or "none". The relays need "none" before they
+    move data under Twisted (splice) and the count for backpressure.
+    Checked on Twisted 26.10.0 (``twisted.internet.abstract.FileDescriptor``).
+    """
+    buffered = getattr(transport, "dataBuffer", None)
+    if not isinstance(buffered, bytes):
+        return None
+    held: Any = transport
+    return len(buffered) - int(held.offset) + int(held._tempDataLen)
+
+
+def was_aborted(transport: object) -> bool:
+    """
+    Whether ``abortConnection()`` was called on a TLS transport
+    (``TLSMemoryBIOProtocol``).
+
+    Why private: a failed hostname check aborts the connection from inside
+    the handshake, and the handshake may still report completion afterwards;
+    ``TLSMemoryBIOProtocol._aborted`` is the only record of the abort before
+    ``connectionLost`` arrives. ``False`` for transports without it.
+    Checked on Twisted 26.10.0 (``twisted.protocols.tls``).
+    """
+    return bool(getattr(transport, "_aborted", False))
+
+
+def listen_errors_raise(service: StreamServerEndpointService) -> None:
+    """
+    Make ``service.privilegedStartService()`` raise a failed ``listen()``
+    (port in use, permission denied) instead of only logging it.
+
+    Why private: ``StreamServerEndpointService._raiseSynchronously`` is the
+    switch ``twistd`` itself relies on (it is set by
+    ``twisted.application.strports``' callers); there is no constructor
+    argument for it. Checked on Twisted 26.10.0.
+    """
+    service._raiseSynchronously = True
+
+
+def listening(service: StreamServerEndpointService) -> defer.Deferred[Any] | None:
+    """
+    The ``Deferred`` of ``service``'s ``endpoint.listen()`` (it fires with the
+    ``IListeningPort``), or ``None`` before the service has started.
+
+    Why private: ``StreamServerEndpointService`` keeps it as
+    ``_waitingForPort`` and offers no accessor; the port object is the only
+    way to learn the address actually bound (``port=0``) and to close it.
+    Checked on Twisted 26.10.0.
+    """
+    waiting: defer.Deferred[Any] | None = service._waitingForPort
+    return waiting
+
+
+def asyncio_loop_of(reactor: object) -> asyncio.AbstractEventLoop | None:
+    """
+    The asyncio event loop an ``AsyncioSelectorReactor`` runs on; ``None``
+    for any other reactor.
+
+    Why private: the reactor is built from a loop (``install(loop)``) but
+    keeps it as ``_asyncioEventloop`` with no accessor.
+    Checked on Twisted 26.10.0 (``twisted.internet.asyncioreactor``).
+    """
+    loop = getattr(reactor, "_asyncioEventloop", None)
+    return loop if isinstance(loop, asyncio.AbstractEventLoop) else None
+
+
+def reactor_started(reactor: object) -> bool:
+    """
+    Whether ``reactor.startRunning()`` has been called and the reactor has
+    not stopped since (``running`` is only true once the loop is entered).
+
+    Why private: ``ReactorBase._started`` is the flag ``startRunning``
+    checks itself to raise ``ReactorAlreadyRunning``; ``running`` alone does
+    not tell "started, loop not entered yet" from "never started".
+    Checked on Twisted 26.10.0 (``twisted.internet.base.ReactorBase``).
+    """
+    return bool(getattr(reactor, "_started", False))
+
+
+def endpoint_port(endpoint: IStreamServerEndpoint) -> tuple[int, str] | None:
+    """
+    ``(port, interface)`` of a TCP server endpoint built by
+    ``serverFromString``; ``None`` for any other endpoint.
+
+    Why private: ``TCP4ServerEndpoint`` and ``TCP6ServerEndpoint`` keep the
+    parsed ``_port`` and ``_interface`` and expose neither; parsing the
+    description again would mean copying Twisted's parser.
+    Checked on Twisted 26.10.0 (``twisted.internet.endpoints``).
+    """
+    held: Any = endpoint
+    port = getattr(held, "_port", None)
+    if not isinstance(port, int) or isinstance(port, bool):
+        return None
+    return port, str(getattr(held, "_interface", ""))

@@ -1,0 +1,173 @@
+"""
+The private Twisted attributes muxtwist reads (muxtwist._twisted), checked on
+real Twisted objects: a Twisted release that renames or changes one fails
+here, naming the helper, rather than somewhere in the relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer, endpoints, protocol, reactor, tcp
+from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial import unittest
+
+from muxtwist._twisted import (
+    asyncio_loop_of,
+    default_reactor,
+    endpoint_port,
+    listen_errors_raise,
+    listening,
+    reactor_started,
+    unsent_bytes,
+    was_aborted,
+)
+
+
+class _Pair(unittest.TestCase):
+    """A real TCP connection on loopback: ``self.client`` is our side's transport."""
+
+    async def connect(self) -> tcp.Connection:
+        server = protocol.ServerFactory.forProtocol(protocol.Protocol)
+        port = reactor.listenTCP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        made: defer.Deferred[protocol.Protocol] = defer.Deferred()
+
+        class Client(protocol.Protocol):
+            def connectionMade(self) -> None:
+                made.callback(self)
+
+        creator = protocol.ClientCreator(reactor, Client)
+        await creator.connectTCP("127.0.0.1", port.getHost().port)
+        client = await made
+        transport = client.transport
+        assert isinstance(transport, tcp.Connection)
+        self.addCleanup(transport.abortConnection)
+        return transport
+
+
+class UnsentBytesTests(_Pair):
+    async def test_counts_what_a_tcp_transport_holds(self) -> None:
+        """unsent_bytes: a TCP transport's dataBuffer, offset and _tempDataLen add up to the bytes not yet sent."""
+        transport = await self.connect()
+        self.assertEqual(unsent_bytes(transport), 0)
+        # Writes go to _tempDataBuffer until the reactor's next doWrite.
+        transport.write(b"x" * 1000)
+        transport.writeSequence([b"y" * 10, b"z" * 5])
+        self.assertEqual(unsent_bytes(transport), 1015, "FileDescriptor._tempDataLen changed meaning")
+        # After doWrite, they move to dataBuffer; what the socket took is past offset.
+        transport.doWrite()
+        self.assertEqual(unsent_bytes(transport), 0, "FileDescriptor.dataBuffer/offset changed meaning")
+        self.assertIsInstance(transport.dataBuffer, bytes)
+        self.assertIsInstance(transport.offset, int)
+
+    async def test_counts_a_partly_sent_buffer(self) -> None:
+        """unsent_bytes: when the socket takes part of a buffer, the rest is counted through offset."""
+        transport = await self.connect()
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transport.stopReading()  # the peer reads nothing: its window fills
+        size = 8 * 1024 * 1024
+        transport.write(b"x" * size)
+        transport.doWrite()
+        left = unsent_bytes(transport)
+        assert left is not None
+        self.assertTrue(0 < left < size, left)
+        self.assertEqual(left, len(transport.dataBuffer) - transport.offset + transport._tempDataLen)
+        self.assertGreater(transport.offset, 0, "FileDescriptor.offset no longer marks what was sent")
+
+    def test_none_for_other_transports(self) -> None:
+        """unsent_bytes is None for a transport that is not a FileDescriptor."""
+        self.assertIsNone(unsent_bytes(StringTransport()))
+        self.assertIsNone(unsent_bytes(None))
+
+
+class AbortedTests(unittest.TestCase):
+    def test_tls_transport_records_abort(self) -> None:
+        """was_aborted: TLSMemoryBIOProtocol sets _aborted when abortConnection is called."""
+        from twisted.internet.ssl import optionsForClientTLS
+
+        factory = TLSMemoryBIOFactory(
+            optionsForClientTLS("example.com"), True, protocol.Factory.forProtocol(protocol.Protocol)
+        )
+        tls = factory.buildProtocol(None)
+        tls.makeConnection(StringTransport())
+        self.assertFalse(was_aborted(tls))
+        self.assertTrue(hasattr(type(tls), "_aborted"), "TLSMemoryBIOProtocol._aborted is gone")
+        tls.abortConnection()
+        self.assertTrue(was_aborted(tls), "TLSMemoryBIOProtocol.abortConnection no longer sets _aborted")
+
+    def test_false_elsewhere(self) -> None:
+        """was_aborted is False for a transport that does not record aborts."""
+        self.assertFalse(was_aborted(StringTransport()))
+
+
+class ListeningServiceTests(unittest.TestCase):
+    def test_raise_synchronously(self) -> None:
+        """listen_errors_raise: privilegedStartService raises a failed listen instead of logging it."""
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        endpoint = endpoints.TCP4ServerEndpoint(reactor, busy.getsockname()[1], interface="127.0.0.1")
+        service = StreamServerEndpointService(endpoint, protocol.Factory())
+        self.assertFalse(service._raiseSynchronously)
+        listen_errors_raise(service)
+        self.assertRaises(CannotListenError, service.privilegedStartService)
+
+    def test_waiting_for_port(self) -> None:
+        """listening: None before start, then the Deferred that fires with the listening port."""
+        memory = MemoryReactorClock()
+        endpoint = endpoints.TCP4ServerEndpoint(memory, 0, interface="127.0.0.1")
+        service = StreamServerEndpointService(endpoint, protocol.Factory())
+        self.assertIsNone(listening(service), "StreamServerEndpointService._waitingForPort is not None at first")
+        service.privilegedStartService()
+        waiting = listening(service)
+        self.assertIsInstance(waiting, defer.Deferred)
+        assert waiting is not None
+        self.successResultOf(waiting)
+        self.assertEqual([(port, interface) for port, _, _, interface in memory.tcpServers], [(0, "127.0.0.1")])
+
+
+class ReactorTests(unittest.TestCase):
+    def test_asyncio_loop(self) -> None:
+        """asyncio_loop_of: an AsyncioSelectorReactor keeps the loop it was built on as _asyncioEventloop."""
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+        asyncio_reactor = AsyncioSelectorReactor(loop)
+        self.assertIs(asyncio_loop_of(asyncio_reactor), loop)
+        self.assertIsNone(asyncio_loop_of(Clock()))
+
+    def test_started(self) -> None:
+        """reactor_started: ReactorBase._started turns true on startRunning, before the loop runs."""
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+        asyncio_reactor = AsyncioSelectorReactor(loop)
+        self.assertFalse(reactor_started(asyncio_reactor))
+        asyncio_reactor.startRunning(installSignalHandlers=False)
+        self.assertTrue(reactor_started(asyncio_reactor), "ReactorBase._started is not set by startRunning")
+        asyncio_reactor.stop()
+        asyncio_reactor.crash()
+
+    def test_endpoint_port(self) -> None:
+        """endpoint_port: serverFromString's TCP endpoints keep _port and _interface as parsed."""
+
+        class NoReactor:
+            pass
+
+        tcp4 = endpoints.serverFromString(NoReactor(), "tcp:8443:interface=127.0.0.1")
+        tcp6 = endpoints.serverFromString(NoReactor(), "tcp6:8444:interface=\\:\\:1")
+        self.assertEqual(endpoint_port(tcp4), (8443, "127.0.0.1"))
+        self.assertEqual(endpoint_port(tcp6), (8444, "::1"))
+        self.assertIsNone(endpoint_port(endpoints.serverFromString(NoReactor(), "unix:/tmp/x.sock")))
+
+    def test_default_reactor(self) -> None:
+        """default_reactor gives back the reactor passed, and the global one for None."""
+        clock = Clock()
+        self.assertIs(default_reactor(clock), clock)
+        self.assertIs(default_reactor(None), reactor)
