@@ -819,3 +819,70 @@ class RecipeSetupTests(ExampleTestCase):
         with open(os.path.join(folder, "ssh_host_ed25519_key.pub")) as f:
             self.assertIn(f.read().split()[1].encode(), done.stdout, done.stderr)
         self.assertStops(running)
+
+
+GUIDES = ("docs/migration", "docs/howto", "docs/tutorial.rst", "docs/tls.md", "docs/reference/rules-file.rst")
+
+
+def python_blocks(path: str) -> list[str]:
+    """The Python code blocks of an .rst or .md page."""
+    with open(path) as f:
+        text = f.read()
+    if path.endswith(".md"):
+        return re.findall(r"```python\n(.*?)```", text, re.S)
+    return [
+        textwrap.dedent(found.group(1))
+        for found in re.finditer(r"\.\. code-block:: python\n(?:   :.*\n)*\n((?:   .*\n|\n)+)", text)
+    ]
+
+
+def guide_pages() -> list[str]:
+    pages = []
+    for entry in GUIDES:
+        path = os.path.join(ROOT, entry)
+        if os.path.isdir(path):
+            pages += sorted(os.path.join(path, name) for name in os.listdir(path) if name.endswith((".rst", ".md")))
+        else:
+            pages.append(path)
+    return pages
+
+
+class GuideTests(ExampleTestCase):
+    """The guides' own examples say what the code does."""
+
+    def test_every_rule_in_the_guides_is_named(self) -> None:
+        """Every Rule(...) in the guides' code (and the example files they include) has name=."""
+        import ast
+
+        sources = [(page, block) for page in guide_pages() for block in python_blocks(page)]
+        for folder, _, files in os.walk(EXAMPLES):
+            for name in files:
+                if name.endswith(".py") and "test" not in name:
+                    with open(os.path.join(folder, name)) as f:
+                        sources.append((os.path.join(folder, name), f.read()))
+        checked = 0
+        for where, source in sources:
+            try:
+                tree = ast.parse(source)
+            except SyntaxError:
+                continue  # a fragment with "..." in it
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Rule":
+                    checked += 1
+                    self.assertIn("name", [k.arg for k in node.keywords], f"{where}: line {node.lineno}")
+        self.assertGreater(checked, 30)
+
+    def test_sslh_guide_timeout_with_some_bytes(self) -> None:
+        """With the sslh guide's rules, a client that sent 'GE' and then nothing goes to the Any() rule."""
+        from muxtwist.interfaces import ConnectionInfo
+        from muxtwist.testing import route
+
+        page = os.path.join(ROOT, "docs", "migration", "sslh.rst")
+        (rules_py,) = [b for b in python_blocks(page) if "rules = [" in b]
+        namespace: dict[str, object] = {}
+        exec(compile(rules_py, page, "exec"), namespace)
+        result = route(namespace["rules"], b"GE", ConnectionInfo(), final=True)  # type: ignore[arg-type]
+        self.assertEqual(result.name, "anyprot")
+        with open(page) as f:
+            text = " ".join(f.read().split())
+        self.assertIn("nothing more goes to the ``Any()`` rule (``anyprot``", text)
