@@ -318,10 +318,10 @@ def _check_settings(path: str, ns: Mapping[str, Any], lines: Mapping[str, tuple[
             raise ConfigError(
                 path, line("accept_proxy_protocol"), f"accept_proxy_protocol must be a list of CIDRs, got {value!r}"
             )
-        from muxtwist.matchers._basic import parse_networks
+        from muxtwist.proxyprotocol import Trust
 
         try:
-            parse_networks(value)
+            Trust.parse(value)
         except ValueError as e:
             raise ConfigError(path, line("accept_proxy_protocol"), f"accept_proxy_protocol: {e}") from None
         values["accept_proxy_protocol"] = tuple(value)
@@ -390,15 +390,11 @@ def build_factory(rules: Sequence[Rule], settings: Settings, reactor: IReactorCo
 
 def apply_settings(factory: SniffingFactory, rules: Sequence[Rule], settings: Settings) -> None:
     """Give a running factory new rules and settings (a reload)."""
-    from muxtwist.matchers._basic import parse_networks
 
     factory.sniff_timeout = settings.sniff_timeout
     factory.max_sniff_bytes = settings.max_sniff_bytes
     factory.max_connections = settings.max_connections
     factory.max_connections_per_source = settings.max_connections_per_source
     factory.log_connections = settings.log_connections
-    factory.accept_proxy_protocol = settings.accept_proxy_protocol
-    factory._trusted = (
-        None if settings.accept_proxy_protocol is None else parse_networks(settings.accept_proxy_protocol)
-    )
+    factory.accept_proxy_protocol = settings.accept_proxy_protocol  # also what it trusts
     factory.set_rules(rules, on_timeout=settings.on_timeout, on_no_match=settings.on_no_match)

@@ -12,7 +12,16 @@ The rules :class:`ProxyHeaderReader` applies (a listener's
 - a peer outside them that sends a header is refused (it could otherwise
   claim any source address);
 - a peer outside them that sends no header is sniffed as usual: its bytes
-  come back unchanged as soon as they cannot be a PROXY signature.
+  come back unchanged as soon as they cannot be a PROXY signature, and if it
+  stops (end of stream, the sniff timeout) while they still could, the bytes
+  held so far are sniffed as usual too (:meth:`ProxyHeaderReader.finish`);
+- a trusted peer whose header is missing, malformed or cut short (by its end
+  of stream or the sniff timeout) is refused; it is never taken for a client.
+
+``accept_proxy_protocol`` entries are CIDRs, or ``"unix"``: every peer of a
+UNIX-socket listener is trusted (a balancer on the same host, as HAProxy's
+``server ... /run/mux.sock send-proxy-v2``), since only what can open the
+socket file can connect.
 
 The pure parsing lives in :mod:`muxtwist.matchers.proxy_protocol`.
 """
@@ -20,13 +29,14 @@ The pure parsing lives in :mod:`muxtwist.matchers.proxy_protocol`.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+import attrs
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress
 
 from muxtwist.interfaces import ConnectionInfo
-from muxtwist.matchers._basic import in_networks
+from muxtwist.matchers._basic import in_networks, parse_networks
 from muxtwist.matchers.proxy_protocol import (
     Address,
     ProxyHeader,
@@ -37,9 +47,39 @@ from muxtwist.matchers.proxy_protocol import (
     signature,
 )
 
-__all__ = ["ProxyHeaderReader", "header_for", "ip_port"]
+__all__ = ["ProxyHeaderReader", "Trust", "header_for", "ip_port"]
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: The ``accept_proxy_protocol`` entry that trusts every peer of a UNIX-socket listener.
+UNIX = "unix"
+
+
+@attrs.frozen
+class Trust:
+    """
+    Which peers may (and must) send a PROXY header: those in ``networks``,
+    and, with ``unix``, every peer of a UNIX-socket listener.
+    """
+
+    networks: tuple[_Network, ...] = ()
+    unix: bool = False
+
+    @classmethod
+    def parse(cls, entries: Iterable[str]) -> Trust:
+        """Read ``accept_proxy_protocol``: CIDRs (a bare address is one host) and ``"unix"``."""
+        entries = list(entries)
+        for entry in entries:
+            if not isinstance(entry, str):
+                raise ValueError(f"not an IP network or {UNIX!r}: {entry!r}")
+        cidrs = [e for e in entries if e.strip().lower() != UNIX]
+        return cls(parse_networks(cidrs), len(cidrs) < len(entries))
+
+    def trusts(self, peer: IAddress | None) -> bool:
+        """Whether ``peer`` (the transport's own peer) is trusted."""
+        if isinstance(peer, UNIXAddress):
+            return self.unix
+        return in_networks(_peer_ip(peer), self.networks)
 
 
 def ip_port(address: IAddress | None) -> tuple[str, int] | None:
@@ -94,7 +134,8 @@ class ProxyHeaderReader:
     any size.
 
     :param info: what is known of the connection; ``info.peer`` decides trust.
-    :param trusted_networks: the networks whose peers may (and must) send a header.
+    :param trusted: the :class:`Trust` (or, as before, the networks) whose
+        peers may (and must) send a header.
     :ivar info: ``info``, with ``proxy_source``/``proxy_destination`` set once
         a header with addresses has been read.
     :ivar header: the parsed header, once there is one.
@@ -102,9 +143,11 @@ class ProxyHeaderReader:
 
     __slots__ = ("_buffer", "header", "info", "trusted")
 
-    def __init__(self, info: ConnectionInfo, trusted_networks: Sequence[_Network]) -> None:
+    def __init__(self, info: ConnectionInfo, trusted: Trust | Sequence[_Network]) -> None:
         self.info = info
-        self.trusted = in_networks(_peer_ip(info.peer), tuple(trusted_networks))
+        if not isinstance(trusted, Trust):
+            trusted = Trust(tuple(trusted))
+        self.trusted = trusted.trusts(info.peer)
         self._buffer = b""
         self.header: ProxyHeader | None = None
 
@@ -141,3 +184,19 @@ class ProxyHeaderReader:
                 proxy_destination=_twisted_address(header.destination),
             )
         return buffer[header.length :]
+
+    def finish(self) -> bytes:
+        """
+        The peer stopped (end of stream, or the sniff timeout) before the
+        header was decided.
+
+        :returns: what an untrusted peer sent (a signature's first bytes that
+            never became one), to be sniffed as usual.
+        :raises ValueError: a trusted peer's header is missing or cut short.
+        """
+        held, self._buffer = self._buffer, b""
+        if self.trusted:
+            if held:
+                raise ValueError(f"PROXY header cut short after {len(held)} bytes")
+            raise ValueError("no PROXY header")
+        return held

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Sequence
-from ipaddress import IPv4Network, IPv6Network
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -33,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from muxtwist._text import LogThrottle, printable
 from muxtwist.interfaces import (
     ConnectionInfo,
     IConnectionInfoFactory,
@@ -44,18 +44,52 @@ from muxtwist.interfaces import (
 
 if TYPE_CHECKING:
     from muxtwist.metrics import Metrics
-    from muxtwist.proxyprotocol import ProxyHeaderReader
+    from muxtwist.proxyprotocol import ProxyHeaderReader, Trust
 
-__all__ = ["Outcome", "Rule", "RuleStats", "SniffingFactory", "check_unique_names", "duplicate_names"]
+__all__ = [
+    "Outcome",
+    "Rule",
+    "RuleStats",
+    "SniffingFactory",
+    "check_unique_names",
+    "duplicate_names",
+    "max_matcher_work",
+]
 
 log = Logger()
 
-#: While the buffer is this small every chunk is evaluated at once. Past it,
-#: evaluation waits until the buffer has grown by a quarter, or until the
-#: client has paused for QUIET_DELAY; so a client dribbling bytes costs
-#: matcher work proportional to ``max_sniff_bytes``, not to its square.
+# When the rules see the buffer. The matcher work of one connection is
+# bounded by a constant times max_sniff_bytes, whatever the client's timing
+# and sniff_timeout (max_matcher_work gives the bound):
+#
+# - eagerly: while the buffer holds at most EAGER_BYTES, each chunk is
+#   evaluated at once, for the first EAGER_EVALUATIONS evaluations (the usual
+#   opener arrives whole in the first chunk and is decided there);
+# - on growth: a chunk that grows the buffer by a quarter since the last
+#   evaluation is evaluated at once; these sizes grow geometrically, so they
+#   sum to less than 5 * max_sniff_bytes;
+# - on a pause: bytes held back are evaluated once the client has sent
+#   nothing for QUIET_DELAY (the timer re-arms itself until there really is
+#   such a pause), while the scans these cost stay within QUIET_BUDGET *
+#   max_sniff_bytes; past that budget, only growth and the final evaluation
+#   remain;
+# - finally, once: max_sniff_bytes reached, end of stream, or sniff_timeout.
 EAGER_BYTES = 1024
+EAGER_EVALUATIONS = 32
 QUIET_DELAY = 0.02
+QUIET_BUDGET = 4
+
+
+def max_matcher_work(max_sniff_bytes: int) -> int:
+    """
+    The most bytes one matcher is shown over one connection's sniffing:
+    ``EAGER_EVALUATIONS * min(EAGER_BYTES, max_sniff_bytes)`` for the eager
+    evaluations, ``5 * max_sniff_bytes`` for those on growth,
+    ``QUIET_BUDGET * max_sniff_bytes`` for those after a pause, and
+    ``max_sniff_bytes`` for the final one (12 * 16 KiB at the defaults).
+    """
+    eager = EAGER_EVALUATIONS * min(EAGER_BYTES, max_sniff_bytes)
+    return eager + (5 + QUIET_BUDGET + 1) * max_sniff_bytes
 
 
 def _provides(interface: Any, what: str, also: type | None = None) -> Callable[[Any, Any, Any], None]:
@@ -183,6 +217,21 @@ def _unique(factories: Iterable[IProtocolFactory | None]) -> list[IProtocolFacto
     return list(seen.values())
 
 
+@attrs.define(eq=False)
+class _RuleSet:
+    """
+    What one ``set_rules`` call installed, kept by every connection sniffed
+    under it, and how many of those are still sniffing (so may yet pick any
+    of its factories).
+    """
+
+    rules: tuple[Rule, ...]
+    on_timeout: IProtocolFactory | None
+    on_no_match: IProtocolFactory | None
+    factories: tuple[IProtocolFactory, ...]
+    sniffing: int = 0
+
+
 @implementer(IConnectionInfoFactory)
 class SniffingFactory:
     """
@@ -198,8 +247,11 @@ class SniffingFactory:
     :param max_connections: connections above this are closed at once.
     :param max_connections_per_source: connections from one source host
         (the PROXY source once a header is accepted) above this are closed.
-    :param accept_proxy_protocol: CIDRs of peers trusted to send a PROXY
-        protocol header before their data.
+    :param accept_proxy_protocol: peers trusted to send a PROXY protocol
+        header before their data: CIDRs, and ``"unix"`` for every peer of a
+        UNIX-socket listener. A trusted peer must send a header; its
+        connection counts towards ``max_connections_per_source`` only once
+        the header is read, as the header's source.
     :param metrics: the :class:`~muxtwist.metrics.Metrics` to count into
         (the process-wide one by default).
     :param log_connections: emit one log event per connection when it ends
@@ -240,10 +292,18 @@ class SniffingFactory:
             metrics = default_metrics()
         self.metrics: Metrics = metrics
         metrics.track(self)
+        self._trusted: Trust | None = None
         self.accept_proxy_protocol = accept_proxy_protocol
-        self._trusted = None if accept_proxy_protocol is None else _networks(accept_proxy_protocol)
+        self._log_throttle = LogThrottle(reactor)
         self._started = 0
-        self._running: list[IProtocolFactory] = []
+        # Inner factories: those started, those of them no longer wanted
+        # (stopped once nothing can use them), and live handed-off
+        # connections per factory; all keyed by id().
+        self._running: dict[int, IProtocolFactory] = {}
+        self._retiring: dict[int, IProtocolFactory] = {}
+        self._in_use: dict[int, int] = {}
+        self._ruleset = _RuleSet((), None, None, ())
+        self._old_rulesets: list[_RuleSet] = []
         self.connections: set[SniffingProtocol] = set()
         self._idle: list[defer.Deferred[None]] = []
         self.stats: dict[str, RuleStats] = {}
@@ -254,6 +314,18 @@ class SniffingFactory:
 
     def __repr__(self) -> str:
         return f"<SniffingFactory rules={[r.name for r in self.rules]}>"
+
+    @property
+    def accept_proxy_protocol(self) -> tuple[str, ...] | None:
+        """The trusted PROXY peers as given (CIDRs and ``"unix"``), or ``None``."""
+        return self._accept_proxy_protocol
+
+    @accept_proxy_protocol.setter
+    def accept_proxy_protocol(self, entries: Sequence[str] | None) -> None:
+        from muxtwist.proxyprotocol import Trust
+
+        self._trusted = None if entries is None else Trust.parse(entries)
+        self._accept_proxy_protocol = None if entries is None else tuple(entries)
 
     def set_rules(
         self,
@@ -279,23 +351,55 @@ class SniffingFactory:
         self.on_no_match = on_no_match
         for name in [r.name for r in self.rules] + ["on_timeout", "on_no_match"]:
             self.stats.setdefault(name, RuleStats())
+        if self._ruleset.sniffing:
+            self._old_rulesets.append(self._ruleset)
+        factories = _unique([r.factory for r in self.rules] + [on_timeout, on_no_match])
+        self._ruleset = _RuleSet(self.rules, on_timeout, on_no_match, tuple(factories))
         if self._started:
             self._start_inner()
 
-    def _inner_factories(self) -> list[IProtocolFactory]:
-        return _unique([r.factory for r in self.rules] + [self.on_timeout, self.on_no_match])
-
     def _start_inner(self) -> None:
-        wanted = self._inner_factories()
-        wanted_ids = {id(f) for f in wanted}
-        running_ids = {id(f) for f in self._running}
-        for f in self._running:
-            if id(f) not in wanted_ids:
-                f.doStop()
+        """Start the wanted inner factories not running yet; retire the others."""
+        wanted = self._ruleset.factories
         for f in wanted:
-            if id(f) not in running_ids:
+            if id(f) not in self._running:
+                self._running[id(f)] = f
                 f.doStart()
-        self._running = wanted
+            self._retiring.pop(id(f), None)
+        wanted_ids = {id(f) for f in wanted}
+        for key, f in self._running.items():
+            if key not in wanted_ids:
+                self._retiring[key] = f
+        self._stop_retired()
+
+    def _stop_retired(self) -> None:
+        """
+        Stop each retiring factory that nothing can use any more: no live
+        connection was handed to it, and no connection still sniffing under
+        rules that name it.
+        """
+        if not self._retiring:
+            return
+        self._old_rulesets = [s for s in self._old_rulesets if s.sniffing]
+        sniffing = [*self._old_rulesets, self._ruleset] if self._ruleset.sniffing else self._old_rulesets
+        busy = {id(f) for s in sniffing for f in s.factories}
+        for key, f in list(self._retiring.items()):
+            if key not in busy and not self._in_use.get(key):
+                del self._retiring[key]
+                del self._running[key]
+                f.doStop()
+
+    def _use(self, f: IProtocolFactory) -> None:
+        """A connection was handed to ``f``."""
+        self._in_use[id(f)] = self._in_use.get(id(f), 0) + 1
+
+    def _release(self, f: IProtocolFactory) -> None:
+        """A connection handed to ``f`` ended."""
+        n = self._in_use.pop(id(f), 0) - 1
+        if n > 0:
+            self._in_use[id(f)] = n
+        elif self._retiring:
+            self._stop_retired()
 
     # IProtocolFactory
 
@@ -306,14 +410,16 @@ class SniffingFactory:
         self._started += 1
 
     def doStop(self) -> None:
-        """Stop the inner factories when the last port stops using us."""
+        """
+        When the last port stops using us, stop the inner factories: each
+        at once if no connection uses it, or when its last connection ends.
+        """
         if self._started == 0:
             return
         self._started -= 1
         if not self._started:
-            for f in self._running:
-                f.doStop()
-            self._running = []
+            self._retiring = dict(self._running)
+            self._stop_retired()
 
     def buildProtocol(self, addr: IAddress) -> SniffingProtocol | None:
         return self.buildProtocolForConnection(addr, None, "")
@@ -326,23 +432,32 @@ class SniffingFactory:
             self._refused(addr, "max_connections", self.max_connections)
             return None
         source = None
-        if self.max_connections_per_source is not None:
+        limit = self.max_connections_per_source
+        # A trusted PROXY peer (a balancer) is counted once its header says
+        # whose connection this is (SniffingProtocol._read_proxy_header).
+        if limit is not None and (self._trusted is None or not self._trusted.trusts(info.peer if info else addr)):
             source = _host(info.source if info is not None else addr)
             if not self._take_source(source):
-                self._refused(addr, "max_connections_per_source", self.max_connections_per_source)
+                self._refused(addr, "max_connections_per_source", limit)
                 return None
         p = SniffingProtocol(self, addr, info)
         p._source = source
         return p
 
     def _refused(self, peer: object, limit: str, value: int, rule: str = "") -> None:
+        """Count a refusal by ``limit``; log it, at most once a second per limit (and rule)."""
         self.metrics.limit_rejected(limit)
+        suppressed = self._log_throttle.admit((limit, rule))
+        if suppressed is None:
+            return
         log.warn(
-            "refusing {peer}: {limit} ({value}) reached",
-            peer=peer,
+            "refusing {peer}: {limit} ({value}) reached"
+            + (" ({suppressed} more refused by it since the last line)" if suppressed else ""),
+            peer=printable(_address(peer)),
             limit=limit,
             value=value,
             rule=rule,
+            suppressed=suppressed,
             outcome=Outcome.REJECTED.value,
         )
 
@@ -400,12 +515,6 @@ def _host(address: object) -> str | None:
     return host if isinstance(host, str) else None
 
 
-def _networks(cidrs: Sequence[str]) -> tuple[IPv4Network | IPv6Network, ...]:
-    from muxtwist.matchers._basic import parse_networks
-
-    return parse_networks(cidrs)
-
-
 @implementer(IProtocol, IHalfCloseableProtocol)
 class SniffingProtocol:
     """
@@ -420,13 +529,18 @@ class SniffingProtocol:
         "_bytes_in",
         "_bytes_out",
         "_deadline",
+        "_evaluations",
+        "_handed_to",
         "_info",
+        "_last_data",
         "_next_eval",
+        "_overflow",
         "_proxy_reader",
         "_quiet",
+        "_quiet_left",
         "_read_closed",
         "_responder",
-        "_rules",
+        "_ruleset",
         "_source",
         "addr",
         "ended_at",
@@ -443,12 +557,17 @@ class SniffingProtocol:
         self.factory = factory
         self.addr = addr
         self._info = info
-        self._rules = factory.rules
+        self._ruleset = factory._ruleset
         self.transport: ITransport | None = None
         self._buffer: bytearray | None = bytearray()
+        self._overflow = b""
         self._deadline: IDelayedCall | None = None
         self._quiet: IDelayedCall | None = None
         self._next_eval = 0
+        self._evaluations = 0
+        self._last_data = 0.0
+        self._quiet_left = QUIET_BUDGET * factory.max_sniff_bytes
+        self._handed_to: IProtocolFactory | None = None
         self._read_closed = False
         self._responder: IRespondingMatcher | None = None
         self._active: RuleStats | None = None
@@ -493,6 +612,7 @@ class SniffingProtocol:
         if self._info is None:
             self._info = ConnectionInfo(peer=transport.getPeer(), local=transport.getHost())
         factory._add(self)
+        self._ruleset.sniffing += 1
         self._deadline = reactor.callLater(factory.sniff_timeout, self._timed_out)
         if factory._trusted is not None:
             from muxtwist.proxyprotocol import ProxyHeaderReader
@@ -513,16 +633,40 @@ class SniffingProtocol:
             data = self._read_proxy_header(data)
             if not data or self._buffer is None:
                 return
+        room = self.factory.max_sniff_bytes - len(buffer)
+        if len(data) >= room:
+            # The cap: decide on exactly max_sniff_bytes. What this read
+            # brought beyond it is not sniffed; the winner gets it after the
+            # replay (the rest of the stream is still in the kernel).
+            if len(data) > room:
+                self._overflow = data[room:]
+                data = data[:room]
+            buffer += data
+            self._evaluate(final=Outcome.NO_MATCH)
+            return
         buffer += data
         size = len(buffer)
-        if size >= self.factory.max_sniff_bytes:
-            self._evaluate(final=Outcome.NO_MATCH)
-        elif size <= EAGER_BYTES or size >= self._next_eval:
+        if size >= self._next_eval:
             # The usual case: the whole opener in the first chunk, decided
             # here without copying the buffer again.
             self._evaluate(final=None, data=data if size == len(data) else None)
-        elif self._quiet is None:
-            self._quiet = self.factory._reactor.callLater(QUIET_DELAY, self._quiet_evaluate)
+            return
+        reactor = self.factory._reactor
+        self._last_data = reactor.seconds()
+        if self._quiet is None and size <= self._quiet_left:
+            self._quiet = reactor.callLater(QUIET_DELAY, self._quiet_evaluate)
+
+    def _refuse(self, problem: str) -> None:
+        """Close a connection whose PROXY pre-stage failed, saying why."""
+        log.warn(
+            "refusing {peer}: {problem}",
+            peer=printable(_address(self.addr)),
+            problem=printable(problem),
+            outcome=Outcome.REJECTED.value,
+        )
+        self._end_sniffing(Outcome.REJECTED, "proxy_protocol")
+        assert self.transport is not None
+        self.transport.loseConnection()
 
     def _read_proxy_header(self, data: bytes) -> bytes:
         reader = self._proxy_reader
@@ -530,29 +674,24 @@ class SniffingProtocol:
         try:
             rest = reader.feed(data)
         except ValueError as e:
-            log.warn("refusing {peer}: {problem}", peer=self.addr, problem=str(e))
-            self._end_sniffing(Outcome.REJECTED, "proxy_protocol")
-            assert self.transport is not None
-            self.transport.loseConnection()
+            self._refuse(str(e))
             return b""
         if rest is None:
             return b""
         self._info = reader.info
         self._proxy_reader = None
         factory = self.factory
-        if self._source is not None:
+        limit = factory.max_connections_per_source
+        if reader.trusted and limit is not None and self._source is None:
+            # The balancer was not counted: count the client it speaks for.
             source = _host(self._info.source)
-            if source is not None and source != self._source:
-                factory._release_source(self._source)
-                self._source = None
-                if not factory._take_source(source):
-                    assert factory.max_connections_per_source is not None
-                    factory._refused(source, "max_connections_per_source", factory.max_connections_per_source)
-                    self._end_sniffing(Outcome.REJECTED, "")
-                    assert self.transport is not None
-                    self.transport.loseConnection()
-                    return b""
-                self._source = source
+            if not factory._take_source(source):
+                factory._refused(self._info.source, "max_connections_per_source", limit)
+                self._end_sniffing(Outcome.REJECTED, "")
+                assert self.transport is not None
+                self.transport.loseConnection()
+                return b""
+            self._source = source
         if not rest:
             # Rules that decide on zero bytes (RemoteAddress) decide now; with
             # bytes after the header, dataReceived evaluates them with it.
@@ -567,8 +706,30 @@ class SniffingProtocol:
                 self.transport.loseConnection()
             return
         self._read_closed = True
-        if self._buffer is not None:
+        if self._buffer is not None and self._finish_proxy_stage("its end of stream"):
             self._evaluate(final=Outcome.NO_MATCH)
+
+    def _finish_proxy_stage(self, why: str) -> bool:
+        """
+        The client stopped (``why``) while the PROXY reader was undecided:
+        take what an untrusted client sent into the buffer, to be sniffed,
+        or refuse a trusted peer's missing or cut-short header. Whether
+        sniffing goes on.
+        """
+        reader, self._proxy_reader = self._proxy_reader, None
+        if reader is None:
+            return True
+        try:
+            held = reader.finish()
+        except ValueError as e:
+            self._refuse(f"{e} ({why})")
+            return False
+        buffer = self._buffer
+        assert buffer is not None
+        room = self.factory.max_sniff_bytes - len(buffer)
+        buffer += held[:room]
+        self._overflow = held[room:]
+        return True
 
     def writeConnectionLost(self) -> None:
         if self.winner is not None and IHalfCloseableProtocol.providedBy(self.winner):
@@ -590,20 +751,24 @@ class SniffingProtocol:
 
     def _quiet_evaluate(self) -> None:
         self._quiet = None
-        if self._buffer is not None:
+        buffer = self._buffer
+        if buffer is None:
+            return
+        reactor = self.factory._reactor
+        idle = reactor.seconds() - self._last_data
+        if idle < QUIET_DELAY - 1e-6:
+            # Bytes came since the timer was armed: not a pause yet. (The
+            # margin keeps a rounding error from re-arming it for no time.)
+            self._quiet = reactor.callLater(QUIET_DELAY - idle, self._quiet_evaluate)
+            return
+        if len(buffer) <= self._quiet_left:
+            self._quiet_left -= len(buffer)
             self._evaluate(final=None)
 
     def _timed_out(self) -> None:
         self._deadline = None
-        if self._buffer is None:
-            return
-        if self._proxy_reader is not None:
-            log.info("{peer} sent no complete PROXY header in time", peer=self.addr)
-            self._end_sniffing(Outcome.TIMEOUT, "proxy_protocol")
-            assert self.transport is not None
-            self.transport.abortConnection()  # type: ignore[attr-defined]
-            return
-        self._evaluate(final=Outcome.TIMEOUT)
+        if self._buffer is not None and self._finish_proxy_stage("the sniff timeout"):
+            self._evaluate(final=Outcome.TIMEOUT)
 
     def _evaluate(self, final: Outcome | None, data: bytes | None = None) -> None:
         """
@@ -620,9 +785,13 @@ class SniffingProtocol:
         if data is None:
             data = bytes(buffer)
         size = len(data)
-        self._next_eval = size + (size >> 2) + 1
+        self._evaluations += 1
+        if size <= EAGER_BYTES and self._evaluations < EAGER_EVALUATIONS:
+            self._next_eval = size + 1
+        else:
+            self._next_eval = size + (size >> 2) + 1
         info = self.info
-        for rule in self._rules:
+        for rule in self._ruleset.rules:
             try:
                 verdict = rule.matcher.match(data, info)
             except Exception:
@@ -635,9 +804,9 @@ class SniffingProtocol:
                 self._respond(rule.matcher, data)
                 return
         if final is Outcome.TIMEOUT and not data:
-            self._hand_off(self.factory.on_timeout, "on_timeout", Outcome.TIMEOUT, data)
+            self._hand_off(self._ruleset.on_timeout, "on_timeout", Outcome.TIMEOUT, data)
         elif final is not None or data:
-            self._hand_off(self.factory.on_no_match, "on_no_match", Outcome.NO_MATCH, data)
+            self._hand_off(self._ruleset.on_no_match, "on_no_match", Outcome.NO_MATCH, data)
         # else: no rule can tell from zero bytes; wait for the first ones.
 
     def _respond(self, matcher: IMatcher, data: bytes) -> None:
@@ -655,6 +824,11 @@ class SniffingProtocol:
             self.transport.write(out)
 
     def _end_sniffing(self, outcome: Outcome, rule_name: str) -> None:
+        if self.transport is not None and self.outcome is None:
+            ruleset = self._ruleset
+            ruleset.sniffing -= 1
+            if not ruleset.sniffing and self.factory._retiring:
+                self.factory._stop_retired()
         self.outcome = outcome
         self.rule_name = rule_name
         if self._buffer is not None:
@@ -678,6 +852,12 @@ class SniffingProtocol:
     ) -> None:
         transport = self.transport
         assert transport is not None
+        overflow, self._overflow = self._overflow, b""
+        if factory is not None:
+            # Counted before sniffing ends, so that a reload's retiring of
+            # this factory waits for this connection.
+            self._handed_to = factory
+            self.factory._use(factory)
         self._end_sniffing(outcome, rule_name)
         if factory is None:
             self._close_unhandled(transport, rule_name)
@@ -706,6 +886,8 @@ class SniffingProtocol:
         proto.makeConnection(transport)
         if data and not _closing(transport):
             proto.dataReceived(data)
+        if overflow and not _closing(transport):
+            proto.dataReceived(overflow)
         if self._read_closed and not _closing(transport):
             if IHalfCloseableProtocol.providedBy(proto):
                 proto.readConnectionLost()
@@ -714,7 +896,11 @@ class SniffingProtocol:
 
     def _close_unhandled(self, transport: ITransport, rule_name: str) -> None:
         if rule_name not in ("on_timeout", "on_no_match"):
-            log.info("{rule} declined {peer}: its factory built no protocol", rule=rule_name, peer=self.addr)
+            log.info(
+                "{rule} declined {peer}: its factory built no protocol",
+                rule=rule_name,
+                peer=printable(_address(self.addr)),
+            )
             self.outcome = Outcome.REJECTED
         transport.loseConnection()
 
@@ -764,6 +950,9 @@ class SniffingProtocol:
         if self._source is not None:
             factory._release_source(self._source)
             self._source = None
+        if self._handed_to is not None:
+            handed_to, self._handed_to = self._handed_to, None
+            factory._release(handed_to)
         outcome = self.outcome.value if self.outcome else Outcome.CLOSED.value
         rule = self.rule_name or "-"
         sniff_time = self.sniff_time if self.sniff_time is not None else self.ended_at - self.started
@@ -809,14 +998,19 @@ class SniffingProtocol:
 
 
 def _address(address: object) -> str:
-    """``host:port`` of a TCP address, the path of a UNIX one, ``repr`` otherwise."""
+    """
+    ``host:port`` of a TCP address, the path of a UNIX one, ``str``
+    otherwise; escaped by :func:`~muxtwist._text.printable`, since a PROXY
+    header's source (a UNIX path above all) is whatever the client claimed.
+    """
     host = getattr(address, "host", None)
     if isinstance(host, str):
-        return f"[{host}]:{getattr(address, 'port', '')}" if ":" in host else f"{host}:{getattr(address, 'port', '')}"
+        text = f"[{host}]:{getattr(address, 'port', '')}" if ":" in host else f"{host}:{getattr(address, 'port', '')}"
+        return printable(text)
     name = getattr(address, "name", None)
     if isinstance(name, bytes):
-        return name.decode("utf-8", "replace")
-    return str(address)
+        return printable(name)
+    return printable(address)
 
 
 def _closing(transport: ITransport) -> bool:

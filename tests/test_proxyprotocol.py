@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial import unittest
 
-from muxtwist import ConnectionInfo, Rule, Verdict
+from muxtwist import ConnectionInfo, Outcome, Rule, Verdict
 from muxtwist.actions import Proxy
 from muxtwist.matchers import Any as AnyMatcher
-from muxtwist.matchers import ProxyProtocol, RemoteAddress, plugin
+from muxtwist.matchers import Prefix, ProxyProtocol, RemoteAddress, plugin
 from muxtwist.matchers._basic import parse_networks
 from muxtwist.matchers.proxy_protocol import (
     MAX_V2_PAYLOAD,
@@ -358,3 +359,169 @@ def _turn():  # type: ignore[no-untyped-def]
     from twisted.internet import reactor, task
 
     return task.deferLater(reactor, 0.005, lambda: None)
+
+
+def _capture_logs(case: unittest.TestCase) -> list[dict[str, object]]:
+    """Every log event emitted for the rest of the test."""
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(events.append)
+    case.addCleanup(globalLogPublisher.removeObserver, events.append)
+    return events
+
+
+def _texts(events: list[dict[str, object]]) -> list[str]:
+    from twisted.logger import formatEvent
+
+    return [formatEvent(e) for e in events]
+
+
+class PreStageTests(unittest.TestCase):
+    """The PROXY pre-stage in memory: what happens to held bytes when a client stops."""
+
+    LB = IPv4Address("TCP", "10.0.0.1", 5000)
+
+    def _factory(self, **kw: object) -> tuple[Any, Any, Any, Any]:
+        from twisted.internet import task
+
+        from muxtwist import SniffingFactory
+        from tests.test_sniffing import RecordingFactory
+
+        greeter, fallback, target = RecordingFactory(), RecordingFactory(), RecordingFactory()
+        clock = task.Clock()
+        factory = SniffingFactory(
+            [Rule(Prefix(b"PR"), target, name="pr")],
+            accept_proxy_protocol=["10.0.0.0/8"],
+            on_timeout=greeter,
+            on_no_match=fallback,
+            reactor=clock,
+            **kw,  # type: ignore[arg-type]
+        )
+        return factory, clock, (greeter, fallback, target), factory
+
+    def test_untrusted_partial_signature_is_sniffed_at_end_of_stream(self) -> None:
+        """An untrusted client that sends the start of a signature and half-closes has those bytes sniffed, finally."""
+        from muxtwist.testing import MemoryConnection
+
+        factory, clock, (greeter, fallback, target), _ = self._factory()
+        factory.set_rules([Rule(Prefix(b"PRX"), target, name="prx")], on_timeout=greeter, on_no_match=fallback)
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"PR")
+        conn.half_close()
+        self.assertEqual(conn.outcome, Outcome.NO_MATCH)
+        self.assertEqual(fallback.built[0].received, b"PR")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_untrusted_partial_signature_gets_the_final_evaluation_at_timeout(self) -> None:
+        """At the sniff timeout an untrusted client's held signature bytes get the final evaluation, not an abort."""
+        from muxtwist.testing import MemoryConnection
+
+        factory, clock, (greeter, fallback, target), _ = self._factory()
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"PR")
+        clock.advance(5)
+        self.assertEqual(conn.rule_name, "pr")
+        self.assertEqual(target.built[0].received, b"PR")
+        self.assertTrue(conn.transport.connected)
+
+    def test_untrusted_silent_client_goes_to_on_timeout(self) -> None:
+        """An untrusted client that sends nothing goes to on_timeout at sniff_timeout, its connection kept open."""
+        from muxtwist.testing import MemoryConnection
+
+        factory, clock, (greeter, fallback, target), _ = self._factory()
+        conn = MemoryConnection(factory, clock=clock)
+        clock.advance(5)
+        self.assertEqual(conn.outcome, Outcome.TIMEOUT)
+        self.assertEqual(greeter.built[0].events, ["made"])
+        self.assertTrue(conn.transport.connected)
+
+    def test_untrusted_crlf_then_silence_goes_to_on_no_match(self) -> None:
+        """An untrusted client that sends CRLF (a v2 signature's start) and waits is sniffed with it at the timeout."""
+        from muxtwist.testing import MemoryConnection
+
+        factory, clock, (greeter, fallback, target), _ = self._factory()
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"\r\n")
+        clock.advance(5)
+        self.assertEqual(fallback.built[0].received, b"\r\n")
+
+    def _cut_short(self, stop: str) -> None:
+        from muxtwist.testing import MemoryConnection
+
+        events = _capture_logs(self)
+        factory, clock, (greeter, fallback, target), _ = self._factory()
+        conn = MemoryConnection(factory, clock=clock, peer=self.LB)
+        conn.send(V2[:20])
+        if stop == "fin":
+            conn.half_close()
+        else:
+            clock.advance(5)
+        self.assertEqual(conn.outcome, Outcome.REJECTED)
+        self.assertFalse(conn.transport.connected)
+        self.assertEqual([f.built for f in (greeter, fallback, target)], [[], [], []])
+        self.assertTrue(any("cut short" in t for t in _texts(events)), _texts(events))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_trusted_header_cut_short_by_end_of_stream_is_refused(self) -> None:
+        """A trusted peer whose header is cut short by its FIN is refused and logged, never handed to a rule."""
+        self._cut_short("fin")
+
+    def test_trusted_header_cut_short_by_timeout_is_refused(self) -> None:
+        """A trusted peer whose header is incomplete at the sniff timeout is refused and logged."""
+        self._cut_short("timeout")
+
+    def test_trusted_peer_counted_by_header_source_for_per_source_limit(self) -> None:
+        """Distinct clients through one trusted balancer are each counted by the source their header carries."""
+        from muxtwist.testing import MemoryConnection
+
+        factory, clock, (greeter, fallback, target), _ = self._factory(max_connections_per_source=2)
+        factory.set_rules([Rule(AnyMatcher(), target, name="any")])
+        # A burst: all six connect before the balancer has sent any header.
+        conns = [MemoryConnection(factory, clock=clock, peer=self.LB) for _ in range(6)]
+        for i, conn in enumerate(conns):
+            conn.send(build_v1((f"198.51.100.{i}", 40000), ("10.0.0.1", 443)) + b"hi")
+        self.assertEqual([c.outcome for c in conns], [Outcome.HANDED_OFF] * 6)
+        # The header's source is what the limit counts: a third from one source is refused.
+        same = []
+        for _ in range(3):
+            conn = MemoryConnection(factory, clock=clock, peer=self.LB)
+            conn.send(build_v1(("203.0.113.9", 1), ("10.0.0.1", 443)) + b"hi")
+            same.append(conn.outcome)
+        self.assertEqual(same, [Outcome.HANDED_OFF, Outcome.HANDED_OFF, Outcome.REJECTED])
+        for c in conns:
+            c.close()
+        self.assertEqual(factory._per_source, {"203.0.113.9": 2})
+
+    def test_unix_path_from_header_is_escaped_in_the_log(self) -> None:
+        """A PROXY v2 AF_UNIX source path with control bytes reaches the text log escaped."""
+        from muxtwist.testing import MemoryConnection
+
+        events = _capture_logs(self)
+        factory, clock, (greeter, fallback, target), _ = self._factory()
+        factory.set_rules([Rule(AnyMatcher(), target, name="any")])
+        path = b"/tmp/\x1b[31mred\x1b[0m\nforged line"
+        body = path.ljust(108, b"\0") + b"/b".ljust(108, b"\0")
+        conn = MemoryConnection(factory, clock=clock, peer=self.LB)
+        conn.send(V2_SIGNATURE + struct.pack("!BBH", 0x21, 0x31, len(body)) + body + b"hi")
+        conn.close()
+        ended = [t for t in _texts(events) if "ended" in t]
+        self.assertEqual(len(ended), 1)
+        self.assertNotIn("\x1b", ended[0])
+        self.assertNotIn("\n", ended[0])
+        self.assertIn("\\x1b[31mred", ended[0])
+
+
+class UnixTrustTests(unittest.TestCase):
+    def test_unix_entry_trusts_unix_peers_only(self) -> None:
+        """accept_proxy_protocol entry "unix" trusts every peer of a UNIX-socket listener, and no TCP peer."""
+        from muxtwist.proxyprotocol import Trust
+
+        trust = Trust.parse(["unix", "192.0.2.0/24"])
+        unix = ConnectionInfo(peer=UNIXAddress(None), local=UNIXAddress(b"/run/mux.sock"))
+        self.assertTrue(ProxyHeaderReader(unix, trust).trusted)
+        self.assertTrue(ProxyHeaderReader(FROM_STRANGER, trust).trusted)
+        self.assertFalse(ProxyHeaderReader(FROM_LB, trust).trusted)
+        self.assertFalse(ProxyHeaderReader(unix, Trust.parse(["127.0.0.0/8"])).trusted)
+        with self.assertRaisesRegex(ValueError, "not an IP network"):
+            Trust.parse(["unix:/x"])

@@ -481,3 +481,158 @@ class ForwardingTransportTests(unittest.TestCase):
         self.assertEqual(target.built[0].events, ["made", ("data", b"AB"), ("data", b"C"), "read-closed"])
         sniffer.connectionLost(None)  # type: ignore[arg-type]
         self.assertEqual(factory.connections, set())
+
+
+def _dribble(sniff_timeout: float, head: int = 15000, every: float = 0.021) -> tuple[int, int, bool]:
+    """A client that sends ``head`` bytes, then one byte every ``every`` seconds: (bytes scanned, calls, decided)."""
+    matcher = Scripted("never", lambda d: Verdict.NEED_MORE)
+    factory, clock = make([Rule(matcher, RecordingFactory())], sniff_timeout=sniff_timeout)
+    conn = MemoryConnection(factory, clock=clock)
+    conn.send(b"x" * head)
+    steps = 0
+    while conn.sniffer.sniffing and steps < 20_000:
+        clock.advance(every)
+        conn.send(b"y")
+        steps += 1
+    return matcher.bytes_seen, matcher.calls, not conn.sniffer.sniffing
+
+
+class DribblerWorkTests(unittest.TestCase):
+    def test_dribbler_work_bounded_whatever_the_timeout(self) -> None:
+        """15 KB then one byte every 21 ms costs matcher work within a constant times max_sniff_bytes, at 5 or 60 s."""
+        from muxtwist.sniffing import max_matcher_work
+
+        bound = max_matcher_work(16384)
+        self.assertLessEqual(bound, 12 * 16384)
+        for timeout in (5.0, 60.0):
+            scanned, calls, decided = _dribble(timeout)
+            self.assertTrue(decided)
+            # Before: 3.6 MB at 5 s and 21.7 MB at 60 s.
+            self.assertLessEqual(scanned, bound, (timeout, scanned, calls))
+
+    def test_any_pace_stays_within_the_bound(self) -> None:
+        """Dribbling at paces around the quiet delay never scans more than the documented bound."""
+        from muxtwist.sniffing import max_matcher_work
+
+        for every in (0.001, 0.019, 0.02, 0.021, 0.05, 0.3):
+            for head in (0, 900, 1100, 8000):
+                scanned, _, decided = _dribble(60.0, head=head, every=every)
+                self.assertTrue(decided)
+                self.assertLessEqual(scanned, max_matcher_work(16384), (every, head))
+
+    def test_pause_is_detected_after_the_last_byte(self) -> None:
+        """The quiet evaluation waits for QUIET_DELAY after the last byte, not after the first held one."""
+        from muxtwist.sniffing import QUIET_DELAY
+
+        target = RecordingFactory()
+        wanted = b"z" * 1500
+        factory, clock = make([Rule(Prefix(wanted), target)])
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(wanted[:1400])
+        for i in range(1400, 1500, 10):
+            clock.advance(QUIET_DELAY * 0.75)
+            conn.send(wanted[i : i + 10])
+            if i < 1490:
+                self.assertIsNone(conn.rule_name)
+        clock.advance(QUIET_DELAY)
+        self.assertEqual(conn.rule_name, "prefix")
+        self.assertEqual(target.built[0].received, wanted)
+
+
+class SniffCapTests(unittest.TestCase):
+    def test_one_big_read_decides_on_max_sniff_bytes_and_delivers_the_rest(self) -> None:
+        """A 64 KiB read is decided on its first max_sniff_bytes; the winner still receives all of it, in order."""
+        seen: list[int] = []
+
+        def waits(data: bytes) -> Verdict:
+            seen.append(len(data))
+            return Verdict.NEED_MORE
+
+        target = RecordingFactory()
+        factory, clock = make(
+            [Rule(Scripted("waits", waits), RecordingFactory()), Rule(AnyMatcher(), target)], max_sniff_bytes=1000
+        )
+        conn = MemoryConnection(factory, clock=clock)
+        stream = bytes(range(256)) * 256
+        conn.send(stream[:10])
+        conn.send(stream[10:])
+        self.assertEqual(max(seen), 1000)
+        self.assertEqual(conn.rule_name, "any")
+        self.assertEqual(target.built[0].received, stream)
+        self.assertEqual(conn.sniffer._bytes_in, 1000)
+        conn.send(b"after")
+        self.assertEqual(target.built[0].received, stream + b"after")
+
+
+class ReloadLifecycleTests(unittest.TestCase):
+    def test_outgoing_factory_stops_when_its_last_connection_ends(self) -> None:
+        """A factory that goes out on reload keeps running until its last connection ends, then stops once."""
+        old, new = RecordingFactory(), RecordingFactory()
+        factory, clock = make([Rule(Prefix(b"A"), old, name="a")])
+        factory.doStart()
+        handed = MemoryConnection(factory, clock=clock)
+        handed.send(b"A1")
+        sniffing = MemoryConnection(factory, clock=clock)
+        factory.set_rules([Rule(Prefix(b"A"), new, name="a")])
+        self.assertEqual((old.starts, old.stops, new.starts), (1, 0, 1))
+        handed.close()
+        self.assertEqual(old.stops, 0)  # a connection sniffed under the old rules may still pick it
+        sniffing.send(b"A2")
+        self.assertEqual(old.built[1].received, b"A2")
+        self.assertEqual(old.stops, 0)
+        sniffing.close()
+        self.assertEqual((old.starts, old.stops), (1, 1))
+        self.assertEqual((new.starts, new.stops), (1, 0))
+
+    def test_stopping_keeps_inner_factories_until_connections_end(self) -> None:
+        """When the last port stops using the sniffer, inner factories with live connections stop as those end."""
+        busy, idle = RecordingFactory(), RecordingFactory()
+        factory, clock = make([Rule(Prefix(b"B"), busy, name="b"), Rule(Prefix(b"I"), idle, name="i")])
+        factory.doStart()
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"B")
+        factory.doStop()
+        self.assertEqual((busy.stops, idle.stops), (0, 1))
+        conn.close()
+        self.assertEqual((busy.stops, idle.stops), (1, 1))
+
+    def test_factory_back_in_use_is_not_started_twice(self) -> None:
+        """A factory that goes out and comes back before its connections end is neither stopped nor started again."""
+        f = RecordingFactory()
+        factory, clock = make([Rule(Prefix(b"A"), f, name="a")])
+        factory.doStart()
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"A")
+        factory.set_rules([])
+        factory.set_rules([Rule(Prefix(b"A"), f, name="a")])
+        conn.close()
+        self.assertEqual((f.starts, f.stops), (1, 0))
+        factory.doStop()
+        self.assertEqual((f.starts, f.stops), (1, 1))
+
+
+class RefusalLogTests(unittest.TestCase):
+    def test_refusals_logged_at_most_once_a_second_with_a_count(self) -> None:
+        """A burst of refusals by one limit writes one line per second, the next line saying how many were left out."""
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events: list[Any] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        factory, clock = make([Rule(Prefix(b"A"), RecordingFactory())], max_connections=1)
+        before = factory.metrics.value("muxtwist_limit_rejections_total", limit="max_connections") or 0
+        MemoryConnection(factory, clock=clock)
+        for _ in range(50):
+            self.assertIsNone(factory.buildProtocol(None))  # type: ignore[arg-type]
+        clock.advance(0.5)
+        for _ in range(10):
+            factory.buildProtocol(None)  # type: ignore[arg-type]
+        lines = [formatEvent(e) for e in events if "refusing" in e.get("log_format", "")]
+        self.assertEqual(len(lines), 1)
+        clock.advance(0.5)
+        factory.buildProtocol(None)  # type: ignore[arg-type]
+        lines = [formatEvent(e) for e in events if "refusing" in e.get("log_format", "")]
+        self.assertEqual(len(lines), 2)
+        self.assertIn("59 more", lines[1])
+        after = factory.metrics.value("muxtwist_limit_rejections_total", limit="max_connections")
+        self.assertEqual(after - before, 61)
