@@ -124,3 +124,24 @@ class FastAPIRecipeTests(TestCase):
         self.assertLess(
             running.output.index(b"webapp lifespan startup"), running.output.index(b"webapp lifespan shutdown")
         )
+
+
+class AsyncioEmbedRecipeTests(TestCase):
+    """examples/asyncio_embed: muxtwist inside asyncio.run, next to the program's own task."""
+
+    def test_curl_and_a_line_client_then_sigterm(self) -> None:
+        """curl reaches the ASGI app, a half-closing client the stream protocol; SIGTERM closes and exits 0."""
+        running = Running([sys.executable, "examples/asyncio_embed/main.py", "tcp:0:interface=127.0.0.1"])
+        self.addCleanup(running.kill)
+        (match,) = running.wait_for(rb"serving on port (\d+)")
+        port = int(match.group(1))
+        self.assertRegex(curl(port), r"^ticks so far: \d+\n$")
+        done = subprocess.run(
+            ["nc", "-N", "127.0.0.1", str(port)],
+            input=b"ECHO one\nand two\n",
+            capture_output=True,
+            timeout=CLIENT + 5,
+        )
+        self.assertEqual(done.stdout, b"ECHO ONE\nAND TWO\n", done.stderr)
+        self.assertEqual(running.stop(), 0, running.output.decode(errors="replace"))
+        self.assertIn(b"closed", running.output)
