@@ -260,7 +260,7 @@ class MuxService(SignalHandlers, MultiService):
             log.error("reload failed, keeping the running rules: {problem}", problem=str(e))
             return defer.succeed(False)
         wanted = self._wanted(config)
-        reload_udp_listeners(self, {d: r for d, r in wanted.items() if is_udp(d)}, config.settings)
+        udp_reloaded = reload_udp_listeners(self, {d: r for d, r in wanted.items() if is_udp(d)}, config.settings)
         wanted = {d: r for d, r in wanted.items() if not is_udp(d)}
         current = self.listeners
         # Old ports close before new ones listen: the same port may be in both.
@@ -303,7 +303,8 @@ class MuxService(SignalHandlers, MultiService):
             log.info("reloaded {path}: {n} listener(s)", path=self.config_path, n=len(wanted))
             return True
 
-        return defer.gatherResults(closing).addCallback(start_new)
+        tcp_reloaded = defer.gatherResults(closing).addCallback(start_new)
+        return defer.gatherResults([udp_reloaded, tcp_reloaded]).addCallback(all)
 
     def privilegedStartService(self) -> None:
         if self._admin is not None:

@@ -7,10 +7,11 @@ checks, UDP settings, reload.
 from __future__ import annotations
 
 import os
+import socket
 import textwrap
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -97,8 +98,71 @@ class UDPConfigTests(unittest.TestCase):
         self.assertEqual([r.name for r in listener.factory.rules], ["dns"])
         with open(path, "a") as f:
             f.write('\nlisteners = {"udp:0:interface=127.0.0.1": [Rule(Prefix(b"x", name="x"), Echo())]}\n')
-        self.assertTrue(service.reload())
+        self.assertTrue((yield service.reload()))
         self.assertEqual([r.name for r in listener.factory.rules], ["x"])
         yield service.stopService()
         self.assertIsNone(listener.port)
         os.remove(path)
+
+    @defer.inlineCallbacks
+    def test_reload_changing_description_keeps_the_port(self) -> Any:
+        """A reload moving a UDP listener to another interface on the same port closes the old socket, then listens."""
+        port = _free_udp_port()
+        path = self.write(f'listeners = {{"udp:{port}:interface=127.0.0.1": [Rule(Prefix(b"x", name="x"), Echo())]}}')
+        service = MuxService(config_path=path)
+        service.load(load_config(path))
+        service.startService()
+        try:
+            self.assertEqual((yield threads.deferToThread(_ask, port, b"x1")), b"x1")
+            with open(path, "a") as f:
+                f.write(f'\nlisteners = {{"udp:{port}": [Rule(Prefix(b"x", name="x"), Echo())]}}\n')
+            self.assertTrue((yield service.reload()))
+            self.assertEqual((yield threads.deferToThread(_ask, port, b"x2")), b"x2")
+            with open(path, "a") as f:
+                f.write(f'\nlisteners = {{"udp:port={port}": [Rule(Prefix(b"y", name="y"), Echo())]}}\n')
+            (listener,) = [s for s in service if isinstance(s, UDPListener)]
+            socket_before = listener.port
+            self.assertTrue((yield service.reload()))
+            # The same address written another way keeps its socket (and so its live flows).
+            self.assertIs(next(s for s in service if isinstance(s, UDPListener)).port, socket_before)
+            self.assertEqual((yield threads.deferToThread(_ask, port, b"y3")), b"y3")
+        finally:
+            yield service.stopService()
+        os.remove(path)
+
+    @defer.inlineCallbacks
+    def test_reload_retries_a_udp_listener_that_could_not_listen(self) -> Any:
+        """A UDP listener whose port is taken at a reload is reported, not kept, and listens at the next reload."""
+        blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        blocker.bind(("127.0.0.1", 0))
+        port = blocker.getsockname()[1]
+        path = self.write('listeners = {"udp:0:interface=127.0.0.1": [Rule(Prefix(b"x", name="x"), Echo())]}')
+        service = MuxService(config_path=path)
+        service.load(load_config(path))
+        service.startService()
+        try:
+            with open(path, "a") as f:
+                f.write(f'\nlisteners = {{"udp:{port}:interface=127.0.0.1": [Rule(Prefix(b"x", name="x"), Echo())]}}\n')
+            self.assertFalse((yield service.reload()))
+            self.assertEqual([s for s in service if isinstance(s, UDPListener)], [])
+            blocker.close()
+            self.assertTrue((yield service.reload()))
+            self.assertEqual((yield threads.deferToThread(_ask, port, b"x1")), b"x1")
+        finally:
+            blocker.close()
+            yield service.stopService()
+        os.remove(path)
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ask(port: int, data: bytes) -> bytes:
+    """One datagram to 127.0.0.1:port and its answer (a blocking client, run in a thread; 5 s at most)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(data, ("127.0.0.1", port))
+        return s.recv(65535)

@@ -164,24 +164,54 @@ def udp_listeners(service: Any) -> dict[str, UDPListener]:
 def add_udp_listener(service: Any, description: str, rules: Sequence[Rule], settings: Settings) -> UDPListener:
     """Serve ``rules`` on the UDP listener ``description`` as a child of ``service`` (a ``MuxService``)."""
     listener = UDPListener(description, build_udp_mux(rules, settings, service._reactor), service._reactor)
-    listener.setServiceParent(service)  # type: ignore[no-untyped-call]
+    try:
+        listener.setServiceParent(service)  # type: ignore[no-untyped-call]
+    except BaseException:
+        # A listener that could not listen is not kept: a later reload sees it missing and tries again.
+        listener.disownServiceParent()  # type: ignore[no-untyped-call]
+        raise
     return listener
 
 
-def reload_udp_listeners(service: Any, wanted: dict[str, Sequence[Rule]], settings: Settings) -> None:
+def _rename(service: Any, listener: UDPListener, description: str) -> None:
+    """Give a running listener a new description (the same address written another way)."""
+    del service.namedServices[listener.name]
+    listener.name = listener.description = description
+    service.namedServices[description] = listener
+
+
+def reload_udp_listeners(service: Any, wanted: dict[str, Sequence[Rule]], settings: Settings) -> defer.Deferred[bool]:
     """
     A reload for the UDP listeners: new rules for those that stay (live flows
-    keep their targets), new listeners started, gone ones stopped.
+    keep their targets), gone ones stopped, new ones started.
+
+    A listener whose description changes but not its address (``udp:53`` and
+    ``udp:port=53``) keeps its socket and flows. One whose address changes
+    but not its port (``udp:53:interface=127.0.0.1`` to ``udp:53``) is a
+    listener that goes and one that comes: the old socket is closed first,
+    then the new one listens. A listener that cannot listen is logged, left
+    out, and tried again at the next reload.
+
+    :returns: a Deferred that fires, once the new listeners listen, with
+        whether all of them could.
     """
     current = udp_listeners(service)
-    for description in set(current) - set(wanted):
-        current[description].disownServiceParent()  # type: ignore[no-untyped-call]
+    gone = set(current) - set(wanted)
+    for description in sorted(set(wanted) - set(current)):
+        address = parse_udp_description(description)
+        same = next((d for d in sorted(gone) if current[d].address == address), None)
+        if same is not None:
+            gone.discard(same)
+            kept = current.pop(same)
+            _rename(service, kept, description)
+            current[description] = kept
+    closing = [defer.maybeDeferred(current[d].disownServiceParent) for d in sorted(gone)]
+    ok = True
     for description, rules in wanted.items():
         listener = current.get(description)
+        if listener is None:
+            continue
         try:
-            if listener is None:
-                add_udp_listener(service, description, rules, settings)
-                continue
             mux = listener.factory
             mux.sniff_timeout = settings.sniff_timeout
             mux.max_sniff_bytes = settings.max_sniff_bytes
@@ -195,4 +225,23 @@ def reload_udp_listeners(service: Any, wanted: dict[str, Sequence[Rule]], settin
                     setattr(mux, name, value)
             mux.set_rules(rules)
         except Exception as e:
+            ok = False
             log.error("reload: cannot serve {description}: {problem}", description=description, problem=str(e))
+
+    def start_new(_: object) -> bool:
+        started = ok
+        for description, rules in wanted.items():
+            if description in current:
+                continue
+            try:
+                add_udp_listener(service, description, rules, settings)
+            except Exception as e:
+                started = False
+                log.error(
+                    "reload: cannot listen on {description}: {problem}; the next reload tries again",
+                    description=description,
+                    problem=str(e),
+                )
+        return started
+
+    return defer.gatherResults(closing).addCallback(start_new)
