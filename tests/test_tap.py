@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import textwrap
 import time
 from typing import Any
@@ -335,6 +337,32 @@ class StartupSignalTests(unittest.TestCase):
         self.assertEqual(code, 0, log)
         self.assertNotIn("ended: exit code", log)
         self.assertNotIn("starting worker", log)
+
+    def test_sighup_while_twistd_looks_for_its_plugins_is_a_reload_later(self) -> None:
+        """A SIGHUP while twistd is still importing its plugins, before any option is parsed, kills nothing."""
+        folder = tempfile.mkdtemp(prefix="muxtwist-slow-plugin-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        os.makedirs(os.path.join(folder, "twisted", "plugins"))
+        marker = os.path.join(folder, "importing")
+        with open(os.path.join(folder, "twisted", "plugins", "zzz_slow_plugin.py"), "w") as f:
+            f.write(f"import time\nopen({marker!r}, 'w').close()\ntime.sleep(1.0)\n")
+        port = free_port()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, folder]))
+        proc = subprocess.Popen(
+            twistd_command("--port", str(port)),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.addCleanup(lambda: (stop_group(proc), proc.communicate(timeout=30)))
+        wait_for(lambda: os.path.exists(marker) or proc.poll() is not None, what="the slow plugin being imported")
+        self.assertIsNone(proc.poll())
+        proc.send_signal(signal.SIGHUP)
+        wait_for_port(port, timeout=30)
+        self.assertIsNone(proc.poll(), "SIGHUP during plugin discovery killed twistd")
+        self.assertEqual(echo_once(port), b"ECHO ok\n")
 
 
 def rss_kib(pid: int) -> int:

@@ -1,6 +1,25 @@
 """The ``twistd muxtwist`` command."""
 
+import os
+import sys
+
 from twisted.application.service import ServiceMaker
+
+
+def _running_muxtwist() -> bool:
+    """Whether this process is ``twistd ... muxtwist ...`` (not another twistd command, nor a plugin scan)."""
+    program = os.path.basename(sys.argv[0]) if sys.argv else ""
+    is_twistd = program == "twistd" or sys.argv[0].endswith(os.path.join("twisted", "__main__.py"))
+    return is_twistd and "muxtwist" in sys.argv[1:]
+
+
+if _running_muxtwist():
+    # twistd imports this module while it looks for its subcommands, long
+    # before muxtwist's options are parsed: from here on a SIGHUP during
+    # start-up is kept for a reload once serving, instead of killing us.
+    from muxtwist._signals import hold_sighup
+
+    hold_sighup()
 
 muxtwist = ServiceMaker(
     "muxtwist",
