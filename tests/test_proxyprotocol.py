@@ -31,7 +31,7 @@ from muxtwist.matchers.proxy_protocol import (
     signature,
 )
 from muxtwist.proxyprotocol import ProxyHeaderReader, header_for
-from tests.test_proxy_support import Peer, backend, connect, mux, wait
+from tests.test_proxy_support import Echo, Peer, PeerFactory, backend, connect, mux, wait
 
 TRUSTED = parse_networks(["127.0.0.0/8", "::1/128"])
 FROM_LB = ConnectionInfo(peer=IPv4Address("TCP", "127.0.0.1", 5000), local=IPv4Address("TCP", "127.0.0.1", 3000))
@@ -525,3 +525,116 @@ class UnixTrustTests(unittest.TestCase):
         self.assertFalse(ProxyHeaderReader(unix, Trust.parse(["127.0.0.0/8"])).trusted)
         with self.assertRaisesRegex(ValueError, "not an IP network"):
             Trust.parse(["unix:/x"])
+
+
+class Greeter(Peer):
+    """A server-speaks-first backend (as SMTP, FTP, MySQL): it greets before reading anything."""
+
+    GREETING = b"220 greeter ready\r\n"
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        assert self.transport is not None
+        self.transport.write(self.GREETING)
+
+
+class SilentClientTests(unittest.TestCase):
+    """Untrusted clients on a listener that also takes PROXY traffic, on loopback."""
+
+    async def _greeted(self, first: bytes) -> tuple[Peer, PeerFactory]:
+        desc, backends = backend(self, Greeter)
+        port, _ = mux(
+            self,
+            [Rule(Prefix(b"GET "), Proxy("tcp:host=127.0.0.1:port=9"), name="web")],
+            accept_proxy_protocol=["192.0.2.0/24"],
+            sniff_timeout=0.3,
+            on_timeout=Proxy(desc),
+            on_no_match=Proxy(desc),
+        )
+        client = await connect(self, port)
+        if first:
+            client.transport.write(first)  # type: ignore[union-attr]
+        self.assertEqual(await client.received_at_least(len(Greeter.GREETING), 5), Greeter.GREETING)
+        return client, backends
+
+    async def test_untrusted_silent_client_reaches_server_speaks_first_backend(self) -> None:
+        """A direct client that sends nothing gets on_timeout's greeting at sniff_timeout, and can then talk."""
+        client, backends = await self._greeted(b"")
+        client.transport.write(b"HELO me\r\n")  # type: ignore[union-attr]
+        self.assertEqual(await backends.built[0].received_at_least(9), b"HELO me\r\n")
+
+    async def test_untrusted_crlf_then_silence_is_sniffed_not_reset(self) -> None:
+        """A direct client that sends CRLF (a v2 signature's start) and waits is sniffed with it at sniff_timeout."""
+        _, backends = await self._greeted(b"\r\n")
+        self.assertEqual(await backends.built[0].received_at_least(2), b"\r\n")
+
+    async def test_trusted_header_cut_short_by_fin_is_refused(self) -> None:
+        """A trusted peer that half-closes inside its header gets the connection closed; no backend is reached."""
+        desc, backends = backend(self, Peer)
+        port, factory = mux(self, [Rule(AnyMatcher(), Proxy(desc))], accept_proxy_protocol=["127.0.0.1/32"])
+        client = await connect(self, port)
+        client.transport.write(V2[:20])  # type: ignore[union-attr]
+        client.transport.loseWriteConnection()  # type: ignore[union-attr]
+        await client.closed()
+        self.assertEqual(backends.built, [])
+        self.assertEqual(factory.stats["proxy_protocol"].total, 1)
+
+
+class UnixTrustThroughHAProxyTests(unittest.TestCase):
+    async def test_haproxy_sends_proxy_v2_over_a_unix_socket(self) -> None:
+        """HAProxy -> unix socket -> muxtwist trusting "unix": the rules see the client's own address."""
+        import os
+        import signal
+        import subprocess
+
+        from twisted.internet import reactor
+
+        from tests.test_proxy_support import free_port, need, port_open, tempdir
+
+        haproxy = need("haproxy")
+        desc, backends = backend(self, Echo)
+        seen: list[ConnectionInfo] = []
+
+        class Recording(Proxy):
+            def buildProtocolForConnection(self, addr, info, rule_name):  # type: ignore[no-untyped-def]
+                seen.append(info)
+                return super().buildProtocolForConnection(addr, info, rule_name)
+
+        from muxtwist import SniffingFactory
+
+        directory = tempdir(self)
+        sock = os.path.join(directory, "mux.sock")
+        factory = SniffingFactory([Rule(AnyMatcher(), Recording(desc))], accept_proxy_protocol=["unix"])
+        listening = reactor.listenUNIX(sock, factory)  # type: ignore[attr-defined]
+        self.addCleanup(listening.stopListening)
+        front = free_port()
+        config = os.path.join(directory, "haproxy.cfg")
+        with open(config, "w") as f:
+            f.write(
+                "defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n"
+                f"frontend fe\n  bind 127.0.0.1:{front}\n  default_backend be\n"
+                f"backend be\n  server mux unix@{sock} send-proxy-v2\n"
+            )
+        proc = subprocess.Popen(
+            [haproxy, "-db", "-f", config],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+        def stop() -> None:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+        self.addCleanup(stop)
+        await port_open(front, proc)
+        client = await connect(self, front)
+        client.transport.write(b"hello")  # type: ignore[union-attr]
+        self.assertEqual(await client.received_at_least(5), b"hello")
+        me = client.transport.getHost()  # type: ignore[union-attr]
+        # HAProxy's own probe connection may be among them; ours is by its port.
+        self.assertIn(IPv4Address("TCP", "127.0.0.1", me.port), [i.source for i in seen])
+        self.assertTrue(all(isinstance(i.peer, UNIXAddress) for i in seen))
+        self.addCleanup(factory.abort_all)

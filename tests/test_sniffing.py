@@ -526,16 +526,18 @@ class DribblerWorkTests(unittest.TestCase):
 
         target = RecordingFactory()
         wanted = b"z" * 1500
-        factory, clock = make([Rule(Prefix(wanted), target)])
+        matcher = Scripted("whole", lambda d: Verdict.MATCH if len(d) == 1500 else Verdict.NEED_MORE)
+        factory, clock = make([Rule(matcher, target)])
         conn = MemoryConnection(factory, clock=clock)
         conn.send(wanted[:1400])
+        calls = matcher.calls
         for i in range(1400, 1500, 10):
             clock.advance(QUIET_DELAY * 0.75)
             conn.send(wanted[i : i + 10])
-            if i < 1490:
-                self.assertIsNone(conn.rule_name)
+        self.assertEqual(matcher.calls, calls)  # no evaluation while bytes keep coming
         clock.advance(QUIET_DELAY)
-        self.assertEqual(conn.rule_name, "prefix")
+        self.assertEqual(matcher.calls, calls + 1)
+        self.assertEqual(conn.rule_name, "whole")
         self.assertEqual(target.built[0].received, wanted)
 
 
