@@ -1,0 +1,1 @@
+``muxtwist.aio.serve(rules, endpoint)`` embeds muxtwist in an asyncio program (inside ``asyncio.run``), installing or reusing Twisted's asyncio reactor; ``await server.close()`` drains like a service stop. ``twistd --reactor=asyncio muxtwist`` is supported and tested.

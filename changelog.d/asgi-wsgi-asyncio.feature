@@ -1,0 +1,1 @@
+New rule targets in ``muxtwist.apps``: ``ASGI(app)`` serves FastAPI/Starlette and other ASGI applications in-process (HTTP/1.1 and WebSocket with uvicorn's protocols, lifespan tied to start and stop), ``WSGI(app, threads=...)`` serves Flask and other WSGI applications on a bounded thread pool, and ``AsyncioProtocol(factory)`` serves any asyncio protocol.
