@@ -55,6 +55,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from muxtwist import _splice
+from muxtwist._connect import direct_endpoint
 from muxtwist._options import check_proxy
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IConnectionReport
 from muxtwist.matchers.proxy_protocol import build_v1, build_v2
@@ -318,6 +319,9 @@ class Proxy:
             endpoint = clientFromString(reactor, d)
             if tls is not None and tls is not False:
                 endpoint = wrapClientTLS(_tls_creator(tls, d), endpoint)
+            else:
+                # Plain TCP to an IP address on Linux: a non-blocking connect on a socket we own.
+                endpoint = direct_endpoint(reactor, d) or endpoint
             self.backends.append(Backend(d, endpoint, tls is not None and tls is not False))
         self.transparent = bool(transparent)
         self._tls = tls

@@ -7,8 +7,9 @@ transparent=True)`` that is the client's: the backend socket gets Linux's
 ``IP_TRANSPARENT`` (``IPV6_TRANSPARENT``), is bound to the client's address
 (and port, when it is free) and then connected. Twisted has no client
 endpoint that sets a socket option before ``bind``, so the connect is done
-here, non-blocking, and the connected socket is handed to the reactor with
-``adoptStreamConnection`` (a public ``IReactorSocket`` method).
+with :func:`muxtwist._connect.connect_socket`: non-blocking, and the
+connected socket handed to the reactor with ``adoptStreamConnection`` (a
+public ``IReactorSocket`` method).
 
 The host must route the backend's replies, which are addressed to the
 client, back to this process. Every backend socket carries the firewall
@@ -25,10 +26,11 @@ import socket
 import sys
 from typing import Any
 
-from twisted.internet import defer, error
-from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory, IStreamClientEndpoint
-from twisted.python.failure import Failure
+from twisted.internet import defer
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from zope.interface import implementer
+
+from muxtwist._connect import connect_socket
 
 __all__ = [
     "OUT_MARK",
@@ -109,96 +111,6 @@ def _transparent_socket(family: int, source: tuple[str, int]) -> socket.socket:
     return s
 
 
-class _PendingConnect:
-    """An ``IWriteDescriptor`` waiting for one non-blocking connect to finish."""
-
-    def __init__(self, reactor: Any, sock: socket.socket, factory: IProtocolFactory, d: defer.Deferred[IProtocol]):
-        self._reactor = reactor
-        self._sock: socket.socket | None = sock
-        self._factory = factory
-        self._d = d
-
-    def fileno(self) -> int:
-        return self._sock.fileno() if self._sock is not None else -1
-
-    def logPrefix(self) -> str:
-        return "muxtwist-transparent-connect"
-
-    def doWrite(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        self._reactor.removeWriter(self)
-        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code:
-            self._close()
-            self._d.errback(_connect_error(code))
-            return
-        built: list[IProtocol] = []
-        factory = _Capture(self._factory, built)
-        try:
-            self._reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
-        except Exception:
-            self._close()
-            self._d.errback(Failure())
-            return
-        # The reactor holds its own duplicate of the descriptor now.
-        self._close()
-        if built and built[0] is not None:
-            self._d.callback(built[0])
-        else:
-            self._d.errback(error.ConnectError(string="the factory built no protocol"))
-
-    def connectionLost(self, reason: Failure) -> None:
-        # The reactor saw an error or hang-up on the socket (a refused
-        # connect, with epoll) and dropped it without calling doWrite.
-        sock = self._sock
-        if sock is None:
-            return
-        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self._close()
-        self._d.errback(_connect_error(code) if code else reason)
-
-    def cancel(self, d: defer.Deferred[IProtocol]) -> None:
-        if self._sock is not None:
-            self._reactor.removeWriter(self)
-            self._close()
-
-    def _close(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
-
-
-def _connect_error(code: int) -> Exception:
-    if code == errno.ECONNREFUSED:
-        return error.ConnectionRefusedError()
-    if code == errno.ETIMEDOUT:
-        return error.TCPTimedOutError()
-    return error.ConnectError(osError=code, string=errno.errorcode.get(code, str(code)))
-
-
-@implementer(IProtocolFactory)
-class _Capture:
-    """Passes ``buildProtocol`` on to the real factory and keeps what it built."""
-
-    def __init__(self, factory: IProtocolFactory, built: list[IProtocol]) -> None:
-        self._factory = factory
-        self._built = built
-
-    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
-        p = self._factory.buildProtocol(addr)
-        if p is not None:
-            self._built.append(p)
-        return p
-
-    def doStart(self) -> None:
-        pass
-
-    def doStop(self) -> None:
-        pass
-
-
 @implementer(IStreamClientEndpoint)
 class TransparentEndpoint:
     """
@@ -228,12 +140,4 @@ class TransparentEndpoint:
             sock = _transparent_socket(family, source)
         except OSError as e:
             return defer.fail(e)
-        pending: _PendingConnect
-        d: defer.Deferred[IProtocol] = defer.Deferred(lambda d: pending.cancel(d))
-        pending = _PendingConnect(self._reactor, sock, protocolFactory, d)
-        code = sock.connect_ex((self._host, self._port))
-        if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-            pending._close()
-            return defer.fail(_connect_error(code))
-        self._reactor.addWriter(pending)
-        return d
+        return connect_socket(self._reactor, sock, (self._host, self._port), protocolFactory)

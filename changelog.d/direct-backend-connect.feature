@@ -1,0 +1,1 @@
+Proxy connects to plain TCP backends given by IP address (on Linux) with a non-blocking connect on a socket it owns, handed to the reactor with adoptStreamConnection, instead of Twisted's connectTCP machinery; TLS, UNIX and named backends keep Twisted's endpoints.
