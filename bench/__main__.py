@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import _procs, _results, profile, scenarios
+from bench import _procs, _results, asgi, profile, scenarios, udp
 from bench._results import Scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +29,8 @@ STEPS: dict[str, Callable[[scenarios.Context], Scenario | list[Scenario]]] = {
     "scale": scenarios.scale,
     "workers": scenarios.workers_scenario,
     "tls": scenarios.tls,
+    "udp": udp.udp,
+    "asgi": asgi.asgi,
     "profile": profile.profile,
 }
 
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             None if options.no_docs else options.docs,
             meta,
             done,
-            scenarios.TARGETS,
+            [*scenarios.TARGETS, *udp.TARGETS],
             command,
         )
         if "raw" in ctx.profile_out:
