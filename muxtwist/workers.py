@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints
-from twisted.internet.error import ProcessDone
+from twisted.internet.error import CannotListenError, ProcessDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.protocol import ProcessProtocol as _ProcessProtocol
 from twisted.logger import Logger
@@ -129,6 +130,14 @@ class WorkerPool(SignalHandlers, Service):
     :param admin: an endpoint description where the parent serves the
         admin site (stats page, ``/status.json``, ``/metrics``, ``/ready``)
         with the numbers of every worker summed.
+    :param reuse_port: give each worker a listening socket of its own for
+        every ``tcp:``/``tcp6:`` listener, all bound to the same address with
+        ``SO_REUSEPORT`` (Linux), so that the kernel spreads new connections
+        evenly over the workers; the parent keeps each socket, so a worker
+        started again in a slot takes over that slot's waiting connections.
+        ``False``, and other listeners (UNIX, systemd): one socket every
+        worker accepts from, where the worker that wakes first takes the
+        connection.
     """
 
     def __init__(
@@ -141,6 +150,7 @@ class WorkerPool(SignalHandlers, Service):
         stop_timeout: float = 35.0,
         handle_signals: bool = True,
         admin: str | None = None,
+        reuse_port: bool = True,
         reactor: Any = None,
     ) -> None:
         if reactor is None:
@@ -161,6 +171,9 @@ class WorkerPool(SignalHandlers, Service):
         self.handle_signals = handle_signals
         self.workers: dict[int, _Worker] = {}
         self.ports: dict[str, Any] = {}
+        self.reuse_port = reuse_port and hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
+        #: For ``reuse_port`` listeners: each slot's own listening socket, by description.
+        self.slot_sockets: dict[str, list[socket.socket]] = {}
         self._stopping = False
         self._delay = RESTART_DELAY
         self._pending: dict[int, Any] = {}
@@ -193,7 +206,17 @@ class WorkerPool(SignalHandlers, Service):
         # (tcp, tcp6, unix, systemd) for free; the parent then never reads:
         # only the workers accept.
         for description in self.descriptions:
-            d = endpoints.serverFromString(self._reactor, description).listen(Factory.forProtocol(Protocol))
+            endpoint = endpoints.serverFromString(self._reactor, description)
+            sockets = _reuse_port_sockets(endpoint, self.count) if self.reuse_port else None
+            if sockets is not None:
+                self.slot_sockets[description] = sockets
+                log.info(
+                    "listening on {description} at {address} for the workers, a socket each (SO_REUSEPORT)",
+                    description=description,
+                    address=sockets[0].getsockname(),
+                )
+                continue
+            d = endpoint.listen(Factory.forProtocol(Protocol))
             port = _result(d)
             port.stopReading()
             self.ports[description] = port
@@ -219,8 +242,10 @@ class WorkerPool(SignalHandlers, Service):
             return
         child_fds: dict[int, object] = {0: "w", 1: 1, 2: 2}
         args = list(self.worker_args)
-        for i, (description, port) in enumerate(self.ports.items()):
-            child_fds[3 + i] = port.fileno()
+        fds = [(d, port.fileno()) for d, port in self.ports.items()]
+        fds += [(d, sockets[slot].fileno()) for d, sockets in self.slot_sockets.items()]
+        for i, (description, fd) in enumerate(fds):
+            child_fds[3 + i] = fd
             args += ["--inherit", f"{3 + i}={description}"]
         assert self.directory is not None
         sock = os.path.join(self.directory, f"worker-{slot}.sock")
@@ -296,6 +321,10 @@ class WorkerPool(SignalHandlers, Service):
         for port in self.ports.values():
             port.stopListening()
         self.ports = {}
+        for sockets in self.slot_sockets.values():
+            for s in sockets:
+                s.close()
+        self.slot_sockets = {}
         running = list(self.workers.values())
         self.signal_workers(signal.SIGTERM)
         kill = self._reactor.callLater(self.stop_timeout, self._kill, running)
@@ -324,6 +353,41 @@ class WorkerPool(SignalHandlers, Service):
                     os.kill(w.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def _reuse_port_sockets(endpoint: object, count: int) -> list[socket.socket] | None:
+    """
+    ``count`` listening sockets on the address of a TCP server endpoint,
+    each bound with ``SO_REUSEPORT``; ``None`` for other endpoints.
+
+    :raises CannotListenError: the address cannot be bound.
+    """
+    if type(endpoint) not in (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint):
+        return None
+    # The endpoint's parsed description (serverFromString has no public accessor for it).
+    interface, port, backlog = (getattr(endpoint, name, None) for name in ("_interface", "_port", "_backlog"))
+    if not isinstance(interface, str) or not isinstance(port, int) or not isinstance(backlog, int):
+        return None
+    family = socket.AF_INET6 if isinstance(endpoint, endpoints.TCP6ServerEndpoint) else socket.AF_INET
+    host = interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    sockets: list[socket.socket] = []
+    try:
+        address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)[0][4]
+        for _ in range(count):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(address)
+            # Port 0: every socket on the port the first one got.
+            address = (address[0], s.getsockname()[1], *address[2:])
+            s.listen(backlog)
+            s.setblocking(False)
+    except (OSError, socket.gaierror) as e:
+        for s in sockets:
+            s.close()
+        raise CannotListenError(host, port, e) from e
+    return sockets
 
 
 def _result(d: defer.Deferred[Any]) -> Any:

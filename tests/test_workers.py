@@ -166,6 +166,67 @@ class AggregatedMetricsTests(unittest.TestCase):
         self.assertEqual(ended, len(held))
 
 
+class SpreadTests(unittest.TestCase):
+    """New connections are spread over the workers."""
+
+    def test_connections_spread_evenly_over_the_workers(self) -> None:
+        """Of 80 connections opened one after another, each of two workers holds at least a quarter."""
+        pool = Pool(self)
+        until(lambda: len(pool.answering()) == 2, 30, "both workers answering the admin site")
+        held: list[socket.socket] = []
+        self.addCleanup(lambda: [s.close() for s in held])
+        for _ in range(80):
+            s = socket.create_connection(("127.0.0.1", pool.port), timeout=5)
+            held.append(s)
+            s.sendall(b"hello\n")
+            self.assertEqual(s.recv(100), b"hello\n")
+        live = [w["live"] for w in pool.answering()]
+        self.assertEqual(sum(live), 80, live)
+        self.assertGreaterEqual(min(live), 20, live)
+
+    def test_a_reuse_port_socket_per_worker(self) -> None:
+        """Each worker slot gets a listening socket of its own on the same port, bound with SO_REUSEPORT."""
+        from muxtwist.workers import WorkerPool
+
+        pool = WorkerPool(3, ["tcp:0:interface=127.0.0.1"], [], handle_signals=False)
+        pool.privilegedStartService()
+        self.addCleanup(shutil.rmtree, pool.directory, True)
+        sockets = pool.slot_sockets["tcp:0:interface=127.0.0.1"]
+        self.addCleanup(lambda: [s.close() for s in sockets])
+        self.assertEqual(pool.ports, {})
+        self.assertEqual(len({s.fileno() for s in sockets}), 3)
+        self.assertEqual(len({s.getsockname() for s in sockets}), 1)
+        for s in sockets:
+            self.assertEqual(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT), 1)
+        # Every one of them accepts: the kernel spreads connections over them.
+        port = sockets[0].getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(60)]
+        self.addCleanup(lambda: [c.close() for c in clients])
+        accepted = []
+        for s in sockets:
+            n = 0
+            while True:
+                try:
+                    s.accept()[0].close()
+                except BlockingIOError:
+                    break
+                n += 1
+            accepted.append(n)
+        self.assertEqual(sum(accepted), 60)
+        self.assertTrue(all(accepted), accepted)
+
+    def test_shared_socket_without_reuse_port(self) -> None:
+        """reuse_port=False keeps one listening socket that every worker accepts from."""
+        from muxtwist.workers import WorkerPool
+
+        pool = WorkerPool(2, ["tcp:0:interface=127.0.0.1"], [], handle_signals=False, reuse_port=False)
+        pool.privilegedStartService()
+        self.addCleanup(shutil.rmtree, pool.directory, True)
+        port = pool.ports["tcp:0:interface=127.0.0.1"]
+        self.addCleanup(port.stopListening)
+        self.assertEqual(pool.slot_sockets, {})
+
+
 class PacedTransfer:
     """A client sending a line every 0.1 s to the echo rule and reading each back."""
 
