@@ -107,9 +107,15 @@ class StatusPage(Resource):
         super().__init__()  # type: ignore[no-untyped-call]
         self.service = service
 
+    def render(self, request: Request) -> bytes:
+        # Before any method's rendering, so that error answers (405 to a
+        # POST, 501 to an unknown method) do not name Twisted's version either.
+        request.setHeader(b"server", b"muxtwist")
+        body: bytes = super().render(request)  # type: ignore[no-untyped-call]
+        return body
+
     def render_GET(self, request: Request) -> bytes:
         data = status(self.service)
-        request.setHeader(b"server", b"muxtwist")  # not Twisted's name and version
         if request.path.endswith(b".json"):
             request.setHeader(b"content-type", b"application/json")
             return json.dumps(data, indent=2).encode() + b"\n"

@@ -601,3 +601,30 @@ class DefaultPageTests(unittest.TestCase):
         self.assertEqual(echo["total"], 1)
         server.proc.send_signal(signal.SIGTERM)
         self.assertEqual(server.wait(30), 0, server.output[-3000:])
+
+    def test_error_answers_of_the_default_page_name_no_version(self) -> None:
+        """POST, OPTIONS or an unknown method to the demo page get error answers that do not name Twisted's version."""
+        from twisted.internet import reactor
+        from twisted.internet.utils import getProcessOutputAndValue
+        from twisted.web.server import Site
+
+        from muxtwist.default import StatusPage
+        from muxtwist.service import MuxService
+
+        port = reactor.listenTCP(0, Site(StatusPage(MuxService())), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}/x"
+
+        async def run() -> None:
+            for method in ("POST", "OPTIONS", "BREW", "GET"):
+                out, err, code = await getProcessOutputAndValue(
+                    "curl", ["-sS", "-i", "--max-time", "10", "-X", method, url], env=os.environ
+                )
+                self.assertEqual(code, 0, err)
+                head = out.decode().split("\r\n\r\n", 1)[0]
+                self.assertIn("\r\nServer: muxtwist", head, (method, head))
+                self.assertNotIn("Twisted", out.decode(), method)
+
+        from twisted.internet.defer import Deferred
+
+        return Deferred.fromCoroutine(run())  # type: ignore[return-value]
