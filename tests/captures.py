@@ -280,14 +280,21 @@ def xmpp_stream_header() -> bytes:
     )
 
 
-def rdp_connection_request() -> bytes:
+def rdp_connection_request(*, correlation: bool = False) -> bytes:
     """
     Built from [MS-RDPBCGR] 2.2.1.1 (no RDP client is installed): TPKT, an
     X.224 Connection Request with an mstshash cookie, and an RDP_NEG_REQ
-    asking for TLS and CredSSP, as mstsc and FreeRDP send it.
+    asking for TLS and CredSSP, as mstsc and FreeRDP send it; with
+    ``correlation``, its CORRELATION_INFO_PRESENT flag and the
+    RDP_NEG_CORRELATION_INFO after it (2.2.1.1.2), as gateways' clients send.
     """
     cookie = b"Cookie: mstshash=alice\r\n"
-    neg = bytes([1, 0]) + (8).to_bytes(2, "little") + (3).to_bytes(4, "little")
+    flags = 0x08 if correlation else 0
+    neg = bytes([1, flags]) + (8).to_bytes(2, "little") + (3).to_bytes(4, "little")
+    if correlation:
+        neg += (
+            bytes([6, 0]) + (36).to_bytes(2, "little") + bytes.fromhex("5f3a9c0e11d24b7c8e6a4d2b7f1e9a30") + bytes(16)
+        )
     x224 = bytes([0xE0, 0, 0, 0x12, 0x34, 0]) + cookie + neg
     body = bytes([len(x224)]) + x224
     return bytes([3, 0]) + (4 + len(body)).to_bytes(2, "big") + body
@@ -310,6 +317,7 @@ def all_captures() -> tuple[Capture, ...]:
         Capture("openvpn-hard-reset-tls-crypt-v2", "openvpn", openvpn_tls_crypt_reset(v2_key=True), real=False),
         Capture("xmpp-stream", "xmpp", xmpp_stream_header(), real=False),
         Capture("rdp-connection-request", "rdp", rdp_connection_request(), real=False),
+        Capture("rdp-connection-request-correlation", "rdp", rdp_connection_request(correlation=True), real=False),
     ]
     return (*real, *built)
 

@@ -14,7 +14,7 @@ import h2.connection
 from hypothesis import strategies as st
 
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
-from tests.captures import openvpn_hard_reset, rdp_connection_request, xmpp_stream_header
+from tests.captures import openvpn_hard_reset, openvpn_tls_crypt_reset, rdp_connection_request, xmpp_stream_header
 
 INFO = ConnectionInfo()
 
@@ -122,14 +122,32 @@ def seeds() -> dict[str, list[bytes]]:
         "grpc": [h2_request(GRPC_HEADERS), h2_request(GRPC_HEADERS, settle=True)],
         "websocket": [WEBSOCKET],
         "ssh": [b"SSH-2.0-OpenSSH_9.6 Ubuntu\r\n", b"SSH-1.99-Cisco-1.25\r\n"],
-        "redis": [b"*1\r\n$4\r\nPING\r\n", b"*2\r\n$4\r\nAUTH\r\n$6\r\nsecret\r\n", b"PING\r\n", b"AUTH x\r\n"],
+        "redis": [
+            b"*1\r\n$4\r\nPING\r\n",
+            b"*2\r\n$4\r\nAUTH\r\n$6\r\nsecret\r\n",
+            b"PING\r\n",
+            b"AUTH x\r\n",
+            b"HELLO 3 AUTH default secret\r\n",
+            b'echo "hello world"\n',
+        ],
         "postgresql": [PG_STARTUP, b"\x00\x00\x00\x08\x04\xd2\x16\x2f", b"\x00\x00\x00\x10\x04\xd2\x16\x2e" + bytes(8)],
-        "mqtt": [MQTT_CONNECT, b"\x10\x12\x00\x06MQIsdp\x03\x02\x00\x3c\x00\x04abcd"],
+        "mqtt": [
+            MQTT_CONNECT,
+            b"\x10\x12\x00\x06MQIsdp\x03\x02\x00\x3c\x00\x04abcd",
+            MQTT_CONNECT.replace(b"\x04\x02", b"\x84\x02"),
+        ],
         "socks4": [b"\x04\x01\x00\x50\x7f\x00\x00\x01bob\x00", b"\x04\x01\x00\x50\x00\x00\x00\x01\x00a.example\x00"],
         "socks5": [b"\x05\x02\x00\x02", b"\x05\x01\x00"],
-        "openvpn": [openvpn_hard_reset(), openvpn_hard_reset(32)],
+        "openvpn": [
+            openvpn_hard_reset(),
+            openvpn_hard_reset(32),
+            openvpn_hard_reset(16, tlv=False),
+            openvpn_hard_reset(64, opcode=1),
+            openvpn_tls_crypt_reset(),
+            openvpn_tls_crypt_reset(v2_key=True),
+        ],
         "xmpp": [xmpp_stream_header(), b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams'>"],
-        "rdp": [rdp_connection_request()],
+        "rdp": [rdp_connection_request(), rdp_connection_request(correlation=True)],
     }
 
 
