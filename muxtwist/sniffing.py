@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from muxtwist._deadlines import Deadline, Deadlines
 from muxtwist._text import LogThrottle, printable
 from muxtwist.interfaces import (
     ConnectionInfo,
@@ -295,6 +296,8 @@ class SniffingFactory:
         self._trusted: Trust | None = None
         self.accept_proxy_protocol = accept_proxy_protocol
         self._log_throttle = LogThrottle(reactor)
+        # Every sniffing connection's sniff_timeout, behind one DelayedCall.
+        self._deadlines: Deadlines | None = None
         self._started = 0
         # Inner factories: those started, those of them no longer wanted
         # (stopped once nothing can use them), and live handed-off
@@ -561,7 +564,7 @@ class SniffingProtocol:
         self.transport: ITransport | None = None
         self._buffer: bytearray | None = bytearray()
         self._overflow = b""
-        self._deadline: IDelayedCall | None = None
+        self._deadline: Deadline | None = None
         self._quiet: IDelayedCall | None = None
         self._next_eval = 0
         self._evaluations = 0
@@ -613,7 +616,11 @@ class SniffingProtocol:
             self._info = ConnectionInfo(peer=transport.getPeer(), local=transport.getHost())
         factory._add(self)
         self._ruleset.sniffing += 1
-        self._deadline = reactor.callLater(factory.sniff_timeout, self._timed_out)
+        deadlines = factory._deadlines
+        if deadlines is None or deadlines.delay != factory.sniff_timeout:
+            # The first connection, or a reload changed sniff_timeout: one queue per length.
+            deadlines = factory._deadlines = Deadlines(reactor, factory.sniff_timeout)
+        self._deadline = deadlines.add(self._timed_out)
         if factory._trusted is not None:
             from muxtwist.proxyprotocol import ProxyHeaderReader
 
