@@ -21,6 +21,7 @@ Each target is an ordinary Twisted ``IProtocolFactory``, so it nests inside
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -602,9 +603,10 @@ class WSGI(Site):
     A rule target serving the WSGI application ``app`` with
     ``twisted.web.wsgi``, each request on a thread from a pool of at most
     ``threads`` threads. The pool starts with the factory (``doStart``) and
-    stops with it (``doStop``; in-flight requests finish first). Requests
-    beyond ``threads`` wait for a free thread; the reactor thread never runs
-    the application, so other connections are served meanwhile.
+    stops with it (``doStop`` returns at once; requests in flight finish on
+    their threads, which then end). Requests beyond ``threads`` wait for a
+    free thread; the reactor thread never runs the application, so other
+    connections are served meanwhile.
     """
 
     def __init__(self, app: Callable[..., Any], *, threads: int = 10, reactor: IReactorThreads | None = None) -> None:
@@ -644,5 +646,10 @@ class WSGI(Site):
 
     def stopFactory(self) -> None:
         if self.pool.started:
-            self.pool.stop()
+            # ThreadPool.stop joins the threads, and a request thread in flight
+            # waits for the reactor to write its response: joining on the
+            # reactor thread would deadlock, so the old pool is stopped on a
+            # thread of its own and a restart gets a fresh one.
+            pool, self.pool = self.pool, self._new_pool()
+            threading.Thread(target=pool.stop, name="muxtwist-wsgi-stop", daemon=True).start()
         super().stopFactory()

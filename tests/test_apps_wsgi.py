@@ -6,6 +6,7 @@ curl as the client, next to another rule the reactor keeps serving.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from flask import Flask
 from twisted.internet import defer
@@ -89,13 +90,46 @@ class WSGITests(unittest.TestCase):
         self.assertTrue(self.target.pool.started)
         out, _, code = await self.curl("/hello")
         self.assertEqual(code, 0)
+        pool = self.target.pool
         self.factory.doStop()  # the cleanup's port stop makes the last one
         self.factory.doStop()
-        await until(lambda: not self.target.pool.started, 5)
-        self.assertFalse([t for t in self.target.pool.threads if t.is_alive()])
+        await until(lambda: not pool.started, 5)
+        await until(lambda: not [t for t in pool.threads if t.is_alive()], 5)
+        self.assertIsNot(self.target.pool, pool)
         self.factory.doStart()
         self.factory.doStart()
         self.assertTrue(self.target.pool.started)
+
+    async def test_stopping_with_a_request_in_flight_does_not_block_the_reactor(self) -> None:
+        """Stopping the target while a request thread runs returns at once, and the request still gets its response."""
+        release, abandoned = threading.Event(), threading.Event()
+
+        def held(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+            if not release.wait(10) or abandoned.is_set():
+                raise RuntimeError("abandoned: stopping the target waited for this request")
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"done"]
+
+        target = WSGI(held, threads=1)
+        port, factory = mux(self, [Rule(HTTP1(), target, name="held")])
+        factory.doStart()
+        self.addCleanup(factory.doStop)
+        self.addCleanup(release.set)
+        url = f"http://127.0.0.1:{port}/"
+        response = defer.Deferred.fromCoroutine(run(["curl", "-sS", "--max-time", "20", url], seconds=25))
+        await until(lambda: len(target.pool.working) == 1, 15)
+        pool = target.pool
+        # A target that blocked here until the thread ended would never see it end (the thread
+        # needs the reactor to write): the watchdog fails the request instead, from another thread.
+        watchdog = threading.Timer(5, lambda: (abandoned.set(), release.set()))
+        watchdog.start()
+        self.addCleanup(watchdog.cancel)
+        target.doStop()
+        self.assertFalse(abandoned.is_set(), "doStop waited for the request thread")
+        release.set()
+        out, err, code = await response
+        self.assertEqual((code, out), (0, b"done"), err)
+        await until(lambda: not [t for t in pool.threads if t.is_alive()], 5)
 
     def test_threads_must_be_positive(self) -> None:
         """threads=0 is a clear ValueError."""
