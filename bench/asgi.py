@@ -35,6 +35,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 async def _serve_mux(port: int, sink: int) -> None:
     import muxtwist.aio
+
+    # Proxy(...) binds the reactor it is built with: install the asyncio one
+    # on this loop before any rule is built, or Proxy installs the default one.
+    muxtwist.aio.install_reactor()
     from muxtwist import Rule
     from muxtwist.actions import Proxy
     from muxtwist.apps import ASGI

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 from twisted.trial import unittest
 
-from bench import _load, _procs, _results, profile, scenarios
+from bench import _load, _procs, _results, asgi, profile, scenarios
 from bench._results import Metric, Scenario, Target
 
 WRK_OUTPUT = """\
@@ -143,6 +145,16 @@ class ProcessTests(unittest.TestCase):
             self.assertEqual(scenario.median(name, "ka_errors"), 0)
         for pid in pids:
             self.assertFalse(Path(f"/proc/{pid}/stat").exists() and _alive(pid))
+
+    def test_asgi_mux_server_starts(self) -> None:
+        """The ASGI scenario's muxtwist server (a Proxy rule, ASGI on the asyncio reactor) starts and answers HTTP."""
+        workdir = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, workdir, ignore_errors=True)
+        port, sink = _procs.free_port(), _procs.free_port()
+        with _procs.Servers(workdir) as servers:
+            servers.start("asgi-mux", [sys.executable, "-m", "bench.asgi", "mux", str(port), str(sink)], port=port)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+                self.assertEqual(response.read(), asgi.BODY)
 
 
 def _alive(pid: int) -> bool:
