@@ -21,6 +21,8 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
@@ -336,6 +338,12 @@ class _UNIXSockets:
         return UNIXClientEndpoint(self.reactor, os.path.join(self.directory, f"{name}.sock"), timeout=PEER_TIMEOUT)
 
 
+def _worker_slot(filename: str) -> int | None:
+    """N for ``worker-N.sock``; None for any other name."""
+    match = re.fullmatch(r"worker-([0-9]{1,6})\.sock", filename)
+    return int(match.group(1)) if match else None
+
+
 class WorkerPeers:
     """
     The workers of a ``--workers`` pool, reached through their private admin
@@ -348,15 +356,43 @@ class WorkerPeers:
         self._reactor = reactor
         self._agent = Agent.usingEndpointFactory(reactor, _UNIXSockets(reactor, directory))
         self._expected = expected
+        self._warned = False
 
     def names(self) -> list[str]:
-        """``worker-N`` for each socket in the directory, in slot order."""
+        """
+        ``worker-N`` for each worker, in slot order: every slot of the pool
+        when its size is known (a worker being restarted has no socket, and
+        shows as not answering), else each ``worker-N.sock`` in the directory.
+        None when the directory is not this user's (or root's) and closed to
+        everyone else: whoever can write there could plant a socket and answer
+        for a worker.
+        """
+        if not self._trusted():
+            return []
+        if self._expected is not None:
+            return [f"worker-{slot}" for slot in range(self._expected())]
         try:
             entries = os.listdir(self.directory)
         except OSError:
             return []
-        found = [e[: -len(".sock")] for e in entries if e.startswith("worker-") and e.endswith(".sock")]
-        return sorted(found, key=lambda n: int(n.partition("-")[2]) if n.partition("-")[2].isdigit() else -1)
+        slots = [_worker_slot(e) for e in entries]
+        return [f"worker-{slot}" for slot in sorted(s for s in slots if s is not None)]
+
+    def _trusted(self) -> bool:
+        try:
+            info = os.stat(self.directory)
+        except OSError:
+            return False
+        if stat.S_ISDIR(info.st_mode) and info.st_uid in (0, os.geteuid()) and not info.st_mode & 0o022:
+            return True
+        if not self._warned:
+            self._warned = True
+            log.warn(
+                "admin: not asking the workers in {directory}: it must be a directory of this user's"
+                " (or root's) that no one else can write to",
+                directory=self.directory,
+            )
+        return False
 
     @property
     def expected(self) -> int:
@@ -558,14 +594,15 @@ class _Aggregating(Resource):
                     missing.append(name)
                     continue
                 part = json.loads(body)
+                slot = int(name.partition("-")[2])
                 for w in part.get("workers", []):
                     w["answered"] = True
+                    w["slot"] = slot  # the socket it answered on
                 parts.append(part)
             merged = merge_status(parts, self._reactor.seconds(), bool(getattr(self.service, "draining", False)))
             for name in missing:
-                slot = name.partition("-")[2]
-                merged["workers"].append({"slot": int(slot) if slot.isdigit() else slot, "answered": False})
-            merged["workers"].sort(key=lambda w: str(w.get("slot")))
+                merged["workers"].append({"slot": int(name.partition("-")[2]), "answered": False})
+            merged["workers"].sort(key=lambda w: w["slot"])
             return merged
 
         return peers.fetch("/worker/status.json").addCallback(merge)

@@ -470,3 +470,57 @@ class PageTests(unittest.SynchronousTestCase):
         self.assertIn("listeners", json.loads(b"".join(get(b"status.json").written)))
         self.assertIn(b"DOMParser", b"".join(get(b"stats.js").written))
         self.assertIn(b"table", b"".join(get(b"stats.css").written))
+
+
+class WorkerPeersTests(unittest.TestCase):
+    """The aggregating admin site asks every worker of the pool through real UNIX sockets."""
+
+    def peers_directory(self) -> str:
+        directory = tempfile.mkdtemp(prefix="muxtwist-test-peers-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        return directory
+
+    def serve_worker(self, directory: str, slot: int) -> None:
+        from twisted.internet import reactor
+
+        site = admin_site(registry=Metrics())
+        port = reactor.listenUNIX(os.path.join(directory, f"worker-{slot}.sock"), site)  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+
+    async def test_a_worker_whose_socket_is_gone_shows_as_not_answering(self) -> None:
+        """A pool of 2 whose worker 0 is being restarted (no socket yet) shows slot 0 as not answering, not 1 of 1."""
+        from muxtwist.admin import StatusResource, WorkerPeers
+
+        directory = self.peers_directory()
+        self.serve_worker(directory, 1)
+        peers = WorkerPeers(directory, expected=lambda: 2)
+        resource = StatusResource(None, Metrics(), peers)
+        merged = await resource.gathered_status()
+        shown = sorted((w["slot"], w["answered"]) for w in merged["workers"])
+        self.assertEqual(shown, [(0, False), (1, True)])
+        self.assertIn("1 of 2 workers answered", render_page(merged).decode())
+
+    async def test_odd_names_in_the_directory_are_not_workers(self) -> None:
+        """Files in the workers' directory not named worker-<number>.sock are left alone; the workers still answer."""
+        from muxtwist.admin import StatusResource, WorkerPeers
+
+        directory = self.peers_directory()
+        self.serve_worker(directory, 0)
+        for odd in ("worker-é.sock", "worker-0#x.sock", "worker-.sock", "worker-1 2.sock"):
+            with open(os.path.join(directory, odd), "w"):
+                pass
+        peers = WorkerPeers(directory)
+        self.assertEqual(peers.names(), ["worker-0"])
+        merged = await StatusResource(None, Metrics(), peers).gathered_status()
+        self.assertEqual([(w["slot"], w["answered"]) for w in merged["workers"]], [(0, True)])
+
+    def test_a_directory_others_can_write_is_not_trusted(self) -> None:
+        """A workers' directory that other users can write to (say MUXTWIST_WORKERS_DIR=/tmp) yields no workers."""
+        from muxtwist.admin import WorkerPeers
+
+        directory = self.peers_directory()
+        self.serve_worker(directory, 0)
+        self.assertEqual(WorkerPeers(directory).names(), ["worker-0"])
+        os.chmod(directory, 0o1777)
+        self.assertEqual(WorkerPeers(directory).names(), [])
+        self.assertEqual(WorkerPeers(directory, expected=lambda: 2).names(), [])
