@@ -306,7 +306,13 @@ class WorkerPool(SignalHandlers, Service):
                     pass
 
     def reload(self) -> None:
-        """Tell every worker to reload its rules file."""
+        """Tell every worker to reload its rules file (not once the pool is stopping)."""
+        if self._stopping:
+            # The workers are draining: their rules no longer matter, and one
+            # that has finished draining has given up its handlers, so a
+            # SIGHUP would kill it as it exits.
+            log.info("reload asked while stopping: ignored")
+            return
         log.info("reload: signalling {n} worker(s)", n=len(self.workers))
         self.signal_workers(signal.SIGHUP)
 

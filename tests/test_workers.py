@@ -295,3 +295,27 @@ class StopSignalTests(unittest.TestCase):
             os.kill(pool.server.proc.pid, signal.SIGTERM)
 
         self._drains_once(every_process)
+
+
+class ReloadWhileStoppingTests(unittest.SynchronousTestCase):
+    """A reload asked while the pool stops is not passed on to the draining workers."""
+
+    def test_reload_while_draining_signals_no_worker(self) -> None:
+        """WorkerPool.reload() once stopping sends no SIGHUP: a worker past its drain would die of it."""
+        import subprocess
+
+        from muxtwist.workers import WorkerPool, _Worker
+
+        # A stand-in worker that dies of a SIGHUP, as a worker does once its handlers are gone.
+        child = subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(lambda: (child.kill(), child.wait()))
+        pool = WorkerPool(1, [], [], handle_signals=False)
+        worker = _Worker(pool, 0)
+        worker.pid = child.pid
+        pool.workers[0] = worker
+        pool._stopping = True
+        pool.reload()
+        deadline = time.monotonic() + 1.0
+        while child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertIsNone(child.returncode, "the draining worker got a SIGHUP")
