@@ -271,10 +271,11 @@ class StopSignalTests(unittest.TestCase):
         code = pool.server.wait(30)
         self.assertEqual(code, 0, pool.server.output[-3000:])
         self.assertNotIn("aborting the remaining connections", pool.server.output)
-        return pool.server.output
+        self.assertTrue(pool.worker_pids)
         for pid in pool.worker_pids:
             with self.assertRaises(ProcessLookupError):
                 os.kill(pid, 0)
+        return pool.server.output
 
     def test_ctrl_c_to_the_process_group_drains_once(self) -> None:
         """SIGINT to the process group of `twistd -n muxtwist --workers 2` lets a paced transfer finish; exit 0."""
