@@ -337,6 +337,31 @@ def chart(scenarios: dict[str, Scenario], path: Path) -> bool:
     return True
 
 
+KEPT_BEGIN = "<!-- kept across runs: begin -->"
+KEPT_END = "<!-- kept across runs: end -->"
+
+
+def keep_sections(old: str, new: str) -> str:
+    """
+    ``new`` with the sections of ``old`` written by hand between
+    :data:`KEPT_BEGIN` and :data:`KEPT_END` (measurements made outside
+    ``python -m bench``, such as bench.breakdown's) put back before "## Machine".
+    """
+    kept = []
+    at = old.find(KEPT_BEGIN)
+    while at >= 0:
+        end = old.find(KEPT_END, at)
+        if end < 0:
+            break
+        kept.append(old[at : end + len(KEPT_END)] + "\n")
+        at = old.find(KEPT_BEGIN, end)
+    if not kept:
+        return new
+    block = "\n".join(kept) + "\n"
+    marker = "## Machine\n"
+    return new.replace(marker, block + marker, 1) if marker in new else new + "\n" + block
+
+
 def write(
     directory: Path,
     docs: Path | None,
@@ -365,6 +390,8 @@ def write(
             (docs / "performance.png").write_bytes(png.read_bytes())
             written["png"] = docs / "performance.png"
         page = markdown(meta, scenarios, targets, chart="performance.png" if has_chart else None, command=command)
-        (docs / "performance.md").write_text(page)
+        existing = docs / "performance.md"
+        page = keep_sections(existing.read_text() if existing.exists() else "", page)
+        existing.write_text(page)
         written["page"] = docs / "performance.md"
     return written
