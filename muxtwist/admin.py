@@ -23,6 +23,7 @@ import json
 import os
 import re
 import stat
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
@@ -288,10 +289,14 @@ def merge_metrics(texts: Iterable[str]) -> list[Metric]:
     lowest: 1 only when every worker can use the backend) and ``_created``
     timestamps (the earliest).
     """
+    return _merge_families(list(text_string_to_metric_families(text)) for text in texts)
+
+
+def _merge_families(parts: Iterable[Iterable[Metric]]) -> list[Metric]:
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for text in texts:
-        for family in text_string_to_metric_families(text):
+    for part in parts:
+        for family in part:
             if family.name not in families:
                 families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
                 values[family.name] = {}
@@ -309,6 +314,52 @@ def merge_metrics(texts: Iterable[str]) -> list[Metric]:
         for (sample_name, labels), value in values[name].items():
             family.add_sample(sample_name, dict(labels), value)
     return list(families.values())
+
+
+#: Families whose samples only grow while a process lives.
+_CUMULATIVE = ("counter", "histogram", "summary")
+
+#: The response header naming one worker's admin site (a new one for each worker started).
+INSTANCE_HEADER = b"x-muxtwist-instance"
+
+
+class _CounterMemory:
+    """
+    Keeps the summed counters of a pool from going back when a worker dies:
+    a worker that does not answer counts with what it last answered, and
+    once a new worker answers in its slot, the old one's last counts stay
+    added for good, as prometheus-client's multiprocess mode keeps the
+    counts of dead processes. Gauges (live connections, backend up) are
+    only ever the answering workers'.
+    """
+
+    def __init__(self) -> None:
+        #: Per slot: the instance that answered last and its cumulative families.
+        self.last: dict[str, tuple[str, list[Metric]]] = {}
+        self.retired: list[Metric] = []
+        self.retired_instances: set[str] = set()
+
+    def parts(self, answers: Sequence[tuple[str, bytes | None, str | None]]) -> list[list[Metric]]:
+        """The families to sum for one scrape: each slot's, and what replaced workers counted."""
+        parts = []
+        for name, body, instance in answers:
+            if body is not None and instance in self.retired_instances:
+                body = None  # a late answer from a worker already replaced: its counts are retired
+            if body is None:
+                kept = self.last.get(name)
+                if kept is not None:
+                    parts.append(kept[1])
+                continue
+            families = list(text_string_to_metric_families(body.decode("utf-8")))
+            old = self.last.get(name)
+            if old is not None and old[0] != instance:
+                self.retired = _merge_families([self.retired, old[1]])
+                self.retired_instances.add(old[0])
+            if instance is not None:
+                self.last[name] = (instance, [f for f in families if f.type in _CUMULATIVE])
+            parts.append(families)
+        parts.append(self.retired)
+        return parts
 
 
 class _Families(Collector):
@@ -401,27 +452,42 @@ class WorkerPeers:
 
     def fetch(self, path: str) -> defer.Deferred[list[tuple[str, bytes | None]]]:
         """``GET path`` from every worker; ``None`` for a worker that did not answer in time."""
+
+        def bodies(answers: list[tuple[str, bytes | None, str | None]]) -> list[tuple[str, bytes | None]]:
+            return [(name, body) for name, body, _ in answers]
+
+        return self.fetch_answers(path).addCallback(bodies)
+
+    def fetch_answers(self, path: str) -> defer.Deferred[list[tuple[str, bytes | None, str | None]]]:
+        """
+        ``GET path`` from every worker: its name, the body (``None`` for a
+        worker that did not answer in time) and which worker process it was
+        (the ``X-Muxtwist-Instance`` header).
+        """
         names = self.names()
 
-        def one(name: str) -> defer.Deferred[tuple[str, bytes | None]]:
+        def one(name: str) -> defer.Deferred[tuple[str, bytes | None, str | None]]:
             d = self._agent.request(b"GET", f"http://{name}{path}".encode("ascii"))
+            instance: list[str | None] = [None]
 
             def body(response: Any) -> Any:
                 if response.code != 200:
                     raise ValueError(f"{name}{path} answered {response.code}")
+                header = response.headers.getRawHeaders(INSTANCE_HEADER)
+                instance[0] = header[0].decode("ascii", "replace") if header else None
                 return readBody(response)
 
             d.addCallback(body)
             d.addTimeout(PEER_TIMEOUT, self._reactor)
 
-            def answered(data: bytes) -> tuple[str, bytes | None]:
-                return name, data
+            def answered(data: bytes) -> tuple[str, bytes | None, str | None]:
+                return name, data, instance[0]
 
-            def failed(reason: Failure) -> tuple[str, bytes | None]:
+            def failed(reason: Failure) -> tuple[str, bytes | None, str | None]:
                 log.warn("admin: no answer from {worker}: {problem}", worker=name, problem=reason.getErrorMessage())
-                return name, None
+                return name, None, None
 
-            result: defer.Deferred[tuple[str, bytes | None]] = d.addCallbacks(answered, failed)
+            result: defer.Deferred[tuple[str, bytes | None, str | None]] = d.addCallbacks(answered, failed)
             return result
 
         return defer.gatherResults([one(n) for n in names])
@@ -661,23 +727,29 @@ class MetricsResource(_Aggregating):
         metrics = registry if isinstance(registry, Metrics) else None
         super().__init__(None, metrics or default_metrics(), peers, reactor)
         self.registry = registry.registry if isinstance(registry, Metrics) else registry
+        self._memory = _CounterMemory()
 
     def render_GET(self, request: Request) -> int | bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        if self.peers is None:
+            return generate_latest(self.registry)
+        return self.respond(request, self.scrape())
+
+    def scrape(self) -> defer.Deferred[bytes]:
+        """The exposition text: this process's, or every worker's summed."""
         peers = self.peers
         if peers is None:
-            return generate_latest(self.registry)
+            return defer.succeed(generate_latest(self.registry))
 
-        def merge(answers: list[tuple[str, bytes | None]]) -> bytes:
-            texts = [body.decode("utf-8") for _, body in answers if body is not None]
-            families = merge_metrics(texts)
+        def merge(answers: list[tuple[str, bytes | None, str | None]]) -> bytes:
+            families = _merge_families(self._memory.parts(answers))
             workers = Metric("muxtwist_workers", "Worker processes the pool runs.", "gauge")
             workers.add_sample("muxtwist_workers", {}, peers.expected)
             answered = Metric("muxtwist_workers_answered", "Workers whose numbers are in this scrape.", "gauge")
-            answered.add_sample("muxtwist_workers_answered", {}, len(texts))
+            answered.add_sample("muxtwist_workers_answered", {}, sum(1 for _, body, _ in answers if body is not None))
             return _exposition([*families, workers, answered])
 
-        return self.respond(request, peers.fetch("/worker/metrics").addCallback(merge))
+        return peers.fetch_answers("/worker/metrics").addCallback(merge)
 
 
 class _LocalMetrics(Resource):
@@ -686,9 +758,12 @@ class _LocalMetrics(Resource):
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.registry = registry
+        # Tells the parent summing the workers when a slot has a new worker (whose counters start at 0).
+        self.instance = f"{os.getpid()}-{uuid.uuid4().hex}".encode("ascii")
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(INSTANCE_HEADER, self.instance)
         return generate_latest(self.registry)
 
 

@@ -524,3 +524,40 @@ class WorkerPeersTests(unittest.TestCase):
         os.chmod(directory, 0o1777)
         self.assertEqual(WorkerPeers(directory).names(), [])
         self.assertEqual(WorkerPeers(directory, expected=lambda: 2).names(), [])
+
+    async def test_summed_counters_never_go_back_when_a_worker_dies_or_restarts(self) -> None:
+        """What a worker counted stays in the summed /metrics while it is gone and after its replacement starts at 0."""
+        from twisted.internet import reactor
+
+        from muxtwist.admin import MetricsResource, WorkerPeers
+
+        directory = self.peers_directory()
+        sockets = {}
+        for slot, n in ((0, 5), (1, 3)):
+            metrics = Metrics()
+            for _ in range(n):
+                metrics.limit_rejected("emfile")
+            path = os.path.join(directory, f"worker-{slot}.sock")
+            sockets[slot] = reactor.listenUNIX(path, admin_site(registry=metrics))  # type: ignore[attr-defined]
+            self.addCleanup(sockets[slot].stopListening)
+        resource = MetricsResource(Metrics(), WorkerPeers(directory, expected=lambda: 2))
+
+        async def emfile() -> float:
+            text = (await resource.scrape()).decode()
+            return sample(text, 'muxtwist_limit_rejections_total{limit="emfile"}')
+
+        self.assertEqual(await emfile(), 8)
+        await sockets[0].stopListening()  # worker 0 dies: its 5 stay counted
+        self.assertEqual(await emfile(), 8)
+        fresh = Metrics()
+        fresh.limit_rejected("emfile")
+        restarted = reactor.listenUNIX(os.path.join(directory, "worker-0.sock"), admin_site(registry=fresh))  # type: ignore[attr-defined]
+        self.addCleanup(restarted.stopListening)
+        self.assertEqual(await emfile(), 9)  # the new worker 0 counts from 0, on top of the old one's 5
+        self.assertEqual(await emfile(), 9)
+
+
+def sample(metrics: str, line_start: str) -> float:
+    """The value of the one sample whose line starts with ``line_start``."""
+    (line,) = [line for line in metrics.splitlines() if line.startswith(line_start + " ")]
+    return float(line.rsplit(" ", 1)[1])
