@@ -121,6 +121,24 @@ class ProxyTests(unittest.TestCase):
         self.assertEqual((yield good.next_reply()), b"ok:live again")
 
     @defer.inlineCallbacks
+    def test_icmp_error_after_a_single_datagram_ends_the_flow(self) -> Any:
+        """One datagram to a closed backend port ends its flow as backend_failed, with no later datagram needed."""
+        dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        dead.bind(("127.0.0.1", 0))
+        dead_port = dead.getsockname()[1]
+        dead.close()
+        broken = UDPProxy(f"udp:host=127.0.0.1:port={dead_port}")
+        mux, port = self.mux([Rule(Prefix(b"dead", name="dead"), broken)])
+        self.client(port).transport.write(b"dead 1")  # type: ignore[union-attr]
+        for _ in range(200):
+            if broken.failed:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(broken.failed, 1)
+        self.assertEqual(mux.stats.ended[("dead", "backend_failed")][0], 1)
+        self.assertEqual((len(mux.table.flows), broken.flows, broken.backends[0].active), (0, 0, 0))
+
+    @defer.inlineCallbacks
     def test_idle_timeout_closes_backend_socket(self) -> Any:
         """After idle_timeout without traffic the flow ends and its backend socket is closed."""
         backend = Backend(b"b")

@@ -141,6 +141,14 @@ class _BackendSide(DatagramProtocol):
             self.backend.failures += 1
             self.proxy._backend_failed(self)
 
+    def stopProtocol(self) -> None:
+        # The reactor closes a connected UDP socket on its own when an ICMP
+        # error arrives while nothing is waiting to be read (epoll reports
+        # EPOLLERR alone, and Twisted takes that as the end of the socket,
+        # without calling connectionRefused). A socket closed under a live
+        # flow is that flow's backend failing.
+        self.connectionRefused()
+
 
 @implementer(IFlowTarget)
 class UDPProxy(DatagramProtocol):
