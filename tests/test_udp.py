@@ -190,6 +190,25 @@ class TargetTransportTests(unittest.SynchronousTestCase):
         mux.protocol.doStop()
         self.assertEqual(target.stopped, 1)
 
+    def test_targets_a_reload_retires_stop_after_their_last_flow(self) -> None:
+        """Targets a reload replaces are stopped at once if idle, else when their last flow ends; none accumulate."""
+        busy, idle, new = Recorder(), Recorder(), Recorder()
+        mux, _, clock = make_mux(
+            [Rule(Prefix(b"a", name="a"), busy), Rule(Prefix(b"b", name="b"), idle)], flow_idle_timeout=5.0
+        )
+        mux.datagram_received(b"a1", A)
+        mux.set_rules([Rule(Prefix(b"a", name="a"), new)])
+        self.assertEqual((busy.stopped, idle.stopped, new.started), (0, 1, 1))
+        mux.datagram_received(b"a2", A)  # the live flow keeps its target
+        self.assertEqual(busy.by(A), [b"a1", b"a2"])
+        clock.advance(5.1)
+        self.assertEqual(busy.stopped, 1)
+        for _ in range(5):
+            mux.set_rules([Rule(Prefix(b"a", name="a"), Recorder())])
+        self.assertEqual(len(mux._targets), 1)
+        mux.protocol.doStop()
+        self.assertEqual((busy.stopped, idle.stopped), (1, 1))
+
     def test_target_on_two_listeners_refused(self) -> None:
         """One DatagramProtocol instance cannot serve two listeners: a clear error."""
         target = Recorder()

@@ -168,6 +168,9 @@ class UDPMux:
         self._sendto: Any = None
         self._started = 0
         self._targets: dict[int, AbstractDatagramProtocol] = {}
+        # Live flows per target (by id), so that a target a reload retired
+        # is stopped once its last flow ends.
+        self._live: dict[int, int] = {}
         self.rules: tuple[Rule, ...] = ()
         self.on_no_match: AbstractDatagramProtocol | None = None
         self.set_rules(rules, on_no_match=on_no_match)
@@ -200,6 +203,17 @@ class UDPMux:
         self.on_no_match = on_no_match
         if self._started:
             self._start_targets()
+            current = {id(t) for t in self._all_targets()}
+            for key in [k for k in self._targets if k not in current and k not in self._live]:
+                self._stop_target(key)
+
+    def _stop_target(self, key: int) -> None:
+        """Stop a target no rule names any more (a reload retired it) and forget it."""
+        target = self._targets.pop(key)
+        try:
+            target.doStop()
+        except Exception:
+            log.failure("retired target {target!r} raised when stopped", target=target)
 
     def _all_targets(self) -> list[AbstractDatagramProtocol]:
         found: list[Any] = [r.factory for r in self.rules]
@@ -363,6 +377,7 @@ class UDPMux:
             flow.idle_timeout = target.idle_timeout
         self.table.handed_off(flow)
         self.stats.active[rule] = self.stats.active.get(rule, 0) + 1
+        self._live[id(target)] = self._live.get(id(target), 0) + 1
         flow.timer = self._reactor.callLater(flow.idle_timeout, self._idle_check, flow)
         held, flow.held = flow.held, []
         for data in held:
@@ -432,6 +447,14 @@ class UDPMux:
                     target.flow_ended(flow.addr)
                 except Exception:
                     log.failure("target of rule {rule} raised in flow_ended", rule=flow.rule)
+            key = id(target)
+            left = self._live.get(key, 1) - 1
+            if left > 0:
+                self._live[key] = left
+            else:
+                self._live.pop(key, None)
+                if key in self._targets and all(t is not target for t in self._all_targets()):
+                    self._stop_target(key)
         now = self._reactor.seconds()
         rule = flow.rule or "-"
         sniff_time = flow.sniff_time if flow.sniff_time is not None else now - flow.started
