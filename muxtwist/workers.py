@@ -74,6 +74,15 @@ def worker_command(args: Sequence[str], twistd_args: Sequence[str] = (), *, own_
             "    import ctypes; ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
             "except (OSError, AttributeError): pass\n"
             f"if os.getppid() != {os.getpid()}: raise SystemExit('muxtwist worker: the parent is gone')\n"
+            # A parent killed outright cannot remove the sockets' directory:
+            # the last of its workers to exit does (each removes its own
+            # socket first; rmdir only takes an empty directory).
+            "import atexit\n"
+            f"def _rmdir(d=os.environ.get({WORKERS_DIR_ENV!r})):\n"
+            f"    if d and os.getppid() != {os.getpid()}:\n"
+            "        try: os.rmdir(d)\n"
+            "        except OSError: pass\n"
+            "atexit.register(_rmdir)\n"
         )
     return [
         sys.executable,

@@ -320,3 +320,26 @@ class ReloadWhileStoppingTests(unittest.SynchronousTestCase):
         while child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         self.assertIsNone(child.returncode, "the draining worker got a SIGHUP")
+
+
+class ParentKilledTests(unittest.TestCase):
+    """The parent of a pool killed with SIGKILL: the workers stop by themselves and leave nothing behind."""
+
+    def test_workers_outlive_no_killed_parent_and_leave_no_directory(self) -> None:
+        """After SIGKILL to the parent, every worker exits (PR_SET_PDEATHSIG) and the sockets' directory is gone."""
+        pool = Pool(self)
+        until(lambda: len(pool.answering()) == 2, 30, "both workers answering")
+        workers = pool.children()
+        (directory,) = {workers_directory(pid) for pid in workers}
+        self.assertTrue(os.path.isdir(directory))
+        os.kill(pool.server.proc.pid, signal.SIGKILL)
+        pool.server.wait(10)
+        until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), 30, "the workers to exit")
+        self.assertFalse(os.path.exists(directory), os.listdir(directory) if os.path.isdir(directory) else None)
+
+
+def workers_directory(pid: int) -> str:
+    """The MUXTWIST_WORKERS_DIR of a running worker, from its environment."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    return env[b"MUXTWIST_WORKERS_DIR"].decode()
