@@ -835,13 +835,17 @@ def admin_site(
     :param registry: the registry (or :class:`~muxtwist.metrics.Metrics`) to
         expose; the process-wide one by default.
     :param peers: the workers to ask and sum; by default, the workers of the
-        ``--workers`` pool this process runs in, if any.
+        ``--workers`` pool this process is a worker of (``MUXTWIST_WORKER``
+        and ``MUXTWIST_WORKERS_DIR`` set), if any.
     """
     if registry is None:
         registry = getattr(service, "metrics", None) or default_metrics()
     metrics = registry if isinstance(registry, Metrics) else default_metrics()
     raw = registry.registry if isinstance(registry, Metrics) else registry
-    if peers is None and os.environ.get(WORKERS_DIR_ENV):
+    if peers is None and os.environ.get(WORKERS_DIR_ENV) and _slot() is not None:
+        # Only in a worker (the parent names both): a process that merely
+        # inherited the directory (started from a worker, or from a shell
+        # that exported it) serves its own numbers, not another pool's.
         peers = WorkerPeers(os.environ[WORKERS_DIR_ENV], reactor)
     root = Resource()
     root.putChild(b"", StatsPage(service, metrics, peers, reactor))

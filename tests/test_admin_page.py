@@ -556,6 +556,22 @@ class WorkerPeersTests(unittest.TestCase):
         self.assertEqual(await emfile(), 9)  # the new worker 0 counts from 0, on top of the old one's 5
         self.assertEqual(await emfile(), 9)
 
+    def test_a_process_that_is_no_worker_serves_its_own_numbers(self) -> None:
+        """An admin site in a process that inherited MUXTWIST_WORKERS_DIR but is no worker serves its own numbers."""
+        from muxtwist.admin import WORKERS_DIR_ENV
+
+        directory = self.peers_directory()
+        self.serve_worker(directory, 0)  # another pool's worker
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "MUXTWIST_WORKER"})
+        os.environ[WORKERS_DIR_ENV] = directory
+        metrics = Metrics()
+        metrics.limit_rejected("emfile")
+        request = DummyRequest([b"metrics"])
+        site = admin_site(registry=metrics)
+        body = site.getResourceFor(request).render(request)
+        self.assertIsInstance(body, bytes)
+        self.assertIn(b'muxtwist_limit_rejections_total{limit="emfile"} 1.0', body)
+
 
 def sample(metrics: str, line_start: str) -> float:
     """The value of the one sample whose line starts with ``line_start``."""
