@@ -209,6 +209,22 @@ class TargetTransportTests(unittest.SynchronousTestCase):
         mux.protocol.doStop()
         self.assertEqual((busy.stopped, idle.stopped), (1, 1))
 
+    def test_reload_whose_target_cannot_start_keeps_the_old_rules(self) -> None:
+        """New rules with a target whose startProtocol raises are refused whole: old rules serve, new targets stop."""
+
+        class Broken(Recorder):
+            def startProtocol(self) -> None:
+                raise RuntimeError("cannot bind its own resources")
+
+        old, fresh = Recorder(), Recorder()
+        mux, _, _ = make_mux([Rule(Prefix(b"a", name="a"), old)])
+        with self.assertRaises(RuntimeError):
+            mux.set_rules([Rule(Prefix(b"a", name="a"), fresh), Rule(Prefix(b"b", name="b"), Broken())])
+        self.assertEqual([r.factory for r in mux.rules], [old])
+        self.assertEqual((fresh.started, fresh.stopped), (1, 1))
+        mux.datagram_received(b"a1", A)
+        self.assertEqual(old.by(A), [b"a1"])
+
     def test_target_on_two_listeners_refused(self) -> None:
         """One DatagramProtocol instance cannot serve two listeners: a clear error."""
         target = Recorder()

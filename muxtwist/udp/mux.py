@@ -186,7 +186,10 @@ class UDPMux:
         """
         Use these rules for flows that start from now on (a reload); live
         flows keep their targets. Extra keywords (TCP-only settings) are
-        ignored so that a reload can treat every listener alike.
+        ignored so that a reload can treat every listener alike. If a new
+        target cannot start (its ``startProtocol`` raises), the targets
+        started for these rules are stopped again, the old rules stay, and
+        the error is raised.
         """
         for rule in rules:
             if not is_datagram_target(rule.factory):
@@ -199,21 +202,22 @@ class UDPMux:
         from muxtwist.sniffing import check_unique_names
 
         check_unique_names(rules)
+        if self._started:
+            self._start_targets([*(r.factory for r in rules), *([on_no_match] if on_no_match is not None else [])])
         self.rules = tuple(rules)
         self.on_no_match = on_no_match
         if self._started:
-            self._start_targets()
             current = {id(t) for t in self._all_targets()}
             for key in [k for k in self._targets if k not in current and k not in self._live]:
                 self._stop_target(key)
 
     def _stop_target(self, key: int) -> None:
-        """Stop a target no rule names any more (a reload retired it) and forget it."""
+        """Stop a target and forget it (a reload retired it, or the rules it came with could not start)."""
         target = self._targets.pop(key)
         try:
             target.doStop()
         except Exception:
-            log.failure("retired target {target!r} raised when stopped", target=target)
+            log.failure("target {target!r} raised when stopped", target=target)
 
     def _all_targets(self) -> list[AbstractDatagramProtocol]:
         found: list[Any] = [r.factory for r in self.rules]
@@ -221,23 +225,35 @@ class UDPMux:
             found.append(self.on_no_match)
         return found
 
-    def _start_targets(self) -> None:
-        for target in self._all_targets():
-            if id(target) in self._targets:
-                continue
-            if target.transport is not None:
-                raise ValueError(
-                    f"{target!r} already has a transport: a DatagramProtocol target serves one listener; "
-                    "build one per listener"
-                )
-            self._targets[id(target)] = target
-            target.makeConnection(_TargetTransport(self, target))  # type: ignore[arg-type]
+    def _start_targets(self, targets: Sequence[Any]) -> None:
+        """Start those of ``targets`` not started yet: all of them, or (stopping those started) none."""
+        started: list[Any] = []
+        try:
+            for target in targets:
+                if id(target) in self._targets:
+                    continue
+                if target.transport is not None:
+                    raise ValueError(
+                        f"{target!r} already has a transport: a DatagramProtocol target serves one listener; "
+                        "build one per listener"
+                    )
+                try:
+                    target.makeConnection(_TargetTransport(self, target))
+                except BaseException:
+                    target.transport = None
+                    raise
+                self._targets[id(target)] = target
+                started.append(target)
+        except BaseException:
+            for target in started:
+                self._stop_target(id(target))
+            raise
 
     def doStart(self) -> None:
         """Start the targets (counted: the listening socket and ``MuxService`` both call this)."""
         self._started += 1
         if self._started == 1:
-            self._start_targets()
+            self._start_targets(self._all_targets())
 
     def doStop(self) -> None:
         """On the last stop, end every flow and stop the targets."""
