@@ -139,6 +139,7 @@ class _Transport(asyncio.Transport):
         if self.is_closing():
             return
         self._closing = True
+        self._bridge.release()
         self._twisted.loseConnection()
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
@@ -195,6 +196,7 @@ class _Transport(asyncio.Transport):
         if not self.can_write_eof():
             raise NotImplementedError("this transport cannot half-close")
         if not self.is_closing():
+            self._bridge.release()
             self._twisted.loseWriteConnection()  # type: ignore[attr-defined]
 
     def can_write_eof(self) -> bool:
@@ -202,6 +204,7 @@ class _Transport(asyncio.Transport):
 
     def abort(self) -> None:
         self._closing = True
+        self._bridge.aborted = True
         abort = getattr(self._twisted, "abortConnection", None)
         if abort is not None:
             abort()
@@ -226,6 +229,8 @@ class _Bridge(Protocol):
         self._info = info
         self.protocol: asyncio.BaseProtocol | None = None
         self.lost = False
+        self.aborted = False
+        self._producing = False
         self._paused_writing = False
         self._waiting: list[bytes] | None = None
         self._eof_waiting = False
@@ -236,6 +241,19 @@ class _Bridge(Protocol):
         transport = self.transport
         assert transport is not None
         transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        self._producing = True
+
+    def release(self) -> None:
+        """
+        Nothing more will be written: stop being the transport's producer.
+        A Twisted transport with a producer registered, paused or not, never
+        closes or half-closes (it asks the producer for more instead), so a
+        ``close()`` or ``write_eof()`` made while writing was paused would
+        hold the connection open for ever.
+        """
+        if self._producing and self.transport is not None:
+            self._producing = False
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
 
     def wait(self) -> None:
         """Hold data until :meth:`start` (the target is not ready yet)."""
@@ -313,7 +331,8 @@ class _Bridge(Protocol):
             return
         from twisted.internet.error import ConnectionDone
 
-        exc = None if reason.check(ConnectionDone) else reason.value
+        # asyncio calls connection_lost(None) after its own abort() too.
+        exc = None if self.aborted or reason.check(ConnectionDone) else reason.value
         proto.connection_lost(exc if isinstance(exc, Exception) or exc is None else ConnectionError(str(exc)))
 
     # IPushProducer: the transport says its write buffer is full or drained.

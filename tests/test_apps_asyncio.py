@@ -295,6 +295,70 @@ class AsyncioProtocolTests(unittest.TestCase):
         # flow control the whole 100 MB would be written at once.
         self.assertLess(worst[0], 16 * 1024 * 1024)
 
+    async def test_close_while_writing_is_paused_ends_the_connection_once_flushed(self) -> None:
+        """close() called while pause_writing is in effect flushes what was written, then closes the connection."""
+        size = 4 * 1024 * 1024
+        paused: list[bool] = []
+
+        class BigThenClose(Echo):
+            def data_received(self, data: bytes) -> None:
+                self.transport.write(b"b" * size)
+                self.transport.close()
+
+            def pause_writing(self) -> None:
+                paused.append(True)
+
+        port, _ = mux(self, [Rule(Prefix(b"BIG"), AsyncioProtocol(BigThenClose))])
+        client = await connect(self, port)
+        assert client.transport is not None
+        client.transport.write(b"BIG")
+        reason = await client.closed()
+        self.assertEqual(len(client.received), size)
+        self.assertEqual(paused, [True])
+        self.assertIn("ConnectionDone", repr(reason))
+        await until(lambda: Echo.made[0].lost == [None])
+
+    async def test_write_eof_while_writing_is_paused_half_closes_once_flushed(self) -> None:
+        """write_eof() called while pause_writing is in effect sends the FIN after the data, and reading goes on."""
+        size = 4 * 1024 * 1024
+
+        class BigThenEof(Echo):
+            def data_received(self, data: bytes) -> None:
+                if data.startswith(b"BIG"):
+                    self.transport.write(b"b" * size)
+                    self.transport.write_eof()
+                else:
+                    self.after = data
+                    self.transport.close()
+
+        port, _ = mux(self, [Rule(Prefix(b"BIG"), AsyncioProtocol(BigThenEof))])
+        client = await connect(self, port)
+        assert client.transport is not None
+        client.transport.write(b"BIG")
+        await wait(client.eof, 10)
+        self.assertEqual(len(client.received), size)
+        client.transport.write(b"still reading")
+        await client.closed()
+        await until(lambda: bool(Echo.made[0].lost))
+        self.assertEqual(Echo.made[0].after, b"still reading")  # type: ignore[attr-defined]
+
+    async def test_abort_reaches_connection_lost_with_none(self) -> None:
+        """The protocol's own abort() ends the connection at once and connection_lost gets None, as in asyncio."""
+
+        class WriteThenAbort(Echo):
+            def data_received(self, data: bytes) -> None:
+                self.transport.write(b"a" * (4 * 1024 * 1024))
+                self.transport.abort()
+                self.transport.write(b"ignored after abort")
+
+        port, _ = mux(self, [Rule(Prefix(b"ABORT"), AsyncioProtocol(WriteThenAbort))])
+        client = await connect(self, port)
+        assert client.transport is not None
+        client.transport.write(b"ABORT")
+        await client.closed()
+        await until(lambda: bool(Echo.made[0].lost))
+        self.assertEqual(Echo.made[0].lost, [None])
+
     def test_factory_must_be_callable(self) -> None:
         """AsyncioProtocol(something not callable) is a clear TypeError."""
         with self.assertRaises(TypeError):
