@@ -375,6 +375,25 @@ class ReportTests(unittest.SynchronousTestCase):
         self.assertAlmostEqual(done["duration"], 1.0)
         self.assertEqual((by_peer["10.0.0.2:6000"]["outcome"], by_peer["10.0.0.2:6000"]["rule"]), ("no_match", "-"))
 
+    def test_unanswered_flow_lines_throttled_under_a_spoofed_flood(self) -> None:
+        """10,000 junk flows in a second log two lines, the second counting those left out; served flows log each."""
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        mux, _, clock = make_mux([Rule(Prefix(b"hi", name="greeting"), Echo())], flow_idle_timeout=1.0)
+        for i in range(10_000):
+            mux.datagram_received(b"junk", (f"10.{i >> 8}.{i & 255}.1", 1000 + i))
+        clock.advance(1.0)
+        mux.datagram_received(b"junk", ("10.99.0.1", 7))
+        for port in (1, 2, 3):
+            mux.datagram_received(b"hi", ("10.200.0.1", port))
+        clock.advance(1.0)
+        ends = [e for e in events if e.get("log_event") == "connection_end" and e.get("transport") == "udp"]
+        junk = [e for e in ends if e["outcome"] == "no_match"]
+        self.assertEqual([e["suppressed"] for e in junk], [0, 9_999])
+        self.assertEqual(len([e for e in ends if e["rule"] == "greeting"]), 3)
+        self.assertEqual(mux.stats.ended[("-", "no_match")][0], 10_001)
+
     def test_metrics_series(self) -> None:
         """Ended flows, their datagrams and bytes, live flows and dropped datagrams are Prometheus series."""
         mux, _, clock = make_mux([Rule(Prefix(b"hi", name="greeting"), Echo())], flow_idle_timeout=1.0)

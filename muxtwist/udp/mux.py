@@ -29,6 +29,7 @@ from twisted.internet.protocol import AbstractDatagramProtocol, DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from muxtwist._text import LogThrottle
 from muxtwist.interfaces import Verdict
 from muxtwist.matchers.datagram import DatagramInfo
 from muxtwist.udp.flows import Address, Flow, FlowTable
@@ -121,7 +122,10 @@ class UDPMux:
     :param unmatched_timeout: seconds a remote no rule matched is remembered
         (its datagrams dropped unseen).
     :param on_no_match: a target for flows no rule matches (default: drop).
-    :param log_connections: one ``connection_end`` log event per flow.
+    :param log_connections: one ``connection_end`` log event per flow; for
+        flows that got nothing back (no rule matched, or the target refused
+        them at once) at most one a second per outcome and reason, with the
+        count of those left out.
     """
 
     def __init__(
@@ -171,6 +175,7 @@ class UDPMux:
         # Live flows per target (by id), so that a target a reload retired
         # is stopped once its last flow ends.
         self._live: dict[int, int] = {}
+        self._log_throttle = LogThrottle(reactor)
         self.rules: tuple[Rule, ...] = ()
         self.on_no_match: AbstractDatagramProtocol | None = None
         self.set_rules(rules, on_no_match=on_no_match)
@@ -478,10 +483,21 @@ class UDPMux:
         self.metrics.connection_ended(rule, outcome, sniff_time, flow.bytes_in if target is None else 0, 0)
         if not self.log_connections:
             return
+        suppressed = 0
+        if flow.datagrams_out == 0 and (target is None or outcome == "rejected"):
+            # Flows that got nothing back cost a sender with a spoofed
+            # source one datagram each: their lines are throttled (the
+            # metrics still count every one).
+            admitted = self._log_throttle.admit((outcome, reason))
+            if admitted is None:
+                return
+            suppressed = admitted
         log.info(
             "udp flow {peer} -> port {local_port} ended: {outcome} ({reason}), rule {rule}, "
-            "{datagrams_in} datagrams / {bytes_in} bytes in, {datagrams_out} / {bytes_out} out, {duration:.3f}s",
+            "{datagrams_in} datagrams / {bytes_in} bytes in, {datagrams_out} / {bytes_out} out, {duration:.3f}s"
+            + (" ({suppressed} more like it not logged since the last line)" if suppressed else ""),
             log_event="connection_end",
+            suppressed=suppressed,
             transport="udp",
             peer=_address(flow.addr),
             local_port=getattr(self.host, "port", None),
