@@ -632,6 +632,32 @@ def _headers(request: Request, content_type: bytes) -> None:
     request.setHeader(b"server", b"muxtwist")
 
 
+class _SingleFlight:
+    """
+    One gathering at a time: callers that come while the workers are being
+    asked get that same answer, so 100 scrapes at once cost each worker one
+    request and the parent one merge.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: list[defer.Deferred[Any]] | None = None
+
+    def run(self, start: Callable[[], defer.Deferred[Any]]) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        if self._waiting is not None:
+            self._waiting.append(d)
+            return d
+        self._waiting = waiting = [d]
+
+        def done(result: object) -> None:
+            self._waiting = None
+            for each in waiting:
+                each.callback(result)  # a Failure goes down each one's errbacks
+
+        start().addBoth(done)
+        return d
+
+
 class _Aggregating(Resource):
     """A resource answering with this process's numbers, or, given peers, every worker's summed."""
 
@@ -643,6 +669,8 @@ class _Aggregating(Resource):
         self.metrics = metrics
         self.peers = peers
         self._reactor = default_reactor(reactor)
+        self._flight = _SingleFlight()
+        self._rendering = _SingleFlight()
 
     def local_status(self) -> dict[str, Any]:
         return status(self.service, self.metrics, self._reactor)
@@ -671,7 +699,7 @@ class _Aggregating(Resource):
             merged["workers"].sort(key=lambda w: w["slot"])
             return merged
 
-        return peers.fetch("/worker/status.json").addCallback(merge)
+        return self._flight.run(lambda: peers.fetch("/worker/status.json").addCallback(merge))
 
     def respond(self, request: Request, d: defer.Deferred[bytes]) -> int:
         gone: list[Failure] = []
@@ -698,7 +726,7 @@ class StatusResource(_Aggregating):
 
     def render_GET(self, request: Request) -> int:
         _headers(request, b"application/json")
-        return self.respond(request, self.gathered_status().addCallback(_json))
+        return self.respond(request, self._rendering.run(lambda: self.gathered_status().addCallback(_json)))
 
 
 class StatsPage(_Aggregating):
@@ -708,7 +736,7 @@ class StatsPage(_Aggregating):
         _headers(request, b"text/html; charset=utf-8")
         request.setHeader(b"content-security-policy", _CSP)
         request.setHeader(b"referrer-policy", b"no-referrer")
-        return self.respond(request, self.gathered_status().addCallback(render_page))
+        return self.respond(request, self._rendering.run(lambda: self.gathered_status().addCallback(render_page)))
 
 
 def _json(data: object) -> bytes:
@@ -749,7 +777,7 @@ class MetricsResource(_Aggregating):
             answered.add_sample("muxtwist_workers_answered", {}, sum(1 for _, body, _ in answers if body is not None))
             return _exposition([*families, workers, answered])
 
-        return peers.fetch_answers("/worker/metrics").addCallback(merge)
+        return self._flight.run(lambda: peers.fetch_answers("/worker/metrics").addCallback(merge))
 
 
 class _LocalMetrics(Resource):

@@ -572,6 +572,39 @@ class WorkerPeersTests(unittest.TestCase):
         self.assertIsInstance(body, bytes)
         self.assertIn(b'muxtwist_limit_rejections_total{limit="emfile"} 1.0', body)
 
+    async def test_concurrent_scrapes_ask_each_worker_once(self) -> None:
+        """Scrapes that arrive while the workers are being asked share that answer: 20 at once cost each worker one."""
+        from twisted.internet import defer, reactor
+        from twisted.web.server import Site
+
+        from muxtwist.admin import MetricsResource, StatusResource, WorkerPeers
+
+        directory = self.peers_directory()
+        asked: list[object] = []
+
+        class Counting(Site):
+            def buildProtocol(self, addr: object) -> object:
+                asked.append(addr)
+                return super().buildProtocol(addr)
+
+        metrics = Metrics()
+        metrics.limit_rejected("emfile")
+        worker = Counting(admin_site(registry=metrics).resource)
+        port = reactor.listenUNIX(os.path.join(directory, "worker-0.sock"), worker)  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        peers = WorkerPeers(directory, expected=lambda: 1)
+        resource = MetricsResource(Metrics(), peers)
+        texts = await defer.gatherResults([resource.scrape() for _ in range(20)])
+        self.assertEqual(len(asked), 1)
+        self.assertEqual({sample(t.decode(), 'muxtwist_limit_rejections_total{limit="emfile"}') for t in texts}, {1})
+        status = StatusResource(None, Metrics(), peers)
+        answers = await defer.gatherResults([status.gathered_status() for _ in range(20)])
+        self.assertEqual(len(asked), 2)
+        self.assertEqual({len(a["workers"]) for a in answers}, {1})
+        # Once answered, the next scrape asks again.
+        await resource.scrape()
+        self.assertEqual(len(asked), 3)
+
 
 def sample(metrics: str, line_start: str) -> float:
     """The value of the one sample whose line starts with ``line_start``."""
