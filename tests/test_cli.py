@@ -36,7 +36,8 @@ class CLITests(unittest.TestCase):
     """check and explain, called in process and as ``python -m muxtwist``."""
 
     def write(self, text: str) -> str:
-        path = self.mktemp() + ".py"
+        # Absolute: the subprocesses below run in the checkout, not in the test's directory.
+        path = os.path.abspath(self.mktemp()) + ".py"
         with open(path, "w") as f:
             f.write(textwrap.dedent(text))
         return path
