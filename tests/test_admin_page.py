@@ -126,8 +126,12 @@ class Process:
 
 
 def twistd(tmp: str, *args: str) -> Process:
-    """``twistd -n muxtwist ARGS`` from this checkout, in its own session."""
-    return Process(worker_command(args), os.path.join(tmp, "twistd.log"))
+    """
+    ``twistd -n muxtwist ARGS`` from this checkout, in its own session, with
+    its temporary files (a --workers pool's sockets) in ``tmp`` too, so that
+    a process killed outright leaves nothing in the system's /tmp.
+    """
+    return Process(worker_command(args), os.path.join(tmp, "twistd.log"), env={"TMPDIR": tmp})
 
 
 class EchoBackend:
