@@ -205,7 +205,7 @@ class WorkerPool(SignalHandlers, Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()  # type: ignore[no-untyped-call]
         if self.directory is None:
-            self.directory = tempfile.mkdtemp(prefix="muxtwist-workers-")  # mode 0700: this user only
+            self.directory = _socket_directory(self.count)
         if self.admin is not None and self.admin_port is None:
             peers = WorkerPeers(self.directory, self._reactor, expected=lambda: self.count)
             site = admin_site(self, peers=peers, reactor=self._reactor)
@@ -403,6 +403,25 @@ def _reuse_port_sockets(endpoint: object, count: int) -> list[socket.socket] | N
             s.close()
         raise CannotListenError(host, port, e) from e
     return sockets
+
+
+#: The longest path a UNIX socket can bind to on Linux (``sun_path`` less its NUL).
+UNIX_PATH_MAX = 107
+
+
+def _socket_directory(count: int) -> str:
+    """
+    A new directory, mode 0700 (this user only), for the workers' admin
+    sockets: in ``TMPDIR``, unless ``worker-N.sock`` would not fit in a UNIX
+    socket's path there (every worker would then die at start), then in ``/tmp``.
+    """
+    longest = f"worker-{count - 1}.sock"
+    for base in (None, "/tmp"):
+        directory = tempfile.mkdtemp(prefix="muxtwist-workers-", dir=base)
+        if len(os.fsencode(os.path.join(directory, longest))) <= UNIX_PATH_MAX:
+            return directory
+        os.rmdir(directory)
+    raise ValueError(f"no directory for the workers' sockets: {directory!r} is too long for a UNIX socket")
 
 
 def _result(d: defer.Deferred[Any]) -> Any:

@@ -343,3 +343,24 @@ def workers_directory(pid: int) -> str:
     with open(f"/proc/{pid}/environ", "rb") as f:
         env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
     return env[b"MUXTWIST_WORKERS_DIR"].decode()
+
+
+class SocketDirectoryTests(unittest.SynchronousTestCase):
+    """Where the workers' admin sockets go."""
+
+    def test_a_long_tmpdir_still_gives_sockets_a_path_that_binds(self) -> None:
+        """With a TMPDIR so long that worker-N.sock would pass AF_UNIX's 107 bytes, the sockets go where they fit."""
+        from muxtwist.workers import WorkerPool
+
+        scratch = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, scratch, True)
+        long_tmp = os.path.join(scratch, "t" * (100 - len(scratch)))
+        os.mkdir(long_tmp)
+        self.patch(tempfile, "tempdir", long_tmp)
+        pool = WorkerPool(12, [], [], handle_signals=False)
+        pool.privilegedStartService()
+        assert pool.directory is not None
+        self.addCleanup(shutil.rmtree, pool.directory, True)
+        self.assertEqual(os.stat(pool.directory).st_mode & 0o777, 0o700)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(os.path.join(pool.directory, "worker-11.sock"))
