@@ -411,7 +411,8 @@ class ASGI(Factory):
     reactor's shutdown, asks every connection to finish gracefully (uvicorn's
     ``shutdown``: idle keep-alive connections close, WebSockets get 1012),
     waits for them up to ``shutdown_timeout`` seconds, then runs the lifespan
-    shutdown. :meth:`when_stopped` fires when that is done.
+    shutdown (given up, with an error logged, after ``shutdown_timeout``
+    seconds more). :meth:`when_stopped` fires when that is done.
 
     :param root_path: the ASGI ``root_path`` (the app mounted below a prefix).
     :param lifespan: ``"auto"`` (run it if the app supports it), ``"on"``
@@ -542,7 +543,20 @@ class ASGI(Factory):
             connection.transport.abort()
         if self._ready is not None and self._lifespan is not None:
             assert self._loop is not None
-            await defer.Deferred.fromFuture(self._loop.create_task(self._lifespan.shutdown()))
+            # The application's own shutdown gets shutdown_timeout seconds too:
+            # one that never completes must not keep the process from stopping.
+            shutdown = defer.Deferred.fromFuture(self._loop.create_task(self._lifespan.shutdown()))
+            shutdown.addTimeout(self.shutdown_timeout, reactor)
+            try:
+                await shutdown
+            except (defer.TimeoutError, asyncio.CancelledError):
+                # Cancelling the Deferred cancels the task: its CancelledError
+                # is asyncio's, which addTimeout does not turn into TimeoutError.
+                log.error(
+                    "ASGI application {app} did not finish its lifespan shutdown within {timeout} s: given up",
+                    app=repr(self),
+                    timeout=self.shutdown_timeout,
+                )
 
     def when_started(self) -> defer.Deferred[bool]:
         """A Deferred that fires with whether the lifespan startup succeeded, once it is done."""

@@ -156,6 +156,42 @@ class ServeTests(TestCase):
         )
         self.assertIn("failed its lifespan startup", got["error"])
 
+    def test_lifespan_shutdown_that_hangs_is_given_up_after_shutdown_timeout(self) -> None:
+        """A lifespan shutdown that never completes is abandoned after shutdown_timeout, so close() returns."""
+        got = run_program(
+            self,
+            """
+            import time
+            from twisted.logger import formatEvent, globalLogPublisher
+            events, logged = [], []
+            globalLogPublisher.addObserver(lambda e: logged.append((e["log_level"].name, formatEvent(e))))
+            async def app(scope, receive, send):
+                await receive()
+                await send({"type": "lifespan.startup.complete"})
+                await receive()
+                events.append("shutdown began")
+                await asyncio.sleep(3600)
+
+            async def main():
+                server = await muxtwist.aio.serve([Rule(HTTP1(), ASGI(app, shutdown_timeout=0.5))],
+                                                  "tcp:0:interface=127.0.0.1", shutdown_timeout=0.5)
+                start = time.monotonic()
+                try:
+                    await asyncio.wait_for(server.close(), 10)
+                    events.append("closed")
+                except asyncio.TimeoutError:
+                    events.append("close() still waiting after 10 s")
+                errors = [m for level, m in logged if level in ("error", "critical")]
+                print(json.dumps({"events": events, "seconds": time.monotonic() - start, "errors": errors}))
+
+            asyncio.run(main())
+            """,
+        )
+        self.assertEqual(got["events"], ["shutdown began", "closed"])
+        self.assertLess(got["seconds"], 5)
+        (error,) = got["errors"]
+        self.assertIn("did not finish its lifespan shutdown within 0.5 s", error)
+
     def test_another_reactor_installed_is_a_clear_error(self) -> None:
         """serve() under an already installed non-asyncio reactor raises AsyncioReactorRequired saying so."""
         got = run_program(
