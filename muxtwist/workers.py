@@ -236,7 +236,7 @@ class WorkerPool(SignalHandlers, Service):
             )
 
     def startService(self) -> None:
-        if not self.ports:
+        if not self.ports and not self.slot_sockets:
             self.privilegedStartService()
         super().startService()  # type: ignore[no-untyped-call]
         self._stopping = False

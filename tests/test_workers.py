@@ -364,3 +364,19 @@ class SocketDirectoryTests(unittest.SynchronousTestCase):
         self.assertEqual(os.stat(pool.directory).st_mode & 0o777, 0o700)
         with socket.socket(socket.AF_UNIX) as s:
             s.bind(os.path.join(pool.directory, "worker-11.sock"))
+
+    def test_start_after_privileged_start_listens_once(self) -> None:
+        """startService() after privilegedStartService() (as twistd runs them) binds no second set of sockets."""
+        from muxtwist.workers import WorkerPool
+
+        scratch = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, scratch, True)
+        self.patch(tempfile, "tempdir", scratch)
+        pool = WorkerPool(2, ["tcp:0:interface=127.0.0.1"], [], handle_signals=False)
+        self.patch(pool, "_spawn", lambda slot: None)
+        pool.privilegedStartService()
+        made = {d: list(s) for d, s in pool.slot_sockets.items()} or dict(pool.ports)
+        pool.startService()
+        self.addCleanup(pool.stopService)
+        now = {d: list(s) for d, s in pool.slot_sockets.items()} or dict(pool.ports)
+        self.assertEqual(now, made)
