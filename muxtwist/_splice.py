@@ -227,6 +227,9 @@ class Splice:
     :ivar bytes_out: bytes delivered from the backend to the client.
     """
 
+    # One per relay, held for the relay's life: no per-instance dict.
+    __slots__ = ("_reactor", "backend", "client", "down", "running", "up")
+
     def __init__(self, client: tcp.Connection, backend: tcp.Connection, first: bytes, reactor: Any) -> None:
         self._reactor = reactor
         self.client = _End(self, client)

