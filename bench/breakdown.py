@@ -49,10 +49,10 @@ PHASES: list[tuple[str, str, str]] = [
     ),
     (
         "backend connect",
-        r"Proxy\._connect|connect$|connectTCP|Connector|doConnect|resolveAddress|_setRealAddress|_finishInit|"
-        r"__init__|_connectDone|createInternetSocket|_WrappingFactory|_WrappingProtocol|makeConnection|callback|"
-        r"_runCallbacks|connect_socket|_Pending|adopt|doWrite|_fromConnectedSocket",
-        r"twisted/internet/(endpoints|tcp|base|defer|posixbase)\.py|muxtwist/(_connect|transparent|proxy)",
+        r"Proxy\._connect|TCP[46]ClientEndpoint|HostnameEndpoint|connectTCP|Connector\.|Client\.|"
+        r"_WrappingFactory|_WrappingProtocol|connect_socket|_PendingConnect|DirectTCPEndpoint|"
+        r"adoptStreamConnection|_fromConnectedSocket|_Capture",
+        r"twisted/internet/|muxtwist/(_connect|transparent|proxy)",
     ),
     (
         "relay setup",
@@ -61,12 +61,13 @@ PHASES: list[tuple[str, str, str]] = [
         r"proxy|_splice|tcp",
     ),
     ("relay", r"_End\.(doRead|doWrite)|Splice\.(_pump|_flush|_drained|_block|_read)|from_client|from_backend", r"."),
-    ("relay", r"^Responder\.dataReceived$", r"bench/servers"),
+    # In-process, the winner answering: the responder and Twisted writing its answer.
+    ("relay", r"^(Responder\.dataReceived|FileDescriptor\.doWrite|Connection\.writeSomeData)$", r"."),
     (
         "teardown",
         r"connectionLost|_ended|_maybe_end|_end_sniffing|loseConnection|abortConnection|_closeSocket|"
-        r"readConnectionLost|_backend_eof|_backend_lost|Splice\.stop|_unsplice|_stop_timers|_cancel_attempt|"
-        r"_remove$|connection_ended|_closeWriteConnection|_postLoseConnection|Logger\.|_release",
+        r"readConnectionLost|_Watch|_backend_eof|_backend_lost|Splice\.stop|_unsplice|_stop_timers|_cancel_attempt|"
+        r"SniffingFactory\._remove$|connection_ended|_closeWriteConnection|_postLoseConnection|Logger\.|_release",
         r".",
     ),
     ("timers", r"callLater|runUntilCurrent|DelayedCall|Deadline|cancel$|_fire$", r"twisted/internet/base\.py|muxtwist"),
@@ -169,6 +170,7 @@ def measure(kind: str, runs: int, seconds: float, connections: int, rate: int, l
         if total
         else {},
         "self_top": {k: n / total for k, n in own.most_common(30)} if total else {},
+        "raw": raw,
     }
 
 
@@ -188,7 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     result = measure(options.kind, options.runs, options.seconds, options.connections, options.rate, log)
     options.results.mkdir(parents=True, exist_ok=True)
     path = options.results / f"breakdown-{options.kind}.json"
+    raw = result.pop("raw")
     path.write_text(json.dumps(result, indent=2) + "\n")
+    (options.results / f"breakdown-{options.kind}-stacks.txt").write_text(raw)
     print(f"{options.kind}: {result['cpu_us_per_conn']:.1f} us CPU per connection, {result['samples']} samples")
     for phase, value in result["phases"].items():
         print(f"  {phase:20s} {value['share']:6.1%} {value['us']:7.1f} us")
