@@ -106,6 +106,12 @@ class BackendStats:
     :ivar failures: connect failures and mid-stream resets.
     :ivar healthy: what the active health check says (``True`` without one).
     :ivar errors: ``failures`` by kind: refused, timeout, reset, tls, error.
+    :ivar bytes_in: bytes relayed from clients to it, by relays that have ended.
+    :ivar bytes_out: bytes relayed from it to clients, by relays that have ended.
+    :ivar last_check: the last active check's result: ``"passed"`` or why it failed.
+    :ivar last_check_at: when it ran (reactor seconds).
+    :ivar since: when ``healthy`` took its current value (reactor seconds;
+        ``None`` before the first check).
     """
 
     active: int = 0
@@ -114,6 +120,11 @@ class BackendStats:
     failures: int = 0
     healthy: bool = True
     errors: dict[str, int] = attrs.Factory(dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    last_check: str | None = None
+    last_check_at: float | None = None
+    since: float | None = None
 
 
 _HOST = re.compile(r"(?:^|:)host=((?:\\.|[^:\\])+)")
@@ -488,17 +499,21 @@ class Proxy:
         hc = self.health_check
         assert hc is not None
         stats = backend.stats
+        now = self._reactor.seconds()
+        stats.last_check, stats.last_check_at = ("passed" if passed else why), now
+        if stats.since is None:
+            stats.since = now
         if passed:
             backend._checks_passed += 1
             backend._checks_failed = 0
             if not stats.healthy and backend._checks_passed >= hc.rise:
-                stats.healthy = True
+                stats.healthy, stats.since = True, now
                 log.info("backend {backend} is healthy again", backend=backend.description)
         else:
             backend._checks_failed += 1
             backend._checks_passed = 0
             if stats.healthy and backend._checks_failed >= hc.fall:
-                stats.healthy = False
+                stats.healthy, stats.since = False, now
                 log.warn("backend {backend} is down: {why}", backend=backend.description, why=why)
         if self._started:
             self._schedule_check(backend, hc.interval)
@@ -1044,6 +1059,8 @@ class Relay(Protocol):
         self._pending = None
         if self.side is not None and self.backend is not None:
             self.backend.stats.active -= 1
+            self.backend.stats.bytes_in += self.bytes_in
+            self.backend.stats.bytes_out += self.bytes_out
         self.proxy.relays.discard(self)
         self._closing.clear()
         if self._close_call is not None and self._close_call.active():
