@@ -6,7 +6,6 @@ over https, so one port can take both and send the plain clients across.
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -22,6 +21,7 @@ _SAFE_METHODS = (b"GET", b"HEAD")
 
 
 _ABSOLUTE = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://")
+_AFTER_AUTHORITY = re.compile(rb"[/?]")
 
 
 def _path(uri: bytes) -> bytes | None:
@@ -32,11 +32,15 @@ def _path(uri: bytes) -> bytes | None:
     """
     if uri.startswith(b"/"):
         return uri
-    if _ABSOLUTE.match(uri) is None:
+    scheme = _ABSOLUTE.match(uri)
+    if scheme is None:
         return None
-    split = urlsplit(uri)
-    path = split.path if split.path.startswith(b"/") else b"/"
-    return path + (b"?" + split.query if split.query else b"")
+    # Split by hand rather than with urlsplit, which decodes bytes as ASCII
+    # and raises on anything else a client may send.
+    rest = uri[scheme.end() :].split(b"#", 1)[0]
+    cut = _AFTER_AUTHORITY.search(rest)
+    tail = rest[cut.start() :] if cut is not None else b""
+    return tail if tail.startswith(b"/") else b"/" + tail
 
 
 def location(host: bytes | None, port: int | None, uri: bytes) -> bytes | None:
