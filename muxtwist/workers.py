@@ -204,8 +204,28 @@ class WorkerPool(SignalHandlers, Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()  # type: ignore[no-untyped-call]
+        made = self.directory is None
         if self.directory is None:
             self.directory = _socket_directory(self.count)
+        try:
+            self._listen()
+        except BaseException:
+            # A pool that cannot start leaves no directory behind, nor any port open.
+            if made:
+                shutil.rmtree(self.directory, ignore_errors=True)
+                self.directory = None
+            ports = [*self.ports.values(), *([self.admin_port] if self.admin_port is not None else [])]
+            self.ports, self.admin_port = {}, None
+            for port in ports:
+                port.stopListening()
+            for sockets in self.slot_sockets.values():
+                for s in sockets:
+                    s.close()
+            self.slot_sockets = {}
+            raise
+
+    def _listen(self) -> None:
+        assert self.directory is not None
         if self.admin is not None and self.admin_port is None:
             peers = WorkerPeers(self.directory, self._reactor, expected=lambda: self.count)
             site = admin_site(self, peers=peers, reactor=self._reactor)

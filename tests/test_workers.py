@@ -380,3 +380,23 @@ class SocketDirectoryTests(unittest.SynchronousTestCase):
         self.addCleanup(pool.stopService)
         now = {d: list(s) for d, s in pool.slot_sockets.items()} or dict(pool.ports)
         self.assertEqual(now, made)
+
+    def test_a_pool_that_cannot_listen_leaves_no_directory(self) -> None:
+        """A pool whose port is taken fails to start and leaves no sockets' directory behind."""
+        from twisted.internet.error import CannotListenError
+
+        from muxtwist.workers import WorkerPool
+
+        scratch = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, scratch, True)
+        self.patch(tempfile, "tempdir", scratch)
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        for reuse_port in (False, True):
+            pool = WorkerPool(2, [f"tcp:{port}:interface=127.0.0.1"], [], handle_signals=False, reuse_port=reuse_port)
+            with self.assertRaises(CannotListenError):
+                pool.privilegedStartService()
+            self.assertEqual(os.listdir(scratch), [])
