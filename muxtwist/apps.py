@@ -625,6 +625,11 @@ class _AppBridge(_Bridge):
             self.start()
 
 
+def _daemon_thread(**kwargs: Any) -> threading.Thread:
+    """A thread for the WSGI pool that does not hold the process open at exit."""
+    return threading.Thread(daemon=True, **kwargs)
+
+
 def _sleep(reactor: Any, seconds: float) -> defer.Deferred[None]:
     from twisted.internet.task import deferLater
 
@@ -660,7 +665,13 @@ class WSGI(Site):
         super().__init__(WSGIResource(reactor, self, app))  # type: ignore[no-untyped-call]
 
     def _new_pool(self) -> ThreadPool:
-        return ThreadPool(minthreads=0, maxthreads=self.threads, name="muxtwist-wsgi")
+        pool = ThreadPool(minthreads=0, maxthreads=self.threads, name="muxtwist-wsgi")
+        # Daemon threads: a request still running after the service stopped
+        # (its connection aborted at shutdown_timeout) must not keep the
+        # process alive once the reactor is gone, as Python waits for every
+        # other thread at exit.
+        pool.threadFactory = _daemon_thread  # type: ignore[assignment]
+        return pool
 
     def callInThread(self, f: Callable[..., object], *args: object, **kwargs: object) -> None:
         """Run ``f`` on the pool (what ``WSGIResource`` calls for each request)."""

@@ -5,7 +5,12 @@ curl as the client, next to another rule the reactor keeps serving.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from collections.abc import Callable
 
 from flask import Flask
@@ -17,7 +22,10 @@ from muxtwist import Rule
 from muxtwist.apps import WSGI
 from muxtwist.default import Echo
 from muxtwist.matchers import HTTP1, Prefix
+from tests.processes import stop_group
 from tests.test_proxy_support import connect, mux, run, until, wait
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class SlowApp:
@@ -135,3 +143,61 @@ class WSGITests(unittest.TestCase):
         """threads=0 is a clear ValueError."""
         with self.assertRaises(ValueError):
             WSGI(self.app.flask, threads=0)
+
+    def test_process_exits_after_stop_while_a_request_thread_never_returns(self) -> None:
+        """A request thread still running when the service stops does not keep the process from exiting."""
+        program = textwrap.dedent(
+            """
+            import socket, threading, time
+            from twisted.internet import reactor
+            from muxtwist import Rule, SniffingFactory
+            from muxtwist.apps import WSGI
+            from muxtwist.matchers import HTTP1
+            from muxtwist.service import MuxService
+
+            running = threading.Event()
+            def app(environ, start_response):
+                running.set()
+                time.sleep(3600)
+
+            service = MuxService(shutdown_timeout=0.2, reactor=reactor)
+            service.add_listener("tcp:0:interface=127.0.0.1", SniffingFactory([Rule(HTTP1(), WSGI(app, threads=2))]))
+
+            def client():
+                port = next(iter(service.listeners.values())).port.getHost().port
+                s = socket.create_connection(("127.0.0.1", port))
+                s.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+                running.wait(10)
+                reactor.callFromThread(lambda: service.stopService().addBoth(lambda _: reactor.stop()))
+
+            def start():
+                service.privilegedStartService()
+                service.startService()
+                threading.Thread(target=client, daemon=True).start()
+
+            reactor.callWhenRunning(start)
+            reactor.run()
+            print("reactor stopped", flush=True)
+            """
+        )
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        process = subprocess.Popen(
+            [sys.executable, "-c", program],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+        )
+        self.addCleanup(stop_group, process)
+        started = time.monotonic()
+        try:
+            out, err = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            stop_group(process)
+            out, err = process.communicate()
+            self.fail(f"still running 20 s after it stopped: {out!r} {err[-2000:]!r}")
+        self.assertEqual(out, b"reactor stopped\n", err[-2000:])
+        self.assertEqual(process.returncode, 0, err[-2000:])
+        self.assertLess(time.monotonic() - started, 20)
