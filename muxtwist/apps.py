@@ -541,6 +541,14 @@ class ASGI(Factory):
             await _sleep(reactor, 0.05)
         for connection in list(state.connections):
             connection.transport.abort()
+        # As uvicorn does past its graceful-shutdown timeout: the requests
+        # still running are cancelled, so that no application code runs on
+        # during or after the lifespan shutdown. They get a moment to unwind.
+        for task in list(state.tasks):
+            task.cancel()
+        deadline = reactor.seconds() + min(1.0, self.shutdown_timeout)
+        while state.tasks and reactor.seconds() < deadline:
+            await _sleep(reactor, 0.01)
         if self._ready is not None and self._lifespan is not None:
             assert self._loop is not None
             # The application's own shutdown gets shutdown_timeout seconds too:

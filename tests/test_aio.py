@@ -192,6 +192,45 @@ class ServeTests(TestCase):
         (error,) = got["errors"]
         self.assertIn("did not finish its lifespan shutdown within 0.5 s", error)
 
+    def test_requests_still_running_at_shutdown_timeout_are_cancelled_before_the_lifespan_shutdown(self) -> None:
+        """close() cancels the application's requests it aborted, before the lifespan shutdown runs, as uvicorn does."""
+        got = run_program(
+            self,
+            """
+            events = []
+            async def app(scope, receive, send):
+                if scope["type"] == "lifespan":
+                    await receive()
+                    await send({"type": "lifespan.startup.complete"})
+                    await receive()
+                    events.append("lifespan shutdown")
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+                events.append("request")
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    events.append("request cancelled")
+                    raise
+
+            async def main():
+                server = await muxtwist.aio.serve([Rule(HTTP1(), ASGI(app, shutdown_timeout=0.3))],
+                                                  "tcp:0:interface=127.0.0.1", shutdown_timeout=0.3)
+                request = asyncio.create_task(http_get(server.port, "/forever"))
+                while "request" not in events:
+                    await asyncio.sleep(0.01)
+                await server.close()
+                events.append("closed")
+                await asyncio.gather(request, return_exceptions=True)
+                left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                print(json.dumps({"events": events, "tasks left": len(left)}))
+
+            asyncio.run(main())
+            """,
+        )
+        self.assertEqual(got["events"], ["request", "request cancelled", "lifespan shutdown", "closed"])
+        self.assertEqual(got["tasks left"], 0)
+
     def test_another_reactor_installed_is_a_clear_error(self) -> None:
         """serve() under an already installed non-asyncio reactor raises AsyncioReactorRequired saying so."""
         got = run_program(
