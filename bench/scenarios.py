@@ -421,7 +421,7 @@ def proxy(ctx: Context) -> Scenario:
 
 def _splice_note() -> str:
     try:
-        from muxtwist import _splice
+        from muxtwist.proxy import _splice
     except ImportError:
         available = False
     else:

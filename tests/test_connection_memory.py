@@ -9,8 +9,8 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from muxtwist import Rule, SniffingFactory
-from muxtwist._splice import Splice
 from muxtwist.matchers import Any as AnyMatcher
+from muxtwist.proxy._splice import Splice
 from muxtwist.testing import MemoryConnection
 
 

@@ -18,10 +18,11 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from muxtwist import ConnectionInfo, Rule, _splice
+from muxtwist import ConnectionInfo, Rule
 from muxtwist.actions import Proxy
 from muxtwist.matchers import Any as AnyMatcher
 from muxtwist.matchers import Prefix
+from muxtwist.proxy import _splice
 from tests.test_proxy_support import (
     Echo,
     Peer,

@@ -17,7 +17,7 @@ from muxtwist import ConnectionInfo, Rule
 from muxtwist.actions import HealthCheck, Proxy
 from muxtwist.matchers import Any as AnyMatcher
 from muxtwist.matchers.proxy_protocol import parse
-from muxtwist.proxy import _host_of
+from muxtwist.proxy._backends import _host_of
 from tests.certs import make_ca, make_certificate
 from tests.test_proxy import capture_logs, logged
 from tests.test_proxy_support import (

@@ -40,9 +40,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from muxtwist import Rule, SniffingFactory, _splice
+from muxtwist import Rule, SniffingFactory
 from muxtwist.actions import Proxy
 from muxtwist.matchers import Any as AnyMatcher
+from muxtwist.proxy import _splice
 
 R: Any = reactor
 

@@ -1,0 +1,263 @@
+"""
+The :class:`Proxy` factory: its configuration, the backends' endpoints, and
+one relay per connection (``muxtwist.proxy._relay``) to the backend the
+balancing rule picks (``muxtwist.proxy._backends``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.endpoints import clientFromString, wrapClientTLS
+from twisted.internet.interfaces import IAddress, IProtocol, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from muxtwist._connect import direct_endpoint
+from muxtwist._options import check_proxy
+from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
+from muxtwist.proxy import _splice
+from muxtwist.proxy._backends import (
+    BALANCE,
+    Backend,
+    BackendStats,
+    _transparent_addresses,
+    connect_failed,
+    connect_succeeded,
+    ordered,
+)
+from muxtwist.proxy._health import HealthCheck, HealthChecks
+from muxtwist.proxy._relay import Relay, _IdleTimedRelay
+from muxtwist.proxy._tls import _tls_creator
+from muxtwist.proxyprotocol import header_for, ip_port
+from muxtwist.transparent import TransparentEndpoint
+
+__all__ = ["Proxy"]
+
+log = Logger(namespace="muxtwist.proxy")
+
+
+@implementer(IConnectionInfoFactory)
+class Proxy:
+    """
+    Relay each connection to a backend.
+
+    :param backends: a client endpoint description (``"tcp:host=127.0.0.1:port=6379"``,
+        ``"unix:path=/run/app.sock"``), or a list of them.
+    :param balance: how the backend is chosen: ``round_robin``, ``least_conn``
+        (fewest open relays), ``random``, ``first`` (the first usable one, in
+        order: failover) or ``source_hash`` (the same client host always gets
+        the same backend while the set of usable backends stays the same).
+    :param proxy_protocol: ``1`` or ``2`` to send the backend a PROXY header
+        first: source the client, destination our listening address, or
+        both as an accepted (trusted) incoming PROXY header gave them.
+    :param connect_timeout: seconds for a backend to connect (and finish its
+        TLS handshake) before the next one is tried.
+    :param idle_timeout: close relays that move no byte either way for this long.
+    :param close_timeout: seconds an end the relay has closed may linger
+        without taking a byte before it is aborted: a TLS peer that never
+        answers our ``close_notify``, or a reader that stopped reading, would
+        otherwise hold its socket for ever.
+    :param tls: ``True`` (verify the certificate against the ``host=`` of the
+        description), a hostname to verify, or a client TLS options object
+        (``optionsForClientTLS(...)``) for TLS to the backends.
+    :param max_connections: relays open at once beyond which new connections are closed.
+    :param health_check: a :class:`HealthCheck` to run against every backend.
+    :param max_fails: connect failures in a row after which a backend is
+        skipped (passive health) ...
+    :param fail_timeout: ... for this many seconds.
+    :param splice: relay with ``splice(2)`` where the platform and both
+        connections allow it (Linux, plain TCP on both sides); ``False``
+        always uses the portable Twisted relay. Pipes are capped across the
+        process: see :meth:`set_max_pipes`.
+    :param transparent: connect to the backends from the client's own
+        address and port (the PROXY source, when a header was accepted),
+        with Linux's ``IP_TRANSPARENT``, so backends that cannot read the
+        PROXY protocol log the real client. Needs ``CAP_NET_ADMIN`` (checked
+        here: without it, construction fails with one line saying how to fix
+        it), ``tcp:`` backends given by IP address, and the host routing that
+        ``python -m muxtwist doctor`` checks. A client that has no IP address
+        (a UNIX-socket listener) is relayed from the host's own address.
+    :param reactor: the reactor to connect and to time with.
+
+    :ivar stats: the :class:`BackendStats` of each backend, by description.
+    :ivar relays: the relays open now.
+    """
+
+    def __init__(
+        self,
+        backends: str | Sequence[str],
+        *,
+        balance: str = "round_robin",
+        proxy_protocol: int | None = None,
+        connect_timeout: float = 5.0,
+        idle_timeout: float | None = None,
+        close_timeout: float = 10.0,
+        tls: object = None,
+        max_connections: int | None = None,
+        health_check: HealthCheck | None = None,
+        max_fails: int = 3,
+        fail_timeout: float = 10.0,
+        splice: bool = True,
+        transparent: bool = False,
+        reactor: Any = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self._reactor = reactor
+        check_proxy(
+            backends,
+            connect_timeout=connect_timeout,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
+            max_fails=max_fails,
+            fail_timeout=fail_timeout,
+            splice=splice,
+            tls=tls,
+        )
+        descriptions = [backends] if isinstance(backends, str) else list(backends)
+        if not descriptions or not all(isinstance(d, str) for d in descriptions):
+            raise ValueError(f"Proxy needs one or more endpoint description strings, got {backends!r}")
+        if balance not in BALANCE:
+            raise ValueError(f"balance must be one of {', '.join(BALANCE)}; got {balance!r}")
+        if proxy_protocol not in (None, 1, 2):
+            raise ValueError(f"proxy_protocol must be None, 1 or 2, got {proxy_protocol!r}")
+        if connect_timeout <= 0 or (idle_timeout is not None and idle_timeout <= 0):
+            raise ValueError("connect_timeout and idle_timeout must be positive")
+        if isinstance(close_timeout, bool) or not isinstance(close_timeout, (int, float)) or not close_timeout > 0:
+            raise ValueError(f"close_timeout must be a positive number of seconds, got {close_timeout!r}")
+        if health_check is not None and not isinstance(health_check, HealthCheck):
+            raise TypeError(f"health_check must be a HealthCheck, got {health_check!r}")
+        self.balance = balance
+        self.proxy_protocol = proxy_protocol
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.close_timeout = float(close_timeout)
+        self.max_connections = max_connections
+        self.health_check = health_check
+        self.max_fails = max_fails
+        self.fail_timeout = fail_timeout
+        self.splice = splice and _splice.AVAILABLE
+        self.backends: list[Backend] = []
+        for d in descriptions:
+            endpoint = clientFromString(reactor, d)
+            if tls is not None and tls is not False:
+                endpoint = wrapClientTLS(_tls_creator(tls, d), endpoint)
+            else:
+                # Plain TCP to an IP address on Linux: a non-blocking connect on a socket we own.
+                endpoint = direct_endpoint(reactor, d) or endpoint
+            self.backends.append(Backend(d, endpoint, tls is not None and tls is not False))
+        self.transparent = bool(transparent)
+        self._tls = tls
+        if self.transparent:
+            self._transparent_addresses = _transparent_addresses(descriptions)
+        self.stats: dict[str, BackendStats] = {b.description: b.stats for b in self.backends}
+        self.relays: set[Relay] = set()
+        #: connections closed because no backend could take them, or max_connections.
+        self.gave_up = 0
+        self._next = 0
+        self._random = random.Random()
+        self._started = 0
+        self._health = None if health_check is None else HealthChecks(health_check, proxy_protocol, reactor)
+
+    def _connect(self, backend: Backend, relay: Relay, factory: Factory) -> defer.Deferred[Any]:
+        """Connect ``factory`` to ``backend``, from the client's address when transparent."""
+        relay.transparent = False
+        if self.transparent:
+            source = ip_port(relay.info.source)
+            if source is not None:
+                host, port = self._transparent_addresses[backend.description]
+                endpoint: IStreamClientEndpoint = TransparentEndpoint(self._reactor, host, port, source)
+                if backend.tls:
+                    endpoint = wrapClientTLS(_tls_creator(self._tls, backend.description), endpoint)
+                relay.transparent = True
+                return endpoint.connect(factory)
+        return backend.endpoint.connect(factory)
+
+    def __repr__(self) -> str:
+        return f"Proxy({[b.description for b in self.backends]!r}, balance={self.balance!r})"
+
+    # The process-wide splice pipe cap
+
+    @staticmethod
+    def set_max_pipes(limit: int) -> None:
+        """
+        Cap the ``splice(2)`` pipes open at once across the process (as
+        HAProxy's ``maxpipes``). Each bulk direction of a spliced relay holds
+        one pipe (two descriptors) for its life; a direction that would go
+        past the cap keeps the copying relay (``recv``/``send``), every byte
+        intact. ``0`` never opens a pipe. The default lets pipes hold at most
+        a quarter of the process's descriptor limit: ``RLIMIT_NOFILE // 8``
+        pipes, read at import.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"max pipes must be a whole number of pipes, 0 or more, got {limit!r}")
+        _splice.pipes.limit = limit
+
+    @staticmethod
+    def pipe_usage() -> dict[str, int]:
+        """The splice pipes across the process: ``open`` now, the ``limit``, and directions ``refused`` one."""
+        budget = _splice.pipes
+        return {"open": budget.open, "limit": budget.limit, "refused": budget.refused}
+
+    # IProtocolFactory
+
+    def doStart(self) -> None:
+        """Start the active health checks when the first listener starts."""
+        self._started += 1
+        if self._started == 1 and self._health is not None:
+            self._health.start(self.backends)
+
+    def doStop(self) -> None:
+        """Stop the active health checks when the last listener stops."""
+        if self._started == 0:
+            return
+        self._started -= 1
+        if self._started == 0 and self._health is not None:
+            self._health.stop(self.backends)
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
+        return self.buildProtocolForConnection(addr, ConnectionInfo(peer=addr), "")
+
+    def buildProtocolForConnection(self, addr: IAddress, info: ConnectionInfo, rule_name: str) -> IProtocol | None:
+        if self.max_connections is not None and len(self.relays) >= self.max_connections:
+            self.gave_up += 1
+            log.warn(
+                "rule {rule}: refusing {client}: max_connections ({limit}) reached",
+                rule=rule_name,
+                client=info.source,
+                limit=self.max_connections,
+            )
+            return None
+        relay_class = Relay if self.idle_timeout is None else _IdleTimedRelay
+        return relay_class(self, info, rule_name)
+
+    # Choosing
+
+    def candidates(self, info: ConnectionInfo) -> list[Backend]:
+        """The backends to try for a connection, in order: usable ones by the balancing rule, then the rest."""
+        turn = self._next
+        if self.balance in ("round_robin", "least_conn"):
+            self._next += 1
+        return ordered(self.backends, self.balance, turn, self._random, info, self._reactor.seconds())
+
+    def _header(self, info: ConnectionInfo) -> bytes:
+        assert self.proxy_protocol is not None
+        # A trusted PROXY header carried the connection's original ends; pass
+        # both on, not the balancer's address and our listening one.
+        destination = info.proxy_destination if info.proxy_destination is not None else info.local
+        return header_for(self.proxy_protocol, info.source, destination)
+
+    # Passive health
+
+    def _connect_failed(self, backend: Backend, kind: str) -> None:
+        connect_failed(backend, kind, self.max_fails, self.fail_timeout, self._reactor.seconds())
+
+    def _connect_succeeded(self, backend: Backend) -> None:
+        connect_succeeded(backend)

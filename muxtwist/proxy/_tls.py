@@ -1,0 +1,36 @@
+"""
+TLS to backends: the client TLS options a ``tls=`` argument stands for, and
+telling a handshake that completed from one aborted by a failed hostname check.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+
+from muxtwist.proxy._backends import _host_of
+
+__all__ = ["_tls_creator", "_verification_failed"]
+
+
+def _tls_creator(tls: object, description: str) -> IOpenSSLClientConnectionCreator:
+    from twisted.internet.ssl import optionsForClientTLS
+
+    if tls is True:
+        host = _host_of(description)
+        if host is None:
+            raise ValueError(f"tls=True needs a host= in the backend description {description!r}; give tls='hostname'")
+        return optionsForClientTLS(host)
+    if isinstance(tls, str):
+        return optionsForClientTLS(tls)
+    if IOpenSSLClientConnectionCreator.providedBy(tls):
+        return tls
+    raise TypeError(f"tls must be True, a hostname or a client TLS options object, got {tls!r}")
+
+
+def _verification_failed(transport: object) -> bool:
+    """
+    Whether a TLS transport reporting a completed handshake was aborted in
+    it: a failed hostname check aborts the connection from inside the
+    handshake, which may still report completion afterwards.
+    """
+    return bool(getattr(transport, "_aborted", False))
