@@ -913,15 +913,20 @@ class SniffingProtocol:
 
     def _attach(self, transport: ITransport, proto: IProtocol) -> None:
         """Put ``proto`` where the transport delivers data, and learn when it ends."""
-        for attribute in ("protocol", "wrappedProtocol"):
-            if getattr(transport, attribute, None) is self:
-                original = proto.connectionLost
-                try:
-                    proto.connectionLost = self._watch(proto, original)  # type: ignore[method-assign]
-                except AttributeError:
-                    break
-                setattr(transport, attribute, proto)
-                return
+        # A winner whose connectionLost is a data descriptor (a
+        # proxyForInterface wrapper such as twisted.web's HTTP channel, which
+        # forwards it to an inner channel it may replace, as on h2) cannot be
+        # watched by replacing the method: it stays behind the sniffer.
+        if _watchable(proto):
+            for attribute in ("protocol", "wrappedProtocol"):
+                if getattr(transport, attribute, None) is self:
+                    original = proto.connectionLost
+                    try:
+                        proto.connectionLost = self._watch(proto, original)  # type: ignore[method-assign]
+                    except AttributeError:
+                        break
+                    setattr(transport, attribute, proto)
+                    return
         self.winner = proto
 
     def _watch(self, proto: IProtocol, original: Callable[[Failure], object]) -> Callable[[Failure], object]:
@@ -1019,6 +1024,14 @@ class _Watch:
             return self.original(reason)
         finally:
             self.sniffer._ended(proto)
+
+
+def _watchable(proto: IProtocol) -> bool:
+    """Whether ``proto.connectionLost`` can be replaced on the instance (no data descriptor in its class)."""
+    for klass in type(proto).__mro__:
+        if "connectionLost" in klass.__dict__:
+            return not hasattr(type(klass.__dict__["connectionLost"]), "__set__")
+    return True
 
 
 def _address(address: object) -> str:

@@ -638,3 +638,30 @@ class RefusalLogTests(unittest.TestCase):
         self.assertIn("59 more", lines[1])
         after = factory.metrics.value("muxtwist_limit_rejections_total", limit="max_connections")
         self.assertEqual(after - before, 61)
+
+
+class ProxiedWinnerTests(unittest.TestCase):
+    def test_end_of_a_winner_that_swaps_its_inner_protocol_is_seen(self) -> None:
+        """A proxyForInterface winner that replaces its inner protocol (twisted.web on h2) still ends its record."""
+        from twisted.internet.interfaces import IProtocol
+        from twisted.python.components import proxyForInterface
+
+        class Swapping(proxyForInterface(IProtocol, "_inner")):  # type: ignore[misc]
+            def dataReceived(self, data: bytes) -> None:
+                fresh = Recorder()
+                fresh.makeConnection(self._inner.transport)
+                self._inner = fresh
+                fresh.dataReceived(data)
+
+        class Builds(protocol.Factory):
+            def buildProtocol(self, addr: Any) -> Any:
+                return Swapping(Recorder())
+
+        factory, clock = make([Rule(AnyMatcher(), Builds(), name="web")])
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"PRI * HTTP/2.0")
+        conn.send(b"more")
+        self.assertEqual(factory.stats["web"].active, 1)
+        conn.close()
+        self.assertEqual(factory.connections, set())
+        self.assertEqual(factory.stats["web"].active, 0)

@@ -169,6 +169,8 @@ def listen(test: TestCase, factory: IProtocolFactory) -> int:
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     test.addCleanup(port.stopListening)
     if isinstance(factory, SniffingFactory):
+        # Inner factories stop when their last connection ends: wait for it.
+        test.addCleanup(lambda: factory.when_idle().addTimeout(5, reactor))
         test.addCleanup(factory.abort_all)
     return int(port.getHost().port)
 
