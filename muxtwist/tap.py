@@ -146,6 +146,9 @@ def _workers(options: Options) -> IService:
     parent: Any = options.parent
     if parent is not None and parent.get("logfile") and parent["logfile"] != "-":
         twistd_args.append(f"--logfile={parent['logfile']}")
+    if parent is not None and parent.get("reactor"):
+        # Workers run the reactor twistd was given (ASGI targets need asyncio's).
+        twistd_args.append(f"--reactor={parent['reactor']}")
     stop_timeout = (config.settings.shutdown_timeout if config is not None else 30.0) + 5.0
     try:
         return WorkerPool(

@@ -15,16 +15,17 @@ from twisted.trial.unittest import TestCase
 
 from tests.test_apps_examples import TWISTD_ASYNCIO
 from tests.test_examples import CLIENT, ROOT, Running, nc
+from tests.twistd import free_port
 
 RULES = '''\
-"""Flask through WSGI, an asyncio echo protocol and an asyncio stream protocol on one port."""
+"""An ASGI app, Flask through WSGI, an asyncio echo protocol and an asyncio stream protocol on one port."""
 
 import asyncio
 
 from flask import Flask, request
 
 from muxtwist import Rule
-from muxtwist.apps import WSGI, AsyncioProtocol
+from muxtwist.apps import ASGI, WSGI, AsyncioProtocol
 from muxtwist.matchers import HTTP1, Prefix
 
 web = Flask("web")
@@ -64,13 +65,22 @@ def shouting():
     return asyncio.StreamReaderProtocol(asyncio.StreamReader(), shout)
 
 
+async def asgi_app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"hello from asgi\\n"})
+
+
 rules = [
+    Rule(HTTP1(path="/asgi"), ASGI(asgi_app), name="asgi"),
     Rule(HTTP1(), WSGI(web, threads=4), name="flask"),
     Rule(Prefix(b"ECHO"), AsyncioProtocol(Echo), name="echo"),
     Rule(Prefix(b"SHOUT"), AsyncioProtocol(shouting), name="shout"),
 ]
 '''
 
+ASGI_RULE = '    Rule(HTTP1(path="/asgi"), ASGI(asgi_app), name="asgi"),\n'
 TWISTD_DEFAULT = [arg for arg in TWISTD_ASYNCIO if arg != "--reactor=asyncio"]
 
 
@@ -90,8 +100,8 @@ class WebStackRulesFileTests(TestCase):
         with open(self.rules, "w") as f:
             f.write(RULES)
 
-    def serve(self, command: list[str]) -> tuple[Running, int]:
-        running = Running([*command, "--port", "tcp:0:interface=127.0.0.1", "--config", self.rules])
+    def serve(self, command: list[str], rules: str | None = None) -> tuple[Running, int]:
+        running = Running([*command, "--port", "tcp:0:interface=127.0.0.1", "--config", rules or self.rules])
         self.addCleanup(running.kill)
         (port,) = running.listening_ports()
         return running, port
@@ -134,8 +144,26 @@ class WebStackRulesFileTests(TestCase):
 
     def test_wsgi_and_a_plain_asyncio_protocol_under_twistd_on_the_default_reactor(self) -> None:
         """Under twistd's default reactor, curl reaches Flask and nc the echo protocol (it never touches the loop)."""
-        running, port = self.serve(TWISTD_DEFAULT)
+        # ASGI needs the asyncio reactor (tests/test_apps_asgi.py checks the error): not in this file.
+        without_asgi = os.path.join(os.path.dirname(self.rules), "without_asgi.py")
+        with open(without_asgi, "w") as f:
+            f.write(RULES.replace(ASGI_RULE, ""))
+        running, port = self.serve(TWISTD_DEFAULT, without_asgi)
         self.assertEqual(self.curl(port, "/hello"), b"hello from flask\n")
         self.assertEqual(nc(port, b"ECHO one\ntwo\n"), b"ECHO one\ntwo\n")
         self.assertEqual(running.stop(), 0, running.output.decode(errors="replace"))
         self.assertNotIn(b"AsyncioSelectorReactor", running.output)
+
+    def test_workers_run_the_reactor_twistd_was_given(self) -> None:
+        """twistd --reactor=asyncio muxtwist --workers 2 starts workers on the asyncio reactor: ASGI answers in each."""
+        port = free_port()
+        running = Running(
+            [*TWISTD_ASYNCIO, "--port", f"tcp:{port}:interface=127.0.0.1", "--workers", "2", "--config", self.rules]
+        )
+        self.addCleanup(running.kill)
+        running.wait_for(rb"SniffingFactory starting on", count=2)
+        # New connections spread over both workers; each must serve the ASGI rule.
+        for _ in range(6):
+            self.assertEqual(self.curl(port, "/asgi"), b"hello from asgi\n")
+        self.assertEqual(self.curl(port, "/hello"), b"hello from flask\n")
+        self.assertEqual(running.stop(), 0, running.output.decode(errors="replace"))
