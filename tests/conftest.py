@@ -4,6 +4,9 @@ Session-wide test hygiene, for every test run by pytest:
 - the run works in a scratch directory (trial's ``self.mktemp()`` and
   ``_trial_temp`` are relative to the working directory), so it leaves no
   ``tests.test_*`` directories in the checkout;
+- under ``--reactor=asyncio`` (pytest-twisted), the ``twistd muxtwist``
+  processes that tests start through tests/twistd.py run the asyncio
+  reactor too;
 - at the end, the run fails if any process it started is still alive (a
   child or grandchild of the pytest process: an nginx worker whose master
   was killed, a twistd that ignored SIGTERM), or if it left new scratch
@@ -95,6 +98,8 @@ _before: set[str] = set()
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     _before.update(scratch_entries())
+    if session.config.getoption("reactor", "default") == "asyncio":
+        os.environ["MUXTWIST_TEST_TWISTD_REACTOR"] = "asyncio"  # read by tests/twistd.py
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -24,9 +24,19 @@ def free_port() -> int:
         return port
 
 
+#: Set by tests/conftest.py when the session runs Twisted's asyncio reactor:
+#: the twistd processes the tests start then run it too.
+REACTOR_ENV = "MUXTWIST_TEST_TWISTD_REACTOR"
+
+
 def twistd_command(*args: str) -> list[str]:
-    """``twistd -n --pidfile= muxtwist ARGS``, importing muxtwist and its plugins from this checkout."""
-    return worker_command(args)
+    """
+    ``twistd -n --pidfile= [--reactor=R] muxtwist ARGS``, importing muxtwist
+    and its plugins from this checkout; ``R`` is the session's reactor when
+    that is not the default one.
+    """
+    reactor = os.environ.get(REACTOR_ENV)
+    return worker_command(args, [f"--reactor={reactor}"] if reactor else [])
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20.0) -> None:
