@@ -12,11 +12,9 @@ in between and pass each chunk on with one call.
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import (
     IAddress,
@@ -27,13 +25,17 @@ from twisted.internet.interfaces import (
     IReactorTime,
     ITransport,
 )
-from twisted.internet.protocol import AbstractDatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from muxtwist._deadlines import Deadline, Deadlines
-from muxtwist._text import LogThrottle, printable
+from muxtwist._inner import InnerFactories, RuleSet, unique
+from muxtwist._limits import PerSource, Refusals, address_text, host_of
+from muxtwist._prestage import ProxyPreStage
+from muxtwist._rules import RESERVED_NAMES, Outcome, Rule, RuleStats, check_unique_names, duplicate_names
+from muxtwist._text import printable
+from muxtwist._twisted import default_reactor
 from muxtwist.interfaces import (
     ConnectionInfo,
     IConnectionInfoFactory,
@@ -42,12 +44,13 @@ from muxtwist.interfaces import (
     IRespondingMatcher,
     Verdict,
 )
+from muxtwist.proxyprotocol import ProxyHeaderReader, Trust
 
 if TYPE_CHECKING:
     from muxtwist.metrics import Metrics
-    from muxtwist.proxyprotocol import ProxyHeaderReader, Trust
 
 __all__ = [
+    "RESERVED_NAMES",
     "Outcome",
     "Rule",
     "RuleStats",
@@ -93,146 +96,6 @@ def max_matcher_work(max_sniff_bytes: int) -> int:
     return eager + (5 + QUIET_BUDGET + 1) * max_sniff_bytes
 
 
-def _provides(interface: Any, what: str, also: type | None = None) -> Callable[[Any, Any, Any], None]:
-    def check(instance: Any, attribute: Any, value: Any) -> None:
-        if not interface.providedBy(value) and not (also is not None and isinstance(value, also)):
-            raise TypeError(f"Rule {attribute.name} must be {what}, got {value!r}")
-
-    return check
-
-
-def _rule_name(name: str | None, rule: Any) -> str:
-    """``None`` means the default name: the matcher's."""
-    if name is None:
-        return str(getattr(rule.matcher, "name", "rule"))
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"Rule name must be a non-empty string or None, got {name!r}")
-    return name
-
-
-#: Names the sniffer keeps its own statistics under; no rule may take them.
-RESERVED_NAMES = ("on_timeout", "on_no_match")
-
-
-def duplicate_names(rules: Sequence[Rule]) -> tuple[int, int, str] | None:
-    """
-    The first clash in ``rules``: ``(first index, second index, name)`` of
-    two rules sharing a name (the second index is -1 when a rule takes a
-    reserved name), or ``None`` when every name is unique.
-    """
-    seen: dict[str, int] = {}
-    for i, rule in enumerate(rules):
-        if rule.name in RESERVED_NAMES:
-            return i, -1, rule.name
-        if rule.name in seen:
-            return seen[rule.name], i, rule.name
-        seen[rule.name] = i
-    return None
-
-
-def check_unique_names(rules: Sequence[Rule]) -> None:
-    """Raise ValueError naming both rules when two of ``rules`` share a name."""
-    clash = duplicate_names(rules)
-    if clash is None:
-        return
-    first, second, name = clash
-    if second < 0:
-        raise ValueError(
-            f"rule {first} (matcher {rules[first].matcher!r}) takes the reserved name {name!r}; give it another name="
-        )
-    raise ValueError(
-        f"rules {first} (matcher {rules[first].matcher!r}) and {second} (matcher {rules[second].matcher!r}) "
-        f"are both named {name!r}; rule names key limits, statistics and metrics: give each a unique name="
-    )
-
-
-@attrs.frozen
-class Rule:
-    """
-    Send connections whose first bytes ``matcher`` matches to ``factory``.
-
-    :param matcher: an :class:`~muxtwist.interfaces.IMatcher`.
-    :param factory: any ``IProtocolFactory``: a ``Site``, a ``Proxy``,
-        a ``TerminateTLS``, another ``SniffingFactory``.
-    :param name: the label for logs, limits and metrics; ``None`` (the
-        default) means the matcher's name. Names are unique per rule list:
-        :class:`SniffingFactory` refuses a list where two rules share one.
-    :param max_connections: the most connections this rule may hold open at
-        once on one :class:`SniffingFactory`; a connection that matches it
-        beyond that is closed (outcome ``rejected``) and counted as a limit
-        rejection. ``None``: no limit.
-    """
-
-    matcher: IMatcher = attrs.field(validator=_provides(IMatcher, "an IMatcher"))
-    # A UDP listener's rules hand flows to DatagramProtocols (muxtwist.udp).
-    factory: IProtocolFactory = attrs.field(
-        validator=_provides(IProtocolFactory, "an IProtocolFactory (or a DatagramProtocol)", AbstractDatagramProtocol)
-    )
-    name: str = attrs.field(
-        kw_only=True,
-        default=None,
-        converter=attrs.Converter(_rule_name, takes_self=True),  # type: ignore[misc]
-    )
-    max_connections: int | None = attrs.field(kw_only=True, default=None)
-
-    @max_connections.validator
-    def _check_max_connections(self, attribute: Any, value: int | None) -> None:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"Rule max_connections must be a positive integer or None, got {value!r}")
-
-
-class Outcome(enum.Enum):
-    """How a connection's sniffing ended."""
-
-    HANDED_OFF = "handed_off"
-    TIMEOUT = "timeout"
-    NO_MATCH = "no_match"
-    REJECTED = "rejected"
-    CLOSED = "closed_while_sniffing"
-    ABORTED = "aborted_while_sniffing"
-    BACKEND_FAILED = "backend_failed"
-
-
-@attrs.define
-class RuleStats:
-    """
-    Connection counts of one rule (or of ``on_timeout``/``on_no_match``;
-    ``-`` for connections that ended before any rule got them): live and
-    total, and for those that ended, bytes each way (what was sniffed, plus
-    what an :class:`~muxtwist.interfaces.IConnectionReport` winner moved)
-    and how many ended with each outcome.
-    """
-
-    active: int = 0
-    total: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    outcomes: dict[str, int] = attrs.Factory(dict)
-
-
-def _unique(factories: Iterable[IProtocolFactory | None]) -> list[IProtocolFactory]:
-    seen: dict[int, IProtocolFactory] = {}
-    for f in factories:
-        if f is not None:
-            seen.setdefault(id(f), f)
-    return list(seen.values())
-
-
-@attrs.define(eq=False)
-class _RuleSet:
-    """
-    What one ``set_rules`` call installed, kept by every connection sniffed
-    under it, and how many of those are still sniffing (so may yet pick any
-    of its factories).
-    """
-
-    rules: tuple[Rule, ...]
-    on_timeout: IProtocolFactory | None
-    on_no_match: IProtocolFactory | None
-    factories: tuple[IProtocolFactory, ...]
-    sniffing: int = 0
-
-
 @implementer(IConnectionInfoFactory)
 class SniffingFactory:
     """
@@ -276,17 +139,14 @@ class SniffingFactory:
         log_connections: bool = True,
         reactor: IReactorTime | None = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+        reactor = default_reactor(reactor)
         self._reactor: IReactorTime = reactor
         self.sniff_timeout = sniff_timeout
         self.max_sniff_bytes = max_sniff_bytes
         self.max_connections = max_connections
         self.max_connections_per_source = max_connections_per_source
         self.log_connections = log_connections
-        self._per_source: dict[str, int] = {}
+        self._sources = PerSource()
         if metrics is None:
             from muxtwist.metrics import default_metrics
 
@@ -295,18 +155,13 @@ class SniffingFactory:
         metrics.track(self)
         self._trusted: Trust | None = None
         self.accept_proxy_protocol = accept_proxy_protocol
-        self._log_throttle = LogThrottle(reactor)
+        self._refusals = Refusals(reactor)
         # Every sniffing connection's sniff_timeout, behind one DelayedCall.
         self._deadlines: Deadlines | None = None
         self._started = 0
-        # Inner factories: those started, those of them no longer wanted
-        # (stopped once nothing can use them), and live handed-off
-        # connections per factory; all keyed by id().
-        self._running: dict[int, IProtocolFactory] = {}
-        self._retiring: dict[int, IProtocolFactory] = {}
-        self._in_use: dict[int, int] = {}
-        self._ruleset = _RuleSet((), None, None, ())
-        self._old_rulesets: list[_RuleSet] = []
+        self._inner = InnerFactories()
+        self._ruleset = RuleSet((), None, None, ())
+        self._old_rulesets: list[RuleSet] = []
         self.connections: set[SniffingProtocol] = set()
         self._idle: list[defer.Deferred[None]] = []
         self.stats: dict[str, RuleStats] = {}
@@ -325,8 +180,6 @@ class SniffingFactory:
 
     @accept_proxy_protocol.setter
     def accept_proxy_protocol(self, entries: Sequence[str] | None) -> None:
-        from muxtwist.proxyprotocol import Trust
-
         self._trusted = None if entries is None else Trust.parse(entries)
         self._accept_proxy_protocol = None if entries is None else tuple(entries)
 
@@ -356,23 +209,19 @@ class SniffingFactory:
             self.stats.setdefault(name, RuleStats())
         if self._ruleset.sniffing:
             self._old_rulesets.append(self._ruleset)
-        factories = _unique([r.factory for r in self.rules] + [on_timeout, on_no_match])
-        self._ruleset = _RuleSet(self.rules, on_timeout, on_no_match, tuple(factories))
+        factories = unique([r.factory for r in self.rules] + [on_timeout, on_no_match])
+        self._ruleset = RuleSet(self.rules, on_timeout, on_no_match, tuple(factories))
         if self._started:
             self._start_inner()
 
+    @property
+    def _per_source(self) -> dict[str, int]:
+        """Live connections per source host (``max_connections_per_source``)."""
+        return self._sources.counts
+
     def _start_inner(self) -> None:
         """Start the wanted inner factories not running yet; retire the others."""
-        wanted = self._ruleset.factories
-        for f in wanted:
-            if id(f) not in self._running:
-                self._running[id(f)] = f
-                f.doStart()
-            self._retiring.pop(id(f), None)
-        wanted_ids = {id(f) for f in wanted}
-        for key, f in self._running.items():
-            if key not in wanted_ids:
-                self._retiring[key] = f
+        self._inner.start(self._ruleset.factories)
         self._stop_retired()
 
     def _stop_retired(self) -> None:
@@ -381,27 +230,19 @@ class SniffingFactory:
         connection was handed to it, and no connection still sniffing under
         rules that name it.
         """
-        if not self._retiring:
+        if not self._inner.retiring:
             return
         self._old_rulesets = [s for s in self._old_rulesets if s.sniffing]
         sniffing = [*self._old_rulesets, self._ruleset] if self._ruleset.sniffing else self._old_rulesets
-        busy = {id(f) for s in sniffing for f in s.factories}
-        for key, f in list(self._retiring.items()):
-            if key not in busy and not self._in_use.get(key):
-                del self._retiring[key]
-                del self._running[key]
-                f.doStop()
+        self._inner.stop_unused(sniffing)
 
     def _use(self, f: IProtocolFactory) -> None:
         """A connection was handed to ``f``."""
-        self._in_use[id(f)] = self._in_use.get(id(f), 0) + 1
+        self._inner.use(f)
 
     def _release(self, f: IProtocolFactory) -> None:
         """A connection handed to ``f`` ended."""
-        n = self._in_use.pop(id(f), 0) - 1
-        if n > 0:
-            self._in_use[id(f)] = n
-        elif self._retiring:
+        if self._inner.release(f):
             self._stop_retired()
 
     # IProtocolFactory
@@ -421,7 +262,7 @@ class SniffingFactory:
             return
         self._started -= 1
         if not self._started:
-            self._retiring = dict(self._running)
+            self._inner.retire_all()
             self._stop_retired()
 
     def buildProtocol(self, addr: IAddress) -> SniffingProtocol | None:
@@ -439,7 +280,7 @@ class SniffingFactory:
         # A trusted PROXY peer (a balancer) is counted once its header says
         # whose connection this is (SniffingProtocol._read_proxy_header).
         if limit is not None and (self._trusted is None or not self._trusted.trusts(info.peer if info else addr)):
-            source = _host(info.source if info is not None else addr)
+            source = host_of(info.source if info is not None else addr)
             if not self._take_source(source):
                 self._refused(addr, "max_connections_per_source", limit)
                 return None
@@ -449,37 +290,14 @@ class SniffingFactory:
 
     def _refused(self, peer: object, limit: str, value: int, rule: str = "") -> None:
         """Count a refusal by ``limit``; log it, at most once a second per limit (and rule)."""
-        self.metrics.limit_rejected(limit)
-        suppressed = self._log_throttle.admit((limit, rule))
-        if suppressed is None:
-            return
-        log.warn(
-            "refusing {peer}: {limit} ({value}) reached"
-            + (" ({suppressed} more refused by it since the last line)" if suppressed else ""),
-            peer=printable(_address(peer)),
-            limit=limit,
-            value=value,
-            rule=rule,
-            suppressed=suppressed,
-            outcome=Outcome.REJECTED.value,
-        )
+        self._refusals.refused(self.metrics, peer, limit, value, rule)
 
     def _take_source(self, source: str | None) -> bool:
         """Count one more connection from ``source``, unless it is at its limit."""
-        if source is None or self.max_connections_per_source is None:
-            return True
-        n = self._per_source.get(source, 0)
-        if n >= self.max_connections_per_source:
-            return False
-        self._per_source[source] = n + 1
-        return True
+        return self._sources.take(source, self.max_connections_per_source)
 
     def _release_source(self, source: str) -> None:
-        n = self._per_source.get(source, 0) - 1
-        if n > 0:
-            self._per_source[source] = n
-        else:
-            self._per_source.pop(source, None)
+        self._sources.release(source)
 
     # The connection registry
 
@@ -512,19 +330,15 @@ class SniffingFactory:
             p.abort()
 
 
-def _host(address: object) -> str | None:
-    """The host part of a TCP address, the key of ``max_connections_per_source``."""
-    host = getattr(address, "host", None)
-    return host if isinstance(host, str) else None
-
-
 @implementer(IProtocol, IHalfCloseableProtocol)
-class SniffingProtocol:
+class SniffingProtocol(ProxyPreStage):
     """
     One connection while it is being sniffed, and its record afterwards.
 
     Slotted: tens of thousands of these may sit waiting for their first byte.
     """
+
+    factory: SniffingFactory
 
     __slots__ = (
         "_active",
@@ -534,17 +348,13 @@ class SniffingProtocol:
         "_deadline",
         "_evaluations",
         "_handed_to",
-        "_info",
         "_last_data",
         "_next_eval",
-        "_overflow",
-        "_proxy_reader",
         "_quiet",
         "_quiet_left",
         "_read_closed",
         "_responder",
         "_ruleset",
-        "_source",
         "addr",
         "ended_at",
         "factory",
@@ -622,9 +432,7 @@ class SniffingProtocol:
             deadlines = factory._deadlines = Deadlines(reactor, factory.sniff_timeout)
         self._deadline = deadlines.add(self._timed_out)
         if factory._trusted is not None:
-            from muxtwist.proxyprotocol import ProxyHeaderReader
-
-            self._proxy_reader = ProxyHeaderReader(self._info, factory._trusted)
+            self._start_proxy_stage(self._info, factory._trusted)
         else:
             self._evaluate(final=None, data=b"")
 
@@ -663,48 +471,6 @@ class SniffingProtocol:
         if self._quiet is None and size <= self._quiet_left:
             self._quiet = reactor.callLater(QUIET_DELAY, self._quiet_evaluate)
 
-    def _refuse(self, problem: str) -> None:
-        """Close a connection whose PROXY pre-stage failed, saying why."""
-        log.warn(
-            "refusing {peer}: {problem}",
-            peer=printable(_address(self.addr)),
-            problem=printable(problem),
-            outcome=Outcome.REJECTED.value,
-        )
-        self._end_sniffing(Outcome.REJECTED, "proxy_protocol")
-        assert self.transport is not None
-        self.transport.loseConnection()
-
-    def _read_proxy_header(self, data: bytes) -> bytes:
-        reader = self._proxy_reader
-        assert reader is not None
-        try:
-            rest = reader.feed(data)
-        except ValueError as e:
-            self._refuse(str(e))
-            return b""
-        if rest is None:
-            return b""
-        self._info = reader.info
-        self._proxy_reader = None
-        factory = self.factory
-        limit = factory.max_connections_per_source
-        if reader.trusted and limit is not None and self._source is None:
-            # The balancer was not counted: count the client it speaks for.
-            source = _host(self._info.source)
-            if not factory._take_source(source):
-                factory._refused(self._info.source, "max_connections_per_source", limit)
-                self._end_sniffing(Outcome.REJECTED, "")
-                assert self.transport is not None
-                self.transport.loseConnection()
-                return b""
-            self._source = source
-        if not rest:
-            # Rules that decide on zero bytes (RemoteAddress) decide now; with
-            # bytes after the header, dataReceived evaluates them with it.
-            self._evaluate(final=None)
-        return rest
-
     def readConnectionLost(self) -> None:
         if self.winner is not None:
             if IHalfCloseableProtocol.providedBy(self.winner):
@@ -715,28 +481,6 @@ class SniffingProtocol:
         self._read_closed = True
         if self._buffer is not None and self._finish_proxy_stage("its end of stream"):
             self._evaluate(final=Outcome.NO_MATCH)
-
-    def _finish_proxy_stage(self, why: str) -> bool:
-        """
-        The client stopped (``why``) while the PROXY reader was undecided:
-        take what an untrusted client sent into the buffer, to be sniffed,
-        or refuse a trusted peer's missing or cut-short header. Whether
-        sniffing goes on.
-        """
-        reader, self._proxy_reader = self._proxy_reader, None
-        if reader is None:
-            return True
-        try:
-            held = reader.finish()
-        except ValueError as e:
-            self._refuse(f"{e} ({why})")
-            return False
-        buffer = self._buffer
-        assert buffer is not None
-        room = self.factory.max_sniff_bytes - len(buffer)
-        buffer += held[:room]
-        self._overflow = held[room:]
-        return True
 
     def writeConnectionLost(self) -> None:
         if self.winner is not None and IHalfCloseableProtocol.providedBy(self.winner):
@@ -834,7 +578,7 @@ class SniffingProtocol:
         if self.transport is not None and self.outcome is None:
             ruleset = self._ruleset
             ruleset.sniffing -= 1
-            if not ruleset.sniffing and self.factory._retiring:
+            if not ruleset.sniffing and self.factory._inner.retiring:
                 self.factory._stop_retired()
         self.outcome = outcome
         self.rule_name = rule_name
@@ -906,7 +650,7 @@ class SniffingProtocol:
             log.info(
                 "{rule} declined {peer}: its factory built no protocol",
                 rule=rule_name,
-                peer=printable(_address(self.addr)),
+                peer=printable(address_text(self.addr)),
             )
             self.outcome = Outcome.REJECTED
         transport.loseConnection()
@@ -971,7 +715,7 @@ class SniffingProtocol:
             "sniffed {sniff_time:.4f}s, {bytes_in} bytes in / {bytes_out} out while sniffing, {duration:.3f}s"
             "{how}",
             log_event="connection_end",
-            peer=_address(info.source if info is not None else self.addr),
+            peer=address_text(info.source if info is not None else self.addr),
             local_port=getattr(info.local if info is not None else None, "port", None),
             rule=rule,
             outcome=outcome,
@@ -1032,22 +776,6 @@ def _watchable(proto: IProtocol) -> bool:
         if "connectionLost" in klass.__dict__:
             return not hasattr(type(klass.__dict__["connectionLost"]), "__set__")
     return True
-
-
-def _address(address: object) -> str:
-    """
-    ``host:port`` of a TCP address, the path of a UNIX one, ``str``
-    otherwise; escaped by :func:`~muxtwist._text.printable`, since a PROXY
-    header's source (a UNIX path above all) is whatever the client claimed.
-    """
-    host = getattr(address, "host", None)
-    if isinstance(host, str):
-        text = f"[{host}]:{getattr(address, 'port', '')}" if ":" in host else f"{host}:{getattr(address, 'port', '')}"
-        return printable(text)
-    name = getattr(address, "name", None)
-    if isinstance(name, bytes):
-        return printable(name)
-    return printable(address)
 
 
 def _closing(transport: ITransport) -> bool:

@@ -1,0 +1,97 @@
+"""
+The inner factories of a :class:`~muxtwist.SniffingFactory`: the rule sets
+connections are sniffed under, and which of their factories run. Each inner
+factory gets ``doStart`` once while the sniffing factory runs and wants it,
+and ``doStop`` once nothing can use it any more (DESIGN.md, "Sniffing
+semantics", 6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+from twisted.internet.interfaces import IProtocolFactory
+
+from muxtwist._rules import Rule
+
+__all__ = ["InnerFactories", "RuleSet", "unique"]
+
+
+def unique(factories: Iterable[IProtocolFactory | None]) -> list[IProtocolFactory]:
+    """``factories`` without ``None`` and without repeats, in order."""
+    seen: dict[int, IProtocolFactory] = {}
+    for f in factories:
+        if f is not None:
+            seen.setdefault(id(f), f)
+    return list(seen.values())
+
+
+@attrs.define(eq=False)
+class RuleSet:
+    """
+    What one ``set_rules`` call installed, kept by every connection sniffed
+    under it, and how many of those are still sniffing (so may yet pick any
+    of its factories).
+    """
+
+    rules: tuple[Rule, ...]
+    on_timeout: IProtocolFactory | None
+    on_no_match: IProtocolFactory | None
+    factories: tuple[IProtocolFactory, ...]
+    sniffing: int = 0
+
+
+class InnerFactories:
+    """
+    Inner factories: those started, those of them no longer wanted (stopped
+    once nothing can use them), and live handed-off connections per
+    factory; all keyed by id().
+    """
+
+    def __init__(self) -> None:
+        self.running: dict[int, IProtocolFactory] = {}
+        self.retiring: dict[int, IProtocolFactory] = {}
+        self.in_use: dict[int, int] = {}
+
+    def start(self, wanted: Iterable[IProtocolFactory]) -> None:
+        """Start the wanted factories not running yet; mark the others retiring."""
+        wanted = tuple(wanted)
+        for f in wanted:
+            if id(f) not in self.running:
+                self.running[id(f)] = f
+                f.doStart()
+            self.retiring.pop(id(f), None)
+        wanted_ids = {id(f) for f in wanted}
+        for key, f in self.running.items():
+            if key not in wanted_ids:
+                self.retiring[key] = f
+
+    def retire_all(self) -> None:
+        """Every running factory is no longer wanted (the last port stopped)."""
+        self.retiring = dict(self.running)
+
+    def stop_unused(self, sniffing: Iterable[RuleSet]) -> None:
+        """
+        Stop each retiring factory that nothing can use any more: no live
+        connection was handed to it, and none of the ``sniffing`` rule sets
+        (those with connections still sniffing) names it.
+        """
+        busy = {id(f) for s in sniffing for f in s.factories}
+        for key, f in list(self.retiring.items()):
+            if key not in busy and not self.in_use.get(key):
+                del self.retiring[key]
+                del self.running[key]
+                f.doStop()
+
+    def use(self, f: IProtocolFactory) -> None:
+        """A connection was handed to ``f``."""
+        self.in_use[id(f)] = self.in_use.get(id(f), 0) + 1
+
+    def release(self, f: IProtocolFactory) -> bool:
+        """A connection handed to ``f`` ended; whether that may let a retiring factory stop."""
+        n = self.in_use.pop(id(f), 0) - 1
+        if n > 0:
+            self.in_use[id(f)] = n
+            return False
+        return bool(self.retiring)

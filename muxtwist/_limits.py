@@ -1,0 +1,90 @@
+"""
+Connection limits of the sniffer and the accounting behind them: connections
+per source host (``max_connections_per_source``), and refusals, which are
+reported to the connection observer and logged at most once a second per
+limit and rule.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from muxtwist._rules import Outcome
+from muxtwist._text import LogThrottle, printable
+from muxtwist.interfaces import IConnectionObserver
+
+__all__ = ["PerSource", "Refusals", "address_text", "host_of"]
+
+log = Logger(namespace="muxtwist.sniffing")
+
+
+def host_of(address: object) -> str | None:
+    """The host part of a TCP address, the key of ``max_connections_per_source``."""
+    host = getattr(address, "host", None)
+    return host if isinstance(host, str) else None
+
+
+def address_text(address: object) -> str:
+    """
+    ``host:port`` of a TCP address, the path of a UNIX one, ``str``
+    otherwise; escaped by :func:`~muxtwist._text.printable`, since a PROXY
+    header's source (a UNIX path above all) is whatever the client claimed.
+    """
+    host = getattr(address, "host", None)
+    if isinstance(host, str):
+        text = f"[{host}]:{getattr(address, 'port', '')}" if ":" in host else f"{host}:{getattr(address, 'port', '')}"
+        return printable(text)
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        return printable(name)
+    return printable(address)
+
+
+class PerSource:
+    """Live connections per source host."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def take(self, source: str | None, limit: int | None) -> bool:
+        """Count one more connection from ``source``, unless it is at ``limit``."""
+        if source is None or limit is None:
+            return True
+        n = self.counts.get(source, 0)
+        if n >= limit:
+            return False
+        self.counts[source] = n + 1
+        return True
+
+    def release(self, source: str) -> None:
+        """A connection from ``source`` ended."""
+        n = self.counts.get(source, 0) - 1
+        if n > 0:
+            self.counts[source] = n
+        else:
+            self.counts.pop(source, None)
+
+
+class Refusals:
+    """Connections closed at once by a limit: told to the observer, logged throttled."""
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        self._throttle = LogThrottle(reactor)
+
+    def refused(self, observer: IConnectionObserver, peer: object, limit: str, value: int, rule: str = "") -> None:
+        """Count a refusal by ``limit``; log it, at most once a second per limit (and rule)."""
+        observer.limit_rejected(limit)
+        suppressed = self._throttle.admit((limit, rule))
+        if suppressed is None:
+            return
+        log.warn(
+            "refusing {peer}: {limit} ({value}) reached"
+            + (" ({suppressed} more refused by it since the last line)" if suppressed else ""),
+            peer=printable(address_text(peer)),
+            limit=limit,
+            value=value,
+            rule=rule,
+            suppressed=suppressed,
+            outcome=Outcome.REJECTED.value,
+        )
