@@ -33,10 +33,12 @@ from muxtwist._deadlines import Deadline, Deadlines
 from muxtwist._inner import InnerFactories, RuleSet, unique
 from muxtwist._limits import PerSource, Refusals, address_text, host_of
 from muxtwist._prestage import ProxyPreStage
+from muxtwist._report import ConnectionLog
 from muxtwist._rules import RESERVED_NAMES, Outcome, Rule, RuleStats, check_unique_names, duplicate_names
 from muxtwist._text import printable
 from muxtwist._twisted import default_reactor
 from muxtwist.interfaces import (
+    ConnectionEnd,
     ConnectionInfo,
     IConnectionInfoFactory,
     IConnectionReport,
@@ -61,6 +63,9 @@ __all__ = [
 ]
 
 log = Logger()
+
+#: The ``connection_end`` event, for factories with ``log_connections``.
+_CONNECTION_LOG = ConnectionLog()
 
 # When the rules see the buffer. The matcher work of one connection is
 # bounded by a constant times max_sniff_bytes, whatever the client's timing
@@ -707,27 +712,22 @@ class SniffingProtocol(ProxyPreStage):
         ended.outcomes[outcome] = ended.outcomes.get(outcome, 0) + 1
         ended.bytes_in += self._bytes_in if relayed_in is None else relayed_in
         ended.bytes_out += self._bytes_out + (relayed_out or 0)
-        factory.metrics.connection_ended(rule, outcome, sniff_time, self._bytes_in, self._bytes_out)
-        if not factory.log_connections:
-            return
-        log.info(
-            "connection {peer} -> port {local_port} ended: {outcome}, rule {rule}, "
-            "sniffed {sniff_time:.4f}s, {bytes_in} bytes in / {bytes_out} out while sniffing, {duration:.3f}s"
-            "{how}",
-            log_event="connection_end",
-            peer=address_text(info.source if info is not None else self.addr),
-            local_port=getattr(info.local if info is not None else None, "port", None),
+        end = ConnectionEnd(
             rule=rule,
             outcome=outcome,
             sniff_time=sniff_time,
-            bytes_in=self._bytes_in,
-            bytes_out=self._bytes_out,
+            sniffed_in=self._bytes_in,
+            sniffed_out=self._bytes_out,
             relayed_in=relayed_in,
             relayed_out=relayed_out,
             transparent=transparent,
-            how=", relayed from the client's address" if transparent else "",
+            peer=address_text(info.source if info is not None else self.addr),
+            local_port=getattr(info.local if info is not None else None, "port", None),
             duration=self.ended_at - self.started,
         )
+        factory.metrics.connection_end(end)
+        if factory.log_connections:
+            _CONNECTION_LOG.connection_end(end)
 
     def abort(self) -> None:
         """Abort the connection at once (a stop's deadline, or a stop while sniffing)."""

@@ -41,8 +41,6 @@ TYPE_ONLY_CYCLE_EDGES = frozenset(
 SPLIT_FUNCTION_IMPORTS = frozenset(
     {
         ("muxtwist.sniffing", "muxtwist.metrics"),
-        ("muxtwist.sniffing", "muxtwist.proxyprotocol"),
-        ("muxtwist.sniffing", "muxtwist.matchers._basic"),  # trusted networks; on its way out already
     }
 )
 
