@@ -28,6 +28,7 @@ __all__ = [
     "listen_errors_raise",
     "listening",
     "reactor_started",
+    "set_port_log_observer",
     "unsent_bytes",
     "was_aborted",
 ]
@@ -120,6 +121,27 @@ def asyncio_loop_of(reactor: object) -> asyncio.AbstractEventLoop | None:
     """
     loop = getattr(reactor, "_asyncioEventloop", None)
     return loop if isinstance(loop, asyncio.AbstractEventLoop) else None
+
+
+def set_port_log_observer(port: object, observer: Any) -> bool:
+    """
+    Send what a listening TCP port logs to ``observer`` instead of the
+    global log publisher; False if ``port`` has no such logger.
+
+    Why private: ``twisted.internet.tcp.Port`` logs through its class-level
+    ``_logger`` (a ``twisted.logger.Logger``), among others one "EMFILE
+    recovery: Closed socket from {address}" event per client it has to close
+    when the process is out of descriptors; Twisted offers no hook to
+    throttle them. Checked on Twisted 26.10.0 (``Port.doRead`` builds its
+    buffering logger from ``self._logger.namespace`` and ``.observer``).
+    """
+    from twisted.logger import Logger
+
+    logger = getattr(port, "_logger", None)
+    if not isinstance(logger, Logger):
+        return False
+    port._logger = Logger(namespace=logger.namespace, source=port, observer=observer)  # type: ignore[attr-defined]
+    return True
 
 
 def reactor_started(reactor: object) -> bool:

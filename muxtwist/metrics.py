@@ -25,6 +25,7 @@ from prometheus_client.utils import floatToGoString
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
 
+from muxtwist._text import LogThrottle
 from muxtwist.interfaces import BackendState, ConnectionEnd, IBackendPool, IConnectionObserver
 
 __all__ = ["LIMITS", "OUTCOMES", "Metrics", "backend_pools", "default_metrics", "proxies_of"]
@@ -153,6 +154,9 @@ class Metrics:
 
 
 _EMFILE_CLOSED = "EMFILE recovery: Closed socket from {address}"
+_EMFILE_THROTTLED = (
+    "out of file descriptors: closed a waiting client ({address}) and {suppressed} more not logged since the last line"
+)
 
 
 @implementer(ILogObserver)
@@ -172,6 +176,30 @@ class EmfileWatcher:
 
     def stop(self) -> None:
         globalLogPublisher.removeObserver(self)
+
+
+@implementer(ILogObserver)
+class EmfileThrottle:
+    """
+    The log observer of one listening port: counts every client the port
+    closes for want of descriptors (metric ``limit_rejections{limit="emfile"}``),
+    passes at most one such line a second on, saying how many were left out,
+    and passes everything else on unchanged.
+    """
+
+    def __init__(self, metrics: Metrics, reactor: Any, forward: ILogObserver = globalLogPublisher) -> None:
+        self.metrics = metrics
+        self._forward = forward
+        self._throttle = LogThrottle(reactor)
+
+    def __call__(self, event: LogEvent) -> None:
+        if event.get("log_format") == _EMFILE_CLOSED:
+            self.metrics.limit_rejected("emfile")
+            suppressed = self._throttle.admit("emfile")
+            if suppressed is None:
+                return
+            event = dict(event, log_format=_EMFILE_THROTTLED, suppressed=suppressed)
+        self._forward(event)
 
 
 def backend_pools(factory: object, seen: set[int] | None = None) -> Iterator[tuple[str, IBackendPool]]:

@@ -18,9 +18,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from muxtwist._signals import SignalHandlers
-from muxtwist._twisted import default_reactor, listen_errors_raise, listening
+from muxtwist._twisted import default_reactor, listen_errors_raise, listening, set_port_log_observer
 from muxtwist.config import Config, ConfigError, apply_settings, build_factory, endpoint_description, load_config
-from muxtwist.metrics import EmfileWatcher, Metrics, default_metrics
+from muxtwist.metrics import EmfileThrottle, EmfileWatcher, Metrics, default_metrics
 from muxtwist.sniffing import SniffingFactory, SniffingProtocol
 from muxtwist.udp.listener import add_udp_listener, is_udp, reload_udp_listeners
 
@@ -62,6 +62,7 @@ class Listener(StreamServerEndpointService):
         super().__init__(endpoint, factory)  # type: ignore[no-untyped-call]
         self.description = description
         self.inherited_fd = inherited_fd
+        self._reactor = reactor
         self.port: Any = None
         listen_errors_raise(self)
         self.setName(description)  # type: ignore[no-untyped-call]
@@ -79,6 +80,9 @@ class Listener(StreamServerEndpointService):
             # would only keep the socket open after this worker stops.
             os.close(self.inherited_fd)
             self.inherited_fd = None
+        metrics = getattr(self.factory, "metrics", None)
+        if isinstance(metrics, Metrics):
+            set_port_log_observer(port, EmfileThrottle(metrics, self._reactor))
         log.info("listening on {description} at {address}", description=self.description, address=port.getHost())
         return port
 

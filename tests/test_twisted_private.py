@@ -15,6 +15,7 @@ from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 
@@ -25,6 +26,7 @@ from muxtwist._twisted import (
     listen_errors_raise,
     listening,
     reactor_started,
+    set_port_log_observer,
     unsent_bytes,
     was_aborted,
 )
@@ -171,3 +173,23 @@ class ReactorTests(unittest.TestCase):
         clock = Clock()
         self.assertIs(default_reactor(clock), clock)
         self.assertIs(default_reactor(None), reactor)
+
+
+class PortLoggerTests(unittest.TestCase):
+    """``set_port_log_observer``: a listening TCP port's private ``_logger``."""
+
+    def test_port_events_reach_the_given_observer(self) -> None:
+        """A real listening port's log events, as doRead's buffering logger emits them, go to our observer."""
+        port = reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.assertIsInstance(tcp.Port.__dict__.get("_logger"), Logger, "tcp.Port._logger is gone: see _twisted.py")
+        seen: list[dict[str, object]] = []
+        self.assertTrue(set_port_log_observer(port, seen.append))
+        logger = port._logger  # type: ignore[attr-defined]
+        logger.info("EMFILE recovery: Closed socket from {address}", address="x")
+        self.assertEqual([e["log_format"] for e in seen], ["EMFILE recovery: Closed socket from {address}"])
+        self.assertIs(seen[0]["log_source"], port)
+
+    def test_objects_without_a_logger_are_left_alone(self) -> None:
+        """Anything that is not a Twisted TCP port is refused, not patched."""
+        self.assertFalse(set_port_log_observer(object(), print))

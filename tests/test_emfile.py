@@ -1,0 +1,101 @@
+"""
+Out of file descriptors: Twisted's listening port closes each waiting client
+and logs a line per client; muxtwist counts every one and logs at most one
+line a second.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+import tempfile
+import time
+
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent
+from twisted.trial import unittest
+
+from muxtwist.metrics import EmfileThrottle, Metrics
+from tests.processes import stop_group
+from tests.twistd import ROOT, free_port, twistd_command, wait_for_port
+
+CLOSED = "EMFILE recovery: Closed socket from {address}"
+
+
+class EmfileThrottleTests(unittest.SynchronousTestCase):
+    """The per-port log observer, on a Clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.metrics = Metrics()
+        self.forwarded: list[LogEvent] = []
+        self.throttle = EmfileThrottle(self.metrics, self.clock, forward=self.forwarded.append)
+
+    def closed(self, n: int) -> None:
+        for i in range(n):
+            self.throttle({"log_format": CLOSED, "address": f"client-{i}"})
+
+    def test_one_line_a_second_and_every_client_counted(self) -> None:
+        """500 clients closed in 2.5 s give 3 lines, each saying how many were left out; all 500 are counted."""
+        for _ in range(5):
+            self.closed(100)
+            self.clock.advance(0.5)
+        self.assertEqual(len(self.forwarded), 3)
+        self.assertEqual([e["suppressed"] for e in self.forwarded], [0, 199, 199])
+        self.assertEqual(self.metrics.value("muxtwist_limit_rejections_total", limit="emfile"), 500)
+
+    def test_other_events_pass_unchanged(self) -> None:
+        """Whatever else the port logs reaches the log as it was."""
+        event: LogEvent = {"log_format": "something else {x}", "x": 1}
+        self.throttle(event)
+        self.assertEqual(self.forwarded, [event])
+
+
+class TwistdOutOfDescriptorsTests(unittest.TestCase):
+    """A real ``twistd muxtwist`` with a small descriptor limit under a connect loop."""
+
+    def test_connect_loop_at_the_descriptor_limit_logs_about_a_line_a_second(self) -> None:
+        """Hundreds of clients closed for want of descriptors in 3 s give at most 4 lines; the server still serves."""
+        folder = tempfile.mkdtemp(prefix="muxtwist-emfile-")
+        log_path = os.path.join(folder, "twistd.log")
+        port = free_port()
+        command = shlex.join(twistd_command("--port", f"tcp:{port}:interface=127.0.0.1"))
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen(
+                ["sh", "-c", f"ulimit -n 64 && exec {command}"],
+                cwd=folder,
+                env=dict(os.environ, PYTHONPATH=ROOT),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.addCleanup(lambda: (stop_group(proc), proc.wait(30)))
+        wait_for_port(port, proc)
+        held: list[socket.socket] = []
+        self.addCleanup(lambda: [s.close() for s in held])
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and len(held) < 2000:
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=1)
+            except OSError:
+                continue
+            held.append(s)
+        for s in held:
+            s.close()
+        held.clear()
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"hello\n")
+            s.shutdown(socket.SHUT_WR)
+            self.assertEqual(s.recv(100), b"hello\n")
+        with open(log_path, errors="replace") as f:
+            log = f.read()
+        raw = log.count("EMFILE recovery: Closed socket")
+        lines = re.findall(r"out of file descriptors: closed a waiting client .* and (\d+) more", log)
+        self.assertEqual(raw, 0, "Twisted's per-client lines reached the log")
+        self.assertGreater(len(lines), 0, log[-3000:])
+        self.assertLessEqual(len(lines), 4)
+        self.assertGreater(len(lines) + sum(int(n) for n in lines), 50)
