@@ -26,6 +26,7 @@ import ipaddress
 import re
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, error
@@ -133,7 +134,11 @@ class _Capture:
 
 
 def connect_socket(
-    reactor: Any, sock: socket.socket, address: tuple[Any, ...], factory: IProtocolFactory
+    reactor: Any,
+    sock: socket.socket,
+    address: tuple[Any, ...],
+    factory: IProtocolFactory,
+    busy: Callable[[], socket.socket] | None = None,
 ) -> defer.Deferred[IProtocol]:
     """
     Connect the non-blocking, unconnected ``sock`` to ``address``; once
@@ -144,20 +149,36 @@ def connect_socket(
     ``sock`` belongs to this call from now on, whatever happens.
 
     :param reactor: an ``IReactorFDSet`` and ``IReactorSocket``.
+    :param busy: when ``connect`` says the connection from ``sock``'s bound
+        address and port to ``address`` exists already (``EADDRNOTAVAIL``),
+        called once for another socket to try instead.
     """
     pending: _PendingConnect
     d: defer.Deferred[IProtocol] = defer.Deferred(lambda d: pending.cancel(d))
     pending = _PendingConnect(reactor, sock, factory, d)
-    try:
-        code = sock.connect_ex(address)
-    except OSError as e:
-        code = e.errno or errno.EINVAL
+    code = _start(sock, address)
+    if code in (errno.EADDRNOTAVAIL, errno.EADDRINUSE) and busy is not None:
+        pending._close()
+        try:
+            sock = busy()
+        except OSError as e:
+            return defer.fail(error.ConnectBindError(e.errno, e.strerror))
+        pending = _PendingConnect(reactor, sock, factory, d)
+        code = _start(sock, address)
     if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
         pending._close()
         return defer.fail(connect_error(code))
     # Even a connect that is done at once is finished by doWrite: the socket is writable.
     reactor.addWriter(pending)
     return d
+
+
+def _start(sock: socket.socket, address: tuple[Any, ...]) -> int:
+    """Start a non-blocking ``connect``; its ``errno`` (0, ``EINPROGRESS`` or the failure)."""
+    try:
+        return sock.connect_ex(address)
+    except OSError as e:
+        return e.errno or errno.EINVAL
 
 
 @implementer(IStreamClientEndpoint)

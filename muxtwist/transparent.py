@@ -21,9 +21,13 @@ delivers packets with that mark locally. ``python -m muxtwist doctor``
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
+import ipaddress
 import socket
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from twisted.internet import defer
@@ -38,6 +42,8 @@ __all__ = [
     "ROUTE_TABLE",
     "TransparentEndpoint",
     "TransparentUnavailable",
+    "capability_not_required",
+    "source_for",
     "unavailable_reason",
 ]
 
@@ -64,6 +70,23 @@ class TransparentUnavailable(ValueError):
     """``transparent=True`` cannot work on this platform or in this process."""
 
 
+_capability_not_required = contextvars.ContextVar("_capability_not_required", default=False)
+
+
+@contextlib.contextmanager
+def capability_not_required() -> Iterator[None]:
+    """
+    Within this block, :func:`unavailable_reason` does not count a missing
+    capability: ``doctor`` loads the rules to check the host, and reports
+    the capability as one finding among the others.
+    """
+    token = _capability_not_required.set(True)
+    try:
+        yield
+    finally:
+        _capability_not_required.reset(token)
+
+
 def unavailable_reason() -> str | None:
     """
     Why transparent proxying cannot work here, in one line, or ``None`` if it can.
@@ -73,6 +96,8 @@ def unavailable_reason() -> str | None:
     """
     if not sys.platform.startswith("linux"):
         return f"transparent=True needs Linux (IP_TRANSPARENT); this is {sys.platform}"
+    if _capability_not_required.get():
+        return None
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_IP, _IP_TRANSPARENT, 1)
@@ -84,6 +109,27 @@ def unavailable_reason() -> str | None:
     finally:
         s.close()
     return None
+
+
+def source_for(backend_host: str, client: tuple[str, int]) -> tuple[str, int] | None:
+    """
+    The address and port to connect to ``backend_host`` from, for a client
+    at ``client``; ``None`` when the two are of different IP versions.
+
+    A client that reached a dual-stack (``::``) listener over IPv4 has an
+    IPv4-mapped address (``::ffff:192.0.2.7``): it is the IPv4 address it
+    stands for that an IPv4 backend is connected from.
+    """
+    try:
+        address = ipaddress.ip_address(client[0])
+        backend = ipaddress.ip_address(backend_host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.version != backend.version:
+        return None
+    return str(address), client[1]
 
 
 def _transparent_socket(family: int, source: tuple[str, int]) -> socket.socket:
@@ -128,11 +174,11 @@ class TransparentEndpoint:
 
     def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        source = self._source
-        if (":" in source[0]) != (family == socket.AF_INET6):
+        source = source_for(self._host, self._source)
+        if source is None:
             return defer.fail(
                 TransparentUnavailable(
-                    f"cannot connect to {self._host} from {source[0]}: the client and the backend "
+                    f"cannot connect to {self._host} from {self._source[0]}: the client and the backend "
                     "use different IP versions"
                 )
             )
@@ -140,4 +186,12 @@ class TransparentEndpoint:
             sock = _transparent_socket(family, source)
         except OSError as e:
             return defer.fail(e)
-        return connect_socket(self._reactor, sock, (self._host, self._port), protocolFactory)
+
+        def any_port() -> socket.socket:
+            # The connection from the client's port to this backend exists
+            # already (the same client through another listener, or a NAT
+            # that maps several of its connections to one port): only the
+            # address has to be the client's.
+            return _transparent_socket(family, (source[0], 0))
+
+        return connect_socket(self._reactor, sock, (self._host, self._port), protocolFactory, busy=any_port)

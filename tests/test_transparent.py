@@ -31,6 +31,7 @@ from tests.processes import stop_group
 from tests.twistd import ROOT, twistd_command
 
 CLIENT, MUX_FRONT, MUX_BACK, BACKEND = "10.77.1.2", "10.77.1.1", "10.77.2.1", "10.77.2.2"
+CLIENT6, MUX_FRONT6, MUX_BACK6, BACKEND6 = "fd77:1::2", "fd77:1::1", "fd77:2::1", "fd77:2::2"
 WAIT = 20.0
 _counter = itertools.count()
 
@@ -82,16 +83,20 @@ class Hosts:
         c, m, b = self.names["c"], self.names["m"], self.names["b"]
         sh("ip", "link", "add", f"{p}c0", "netns", c, "type", "veth", "peer", "name", f"{p}m0", "netns", m)
         sh("ip", "link", "add", f"{p}m1", "netns", m, "type", "veth", "peer", "name", f"{p}b0", "netns", b)
-        for ns, dev, address in (
-            (c, f"{p}c0", CLIENT),
-            (m, f"{p}m0", MUX_FRONT),
-            (m, f"{p}m1", MUX_BACK),
-            (b, f"{p}b0", BACKEND),
+        for ns, dev, address, address6 in (
+            (c, f"{p}c0", CLIENT, CLIENT6),
+            (m, f"{p}m0", MUX_FRONT, MUX_FRONT6),
+            (m, f"{p}m1", MUX_BACK, MUX_BACK6),
+            (b, f"{p}b0", BACKEND, BACKEND6),
         ):
             sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", dev)
+            # nodad: the address is usable at once, not after duplicate address detection.
+            sh("ip", "-n", ns, "-6", "addr", "add", f"{address6}/64", "dev", dev, "nodad")
             sh("ip", "-n", ns, "link", "set", dev, "up")
         sh("ip", "-n", c, "route", "add", "default", "via", MUX_FRONT)
         sh("ip", "-n", b, "route", "add", "default", "via", MUX_BACK)
+        sh("ip", "-n", c, "-6", "route", "add", "default", "via", MUX_FRONT6)
+        sh("ip", "-n", b, "-6", "route", "add", "default", "via", MUX_BACK6)
 
     def run(self, role: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return sh("ip", "netns", "exec", self.ns(role), *args, check=check)
@@ -159,7 +164,7 @@ def start_nginx(hosts: Hosts, role: str, directory: str, address: str, port: int
                     uwsgi_temp_path {directory}/uwsgi;
                     scgi_temp_path {directory}/scgi;
                     server {{
-                        listen {address}:{port};
+                        listen {f"[{address}]" if ":" in address else address}:{port};
                         location / {{ return 200 "you are $remote_addr\\n"; }}
                     }}
                 }}
@@ -198,11 +203,18 @@ def write_rules(directory: str, rules: str) -> str:
 
 
 def start_mux(
-    hosts: Hosts, directory: str, rules: str, env: dict[str, str] | None = None, port: int = 443
+    hosts: Hosts,
+    directory: str,
+    rules: str,
+    env: dict[str, str] | None = None,
+    port: int = 443,
+    listeners: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[bytes], str]:
+    """twistd muxtwist in the mux namespace on ``listeners`` (default ``tcp:port``), once MUX_FRONT:port answers."""
     log = os.path.join(directory, "muxtwist.log")
     variables = [f"{k}={v}" for k, v in {"PYTHONPATH": ROOT, **(env or {})}.items()]
-    args = ["env", *variables, *twistd_command("--port", f"tcp:{port}", "--config", rules)]
+    ports = [a for listener in listeners or [f"tcp:{port}"] for a in ("--port", listener)]
+    args = ["env", *variables, *twistd_command(*ports, "--config", rules)]
     proc = hosts.start("m", args, log, cwd=directory)
     wait_listening(hosts, "m", MUX_FRONT, port, proc, log)
     return proc, log
@@ -239,6 +251,7 @@ class TransparentTestCase(unittest.SynchronousTestCase):
     def set_up_with_doctor(self, rules: str) -> None:
         """Run doctor, apply the commands it prints, and run it again: now it must pass."""
         first = self.doctor(rules)
+        self.first_doctor = first.stdout
         self.assertEqual(first.returncode, 1, first.stdout + first.stderr)
         commands = [
             line.strip() for line in first.stdout.split("to fix, run as root:", 1)[1].splitlines() if line.strip()
@@ -303,6 +316,83 @@ class SameHostTests(TransparentTestCase):
         loop = self.hosts.run("c", "curl", "-sS", "--max-time", "5", f"http://{MUX_FRONT}:443/")
         self.assertEqual(loop.stdout, f"you are {CLIENT}\n")
         until(lambda: CLIENT in read(access_local) and CLIENT in read(access_loop), "both access logs")
+
+
+def tcp(host: str, port: int) -> str:
+    """The ``tcp:`` client description of ``host:port``, an IPv6 address's colons escaped."""
+    return "tcp:host=" + host.replace(":", "\\:") + f":port={port}"
+
+
+def curl(hosts: Hosts, url: str) -> str:
+    """The body curl gets for ``url`` from the client namespace ("" when the connection is closed on it)."""
+    return hosts.run("c", "curl", "-sS", "--max-time", "5", url, check=False).stdout
+
+
+class IPVersionTests(TransparentTestCase):
+    """IPv6 end to end, IPv4 clients of a dual-stack listener, and clients of the other IP version."""
+
+    def test_ipv6_backend_sees_the_client_ipv6_address(self) -> None:
+        """With the ip -6 lines doctor prints applied, an IPv6 backend sees the client's IPv6 address."""
+        access = start_nginx(self.hosts, "b", self.directory, BACKEND6, 8080)
+        rules = write_rules(
+            self.directory,
+            f"""
+            from muxtwist import Rule
+            from muxtwist.actions import Proxy
+            from muxtwist.matchers import HTTP1
+            rules = [Rule(HTTP1(), Proxy({tcp(BACKEND6, 8080)!r}, transparent=True))]
+            """,
+        )
+        self.set_up_with_doctor(rules)
+        self.assertIn("ip -6 rule add fwmark 0x1 lookup 100", self.first_doctor)
+        start_mux(self.hosts, self.directory, rules, listeners=["tcp:443", r"tcp6:443:interface=fd77\:1\:\:1"])
+        self.assertEqual(curl(self.hosts, f"http://[{MUX_FRONT6}]:443/"), f"you are {CLIENT6}\n")
+        until(lambda: CLIENT6 in read(access), "nginx's access log")
+
+    def test_ipv4_client_of_a_dual_stack_listener_keeps_its_address(self) -> None:
+        """An IPv4 client that reached a '::' listener (an IPv4-mapped address) is relayed from its IPv4 address."""
+        access = start_nginx(self.hosts, "b", self.directory, BACKEND, 8080)
+        rules = write_rules(
+            self.directory,
+            f"""
+            from muxtwist import Rule
+            from muxtwist.actions import Proxy
+            from muxtwist.matchers import HTTP1
+            rules = [Rule(HTTP1(), Proxy("tcp:host={BACKEND}:port=8080", transparent=True))]
+            """,
+        )
+        self.set_up_with_doctor(rules)
+        start_mux(self.hosts, self.directory, rules, listeners=[r"tcp6:443:interface=\:\:"])
+        self.assertEqual(curl(self.hosts, f"http://{MUX_FRONT}:443/"), f"you are {CLIENT}\n")
+        self.assertIn(CLIENT, read(access))
+
+    def test_clients_of_the_other_ip_version_do_not_take_backends_down(self) -> None:
+        """
+        With an IPv4 and an IPv6 backend, each client goes to the one of its
+        own IP version (max_fails=1 would mark the other down after one miss);
+        a client with no backend of its version is relayed from the host's address.
+        """
+        start_nginx(self.hosts, "b", self.directory, BACKEND, 8080)
+        start_nginx(self.hosts, "b", self.directory, BACKEND6, 8086)
+        v4, v6 = tcp(BACKEND, 8080), tcp(BACKEND6, 8086)
+        rules = write_rules(
+            self.directory,
+            f"""
+            from muxtwist import Rule
+            from muxtwist.actions import Proxy
+            from muxtwist.matchers import HTTP1
+            rules = [
+                Rule(HTTP1(path="/only4"), Proxy({v4!r}, transparent=True), name="only4"),
+                Rule(HTTP1(), Proxy([{v4!r}, {v6!r}], transparent=True, max_fails=1, fail_timeout=60)),
+            ]
+            """,
+        )
+        self.set_up_with_doctor(rules)
+        start_mux(self.hosts, self.directory, rules, listeners=["tcp:443", r"tcp6:443:interface=fd77\:1\:\:1"])
+        for _ in range(3):
+            self.assertEqual(curl(self.hosts, f"http://[{MUX_FRONT6}]:443/"), f"you are {CLIENT6}\n")
+            self.assertEqual(curl(self.hosts, f"http://{MUX_FRONT}:443/"), f"you are {CLIENT}\n")
+        self.assertEqual(curl(self.hosts, f"http://[{MUX_FRONT6}]:443/only4"), f"you are {MUX_BACK}\n")
 
 
 class DoctorTests(TransparentTestCase):
@@ -412,6 +502,49 @@ class EndpointTests(unittest.TestCase):
         accepted, peer = server.accept()
         accepted.close()
         self.assertEqual(peer, ("127.0.0.3", source_port))
+
+    async def test_ipv4_mapped_source_connects_from_the_ipv4_address(self) -> None:
+        """An IPv4-mapped source (a dual-stack listener's client) connects to an IPv4 backend from its IPv4 address."""
+        from twisted.internet import protocol, reactor
+
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        self.addCleanup(server.close)
+        source_port = _free_port("127.0.0.3")
+        endpoint = TransparentEndpoint(reactor, "127.0.0.1", server.getsockname()[1], ("::ffff:127.0.0.3", source_port))
+        client = await endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
+        self.addCleanup(client.transport.loseConnection)  # type: ignore[attr-defined]
+        server.settimeout(5)
+        accepted, peer = server.accept()
+        accepted.close()
+        self.assertEqual(peer, ("127.0.0.3", source_port))
+
+    async def test_busy_connection_from_the_client_port_falls_back_to_another_port(self) -> None:
+        """
+        When a connection from the client's address and port to the backend
+        exists already (the same client through two listeners), the next one
+        comes from the client's address and another port instead of failing.
+        """
+        from twisted.internet import protocol, reactor
+
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        self.addCleanup(server.close)
+        server.settimeout(5)
+        source = ("127.0.0.3", _free_port("127.0.0.3"))
+        endpoint = TransparentEndpoint(reactor, "127.0.0.1", server.getsockname()[1], source)
+        peers = []
+        for _ in range(2):
+            client = await endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
+            self.addCleanup(client.transport.loseConnection)  # type: ignore[attr-defined]
+            accepted, peer = server.accept()
+            self.addCleanup(accepted.close)
+            peers.append(peer)
+        self.assertEqual(peers[0], source)
+        self.assertEqual(peers[1][0], source[0])
+        self.assertNotEqual(peers[1][1], source[1])
 
     async def test_refused_connect_fails_the_deferred(self) -> None:
         """A connect to a closed port fails with ConnectionRefusedError and closes its socket."""

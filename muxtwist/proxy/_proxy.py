@@ -34,7 +34,7 @@ from muxtwist.proxy._health import HealthCheck, HealthChecks
 from muxtwist.proxy._relay import Relay, _IdleTimedRelay
 from muxtwist.proxy._tls import _tls_creator
 from muxtwist.proxyprotocol import header_for, ip_port
-from muxtwist.transparent import TransparentEndpoint
+from muxtwist.transparent import TransparentEndpoint, source_for
 
 __all__ = ["Proxy"]
 
@@ -170,9 +170,11 @@ class Proxy:
         """Connect ``factory`` to ``backend``, from the client's address when transparent."""
         relay.transparent = False
         if self.transparent:
-            source = ip_port(relay.info.source)
+            client = ip_port(relay.info.source)
+            host, port = self._transparent_addresses[backend.description]
+            # A client of the other IP version is relayed from this host's address, as a UNIX one is.
+            source = None if client is None else source_for(host, client)
             if source is not None:
-                host, port = self._transparent_addresses[backend.description]
                 endpoint: IStreamClientEndpoint = TransparentEndpoint(self._reactor, host, port, source)
                 if backend.tls:
                     endpoint = wrapClientTLS(_tls_creator(self._tls, backend.description), endpoint)
@@ -245,7 +247,13 @@ class Proxy:
         turn = self._next
         if self.balance in ("round_robin", "least_conn"):
             self._next += 1
-        return ordered(self.backends, self.balance, turn, self._random, info, self._reactor.seconds())
+        order = ordered(self.backends, self.balance, turn, self._random, info, self._reactor.seconds())
+        client = ip_port(info.source) if self.transparent else None
+        if client is not None:
+            # Backends of the client's IP version first: those can be connected to from its address.
+            addresses = self._transparent_addresses
+            order.sort(key=lambda b: source_for(addresses[b.description][0], client) is None)
+        return order
 
     def _header(self, info: ConnectionInfo) -> bytes:
         assert self.proxy_protocol is not None
