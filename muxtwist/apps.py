@@ -533,9 +533,23 @@ class ASGI(Factory):
         state = self._state
         if state is None:
             return
+        reactor = self.reactor
+        if self._ready is None:
+            # Stopped while the lifespan startup still runs (a cancelled
+            # muxtwist.aio.serve): let it finish, for up to shutdown_timeout,
+            # so that the shutdown below ends the lifespan it began.
+            started = self.when_started()
+            started.addTimeout(self.shutdown_timeout, reactor)
+            try:
+                await started
+            except defer.TimeoutError:
+                log.error(
+                    "ASGI application {app} did not finish its lifespan startup within {timeout} s of the stop",
+                    app=repr(self),
+                    timeout=self.shutdown_timeout,
+                )
         for connection in list(state.connections):
             connection.shutdown()
-        reactor = self.reactor
         deadline = reactor.seconds() + self.shutdown_timeout
         while state.connections and reactor.seconds() < deadline:
             await _sleep(reactor, 0.05)

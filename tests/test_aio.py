@@ -231,6 +231,45 @@ class ServeTests(TestCase):
         self.assertEqual(got["events"], ["request", "request cancelled", "lifespan shutdown", "closed"])
         self.assertEqual(got["tasks left"], 0)
 
+    def test_cancelling_serve_during_the_lifespan_startup_still_runs_the_lifespan_shutdown(self) -> None:
+        """serve() cancelled during the startup waits for it, then runs the shutdown: no lifespan is left running."""
+        got = run_program(
+            self,
+            """
+            import subprocess, os
+            events = []
+            async def app(scope, receive, send):
+                await receive()
+                await asyncio.sleep(0.5)
+                events.append("started")
+                await send({"type": "lifespan.startup.complete"})
+                await receive()
+                events.append("lifespan shutdown")
+                await send({"type": "lifespan.shutdown.complete"})
+
+            async def main():
+                serving = asyncio.create_task(muxtwist.aio.serve([Rule(HTTP1(), ASGI(app, shutdown_timeout=5))],
+                                                                 "tcp:0:interface=127.0.0.1", shutdown_timeout=5))
+                await asyncio.sleep(0.1)
+                serving.cancel()
+                try:
+                    await serving
+                    events.append("serve returned")
+                except asyncio.CancelledError:
+                    events.append("serve cancelled")
+                await asyncio.sleep(0.1)
+                left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                listening = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
+                print(json.dumps({"events": events, "tasks left": len(left),
+                                  "listening": f"pid={os.getpid()}," in listening}))
+
+            asyncio.run(main())
+            """,
+        )
+        self.assertEqual(got["events"], ["started", "lifespan shutdown", "serve cancelled"])
+        self.assertEqual(got["tasks left"], 0)
+        self.assertFalse(got["listening"])
+
     def test_another_reactor_installed_is_a_clear_error(self) -> None:
         """serve() under an already installed non-asyncio reactor raises AsyncioReactorRequired saying so."""
         got = run_program(
