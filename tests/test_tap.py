@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -345,9 +346,21 @@ class StartupSignalTests(unittest.TestCase):
         os.makedirs(os.path.join(folder, "twisted", "plugins"))
         marker = os.path.join(folder, "importing")
         with open(os.path.join(folder, "twisted", "plugins", "zzz_slow_plugin.py"), "w") as f:
-            f.write(f"import time\nopen({marker!r}, 'w').close()\ntime.sleep(1.0)\n")
+            f.write(
+                "import time\n"
+                "from twisted.application.service import ServiceMaker\n"
+                f"open({marker!r}, 'w').close()\n"
+                "time.sleep(1.0)\n"
+                "slow = ServiceMaker('zzz-slow', 'os', 'a slow plugin', 'zzz-slow')\n"
+            )
         port = free_port()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, folder]))
+        # With its dropin cache written, twistd imports each plugin module
+        # while it looks for its subcommands, in path order: ours, then the
+        # slow one, as on a machine where the caches are up to date.
+        scan = "from twisted.plugin import IPlugin, getPlugins; import twisted.plugins; list(getPlugins(IPlugin))"
+        subprocess.run([sys.executable, "-c", scan], env=env, check=True, timeout=60)
+        os.remove(marker)
         proc = subprocess.Popen(
             twistd_command("--port", str(port)),
             cwd=ROOT,
@@ -360,8 +373,10 @@ class StartupSignalTests(unittest.TestCase):
         wait_for(lambda: os.path.exists(marker) or proc.poll() is not None, what="the slow plugin being imported")
         self.assertIsNone(proc.poll())
         proc.send_signal(signal.SIGHUP)
-        wait_for_port(port, timeout=30)
-        self.assertIsNone(proc.poll(), "SIGHUP during plugin discovery killed twistd")
+        try:
+            wait_for_port(port, proc, timeout=30)
+        except RuntimeError:
+            self.fail(f"SIGHUP during plugin discovery killed twistd (exit {proc.returncode})")
         self.assertEqual(echo_once(port), b"ECHO ok\n")
 
 
