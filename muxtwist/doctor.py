@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 import attrs
 
-from muxtwist.transparent import OUT_MARK, REPLY_MARK, ROUTE_TABLE, unavailable_reason
+from muxtwist.transparent import OUT_MARK, REPLY_MARK, ROUTE_TABLE, capability_not_required, unavailable_reason
 
 __all__ = ["Finding", "doctor", "marking_commands", "transparent_proxies"]
 
@@ -66,13 +66,20 @@ def marking_commands() -> tuple[str, ...]:
 
 def _run(argv: Sequence[str]) -> str | None:
     """The output of a command, or None when it is missing or fails."""
+    return _run_why(argv)[0]
+
+
+def _run_why(argv: Sequence[str]) -> tuple[str | None, str]:
+    """The output of a command (None when it is missing or fails) and the first line of its errors."""
     if shutil.which(argv[0]) is None:
-        return None
+        return None, f"{argv[0]} is not installed"
     try:
         done = subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, str(e)
+    if done.returncode == 0:
+        return done.stdout, ""
+    return None, (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0]
 
 
 def _mark(value: int) -> str:
@@ -80,9 +87,32 @@ def _mark(value: int) -> str:
     return rf"0x0*{value:x}\b"
 
 
-def _check_marking() -> Finding:
-    ruleset = _run(["nft", "list", "table", "inet", "muxtwist"])
+def _iptables_marking(versions: Sequence[int]) -> bool:
+    """Whether ``iptables``/``ip6tables`` hold the docs' marking rules for every IP version in ``versions``."""
+    out, reply = _mark(OUT_MARK), _mark(REPLY_MARK)
+    set_reply = rf"--set-x?mark {reply}(/0xffffffff)?$"
+    wanted = (
+        rf"^-A OUTPUT -m mark --mark {out} -j CONNMARK {set_reply}",
+        rf"^-A OUTPUT -m connmark --mark {reply} -m mark ! --mark {out} -j MARK {set_reply}",
+        rf"^-A PREROUTING -m connmark --mark {reply} -j MARK {set_reply}",
+    )
+    for version in versions:
+        listed = _run(["iptables" if version == 4 else "ip6tables", "-t", "mangle", "-S"])
+        if listed is None or not all(re.search(rule, listed, re.M) for rule in wanted):
+            return False
+    return True
+
+
+def _check_marking(versions: Sequence[int] = (4,)) -> Finding:
+    ruleset, error = _run_why(["nft", "list", "table", "inet", "muxtwist"])
     what = "packet marking (nftables table inet muxtwist)"
+    if ruleset is None and "No such file or directory" not in error and shutil.which("nft") is not None:
+        # Not "absent": nft could not tell (no CAP_NET_ADMIN, say). Adding
+        # the rules to a table that has them would only double them.
+        return Finding(what, False, f"nft could not list it: {error}")
+    if ruleset is None and _iptables_marking(versions):
+        # The iptables form of the same rules (docs/howto/transparent.rst) does the same.
+        return Finding("packet marking (iptables mangle table)", True)
     if ruleset is None:
         why = "nft is not installed" if shutil.which("nft") is None else "the table inet muxtwist does not exist"
         return Finding(what, False, why, marking_commands())
@@ -117,7 +147,12 @@ def _check_route(version: int) -> list[Finding]:
     rules = _run([*ip, "rule", "show"])
     if rules is None:
         return [Finding(f"IPv{version} policy routing", False, "the ip command (iproute2) is missing or failed")]
-    has_rule = re.search(rf"fwmark {_mark(REPLY_MARK)}(/0x0*f+)? lookup {ROUTE_TABLE}\b", rules) is not None
+    # Every packet with the mark, whatever its source: "not from all fwmark ..."
+    # or "from 10.0.0.0/8 fwmark ..." would leave replies out.
+    has_rule = (
+        re.search(rf"^\d+:\s+from all fwmark {_mark(REPLY_MARK)}(/0x0*f+)? lookup {ROUTE_TABLE}\b", rules, re.M)
+        is not None
+    )
     findings.append(
         Finding(
             f"IPv{version} rule: packets marked {REPLY_MARK:#x} use table {ROUTE_TABLE}",
@@ -132,11 +167,17 @@ def _check_route(version: int) -> list[Finding]:
         Finding(
             f"IPv{version} table {ROUTE_TABLE}: deliver everything locally",
             has_route,
-            "" if has_route else f"table {ROUTE_TABLE} has no 'local default dev lo' route",
-            () if has_route else (f"{' '.join(ip)} route add local {default} dev lo table {ROUTE_TABLE}",),
+            "" if has_route else f"table {ROUTE_TABLE} has no 'local default dev lo' route" + _holds(table),
+            # "replace", not "add": "add" fails if the table has another default route.
+            () if has_route else (f"{' '.join(ip)} route replace local {default} dev lo table {ROUTE_TABLE}",),
         )
     )
     return findings
+
+
+def _holds(table: str) -> str:
+    routes = [line.strip() for line in table.splitlines() if line.strip()]
+    return f" (it has: {'; '.join(routes)})" if routes else ""
 
 
 def _backend_hosts(proxy: Any) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -179,7 +220,7 @@ def findings_for(proxies: Sequence[Any]) -> list[Finding]:
     found = [Finding("capability CAP_NET_ADMIN (IP_TRANSPARENT, SO_MARK)", reason is None, reason or "")]
     hosts = [h for p in proxies for h in _backend_hosts(p)]
     versions = sorted({h.version for h in hosts}) or [4]
-    found.append(_check_marking())
+    found.append(_check_marking(versions))
     for version in versions:
         found += _check_route(version)
     if any(h.version == 4 and h.is_loopback for h in hosts):
@@ -201,7 +242,9 @@ def doctor(path: str, out: TextIO, err: TextIO) -> int:
     from muxtwist.service import wanted_listeners
 
     try:
-        config = load_config(path)
+        # Without the capability the rules do not load; doctor says so among its findings.
+        with capability_not_required():
+            config = load_config(path)
     except ConfigError as e:
         print(f"muxtwist: {e}", file=err)
         return 1

@@ -433,6 +433,93 @@ class DoctorTests(TransparentTestCase):
         self.assertIn("chain prerouting: ct mark 0x1 meta mark set 0x1", line)
         self.assertNotIn("chain output: meta mark 0x2 ct mark set 0x1", line)
 
+    def test_a_negated_ip_rule_is_not_the_policy_route(self) -> None:
+        """An 'ip rule add not fwmark 0x1 lookup 100' (every packet but the replies) is reported missing."""
+        self.hosts.apply(["ip -4 rule add not fwmark 0x1 lookup 100"])
+        done = self.doctor(self.rules())
+        self.assertEqual(done.returncode, 1, done.stdout + done.stderr)
+        self.assertIn("[MISSING] IPv4 rule", done.stdout)
+        self.assertIn("ip -4 rule add fwmark 0x1 lookup 100", done.stdout)
+
+    def test_table_100_holding_another_default_route_gets_commands_that_work(self) -> None:
+        """A table 100 with a default route of its own is named, and the printed commands, run, fix it."""
+        self.hosts.apply([f"ip -4 route add default via {BACKEND} table 100"])
+        rules = self.rules()
+        done = self.doctor(rules)
+        self.assertIn(f"(it has: default via {BACKEND}", done.stdout)
+        commands = [line.strip() for line in done.stdout.split("to fix, run as root:", 1)[1].splitlines()]
+        self.hosts.apply([c for c in commands if c])
+        again = self.doctor(rules)
+        self.assertEqual(again.returncode, 0, again.stdout + again.stderr)
+
+    def test_the_docs_iptables_marking_counts(self) -> None:
+        """
+        With the docs' iptables lines instead of the nft ones, doctor reports
+        the marking in place and exits 0, and nginx sees the client's address.
+        """
+        with open(os.path.join(ROOT, "docs", "howto", "transparent.rst")) as f:
+            iptables = [line.strip() for line in f if line.strip().startswith("iptables -t mangle")]
+        self.assertEqual(len(iptables), 3)
+        self.hosts.apply(
+            [*iptables, "ip -4 rule add fwmark 0x1 lookup 100", "ip -4 route add local 0.0.0.0/0 dev lo table 100"]
+        )
+        access = start_nginx(self.hosts, "b", self.directory, BACKEND, 8080)
+        rules = write_rules(
+            self.directory,
+            f"""
+            from muxtwist import Rule
+            from muxtwist.actions import Proxy
+            from muxtwist.matchers import HTTP1
+            rules = [Rule(HTTP1(), Proxy("tcp:host={BACKEND}:port=8080", transparent=True))]
+            """,
+        )
+        done = self.doctor(rules)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertIn("[ok] packet marking (iptables", done.stdout)
+        start_mux(self.hosts, self.directory, rules)
+        self.assertEqual(curl(self.hosts, f"http://{MUX_FRONT}:443/"), f"you are {CLIENT}\n")
+        self.assertIn(CLIENT, read(access))
+
+    def test_without_the_capability_every_finding_is_reported(self) -> None:
+        """Run without CAP_NET_ADMIN, doctor still checks the host and lists the capability among what is missing."""
+        drop = ["setpriv", "--inh-caps=-net_admin,-net_raw", "--bounding-set=-net_admin,-net_raw", "--"]
+        done = self.hosts.run(
+            "m",
+            "env",
+            f"PYTHONPATH={ROOT}",
+            *drop,
+            sys.executable,
+            "-m",
+            "muxtwist",
+            "doctor",
+            self.rules(),
+            check=False,
+        )
+        self.assertEqual(done.returncode, 1, done.stdout + done.stderr)
+        self.assertIn("[MISSING] capability CAP_NET_ADMIN", done.stdout)
+        self.assertIn("AmbientCapabilities=CAP_NET_ADMIN", done.stdout)
+        self.assertIn("[MISSING] IPv4 rule", done.stdout)
+
+    def test_a_marking_table_nft_cannot_read_is_not_called_absent(self) -> None:
+        """Without CAP_NET_ADMIN nft cannot list the complete marking table: doctor says so, not 'does not exist'."""
+        self.hosts.apply(marking_commands())
+        drop = ["setpriv", "--inh-caps=-net_admin,-net_raw", "--bounding-set=-net_admin,-net_raw", "--"]
+        done = self.hosts.run(
+            "m",
+            "env",
+            f"PYTHONPATH={ROOT}",
+            *drop,
+            sys.executable,
+            "-m",
+            "muxtwist",
+            "doctor",
+            self.rules(),
+            check=False,
+        )
+        (line,) = [line for line in done.stdout.splitlines() if "packet marking" in line]
+        self.assertIn("nft could not list it", line)
+        self.assertNotIn("nft add rule", done.stdout)
+
     def test_a_file_without_transparent_rules_passes(self) -> None:
         """A rules file with no transparent rule has nothing to check and exits 0."""
         rules = write_rules(
