@@ -220,6 +220,13 @@ class RedisInlineTests(unittest.TestCase):
         ):
             self.assertIs(final_verdict(Redis(), text), NO_MATCH, text)
 
+    def test_tab_separates_inline_arguments(self) -> None:
+        """A tab between an inline command and its arguments (Redis splits at spaces and tabs alike) matches."""
+        for text in (b"ECHO\thi\r\n", b"SELECT\t2\r\n", b"PING\t\r\n", b"AUTH \talice\tsecret\r\n", b"hello\t3\n"):
+            self.assertIs(final_verdict(Redis(), text), MATCH, text)
+            self.assertIsNone(monotonic_failure(Redis(), text), text)
+        self.assertIs(final_verdict(Redis(), b"hello\tworld\r\n"), NO_MATCH)
+
     def test_no_argument_commands_decide_at_the_line_end(self) -> None:
         """``PING`` decides at the CR, without waiting for the LF after it."""
         self.assertIs(Redis().match(b"PING\r", INFO), MATCH)

@@ -108,7 +108,8 @@ INLINE_COMMANDS: frozenset[bytes] = frozenset(_INLINE_ARGS)
 MAX_INLINE = 1024
 _LONGEST_INLINE = max(len(c) for c in INLINE_COMMANDS)
 _INLINE_PREFIXES = frozenset(c[:i] for c in INLINE_COMMANDS for i in range(1, len(c) + 1))
-_WORD = re.compile(rb"[^ \r\n]*")
+# Redis splits an inline line at spaces and tabs alike (sdssplitargs).
+_WORD = re.compile(rb"[^ \t\r\n]*")
 _NAME = re.compile(rb"[A-Za-z][A-Za-z|_.-]*\Z")
 # An argument as Redis splits an inline line: a double-quoted string with
 # escapes, a single-quoted string, or a run of non-blank bytes.
@@ -185,7 +186,7 @@ def _inline(data: bytes) -> Verdict:
     if not end or not _cased(command) or command.upper() not in INLINE_COMMANDS:
         return NO_MATCH
     accepts = _INLINE_ARGS[command.upper()]
-    if word[end] != 32:  # CR or LF: a command without arguments, decided now
+    if word[end] not in b" \t":  # CR or LF: a command without arguments, decided now
         return MATCH if accepts([]) else NO_MATCH
     line_end = data.find(b"\n", end, MAX_INLINE)
     if line_end < 0:
