@@ -290,6 +290,54 @@ class SeparateHostTests(TransparentTestCase):
         until(lambda: "relayed from the client's address" in read(mux_log), "a connection_end line saying so")
 
 
+class FailingBackendTests(TransparentTestCase):
+    """Backends that refuse or never answer."""
+
+    def test_a_failed_backend_is_not_logged_as_relayed_from_the_client(self) -> None:
+        """A refused client's connection_end says backend_failed, not 'relayed from the client's address'."""
+        rules = write_rules(
+            self.directory,
+            f"""
+            from muxtwist import Rule
+            from muxtwist.actions import Proxy
+            from muxtwist.matchers import HTTP1
+            rules = [Rule(HTTP1(), Proxy("tcp:host={BACKEND}:port=9", transparent=True), name="refused")]
+            """,
+        )
+        self.set_up_with_doctor(rules)
+        _, log = start_mux(self.hosts, self.directory, rules)
+        self.assertEqual(curl(self.hosts, f"http://{MUX_FRONT}:443/"), "")
+        until(lambda: "ended: backend_failed" in read(log), "the connection_end line")
+        (line,) = [line for line in read(log).splitlines() if "ended: backend_failed" in line]
+        self.assertNotIn("relayed from the client's address", line)
+
+    def test_black_holed_backend_times_out_and_leaves_no_descriptor(self) -> None:
+        """Twenty clients of a backend that drops every SYN are closed after connect_timeout, every socket with them."""
+        self.hosts.run("b", "nft", "add table inet hole")
+        self.hosts.run("b", "nft", "add chain inet hole input { type filter hook input priority 0; }")
+        self.hosts.run("b", "nft", "add rule inet hole input tcp dport 9999 drop")
+        rules = write_rules(
+            self.directory,
+            f"""
+            from muxtwist import Rule
+            from muxtwist.actions import Proxy
+            from muxtwist.matchers import HTTP1
+            rules = [Rule(HTTP1(), Proxy("tcp:host={BACKEND}:port=9999", transparent=True, connect_timeout=1))]
+            """,
+        )
+        self.set_up_with_doctor(rules)
+        mux, log = start_mux(self.hosts, self.directory, rules)
+        before = len(os.listdir(f"/proc/{mux.pid}/fd"))
+        clients = [
+            self.hosts.start("c", ["curl", "-sS", "--max-time", "5", f"http://{MUX_FRONT}:443/"], os.devnull)
+            for _ in range(20)
+        ]
+        for client in clients:
+            client.wait(timeout=WAIT)
+        until(lambda: read(log).count("no connection within 1") == 20, "20 connect timeouts")
+        until(lambda: len(os.listdir(f"/proc/{mux.pid}/fd")) == before, f"{before} descriptors again")
+
+
 class SameHostTests(TransparentTestCase):
     """Backends on the mux's own host: on one of its addresses, and on 127.0.0.1."""
 

@@ -348,6 +348,8 @@ class Relay(Protocol):
     def _failed(self, side: _BackendSide, reason: Failure) -> None:
         """A connect attempt failed: refused, timed out, reset or TLS refused."""
         self._trying = None
+        # Nothing went out from the client's address: connection_end must not say it did.
+        self.transparent = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
