@@ -7,6 +7,13 @@ matcher must take, and openers that are conclusive before their end.
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+
 from twisted.trial import unittest
 
 from muxtwist.interfaces import IMatcher, Verdict
@@ -28,12 +35,14 @@ from muxtwist.matchers import (
     Redis,
     WebSocket,
 )
+from muxtwist.matchers.openvpn import HMAC_SIZES
 from muxtwist.matchers.proxy_protocol import build_v1, build_v2
 from tests.captures import (
     openvpn_hard_reset,
     openvpn_tls_crypt_reset,
     rdp_connection_request,
 )
+from tests.certs import make_certificate
 from tests.matcher_checks import INFO, monotonic_failure, seeds
 
 MATCH, NO_MATCH, NEED_MORE = Verdict.MATCH, Verdict.NO_MATCH, Verdict.NEED_MORE
@@ -239,8 +248,8 @@ class OpenVPNHMACTests(unittest.TestCase):
 
     #: --auth digest -> HMAC size: MD5, SHA1 (and RIPEMD160), SHA224 (and
     #: SHA512-224, SHA3-224), SHA256 (and SHA512-256, SHA3-256, BLAKE2s256,
-    #: SM3), SHA384 (SHA3-384), SHA512 (SHA3-512, BLAKE2b512, whirlpool).
-    SIZES = {"MD5": 16, "SHA1": 20, "SHA224": 28, "SHA256": 32, "SHA384": 48, "SHA512": 64}
+    #: SM3), MD5-SHA1, SHA384 (SHA3-384), SHA512 (SHA3-512, BLAKE2b512, whirlpool).
+    SIZES = {"MD5": 16, "SHA1": 20, "SHA224": 28, "SHA256": 32, "MD5-SHA1": 36, "SHA384": 48, "SHA512": 64}
 
     def test_every_hmac_size(self) -> None:
         """A tls-auth hard reset matches with the HMAC of every digest OpenVPN accepts for --auth."""
@@ -274,6 +283,85 @@ class OpenVPNHMACTests(unittest.TestCase):
         """Text whose first bytes read as a plausible length never opens an OpenVPN session."""
         for text in (b"\x00\x2ahello world, this is not a hard reset at all!!", b"\x00\x0e" + b"8" * 14):
             self.assertIs(final_verdict(OpenVPN(), text), NO_MATCH, text)
+
+
+def _openvpn_digest_sizes(openvpn: str) -> dict[str, int]:
+    """Every digest ``openvpn --show-digests`` lists, with its size in bytes (NULL left out)."""
+    out = subprocess.run([openvpn, "--show-digests"], capture_output=True, timeout=30, check=False).stdout
+    sizes = {}
+    for line in out.decode("ascii", "replace").splitlines():
+        found = re.fullmatch(r"(\S+) (\d+) bit digest.*", line.strip())
+        if found and int(found.group(2)):
+            sizes[found.group(1)] = int(found.group(2)) // 8
+    return sizes
+
+
+class RealOpenVPNClientTests(unittest.TestCase):
+    """The first packet of the installed ``openvpn`` client, captured on a loopback listener."""
+
+    def setUp(self) -> None:
+        openvpn = shutil.which("openvpn")
+        if openvpn is None:
+            raise unittest.SkipTest("openvpn is not installed")
+        self.openvpn = openvpn
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        cert = make_certificate("client.test")
+        for name, pem in (("cert.pem", cert.cert_pem), ("key.pem", cert.key_pem)):
+            with open(os.path.join(self.dir, name), "wb") as f:
+                f.write(pem)
+        self.key = os.path.join(self.dir, "ta.key")
+        subprocess.run([openvpn, "--genkey", "secret", self.key], capture_output=True, timeout=30, check=True)
+
+    def first_packet(self, *options: str) -> bytes:
+        """Run an OpenVPN TCP client with ``options`` and return its first packet with the length prefix."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(15)
+        crt, key = os.path.join(self.dir, "cert.pem"), os.path.join(self.dir, "key.pem")
+        command = [self.openvpn, "--client", "--dev", "null", "--proto", "tcp-client", "--verb", "0"]
+        command += ["--remote", "127.0.0.1", str(listener.getsockname()[1]), "--connect-retry-max", "1"]
+        command += ["--ca", crt, "--cert", crt, "--key", key, *options]
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            connection, _ = listener.accept()
+            with connection:
+                connection.settimeout(15)
+                data = b""
+                while len(data) < 2 or len(data) < 2 + int.from_bytes(data[:2], "big"):
+                    chunk = connection.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=15)
+        return data
+
+    def test_hmac_sizes_cover_every_digest_openvpn_lists(self) -> None:
+        """Every digest size the installed OpenVPN offers for --auth is a tls-auth HMAC size the matcher reads."""
+        sizes = _openvpn_digest_sizes(self.openvpn)
+        self.assertIn("MD5", sizes)
+        missing = {name: size for name, size in sizes.items() if size not in HMAC_SIZES}
+        self.assertEqual(missing, {})
+
+    def test_real_clients_with_tls_auth_and_tls_crypt(self) -> None:
+        """Hard resets of a real client, plain, with tls-auth under several digests, and with tls-crypt, match."""
+        for options in (
+            (),
+            ("--tls-auth", self.key, "1", "--auth", "MD5"),
+            ("--tls-auth", self.key, "1", "--auth", "SHA1"),
+            ("--tls-auth", self.key, "1", "--auth", "MD5-SHA1"),
+            ("--tls-auth", self.key, "1", "--auth", "SHA512"),
+            ("--tls-crypt", self.key),
+        ):
+            data = self.first_packet(*options)
+            self.assertIs(OpenVPN().match(data, INFO), MATCH, options)
+            self.assertIsNone(monotonic_failure(OpenVPN(), data), options)
 
 
 def _rdp(neg_flags: int = 0, tail: bytes = b"", cookie: bytes = b"Cookie: mstshash=alice\r\n") -> bytes:

@@ -11,9 +11,9 @@ layouts OpenVPN writes:
   the session id;
 - ``tls-auth``: an HMAC of one of :data:`HMAC_SIZES` bytes (the digests
   ``--auth`` takes: MD5 16, SHA1 and RIPEMD160 20, SHA224 28, SHA256 32,
-  SHA384 48, SHA512 64, and the SHA3, SHA512/t, BLAKE2 and SM3 digests of
-  those sizes), a non-zero replay packet id and time, then ACK count 0 and
-  message packet id 0;
+  MD5-SHA1 36, SHA384 48, SHA512 64, and the SHA3, SHA512/t, BLAKE2 and SM3
+  digests of those sizes), a non-zero replay packet id and time, then ACK
+  count 0 and message packet id 0;
 - ``tls-crypt`` (V2) and ``tls-crypt-v2`` (V3, the only layout V3 has): a
   non-zero replay packet id and time, a 32-byte tag, then at least the
   5 encrypted bytes of ACK count and message packet id.
@@ -39,7 +39,7 @@ _MIN_PACKET = 14  # opcode 1 + session id 8 + ACK count 1 + packet id 4
 _V1, _V2, _V3 = 1, 7, 10
 _HARD_RESET_CLIENT = frozenset({_V1, _V2, _V3})
 #: The HMAC sizes of every digest OpenVPN's ``--auth`` accepts for tls-auth.
-HMAC_SIZES = (16, 20, 28, 32, 48, 64)
+HMAC_SIZES = (16, 20, 28, 32, 36, 48, 64)
 _TAG = 32
 _ZERO4 = b"\x00" * 4
 _ZERO5 = b"\x00" * 5
