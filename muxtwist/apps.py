@@ -146,9 +146,8 @@ class _Transport(asyncio.Transport):
         self._bridge.protocol = protocol
 
     def get_protocol(self) -> asyncio.BaseProtocol:
-        protocol = self._bridge.protocol
-        assert protocol is not None
-        return protocol
+        # None once the connection is lost, as with asyncio's transports.
+        return self._bridge.protocol  # type: ignore[return-value]
 
     # ReadTransport
 
@@ -333,7 +332,15 @@ class _Bridge(Protocol):
 
         # asyncio calls connection_lost(None) after its own abort() too.
         exc = None if self.aborted or reason.check(ConnectionDone) else reason.value
-        proto.connection_lost(exc if isinstance(exc, Exception) or exc is None else ConnectionError(str(exc)))
+        try:
+            proto.connection_lost(exc if isinstance(exc, Exception) or exc is None else ConnectionError(str(exc)))
+        finally:
+            # Break the protocol <-> transport cycles, as asyncio's transports
+            # do once connection_lost has run: they would otherwise keep the
+            # Twisted transport, and any data it still held, until the cycle
+            # collector runs (an aborted 20 MB write stayed in memory).
+            self.protocol = None
+            self.__dict__.pop("asyncio_transport", None)
 
     # IPushProducer: the transport says its write buffer is full or drained.
 

@@ -359,6 +359,37 @@ class AsyncioProtocolTests(unittest.TestCase):
         await until(lambda: bool(Echo.made[0].lost))
         self.assertEqual(Echo.made[0].lost, [None])
 
+    async def test_an_ended_connection_is_freed_without_the_cycle_collector(self) -> None:
+        """Once connection_lost has run, the protocol and what it wrote are freed by reference counting alone."""
+        import gc
+        import weakref
+
+        lost: list[object] = []
+
+        class WriteThenAbort(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                assert isinstance(transport, asyncio.Transport)
+                self.transport = transport
+
+            def data_received(self, data: bytes) -> None:
+                self.transport.write(b"a" * (4 * 1024 * 1024))
+                self.transport.abort()
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                lost.append(weakref.ref(self))
+
+        gc.disable()
+        self.addCleanup(gc.enable)
+        port, _ = mux(self, [Rule(Prefix(b"ABORT"), AsyncioProtocol(WriteThenAbort))])
+        client = await connect(self, port)
+        assert client.transport is not None
+        client.transport.write(b"ABORT")
+        await client.closed()
+        await until(lambda: bool(lost))
+        await _turns(3)
+        (ref,) = lost
+        self.assertIsNone(ref(), "the ended connection's protocol is only freed by the cycle collector")  # type: ignore[operator]
+
     def test_factory_must_be_callable(self) -> None:
         """AsyncioProtocol(something not callable) is a clear TypeError."""
         with self.assertRaises(TypeError):
