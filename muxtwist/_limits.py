@@ -2,7 +2,8 @@
 Connection limits of the sniffer and the accounting behind them: connections
 per source host (``max_connections_per_source``), and refusals, which are
 reported to the connection observer and logged at most once a second per
-limit and rule.
+limit and rule (as are PROXY pre-stage refusals and the ``connection_end``
+lines of refused connections, so a connect loop cannot flood the log).
 """
 
 from __future__ import annotations
@@ -88,3 +89,28 @@ class Refusals:
             suppressed=suppressed,
             outcome=Outcome.REJECTED.value,
         )
+
+    def refused_header(self, peer: object, problem: str) -> None:
+        """Log a connection the PROXY pre-stage refused, at most once a second."""
+        suppressed = self._throttle.admit(("proxy_protocol", ""))
+        if suppressed is None:
+            return
+        log.warn(
+            "refusing {peer}: {problem}"
+            + (" ({suppressed} more refused by the PROXY pre-stage since the last line)" if suppressed else ""),
+            peer=printable(address_text(peer)),
+            problem=printable(problem),
+            suppressed=suppressed,
+            outcome=Outcome.REJECTED.value,
+        )
+
+    def log_end(self, outcome: str, rule: str) -> bool:
+        """
+        Whether to write a connection's ``connection_end`` line: always, but
+        for a refused connection (outcome ``rejected``), whose line is
+        written at most once a second per rule; its refusal line, throttled
+        too, counts those left out, and the metrics count every one.
+        """
+        if outcome != Outcome.REJECTED.value:
+            return True
+        return self._throttle.admit(("connection_end", rule)) is not None

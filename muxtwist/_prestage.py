@@ -14,9 +14,8 @@ from typing import Protocol
 from twisted.internet.interfaces import IAddress, ITransport
 from twisted.logger import Logger
 
-from muxtwist._limits import address_text, host_of
+from muxtwist._limits import host_of
 from muxtwist._rules import Outcome
-from muxtwist._text import printable
 from muxtwist.interfaces import ConnectionInfo
 from muxtwist.proxyprotocol import ProxyHeaderReader, Trust
 
@@ -34,6 +33,8 @@ class _Owner(Protocol):
     def _take_source(self, source: str | None) -> bool: ...
 
     def _refused(self, peer: object, limit: str, value: int, rule: str = "") -> None: ...
+
+    def _refused_header(self, peer: object, problem: str) -> None: ...
 
 
 class ProxyPreStage:
@@ -66,12 +67,7 @@ class ProxyPreStage:
 
     def _refuse(self, problem: str) -> None:
         """Close a connection whose PROXY pre-stage failed, saying why."""
-        log.warn(
-            "refusing {peer}: {problem}",
-            peer=printable(address_text(self.addr)),
-            problem=printable(problem),
-            outcome=Outcome.REJECTED.value,
-        )
+        self.factory._refused_header(self.addr, problem)
         self._end_sniffing(Outcome.REJECTED, "proxy_protocol")
         assert self.transport is not None
         self.transport.loseConnection()

@@ -297,6 +297,10 @@ class SniffingFactory:
         """Count a refusal by ``limit``; log it, at most once a second per limit (and rule)."""
         self._refusals.refused(self.metrics, peer, limit, value, rule)
 
+    def _refused_header(self, peer: object, problem: str) -> None:
+        """Log a connection refused by the PROXY pre-stage, at most once a second."""
+        self._refusals.refused_header(peer, problem)
+
     def _take_source(self, source: str | None) -> bool:
         """Count one more connection from ``source``, unless it is at its limit."""
         return self._sources.take(source, self.max_connections_per_source)
@@ -726,7 +730,7 @@ class SniffingProtocol(ProxyPreStage):
             duration=self.ended_at - self.started,
         )
         factory.metrics.connection_end(end)
-        if factory.log_connections:
+        if factory.log_connections and factory._refusals.log_end(outcome, rule):
             _CONNECTION_LOG.connection_end(end)
 
     def abort(self) -> None:

@@ -29,8 +29,9 @@ from zope.interface import implementer
 
 from muxtwist import Outcome, SniffingFactory, Verdict
 from muxtwist import Rule as MuxRule
-from muxtwist.interfaces import ConnectionInfo, IMatcher
+from muxtwist.interfaces import ConnectionEnd, ConnectionInfo, IMatcher
 from muxtwist.matchers.proxy_protocol import build_v1
+from muxtwist.metrics import Metrics
 from muxtwist.sniffing import max_matcher_work
 from muxtwist.testing import MemoryConnection
 from tests.test_sniffing import HalfCloseRecorder, RecordingFactory
@@ -77,6 +78,20 @@ def _matchers() -> list[Counting]:
     ]
 
 
+class _RecordingMetrics(Metrics):
+    """Metrics that also keep every ConnectionEnd the sniffer reports."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry
+
+        super().__init__(CollectorRegistry())
+        self.ends: list[ConnectionEnd] = []
+
+    def connection_end(self, end: ConnectionEnd) -> None:
+        self.ends.append(end)
+        super().connection_end(end)
+
+
 class SnifferMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -88,6 +103,8 @@ class SnifferMachine(RuleBasedStateMachine):
         self.factory: SniffingFactory | None = None
         self.conn: MemoryConnection | None = None
         self.ended_before = 0
+        self.logged_before = 0
+        self.metrics = _RecordingMetrics()
 
     def teardown(self) -> None:
         try:
@@ -123,6 +140,7 @@ class SnifferMachine(RuleBasedStateMachine):
             sniff_timeout=sniff_timeout,
             accept_proxy_protocol=["10.0.0.0/8"] if proxy else None,
             reactor=self.clock,
+            metrics=self.metrics,
             **fallback,
         )
         self.factory.doStart()
@@ -136,6 +154,7 @@ class SnifferMachine(RuleBasedStateMachine):
         for m in self.matchers:
             m.scanned = 0
         self.ended_before = self._ended_events()
+        self.logged_before = self._logged_ends()
         self.trusted = trusted and self.factory.accept_proxy_protocol is not None
         self.header_sent = 0
         self.payload = b""
@@ -206,6 +225,9 @@ class SnifferMachine(RuleBasedStateMachine):
     # Invariants
 
     def _ended_events(self) -> int:
+        return len(self.metrics.ends)
+
+    def _logged_ends(self) -> int:
         return sum(1 for e in self.events if e.get("log_event") == "connection_end")
 
     @invariant()
@@ -235,10 +257,13 @@ class SnifferMachine(RuleBasedStateMachine):
         else:
             # Ended: exactly one connection_end, with its reason.
             assert ended == 1, ended
-            event = [e for e in self.events if e.get("log_event") == "connection_end"][-1]
+            end = self.metrics.ends[-1]
             if not winners:
                 # No winner: the end says why (refused, closed or aborted while sniffing, no fallback).
-                assert event["outcome"] in {o.value for o in Outcome} - {Outcome.HANDED_OFF.value}, event
+                assert end.outcome in {o.value for o in Outcome} - {Outcome.HANDED_OFF.value}, end
+            if end.outcome != Outcome.REJECTED.value:
+                # Logged too (refused connections' lines are throttled, at most one a second).
+                assert self._logged_ends() - self.logged_before == 1
         # No timer outlives sniffing.
         calls = self.clock.getDelayedCalls()
         if sniffer.sniffing:
