@@ -338,6 +338,38 @@ class FailingBackendTests(TransparentTestCase):
         until(lambda: len(os.listdir(f"/proc/{mux.pid}/fd")) == before, f"{before} descriptors again")
 
 
+class ProxyProtocolTests(TransparentTestCase):
+    """A HAProxy in front that sends the PROXY protocol (v2) to muxtwist."""
+
+    def test_backend_sees_the_address_the_proxy_header_carried(self) -> None:
+        """Behind HAProxy (send-proxy-v2 to 127.0.0.1), nginx sees the client HAProxy saw, not HAProxy or the mux."""
+        access = start_nginx(self.hosts, "b", self.directory, BACKEND, 8080)
+        config = os.path.join(self.directory, "haproxy.cfg")
+        with open(config, "w") as f:
+            f.write(
+                "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 10s\n  timeout server 10s\n"
+                f"frontend front\n  bind {MUX_FRONT}:80\n  default_backend mux\n"
+                "backend mux\n  server mux 127.0.0.1:443 send-proxy-v2\n"
+            )
+        log = os.path.join(self.directory, "haproxy.log")
+        haproxy = self.hosts.start("m", ["haproxy", "-db", "-f", config], log)
+        wait_listening(self.hosts, "m", MUX_FRONT, 80, haproxy, log)
+        rules = write_rules(
+            self.directory,
+            f"""
+            from muxtwist import Rule
+            from muxtwist.actions import Proxy
+            from muxtwist.matchers import HTTP1
+            accept_proxy_protocol = ["127.0.0.1/32"]
+            rules = [Rule(HTTP1(), Proxy("tcp:host={BACKEND}:port=8080", transparent=True))]
+            """,
+        )
+        self.set_up_with_doctor(rules)
+        start_mux(self.hosts, self.directory, rules)
+        self.assertEqual(curl(self.hosts, f"http://{MUX_FRONT}:80/"), f"you are {CLIENT}\n")
+        self.assertEqual(read(access).split(), [CLIENT])
+
+
 class SameHostTests(TransparentTestCase):
     """Backends on the mux's own host: on one of its addresses, and on 127.0.0.1."""
 
@@ -614,6 +646,21 @@ class CapabilityTests(TransparentTestCase):
         self.assertEqual(check.returncode, 1)
         self.assertEqual(len(check.stderr.strip().splitlines()), 1, check.stderr)
         self.assertRegex(check.stderr, rf"{re.escape(rules)}:\d+: .*CAP_NET_ADMIN")
+
+
+class LoadErrorTests(unittest.SynchronousTestCase):
+    """Backends transparent=True cannot connect to are refused when the rules load."""
+
+    skip = SKIP
+
+    def test_description_options_it_would_ignore_are_refused(self) -> None:
+        """A backend description with bindAddress= or timeout= is refused with a line naming the option."""
+        from muxtwist.actions import Proxy
+
+        for option in ("bindAddress=10.0.0.1", "timeout=3"):
+            with self.assertRaises(ValueError) as raised:
+                Proxy(f"tcp:host=127.0.0.1:port=22:{option}", transparent=True)
+            self.assertIn(option.split("=")[0] + "=", str(raised.exception))
 
 
 class EndpointTests(unittest.TestCase):

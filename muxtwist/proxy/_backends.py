@@ -116,6 +116,12 @@ def _transparent_addresses(descriptions: Sequence[str]) -> dict[str, tuple[str, 
             ipaddress.ip_address(host)
         except ValueError:
             raise ValueError(f"transparent=True needs the backend's IP address, not a name: {d!r}") from None
+        ignored = re.search(r"(?:^|:)(bindAddress|timeout)=", d)
+        if ignored is not None:
+            raise ValueError(
+                f"transparent=True connects from the client's address with Proxy's connect_timeout; "
+                f"{ignored.group(1)}= in {d!r} would be ignored: remove it"
+            )
         addresses[d] = (host, int(port.group(1)))
     return addresses
 
