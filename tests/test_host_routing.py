@@ -91,6 +91,24 @@ class HostMatcherTests(unittest.TestCase):
                 self.assertIs(HTTP1(host=glob).match(request(b"/", host), INFO), MATCH, (host, glob))
         self.assertIs(HTTP1(host="admin.internal").match(request(b"/", b"admin.internal.."), INFO), NO_MATCH)
 
+    def test_connect_target_names_the_host(self) -> None:
+        """A CONNECT's authority-form target is its host; a Host header naming another host makes it ambiguous."""
+
+        def connect_request(target: bytes, *hosts: bytes) -> bytes:
+            head = b"CONNECT " + target + b" HTTP/1.1\r\n" + b"".join(b"Host: " + h + b"\r\n" for h in hosts)
+            return head + b"\r\n"
+
+        for data in (
+            connect_request(b"admin.internal:443", b"admin.internal:443"),
+            connect_request(b"admin.internal:443"),
+        ):
+            self.assertIs(HTTP1(host="admin.internal").match(data, INFO), MATCH, data)
+            self.assertIs(HTTP1(host="public.test").match(data, INFO), NO_MATCH, data)
+        data = connect_request(b"admin.internal:443", b"public.test")
+        for glob in ("public.test", "admin.internal", "*"):
+            self.assertIs(HTTP1(host=glob).match(data, INFO), NO_MATCH, glob)
+        self.assertIs(HTTP1(host="*").match(connect_request(b"a@admin.internal:443"), INFO), NO_MATCH)
+
     def test_invalid_host_values_match_nothing(self) -> None:
         """A Host value that is no host (spaces, commas, an empty one) matches no host rule, not even ``*``."""
         for host in (b"a.test evil", b"a.test,admin.internal", b"", b".", b"a.test/x"):

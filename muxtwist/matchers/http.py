@@ -102,18 +102,24 @@ class RequestHead:
         The host asked for, lower-cased, port and trailing dot removed; ``None``
         when there is none, when it is not a valid host, and when it is
         ambiguous: several ``Host`` headers (RFC 9112 section 3.2 makes that a
-        400), or an absolute-form target whose host differs from ``Host``
-        (servers disagree on which one counts, so a rule cannot know which
-        site the server behind will serve).
+        400), or an absolute-form target (or a CONNECT's authority-form
+        target) whose host differs from ``Host`` (servers disagree on which
+        one counts, so a rule cannot know which site the server behind will
+        serve, or which host a proxy behind will connect to).
         """
         values = self.header_values(b"host")
         if len(values) > 1:
             return None
         header = _host(values[0]) if values else None
-        if not self.absolute_form:
+        if self.absolute_form:
+            authority = self.target.split(b"://", 1)[1]
+            authority = re.split(rb"[/?#]", authority, maxsplit=1)[0].rpartition(b"@")[2]
+        elif self.method == b"CONNECT":
+            # The authority form (RFC 9112 section 3.2.3): the host a proxy
+            # behind will connect to, whatever Host says.
+            authority = self.target
+        else:
             return header
-        authority = self.target.split(b"://", 1)[1]
-        authority = re.split(rb"[/?#]", authority, maxsplit=1)[0].rpartition(b"@")[2]
         uri = _host(authority)
         if values and uri != header:
             return None
@@ -279,8 +285,9 @@ class HTTP1:
     :param host: a host name or glob (``*.example.com``), or a list of them,
         compared case-insensitively with the Host header or the host of an
         absolute-form target (port and a trailing dot ignored). A request
-        whose host is ambiguous (two ``Host`` headers, or an absolute URI
-        naming another host than ``Host``) matches no host rule.
+        whose host is ambiguous (two ``Host`` headers, or an absolute URI or
+        ``CONNECT`` target naming another host than ``Host``) matches no
+        host rule.
     :param path: a path or glob (``/api/*``), or a list, compared with the
         request path (query ignored), normalised as :attr:`RequestHead.path`
         says (``/api/../admin`` is ``/admin``).
