@@ -663,6 +663,26 @@ class LoadErrorTests(unittest.SynchronousTestCase):
             self.assertIn(option.split("=")[0] + "=", str(raised.exception))
 
 
+class SystemdLinesTests(TransparentTestCase):
+    """The systemd capability lines of the recipe, for a service that runs as a user of its own."""
+
+    def test_the_documented_capabilities_let_a_user_service_listen_on_443_transparently(self) -> None:
+        """As 'nobody' with only the recipe's ambient capabilities, a process binds port 443 and sets IP_TRANSPARENT."""
+        python = "/usr/bin/python3"  # not a checkout-local interpreter 'nobody' may not read
+        if not os.access(python, os.X_OK):
+            raise unittest.SkipTest(f"{python} is not installed")
+        with open(os.path.join(ROOT, "docs", "howto", "transparent.rst")) as f:
+            (line,) = [line.strip() for line in f if line.strip().startswith("AmbientCapabilities=")]
+        caps = ",".join("+" + c.removeprefix("CAP_").lower() for c in line.split("=", 1)[1].split())
+        probe = (
+            "import socket\n"
+            "s = socket.socket(); s.setsockopt(socket.SOL_IP, 19, 1); s.bind(('0.0.0.0', 443)); print('ok')\n"
+        )
+        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", f"--inh-caps={caps}"]
+        done = self.hosts.run("m", *as_user, f"--ambient-caps={caps}", "--", python, "-c", probe, check=False)
+        self.assertEqual(done.stdout.strip(), "ok", done.stderr)
+
+
 class EndpointTests(unittest.TestCase):
     """``TransparentEndpoint`` on this host's loopback, where every 127/8 address is local."""
 
