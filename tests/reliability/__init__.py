@@ -15,6 +15,8 @@ import time
 import traceback
 from collections.abc import Callable
 
+import attrs
+
 from tests.reliability.harness import Row
 
 __all__ = ["SCENARIOS", "Scenario", "run_scenario"]
@@ -24,7 +26,7 @@ Scenario = Callable[[], "Row | list[Row]"]
 
 
 def _scenarios() -> list[Scenario]:
-    from tests.reliability import faults, hostile, lifecycle, load
+    from tests.reliability import attacks, faults, hostile, lifecycle, load
 
     return [
         load.mixed_load,
@@ -34,6 +36,14 @@ def _scenarios() -> list[Scenario]:
         lifecycle.shutdown_under_load,
         lifecycle.reload_under_load,
         faults.backend_faults,
+        attacks.tls_close,
+        attacks.silent_untrusted_clients,
+        attacks.trusted_cut_short_headers,
+        attacks.log_hygiene,
+        attacks.sighup_storms,
+        attacks.host_ambiguity,
+        attacks.echo_backpressure,
+        attacks.stalled_handshakes,
     ]
 
 
@@ -51,4 +61,4 @@ def run_scenario(scenario: Scenario) -> list[Row]:
         result = Row(scenario.__name__, name, "-", f"the scenario itself failed: {tb}", False)
     rows = result if isinstance(result, list) else [result]
     seconds = round((time.monotonic() - started) / len(rows), 1)
-    return [Row(r.name, r.tried, r.times, r.result, r.green, seconds) for r in rows]
+    return [attrs.evolve(r, seconds=seconds) for r in rows]

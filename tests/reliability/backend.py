@@ -4,7 +4,10 @@ A backend for the proxy scenarios, run as its own process
 
 - ``echo``: write ``"echo <peer>\\n"``, then echo;
 - ``reset``: the same, but reset the connection after ``--after`` bytes;
-- ``slow``: greet, read nothing for ``--pause`` seconds, then echo.
+- ``slow``: greet, read nothing for ``--pause`` seconds, then echo;
+- ``answer``: read one line ending in ``<id> <size>``, write :func:`answer_for`
+  of it (``size`` seeded bytes, no greeting), and close (over TLS with
+  ``--tls PEM``, a certificate and key in one file: a ``close_notify``).
 
 It listens on 127.0.0.1, an ephemeral port, and prints ``PORT <n>`` once ready.
 """
@@ -13,13 +16,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import socket
+import ssl
 import struct
 import sys
 
 
+def answer_for(line: bytes) -> bytes:
+    """What ``answer`` mode writes for a request line ending in ``<id> <size>``."""
+    ident, size = line.split()[-2:]
+    return random.Random(ident).randbytes(int(size))
+
+
 async def _serve(args: argparse.Namespace) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if args.mode == "answer":
+            try:
+                line = await reader.readline()
+                writer.write(answer_for(line))
+                await writer.drain()
+            except (OSError, ValueError):
+                pass
+            finally:
+                writer.close()
+            return
         peer = writer.get_extra_info("peername")
         writer.write(f"echo {peer[0]}\n".encode())
         if args.mode == "slow":
@@ -45,7 +66,11 @@ async def _serve(args: argparse.Namespace) -> None:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
+    context = None
+    if args.tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls)
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024, ssl=context)
     port = server.sockets[0].getsockname()[1]
     sys.stdout.write(f"PORT {port}\n")
     sys.stdout.flush()
@@ -55,9 +80,10 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["echo", "reset", "slow"])
+    parser.add_argument("mode", choices=["echo", "reset", "slow", "answer"])
     parser.add_argument("--after", type=int, default=65536)
     parser.add_argument("--pause", type=float, default=3.0)
+    parser.add_argument("--tls", help="serve TLS with this PEM file (certificate and key)")
     asyncio.run(_serve(parser.parse_args()))
 
 

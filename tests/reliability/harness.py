@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -56,6 +56,10 @@ class Row:
     result: str
     green: bool
     seconds: float = 0.0
+    #: The figure measured, for the rows of the hostile clients table.
+    figure: str = ""
+    #: Which table of the page the row goes in: ``""`` (scenarios) or ``"hostile"``.
+    table: str = ""
 
 
 def fd_count(pid: int) -> int:
@@ -89,14 +93,16 @@ def diag(port: int, timeout: float = 5.0, preamble: bytes = b"") -> dict[str, in
 class MuxServer:
     """A ``twistd muxtwist`` child serving the reliability rules on one port, its log in a file."""
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None, rules: str = RULES, args: Sequence[str] = ()) -> None:
         self.port = free_port()
         # A listener that trusts 127.0.0.1 to send PROXY headers requires one.
         trusted = (env or {}).get("MUXREL_TRUST", "")
         self.preamble = b"PROXY UNKNOWN\r\n" if "127." in trusted else b""
         self.log = tempfile.NamedTemporaryFile(prefix="muxrel-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            twistd_command("--port", f"tcp:{self.port}:interface=127.0.0.1:backlog={BACKLOG}", "--config", RULES),
+            twistd_command(
+                "--port", f"tcp:{self.port}:interface=127.0.0.1:backlog={BACKLOG}", "--config", rules, *args
+            ),
             cwd=ROOT,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -181,9 +187,11 @@ class Leaks:
 
 
 @contextmanager
-def mux_server(env: Mapping[str, str] | None = None) -> Iterator[MuxServer]:
-    """A :class:`MuxServer`, always killed at the end."""
-    server = MuxServer(env)
+def mux_server(
+    env: Mapping[str, str] | None = None, rules: str = RULES, args: Sequence[str] = ()
+) -> Iterator[MuxServer]:
+    """A :class:`MuxServer` (on ``rules``, a rules file), always killed at the end."""
+    server = MuxServer(env, rules, args)
     try:
         yield server
     finally:
