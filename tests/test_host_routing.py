@@ -162,6 +162,15 @@ class RedirectTests(unittest.TestCase):
         out = self.answer(request(b"http://evil.example", b"a.test"))
         self.assertIn(b"Location: https://a.test/\r\n", out)
 
+    def test_several_host_headers_get_400(self) -> None:
+        """A request with two Host headers (RFC 9112 section 3.2: 400) gets 400 and no Location naming either host."""
+        for hosts in ((b"a.test", b"evil.example"), (b"evil.example", b"a.test"), (b"a.test", b"a.test")):
+            out = self.answer(request(b"/x", *hosts))
+            self.assertTrue(out.startswith(b"HTTP/1.1 400 "), (hosts, out))
+            self.assertNotIn(b"location:", out.lower(), hosts)
+        out = self.answer(b"GET /x HTTP/1.1\r\nHost: a.test\r\nhOsT: evil.example\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out)
+
     def test_head_has_no_body(self) -> None:
         """HEAD gets the redirect's status and headers, with the GET body's length and no body, and no log line."""
         observer = _Lines()
