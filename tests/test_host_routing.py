@@ -275,6 +275,24 @@ CASES: list[tuple[str, str, bytes, bytes, bytes]] = [
     ("absolute uri, other host", "allow", request(b"http://public.test/", b"admin.internal"), b"", b""),
     ("absolute uri, same host", "allow", request(b"http://public.test/", b"public.test"), b"PUBLIC", b"PUBLIC"),
     ("trailing dot, deny", "deny", request(b"/", b"admin.internal."), b"", b""),
+    (
+        "CONNECT naming admin, Host public",
+        "allow",
+        b"CONNECT admin.internal:443 HTTP/1.1\r\nHost: public.test\r\n\r\n",
+        b"",
+        b"",
+    ),
+    ("userinfo before admin", "allow", b"GET http://public.test@admin.internal/ HTTP/1.0\r\n\r\n", b"", b""),
+    ("Host with a space before the colon", "allow", b"GET / HTTP/1.1\r\nHost : public.test\r\n\r\n", b"", b""),
+    ("folded Host", "allow", b"GET / HTTP/1.1\r\nHost: public.test\r\n admin.internal\r\n\r\n", b"", b""),
+    ("Host, port not a number", "allow", request(b"/", b"public.test:abc"), b"", b""),
+    (
+        "Host in mixed case",
+        "allow",
+        b"GET / HTTP/1.1\r\nhOsT: PUBLIC.test\r\nConnection: close\r\n\r\n",
+        b"PUBLIC",
+        b"PUBLIC",
+    ),
     # nginx drops the dot and serves public.test; twisted.web's vhost table has no "public.test.".
     ("trailing dot, allow", "allow", request(b"/", b"public.test."), b"PUBLIC", b"DEFAULT"),
 ]
