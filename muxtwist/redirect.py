@@ -69,9 +69,9 @@ class _Redirect(Resource):
 
     def render(self, request: Request) -> bytes:
         hosts = request.requestHeaders.getRawHeaders(b"host", [])
-        # Several Host headers: RFC 9112 section 3.2 makes that a 400, and
-        # servers disagree on which one counts.
-        raw = hosts[0] if len(hosts) == 1 else b"" if hosts else None
+        # Several Host headers, or none in HTTP/1.1: RFC 9112 section 3.2
+        # makes both a 400 (and servers disagree on which of several counts).
+        raw = hosts[0] if len(hosts) == 1 else b"" if hosts or request.clientproto != b"HTTP/1.0" else None
         if raw is None:
             local = request.getHost()
             raw = getattr(local, "host", "").encode("ascii", "replace")
@@ -103,10 +103,10 @@ class RedirectToHTTPS(Site):
     ``https://<Host without its port>[:port]<path and query>``: 301 for
     ``GET``/``HEAD``, 308 for other methods (``HEAD`` gets the headers
     without a body). A request whose Host is not a plain host name or
-    address, that has several ``Host`` headers, or whose target is neither
-    a path nor an absolute URI (``*``, ``@evil.example/x``), gets 400, never
-    a Location built from it. Put it behind ``HTTP1()`` on the port that
-    also terminates TLS::
+    address, that has several ``Host`` headers (or none in HTTP/1.1), or
+    whose target is neither a path nor an absolute URI (``*``,
+    ``@evil.example/x``), gets 400, never a Location built from it. Put it
+    behind ``HTTP1()`` on the port that also terminates TLS::
 
         Rule(TLS(), TerminateTLS("certs/", site)),
         Rule(HTTP1(), RedirectToHTTPS()),

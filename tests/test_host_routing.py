@@ -171,6 +171,14 @@ class RedirectTests(unittest.TestCase):
         out = self.answer(b"GET /x HTTP/1.1\r\nHost: a.test\r\nhOsT: evil.example\r\n\r\n")
         self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out)
 
+    def test_http11_without_host_gets_400(self) -> None:
+        """HTTP/1.1 without Host gets 400 (RFC 9112 section 3.2); HTTP/1.0 without Host still gets a redirect."""
+        out = self.answer(b"GET /x HTTP/1.1\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out)
+        self.assertNotIn(b"location:", out.lower())
+        out = self.answer(b"GET /x HTTP/1.0\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.0 301 "), out)
+
     def test_head_has_no_body(self) -> None:
         """HEAD gets the redirect's status and headers, with the GET body's length and no body, and no log line."""
         observer = _Lines()
