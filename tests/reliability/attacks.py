@@ -131,7 +131,7 @@ def tls_close() -> list[Row]:
         pem = _certificates(directory)
         plain = Backend("answer")
         stack.callback(plain.kill)
-        secure = Backend("answer", "--tls", pem["backend"])
+        secure = Backend("answer", "--tls", pem["backend"], "--pause-answer", "--pause", "0.2")
         stack.callback(secure.kill)
         rules = _rules(
             directory,
@@ -204,7 +204,8 @@ rules += [
         _hostile(
             "Half-close towards a TLS backend",
             "plain clients that half-close right after their request, relayed by Proxy(tls=...) to a TLS backend "
-            "(asyncio, Python ssl) that answers 100 KB and closes: the half-close must not be passed on below TLS",
+            "(asyncio, Python ssl) that answers 100 KB 0.2 s after the request and closes: the half-close must not be "
+            "passed on below TLS",
             f"{count} connections, {count // 2} at a time",
             f"{h_ok}/{count} whole answer + clean end",
             f"endings: {_counts(h_end)}; whole answers {sum(w for w, _ in halves)}/{count}; {leaks}; exit {code}",

@@ -7,7 +7,8 @@ A backend for the proxy scenarios, run as its own process
 - ``slow``: greet, read nothing for ``--pause`` seconds, then echo;
 - ``answer``: read one line ending in ``<id> <size>``, write :func:`answer_for`
   of it (``size`` seeded bytes, no greeting), and close (over TLS with
-  ``--tls PEM``, a certificate and key in one file: a ``close_notify``).
+  ``--tls PEM``, a certificate and key in one file: a ``close_notify``;
+  with ``--pause-answer``, only ``--pause`` seconds after the line).
 
 It listens on 127.0.0.1, an ephemeral port, and prints ``PORT <n>`` once ready.
 """
@@ -34,6 +35,8 @@ async def _serve(args: argparse.Namespace) -> None:
         if args.mode == "answer":
             try:
                 line = await reader.readline()
+                # A client's half-close, if it were passed on, arrives meanwhile.
+                await asyncio.sleep(args.pause if args.pause_answer else 0)
                 writer.write(answer_for(line))
                 await writer.drain()
             except (OSError, ValueError):
@@ -84,6 +87,7 @@ def main() -> None:
     parser.add_argument("--after", type=int, default=65536)
     parser.add_argument("--pause", type=float, default=3.0)
     parser.add_argument("--tls", help="serve TLS with this PEM file (certificate and key)")
+    parser.add_argument("--pause-answer", action="store_true", help="answer mode: wait --pause seconds first")
     asyncio.run(_serve(parser.parse_args()))
 
 
