@@ -361,6 +361,15 @@ class PathRuleTests(unittest.TestCase):
             self.assertIs(HTTP1(path="/admin/*").match(request(target, b"a.test"), INFO), MATCH, target)
             self.assertIs(HTTP1(path="/public/*").match(request(target, b"a.test"), INFO), NO_MATCH, target)
 
+    def test_dot_segment_with_parameters_matches_no_path_rule(self) -> None:
+        """``/public/..;/admin`` matches no path rule: Tomcat-style servers drop ``;x`` and climb, nginx does not."""
+        for target in (b"/public/..;/admin", b"/public/..;x=1/admin", b"/public/%2e%2e;/admin", b"/public/.;/x"):
+            for glob in ("/public/*", "/admin*", "*"):
+                self.assertIs(HTTP1(path=glob).match(request(target, b"a.test"), INFO), NO_MATCH, (target, glob))
+        # Parameters on ordinary segments stay part of the path.
+        self.assertIs(HTTP1(path="/app/*").match(request(b"/app/page;jsessionid=1", b"a.test"), INFO), MATCH)
+        self.assertIs(HTTP1(path="/public/*").match(request(b"/public/...;x/y", b"a.test"), INFO), MATCH)
+
     def test_escaped_control_characters_match_no_path_rule(self) -> None:
         """A path with an escaped NUL or line break matches no path rule, not even ``*``."""
         for target in (b"/x%00", b"/x%0d%0aSet-Cookie:%20a", b"/%ff"):

@@ -132,8 +132,9 @@ class RequestHead:
         as nginx see it before choosing a location: percent-escapes decoded
         (UTF-8), repeated slashes merged, ``.`` and ``..`` segments resolved
         (RFC 3986 section 5.2.4), so ``/public/../admin`` and ``/%61dmin`` are
-        ``/admin``. ``None`` when it does not decode or holds a control
-        character.
+        ``/admin``. ``None`` when it does not decode, holds a control
+        character, or has a dot segment with parameters (``/public/..;/admin``,
+        which servers resolve differently).
         """
         target = self.target
         if self.absolute_form:
@@ -152,6 +153,10 @@ def _normalize_path(raw: bytes) -> str | None:
     if not text.startswith("/"):
         return text  # "*", or a CONNECT target's authority
     segments = text.split("/")[1:]
+    if any(";" in segment and segment.split(";", 1)[0] in (".", "..") for segment in segments):
+        # "..;x": nginx keeps it as a name, servers that drop path parameters
+        # (Tomcat, Jetty) climb a level: no path a rule can count on.
+        return None
     out: list[str] = []
     for segment in segments:
         if segment == "..":
