@@ -9,6 +9,7 @@ routing is decided once per connection.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from muxtwist._twisted import endpoint_port
 from muxtwist.interfaces import IMatcher
@@ -155,6 +156,8 @@ def probe_listen(description: str) -> str | None:
         endpoint = endpoints.serverFromString(_NoReactor(), description)
     except Exception:
         return None
+    if isinstance(endpoint, endpoints.UNIXServerEndpoint):
+        return _probe_unix(endpoint)
     port, interface = endpoint_port(endpoint) or (0, "")
     if not isinstance(endpoint, endpoints.TCP4ServerEndpoint | endpoints.TCP6ServerEndpoint) or not port:
         return None
@@ -169,6 +172,43 @@ def probe_listen(description: str) -> str | None:
             if e.errno == errno.EADDRINUSE:
                 return "the address is already in use (another server listens there)"
             return e.strerror or str(e)
+    return None
+
+
+def _probe_unix(endpoint: object) -> str | None:
+    """
+    Why a UNIX server endpoint cannot listen right now: its directory is
+    missing or not writable, or another live server holds its lock file.
+
+    Why private: ``UNIXServerEndpoint`` keeps the parsed ``_address`` and
+    ``_wantPID`` (the ``lockfile`` option) and exposes neither; parsing the
+    description again would mean copying Twisted's parser. Checked on
+    Twisted 26.10.0 (``twisted.internet.endpoints``).
+    """
+    import os
+
+    from twisted.python.lockfile import isLocked
+
+    held: Any = endpoint
+    address = held._address
+    if not isinstance(address, str):
+        return None
+    directory = os.path.dirname(os.path.abspath(address))
+    if not os.path.isdir(directory):
+        return f"the directory {directory} does not exist"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"cannot create a socket in {directory}: permission denied"
+    lock = address + ".lock"
+    try:
+        locked = held._wantPID and isLocked(lock)
+    except OSError as e:
+        return f"cannot make its lock file {lock}: {e.strerror or e}"
+    if locked:
+        try:
+            owner = f" (process {os.readlink(lock)})"
+        except OSError:
+            owner = ""
+        return f"another server holds its lock file {lock}{owner}"
     return None
 
 

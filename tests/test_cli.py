@@ -293,6 +293,31 @@ class TwistdErrorTests(unittest.TestCase):
             done.stderr.strip(), "muxtwist: --port: bad endpoint description 'tcp:99999': port 99999 is not in 0-65535"
         )
 
+    def test_unix_socket_in_a_missing_directory(self) -> None:
+        """A UNIX socket whose directory does not exist is one line naming the endpoint and the directory."""
+        path = os.path.join(os.path.abspath(self.mktemp()), "missing", "mux.sock")
+        for mode in (["-n", "--pidfile="], ["--pidfile=twistd.pid", "--logfile=twistd.log"]):
+            done = self.twistd(*mode, "muxtwist", "--port", f"unix:{path}")
+            self.assertEqual(done.returncode, 1, done.stderr)
+            self.assertEqual(
+                done.stderr.strip(),
+                f"muxtwist: cannot listen on unix:{path}: the directory {os.path.dirname(path)} does not exist",
+            )
+
+    def test_unix_socket_held_by_another_server(self) -> None:
+        """A UNIX socket whose lock another live server holds is one line saying so, not a traceback."""
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        path = os.path.join(folder, "mux.sock")
+        os.symlink(str(os.getpid()), path + ".lock")  # Twisted's lock file, held by this (live) process
+        done = self.twistd("-n", "--pidfile=", "muxtwist", "--port", f"unix:{path}")
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertEqual(
+            done.stderr.strip(),
+            f"muxtwist: cannot listen on unix:{path}: another server holds its lock file {path}.lock "
+            f"(process {os.getpid()})",
+        )
+
     def test_twistd_option_after_the_plugin_name(self) -> None:
         """-n after muxtwist says it belongs before the plugin name."""
         done = self.twistd("muxtwist", "-n", "--port", "3000")
