@@ -8,9 +8,10 @@ Session-wide test hygiene, for every test run by pytest:
   processes that tests start through tests/twistd.py run the asyncio
   reactor too;
 - at the end, the run fails if any process it started is still alive (a
-  child or grandchild of the pytest process: an nginx worker whose master
-  was killed, a twistd that ignored SIGTERM), or if it left new scratch
-  files in the checkout.
+  child or grandchild of the pytest process, such as a twistd that ignored
+  SIGTERM, or a process working in the scratch directory whose parent is
+  gone: an nginx worker whose master was killed, a daemon), or if it left
+  new scratch files in the checkout.
 """
 
 from __future__ import annotations
@@ -59,11 +60,44 @@ def descendants(pid: int) -> dict[int, str]:
     return found
 
 
+def working_in(directory: Path) -> dict[int, str]:
+    """
+    Every live process but this one whose working directory is ``directory``
+    or below it, with its command line: what the tests started there, also
+    once its parent is gone and it is no descendant any more (a daemon, an
+    nginx worker whose master was killed, a shell's background child).
+    """
+    inside = str(directory)
+    found: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if stat[stat.rfind(")") + 2 :].split()[0] in ("Z", "X"):
+            continue
+        if cwd == inside or cwd.startswith(inside + os.sep):
+            found[int(entry)] = command
+    return found
+
+
 def leftover_processes(grace: float = 5.0) -> dict[int, str]:
-    """Processes started by this run still alive after ``grace`` seconds (cleanups may still be ending them)."""
+    """
+    Processes started by this run still alive after ``grace`` seconds
+    (cleanups may still be ending them): descendants of this process, and
+    processes working in the run's scratch directory whatever their parent.
+    """
     deadline = time.monotonic() + grace
     while True:
         left = descendants(os.getpid())
+        if _scratch is not None:
+            left.update(working_in(_scratch))
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
@@ -94,6 +128,8 @@ def scratch_entries() -> set[str]:
 
 
 _before: set[str] = set()
+#: The run's scratch directory (the working directory of the tests and of what they start).
+_scratch: Path | None = None
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -106,7 +142,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def scratch_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Run the session in a scratch directory, so trial's mktemp() and _trial_temp land there."""
     here = os.getcwd()
+    global _scratch
     scratch = tmp_path_factory.mktemp("cwd")
+    _scratch = scratch.resolve()
     os.chdir(scratch)
     try:
         yield scratch

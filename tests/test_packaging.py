@@ -111,3 +111,65 @@ class SetupCfgTests(unittest.TestCase):
         """The code, tests and docs have no misspellings codespell knows."""
         done = self.codespell(ROOT)
         self.assertEqual(done.returncode, 0, done.stdout)
+
+
+_LEAKY_TESTS = """
+import os
+import subprocess
+import time
+
+from twisted.trial import unittest
+
+
+class Leaky(unittest.TestCase):
+    def test_orphan(self) -> None:
+        # The shell exits at once; its background child is re-parented away from the test run.
+        subprocess.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $! > orphan.pid"], check=True)
+        os.rename("orphan.pid", os.environ["LEAK_DIR"] + "/orphan.pid")
+
+    def test_daemon(self) -> None:
+        # A daemon: a new session, its parent gone.
+        subprocess.run(
+            ["sh", "-c", "setsid sh -c 'echo $$ > daemon.pid; exec sleep 60' >/dev/null 2>&1 &"], check=True
+        )
+        for _ in range(200):
+            if os.path.exists("daemon.pid") and os.path.getsize("daemon.pid"):
+                break
+            time.sleep(0.02)
+        os.rename("daemon.pid", os.environ["LEAK_DIR"] + "/daemon.pid")
+"""
+
+
+class RunHygieneTests(unittest.TestCase):
+    """tests/conftest.py: a test run fails when it leaves processes behind."""
+
+    def test_run_fails_on_orphaned_and_daemonized_processes(self) -> None:
+        """A process a test started whose parent is gone (an orphan, a daemon) still fails the run, by name."""
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        with open(os.path.join(folder, "test_leaky.py"), "w") as f:
+            f.write(_LEAKY_TESTS)
+        self.addCleanup(self.kill_leaked, folder)
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider", "-q", folder],
+            cwd=ROOT,
+            env=dict(os.environ, LEAK_DIR=folder),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            start_new_session=True,
+        )
+        self.assertNotEqual(done.returncode, 0, done.stdout)
+        self.assertIn("processes started by the tests are still running", done.stdout)
+        for name in ("orphan.pid", "daemon.pid"):
+            with open(os.path.join(folder, name)) as f:
+                pid = int(f.read())
+            self.assertIn(f"{pid}: sleep 60", done.stdout)
+
+    def kill_leaked(self, folder: str) -> None:
+        for name in ("orphan.pid", "daemon.pid"):
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    os.kill(int(f.read()), 9)
+            except (OSError, ValueError):
+                pass
