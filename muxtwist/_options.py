@@ -110,8 +110,32 @@ def check_terminate_tls(
             or not all(isinstance(p, str) and p and p.isascii() for p in alpn)
         ):
             raise OptionError("TerminateTLS", "alpn", alpn, 'a list of protocol names such as ["h2", "http/1.1"]')
-    if client_ca is not None and not isinstance(client_ca, str | os.PathLike):
-        raise OptionError("TerminateTLS", "client_ca", client_ca, "the path of a PEM file of CA certificates, or None")
+    if isinstance(certificates, Mapping):
+        for host, paths in certificates.items():
+            if isinstance(host, str) and (
+                isinstance(paths, str | os.PathLike)
+                or (
+                    isinstance(paths, tuple | list)
+                    and len(paths) == 2
+                    and all(isinstance(p, str | os.PathLike) for p in paths)
+                )
+            ):
+                continue
+            raise OptionError(
+                "TerminateTLS",
+                f"certificates[{host!r}]",
+                paths,
+                "the path of a PEM file holding the chain and the key, or a (certificate path, key path) pair",
+            )
+    if client_ca is not None:
+        expected = "the path of a PEM file of CA certificates, or None"
+        if not isinstance(client_ca, str | os.PathLike):
+            raise OptionError("TerminateTLS", "client_ca", client_ca, expected)
+        try:
+            with open(client_ca, "rb"):
+                pass
+        except OSError as e:
+            raise OptionError("TerminateTLS", "client_ca", client_ca, f"{expected} ({e.strerror or e})") from None
     _number("TerminateTLS", "handshake_timeout", handshake_timeout)
     _boolean("TerminateTLS", "resumption", resumption)
 

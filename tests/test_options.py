@@ -62,6 +62,30 @@ class ActionOptionTests(unittest.TestCase):
             self.assertIn(message, self.refused(TerminateTLS, missing, factory, **{option: value}), option)
         self.assertIn("TerminateTLS option certificates=42", self.refused(TerminateTLS, 42, factory))
 
+    def test_terminate_tls_client_ca_that_cannot_be_read(self) -> None:
+        """A client_ca path that does not exist names the option and the reason, not an OpenSSL error list."""
+        missing = os.path.join(os.path.abspath(self.mktemp()), "ca.pem")
+        message = self.refused(TerminateTLS, self.mktemp(), Factory.forProtocol(Protocol), client_ca=missing)
+        self.assertEqual(
+            message,
+            f"TerminateTLS option client_ca={missing!r}: expected the path of a PEM file of CA certificates, "
+            "or None (No such file or directory)",
+        )
+
+    def test_terminate_tls_certificate_mapping_values(self) -> None:
+        """A {hostname: path} mapping whose value is not a path or a (certificate, key) pair names the host."""
+        factory = Factory.forProtocol(Protocol)
+        for value in (3, None, ("a.pem",), ("a.pem", 3)):
+            self.assertEqual(
+                self.refused(TerminateTLS, {"a.test": value}, factory),
+                f"TerminateTLS option certificates['a.test']={value!r}: expected the path of a PEM file holding "
+                "the chain and the key, or a (certificate path, key path) pair",
+            )
+        self.assertIn(
+            "TerminateTLS option certificates[3]=",
+            self.refused(TerminateTLS, {3: "a.pem"}, factory),
+        )
+
     def test_redirect_port(self) -> None:
         """RedirectToHTTPS takes a port number or None, not a string or a bool."""
         for value in ("443", True, 0, 70000):
