@@ -173,3 +173,26 @@ class RunHygieneTests(unittest.TestCase):
                     os.kill(int(f.read()), 9)
             except (OSError, ValueError):
                 pass
+
+
+class InstallLinesTests(unittest.TestCase):
+    """The install lines in the README and the docs work from a checkout while muxtwist is not on the index."""
+
+    def test_no_install_line_asks_the_index_for_muxtwist(self) -> None:
+        """No ``pip install`` line in the docs names muxtwist as a package to fetch (it is not published)."""
+        import re
+
+        paths = [os.path.join(ROOT, "README.md")]
+        for folder, _, files in os.walk(os.path.join(ROOT, "docs")):
+            paths += [os.path.join(folder, f) for f in files if f.endswith((".rst", ".md"))]
+        wrong = []
+        for path in paths:
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    command = line.strip().lstrip("$ ")
+                    if not command.startswith("pip install"):
+                        continue
+                    arguments = re.split(r"&&|;|#|\|", command)[0].split()[2:]
+                    if any(re.match(r"muxtwist(\[|[<>=~!]|$)", a.strip("'\"")) for a in arguments):
+                        wrong.append(f"{os.path.relpath(path, ROOT)}:{number}: {command}")
+        self.assertEqual(wrong, [])
