@@ -368,7 +368,8 @@ def load_config(path: str) -> Config:
         where = lines.get(key if key == "rules" else "listeners")
         warnings += _h2_without_support(path, some_rules, where[0] if where else None)
     for warning in warnings:
-        log.warn("{warning}", warning=str(warning))
+        # Not a field named "warning": trial's reporter reads that as warnings.warn's.
+        log.warn("{problem}", problem=str(warning))
     return Config(path=path, rules=rules, listeners=listeners, settings=settings, warnings=tuple(warnings))
 
 

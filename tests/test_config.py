@@ -165,6 +165,17 @@ class WarningTests(unittest.TestCase):
         self.assertEqual(len([t for t in logged if "did you mean" in t]), 2, logged)
         self.assertIn(f"{path}:{first}: 'snif_timeout'", logged[0])
 
+    def test_warnings_are_not_logged_as_python_warnings(self) -> None:
+        """A rules-file warning is logged without a ``warning`` field, which trial's reporter reads as warnings.warn."""
+        path = self.write("rules = [Rule(HTTP1(), echo)]\nsnif_timeout = 2\n")
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        load_config(path)
+        logged = [e for e in events if "did you mean" in (formatEvent(e) or "")]
+        self.assertEqual(len(logged), 1)
+        self.assertNotIn("warning", logged[0])
+
     def test_h2_offered_to_a_site_without_http2_support(self) -> None:
         """Without Twisted's HTTP/2 support, a TerminateTLS offering h2 in front of a Site gets one clear warning."""
         folder = self.mktemp()
