@@ -16,4 +16,10 @@ from muxtwist.proxy._health import HealthCheck
 from muxtwist.proxy._proxy import Proxy
 from muxtwist.proxy._relay import Relay
 
-__all__ = ["BALANCE", "Backend", "BackendStats", "HealthCheck", "Proxy", "Relay"]
+__all__ = ["BALANCE", "Backend", "BackendStats", "HealthCheck", "Proxy"]
+
+for _public in (Backend, BackendStats, HealthCheck, Proxy, Relay):
+    # Named where they are imported from, as before the package was split:
+    # the API reference documents each once, under that name.
+    _public.__module__ = __name__
+del _public

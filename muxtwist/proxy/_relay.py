@@ -50,12 +50,12 @@ from muxtwist.proxy import _splice
 from muxtwist.proxy._backends import Backend, _describe, _kind, _OneProtocol
 from muxtwist.proxy._tls import _verification_failed
 
-__all__ = ["Relay", "RelayOwner"]
+__all__ = ["Relay"]
 
 log = Logger(namespace="muxtwist.proxy")
 
 
-class RelayOwner(TypingProtocol):
+class _RelayOwner(TypingProtocol):
     """What a relay reads and calls on its :class:`~muxtwist.proxy.Proxy`."""
 
     _reactor: Any
@@ -181,7 +181,7 @@ class Relay(Protocol):
 
     spliced = False
 
-    def __init__(self, proxy: RelayOwner, info: ConnectionInfo, rule_name: str) -> None:
+    def __init__(self, proxy: _RelayOwner, info: ConnectionInfo, rule_name: str) -> None:
         self.proxy = proxy
         self.info = info
         self.rule_name = rule_name
@@ -562,7 +562,7 @@ class _IdleTimedRelay(Relay):
 
     _TICKS = 4
 
-    def __init__(self, proxy: RelayOwner, info: ConnectionInfo, rule_name: str) -> None:
+    def __init__(self, proxy: _RelayOwner, info: ConnectionInfo, rule_name: str) -> None:
         super().__init__(proxy, info, rule_name)
         self._seen = -1
         self._quiet_ticks = 0
