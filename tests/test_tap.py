@@ -261,6 +261,14 @@ def catches_sighup(pid: int) -> bool:
     return False
 
 
+def ignores_or_catches_sighup(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGHUP or has a handler for it (from /proc)."""
+    bit = 1 << (signal.SIGHUP - 1)
+    with open(f"/proc/{pid}/status") as f:
+        masks = dict(line.split(":", 1) for line in f if line.startswith(("SigIgn:", "SigCgt:")))
+    return any(int(value, 16) & bit for value in masks.values())
+
+
 def listening(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -378,6 +386,32 @@ class StartupSignalTests(unittest.TestCase):
         except RuntimeError:
             self.fail(f"SIGHUP during plugin discovery killed twistd (exit {proc.returncode})")
         self.assertEqual(echo_once(port), b"ECHO ok\n")
+
+    def test_started_under_nohup_no_sighup_ever_kills(self) -> None:
+        """Under nohup (SIGHUP ignored from exec on), SIGHUPs from the first moment kill nothing."""
+        folder, path = self.write_rules(sleep=0.0)
+        port = free_port()
+        proc = subprocess.Popen(
+            ["nohup", *twistd_command("--port", str(port), "--config", path)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.addCleanup(lambda: (stop_group(proc), proc.communicate(timeout=30)))
+        # nohup's own first instructions, before it ignores SIGHUP and execs
+        # twistd, are the only moment left: start once it has ignored it.
+        wait_for(lambda: ignores_or_catches_sighup(proc.pid), timeout=10, what="nohup ignoring SIGHUP")
+        deadline = time.monotonic() + 30.0
+        sent = 0
+        while time.monotonic() < deadline and proc.poll() is None and not listening(port):
+            proc.send_signal(signal.SIGHUP)
+            sent += 1
+            time.sleep(0.01)
+        self.assertIsNone(proc.poll(), f"killed by one of {sent} SIGHUPs sent from spawn on")
+        self.assertGreater(sent, 5)
+        self.assertEqual(echo_once(port), b"ECHO ok\n")
+        wait_for(lambda: loads(folder) >= 2, what="the held SIGHUPs' reload")
 
 
 def rss_kib(pid: int) -> int:
