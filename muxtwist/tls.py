@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from muxtwist import matchers
-from muxtwist._options import check_terminate_tls
+from muxtwist._options import OptionError, check_terminate_tls
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IMatcher
 
 if TYPE_CHECKING:
@@ -293,6 +293,8 @@ class TerminateTLS:
         check_terminate_tls(
             certificates, alpn=alpn, client_ca=client_ca, handshake_timeout=handshake_timeout, resumption=resumption
         )
+        if not IProtocolFactory.providedBy(factory):
+            raise OptionError("TerminateTLS", "factory", factory, "a protocol factory (a Site, a SniffingFactory, ...)")
         if min_version not in _VERSIONS:
             raise ValueError(f"min_version must be one of {', '.join(_VERSIONS)}, got {min_version!r}")
         self._reactor: IReactorTime = reactor

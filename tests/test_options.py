@@ -94,3 +94,37 @@ class ActionOptionTests(unittest.TestCase):
                 self.refused(RedirectToHTTPS, port=value),
             )
         self.assertIsNotNone(RedirectToHTTPS(port=8443))
+
+
+class MoreActionOptionTests(unittest.TestCase):
+    """Options that were accepted, or failed later with an unrelated message."""
+
+    refused = ActionOptionTests.refused
+
+    def test_health_check_options(self) -> None:
+        """HealthCheck names its bad option: seconds, counts and the bytes to send or expect."""
+        from muxtwist.actions import HealthCheck
+
+        cases = {
+            "interval": ("x", "HealthCheck option interval='x': expected a positive number of seconds"),
+            "timeout": (0, "HealthCheck option timeout=0: expected a positive number of seconds"),
+            "fall": (1.5, "HealthCheck option fall=1.5: expected a positive integer"),
+            "rise": ("2", "HealthCheck option rise='2': expected a positive integer"),
+            "send": (3, "HealthCheck option send=3: expected bytes or None"),
+            "expect": ("PONG", "HealthCheck option expect='PONG': expected bytes or None"),
+        }
+        for option, (value, message) in cases.items():
+            self.assertIn(message, self.refused(HealthCheck, **{option: value}), option)
+        HealthCheck(interval=0.5, send=b"PING\r\n", expect=b"+PONG")
+
+    def test_terminate_tls_factory(self) -> None:
+        """TerminateTLS refuses a factory that is not a protocol factory (None, a number) at construction."""
+        missing = os.path.join(self.mktemp(), "certs")
+        for factory in (None, 3):
+            message = self.refused(TerminateTLS, missing, factory)
+            self.assertIn("TerminateTLS option factory=", message)
+
+    def test_proxy_transparent_is_a_boolean(self) -> None:
+        """Proxy(transparent=...) takes True or False, not a truthy string."""
+        message = self.refused(Proxy, BACKEND, transparent="yes")
+        self.assertIn("Proxy option transparent='yes': expected True or False", message)

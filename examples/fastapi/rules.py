@@ -2,7 +2,7 @@
 FastAPI, SSH and Redis on one port: the web application served in-process
 (no second hop), SSH and Redis relayed to their servers::
 
-    pip install 'muxtwist[asgi]'
+    pip install '.[asgi]' fastapi    # from a checkout of muxtwist
     SSHD_PORT=22 REDIS_PORT=6379 \\
         twistd -n --reactor=asyncio muxtwist --port 3000 --config examples/fastapi/rules.py
     curl http://127.0.0.1:3000/hello/you

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from muxtwist._options import OptionError
 from muxtwist.matchers.proxy_protocol import build_v1, build_v2
 from muxtwist.proxy._backends import Backend, _describe, _OneProtocol
 from muxtwist.proxy._tls import _verification_failed
@@ -27,8 +28,16 @@ log = Logger(namespace="muxtwist.proxy")
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"HealthCheck {attribute.name} must be positive, got {value!r}")
+    whole = attribute.name in ("rise", "fall")
+    kinds = int if whole else int | float
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        expected = "a positive integer" if whole else "a positive number of seconds"
+        raise OptionError("HealthCheck", attribute.name, value, expected)
+
+
+def _optional_bytes(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not isinstance(value, bytes):
+        raise OptionError("HealthCheck", attribute.name, value, "bytes or None")
 
 
 @attrs.frozen
@@ -48,8 +57,8 @@ class HealthCheck:
     timeout: float = attrs.field(default=2.0, validator=_positive)
     rise: int = attrs.field(default=2, validator=_positive)
     fall: int = attrs.field(default=3, validator=_positive)
-    send: bytes | None = None
-    expect: bytes | None = None
+    send: bytes | None = attrs.field(default=None, validator=_optional_bytes)
+    expect: bytes | None = attrs.field(default=None, validator=_optional_bytes)
 
 
 class HealthChecks:

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from muxtwist._connect import direct_endpoint
-from muxtwist._options import check_proxy
+from muxtwist._options import OptionError, check_proxy
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
 from muxtwist.proxy import _splice
 from muxtwist.proxy._backends import (
@@ -121,6 +121,8 @@ class Proxy:
             splice=splice,
             tls=tls,
         )
+        if not isinstance(transparent, bool):
+            raise OptionError("Proxy", "transparent", transparent, "True or False")
         descriptions = [backends] if isinstance(backends, str) else list(backends)
         if not descriptions or not all(isinstance(d, str) for d in descriptions):
             raise ValueError(f"Proxy needs one or more endpoint description strings, got {backends!r}")
