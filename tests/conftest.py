@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Hypothesis keeps its example database in ./.hypothesis of the directory it
+# first looks from, which is the checkout (collection runs before the
+# session moves to its scratch directory): keep it out of the checkout.
+os.environ.setdefault(
+    "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), f"muxtwist-hypothesis-{os.getuid()}")
+)
 #: Ignored paths a run may create without leaving scratch behind.
 _HARMLESS = ("__pycache__", ".pyc", "dropin.cache", ".egg-info")
 
