@@ -688,38 +688,43 @@ class EndpointTests(unittest.TestCase):
 
     skip = SKIP or (None if unavailable_reason() is None else unavailable_reason())
 
-    async def test_connects_from_the_given_address_and_port(self) -> None:
-        """The backend sees the source address and port it was given."""
-        from twisted.internet import protocol, reactor
-
+    def backend(self) -> socket.socket:
+        """A listening socket on 127.0.0.1, closed at cleanup."""
         server = socket.socket()
         server.bind(("127.0.0.1", 0))
         server.listen()
+        server.settimeout(5)
         self.addCleanup(server.close)
-        source_port = _free_port("127.0.0.3")
-        endpoint = TransparentEndpoint(reactor, "127.0.0.1", server.getsockname()[1], ("127.0.0.3", source_port))
+        return server
+
+    async def peer_seen(self, endpoint: TransparentEndpoint, server: socket.socket) -> tuple[str, int]:
+        """Connect through ``endpoint``; the address ``server`` sees the connection come from."""
+        from twisted.internet import protocol
+
         client = await endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
         self.addCleanup(client.transport.loseConnection)  # type: ignore[attr-defined]
-        server.settimeout(5)
         accepted, peer = server.accept()
-        accepted.close()
+        self.addCleanup(accepted.close)
+        return (peer[0], peer[1])
+
+    async def test_connects_from_the_given_address_and_port(self) -> None:
+        """The backend sees the source address and port it was given."""
+        from twisted.internet import reactor
+
+        server = self.backend()
+        source_port = _free_port("127.0.0.3")
+        endpoint = TransparentEndpoint(reactor, "127.0.0.1", server.getsockname()[1], ("127.0.0.3", source_port))
+        peer = await self.peer_seen(endpoint, server)
         self.assertEqual(peer, ("127.0.0.3", source_port))
 
     async def test_ipv4_mapped_source_connects_from_the_ipv4_address(self) -> None:
         """An IPv4-mapped source (a dual-stack listener's client) connects to an IPv4 backend from its IPv4 address."""
-        from twisted.internet import protocol, reactor
+        from twisted.internet import reactor
 
-        server = socket.socket()
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        self.addCleanup(server.close)
+        server = self.backend()
         source_port = _free_port("127.0.0.3")
         endpoint = TransparentEndpoint(reactor, "127.0.0.1", server.getsockname()[1], ("::ffff:127.0.0.3", source_port))
-        client = await endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
-        self.addCleanup(client.transport.loseConnection)  # type: ignore[attr-defined]
-        server.settimeout(5)
-        accepted, peer = server.accept()
-        accepted.close()
+        peer = await self.peer_seen(endpoint, server)
         self.assertEqual(peer, ("127.0.0.3", source_port))
 
     async def test_busy_connection_from_the_client_port_falls_back_to_another_port(self) -> None:
@@ -728,22 +733,14 @@ class EndpointTests(unittest.TestCase):
         exists already (the same client through two listeners), the next one
         comes from the client's address and another port instead of failing.
         """
-        from twisted.internet import protocol, reactor
+        from twisted.internet import reactor
 
-        server = socket.socket()
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        self.addCleanup(server.close)
-        server.settimeout(5)
+        server = self.backend()
         source = ("127.0.0.3", _free_port("127.0.0.3"))
         endpoint = TransparentEndpoint(reactor, "127.0.0.1", server.getsockname()[1], source)
         peers = []
         for _ in range(2):
-            client = await endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
-            self.addCleanup(client.transport.loseConnection)  # type: ignore[attr-defined]
-            accepted, peer = server.accept()
-            self.addCleanup(accepted.close)
-            peers.append(peer)
+            peers.append(await self.peer_seen(endpoint, server))
         self.assertEqual(peers[0], source)
         self.assertEqual(peers[1][0], source[0])
         self.assertNotEqual(peers[1][1], source[1])
@@ -765,10 +762,7 @@ class EndpointTests(unittest.TestCase):
         """Cancelling a pending connect removes it from the reactor and closes its socket."""
         from twisted.internet import defer, protocol, reactor
 
-        server = socket.socket()
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        self.addCleanup(server.close)
+        server = self.backend()
         writers = set(reactor.getWriters())
         endpoint = TransparentEndpoint(reactor, "127.0.0.1", server.getsockname()[1], ("127.0.0.3", 0))
         d = endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
