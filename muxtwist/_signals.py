@@ -7,6 +7,7 @@ exits 0 instead of dying by the signal).
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -32,9 +33,13 @@ def hold_sighup() -> None:
     what SIGHUP's default action does. Call it first thing in start-up
     (``twistd``'s option parsing), before anything slow. A SIGHUP that was
     blocked until now (a ``--workers`` parent starts its workers with SIGHUP
-    blocked) is delivered here. A handler someone else installed is left alone.
+    blocked) is delivered here. A handler someone else installed is left alone;
+    the one ``_muxtwist_startup`` installed while the interpreter started (an
+    installed package's ``.pth`` hook) is taken over.
     """
-    if signal.getsignal(signal.SIGHUP) in (signal.SIG_DFL, signal.SIG_IGN, None):
+    current = signal.getsignal(signal.SIGHUP)
+    early: Any = sys.modules.get("_muxtwist_startup")
+    if current in (signal.SIG_DFL, signal.SIG_IGN, None) or (early is not None and current is early._held):
         signal.signal(signal.SIGHUP, _hold)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
@@ -43,6 +48,9 @@ def take_pending_sighup() -> bool:
     """Whether a SIGHUP was held since :func:`hold_sighup`; forgets it."""
     global _sighup_pending
     pending, _sighup_pending = _sighup_pending, False
+    early: Any = sys.modules.get("_muxtwist_startup")
+    if early is not None and early.pending:
+        pending, early.pending = True, 0
     return pending
 
 

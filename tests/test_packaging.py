@@ -12,8 +12,11 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 
 from twisted.trial import unittest
 
@@ -48,24 +51,35 @@ def source_copy(destination: str) -> None:
 class PackagingTests(unittest.TestCase):
     """Build, check and install the distribution the way a release would."""
 
-    def test_wheel_installs_the_twistd_plugin(self) -> None:
-        """The built wheel, installed alone in a fresh venv, provides twistd muxtwist with our options."""
+    scratch = venv = elsewhere = ""
+
+    @classmethod
+    def setUpClass(cls) -> None:
         if shutil.which("git") is None or not os.path.isdir(os.path.join(ROOT, ".git")):
             raise unittest.SkipTest("needs a git checkout to know which files are the source")
-        scratch = os.path.abspath(self.mktemp())
-        source, dist, venv, elsewhere = (os.path.join(scratch, n) for n in ("src", "dist", "venv", "elsewhere"))
-        os.makedirs(elsewhere)
+        cls.scratch = tempfile.mkdtemp(prefix="muxtwist-packaging-")
+        source, dist, cls.venv, cls.elsewhere = (os.path.join(cls.scratch, n) for n in ("src", "dist", "venv", "else"))
+        os.makedirs(cls.elsewhere)
         source_copy(source)
 
-        run([sys.executable, "-m", "build", "--outdir", dist, source], cwd=scratch)
-        (sdist,) = glob.glob(os.path.join(dist, "muxtwist-*.tar.gz"))
-        (wheel,) = glob.glob(os.path.join(dist, "muxtwist-*-py3-none-any.whl"))
-        checked = run([sys.executable, "-m", "twine", "check", "--strict", sdist, wheel], cwd=scratch)
-        self.assertEqual(checked.stdout.count("PASSED"), 2, checked.stdout)
+        run([sys.executable, "-m", "build", "--outdir", dist, source], cwd=cls.scratch)
+        (cls.sdist,) = glob.glob(os.path.join(dist, "muxtwist-*.tar.gz"))
+        (cls.wheel,) = glob.glob(os.path.join(dist, "muxtwist-*-py3-none-any.whl"))
+        run([sys.executable, "-m", "venv", cls.venv], cwd=cls.scratch)
+        python = os.path.join(cls.venv, "bin", "python")
+        run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", cls.wheel], cwd=cls.elsewhere)
 
-        run([sys.executable, "-m", "venv", venv], cwd=scratch)
+    @classmethod
+    def tearDownClass(cls) -> None:
+        if cls.scratch:
+            shutil.rmtree(cls.scratch, ignore_errors=True)
+
+    def test_wheel_installs_the_twistd_plugin(self) -> None:
+        """The built wheel, installed alone in a fresh venv, provides twistd muxtwist with our options."""
+        checked = run([sys.executable, "-m", "twine", "check", "--strict", self.sdist, self.wheel], cwd=self.scratch)
+        self.assertEqual(checked.stdout.count("PASSED"), 2, checked.stdout)
+        venv, elsewhere = self.venv, self.elsewhere
         python = os.path.join(venv, "bin", "python")
-        run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", wheel], cwd=elsewhere)
 
         # From a directory outside the checkout, so nothing can come from it.
         where = run([python, "-c", "import muxtwist; print(muxtwist.__file__)"], cwd=elsewhere).stdout
@@ -84,6 +98,51 @@ class PackagingTests(unittest.TestCase):
             f.write("rules = [Rule(Any(), Reject(), name='all')]\n")
         checked_rules = run([python, "-m", "muxtwist", "check", rules], cwd=elsewhere).stdout
         self.assertIn("OK", checked_rules)
+
+    def test_bare_twistd_holds_sighup_before_importing_twisted(self) -> None:
+        """
+        Installed from the wheel, a bare ``twistd muxtwist`` (no nohup) holds
+        SIGHUP from before its first Twisted import; SIGHUPs every 10 ms from
+        that moment to serving kill nothing and become a reload.
+        """
+        from tests.processes import stop_group
+        from tests.test_tap import echo_once, ignores_or_catches_sighup, listening
+        from tests.twistd import free_port
+
+        port = free_port()
+        imports = os.path.join(self.scratch, "importtime.txt")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env["PYTHONPROFILEIMPORTTIME"] = "1"
+        twistd = os.path.join(self.venv, "bin", "twistd")
+        with open(imports, "wb") as stderr:
+            proc = subprocess.Popen(
+                [twistd, "-n", "--pidfile=", "muxtwist", "--port", str(port)],
+                cwd=self.elsewhere,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        self.addCleanup(stop_group, proc)
+        started = time.monotonic()
+        while time.monotonic() - started < 20 and proc.poll() is None and not ignores_or_catches_sighup(proc.pid):
+            time.sleep(0.0005)
+        held_after = time.monotonic() - started
+        sent = 0
+        while time.monotonic() - started < 60 and proc.poll() is None and not listening(port):
+            proc.send_signal(signal.SIGHUP)
+            sent += 1
+            time.sleep(0.01)
+        self.assertIsNone(proc.poll(), f"killed by one of {sent} SIGHUPs sent from {held_after:.3f} s after spawn")
+        self.assertGreater(sent, 5)
+        self.assertEqual(echo_once(port), b"ECHO ok\n")
+        stop_group(proc)
+        out, _ = proc.communicate(timeout=30)
+        self.assertIn(b"reload", out)
+        with open(imports, encoding="utf-8", errors="replace") as f:
+            modules = [line.rsplit("|", 1)[-1].strip() for line in f if line.startswith("import time:")]
+        first_twisted = next(i for i, name in enumerate(modules) if name.split(".")[0] == "twisted")
+        self.assertIn("_muxtwist_startup", modules[:first_twisted])
 
 
 class SetupCfgTests(unittest.TestCase):

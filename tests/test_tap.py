@@ -414,6 +414,54 @@ class StartupSignalTests(unittest.TestCase):
         wait_for(lambda: loads(folder) >= 2, what="the held SIGHUPs' reload")
 
 
+class EarlyHoldTests(unittest.TestCase):
+    """``_muxtwist_startup`` (run by the installed ``.pth`` hook) holds SIGHUP in ``twistd ... muxtwist`` only."""
+
+    def test_only_twistd_muxtwist_command_lines_hold(self) -> None:
+        """twistd (by path or ``-m twisted``) running the muxtwist plugin holds; other commands do not."""
+        from _muxtwist_startup import _is_twistd_muxtwist
+
+        for argv in (
+            ["/usr/bin/python3", "/usr/bin/twistd", "-n", "muxtwist", "--port", "3000"],
+            ["/venv/bin/python", "/venv/bin/twistd", "--reactor=asyncio", "muxtwist"],
+            ["python3", "-m", "twisted", "-n", "muxtwist"],
+        ):
+            self.assertTrue(_is_twistd_muxtwist(argv), argv)
+        for argv in (
+            ["python3", "-m", "muxtwist", "check", "rules.py"],
+            ["/usr/bin/python3", "/usr/bin/twistd", "web", "--port", "8080"],
+            ["python3", "muxtwist.py"],
+            ["python3", "tool.py", "muxtwist"],
+            ["python3", "-c", "pass"],
+        ):
+            self.assertFalse(_is_twistd_muxtwist(argv), argv)
+
+    def test_other_programs_keep_sighups_default(self) -> None:
+        """Imported by any other program, the module leaves SIGHUP's default action alone."""
+        done = subprocess.run(
+            [sys.executable, "-c", "import signal, _muxtwist_startup; print(signal.getsignal(signal.SIGHUP))"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(done.stdout.strip(), str(signal.SIG_DFL), done.stderr)
+
+    def test_signals_held_early_become_one_reload(self) -> None:
+        """A SIGHUP held by the early handler is taken over by muxtwist's own hold and reported as pending once."""
+        import _muxtwist_startup
+        from muxtwist import _signals
+
+        before = signal.getsignal(signal.SIGHUP)
+        self.addCleanup(signal.signal, signal.SIGHUP, before)
+        signal.signal(signal.SIGHUP, _muxtwist_startup._held)
+        os.kill(os.getpid(), signal.SIGHUP)
+        _signals.hold_sighup()
+        self.assertIs(signal.getsignal(signal.SIGHUP), _signals._hold)
+        self.assertTrue(_signals.take_pending_sighup())
+        self.assertFalse(_signals.take_pending_sighup())
+
+
 def rss_kib(pid: int) -> int:
     """Resident memory of process ``pid`` in KiB (from /proc)."""
     with open(f"/proc/{pid}/status") as f:
