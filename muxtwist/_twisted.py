@@ -29,6 +29,7 @@ __all__ = [
     "listening",
     "reactor_started",
     "set_port_log_observer",
+    "tls_unsent_bytes",
     "unsent_bytes",
     "was_aborted",
 ]
@@ -67,6 +68,23 @@ def unsent_bytes(transport: object) -> int | None:
         return None
     held: Any = transport
     return len(buffered) - int(held.offset) + int(held._tempDataLen)
+
+
+def tls_unsent_bytes(transport: object) -> int | None:
+    """
+    Cleartext bytes a TLS transport (``TLSMemoryBIOProtocol``) holds that
+    OpenSSL has not taken yet; ``None`` for a transport that is not one.
+
+    Why private: writes made while OpenSSL must read first (during the
+    handshake) wait in ``TLSMemoryBIOProtocol._appSendBuffer``, a list of
+    bytes, and no public attribute tells how much; the relay counts them so
+    that a TLS end still handshaking is not taken for one that stopped
+    reading. Checked on Twisted 26.10.0 (``twisted.protocols.tls``).
+    """
+    held = getattr(transport, "_appSendBuffer", None)
+    if not isinstance(held, list):
+        return None
+    return sum(len(chunk) for chunk in held)
 
 
 def was_aborted(transport: object) -> bool:

@@ -41,6 +41,7 @@ from twisted.web.server import Site
 from twisted.web.wsgi import WSGIResource
 from zope.interface import implementer
 
+from muxtwist._twisted import asyncio_loop_of
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
 
 if TYPE_CHECKING:
@@ -62,8 +63,8 @@ def asyncio_loop(reactor: object, what: str) -> asyncio.AbstractEventLoop:
     The asyncio event loop a Twisted asyncio reactor runs on, or
     :class:`AsyncioReactorRequired` naming ``what`` needs it.
     """
-    loop = getattr(reactor, "_asyncioEventloop", None)
-    if not isinstance(loop, asyncio.AbstractEventLoop):
+    loop = asyncio_loop_of(reactor)
+    if loop is None:
         raise AsyncioReactorRequired(
             f"{what} needs Twisted's asyncio reactor, but the running reactor is "
             f"{type(reactor).__module__}.{type(reactor).__qualname__}: run "

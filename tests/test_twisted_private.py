@@ -16,7 +16,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.trial import unittest
 
 from muxtwist._twisted import (
@@ -27,6 +27,7 @@ from muxtwist._twisted import (
     listening,
     reactor_started,
     set_port_log_observer,
+    tls_unsent_bytes,
     unsent_bytes,
     was_aborted,
 )
@@ -87,6 +88,39 @@ class UnsentBytesTests(_Pair):
         """unsent_bytes is None for a transport that is not a FileDescriptor."""
         self.assertIsNone(unsent_bytes(StringTransport()))
         self.assertIsNone(unsent_bytes(None))
+
+
+class TLSUnsentBytesTests(unittest.TestCase):
+    def _client(self, kind: type[TLSMemoryBIOProtocol] | None = None) -> TLSMemoryBIOProtocol:
+        """A client TLS transport that has sent its ClientHello and waits for an answer that never comes."""
+        from twisted.internet.ssl import optionsForClientTLS
+
+        factory = TLSMemoryBIOFactory(
+            optionsForClientTLS("example.com"), True, protocol.Factory.forProtocol(protocol.Protocol)
+        )
+        tls = factory.buildProtocol(None) if kind is None else kind(factory, protocol.Protocol())
+        tls.makeConnection(StringTransport())
+        return tls
+
+    def test_counts_writes_held_during_the_handshake(self) -> None:
+        """tls_unsent_bytes: writes made before the handshake completes wait in _appSendBuffer, all counted."""
+        tls = self._client(TLSMemoryBIOProtocol)
+        self.assertEqual(tls_unsent_bytes(tls), 0)
+        tls.write(b"x" * 100)
+        tls.writeSequence([b"y" * 10, b"z" * 5])
+        self.assertIsInstance(tls._appSendBuffer, list, "TLSMemoryBIOProtocol._appSendBuffer is no longer a list")
+        self.assertEqual(tls_unsent_bytes(tls), 115, "TLSMemoryBIOProtocol._appSendBuffer changed meaning")
+
+    def test_counts_what_the_buffering_transport_passed_on(self) -> None:
+        """tls_unsent_bytes: the factory's own (write-aggregating) TLS transport holds a large write there too."""
+        tls = self._client()
+        tls.write(b"x" * 70000)
+        self.assertEqual(tls_unsent_bytes(tls), 70000)
+
+    def test_none_for_other_transports(self) -> None:
+        """tls_unsent_bytes is None for a transport that is not TLS, and for none at all."""
+        self.assertIsNone(tls_unsent_bytes(StringTransport()))
+        self.assertIsNone(tls_unsent_bytes(None))
 
 
 class AbortedTests(unittest.TestCase):

@@ -18,9 +18,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from muxtwist._options import OptionError
+from muxtwist._twisted import was_aborted
 from muxtwist.matchers.proxy_protocol import build_v1, build_v2
 from muxtwist.proxy._backends import Backend, _describe, _OneProtocol
-from muxtwist.proxy._tls import _verification_failed
 
 __all__ = ["HealthCheck", "HealthChecks"]
 
@@ -168,8 +168,9 @@ class _Probe(Protocol):
 
     def handshakeCompleted(self) -> None:
         # TLS backends only: without ``expect``, the check passes once the
-        # handshake is done and the certificate verified, not at TCP connect.
-        if self._done or self.check.expect or _verification_failed(self.transport):
+        # handshake is done and the certificate verified, not at TCP connect
+        # (a failed hostname check aborts inside a handshake that may still complete).
+        if self._done or self.check.expect or was_aborted(self.transport):
             return
         self._finish(True, "")
 

@@ -45,10 +45,10 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from muxtwist._twisted import tls_unsent_bytes, unsent_bytes, was_aborted
 from muxtwist.interfaces import ConnectionInfo, IConnectionReport
 from muxtwist.proxy import _splice
 from muxtwist.proxy._backends import Backend, _describe, _kind, _OneProtocol
-from muxtwist.proxy._tls import _verification_failed
 
 __all__ = ["Relay"]
 
@@ -117,7 +117,8 @@ class _TLSBackendSide(_BackendSide):
     """A backend end reached over TLS: ready once the handshake (and verification) is done."""
 
     def handshakeCompleted(self) -> None:
-        if _verification_failed(self.transport):
+        # A failed hostname check aborts from inside the handshake, which may still report completion.
+        if was_aborted(self.transport):
             return
         self.ready = True
         self.relay._backend_ready(self)
@@ -146,18 +147,11 @@ def _half_close(transport: ITransport) -> bool:
     return True
 
 
-def _unsent(transport: object) -> int:
-    """Bytes a Twisted transport holds to write, where it says."""
-    if transport is None or not hasattr(transport, "dataBuffer"):
-        return 0
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[attr-defined,no-any-return]
-
-
 def _wire_unsent(transport: object) -> int:
     """Bytes a transport still holds to put on the wire, under its TLS layer if it has one."""
     if isinstance(transport, TLSMemoryBIOProtocol):
-        return _unsent(transport.transport) + sum(len(d) for d in transport._appSendBuffer)
-    return _unsent(transport)
+        return (unsent_bytes(transport.transport) or 0) + (tls_unsent_bytes(transport) or 0)
+    return unsent_bytes(transport) or 0
 
 
 def _abort(transport: ITransport) -> None:
@@ -227,7 +221,7 @@ class Relay(Protocol):
         """Bytes the relay holds that neither end has taken yet (what backpressure bounds)."""
         if self._splice is not None:
             return self._splice.buffered()
-        return sum(_unsent(t) for t in (self.transport, self.side.transport if self.side else None))
+        return sum(unsent_bytes(t) or 0 for t in (self.transport, self.side.transport if self.side else None))
 
     def _unsplice(self) -> None:
         if self._splice is not None:

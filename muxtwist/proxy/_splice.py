@@ -41,6 +41,8 @@ from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from muxtwist._twisted import unsent_bytes
+
 __all__ = ["AVAILABLE", "PipeBudget", "Splice", "default_max_pipes", "pipes", "spliceable"]
 
 AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
@@ -110,8 +112,7 @@ def spliceable(transport: object) -> bool:
     if sock is None or sock.family not in _FAMILIES or transport.disconnecting or transport.disconnected:
         return False
     # Bytes Twisted still holds for this socket would otherwise be overtaken.
-    unsent = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    return unsent == 0 and transport.producer is None
+    return unsent_bytes(transport) == 0 and transport.producer is None
 
 
 class _Flow:

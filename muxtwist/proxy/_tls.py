@@ -1,6 +1,5 @@
 """
-TLS to backends: the client TLS options a ``tls=`` argument stands for, and
-telling a handshake that completed from one aborted by a failed hostname check.
+TLS to backends: the client TLS options a ``tls=`` argument stands for.
 """
 
 from __future__ import annotations
@@ -9,7 +8,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from muxtwist.proxy._backends import _host_of
 
-__all__ = ["_tls_creator", "_verification_failed"]
+__all__ = ["_tls_creator"]
 
 
 def _tls_creator(tls: object, description: str) -> IOpenSSLClientConnectionCreator:
@@ -25,12 +24,3 @@ def _tls_creator(tls: object, description: str) -> IOpenSSLClientConnectionCreat
     if IOpenSSLClientConnectionCreator.providedBy(tls):
         return tls
     raise TypeError(f"tls must be True, a hostname or a client TLS options object, got {tls!r}")
-
-
-def _verification_failed(transport: object) -> bool:
-    """
-    Whether a TLS transport reporting a completed handshake was aborted in
-    it: a failed hostname check aborts the connection from inside the
-    handshake, which may still report completion afterwards.
-    """
-    return bool(getattr(transport, "_aborted", False))
