@@ -24,9 +24,9 @@ import os
 import re
 import stat
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -44,10 +44,8 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from muxtwist._twisted import default_reactor
-from muxtwist.metrics import LIMITS, Metrics, default_metrics, proxies_of
-
-if TYPE_CHECKING:
-    from muxtwist.sniffing import SniffingFactory
+from muxtwist.interfaces import BackendState, RelayState
+from muxtwist.metrics import LIMITS, Metrics, Tracked, backend_pools, default_metrics, nested_sniffers
 
 __all__ = [
     "MetricsResource",
@@ -87,27 +85,14 @@ class _Stoppable(Protocol):
 # The numbers
 
 
-def _factories(service: Any, metrics: Metrics) -> list[tuple[str, SniffingFactory]]:
+def _factories(service: Any, metrics: Metrics) -> list[tuple[str, Tracked]]:
     listeners = getattr(service, "listeners", None)
     if listeners is not None:
         return [(description, listener.factory) for description, listener in sorted(listeners.items())]
-    # No service: every sniffing factory counting into these metrics, outermost ones only.
-    inner = {id(f) for factory in metrics.factories for f in _nested(factory)}
-    outer = [f for f in metrics.factories if id(f) not in inner]
-    return [(f"listener {i + 1}", f) for i, f in enumerate(outer)]
-
-
-def _nested(factory: object) -> Iterator[object]:
-    """The sniffing factories inside ``factory``'s rules (behind ``TerminateTLS`` and the like)."""
-    for rule in getattr(factory, "rules", ()):
-        inner, depth = rule.factory, 0
-        while inner is not None and depth < 4:
-            if hasattr(inner, "rules") and hasattr(inner, "connections"):
-                yield inner
-                yield from _nested(inner)
-                break
-            inner = getattr(inner, "factory", None) or getattr(inner, "wrappedFactory", None)
-            depth += 1
+    # No service: every sniffing factory these metrics read, outermost ones only.
+    tracked = metrics.factories
+    inner = {id(f) for factory in tracked for f in nested_sniffers(factory)}
+    return [(f"listener {i + 1}", f) for i, f in enumerate(f for f in tracked if id(f) not in inner)]
 
 
 def _rule_row(name: str, stats: Any) -> dict[str, Any]:
@@ -121,41 +106,46 @@ def _rule_row(name: str, stats: Any) -> dict[str, Any]:
     }
 
 
-def _listener_status(description: str, factory: SniffingFactory) -> dict[str, Any]:
+def _backend_row(rule_name: str, state: BackendState, live: Sequence[RelayState]) -> dict[str, Any]:
+    """A backend's row: ``state``, plus the bytes its relays still open (``live``) have moved."""
+    return {
+        "rule": rule_name,
+        "backend": state.description,
+        "live": state.active,
+        "total": state.total,
+        "bytes_in": state.bytes_in + sum(r.bytes_in for r in live),
+        "bytes_out": state.bytes_out + sum(r.bytes_out for r in live),
+        "failures": state.failures,
+        "errors": dict(state.errors),
+        "checked": state.checked,
+        "healthy": state.healthy,
+        "since": state.since,
+        "last_check": state.last_check,
+        "last_check_at": state.last_check_at,
+        "skipped_until": state.skipped_until,
+    }
+
+
+def _listener_status(description: str, factory: Any) -> dict[str, Any]:
     names = [r.name for r in factory.rules] + ["on_timeout", "on_no_match"]
     names += sorted(set(factory.stats) - set(names))  # rules removed by a reload, and "-"
     rules = {n: _rule_row(n, factory.stats[n]) for n in names if n in factory.stats}
     backends = []
-    for rule_name, proxy in proxies_of(factory):
-        now = proxy._reactor.seconds()
-        direct = any(r.name == rule_name and r.factory is proxy for r in factory.rules)
-        live_relays = [r for r in list(proxy.relays) if r.side is not None and (not direct or r.rule_name == rule_name)]
+    for rule_name, pool in backend_pools(factory):
+        # A pool that is this rule's own factory may serve other rules of the
+        # list too: this rule's rows count only its own relays.
+        direct = any(r.name == rule_name and r.factory is pool for r in factory.rules)
+        live = [r for r in pool.open_relays() if not direct or r.rule == rule_name]
         row = rules.get(rule_name)
         if row is not None:
             # Bytes of relays still open, so a long transfer shows while it runs.
-            row["bytes_in"] += sum(r.bytes_in for r in live_relays)
-            row["bytes_out"] += sum(r.bytes_out for r in live_relays)
-        for backend in proxy.backends:
-            stats = backend.stats
-            mine = [r for r in live_relays if r.backend is backend]
-            backends.append(
-                {
-                    "rule": rule_name,
-                    "backend": backend.description,
-                    "live": stats.active,
-                    "total": stats.total,
-                    "bytes_in": getattr(stats, "bytes_in", 0) + sum(r.bytes_in for r in mine),
-                    "bytes_out": getattr(stats, "bytes_out", 0) + sum(r.bytes_out for r in mine),
-                    "failures": stats.failures,
-                    "errors": dict(stats.errors),
-                    "checked": proxy.health_check is not None,
-                    "healthy": stats.healthy,
-                    "since": getattr(stats, "since", None),
-                    "last_check": getattr(stats, "last_check", None),
-                    "last_check_at": getattr(stats, "last_check_at", None),
-                    "skipped_until": backend.down_until if backend.down_until > now else None,
-                }
-            )
+            row["bytes_in"] += sum(r.bytes_in for r in live)
+            row["bytes_out"] += sum(r.bytes_out for r in live)
+        by_backend: dict[str, list[RelayState]] = {}
+        for relay in live:
+            by_backend.setdefault(relay.backend, []).append(relay)
+        for state in pool.backend_states():
+            backends.append(_backend_row(rule_name, state, by_backend.get(state.description, [])))
     rows = list(rules.values())
     named = [r for r in rows if r["name"] != "-"]
     outcomes: dict[str, int] = {}

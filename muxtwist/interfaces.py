@@ -28,6 +28,7 @@ __all__ = [
     "IMatcher",
     "IMatcherPlugin",
     "IRespondingMatcher",
+    "RelayState",
     "Verdict",
 ]
 
@@ -203,6 +204,17 @@ class BackendState:
     :ivar transparent: of those, relays opened from the client's own address.
     :ivar failures: connect failures and mid-stream resets.
     :ivar errors: ``failures`` by kind (refused, timeout, reset, tls, error).
+    :ivar bytes_in: bytes relayed from clients to it by relays that have
+        ended (:meth:`IBackendPool.open_relays` has those still open).
+    :ivar bytes_out: bytes relayed from it to clients by relays that have ended.
+    :ivar checked: an active health check runs against it.
+    :ivar healthy: what the active health check says (``True`` without one).
+    :ivar since: when ``healthy`` took its current value (reactor seconds;
+        ``None`` before the first check).
+    :ivar last_check: the last active check's result: ``"passed"`` or why it failed.
+    :ivar last_check_at: when it ran (reactor seconds).
+    :ivar skipped_until: until when passive health keeps new connections
+        away after failed connects (reactor seconds), or ``None``.
     """
 
     description: str
@@ -212,6 +224,32 @@ class BackendState:
     transparent: int
     failures: int
     errors: Mapping[str, int]
+    bytes_in: int = 0
+    bytes_out: int = 0
+    checked: bool = False
+    healthy: bool = True
+    since: float | None = None
+    last_check: str | None = None
+    last_check_at: float | None = None
+    skipped_until: float | None = None
+
+
+@attrs.frozen
+class RelayState:
+    """
+    A snapshot of one relay of an :class:`IBackendPool` that is connected to
+    a backend now, so that numbers grow while a long transfer runs.
+
+    :ivar rule: the name of the rule the relay was built for.
+    :ivar backend: the backend's description (as :attr:`BackendState.description`).
+    :ivar bytes_in: bytes relayed from the client so far.
+    :ivar bytes_out: bytes relayed back to the client so far.
+    """
+
+    rule: str
+    backend: str
+    bytes_in: int
+    bytes_out: int
 
 
 class IBackendPool(Interface):
@@ -225,6 +263,9 @@ class IBackendPool(Interface):
 
     def backend_states() -> Sequence[BackendState]:
         """One :class:`BackendState` per backend, in configuration order."""
+
+    def open_relays() -> Sequence[RelayState]:
+        """One :class:`RelayState` per relay connected to a backend now."""
 
 
 class IMatcherPlugin(IPlugin):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import weakref
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
@@ -26,9 +26,18 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
 
 from muxtwist._text import LogThrottle
-from muxtwist.interfaces import BackendState, ConnectionEnd, IBackendPool, IConnectionObserver
+from muxtwist.interfaces import ConnectionEnd, IBackendPool, IConnectionObserver
 
-__all__ = ["LIMITS", "OUTCOMES", "Metrics", "backend_pools", "default_metrics", "proxies_of"]
+__all__ = [
+    "LIMITS",
+    "OUTCOMES",
+    "Metrics",
+    "backend_pools",
+    "default_metrics",
+    "nested_sniffers",
+    "proxies_of",
+    "reachable",
+]
 
 #: The ``outcome`` label values of ``muxtwist_connections_total``.
 OUTCOMES = (
@@ -202,95 +211,87 @@ class EmfileThrottle:
         self._forward(event)
 
 
+#: How many wrapping factories (``TerminateTLS``, a ``WrappingFactory``) are
+#: looked through between a rule and what it hands connections to.
+MAX_WRAPPING = 4
+
+
+def is_sniffer(factory: object) -> bool:
+    """Whether ``factory`` is a sniffing factory (it has ``rules`` and ``connections``: :class:`Tracked`)."""
+    return hasattr(factory, "rules") and hasattr(factory, "connections")
+
+
+def reachable(factory: object, seen: set[int] | None = None) -> Iterator[tuple[str, object]]:
+    """
+    ``(rule name, factory)`` for each factory reachable from ``factory``'s
+    rules, ``on_timeout`` and ``on_no_match``, each once: a rule's factory,
+    what it wraps (``TerminateTLS``'s ``factory``, a ``WrappingFactory``'s
+    ``wrappedFactory``), and, for a nested sniffing factory, what is
+    reachable from its own rules, named by them.
+    """
+    seen = set() if seen is None else seen
+    pairs: list[tuple[str, object]] = [(r.name, r.factory) for r in getattr(factory, "rules", ())]
+    pairs += [(name, getattr(factory, name, None)) for name in ("on_timeout", "on_no_match")]
+    for rule_name, target in pairs:
+        depth = 0
+        while target is not None and depth < MAX_WRAPPING and id(target) not in seen:
+            seen.add(id(target))
+            yield rule_name, target
+            if is_sniffer(target):
+                yield from reachable(target, seen)
+                break
+            if IBackendPool.providedBy(target):
+                break
+            target = getattr(target, "factory", None) or getattr(target, "wrappedFactory", None)
+            depth += 1
+
+
 def backend_pools(factory: object, seen: set[int] | None = None) -> Iterator[tuple[str, IBackendPool]]:
     """
     ``(rule name, pool)`` for each :class:`~muxtwist.interfaces.IBackendPool`
-    reachable from ``factory``'s rules, as :func:`proxies_of` finds them.
+    (each :class:`~muxtwist.proxy.Proxy`) reachable from ``factory``'s rules,
+    through wrapping factories (``TerminateTLS``) and nested sniffing
+    factories; ``seen`` (ids) is skipped, and filled.
     """
-    for rule_name, proxy in proxies_of(factory, seen):
-        yield rule_name, proxy if IBackendPool.providedBy(proxy) else _DuckPool(proxy)
+    for rule_name, target in reachable(factory, seen):
+        if IBackendPool.providedBy(target):
+            yield rule_name, target
 
 
-def _is_pool(factory: object) -> bool:
-    if IBackendPool.providedBy(factory):
-        return True
-    # Until Proxy declares IBackendPool: anything with a list of backends and a gave_up count.
-    return isinstance(getattr(factory, "backends", None), list) and hasattr(factory, "gave_up")
+def proxies_of(factory: object, seen: set[int] | None = None) -> Iterator[tuple[str, IBackendPool]]:
+    """The same as :func:`backend_pools`, under its earlier name."""
+    return backend_pools(factory, seen)
 
 
-@implementer(IBackendPool)
-class _DuckPool:
-    """
-    :class:`~muxtwist.interfaces.IBackendPool` read from a proxy that does not
-    declare it, by its attributes (``backends`` with ``stats`` and
-    ``description``); goes once :class:`muxtwist.proxy.Proxy` provides it.
-    """
-
-    def __init__(self, proxy: Any) -> None:
-        self.proxy = proxy
-        self.gave_up: int = proxy.gave_up
-        self.transparent = bool(getattr(proxy, "transparent", False))
-
-    def backend_states(self) -> Sequence[BackendState]:
-        now = self.proxy._reactor.seconds()
-        states = []
-        for backend in self.proxy.backends:
-            stats = backend.stats
-            usable = backend.usable(now) if hasattr(backend, "usable") else stats.healthy
-            states.append(
-                BackendState(
-                    description=backend.description,
-                    usable=bool(usable),
-                    active=stats.active,
-                    total=stats.total,
-                    transparent=getattr(stats, "transparent", 0),
-                    failures=stats.failures,
-                    errors=dict(stats.errors),
-                )
-            )
-        return states
+def nested_sniffers(factory: object) -> Iterator[Tracked]:
+    """The sniffing factories reachable from ``factory``'s rules (behind ``TerminateTLS`` and the like)."""
+    for _, target in reachable(factory):
+        if is_sniffer(target):
+            yield target  # type: ignore[misc]
 
 
-def proxies_of(factory: object, seen: set[int] | None = None) -> Iterator[tuple[str, Any]]:
-    """
-    ``(rule name, proxy)`` for each proxy reachable from ``factory``'s rules,
-    including through wrapping factories (``TerminateTLS``) and nested
-    sniffing factories. A proxy provides
-    :class:`~muxtwist.interfaces.IBackendPool`, or (until
-    :class:`muxtwist.proxy.Proxy` declares it) has ``backends`` whose items
-    have ``stats`` and ``description``.
-    """
-    seen = set() if seen is None else seen
-    rules = getattr(factory, "rules", ())
-    pairs: list[tuple[str, object]] = [(r.name, r.factory) for r in rules]
-    for name in ("on_timeout", "on_no_match"):
-        pairs.append((name, getattr(factory, name, None)))
-    for rule_name, inner in pairs:
-        yield from _proxies_in(rule_name, inner, seen)
+def with_nested(factories: Iterable[Tracked]) -> list[Tracked]:
+    """``factories`` and the sniffing factories nested in them, each once, outer ones first."""
+    found: dict[int, Tracked] = {}
+    for factory in factories:
+        found.setdefault(id(factory), factory)
+        for inner in nested_sniffers(factory):
+            found.setdefault(id(inner), inner)
+    return list(found.values())
 
 
-def _proxies_in(rule_name: str, factory: object, seen: set[int]) -> Iterator[tuple[str, Any]]:
-    depth = 0
-    while factory is not None and depth < 4 and id(factory) not in seen:
-        seen.add(id(factory))
-        if _is_pool(factory):
-            yield rule_name, factory
-            return
-        if hasattr(factory, "rules") and hasattr(factory, "connections"):
-            yield from proxies_of(factory, seen)
-            return
-        factory = getattr(factory, "factory", None) or getattr(factory, "wrappedFactory", None)
-        depth += 1
-
-
-class _EndedCollector(Collector):
-    """Turns the counts kept by :meth:`Metrics.connection_ended` into metric families."""
+class _Collector(Collector):
+    """Families built from one :class:`Metrics` at scrape time (none described up front)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
     def describe(self) -> Iterable[Metric]:
         return []
+
+
+class _EndedCollector(_Collector):
+    """Turns the counts kept by :meth:`Metrics.connection_ended` into metric families."""
 
     def collect(self) -> Iterable[Metric]:
         m = self.metrics
@@ -326,14 +327,8 @@ class _EndedCollector(Collector):
         return [connections, sniffed, duration]
 
 
-class _LiveCollector(Collector):
+class _LiveCollector(_Collector):
     """Reads live connection counts and proxy backends at scrape time."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    def describe(self) -> Iterable[Metric]:
-        return []
 
     def collect(self) -> Iterable[Metric]:
         active = GaugeMetricFamily("muxtwist_active_connections", "Connections open now, by rule.", labels=["rule"])
@@ -362,12 +357,14 @@ class _LiveCollector(Collector):
         )
         by_rule: dict[str, int] = {}
         n_sniffing = 0
-        seen: set[int] = set()
-        for factory in self.metrics.factories:
+        tracked = self.metrics.factories
+        for factory in with_nested(tracked):
             for name, stats in list(factory.stats.items()):
                 if name != "-":  # connections that ended before any rule got them
                     by_rule[name] = by_rule.get(name, 0) + stats.active
             n_sniffing += sum(1 for c in list(factory.connections) if c.sniffing)
+        seen: set[int] = set()
+        for factory in tracked:
             for rule, pool in backend_pools(factory, seen):
                 gave_up.add_metric([rule], pool.gave_up)
                 for state in pool.backend_states():

@@ -16,7 +16,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from muxtwist._report import ConnectionLog, Observers
-from muxtwist.interfaces import BackendState, ConnectionEnd, IBackendPool, IConnectionObserver
+from muxtwist.interfaces import BackendState, ConnectionEnd, IBackendPool, IConnectionObserver, RelayState
 from muxtwist.matchers import Any
 from muxtwist.metrics import Metrics, backend_pools
 from muxtwist.proxy import Proxy
@@ -111,6 +111,9 @@ class _Pool(Factory):
     def backend_states(self) -> Sequence[BackendState]:
         return [BackendState("tcp:host=10.0.0.1:port=80", False, 2, 9, 0, 4, {"refused": 4})]
 
+    def open_relays(self) -> Sequence[RelayState]:
+        return []
+
 
 class BackendPoolTests(unittest.TestCase):
     def test_metrics_read_a_declared_pool(self) -> None:
@@ -125,14 +128,37 @@ class BackendPoolTests(unittest.TestCase):
         self.assertEqual(metrics.value("muxtwist_backend_failures_total", kind="refused", **labels), 4)
         self.assertEqual(metrics.value("muxtwist_proxy_gave_up_total", rule="pool"), 3)
 
-    def test_proxy_without_the_interface_is_adapted(self) -> None:
-        """Until Proxy declares IBackendPool, backend_pools adapts it to one with the same numbers."""
+    def test_proxy_provides_backend_pool(self) -> None:
+        """Proxy declares IBackendPool itself, and backend_pools yields the proxy, not an adapter of it."""
         clock = Clock()
         proxy = Proxy(["tcp:host=127.0.0.1:port=1", "tcp:host=127.0.0.1:port=2"], reactor=clock)
+        self.assertTrue(verifyObject(IBackendPool, proxy))
         factory = SniffingFactory([Rule(Any(), proxy, name="p")], metrics=Metrics(), reactor=clock)
         ((name, pool),) = backend_pools(factory)
         self.assertEqual(name, "p")
-        verifyObject(IBackendPool, pool)
+        self.assertIs(pool, proxy)
         states = pool.backend_states()
         self.assertEqual([s.description for s in states], [b.description for b in proxy.backends])
         self.assertTrue(all(s.usable and s.active == 0 and s.total == 0 for s in states))
+        self.assertEqual(pool.open_relays(), [])
+
+    def test_backend_states_say_health_and_skips(self) -> None:
+        """A backend's state carries the active check's verdict and passive health's skip, as reactor times."""
+        from muxtwist.proxy import HealthCheck
+
+        clock = Clock()
+        clock.advance(100)
+        proxy = Proxy(
+            ["tcp:host=127.0.0.1:port=1", "tcp:host=127.0.0.1:port=2"],
+            health_check=HealthCheck(),
+            fail_timeout=10.0,
+            max_fails=1,
+            reactor=clock,
+        )
+        proxy._connect_failed(proxy.backends[0], "refused")
+        proxy.backends[1].stats.healthy = False
+        first, second = proxy.backend_states()
+        self.assertEqual((first.usable, first.skipped_until, first.errors), (False, 110.0, {"refused": 1}))
+        self.assertEqual((second.usable, second.healthy, second.checked), (False, False, True))
+        clock.advance(11)
+        self.assertEqual((proxy.backend_states()[0].usable, proxy.backend_states()[0].skipped_until), (True, None))

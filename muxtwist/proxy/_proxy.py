@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from muxtwist._connect import direct_endpoint
 from muxtwist._options import OptionError, check_proxy
-from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
+from muxtwist.interfaces import BackendState, ConnectionInfo, IBackendPool, IConnectionInfoFactory, RelayState
 from muxtwist.proxy import _splice
 from muxtwist.proxy._backends import (
     BALANCE,
@@ -41,7 +41,7 @@ __all__ = ["Proxy"]
 log = Logger(namespace="muxtwist.proxy")
 
 
-@implementer(IConnectionInfoFactory)
+@implementer(IConnectionInfoFactory, IBackendPool)
 class Proxy:
     """
     Relay each connection to a backend.
@@ -86,6 +86,10 @@ class Proxy:
 
     :ivar stats: the :class:`BackendStats` of each backend, by description.
     :ivar relays: the relays open now.
+
+    It is an :class:`~muxtwist.interfaces.IBackendPool`: metrics and the
+    stats page read its backends through :meth:`backend_states` and
+    :meth:`open_relays` only.
     """
 
     def __init__(
@@ -263,6 +267,44 @@ class Proxy:
         # both on, not the balancer's address and our listening one.
         destination = info.proxy_destination if info.proxy_destination is not None else info.local
         return header_for(self.proxy_protocol, info.source, destination)
+
+    # IBackendPool
+
+    def backend_states(self) -> list[BackendState]:
+        """A snapshot of each backend, in configuration order."""
+        now = self._reactor.seconds()
+        checked = self.health_check is not None
+        states = []
+        for backend in self.backends:
+            stats = backend.stats
+            states.append(
+                BackendState(
+                    description=backend.description,
+                    usable=backend.usable(now),
+                    active=stats.active,
+                    total=stats.total,
+                    transparent=stats.transparent,
+                    failures=stats.failures,
+                    errors=dict(stats.errors),
+                    bytes_in=stats.bytes_in,
+                    bytes_out=stats.bytes_out,
+                    checked=checked,
+                    healthy=stats.healthy,
+                    since=stats.since,
+                    last_check=stats.last_check,
+                    last_check_at=stats.last_check_at,
+                    skipped_until=backend.down_until if backend.down_until > now else None,
+                )
+            )
+        return states
+
+    def open_relays(self) -> list[RelayState]:
+        """Each relay connected to a backend now, with the bytes it has moved so far."""
+        return [
+            RelayState(relay.rule_name, relay.backend.description, relay.bytes_in, relay.bytes_out)
+            for relay in list(self.relays)
+            if relay.side is not None and relay.backend is not None
+        ]
 
     # Passive health
 

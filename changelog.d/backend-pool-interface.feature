@@ -1,0 +1,1 @@
+`Proxy` provides `muxtwist.interfaces.IBackendPool` itself (`backend_states()`, now with bytes, health-check and passive-skip fields, and `open_relays()`), and metrics and the stats page read every pool through that interface only: a factory of your own that provides it shows on `/metrics`, `/status.json` and the stats page like a `Proxy`.
