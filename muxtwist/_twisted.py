@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "asyncio_loop_of",
     "default_reactor",
+    "endpoint_backlog",
     "endpoint_port",
     "listen_errors_raise",
     "listening",
@@ -190,3 +191,21 @@ def endpoint_port(endpoint: IStreamServerEndpoint) -> tuple[int, str] | None:
     if not isinstance(port, int) or isinstance(port, bool):
         return None
     return port, str(getattr(held, "_interface", ""))
+
+
+def endpoint_backlog(endpoint: object) -> int | None:
+    """
+    The ``listen()`` backlog of a TCP or UNIX server endpoint built by
+    ``serverFromString`` (``backlog=``, 50 by default); ``None`` for any
+    other endpoint.
+
+    Why private: ``TCP4ServerEndpoint``, ``TCP6ServerEndpoint`` and
+    ``UNIXServerEndpoint`` keep it as ``_backlog`` and expose it nowhere; ``--workers`` binds its own
+    ``SO_REUSEPORT`` sockets for such an endpoint and must listen with the
+    backlog the description asked for. Checked on Twisted 26.10.0
+    (``twisted.internet.endpoints``).
+    """
+    backlog = getattr(endpoint, "_backlog", None)
+    if not isinstance(backlog, int) or isinstance(backlog, bool):
+        return None
+    return backlog

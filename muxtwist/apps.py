@@ -41,7 +41,7 @@ from twisted.web.server import Site
 from twisted.web.wsgi import WSGIResource
 from zope.interface import implementer
 
-from muxtwist._twisted import asyncio_loop_of
+from muxtwist._twisted import asyncio_loop_of, default_reactor
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
 
 if TYPE_CHECKING:
@@ -471,11 +471,7 @@ class ASGI(Factory):
 
     @property
     def reactor(self) -> Any:
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            return reactor
-        return self._reactor
+        return default_reactor(self._reactor)
 
     # Lifecycle
 
@@ -682,10 +678,7 @@ class WSGI(Site):
             raise TypeError(f"WSGI needs a WSGI application (a callable), got {app!r}")
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor  # type: ignore[assignment]
+        reactor = default_reactor(reactor)
         self.app = app
         self.threads = threads
         self.pool = self._new_pool()

@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from muxtwist import matchers
 from muxtwist._options import OptionError, check_terminate_tls
+from muxtwist._twisted import default_reactor
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IMatcher
 
 if TYPE_CHECKING:
@@ -286,10 +287,7 @@ class TerminateTLS:
         metrics: Metrics | None = None,
         reactor: IReactorTime | None = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+        reactor = default_reactor(reactor)
         check_terminate_tls(
             certificates, alpn=alpn, client_ca=client_ca, handshake_timeout=handshake_timeout, resumption=resumption
         )

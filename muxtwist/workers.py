@@ -42,6 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from muxtwist._signals import SignalHandlers
+from muxtwist._twisted import default_reactor, endpoint_backlog, endpoint_port
 from muxtwist.admin import WORKERS_DIR_ENV, WorkerPeers, admin_site
 
 __all__ = ["WorkerPool", "worker_command"]
@@ -162,10 +163,7 @@ class WorkerPool(SignalHandlers, Service):
         reuse_port: bool = True,
         reactor: Any = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
+        reactor = default_reactor(reactor)
         if count < 1:
             raise ValueError(f"workers must be at least 1, got {count}")
         for d in descriptions:
@@ -399,10 +397,10 @@ def _reuse_port_sockets(endpoint: object, count: int) -> list[socket.socket] | N
     """
     if type(endpoint) not in (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint):
         return None
-    # The endpoint's parsed description (serverFromString has no public accessor for it).
-    interface, port, backlog = (getattr(endpoint, name, None) for name in ("_interface", "_port", "_backlog"))
-    if not isinstance(interface, str) or not isinstance(port, int) or not isinstance(backlog, int):
+    found, backlog = endpoint_port(endpoint), endpoint_backlog(endpoint)  # type: ignore[arg-type]
+    if found is None or backlog is None:
         return None
+    port, interface = found
     family = socket.AF_INET6 if isinstance(endpoint, endpoints.TCP6ServerEndpoint) else socket.AF_INET
     host = interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
     sockets: list[socket.socket] = []

@@ -6,8 +6,10 @@ here, naming the helper, rather than somewhere in the relays.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import socket
+from pathlib import Path
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints, protocol, reactor, tcp
@@ -19,9 +21,11 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.trial import unittest
 
+import muxtwist
 from muxtwist._twisted import (
     asyncio_loop_of,
     default_reactor,
+    endpoint_backlog,
     endpoint_port,
     listen_errors_raise,
     listening,
@@ -202,6 +206,17 @@ class ReactorTests(unittest.TestCase):
         self.assertEqual(endpoint_port(tcp6), (8444, "::1"))
         self.assertIsNone(endpoint_port(endpoints.serverFromString(NoReactor(), "unix:/tmp/x.sock")))
 
+    def test_endpoint_backlog(self) -> None:
+        """endpoint_backlog: serverFromString's stream endpoints keep backlog= (50 by default) as _backlog."""
+
+        class NoReactor:
+            pass
+
+        self.assertEqual(endpoint_backlog(endpoints.serverFromString(NoReactor(), "tcp:8443:backlog=7")), 7)
+        self.assertEqual(endpoint_backlog(endpoints.serverFromString(NoReactor(), "tcp6:8444")), 50)
+        self.assertEqual(endpoint_backlog(endpoints.serverFromString(NoReactor(), "unix:/tmp/x.sock:backlog=3")), 3)
+        self.assertIsNone(endpoint_backlog(object()))
+
     def test_default_reactor(self) -> None:
         """default_reactor gives back the reactor passed, and the global one for None."""
         clock = Clock()
@@ -227,3 +242,68 @@ class PortLoggerTests(unittest.TestCase):
     def test_objects_without_a_logger_are_left_alone(self) -> None:
         """Anything that is not a Twisted TCP port is refused, not patched."""
         self.assertFalse(set_port_log_observer(object(), print))
+
+
+#: The private attributes of Twisted's objects that muxtwist reads, all in
+#: muxtwist/_twisted.py. Read on ``self`` they are muxtwist's own names.
+_PRIVATE = frozenset(
+    {
+        "_aborted",
+        "_appSendBuffer",
+        "_asyncioEventloop",
+        "_backlog",
+        "_interface",
+        "_logger",
+        "_port",
+        "_raiseSynchronously",
+        "_started",
+        "_tempDataBuffer",
+        "_tempDataLen",
+        "_waitingForPort",
+        "dataBuffer",
+        "offset",
+    }
+)
+
+_PACKAGE = Path(muxtwist.__file__).resolve().parent
+
+
+def _sources() -> list[tuple[str, ast.Module]]:
+    paths = sorted(_PACKAGE.rglob("*.py"))
+    return [(str(p.relative_to(_PACKAGE.parent)), ast.parse(p.read_text(), str(p))) for p in paths]
+
+
+class OnePlaceTests(unittest.TestCase):
+    """muxtwist/_twisted.py is the one module that reads Twisted's private attributes or imports the reactor."""
+
+    def test_private_attributes_only_in_twisted_helpers(self) -> None:
+        """No module but muxtwist/_twisted.py reads one of Twisted's private attributes, by name or through getattr."""
+        found = []
+        for name, tree in _sources():
+            if name == "muxtwist/_twisted.py":
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Attribute) and node.attr in _PRIVATE:
+                    if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                        found.append(f"{name}:{node.lineno}: .{node.attr}")
+                elif isinstance(node, ast.Constant) and node.value in _PRIVATE:
+                    found.append(f"{name}:{node.lineno}: {node.value!r}")
+        self.assertEqual(found, [])
+
+    def test_reactor_imported_only_by_default_reactor(self) -> None:
+        """twisted.internet.reactor is imported by default_reactor alone (and by muxtwist.aio, which installs it)."""
+        found = []
+        for name, tree in _sources():
+            if name in ("muxtwist/_twisted.py", "muxtwist/aio.py"):
+                continue
+            for node in ast.walk(tree):
+                imported = (
+                    [alias.name for alias in node.names]
+                    if isinstance(node, ast.Import)
+                    else [f"{node.module}.{alias.name}" for alias in node.names]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
+                if "twisted.internet.reactor" in imported:
+                    found.append(f"{name}:{node.lineno}")
+        self.assertEqual(found, [])

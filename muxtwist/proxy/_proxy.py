@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from muxtwist._connect import direct_endpoint
 from muxtwist._options import OptionError, check_proxy
+from muxtwist._twisted import default_reactor
 from muxtwist.interfaces import BackendState, ConnectionInfo, IBackendPool, IConnectionInfoFactory, RelayState
 from muxtwist.proxy import _splice
 from muxtwist.proxy._backends import (
@@ -110,11 +111,7 @@ class Proxy:
         transparent: bool = False,
         reactor: Any = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
-        self._reactor = reactor
+        reactor = self._reactor = default_reactor(reactor)
         check_proxy(
             backends,
             connect_timeout=connect_timeout,

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from muxtwist._text import LogThrottle
+from muxtwist._twisted import default_reactor
 from muxtwist.interfaces import Verdict
 from muxtwist.matchers.datagram import DatagramInfo
 from muxtwist.udp.flows import Address, Flow, FlowTable
@@ -144,12 +145,7 @@ class UDPMux:
         log_connections: bool = True,
         reactor: IReactorTime | None = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
-        assert reactor is not None
-        self._reactor: IReactorTime = reactor
+        self._reactor: IReactorTime = default_reactor(reactor)
         if max_sniff_datagrams < 1:
             raise ValueError(f"max_sniff_datagrams must be at least 1, got {max_sniff_datagrams!r}")
         self.sniff_timeout = sniff_timeout
@@ -175,7 +171,7 @@ class UDPMux:
         # Live flows per target (by id), so that a target a reload retired
         # is stopped once its last flow ends.
         self._live: dict[int, int] = {}
-        self._log_throttle = LogThrottle(reactor)
+        self._log_throttle = LogThrottle(self._reactor)
         self.rules: tuple[Rule, ...] = ()
         self.on_no_match: AbstractDatagramProtocol | None = None
         self.set_rules(rules, on_no_match=on_no_match)

@@ -24,6 +24,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from muxtwist._twisted import default_reactor
 from muxtwist.udp.interfaces import IFlowTarget
 from muxtwist.udp.mux import MAX_DATAGRAM
 
@@ -186,11 +187,7 @@ class UDPProxy(DatagramProtocol):
             raise ValueError(f"unknown balance {balance!r}; use one of {', '.join(BALANCE)}")
         if max_flows is not None and (isinstance(max_flows, bool) or max_flows < 1):
             raise ValueError(f"max_flows must be a positive integer or None, got {max_flows!r}")
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor  # type: ignore[assignment]
-        self._reactor: Any = reactor
+        self._reactor: Any = default_reactor(reactor)
         self.backends = [parse_backend(b) for b in backends]
         self.balance = balance
         self.idle_timeout = idle_timeout
