@@ -241,7 +241,7 @@ class RelayState:
     a backend now, so that numbers grow while a long transfer runs.
 
     :ivar rule: the name of the rule the relay was built for.
-    :ivar backend: the backend's description (as :attr:`BackendState.description`).
+    :ivar backend: the backend's description, as its :class:`BackendState` gives it.
     :ivar bytes_in: bytes relayed from the client so far.
     :ivar bytes_out: bytes relayed back to the client so far.
     """

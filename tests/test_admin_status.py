@@ -77,3 +77,23 @@ class StatusThroughInterfaceTests(unittest.TestCase):
         self.assertEqual((backend["checked"], backend["healthy"], backend["skipped_until"]), (True, True, 130.0))
         self.assertIn("SKIPPED for 1m35s; after failed connects, for 30s more", render_page(data).decode())
         self.assertEqual(metrics.factories, [factory])
+
+
+class AgeTests(unittest.TestCase):
+    def test_ages_on_the_page(self) -> None:
+        """Ages read in the two largest units, each smaller one padded to two digits, never negative."""
+        from muxtwist._admin_page import _fmt_age
+
+        cases = {
+            -5: "0s",
+            0: "0s",
+            59.9: "59s",
+            60: "1m00s",
+            3599: "59m59s",
+            3600: "1h00m",
+            86399: "23h59m",
+            86400: "1d00h",
+            90061: "1d01h",
+            400 * 86400: "400d00h",
+        }
+        self.assertEqual({s: _fmt_age(s) for s in cases}, cases)

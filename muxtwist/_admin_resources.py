@@ -1,0 +1,286 @@
+"""
+The admin site's resources: the stats page and ``/status.json`` (this
+process's numbers, or every worker's summed), ``/metrics``, ``/ready``, the
+page's static files, and ``/worker/...``, which serve one process's own
+numbers to the parent summing a ``--workers`` pool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from importlib import resources
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from muxtwist._admin_merge import CounterMemory, exposition, merge_families, merge_status
+from muxtwist._admin_page import render_page
+from muxtwist._admin_peers import INSTANCE_HEADER, WorkerPeers
+from muxtwist._admin_status import status
+from muxtwist._twisted import default_reactor
+from muxtwist.metrics import Metrics, default_metrics
+
+__all__ = [
+    "LocalMetrics",
+    "LocalStatus",
+    "MetricsResource",
+    "ReadyResource",
+    "StaticFile",
+    "StatsPage",
+    "StatusResource",
+]
+
+log = Logger(namespace="muxtwist.admin")
+
+
+class _Stoppable(Protocol):
+    """What ``/ready`` reads from a service (``MuxService`` or ``WorkerPool``)."""
+
+    running: int
+
+    @property
+    def draining(self) -> bool: ...
+
+
+_CSP = (
+    b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def _headers(request: Request, content_type: bytes) -> None:
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    request.setHeader(b"server", b"muxtwist")
+
+
+class _SingleFlight:
+    """
+    One gathering at a time: callers that come while the workers are being
+    asked get that same answer, so 100 scrapes at once cost each worker one
+    request and the parent one merge.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: list[defer.Deferred[Any]] | None = None
+
+    def run(self, start: Callable[[], defer.Deferred[Any]]) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        if self._waiting is not None:
+            self._waiting.append(d)
+            return d
+        self._waiting = waiting = [d]
+
+        def done(result: object) -> None:
+            self._waiting = None
+            for each in waiting:
+                each.callback(result)  # a Failure goes down each one's errbacks
+
+        start().addBoth(done)
+        return d
+
+
+class _Aggregating(Resource):
+    """A resource answering with this process's numbers, or, given peers, every worker's summed."""
+
+    isLeaf = True
+
+    def __init__(self, service: Any, metrics: Metrics, peers: WorkerPeers | None, reactor: Any = None) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.service = service
+        self.metrics = metrics
+        self.peers = peers
+        self._reactor = default_reactor(reactor)
+        self._flight = _SingleFlight()
+        self._rendering = _SingleFlight()
+
+    def local_status(self) -> dict[str, Any]:
+        return status(self.service, self.metrics, self._reactor)
+
+    def gathered_status(self) -> defer.Deferred[dict[str, Any]]:
+        """Every worker's status, merged (or this process's, without peers)."""
+        peers = self.peers
+        if peers is None:
+            return defer.succeed(self.local_status())
+
+        def merge(answers: list[tuple[str, bytes | None]]) -> dict[str, Any]:
+            parts, missing = [], []
+            for name, body in answers:
+                if body is None:
+                    missing.append(name)
+                    continue
+                part = json.loads(body)
+                slot = int(name.partition("-")[2])
+                for w in part.get("workers", []):
+                    w["answered"] = True
+                    w["slot"] = slot  # the socket it answered on
+                parts.append(part)
+            merged = merge_status(parts, self._reactor.seconds(), bool(getattr(self.service, "draining", False)))
+            for name in missing:
+                merged["workers"].append({"slot": int(name.partition("-")[2]), "answered": False})
+            merged["workers"].sort(key=lambda w: w["slot"])
+            return merged
+
+        return self._flight.run(lambda: peers.fetch("/worker/status.json").addCallback(merge))
+
+    def respond(self, request: Request, d: defer.Deferred[bytes]) -> int:
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def write(body: bytes) -> None:
+            if not request.finished and not gone:
+                request.write(body)
+                request.finish()
+
+        def failed(reason: Failure) -> None:
+            log.failure("admin: cannot answer {path}", reason, path=request.path)
+            if not request.finished:
+                request.setResponseCode(500)
+                request.write(b"error\n")
+                request.finish()
+
+        d.addCallbacks(write, failed)
+        return NOT_DONE_YET
+
+
+class StatusResource(_Aggregating):
+    """``/status.json``: :func:`status`, summed over the workers under ``--workers``."""
+
+    def render_GET(self, request: Request) -> int:
+        _headers(request, b"application/json")
+        return self.respond(request, self._rendering.run(lambda: self.gathered_status().addCallback(_json)))
+
+
+class StatsPage(_Aggregating):
+    """``/``: the HTML stats page (it reloads its numbers every few seconds)."""
+
+    def render_GET(self, request: Request) -> int:
+        _headers(request, b"text/html; charset=utf-8")
+        request.setHeader(b"content-security-policy", _CSP)
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        return self.respond(request, self._rendering.run(lambda: self.gathered_status().addCallback(render_page)))
+
+
+def _json(data: object) -> bytes:
+    return json.dumps(data, indent=1, sort_keys=True).encode("utf-8") + b"\n"
+
+
+class MetricsResource(_Aggregating):
+    """The registry's samples in the Prometheus text format (summed over the workers under ``--workers``)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | Metrics,
+        peers: WorkerPeers | None = None,
+        reactor: Any = None,
+    ) -> None:
+        metrics = registry if isinstance(registry, Metrics) else None
+        super().__init__(None, metrics or default_metrics(), peers, reactor)
+        self.registry = registry.registry if isinstance(registry, Metrics) else registry
+        self._memory = CounterMemory()
+
+    def render_GET(self, request: Request) -> int | bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        if self.peers is None:
+            return generate_latest(self.registry)
+        return self.respond(request, self.scrape())
+
+    def scrape(self) -> defer.Deferred[bytes]:
+        """The exposition text: this process's, or every worker's summed."""
+        peers = self.peers
+        if peers is None:
+            return defer.succeed(generate_latest(self.registry))
+
+        def merge(answers: list[tuple[str, bytes | None, str | None]]) -> bytes:
+            families = merge_families(self._memory.parts(answers))
+            workers = Metric("muxtwist_workers", "Worker processes the pool runs.", "gauge")
+            workers.add_sample("muxtwist_workers", {}, peers.expected)
+            answered = Metric("muxtwist_workers_answered", "Workers whose numbers are in this scrape.", "gauge")
+            answered.add_sample("muxtwist_workers_answered", {}, sum(1 for _, body, _ in answers if body is not None))
+            return exposition([*families, workers, answered])
+
+        return self._flight.run(lambda: peers.fetch_answers("/worker/metrics").addCallback(merge))
+
+
+class LocalMetrics(Resource):
+    """``/worker/metrics``: this process's own samples, named by the ``X-Muxtwist-Instance`` header."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.registry = registry
+        # Tells the parent summing the workers when a slot has a new worker (whose counters start at 0).
+        self.instance = f"{os.getpid()}-{uuid.uuid4().hex}".encode("ascii")
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(INSTANCE_HEADER, self.instance)
+        return generate_latest(self.registry)
+
+
+class LocalStatus(Resource):
+    """``/worker/status.json``: this process's own :func:`status`."""
+
+    isLeaf = True
+
+    def __init__(self, service: Any, metrics: Metrics) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.service = service
+        self.metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        _headers(request, b"application/json")
+        return _json(status(self.service, self.metrics))
+
+
+class StaticFile(Resource):
+    """One file of ``admin_static/``: the stats page's script or style."""
+
+    isLeaf = True
+
+    def __init__(self, name: str, content_type: bytes) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.body = resources.files("muxtwist").joinpath("admin_static", name).read_bytes()
+        self.content_type = content_type
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", self.content_type)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"cache-control", b"max-age=300")
+        return self.body
+
+
+class ReadyResource(Resource):
+    """
+    200 while the service serves, 503 once it is draining (or stopped), so a
+    load balancer stops sending new clients before the listeners close.
+    Without a service it is always ready: whoever can reach it is served.
+    """
+
+    isLeaf = True
+
+    def __init__(self, service: _Stoppable | None) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.service = service
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        service = self.service
+        if service is None or (service.running and not service.draining):
+            return b"ready\n"
+        request.setResponseCode(503)
+        return b"draining\n"
+
+    render_HEAD = render_GET
