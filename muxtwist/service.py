@@ -19,9 +19,11 @@ from twisted.python.failure import Failure
 
 from muxtwist._signals import SignalHandlers
 from muxtwist._twisted import default_reactor, listen_errors_raise, listening, set_port_log_observer
+from muxtwist.admin import admin_site
 from muxtwist.config import Config, ConfigError, apply_settings, build_factory, endpoint_description, load_config
 from muxtwist.metrics import EmfileThrottle, EmfileWatcher, Metrics, default_metrics
 from muxtwist.sniffing import SniffingFactory, SniffingProtocol
+from muxtwist.tls import reload_all_certificates
 from muxtwist.udp.listener import add_udp_listener, is_udp, reload_udp_listeners
 
 __all__ = ["Listener", "MuxService", "wanted_listeners"]
@@ -144,8 +146,6 @@ class MuxService(SignalHandlers, MultiService):
         Serve :func:`~muxtwist.admin.admin_site` on its own endpoint. It keeps
         answering while the listeners drain, so ``/ready`` can say 503.
         """
-        from muxtwist.admin import admin_site
-
         description = endpoint_description(description)
         site = admin_site(self, self.metrics)
         self._admin = Listener(description, site, self._reactor, inherited_fd)  # type: ignore[arg-type]
@@ -249,12 +249,7 @@ class MuxService(SignalHandlers, MultiService):
             whether the reload fully took effect (``False`` for a broken file
             or a listener that could not be started).
         """
-        try:
-            from muxtwist.tls import reload_all_certificates
-        except ImportError:
-            pass
-        else:
-            reload_all_certificates()
+        reload_all_certificates()
         if self.config_path is None:
             log.warn("reload asked, but there is no rules file to read")
             return defer.succeed(False)
