@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import re
 import socket
 import sys
 from collections.abc import Callable
@@ -33,6 +32,8 @@ from twisted.internet import defer, error
 from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from muxtwist._descriptions import split_description
 
 __all__ = ["DirectTCPEndpoint", "connect_error", "connect_socket", "direct_endpoint"]
 
@@ -207,27 +208,12 @@ class DirectTCPEndpoint:
         return connect_socket(self._reactor, sock, self._address, protocolFactory)
 
 
-_UNESCAPED_COLON = re.compile(r"(?<!\\):")
-_KEY_VALUE = re.compile(r"((?:\\.|[^\\=])*)=(.*)$", re.S)
-
-
-def _unescape(text: str) -> str:
-    return re.sub(r"\\(.)", r"\1", text)
-
-
 def _host_port(description: str) -> tuple[str, int] | None:
     """``(host, port)`` of a ``tcp:``/``tcp6:`` description naming only those, or ``None``."""
-    kind, _, rest = description.partition(":")
-    if kind not in ("tcp", "tcp6") or not rest:
+    positional, named = split_description(description)
+    kind, positional = positional[0], positional[1:]
+    if kind not in ("tcp", "tcp6"):
         return None
-    positional: list[str] = []
-    named: dict[str, str] = {}
-    for part in _UNESCAPED_COLON.split(rest):
-        pair = _KEY_VALUE.match(part)
-        if pair is not None:
-            named[_unescape(pair.group(1))] = _unescape(pair.group(2))
-        else:
-            positional.append(_unescape(part))
     for name, value in zip(("host", "port"), positional, strict=False):
         if name in named:
             return None

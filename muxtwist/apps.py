@@ -41,6 +41,7 @@ from twisted.web.server import Site
 from twisted.web.wsgi import WSGIResource
 from zope.interface import implementer
 
+from muxtwist._transports import abort
 from muxtwist._twisted import asyncio_loop_of, default_reactor
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
 
@@ -205,11 +206,7 @@ class _Transport(asyncio.Transport):
     def abort(self) -> None:
         self._closing = True
         self._bridge.aborted = True
-        abort = getattr(self._twisted, "abortConnection", None)
-        if abort is not None:
-            abort()
-        else:
-            self._twisted.loseConnection()
+        abort(self._twisted)
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)

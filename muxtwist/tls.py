@@ -33,7 +33,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from muxtwist import matchers
+from muxtwist._limits import PerSource, host_of
 from muxtwist._options import OptionError, check_terminate_tls
+from muxtwist._text import LogThrottle
+from muxtwist._transports import abort
 from muxtwist._twisted import default_reactor
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IMatcher
 
@@ -319,8 +322,8 @@ class TerminateTLS:
         self.metrics = metrics
         #: handshakes in progress, overall and by client host.
         self.handshaking = 0
-        self._per_source: dict[str, int] = {}
-        self._refusals = _RefusalLog(reactor)
+        self._per_source = PerSource()
+        self._refusals = LogThrottle(reactor)
         self.stats: dict[str, int] = {"handshakes": 0, "failed": 0, "timed_out": 0, "refused": 0}
         self._creator = _ConnectionCreator(self)
         self._tls_factory = TLSMemoryBIOFactory(self._creator, False, factory, clock=self._reactor)
@@ -445,24 +448,18 @@ class TerminateTLS:
         return self.buildProtocolForConnection(addr, ConnectionInfo(peer=addr), "")
 
     def buildProtocolForConnection(self, addr: IAddress, info: ConnectionInfo, rule_name: str) -> IProtocol | None:
-        source = _host(info.source if info.source is not None else addr)
-        limit = None
+        source = host_of(info.source if info.source is not None else addr)
+        limit, per_source = None, self.max_handshakes_per_source
         if self.max_handshakes is not None and self.handshaking >= self.max_handshakes:
             limit, value = "max_handshakes", self.max_handshakes
-        elif (
-            self.max_handshakes_per_source is not None
-            and source is not None
-            and self._per_source.get(source, 0) >= self.max_handshakes_per_source
-        ):
-            limit, value = "max_handshakes_per_source", self.max_handshakes_per_source
+        elif per_source is not None and not self._per_source.take(source, per_source):
+            limit, value = "max_handshakes_per_source", per_source
         if limit is not None:
             self.stats["refused"] += 1
             self.metrics.limit_rejected(limit)
-            self._refusals.refused(info.source or addr, limit, value)
+            self._refused(info.source or addr, limit, value)
             return None
         self.handshaking += 1
-        if source is not None:
-            self._per_source[source] = self._per_source.get(source, 0) + 1
         handshake = _Handshake(self, addr, info, rule_name, source)
         tls: TLSMemoryBIOProtocol = self._tls_factory.protocol(self._tls_factory, handshake)
         return tls
@@ -470,46 +467,23 @@ class TerminateTLS:
     def _handshake_over(self, source: str | None) -> None:
         self.handshaking -= 1
         if source is not None:
-            n = self._per_source.get(source, 0) - 1
-            if n > 0:
-                self._per_source[source] = n
-            else:
-                self._per_source.pop(source, None)
+            self._per_source.release(source)
 
-
-def _host(address: object) -> str | None:
-    host = getattr(address, "host", None)
-    return host if isinstance(host, str) else None
-
-
-class _RefusalLog:
-    """
-    One warning per limit per second at most: a connect loop against a full
-    limit must not turn into a log line per connection. The lines left out
-    are counted in the next one.
-    """
-
-    INTERVAL = 1.0
-
-    def __init__(self, reactor: IReactorTime) -> None:
-        self._reactor = reactor
-        self._last: dict[str, float] = {}
-        self._quiet: dict[str, int] = {}
-
-    def refused(self, peer: object, limit: str, value: int) -> None:
-        now = self._reactor.seconds()
-        last = self._last.get(limit)
-        if last is not None and now - last < self.INTERVAL:
-            self._quiet[limit] = self._quiet.get(limit, 0) + 1
-            return
-        self._last[limit] = now
-        log.warn(
-            "refusing {peer}: {limit} ({value}) reached; {suppressed} more refused since the last such line",
-            peer=str(peer),
-            limit=limit,
-            value=value,
-            suppressed=self._quiet.pop(limit, 0),
-        )
+    def _refused(self, peer: object, limit: str, value: int) -> None:
+        """
+        One warning per limit per second at most: a connect loop against a
+        full limit must not turn into a log line per connection. The lines
+        left out are counted in the next one.
+        """
+        suppressed = self._refusals.admit(limit)
+        if suppressed is not None:
+            log.warn(
+                "refusing {peer}: {limit} ({value}) reached; {suppressed} more refused since the last such line",
+                peer=str(peer),
+                limit=limit,
+                value=value,
+                suppressed=suppressed,
+            )
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -592,9 +566,8 @@ class _Handshake:
             peer=self.info.source or self.addr,
             timeout=self.owner.handshake_timeout,
         )
-        transport = self.transport
-        if transport is not None:
-            transport.abortConnection()  # type: ignore[attr-defined]
+        if self.transport is not None:
+            abort(self.transport)
 
     def _cancel_timeout(self) -> None:
         if self._timeout is not None and self._timeout.active():

@@ -1,8 +1,7 @@
 """
 The backends of a :class:`~muxtwist.proxy.Proxy`: their counters and health
-state, choosing one for a connection (the balancing rules), passive health
-(skipping a backend after failed connects in a row), and naming why a
-connection to one failed.
+state, choosing one for a connection (the balancing rules), and passive
+health (skipping a backend after failed connects in a row).
 """
 
 from __future__ import annotations
@@ -15,12 +14,11 @@ from collections.abc import Sequence
 from typing import Protocol as TypingProtocol
 
 import attrs
-from twisted.internet import defer, error
 from twisted.internet.interfaces import IAddress, IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
+from muxtwist._descriptions import split_description
 from muxtwist.interfaces import ConnectionInfo
 from muxtwist.transparent import TransparentUnavailable, unavailable_reason
 
@@ -69,12 +67,9 @@ class _Check(TypingProtocol):
     def stop(self) -> None: ...
 
 
-_HOST = re.compile(r"(?:^|:)host=((?:\\.|[^:\\])+)")
-
-
 def _host_of(description: str) -> str | None:
-    found = _HOST.search(description)
-    return None if found is None else re.sub(r"\\(.)", r"\1", found.group(1))
+    """The ``host=`` of a client endpoint description, if it names one."""
+    return split_description(description)[1].get("host") or None
 
 
 class Backend:
@@ -109,50 +104,22 @@ def _transparent_addresses(descriptions: Sequence[str]) -> dict[str, tuple[str, 
         raise TransparentUnavailable(reason)
     addresses = {}
     for d in descriptions:
-        host, port = _host_of(d), re.search(r"(?:^|:)port=(\d+)(?::|$)", d)
-        if not d.startswith(("tcp:", "tcp6:")) or host is None or port is None:
+        positional, named = split_description(d)
+        host, port = named.get("host"), named.get("port", "")
+        if positional[0] not in ("tcp", "tcp6") or not host or not re.fullmatch(r"\d+", port):
             raise ValueError(f"transparent=True needs tcp:host=ADDRESS:port=N backends, got {d!r}")
         try:
             ipaddress.ip_address(host)
         except ValueError:
             raise ValueError(f"transparent=True needs the backend's IP address, not a name: {d!r}") from None
-        ignored = re.search(r"(?:^|:)(bindAddress|timeout)=", d)
-        if ignored is not None:
+        ignored = [option for option in named if option in ("bindAddress", "timeout")]
+        if ignored:
             raise ValueError(
                 f"transparent=True connects from the client's address with Proxy's connect_timeout; "
-                f"{ignored.group(1)}= in {d!r} would be ignored: remove it"
+                f"{ignored[0]}= in {d!r} would be ignored: remove it"
             )
-        addresses[d] = (host, int(port.group(1)))
+        addresses[d] = (host, int(port))
     return addresses
-
-
-def _kind(reason: Failure) -> str:
-    if reason.check(error.ConnectionRefusedError):
-        return "refused"
-    if reason.check(error.TimeoutError, error.ConnectingCancelledError, defer.CancelledError):
-        return "timeout"
-    if reason.check(error.ConnectionDone):
-        return "closed"
-    from OpenSSL import SSL
-    from service_identity import VerificationError
-
-    if reason.check(SSL.Error, VerificationError):
-        return "tls"
-    return "error"
-
-
-def _describe(reason: Failure) -> str:
-    from OpenSSL import SSL
-    from service_identity import VerificationError
-
-    if reason.check(VerificationError):
-        return f"TLS certificate does not match the backend's name ({reason.value})"
-    if reason.check(SSL.Error):
-        text = str(reason.value)
-        if "certificate verify failed" in text:
-            return f"TLS certificate verification failed ({text})"
-        return f"TLS handshake failed ({text})"
-    return reason.getErrorMessage()
 
 
 # Choosing

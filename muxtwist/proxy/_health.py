@@ -17,10 +17,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from muxtwist import _transports as transports
+from muxtwist._failures import connect_failure_text
 from muxtwist._options import OptionError
 from muxtwist._twisted import was_aborted
 from muxtwist.matchers.proxy_protocol import build_v1, build_v2
-from muxtwist.proxy._backends import Backend, _describe, _OneProtocol
+from muxtwist.proxy._backends import Backend, _OneProtocol
 
 __all__ = ["HealthCheck", "HealthChecks"]
 
@@ -149,7 +151,7 @@ class _Probe(Protocol):
     def _failed(self, reason: Failure) -> None:
         self._attempt = None
         if not reason.check(defer.CancelledError, error.ConnectingCancelledError):
-            self._finish(False, f"connect failed: {_describe(reason)}")
+            self._finish(False, f"connect failed: {connect_failure_text(reason)}")
 
     def connectionMade(self) -> None:
         self._attempt = None
@@ -189,7 +191,7 @@ class _Probe(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:  # noqa: B008
         if not self._done:
-            self._finish(False, f"closed before the check passed: {_describe(reason)}")
+            self._finish(False, f"closed before the check passed: {connect_failure_text(reason)}")
 
     def stop(self) -> None:
         """Abandon this check (the proxy stops)."""
@@ -210,7 +212,7 @@ class _Probe(Protocol):
         transport = self.transport
         if transport is not None:
             if abort:
-                transport.abortConnection()  # type: ignore[attr-defined]
+                transports.abort(transport)
             else:
                 transport.loseConnection()
 

@@ -36,7 +36,6 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
     IHandshakeListener,
-    ISSLTransport,
     ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol
@@ -45,10 +44,12 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from muxtwist._failures import connect_failure_kind, connect_failure_text
+from muxtwist._transports import abort, half_close
 from muxtwist._twisted import tls_unsent_bytes, unsent_bytes, was_aborted
 from muxtwist.interfaces import ConnectionInfo, IConnectionReport
 from muxtwist.proxy import _splice
-from muxtwist.proxy._backends import Backend, _describe, _kind, _OneProtocol
+from muxtwist.proxy._backends import Backend, _OneProtocol
 
 __all__ = ["Relay"]
 
@@ -124,42 +125,11 @@ class _TLSBackendSide(_BackendSide):
         self.relay._backend_ready(self)
 
 
-def _can_half_close(transport: object) -> bool:
-    """
-    Whether ``transport`` itself can shut its writing side alone: a plain TCP
-    or UNIX stream, not TLS.
-
-    Looked up on the class, never on the instance: a TLS transport
-    (``TLSMemoryBIOProtocol``, any ``ProtocolWrapper``) forwards attributes
-    it lacks to the TCP transport under it, whose FIN would cut the TLS
-    stream without a ``close_notify``. TLS has no half-close of its own that
-    Twisted can send, and ``startTLS`` on a TCP transport marks it
-    ``ISSLTransport``.
-    """
-    return getattr(type(transport), "loseWriteConnection", None) is not None and not ISSLTransport.providedBy(transport)
-
-
-def _half_close(transport: ITransport) -> bool:
-    """Shut our writing side; ``False`` where the transport cannot (TLS), leaving it open."""
-    if not _can_half_close(transport):
-        return False
-    transport.loseWriteConnection()  # type: ignore[attr-defined]
-    return True
-
-
 def _wire_unsent(transport: object) -> int:
     """Bytes a transport still holds to put on the wire, under its TLS layer if it has one."""
     if isinstance(transport, TLSMemoryBIOProtocol):
         return (unsent_bytes(transport.transport) or 0) + (tls_unsent_bytes(transport) or 0)
     return unsent_bytes(transport) or 0
-
-
-def _abort(transport: ITransport) -> None:
-    abort = getattr(transport, "abortConnection", None)
-    if abort is not None:
-        abort()
-    else:
-        transport.loseConnection()
 
 
 @implementer(IHalfCloseableProtocol, IConnectionReport)
@@ -257,7 +227,7 @@ class Relay(Protocol):
             transport = side.transport
             assert transport is not None
             transport.unregisterProducer()  # type: ignore[attr-defined]
-            _half_close(transport)
+            half_close(transport)
         self._close_client_if_done()
 
     def writeConnectionLost(self) -> None:
@@ -280,7 +250,7 @@ class Relay(Protocol):
                 transport.unregisterProducer()  # type: ignore[attr-defined]
                 self._close(transport)
             else:
-                _abort(transport)
+                abort(transport)
         self._maybe_end()
 
     # The backend's end
@@ -316,7 +286,7 @@ class Relay(Protocol):
             self._attempt.cancel()
         elif self._trying is not None and self._trying.transport is not None:
             # Connected, but the TLS handshake did not finish in time.
-            _abort(self._trying.transport)
+            abort(self._trying.transport)
 
     def _cancel_attempt(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -327,7 +297,7 @@ class Relay(Protocol):
         if attempt is not None:
             attempt.cancel()
         elif trying is not None and trying.transport is not None and not trying.lost:
-            _abort(trying.transport)
+            abort(trying.transport)
 
     def _attempt_connected(self, protocol: object, side: _BackendSide) -> None:
         # With TLS the handshake is still to come; the timer keeps running.
@@ -351,18 +321,24 @@ class Relay(Protocol):
             return
         backend = self.backend
         assert backend is not None
-        kind = "timeout" if self._timed_out else _kind(reason)
-        what = f"no connection within {self.proxy.connect_timeout}s" if self._timed_out else _describe(reason)
+        if self._timed_out:
+            kind, problem = "timeout", f"no connection within {self.proxy.connect_timeout}s"
+        else:
+            kind, problem = connect_failure_kind(reason), connect_failure_text(reason)
         self.proxy._connect_failed(backend, kind)
+        self._warn("rule {rule}: backend {backend} failed for {client}: {kind}: {problem}", backend, kind, problem)
+        self._try_next()
+
+    def _warn(self, format: str, backend: Backend, kind: str, problem: str) -> None:
+        """Log a backend's failure for this relay's client (``format`` names rule, backend, client, kind, problem)."""
         log.warn(
-            "rule {rule}: backend {backend} failed for {client}: {kind}: {problem}",
+            format,
             rule=self.rule_name,
             backend=backend.description,
             client=self.info.source,
             kind=kind,
-            problem=what,
+            problem=problem,
         )
-        self._try_next()
 
     def _backend_ready(self, side: _BackendSide) -> None:
         if self._trying is not side:
@@ -376,7 +352,7 @@ class Relay(Protocol):
         client_transport = self.transport
         assert backend_transport is not None and client_transport is not None and self.backend is not None
         if self._client_lost:
-            _abort(backend_transport)
+            abort(backend_transport)
             return
         self.side = side
         self.proxy._connect_succeeded(self.backend)
@@ -398,7 +374,7 @@ class Relay(Protocol):
         self._linked()
         if self._client_read_closed:
             backend_transport.unregisterProducer()  # type: ignore[attr-defined]
-            _half_close(backend_transport)
+            half_close(backend_transport)
         else:
             client_transport.resumeProducing()  # type: ignore[attr-defined]
 
@@ -447,7 +423,7 @@ class Relay(Protocol):
         assert side is not None and side.transport is not None
         if client_transport is not None and not self._client_lost:
             client_transport.unregisterProducer()  # type: ignore[attr-defined]
-            if not _half_close(client_transport):
+            if not half_close(client_transport):
                 self._close(client_transport)
         if side.write_closed:
             self._close(side.transport)
@@ -468,18 +444,15 @@ class Relay(Protocol):
             else:
                 backend = self.backend
                 assert backend is not None
-                kind = _kind(reason)
                 backend.stats.failures += 1
                 backend.stats.errors["reset"] = backend.stats.errors.get("reset", 0) + 1
-                log.warn(
+                self._warn(
                     "rule {rule}: backend {backend} reset the relay for {client} mid-stream ({kind}: {problem})",
-                    rule=self.rule_name,
-                    backend=backend.description,
-                    client=self.info.source,
-                    kind=kind,
-                    problem=_describe(reason),
+                    backend,
+                    connect_failure_kind(reason),
+                    connect_failure_text(reason),
                 )
-                _abort(client_transport)
+                abort(client_transport)
         self._maybe_end()
 
     def _maybe_end(self) -> None:
@@ -543,7 +516,7 @@ class Relay(Protocol):
                 client=self.info.source,
                 seconds=self.proxy.close_timeout,
             )
-            _abort(transport)
+            abort(transport)
         if self._closing and not self._ended:
             self._close_call = self.proxy._reactor.callLater(self.proxy.close_timeout, self._check_closing)
 

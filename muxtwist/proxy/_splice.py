@@ -293,44 +293,43 @@ class Splice:
             self._reactor.addReader(end)
 
     def _pump(self, flow: _Flow) -> None:
-        """``flow.src`` is readable: move what it has, as long as ``flow.dst`` keeps up."""
-        if flow.read_end < 0:
+        """
+        ``flow.src`` is readable: move what it has, as long as ``flow.dst``
+        keeps up. Copying, one ``recv`` a call; the first full one opens the
+        pipe, and the rounds go on with ``splice(2)``.
+        """
+        src = flow.src
+        # A turn: _ROUNDS splices at the most, after the copying read that opened the pipe.
+        for _ in range(_ROUNDS if flow.read_end >= 0 else _ROUNDS + 1):
+            piped = flow.read_end >= 0
             try:
-                data = flow.src.socket.recv(_CHUNK)
+                if piped:
+                    got = os.splice(src.fd, flow.write_end, flow.size, flags=_FLAGS)
+                else:
+                    data = src.socket.recv(_CHUNK)
+                    got = len(data)
             except BlockingIOError:
                 return
             except OSError as e:
-                self._broken(flow.src, e)
+                self._broken(src, e)
                 return
-            if not data:
+            if not got:
                 self._ended(flow)
                 return
+            if piped:
+                flow.in_pipe = got
+                if not self._flush(flow) or got < flow.size:
+                    # Blocked, or a short read: the socket is drained for now.
+                    return
+                continue
             flow.prefix = memoryview(data)
-            if not self._flush(flow) or len(data) < _CHUNK:
+            if not self._flush(flow) or got < _CHUNK:
                 return
             try:
                 if not flow.open_pipe():
                     return
             except OSError:
                 # Out of descriptors: this flow keeps copying.
-                return
-        src = flow.src.fd
-        pipe = flow.write_end
-        size = flow.size
-        for _ in range(_ROUNDS):
-            try:
-                got = os.splice(src, pipe, size, flags=_FLAGS)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                self._broken(flow.src, e)
-                return
-            if not got:
-                self._ended(flow)
-                return
-            flow.in_pipe = got
-            if not self._flush(flow) or got < size:
-                # Blocked, or a short read: the socket is drained for now.
                 return
 
     def _flush(self, flow: _Flow) -> bool:

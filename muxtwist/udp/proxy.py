@@ -24,6 +24,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from muxtwist._descriptions import split_description
 from muxtwist._twisted import default_reactor
 from muxtwist.udp.interfaces import IFlowTarget
 from muxtwist.udp.mux import MAX_DATAGRAM
@@ -57,28 +58,10 @@ class UDPBackend:
 
 def _fields(description: str) -> tuple[str, dict[str, str]]:
     """``"udp:host=a:port=1"`` -> ``("udp", {"host": "a", "port": "1"})``; ``\\:`` escapes a colon."""
-    parts: list[str] = []
-    current = ""
-    escaped = False
-    for ch in description:
-        if escaped:
-            current += ch
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == ":":
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    parts.append(current)
-    kind, fields = parts[0], {}
-    for part in parts[1:]:
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise ValueError(f"bad UDP backend {description!r}: {part!r} is not key=value")
-        fields[key] = value
-    return kind, fields
+    positional, named = split_description(description)
+    if len(positional) > 1:
+        raise ValueError(f"bad UDP backend {description!r}: {positional[1]!r} is not key=value")
+    return positional[0], named
 
 
 def parse_backend(description: str) -> UDPBackend:
