@@ -41,7 +41,7 @@ from twisted.web.server import Site
 from twisted.web.wsgi import WSGIResource
 from zope.interface import implementer
 
-from muxtwist._transports import abort
+from muxtwist._transports import abort, can_half_close
 from muxtwist._twisted import asyncio_loop_of, default_reactor
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
 
@@ -201,7 +201,8 @@ class _Transport(asyncio.Transport):
             self._twisted.loseWriteConnection()  # type: ignore[attr-defined]
 
     def can_write_eof(self) -> bool:
-        return callable(getattr(self._twisted, "loseWriteConnection", None))
+        # Not inside TLS: the TCP transport's FIN would cut the TLS stream (asyncio's TLS transports say False too).
+        return can_half_close(self._twisted)
 
     def abort(self) -> None:
         self._closing = True

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from muxtwist import Rule
 from muxtwist.apps import AsyncioProtocol
 from muxtwist.matchers import Prefix
 from tests.test_proxy_support import R, connect, mux, until, wait
+from tests.test_proxy_tls import fetch_over_tls, terminating_mux
 
 
 class Echo(asyncio.Protocol):
@@ -389,6 +390,28 @@ class AsyncioProtocolTests(unittest.TestCase):
         await _turns(3)
         (ref,) = lost
         self.assertIsNone(ref(), "the ended connection's protocol is only freed by the cycle collector")  # type: ignore[operator]
+
+    async def test_inside_tls_termination_write_eof_is_refused_and_close_sends_close_notify(self) -> None:
+        """Behind TerminateTLS, can_write_eof() is False (a FIN would cut TLS) and close() ends with close_notify."""
+
+        class Answer(asyncio.Protocol):
+            can_write_eof: list[bool] = []
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                assert isinstance(transport, asyncio.Transport)
+                self.transport = transport
+
+            def data_received(self, data: bytes) -> None:
+                self.transport.write(b"answer to " + data)
+                Answer.can_write_eof.append(self.transport.can_write_eof())
+                if Answer.can_write_eof[-1]:
+                    self.transport.write_eof()
+                else:
+                    self.transport.close()
+
+        port, _, ca = terminating_mux(self, AsyncioProtocol(Answer))
+        answer, ending = await wait(threads.deferToThread(fetch_over_tls, port, ca.cert_pem, b"question\n"), 20)
+        self.assertEqual((answer, ending, Answer.can_write_eof), (b"answer to question\n", "close_notify", [False]))
 
     def test_factory_must_be_callable(self) -> None:
         """AsyncioProtocol(something not callable) is a clear TypeError."""
