@@ -32,7 +32,8 @@ from muxtwist.proxy._backends import (
     ordered,
 )
 from muxtwist.proxy._health import HealthCheck, HealthChecks
-from muxtwist.proxy._relay import Relay, _IdleTimedRelay
+from muxtwist.proxy._idle import IdleTimedRelay
+from muxtwist.proxy._relay import Relay
 from muxtwist.proxy._tls import _tls_creator
 from muxtwist.proxyprotocol import header_for, ip_port
 from muxtwist.transparent import TransparentEndpoint, source_for
@@ -240,7 +241,7 @@ class Proxy:
                 limit=self.max_connections,
             )
             return None
-        relay_class = Relay if self.idle_timeout is None else _IdleTimedRelay
+        relay_class = Relay if self.idle_timeout is None else IdleTimedRelay
         return relay_class(self, info, rule_name)
 
     # Choosing

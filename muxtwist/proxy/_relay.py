@@ -1,6 +1,8 @@
 """
 The relay of a :class:`~muxtwist.proxy.Proxy`: one per connection, from the
-client to the backend chosen for it, with its idle and close timers.
+client to the backend chosen for it (its idle timer is in
+:mod:`muxtwist.proxy._idle`, the aborting of ends that linger after a close
+in :mod:`muxtwist.proxy._closing`).
 
 Reading from the client is paused until a backend has connected; the sniffed
 bytes go first (after a PROXY header, if asked for); then both directions
@@ -40,16 +42,16 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from muxtwist._failures import connect_failure_kind, connect_failure_text
 from muxtwist._transports import abort, half_close
-from muxtwist._twisted import tls_unsent_bytes, unsent_bytes, was_aborted
+from muxtwist._twisted import unsent_bytes, was_aborted
 from muxtwist.interfaces import ConnectionInfo, IConnectionReport
 from muxtwist.proxy import _splice
 from muxtwist.proxy._backends import Backend, _OneProtocol
+from muxtwist.proxy._closing import ClosingEnds
 
 __all__ = ["Relay"]
 
@@ -125,13 +127,6 @@ class _TLSBackendSide(_BackendSide):
         self.relay._backend_ready(self)
 
 
-def _wire_unsent(transport: object) -> int:
-    """Bytes a transport still holds to put on the wire, under its TLS layer if it has one."""
-    if isinstance(transport, TLSMemoryBIOProtocol):
-        return (unsent_bytes(transport.transport) or 0) + (tls_unsent_bytes(transport) or 0)
-    return unsent_bytes(transport) or 0
-
-
 @implementer(IHalfCloseableProtocol, IConnectionReport)
 class Relay(Protocol):
     """
@@ -165,10 +160,8 @@ class Relay(Protocol):
         self._client_lost = False
         self._ended = False
         self._splice: _splice.Splice | None = None
-        #: ends the relay has closed that have not gone yet, with the bytes
-        #: each still held to write at the last look.
-        self._closing: dict[ITransport, int] = {}
-        self._close_call: IDelayedCall | None = None
+        #: ends the relay has closed that have not gone yet (made on the first close).
+        self._closing: ClosingEnds | None = None
         self._bytes_in = 0
         self._bytes_out = 0
 
@@ -468,10 +461,8 @@ class Relay(Protocol):
             self.backend.stats.bytes_in += self.bytes_in
             self.backend.stats.bytes_out += self.bytes_out
         self.proxy.relays.discard(self)
-        self._closing.clear()
-        if self._close_call is not None and self._close_call.active():
-            self._close_call.cancel()
-        self._close_call = None
+        if self._closing is not None:
+            self._closing.stop()
         self._stop_timers()
 
     # Closing ends that do not go away
@@ -485,11 +476,11 @@ class Relay(Protocol):
         reading what we still have to write.
         """
         transport.loseConnection()
-        if self._ended or self._gone(transport) or transport in self._closing:
+        if self._ended or self._gone(transport):
             return
-        self._closing[transport] = _wire_unsent(transport)
-        if self._close_call is None:
-            self._close_call = self.proxy._reactor.callLater(self.proxy.close_timeout, self._check_closing)
+        if self._closing is None:
+            self._closing = ClosingEnds(self, self.proxy._reactor, self.proxy.close_timeout)
+        self._closing.add(transport)
 
     def _gone(self, transport: ITransport) -> bool:
         if transport is self.transport:
@@ -497,75 +488,5 @@ class Relay(Protocol):
         side = self.side
         return side is None or transport is not side.transport or side.lost
 
-    def _check_closing(self) -> None:
-        self._close_call = None
-        for transport, before in list(self._closing.items()):
-            if self._gone(transport):
-                del self._closing[transport]
-                continue
-            now = _wire_unsent(transport)
-            if 0 < now < before:
-                # Still draining to a slow reader: it gets more time.
-                self._closing[transport] = now
-                continue
-            del self._closing[transport]
-            log.info(
-                "rule {rule}: {end} of {client}'s relay still open {seconds}s after it was closed; aborted",
-                rule=self.rule_name,
-                end="client end" if transport is self.transport else "backend end",
-                client=self.info.source,
-                seconds=self.proxy.close_timeout,
-            )
-            abort(transport)
-        if self._closing and not self._ended:
-            self._close_call = self.proxy._reactor.callLater(self.proxy.close_timeout, self._check_closing)
-
     def _stop_timers(self) -> None:
         """Hook for subclasses with timers of their own."""
-
-
-class _IdleTimedRelay(Relay):
-    """A relay that closes both ends after ``idle_timeout`` seconds without a byte either way."""
-
-    _TICKS = 4
-
-    def __init__(self, proxy: _RelayOwner, info: ConnectionInfo, rule_name: str) -> None:
-        super().__init__(proxy, info, rule_name)
-        self._seen = -1
-        self._quiet_ticks = 0
-        self._idle_call: IDelayedCall | None = None
-
-    def _linked(self) -> None:
-        self._tick_later()
-
-    def _tick_later(self) -> None:
-        assert self.proxy.idle_timeout is not None
-        self._idle_call = self.proxy._reactor.callLater(self.proxy.idle_timeout / self._TICKS, self._tick)
-
-    def _tick(self) -> None:
-        self._idle_call = None
-        moved = self.bytes_in + self.bytes_out
-        if moved != self._seen:
-            self._seen = moved
-            self._quiet_ticks = 0
-        else:
-            self._quiet_ticks += 1
-            if self._quiet_ticks >= self._TICKS:
-                log.info(
-                    "rule {rule}: closing idle relay {client} -> {backend}",
-                    rule=self.rule_name,
-                    client=self.info.source,
-                    backend=self.backend.description if self.backend else None,
-                )
-                self._unsplice()
-                for transport in (self.transport, self.side.transport if self.side else None):
-                    if transport is not None:
-                        transport.unregisterProducer()  # type: ignore[attr-defined]
-                        self._close(transport)
-                return
-        self._tick_later()
-
-    def _stop_timers(self) -> None:
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
