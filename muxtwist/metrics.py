@@ -113,7 +113,11 @@ class Metrics:
         self.registry.register(_LiveCollector(self))
 
     def track(self, factory: Tracked) -> None:
-        """Read ``factory``'s live numbers at scrape time (held weakly)."""
+        """
+        Read ``factory``'s live numbers at scrape time, and those of the
+        sniffing factories nested in its rules (held weakly). Called by the
+        owner of these metrics: a factory given them, or a ``MuxService``.
+        """
         self._factories.add(factory)
 
     @property
@@ -389,7 +393,12 @@ _default: Metrics | None = None
 
 
 def default_metrics() -> Metrics:
-    """The process-wide :class:`Metrics` that factories use unless given one."""
+    """
+    The :class:`Metrics` of this process: what a :class:`~muxtwist.service.MuxService`
+    (and ``TerminateTLS`` and ``UDPMux``) count into unless given theirs, and
+    what :func:`~muxtwist.admin.admin_site` shows by default. Nothing is read
+    by it for being built: a ``MuxService`` says which factories it reads.
+    """
     global _default
     if _default is None:
         _default = Metrics()

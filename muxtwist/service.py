@@ -17,11 +17,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from muxtwist._report import Observers
 from muxtwist._signals import SignalHandlers
 from muxtwist._twisted import default_reactor, listen_errors_raise, listening, set_port_log_observer
 from muxtwist.admin import admin_site
 from muxtwist.config import Config, ConfigError, apply_settings, build_factory, endpoint_description, load_config
-from muxtwist.metrics import EmfileThrottle, EmfileWatcher, Metrics, default_metrics
+from muxtwist.metrics import EmfileThrottle, EmfileWatcher, Metrics, default_metrics, nested_sniffers
 from muxtwist.sniffing import SniffingFactory, SniffingProtocol
 from muxtwist.tls import reload_all_certificates
 from muxtwist.udp.listener import add_udp_listener, is_udp, reload_udp_listeners
@@ -104,8 +105,13 @@ class MuxService(SignalHandlers, MultiService):
         drains connections as above and the process exits 0).
     :param inherited: listening sockets made by a parent process, by
         endpoint description: those listeners adopt them (``--workers``).
-    :param metrics: the :class:`~muxtwist.metrics.Metrics` that counts
-        EMFILE refusals (the process-wide one by default).
+    :param metrics: the :class:`~muxtwist.metrics.Metrics` of what this
+        service serves: it reads the live numbers of every listener's
+        factory, counts the connections of those factories (and of the
+        sniffing factories nested in their rules) that were given no metrics
+        of their own, and counts EMFILE refusals. By default, the process's
+        :func:`~muxtwist.metrics.default_metrics`, which ``TerminateTLS`` and
+        ``UDPMux`` count into unless given theirs.
 
     :ivar draining: set once a stop has begun; ``/ready`` answers 503 from then on.
     """
@@ -167,6 +173,7 @@ class MuxService(SignalHandlers, MultiService):
         """
         description = endpoint_description(description)
         listener = Listener(description, factory, self._reactor, self.inherited.pop(description, None))
+        self._observe(factory)
         # Hold the factory started for the whole service life, so that a port
         # that stops listening does not stop the factories of connections
         # that are still draining.
@@ -182,6 +189,19 @@ class MuxService(SignalHandlers, MultiService):
             self._release([factory])
             raise
         return listener
+
+    def _observe(self, factory: SniffingFactory) -> None:
+        """
+        Read ``factory``'s live numbers (and those of the sniffing factories
+        nested in its rules) at scrape time, and count the connections of
+        each of them that was given no metrics of its own.
+        """
+        self.metrics.track(factory)
+        inner: list[Any] = list(nested_sniffers(factory))
+        for each in [factory, *inner]:
+            observer = each.metrics
+            if isinstance(observer, Observers) and not observer.observers:
+                each.metrics = self.metrics
 
     def remove_listener(self, description: str) -> defer.Deferred[None]:
         """Stop one listener and drain its connections like a stop does."""
@@ -267,6 +287,7 @@ class MuxService(SignalHandlers, MultiService):
         for description, rules in wanted.items():
             if description in current:
                 apply_settings(current[description].factory, rules, config.settings)
+                self._observe(current[description].factory)  # sniffing factories the new rules nest
         self.shutdown_timeout = config.settings.shutdown_timeout
         for hook in self.reloaded:
             hook(config)

@@ -33,7 +33,7 @@ from muxtwist._deadlines import Deadline, Deadlines
 from muxtwist._inner import InnerFactories, RuleSet, unique
 from muxtwist._limits import PerSource, Refusals, address_text, host_of
 from muxtwist._prestage import ProxyPreStage
-from muxtwist._report import ConnectionLog
+from muxtwist._report import ConnectionLog, Observers
 from muxtwist._rules import RESERVED_NAMES, Outcome, Rule, RuleStats, check_unique_names, duplicate_names
 from muxtwist._text import printable
 from muxtwist._twisted import default_reactor
@@ -121,8 +121,9 @@ class SniffingFactory:
         UNIX-socket listener. A trusted peer must send a header; its
         connection counts towards ``max_connections_per_source`` only once
         the header is read, as the header's source.
-    :param metrics: the :class:`~muxtwist.metrics.Metrics` to count into
-        (the process-wide one by default).
+    :param metrics: the :class:`~muxtwist.metrics.Metrics` to count into,
+        which then also read this factory's live numbers; none by default
+        (a :class:`~muxtwist.service.MuxService` serving it gives it its own).
     :param log_connections: emit one log event per connection when it ends
         (the metrics count every connection either way; turning the event
         off saves a few microseconds per connection).
@@ -152,12 +153,12 @@ class SniffingFactory:
         self.max_connections_per_source = max_connections_per_source
         self.log_connections = log_connections
         self._sources = PerSource()
-        if metrics is None:
-            from muxtwist.metrics import default_metrics
-
-            metrics = default_metrics()
-        self.metrics: Metrics = metrics
-        metrics.track(self)
+        # Counted where the caller says: the Metrics given here (which then
+        # read this factory's live numbers too), or those of the MuxService
+        # serving it. Built alone, it is counted and read by nothing.
+        self.metrics: Metrics | Observers = Observers() if metrics is None else metrics
+        if metrics is not None:
+            metrics.track(self)
         self._trusted: Trust | None = None
         self.accept_proxy_protocol = accept_proxy_protocol
         self._refusals = Refusals(reactor)

@@ -68,8 +68,10 @@ class RefusedConnectLoopTests(unittest.TestCase):
 
     def test_per_source_refusals_behind_a_balancer_log_one_line_a_second(self) -> None:
         """Clients over the per-source limit behind a balancer write one line a second, as direct ones do."""
+        from muxtwist.metrics import Metrics
+
         events = _sniffer_lines(self)
-        factory, clock = _factory(max_connections_per_source=1)
+        factory, clock = _factory(max_connections_per_source=1, metrics=Metrics())
         held = MemoryConnection(factory, clock=clock, peer=BALANCER)
         held.send(CLIENT_HEADER + b"first")
         self.assertTrue(held.transport.connected)

@@ -621,7 +621,9 @@ class RefusalLogTests(unittest.TestCase):
         events: list[Any] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        factory, clock = make([Rule(Prefix(b"A"), RecordingFactory())], max_connections=1)
+        from muxtwist.metrics import Metrics
+
+        factory, clock = make([Rule(Prefix(b"A"), RecordingFactory())], max_connections=1, metrics=Metrics())
         before = factory.metrics.value("muxtwist_limit_rejections_total", limit="max_connections") or 0
         MemoryConnection(factory, clock=clock)
         for _ in range(50):
