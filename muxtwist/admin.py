@@ -84,7 +84,10 @@ def admin_site(
     :param service: the :class:`~muxtwist.service.MuxService` whose listeners
         the page shows and whose draining ``/ready`` reports.
     :param registry: the registry (or :class:`~muxtwist.metrics.Metrics`) to
-        expose; the process-wide one by default.
+        expose, and whose tracked factories the page shows without a
+        ``service``; by default the service's metrics, or else
+        :func:`~muxtwist.metrics.default_metrics`, which every ``MuxService``
+        built without metrics reads and counts into (``twistd muxtwist``'s).
     :param peers: the workers to ask and sum; by default, the workers of the
         ``--workers`` pool this process is a worker of (``MUXTWIST_WORKER``
         and ``MUXTWIST_WORKERS_DIR`` set), if any.
