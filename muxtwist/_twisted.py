@@ -13,15 +13,17 @@ Checked on: Twisted 26.10.0.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     # Types only: this module is imported by light modules (no twisted.application).
     from twisted.application.internet import StreamServerEndpointService
     from twisted.internet import defer
     from twisted.internet.interfaces import IStreamServerEndpoint
+    from twisted.python.failure import Failure
 
 __all__ = [
+    "after_connection_lost",
     "asyncio_loop_of",
     "default_reactor",
     "endpoint_backlog",
@@ -209,3 +211,91 @@ def endpoint_backlog(endpoint: object) -> int | None:
     if not isinstance(backlog, int) or isinstance(backlog, bool):
         return None
     return backlog
+
+
+class EndWatcher(Protocol):
+    """What :func:`after_connection_lost` tells of a transport's end."""
+
+    def _ended(self, winner: Any) -> object: ...
+
+
+def after_connection_lost(transport: object, watcher: EndWatcher, winner: object) -> bool:
+    """
+    Call ``watcher._ended(winner)`` once ``transport``'s own
+    ``connectionLost`` has run (so after it told its protocol); ``False``,
+    with nothing changed, for a transport where this cannot be done.
+
+    Why: Twisted tells only a transport's protocol that the connection
+    ended, and offers its owner no notification. The sniffer gives its
+    place as the protocol to the winner, so that data goes straight from
+    the transport to the winner, and must not patch the winner's object
+    (a user's protocol, perhaps slotted or a ``proxyForInterface``): it sets
+    an instance attribute ``connectionLost`` on the transport, Twisted's own
+    object, which runs Twisted's method and then reports. This relies on
+    Twisted calling the method through the instance: the reactor
+    (``posixbase._disconnectSelectable``: ``selectable.connectionLost``),
+    ``abortConnection`` (``callLater(0, self.connectionLost, ...)``),
+    ``loseConnection`` after a write shutdown, ``readConnectionLost`` of a
+    protocol that is not half-closeable, and a wrapping transport's own
+    transport (``protocol.connectionLost`` of ``tcp.Connection``, for
+    ``TLSMemoryBIOProtocol`` and every ``ProtocolWrapper``).
+    Checked on Twisted 26.10.0 (``twisted.internet.tcp``, ``unix``,
+    ``abstract``, ``posixbase``, ``asyncioreactor``; ``twisted.protocols.tls``
+    and ``policies``).
+
+    Refused: a transport without a ``connectionLost`` of its own (the
+    in-memory ``StringTransport`` family and ``iosim.FakeTransport`` tell
+    their protocol directly), one whose class makes it a data descriptor,
+    and one that takes no instance attribute (``__slots__``).
+
+    Watchers of one transport (nested sniffers, each handing the same
+    transport on) are told innermost first: the last one set runs closest
+    to Twisted's method.
+    """
+    method = getattr(type(transport), "connectionLost", None)
+    if method is None or hasattr(type(method), "__set__"):
+        return False
+    held: Any = transport
+    current = held.connectionLost
+    if isinstance(current, _AfterConnectionLost):
+        while isinstance(current.original, _AfterConnectionLost):
+            current = current.original
+        current.original = _AfterConnectionLost(transport, current.original, watcher, winner)
+        return True
+    # Twisted's own method is looked up when the end comes; anything else
+    # already set on the instance is kept and called instead.
+    original = None if getattr(current, "__func__", None) is method else current
+    try:
+        held.connectionLost = _AfterConnectionLost(transport, original, watcher, winner)
+    except AttributeError:
+        return False
+    return True
+
+
+class _AfterConnectionLost:
+    """
+    A transport's ``connectionLost`` while a watcher waits for its end (see
+    :func:`after_connection_lost`). Slotted: every handed-off connection
+    holds one for its life.
+    """
+
+    __slots__ = ("original", "transport", "watcher", "winner")
+
+    def __init__(self, transport: Any, original: Any, watcher: EndWatcher, winner: object) -> None:
+        self.transport = transport
+        self.original = original
+        self.watcher = watcher
+        self.winner = winner
+
+    def __call__(self, reason: Failure) -> object:
+        transport = self.transport
+        if getattr(transport, "connectionLost", None) is self:
+            # The transport is Twisted's own again (a TLS layer may be told twice).
+            del transport.connectionLost
+        original = self.original
+        try:
+            if original is None:
+                return type(transport).connectionLost(transport, reason)
+            return original(reason)
+        finally:
+            self.watcher._ended(self.winner)

@@ -6,13 +6,17 @@ After the handoff the winning protocol is put in the sniffer's place on the
 transport (``transport.protocol`` of a TCP or UNIX connection,
 ``transport.wrappedProtocol`` of a TLS or other wrapping transport), so it
 receives data straight from the transport and the sniffer costs nothing per
-byte. Only on a transport that has neither attribute does the sniffer stay
-in between and pass each chunk on with one call.
+byte. The end of the connection is learned from the transport, whose
+``connectionLost`` tells the sniffer after Twisted's own has run
+(:func:`muxtwist._twisted.after_connection_lost`); the winner's object is
+never changed. Only on a transport that has neither attribute, or that
+cannot tell its end so (in-memory transports), does the sniffer stay in
+between and pass each chunk on with one call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -36,7 +40,7 @@ from muxtwist._prestage import ProxyPreStage
 from muxtwist._report import ConnectionLog, Observers
 from muxtwist._rules import RESERVED_NAMES, Outcome, Rule, RuleStats, check_unique_names, duplicate_names
 from muxtwist._text import printable
-from muxtwist._twisted import default_reactor
+from muxtwist._twisted import after_connection_lost, default_reactor
 from muxtwist.interfaces import (
     ConnectionEnd,
     ConnectionInfo,
@@ -666,25 +670,18 @@ class SniffingProtocol(ProxyPreStage):
         transport.loseConnection()
 
     def _attach(self, transport: ITransport, proto: IProtocol) -> None:
-        """Put ``proto`` where the transport delivers data, and learn when it ends."""
-        # A winner whose connectionLost is a data descriptor (a
-        # proxyForInterface wrapper such as twisted.web's HTTP channel, which
-        # forwards it to an inner channel it may replace, as on h2) cannot be
-        # watched by replacing the method: it stays behind the sniffer.
-        if _watchable(proto):
-            for attribute in ("protocol", "wrappedProtocol"):
-                if getattr(transport, attribute, None) is self:
-                    original = proto.connectionLost
-                    try:
-                        proto.connectionLost = self._watch(proto, original)  # type: ignore[method-assign]
-                    except AttributeError:
-                        break
+        """
+        Put ``proto`` where the transport delivers data, and learn of the end
+        from the transport (never from ``proto``, a user's object); on a
+        transport that cannot tell (in-memory ones), stay in between.
+        """
+        for attribute in ("protocol", "wrappedProtocol"):
+            if getattr(transport, attribute, None) is self:
+                if after_connection_lost(transport, self, proto):
                     setattr(transport, attribute, proto)
                     return
+                break
         self.winner = proto
-
-    def _watch(self, proto: IProtocol, original: Callable[[Failure], object]) -> Callable[[Failure], object]:
-        return _Watch(self, proto, original)
 
     def _ended(self, winner: IProtocol | None = None) -> None:
         if self.ended_at is not None:
@@ -746,41 +743,6 @@ class SniffingProtocol(ProxyPreStage):
             abort()
         else:
             transport.loseConnection()
-
-
-class _Watch:
-    """
-    The winner's ``connectionLost`` while it receives straight from the
-    transport: the original runs, then the sniffer records the end. A
-    slotted object rather than a closure, held by every handed-off
-    connection for its life: about 160 bytes less each.
-    """
-
-    __slots__ = ("original", "proto", "sniffer")
-
-    def __init__(self, sniffer: SniffingProtocol, proto: IProtocol, original: Callable[[Failure], object]) -> None:
-        self.sniffer = sniffer
-        self.proto = proto
-        self.original = original
-
-    def __call__(self, reason: Failure) -> object:
-        proto = self.proto
-        try:
-            del proto.connectionLost
-        except AttributeError:
-            pass
-        try:
-            return self.original(reason)
-        finally:
-            self.sniffer._ended(proto)
-
-
-def _watchable(proto: IProtocol) -> bool:
-    """Whether ``proto.connectionLost`` can be replaced on the instance (no data descriptor in its class)."""
-    for klass in type(proto).__mro__:
-        if "connectionLost" in klass.__dict__:
-            return not hasattr(type(klass.__dict__["connectionLost"]), "__set__")
-    return True
 
 
 def _closing(transport: ITransport) -> bool:

@@ -66,6 +66,18 @@ def route(rules: Sequence[Rule], data: bytes, info: ConnectionInfo | None = None
     return Route(None, tuple(verdicts), "no rule matches: the connection goes to on_no_match")
 
 
+class _MemoryTransport(StringTransportWithDisconnection):
+    """Ends as Twisted's own transports do: its ``connectionLost`` tells its protocol."""
+
+    def loseConnection(self) -> None:
+        if self.connected:
+            self.connected = False
+            self.connectionLost(Failure(ConnectionDone("Bye.")))
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.protocol.connectionLost(reason)
+
+
 _PEER = IPv4Address("TCP", "192.0.2.1", 40000)
 _LOCAL = IPv4Address("TCP", "127.0.0.1", 3000)
 
@@ -88,7 +100,7 @@ class MemoryConnection:
         local: IAddress = _LOCAL,
     ) -> None:
         self.clock = clock
-        self.transport = StringTransportWithDisconnection(hostAddress=local, peerAddress=peer)
+        self.transport = _MemoryTransport(hostAddress=local, peerAddress=peer)  # type: ignore[no-untyped-call]
         protocol = factory.buildProtocol(peer)
         if protocol is None:
             raise RuntimeError("the factory refused the connection")
@@ -137,4 +149,4 @@ class MemoryConnection:
         """The client goes away."""
         if self.transport.connected:
             self.transport.connected = False
-            self.protocol.connectionLost(Failure(ConnectionDone()))
+            self.transport.connectionLost(Failure(ConnectionDone()))

@@ -10,19 +10,22 @@ import ast
 import asyncio
 import socket
 from pathlib import Path
+from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer, endpoints, protocol, reactor, tcp
+from twisted.internet import defer, endpoints, protocol, reactor, task, tcp
 from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 import muxtwist
 from muxtwist._twisted import (
+    after_connection_lost,
     asyncio_loop_of,
     default_reactor,
     endpoint_backlog,
@@ -242,6 +245,132 @@ class PortLoggerTests(unittest.TestCase):
     def test_objects_without_a_logger_are_left_alone(self) -> None:
         """Anything that is not a Twisted TCP port is refused, not patched."""
         self.assertFalse(set_port_log_observer(object(), print))
+
+
+class _Ends:
+    """A watcher for after_connection_lost: the winners it is told of, and what their protocols had seen by then."""
+
+    def __init__(self, name: str = "", order: list[str] | None = None) -> None:
+        self.name = name
+        self.order = order if order is not None else []
+        self.told: list[tuple[object, bool]] = []
+
+    def _ended(self, winner: object) -> None:
+        self.told.append((winner, bool(getattr(winner, "lost", False))))
+        self.order.append(self.name)
+
+
+class _Server(protocol.Protocol):
+    def __init__(self, made: defer.Deferred[_Server]) -> None:
+        self.made = made
+        self.lost = False
+        self.gone: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.made.callback(self)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.lost = True
+        self.gone.callback(None)
+
+
+class AfterConnectionLostTests(unittest.TestCase):
+    """``after_connection_lost``: Twisted calls a transport's connectionLost through the instance."""
+
+    LOUD = (
+        "Twisted ended the transport without calling the connectionLost set on its instance: "
+        "after_connection_lost in muxtwist/_twisted.py no longer learns of ends (handed-off connections "
+        "would never be reported)"
+    )
+
+    async def pair(self, tls: bool = False) -> tuple[_Server, protocol.Protocol, Any]:
+        """A real loopback connection: our server protocol, the client protocol and the server's transport."""
+        made: defer.Deferred[_Server] = defer.Deferred()
+        server_factory: Any = protocol.Factory.forProtocol(lambda: _Server(made))
+        client_factory: Any = protocol.Factory.forProtocol(protocol.Protocol)
+        if tls:
+            from twisted.internet import ssl
+
+            from tests.certs import make_certificate
+
+            cert = make_certificate("localhost")
+            server_options = ssl.PrivateCertificate.loadPEM(cert.key_pem + cert.cert_pem).options()
+            client_options = ssl.optionsForClientTLS("localhost", ssl.Certificate.loadPEM(cert.cert_pem))
+            server_factory = TLSMemoryBIOFactory(server_options, False, server_factory)
+            client_factory = TLSMemoryBIOFactory(client_options, True, client_factory)
+        port = reactor.listenTCP(0, server_factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = await endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(client_factory)
+        server = await made
+        self.addCleanup(lambda: None if server.lost else server.transport.abortConnection())  # type: ignore[union-attr]
+        if tls:
+            # The TLS layer is the transport of our protocol, as TerminateTLS's inner sniffer has it.
+            self.assertIsInstance(server.transport, TLSMemoryBIOProtocol)
+        else:
+            self.assertIsInstance(server.transport, tcp.Server)
+        return server, client, server.transport
+
+    async def turn(self) -> None:
+        """Back to the reactor: our protocol's connectionLost fires its Deferred before the transport's returns."""
+        await task.deferLater(reactor, 0, lambda: None)
+
+    async def check_end(self, end: Any, tls: bool = False) -> None:
+        server, client, transport = await self.pair(tls)
+        ends = _Ends()
+        self.assertTrue(after_connection_lost(transport, ends, server))
+        self.assertIn("connectionLost", vars(transport))
+        end(server, client, transport)
+        await server.gone
+        await self.turn()
+        self.assertEqual(ends.told, [(server, True)], self.LOUD)
+        self.assertNotIn("connectionLost", vars(transport), "the transport keeps the hook after its end")
+
+    async def test_peer_close(self) -> None:
+        """The reactor ends a TCP server transport whose peer closed through its instance connectionLost."""
+        await self.check_end(lambda server, client, transport: client.transport.loseConnection())
+
+    async def test_lose_connection(self) -> None:
+        """loseConnection on a TCP server transport ends it through its instance connectionLost."""
+        await self.check_end(lambda server, client, transport: transport.loseConnection())
+
+    async def test_abort_connection(self) -> None:
+        """abortConnection on a TCP server transport ends it through its instance connectionLost."""
+        await self.check_end(lambda server, client, transport: transport.abortConnection())
+
+    async def test_tls_peer_close(self) -> None:
+        """A TLSMemoryBIOProtocol whose peer closed is ended through its instance connectionLost."""
+        await self.check_end(lambda server, client, transport: client.transport.loseConnection(), tls=True)
+
+    async def test_tls_abort(self) -> None:
+        """abortConnection on a TLSMemoryBIOProtocol ends it through its instance connectionLost."""
+        await self.check_end(lambda server, client, transport: transport.abortConnection(), tls=True)
+
+    async def test_nested_watchers_innermost_first(self) -> None:
+        """Two watchers of one transport are each told once, the one set last first."""
+        server, client, transport = await self.pair()
+        order: list[str] = []
+        outer, inner = _Ends("outer", order), _Ends("inner", order)
+        self.assertTrue(after_connection_lost(transport, outer, "the inner sniffer"))
+        self.assertTrue(after_connection_lost(transport, inner, server))
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        await server.gone
+        await self.turn()
+        self.assertEqual(order, ["inner", "outer"], self.LOUD)
+        self.assertEqual(inner.told, [(server, True)])
+        self.assertEqual(outer.told, [("the inner sniffer", False)])
+
+    def test_refused_transports(self) -> None:
+        """Transports without a connectionLost of their own, or without room for the attribute, are refused."""
+
+        class Slotted:
+            __slots__ = ("protocol",)
+
+            def connectionLost(self, reason: Failure) -> None:
+                pass
+
+        for transport in (StringTransport(), Slotted()):
+            self.assertFalse(after_connection_lost(transport, _Ends(), None), transport)
+            self.assertNotIn("connectionLost", getattr(transport, "__dict__", {}))
 
 
 #: The private attributes of Twisted's objects that muxtwist reads, all in
