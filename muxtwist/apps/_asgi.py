@@ -1,0 +1,284 @@
+"""
+:class:`ASGI`: an ASGI application served in-process with uvicorn's
+HTTP/1.1 and WebSocket protocol classes, driven through the asyncio adapter
+(:mod:`muxtwist.apps._asyncio`), its lifespan tied to the factory's
+``doStart``/``doStop``. It needs Twisted's asyncio reactor (the application
+is asyncio code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from muxtwist._twisted import default_reactor
+from muxtwist.apps._asyncio import AsyncioProtocolFactory, Bridge, asyncio_loop
+from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
+
+__all__ = ["ASGI"]
+
+log = Logger(namespace="muxtwist.apps")
+
+
+def _uvicorn() -> Any:
+    try:
+        import uvicorn
+    except ImportError as e:  # pragma: no cover - the extra is documented
+        raise ImportError("muxtwist.apps.ASGI needs uvicorn: pip install 'muxtwist[asgi]'") from e
+    return uvicorn
+
+
+@implementer(IConnectionInfoFactory)
+class ASGI(Factory):
+    """
+    A rule target serving the ASGI application ``app``: HTTP/1.1 and
+    WebSocket, with uvicorn's protocol classes (h11 or httptools; websockets
+    or wsproto, whichever uvicorn picks as installed).
+
+    ``doStart`` runs the application's lifespan startup (connections that
+    arrive before it completes wait for it); the stop of the factory, or the
+    reactor's shutdown, asks every connection to finish gracefully (uvicorn's
+    ``shutdown``: idle keep-alive connections close, WebSockets get 1012),
+    waits for them up to ``shutdown_timeout`` seconds, then runs the lifespan
+    shutdown (given up, with an error logged, after ``shutdown_timeout``
+    seconds more). :meth:`when_stopped` fires when that is done.
+
+    :param root_path: the ASGI ``root_path`` (the app mounted below a prefix).
+    :param lifespan: ``"auto"`` (run it if the app supports it), ``"on"``
+        (its failure refuses connections) or ``"off"``.
+    :param uvicorn_options: more ``uvicorn.Config`` options (``ws_max_size``,
+        ``timeout_keep_alive``, ``h11_max_incomplete_event_size``...).
+    :raises AsyncioReactorRequired: from ``doStart``, under another reactor.
+    """
+
+    #: ``python -m muxtwist check`` says so next to the rule.
+    needs_asyncio_reactor = True
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        root_path: str = "",
+        lifespan: Literal["auto", "on", "off"] = "auto",
+        shutdown_timeout: float = 30.0,
+        reactor: Any = None,
+        **uvicorn_options: Any,
+    ) -> None:
+        if lifespan not in ("auto", "on", "off"):
+            raise ValueError(f"lifespan must be 'auto', 'on' or 'off', got {lifespan!r}")
+        if not callable(app):
+            raise TypeError(f"ASGI needs an ASGI application (a callable), got {app!r}")
+        uvicorn = _uvicorn()
+        self.app = app
+        self.root_path = root_path
+        self.lifespan = lifespan
+        self.shutdown_timeout = shutdown_timeout
+        self._reactor = reactor
+        options = {"log_config": None, "access_log": False, "proxy_headers": False, **uvicorn_options}
+        self.config = uvicorn.Config(app, root_path=root_path, lifespan=lifespan, **options)
+        self._state: Any = None
+        self._lifespan: Any = None
+        self._ready: bool | None = None
+        self._waiting: list[Bridge] = []
+        self._started_waiters: list[defer.Deferred[bool]] = []
+        self._stopping: defer.Deferred[None] | None = None
+        self._stopped: defer.Deferred[None] = defer.succeed(None)
+        self._trigger: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        name = getattr(self.app, "__qualname__", None) or type(self.app).__qualname__
+        return f"ASGI({name}, root_path={self.root_path!r}, lifespan={self.lifespan!r})"
+
+    @property
+    def reactor(self) -> Any:
+        return default_reactor(self._reactor)
+
+    # Lifecycle
+
+    def startFactory(self) -> None:
+        loop = asyncio_loop(self.reactor, "muxtwist.apps.ASGI")
+        from uvicorn.lifespan.off import LifespanOff
+        from uvicorn.lifespan.on import LifespanOn
+        from uvicorn.server import ServerState
+
+        if not self.config.loaded:
+            self.config.load()
+        self._loop = loop
+        self._state = ServerState()
+        self._lifespan = LifespanOn(self.config) if self.lifespan != "off" else LifespanOff(self.config)
+        self._ready = None
+        self._stopping = None
+        self._stopped = defer.Deferred()
+        startup = defer.Deferred.fromFuture(loop.create_task(self._lifespan.startup()))
+        startup.addCallbacks(self._started, self._startup_error)
+        self._trigger = self.reactor.addSystemEventTrigger("before", "shutdown", self._stop)
+
+    def _started(self, _: object) -> None:
+        failed = bool(getattr(self._lifespan, "should_exit", False))
+        if failed:
+            log.error("ASGI application {app} failed its lifespan startup: refusing its connections", app=repr(self))
+        self._ready = not failed
+        started, self._started_waiters = self._started_waiters, []
+        for d in started:
+            d.callback(not failed)
+        waiting, self._waiting = self._waiting, []
+        for bridge in waiting:
+            if bridge.lost:
+                continue
+            if failed:
+                bridge.refuse()
+            else:
+                bridge.start()
+
+    def _startup_error(self, failure: Failure) -> None:
+        log.failure("ASGI lifespan startup raised", failure)
+        self._lifespan.should_exit = True
+        self._started(None)
+
+    def stopFactory(self) -> None:
+        if self._trigger is not None:
+            try:
+                self.reactor.removeSystemEventTrigger(self._trigger)
+            except (ValueError, KeyError):
+                pass
+            self._trigger = None
+        self._stop()
+
+    def _stop(self) -> defer.Deferred[None]:
+        """Close connections gracefully, wait for them, run the lifespan shutdown."""
+        if self._stopping is not None:
+            return self._stopping
+        self._stopping = defer.Deferred.fromCoroutine(self._shutdown())
+        self._stopping.addErrback(lambda f: log.failure("ASGI shutdown failed", f))
+        self._stopping.addBoth(lambda _: self._stopped.callback(None))
+        return self._stopping
+
+    async def _shutdown(self) -> None:
+        state = self._state
+        if state is None:
+            return
+        reactor = self.reactor
+        if self._ready is None:
+            # Stopped while the lifespan startup still runs (a cancelled
+            # muxtwist.aio.serve): let it finish, for up to shutdown_timeout,
+            # so that the shutdown below ends the lifespan it began.
+            started = self.when_started()
+            started.addTimeout(self.shutdown_timeout, reactor)
+            try:
+                await started
+            except defer.TimeoutError:
+                log.error(
+                    "ASGI application {app} did not finish its lifespan startup within {timeout} s of the stop",
+                    app=repr(self),
+                    timeout=self.shutdown_timeout,
+                )
+        for connection in list(state.connections):
+            connection.shutdown()
+        deadline = reactor.seconds() + self.shutdown_timeout
+        while state.connections and reactor.seconds() < deadline:
+            await _sleep(reactor, 0.05)
+        for connection in list(state.connections):
+            connection.transport.abort()
+        # As uvicorn does past its graceful-shutdown timeout: the requests
+        # still running are cancelled, so that no application code runs on
+        # during or after the lifespan shutdown. They get a moment to unwind.
+        for task in list(state.tasks):
+            task.cancel()
+        deadline = reactor.seconds() + min(1.0, self.shutdown_timeout)
+        while state.tasks and reactor.seconds() < deadline:
+            await _sleep(reactor, 0.01)
+        if self._ready is not None and self._lifespan is not None:
+            assert self._loop is not None
+            # The application's own shutdown gets shutdown_timeout seconds too:
+            # one that never completes must not keep the process from stopping.
+            shutdown = defer.Deferred.fromFuture(self._loop.create_task(self._lifespan.shutdown()))
+            shutdown.addTimeout(self.shutdown_timeout, reactor)
+            try:
+                await shutdown
+            except (defer.TimeoutError, asyncio.CancelledError):
+                # Cancelling the Deferred cancels the task: its CancelledError
+                # is asyncio's, which addTimeout does not turn into TimeoutError.
+                log.error(
+                    "ASGI application {app} did not finish its lifespan shutdown within {timeout} s: given up",
+                    app=repr(self),
+                    timeout=self.shutdown_timeout,
+                )
+
+    def when_started(self) -> defer.Deferred[bool]:
+        """A Deferred that fires with whether the lifespan startup succeeded, once it is done."""
+        if self._ready is not None:
+            return defer.succeed(self._ready)
+        d: defer.Deferred[bool] = defer.Deferred()
+        self._started_waiters.append(d)
+        return d
+
+    def when_stopped(self) -> defer.Deferred[None]:
+        """A Deferred that fires once the lifespan shutdown of the last stop is done."""
+        d: defer.Deferred[None] = defer.Deferred()
+
+        def fire(result: object) -> object:
+            d.callback(None)
+            return result
+
+        self._stopped.addBoth(fire)
+        return d
+
+    @property
+    def connections(self) -> int:
+        """How many connections the application is serving now."""
+        return len(self._state.connections) if self._state is not None else 0
+
+    # IProtocolFactory
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        return self.buildProtocolForConnection(addr, None, "")
+
+    def buildProtocolForConnection(
+        self, addr: IAddress | None, info: ConnectionInfo | None, rule_name: str
+    ) -> Protocol | None:
+        if self._state is None or self._stopping is not None:
+            log.warn("ASGI target {app} is not running: closing {peer}", app=repr(self), peer=addr)
+            return None
+        if self._ready is False:
+            return None
+        config, state, lifespan, loop = self.config, self._state, self._lifespan, self._loop
+
+        def build() -> asyncio.BaseProtocol:
+            proto: asyncio.BaseProtocol = config.http_protocol_class(
+                config=config, server_state=state, app_state=lifespan.state, _loop=loop
+            )
+            return proto
+
+        bridge = _AppBridge(build, info, self)
+        bridge.factory = self
+        return bridge
+
+
+class _AppBridge(Bridge):
+    """A bridge that waits for its ASGI target's lifespan startup."""
+
+    def __init__(self, build: AsyncioProtocolFactory, info: ConnectionInfo | None, target: ASGI) -> None:
+        super().__init__(build, info)
+        self._target = target
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        target = self._target
+        if target._ready is None:
+            self.wait()
+            target._waiting.append(self)
+        else:
+            self.start()
+
+
+def _sleep(reactor: Any, seconds: float) -> defer.Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)

@@ -1,0 +1,86 @@
+"""
+:class:`WSGI`: a WSGI application served with ``twisted.web.wsgi`` on a
+bounded thread pool that starts and stops with the factory.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.python.threadpool import ThreadPool
+from twisted.web.server import Site
+from twisted.web.wsgi import WSGIResource
+
+from muxtwist._twisted import default_reactor
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorThreads
+
+__all__ = ["WSGI"]
+
+
+def _daemon_thread(**kwargs: Any) -> threading.Thread:
+    """A thread for the WSGI pool that does not hold the process open at exit."""
+    return threading.Thread(daemon=True, **kwargs)
+
+
+class WSGI(Site):
+    """
+    A rule target serving the WSGI application ``app`` with
+    ``twisted.web.wsgi``, each request on a thread from a pool of at most
+    ``threads`` threads. The pool starts with the factory (``doStart``) and
+    stops with it (``doStop`` returns at once; requests in flight finish on
+    their threads, which then end). Requests beyond ``threads`` wait for a
+    free thread; the reactor thread never runs the application, so other
+    connections are served meanwhile.
+    """
+
+    def __init__(self, app: Callable[..., Any], *, threads: int = 10, reactor: IReactorThreads | None = None) -> None:
+        if not callable(app):
+            raise TypeError(f"WSGI needs a WSGI application (a callable), got {app!r}")
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        reactor = default_reactor(reactor)
+        self.app = app
+        self.threads = threads
+        self.pool = self._new_pool()
+        # twisted.web.wsgi only calls callInThread on its pool: this factory
+        # stands in for it, so that a restart can use a fresh pool (a stopped
+        # ThreadPool cannot start again).
+        super().__init__(WSGIResource(reactor, self, app))  # type: ignore[no-untyped-call]
+
+    def _new_pool(self) -> ThreadPool:
+        pool = ThreadPool(minthreads=0, maxthreads=self.threads, name="muxtwist-wsgi")
+        # Daemon threads: a request still running after the service stopped
+        # (its connection aborted at shutdown_timeout) must not keep the
+        # process alive once the reactor is gone, as Python waits for every
+        # other thread at exit.
+        pool.threadFactory = _daemon_thread  # type: ignore[assignment]
+        return pool
+
+    def callInThread(self, f: Callable[..., object], *args: object, **kwargs: object) -> None:
+        """Run ``f`` on the pool (what ``WSGIResource`` calls for each request)."""
+        self.pool.callInThread(f, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        name = getattr(self.app, "__qualname__", None) or getattr(self.app, "name", None) or type(self.app).__name__
+        return f"WSGI({name}, threads={self.threads})"
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        if self.pool.joined:
+            self.pool = self._new_pool()
+        if not self.pool.started:
+            self.pool.start()
+
+    def stopFactory(self) -> None:
+        if self.pool.started:
+            # ThreadPool.stop joins the threads, and a request thread in flight
+            # waits for the reactor to write its response: joining on the
+            # reactor thread would deadlock, so the old pool is stopped on a
+            # thread of its own and a restart gets a fresh one.
+            pool, self.pool = self.pool, self._new_pool()
+            threading.Thread(target=pool.stop, name="muxtwist-wsgi-stop", daemon=True).start()
+        super().stopFactory()
