@@ -76,32 +76,28 @@ class Refusals:
     def refused(self, observer: IConnectionObserver, peer: object, limit: str, value: int, rule: str = "") -> None:
         """Count a refusal by ``limit``; log it, at most once a second per limit (and rule)."""
         observer.limit_rejected(limit)
-        suppressed = self._throttle.admit((limit, rule))
-        if suppressed is None:
-            return
-        log.warn(
-            "refusing {peer}: {limit} ({value}) reached"
-            + (" ({suppressed} more refused by it since the last line)" if suppressed else ""),
-            peer=printable(address_text(peer)),
-            limit=limit,
-            value=value,
-            rule=rule,
-            suppressed=suppressed,
-            outcome=Outcome.REJECTED.value,
-        )
+        self._warn((limit, rule), peer, "{limit} ({value}) reached", "by it", limit=limit, value=value, rule=rule)
 
     def refused_header(self, peer: object, problem: str) -> None:
         """Log a connection the PROXY pre-stage refused, at most once a second."""
-        suppressed = self._throttle.admit(("proxy_protocol", ""))
+        self._warn(("proxy_protocol", ""), peer, "{problem}", "by the PROXY pre-stage", problem=printable(problem))
+
+    def _warn(self, key: tuple[str, str], peer: object, reason: str, by: str, **fields: object) -> None:
+        """
+        Log ``refusing {peer}: `` and ``reason`` (a log format over
+        ``fields``), at most once a second per ``key``; the line says how
+        many were refused ``by`` the same since the last one.
+        """
+        suppressed = self._throttle.admit(key)
         if suppressed is None:
             return
+        more = " ({suppressed} more refused " + by + " since the last line)" if suppressed else ""
         log.warn(
-            "refusing {peer}: {problem}"
-            + (" ({suppressed} more refused by the PROXY pre-stage since the last line)" if suppressed else ""),
+            "refusing {peer}: " + reason + more,
             peer=printable(address_text(peer)),
-            problem=printable(problem),
             suppressed=suppressed,
             outcome=Outcome.REJECTED.value,
+            **fields,
         )
 
     def log_end(self, outcome: str, rule: str) -> bool:

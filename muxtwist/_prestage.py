@@ -19,12 +19,12 @@ from muxtwist._rules import Outcome
 from muxtwist.interfaces import ConnectionInfo
 from muxtwist.proxyprotocol import ProxyHeaderReader, Trust
 
-__all__ = ["ProxyPreStage"]
+__all__ = ["PreStageOwner", "ProxyPreStage"]
 
 log = Logger(namespace="muxtwist.sniffing")
 
 
-class _Owner(Protocol):
+class PreStageOwner(Protocol):
     """What the pre-stage reads of the sniffing factory."""
 
     max_sniff_bytes: int
@@ -47,7 +47,7 @@ class ProxyPreStage:
     __slots__ = ("_info", "_overflow", "_proxy_reader", "_source")
 
     addr: IAddress
-    factory: _Owner
+    factory: PreStageOwner
     transport: ITransport | None
     _buffer: bytearray | None
     _info: ConnectionInfo | None

@@ -641,6 +641,37 @@ class RefusalLogTests(unittest.TestCase):
         after = factory.metrics.value("muxtwist_limit_rejections_total", limit="max_connections")
         self.assertEqual(after - before, 61)
 
+    def test_refusal_lines_say_what_refused_and_how_many_were_left_out(self) -> None:
+        """A limit's and the PROXY pre-stage's throttled lines read as before: the reason, then the count left out."""
+        from twisted.internet.address import IPv4Address
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from muxtwist._limits import Refusals
+        from muxtwist._report import Observers
+
+        events: list[Any] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        clock = task.Clock()
+        refusals = Refusals(clock)
+        peer = IPv4Address("TCP", "192.0.2.9", 4000)
+        for _ in range(3):
+            refusals.refused(Observers(), peer, "max_connections", 1)
+            refusals.refused_header(peer, "no PROXY header")
+        clock.advance(1.5)
+        refusals.refused(Observers(), peer, "max_connections", 1)
+        refusals.refused_header(peer, "no PROXY header")
+        lines = [formatEvent(e) for e in events if "refusing" in e.get("log_format", "")]
+        self.assertEqual(
+            lines,
+            [
+                "refusing 192.0.2.9:4000: max_connections (1) reached",
+                "refusing 192.0.2.9:4000: no PROXY header",
+                "refusing 192.0.2.9:4000: max_connections (1) reached (2 more refused by it since the last line)",
+                "refusing 192.0.2.9:4000: no PROXY header (2 more refused by the PROXY pre-stage since the last line)",
+            ],
+        )
+
 
 class ProxiedWinnerTests(unittest.TestCase):
     def test_end_of_a_winner_that_swaps_its_inner_protocol_is_seen(self) -> None:
