@@ -5,6 +5,7 @@ TLS to backends: the client TLS options a ``tls=`` argument stands for.
 from __future__ import annotations
 
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.ssl import optionsForClientTLS
 
 from muxtwist.proxy._backends import _host_of
 
@@ -12,8 +13,6 @@ __all__ = ["_tls_creator"]
 
 
 def _tls_creator(tls: object, description: str) -> IOpenSSLClientConnectionCreator:
-    from twisted.internet.ssl import optionsForClientTLS
-
     if tls is True:
         host = _host_of(description)
         if host is None:

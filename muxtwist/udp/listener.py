@@ -14,7 +14,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from muxtwist.udp.mux import MAX_DATAGRAM, UDPMux
+from muxtwist.udp.mux import MAX_DATAGRAM, UDPMux, is_datagram_target
 from muxtwist.udp.proxy import _fields
 
 if TYPE_CHECKING:
@@ -140,8 +140,6 @@ class UDPListener(Service):
 
 def udp_target_problem(description: str, rules: Sequence[Rule]) -> str | None:
     """What is wrong with ``rules`` for the listener ``description`` (``None`` if nothing)."""
-    from muxtwist.udp.mux import is_datagram_target
-
     for i, rule in enumerate(rules):
         if is_udp(description) and not is_datagram_target(rule.factory):
             return (

@@ -29,6 +29,7 @@ from twisted.internet.protocol import AbstractDatagramProtocol, DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from muxtwist._rules import check_unique_names
 from muxtwist._text import LogThrottle
 from muxtwist._twisted import default_reactor
 from muxtwist.interfaces import Verdict
@@ -37,8 +38,8 @@ from muxtwist.udp.flows import Address, Flow, FlowTable
 from muxtwist.udp.interfaces import IFlowTarget, IFlowTransport
 
 if TYPE_CHECKING:
+    from muxtwist._rules import Rule
     from muxtwist.metrics import Metrics
-    from muxtwist.sniffing import Rule
 
 __all__ = ["MAX_DATAGRAM", "UDPMux", "is_datagram_target"]
 
@@ -200,8 +201,6 @@ class UDPMux:
                 )
         if on_no_match is not None and not is_datagram_target(on_no_match):
             on_no_match = None
-        from muxtwist.sniffing import check_unique_names
-
         check_unique_names(rules)
         if self._started:
             self._start_targets([*(r.factory for r in rules), *([on_no_match] if on_no_match is not None else [])])
