@@ -6,6 +6,7 @@ exits 0 instead of dying by the signal).
 
 from __future__ import annotations
 
+import atexit
 import signal
 import sys
 from collections.abc import Callable
@@ -19,6 +20,9 @@ log = Logger()
 
 #: A SIGHUP that arrived before the services' own handlers were in.
 _sighup_pending = False
+
+#: Whether :func:`_ignore_sighup_at_exit` is registered with atexit.
+_exit_hook = False
 
 
 def _hold(signum: int, frame: Any) -> None:
@@ -37,11 +41,29 @@ def hold_sighup() -> None:
     the one ``_muxtwist_startup`` installed while the interpreter started (an
     installed package's ``.pth`` hook) is taken over.
     """
+    global _exit_hook
     current = signal.getsignal(signal.SIGHUP)
     early: Any = sys.modules.get("_muxtwist_startup")
     if current in (signal.SIG_DFL, signal.SIG_IGN, None) or (early is not None and current is early._held):
         signal.signal(signal.SIGHUP, _hold)
+    if not _exit_hook:
+        atexit.register(_ignore_sighup_at_exit)
+        _exit_hook = True
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+
+
+def _ignore_sighup_at_exit() -> None:
+    """
+    At exit, a SIGHUP still held (by :func:`hold_sighup`, or by the early
+    hold, as after a failed start or once the services have given their
+    handlers back) becomes ignored: the interpreter puts SIGHUP's default
+    action back before the process ends, and a SIGHUP then would replace
+    the exit status (1 for a failed start, 0 for a clean stop) by death by signal.
+    """
+    current = signal.getsignal(signal.SIGHUP)
+    early: Any = sys.modules.get("_muxtwist_startup")
+    if current is _hold or (early is not None and current is early._held):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def take_pending_sighup() -> bool:

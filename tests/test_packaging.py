@@ -13,6 +13,7 @@ import glob
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -143,6 +144,71 @@ class PackagingTests(unittest.TestCase):
             modules = [line.rsplit("|", 1)[-1].strip() for line in f if line.startswith("import time:")]
         first_twisted = next(i for i, name in enumerate(modules) if name.split(".")[0] == "twisted")
         self.assertIn("_muxtwist_startup", modules[:first_twisted])
+
+    def twistd_under_sighups(self, port: int, then: int | None = None) -> tuple[int, bytes, int]:
+        """
+        Installed from the wheel, ``twistd -n muxtwist`` on ``port``, sent a SIGHUP
+        every millisecond from the moment it holds them until it ends (after
+        ``then`` once it listens, when given); its exit status, output and the
+        SIGHUPs sent. ``then`` is sent once the process serves and has its
+        handler for it (before, it would be the signal's default action).
+        """
+        from tests.processes import stop_group
+        from tests.test_tap import ignores_or_catches_sighup, listening
+
+        def catches(pid: int, signum: int) -> bool:
+            with open(f"/proc/{pid}/status") as f:
+                caught = next(line.split(":", 1)[1] for line in f if line.startswith("SigCgt:"))
+            return bool(int(caught, 16) & (1 << (signum - 1)))
+
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        twistd = os.path.join(self.venv, "bin", "twistd")
+        proc = subprocess.Popen(
+            [twistd, "-n", "--pidfile=", "muxtwist", "--port", f"tcp:{port}:interface=127.0.0.1"],
+            cwd=self.elsewhere,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.addCleanup(stop_group, proc)
+        started = time.monotonic()
+        while time.monotonic() - started < 20 and proc.poll() is None and not ignores_or_catches_sighup(proc.pid):
+            time.sleep(0.0005)
+        sent = 0
+        while time.monotonic() - started < 60 and proc.poll() is None:
+            if then is not None and listening(port) and catches(proc.pid, then):
+                proc.send_signal(then)
+                then = None
+            proc.send_signal(signal.SIGHUP)
+            sent += 1
+            time.sleep(0.001)
+        out, _ = proc.communicate(timeout=30)
+        return proc.returncode, out, sent
+
+    def test_sighups_through_a_failed_start_keep_its_exit_status(self) -> None:
+        """
+        Installed from the wheel, twistd muxtwist that cannot listen under a
+        SIGHUP storm exits 1 with its usual message, not by the signal.
+        """
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status, out, sent = self.twistd_under_sighups(port)
+        self.assertGreater(sent, 5)
+        self.assertEqual(status, 1, out)
+        self.assertIn(f"muxtwist: cannot listen on tcp:{port}:interface=127.0.0.1".encode(), out)
+
+    def test_sighups_through_a_stop_keep_its_exit_status(self) -> None:
+        """Installed from the wheel, twistd muxtwist stopped by SIGTERM under a SIGHUP storm exits 0."""
+        from tests.twistd import free_port
+
+        status, out, sent = self.twistd_under_sighups(free_port(), then=signal.SIGTERM)
+        self.assertGreater(sent, 5)
+        self.assertIn(b"Server Shut Down", out)
+        self.assertEqual(status, 0, out[-2000:])
 
 
 class SetupCfgTests(unittest.TestCase):

@@ -417,24 +417,104 @@ class StartupSignalTests(unittest.TestCase):
 class EarlyHoldTests(unittest.TestCase):
     """``_muxtwist_startup`` (run by the installed ``.pth`` hook) holds SIGHUP in ``twistd ... muxtwist`` only."""
 
-    def test_only_twistd_muxtwist_command_lines_hold(self) -> None:
-        """twistd (by path or ``-m twisted``) running the muxtwist plugin holds; other commands do not."""
-        from _muxtwist_startup import _is_twistd_muxtwist
+    #: Read after ``muxtwist-startup.pth`` (.pth files are read in name
+    #: order); with MUXTWIST_PROBE set it prints what the hook did and ends
+    #: the process there, before any program runs.
+    PROBE = (
+        "import os, sys, json, _signal; m = sys.modules.get('_muxtwist_startup'); "
+        "os.environ.get('MUXTWIST_PROBE') and (print(json.dumps(dict("
+        "held=m is not None and _signal.getsignal(_signal.SIGHUP) is m._held, "
+        "imported=m is not None, argv=sys.argv))), sys.stdout.flush(), os._exit(0))\n"
+    )
 
-        for argv in (
-            ["/usr/bin/python3", "/usr/bin/twistd", "-n", "muxtwist", "--port", "3000"],
-            ["/venv/bin/python", "/venv/bin/twistd", "--reactor=asyncio", "muxtwist"],
-            ["python3", "-m", "twisted", "-n", "muxtwist"],
+    def site_venv(self) -> tuple[str, str]:
+        """
+        A fresh venv (no pip) with the hook in its site-packages as the wheel
+        installs it, and the probe read after it; its python and a scratch directory.
+        """
+        scratch = os.path.abspath(self.mktemp())
+        venv = os.path.join(scratch, "venv")
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        site = os.path.join(venv, "lib", version, "site-packages")
+        for name in ("muxtwist-startup.pth", "_muxtwist_startup.py"):
+            shutil.copy(os.path.join(ROOT, name), site)
+        with open(os.path.join(site, "zz-probe.pth"), "w") as f:
+            f.write(self.PROBE)
+        return os.path.join(venv, "bin", "python"), scratch
+
+    def probe(self, python: str, args: list[str], cwd: str) -> dict[str, Any]:
+        """What the hook did in ``python ARGS``, seen while site-packages is read."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        env["MUXTWIST_PROBE"] = "1"
+        done = subprocess.run([python, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, (args, done.stderr))
+        result: dict[str, Any] = json.loads(done.stdout)
+        return result
+
+    def test_only_twistd_muxtwist_command_lines_hold(self) -> None:
+        """
+        Read from site-packages, the hook holds SIGHUP in ``twistd ...
+        muxtwist`` and ``python -m twisted ... muxtwist`` whatever options the
+        interpreter is given first (``-u``, ``-I``, ``-X dev``, a shebang's
+        ``-sP``, ``-mtwisted``), and in no other command.
+        """
+        python, scratch = self.site_venv()
+        twistd = os.path.join(scratch, "twistd")  # never runs: the probe ends the process first
+        for command in (
+            [twistd, "-n", "muxtwist", "--port", "3000"],
+            [twistd, "--reactor=asyncio", "muxtwist"],
+            ["-u", twistd, "-n", "muxtwist"],
+            ["-I", "-X", "dev", twistd, "muxtwist", "--port", "3000"],
+            ["-sP", twistd, "muxtwist"],
+            ["-m", "twisted", "muxtwist"],
+            ["-mtwisted", "muxtwist"],
+            ["-W", "ignore", "-m", "twisted", "muxtwist"],
         ):
-            self.assertTrue(_is_twistd_muxtwist(argv), argv)
-        for argv in (
-            ["python3", "-m", "muxtwist", "check", "rules.py"],
-            ["/usr/bin/python3", "/usr/bin/twistd", "web", "--port", "8080"],
-            ["python3", "muxtwist.py"],
-            ["python3", "tool.py", "muxtwist"],
-            ["python3", "-c", "pass"],
+            self.assertTrue(self.probe(python, command, scratch)["held"], command)
+        for command in (
+            ["-m", "muxtwist", "check", "rules.py"],
+            [twistd, "web", "--port", "8080"],
+            ["muxtwist.py"],
+            ["tool.py", "muxtwist"],
+            ["tool.py", "-m", "twisted", "muxtwist"],
+            ["-c", "pass", "muxtwist"],
+            ["-m", "twisted.trial", "muxtwist"],
+            ["-c", "pass"],
         ):
-            self.assertFalse(_is_twistd_muxtwist(argv), argv)
+            self.assertFalse(self.probe(python, command, scratch)["held"], command)
+
+    def test_never_holds_where_the_plugin_would_not_take_over(self) -> None:
+        """
+        Every command the hook holds SIGHUP in is one where the twistd plugin
+        takes the hold over; anywhere else a SIGHUP would stay remembered and
+        ignored for the life of the program.
+        """
+        import twisted
+
+        plugin: Any = __import__("twisted.plugins.muxtwist_plugin", fromlist=["_running_muxtwist"])
+        python, scratch = self.site_venv()
+        twistd = os.path.join(scratch, "twistd")
+        main = os.path.join(os.path.dirname(twisted.__file__), "__main__.py")
+        for command in (
+            [twistd, "-n", "muxtwist"],
+            ["-u", twistd, "muxtwist"],
+            ["-m", "twisted", "muxtwist"],
+            ["-mtwisted", "muxtwist"],
+            ["tool.py", "-m", "twisted", "muxtwist"],
+        ):
+            seen = self.probe(python, command, scratch)
+            if not seen["held"]:
+                continue
+            # The command line as the plugin sees it (``-m`` becomes the module's file).
+            self.patch(sys, "argv", [main if seen["argv"][0] == "-m" else seen["argv"][0], *seen["argv"][1:]])
+            self.assertTrue(plugin._running_muxtwist(), command)
+
+    def test_other_programs_do_not_import_the_hook(self) -> None:
+        """A program whose command line does not name muxtwist pays for one membership test, not an import."""
+        python, scratch = self.site_venv()
+        for command in (["-c", "pass"], ["-m", "pip", "--version"], [os.path.join(scratch, "tool.py"), "-v"]):
+            self.assertFalse(self.probe(python, command, scratch)["imported"], command)
 
     def test_other_programs_keep_sighups_default(self) -> None:
         """Imported by any other program, the module leaves SIGHUP's default action alone."""
@@ -460,6 +540,42 @@ class EarlyHoldTests(unittest.TestCase):
         self.assertIs(signal.getsignal(signal.SIGHUP), _signals._hold)
         self.assertTrue(_signals.take_pending_sighup())
         self.assertFalse(_signals.take_pending_sighup())
+
+    #: Ends the program with status 3 and, once the interpreter has given
+    #: the signal handlers back (it does, after atexit, before the process
+    #: ends), sends it a SIGHUP: an object freed with ``__main__``'s globals.
+    EXITING = textwrap.dedent(
+        """\
+        import os, signal, sys
+        {hold}
+        class SighupWhenFreed:
+            def __del__(self, kill=os.kill, pid=os.getpid(), hup=signal.SIGHUP):
+                kill(pid, hup)
+        freed_last = SighupWhenFreed()
+        sys.exit(3)
+        """
+    )
+
+    def test_sighup_while_exiting_keeps_the_exit_status(self) -> None:
+        """
+        A SIGHUP while a process that holds SIGHUPs exits (a failed start, a
+        finished stop) does not end it by the signal: its exit status stays its own.
+        """
+        script = os.path.join(os.path.abspath(self.mktemp()))
+        with open(script, "w") as f:
+            f.write(self.EXITING.format(hold="from muxtwist._signals import hold_sighup; hold_sighup()"))
+        done = subprocess.run([sys.executable, script], cwd=ROOT, capture_output=True, timeout=60)
+        self.assertEqual(done.returncode, 3, done.stderr)
+
+    def test_sighup_while_exiting_before_the_plugin_keeps_the_exit_status(self) -> None:
+        """The same with only the early hold in place (twistd muxtwist exiting before its plugin is imported)."""
+        python, scratch = self.site_venv()
+        twistd = os.path.join(scratch, "twistd")
+        with open(twistd, "w") as f:
+            f.write(self.EXITING.format(hold="assert 'muxtwist' not in sys.modules"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        done = subprocess.run([python, twistd, "muxtwist"], cwd=scratch, env=env, capture_output=True, timeout=60)
+        self.assertEqual(done.returncode, 3, done.stderr)
 
 
 def rss_kib(pid: int) -> int:
