@@ -9,6 +9,7 @@ with its bytes and outcome. Real sockets on 127.0.0.1, driven by the reactor.
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,7 @@ from muxtwist.interfaces import ConnectionEnd
 from muxtwist.matchers import HTTP1, TLS, Prefix
 from muxtwist.metrics import Metrics
 from muxtwist.sniffing import Rule, SniffingFactory
+from muxtwist.testing import MemoryConnection
 from tests.certs import make_ca, make_certificate
 
 PACKAGE = os.path.dirname(os.path.abspath(muxtwist.__file__)) + os.sep
@@ -475,3 +477,19 @@ class WinnerUntouchedTests(_Loopback):
         client.transport.loseConnection()
         await metrics.ended()
         self.assertEqual(len(metrics.ends), 1)
+
+
+class HookMemoryTests(unittest.SynchronousTestCase):
+    def test_end_hook_is_small(self) -> None:
+        """The end hook a handed-off connection keeps on its transport for its life takes under 100 bytes."""
+        clock = task.Clock()
+        winners = protocol.Factory.forProtocol(protocol.Protocol)
+        factory = SniffingFactory([Rule(Prefix(b"hel"), winners, name="hello")], reactor=clock)
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"hello")
+        hook = vars(conn.transport)["connectionLost"]
+        self.assertFalse(hasattr(hook, "__dict__"))
+        self.assertLess(sys.getsizeof(hook), 100)
+        conn.close()
+        self.assertEqual(factory.stats["hello"].outcomes, {"handed_off": 1})
+        self.assertNotIn("connectionLost", vars(conn.transport))

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints, protocol, reactor, task, tcp
+from twisted.internet import unix as unix_sockets
 from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
@@ -283,7 +287,7 @@ class AfterConnectionLostTests(unittest.TestCase):
         "would never be reported)"
     )
 
-    async def pair(self, tls: bool = False) -> tuple[_Server, protocol.Protocol, Any]:
+    async def pair(self, tls: bool = False, unix: bool = False) -> tuple[_Server, protocol.Protocol, Any]:
         """A real loopback connection: our server protocol, the client protocol and the server's transport."""
         made: defer.Deferred[_Server] = defer.Deferred()
         server_factory: Any = protocol.Factory.forProtocol(lambda: _Server(made))
@@ -298,24 +302,34 @@ class AfterConnectionLostTests(unittest.TestCase):
             client_options = ssl.optionsForClientTLS("localhost", ssl.Certificate.loadPEM(cert.cert_pem))
             server_factory = TLSMemoryBIOFactory(server_options, False, server_factory)
             client_factory = TLSMemoryBIOFactory(client_options, True, client_factory)
-        port = reactor.listenTCP(0, server_factory, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        client = await endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(client_factory)
+        if unix:
+            directory = tempfile.mkdtemp(prefix="mux-")  # short: AF_UNIX paths are limited to 108 bytes
+            self.addCleanup(shutil.rmtree, directory)
+            path = os.path.join(directory, "s")
+            port = reactor.listenUNIX(path, server_factory)
+            self.addCleanup(port.stopListening)
+            client = await endpoints.UNIXClientEndpoint(reactor, path).connect(client_factory)
+        else:
+            port = reactor.listenTCP(0, server_factory, interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            client = await endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+                client_factory
+            )
         server = await made
         self.addCleanup(lambda: None if server.lost else server.transport.abortConnection())  # type: ignore[union-attr]
         if tls:
             # The TLS layer is the transport of our protocol, as TerminateTLS's inner sniffer has it.
             self.assertIsInstance(server.transport, TLSMemoryBIOProtocol)
         else:
-            self.assertIsInstance(server.transport, tcp.Server)
+            self.assertIsInstance(server.transport, unix_sockets.Server if unix else tcp.Server)
         return server, client, server.transport
 
     async def turn(self) -> None:
         """Back to the reactor: our protocol's connectionLost fires its Deferred before the transport's returns."""
         await task.deferLater(reactor, 0, lambda: None)
 
-    async def check_end(self, end: Any, tls: bool = False) -> None:
-        server, client, transport = await self.pair(tls)
+    async def check_end(self, end: Any, tls: bool = False, unix: bool = False) -> None:
+        server, client, transport = await self.pair(tls, unix)
         ends = _Ends()
         self.assertTrue(after_connection_lost(transport, ends, server))
         self.assertIn("connectionLost", vars(transport))
@@ -344,6 +358,10 @@ class AfterConnectionLostTests(unittest.TestCase):
     async def test_tls_abort(self) -> None:
         """abortConnection on a TLSMemoryBIOProtocol ends it through its instance connectionLost."""
         await self.check_end(lambda server, client, transport: transport.abortConnection(), tls=True)
+
+    async def test_unix_peer_close(self) -> None:
+        """The reactor ends a UNIX server transport whose peer closed through its instance connectionLost."""
+        await self.check_end(lambda server, client, transport: client.transport.loseConnection(), unix=True)
 
     async def test_nested_watchers_innermost_first(self) -> None:
         """Two watchers of one transport are each told once, the one set last first."""
