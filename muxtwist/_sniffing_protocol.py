@@ -44,6 +44,7 @@ from muxtwist._limits import address_text
 from muxtwist._rules import Outcome, RuleStats
 from muxtwist._sniffing_end import EndOfConnection, EndOwner
 from muxtwist._text import printable
+from muxtwist._transports import abort
 from muxtwist._twisted import after_connection_lost
 from muxtwist.interfaces import (
     ConnectionInfo,
@@ -456,11 +457,7 @@ class SniffingProtocol(EndOfConnection):
             return
         if self.sniffing:
             self._end_sniffing(Outcome.ABORTED, "")
-        abort = getattr(transport, "abortConnection", None)
-        if abort is not None:
-            abort()
-        else:
-            transport.loseConnection()
+        abort(transport)
 
 
 def _closing(transport: ITransport) -> bool:
