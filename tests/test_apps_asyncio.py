@@ -8,12 +8,14 @@ tests/test_aio.py.
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from muxtwist import Rule
+from muxtwist._twisted import unsent_bytes
 from muxtwist.apps import AsyncioProtocol
 from muxtwist.matchers import Prefix
 from tests.test_proxy_support import R, connect, mux, until, wait
@@ -120,6 +122,21 @@ class AsyncioProtocolTests(unittest.TestCase):
         self.assertEqual(proto.local, ("127.0.0.1", port))
         self.assertIsNone(proto.transport.get_extra_info("ssl_object"))
         self.assertEqual(proto.transport.get_extra_info("nothing", 7), 7)
+
+    async def test_answers_leave_at_once_without_nagle(self) -> None:
+        """As on asyncio's TCP transports: TCP_NODELAY is set, and a write reaches the socket before write() returns."""
+        port, _ = mux(self, [Rule(Prefix(b"ECHO"), AsyncioProtocol(Echo))])
+        client = await connect(self, port)
+        assert client.transport is not None
+        client.transport.write(b"ECHO")
+        await client.received_at_least(4)
+        (proto,) = Echo.made
+        twisted_transport = proto.transport.get_extra_info("twisted_transport")
+        handle = twisted_transport.getHandle()
+        self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+        proto.transport.write(b"now")
+        self.assertEqual(unsent_bytes(twisted_transport), 0)
+        self.assertEqual(await client.received_at_least(7), b"ECHOnow")
 
     async def test_close_reaches_connection_lost(self) -> None:
         """The protocol's close ends the connection and connection_lost is called with None."""

@@ -41,6 +41,7 @@ from muxtwist._twisted import (
     tls_unsent_bytes,
     unsent_bytes,
     was_aborted,
+    write_now,
 )
 
 
@@ -99,6 +100,102 @@ class UnsentBytesTests(_Pair):
         """unsent_bytes is None for a transport that is not a FileDescriptor."""
         self.assertIsNone(unsent_bytes(StringTransport()))
         self.assertIsNone(unsent_bytes(None))
+
+
+class _Collect(protocol.Protocol):
+    def __init__(self, done: defer.Deferred[bytes]) -> None:
+        self.done = done
+        self.chunks: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.done.callback(b"".join(self.chunks))
+
+
+class _NoSocket:
+    """A transport whose socket must not be touched; records what write() got."""
+
+    connected = True
+    disconnecting = False
+    dataBuffer = b""
+    offset = 0
+    _tempDataLen = 0
+
+    def __init__(self, tls: object) -> None:
+        if tls is not None:
+            self.TLS = tls
+        self.written: list[bytes] = []
+
+    @property
+    def socket(self) -> Any:
+        raise AssertionError("write_now sent to the socket under a TLS layer")
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+class WriteNowTests(_Pair):
+    async def collecting_pair(self) -> tuple[tcp.Connection, defer.Deferred[bytes]]:
+        done: defer.Deferred[bytes] = defer.Deferred()
+        server = protocol.ServerFactory.forProtocol(lambda: _Collect(done))
+        port = reactor.listenTCP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = await protocol.ClientCreator(reactor, protocol.Protocol).connectTCP("127.0.0.1", port.getHost().port)
+        transport = client.transport
+        assert isinstance(transport, tcp.Connection)
+        self.addCleanup(transport.abortConnection)
+        return transport, done
+
+    async def test_idle_tcp_transport_sends_at_once(self) -> None:
+        """write_now on a TCP transport with nothing queued: the socket takes the bytes, nothing waits for a doWrite."""
+        transport, done = await self.collecting_pair()
+        write_now(transport, b"hello")
+        self.assertEqual(unsent_bytes(transport), 0)
+        self.assertNotIn(transport, reactor.getWriters())
+        transport.loseConnection()
+        self.assertEqual(await done, b"hello")
+
+    async def test_rest_and_later_writes_follow_in_order(self) -> None:
+        """What the socket does not take is queued; later writes go behind it; the peer gets every byte in order."""
+        transport, done = await self.collecting_pair()
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        first = bytes(range(256)) * 16384  # 4 MiB, more than the socket takes at once
+        write_now(transport, first)
+        held = unsent_bytes(transport)
+        assert held is not None
+        self.assertTrue(0 < held < len(first), held)
+        write_now(transport, b"tail")
+        self.assertEqual(unsent_bytes(transport), held + 4)
+        transport.loseConnection()
+        self.assertEqual(await done, first + b"tail")
+
+    def test_never_under_tls(self) -> None:
+        """Under TLS (startTLS's flag, or a wrapper forwarding the TCP transport's attributes) write() is used."""
+        for flag in (None, True):
+            transport = _NoSocket(flag)
+            write_now(transport, b"secret")
+            self.assertEqual(transport.written, [b"secret"])
+        self.assertIs(tcp.Server.TLS, False, "Twisted's TCP connections no longer say TLS = False")
+
+        class Wrapper:
+            """Forwards what it lacks to the TCP transport under it, as ProtocolWrapper does."""
+
+            def __init__(self, below: object) -> None:
+                self.below = below
+                self.written: list[bytes] = []
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.below, name)
+
+            def write(self, data: bytes) -> None:
+                self.written.append(data)
+
+        wrapper = Wrapper(_NoSocket(False))
+        write_now(wrapper, b"secret")
+        self.assertEqual(wrapper.written, [b"secret"])
+        self.assertFalse(hasattr(TLSMemoryBIOProtocol, "TLS"), "TLSMemoryBIOProtocol has a TLS flag of its own now")
 
 
 class TLSUnsentBytesTests(unittest.TestCase):

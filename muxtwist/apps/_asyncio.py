@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from muxtwist._transports import abort, can_half_close
-from muxtwist._twisted import asyncio_loop_of
+from muxtwist._twisted import asyncio_loop_of, write_now
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
 
 __all__ = ["AsyncioProtocol", "AsyncioProtocolFactory", "AsyncioReactorRequired", "Bridge", "asyncio_loop"]
@@ -171,7 +171,7 @@ class _Transport(asyncio.Transport):
             raise TypeError(f"data argument must be a bytes-like object, not {type(data).__name__}")
         if self.is_closing() or not data:
             return
-        self._twisted.write(bytes(data))
+        write_now(self._twisted, bytes(data))
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         if self.is_closing():
@@ -225,6 +225,14 @@ class Bridge(Protocol):
         assert transport is not None
         transport.registerProducer(self, True)  # type: ignore[attr-defined]
         self._producing = True
+        # As asyncio's own TCP transports: no Nagle delay. asyncio protocols
+        # (uvicorn's among them) write an answer's head and body separately.
+        no_delay = getattr(transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            try:
+                no_delay(True)
+            except OSError:
+                pass
 
     def release(self) -> None:
         """
