@@ -1,1 +1,1 @@
-Asyncio protocols and ASGI/WSGI apps served in-process get TCP_NODELAY, as on asyncio's own transports, and their writes go to the socket at once when nothing is queued: keep-alive ASGI requests cost about 30% less CPU and new connections about 13% less.
+Asyncio protocols and ASGI apps served in-process get TCP_NODELAY, as on asyncio's own transports, and their writes go to the socket at once when nothing is queued: keep-alive ASGI requests cost about 30% less CPU and new connections about 13% less.
