@@ -25,6 +25,7 @@ from prometheus_client.utils import floatToGoString
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
 
+from muxtwist._reachable import is_sniffer, reachable
 from muxtwist._text import LogThrottle
 from muxtwist.interfaces import ConnectionEnd, IBackendPool, IConnectionObserver
 
@@ -215,41 +216,6 @@ class EmfileThrottle:
         self._forward(event)
 
 
-#: How many wrapping factories (``TerminateTLS``, a ``WrappingFactory``) are
-#: looked through between a rule and what it hands connections to.
-MAX_WRAPPING = 4
-
-
-def is_sniffer(factory: object) -> bool:
-    """Whether ``factory`` is a sniffing factory (it has ``rules`` and ``connections``: :class:`Tracked`)."""
-    return hasattr(factory, "rules") and hasattr(factory, "connections")
-
-
-def reachable(factory: object, seen: set[int] | None = None) -> Iterator[tuple[str, object]]:
-    """
-    ``(rule name, factory)`` for each factory reachable from ``factory``'s
-    rules, ``on_timeout`` and ``on_no_match``, each once: a rule's factory,
-    what it wraps (``TerminateTLS``'s ``factory``, a ``WrappingFactory``'s
-    ``wrappedFactory``), and, for a nested sniffing factory, what is
-    reachable from its own rules, named by them.
-    """
-    seen = set() if seen is None else seen
-    pairs: list[tuple[str, object]] = [(r.name, r.factory) for r in getattr(factory, "rules", ())]
-    pairs += [(name, getattr(factory, name, None)) for name in ("on_timeout", "on_no_match")]
-    for rule_name, target in pairs:
-        depth = 0
-        while target is not None and depth < MAX_WRAPPING and id(target) not in seen:
-            seen.add(id(target))
-            yield rule_name, target
-            if is_sniffer(target):
-                yield from reachable(target, seen)
-                break
-            if IBackendPool.providedBy(target):
-                break
-            target = getattr(target, "factory", None) or getattr(target, "wrappedFactory", None)
-            depth += 1
-
-
 def backend_pools(factory: object, seen: set[int] | None = None) -> Iterator[tuple[str, IBackendPool]]:
     """
     ``(rule name, pool)`` for each :class:`~muxtwist.interfaces.IBackendPool`
@@ -395,7 +361,7 @@ _default: Metrics | None = None
 def default_metrics() -> Metrics:
     """
     The :class:`Metrics` of this process: what a :class:`~muxtwist.service.MuxService`
-    (and ``TerminateTLS`` and ``UDPMux``) count into unless given theirs, and
+    (and ``UDPMux``) count into unless given theirs, and
     what :func:`~muxtwist.admin.admin_site` shows by default. Nothing is read
     by it for being built: a ``MuxService`` says which factories it reads.
     """

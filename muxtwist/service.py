@@ -17,12 +17,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from muxtwist._reachable import within
 from muxtwist._report import Observers
 from muxtwist._signals import SignalHandlers
 from muxtwist._twisted import default_reactor, listen_errors_raise, listening, set_port_log_observer
 from muxtwist.admin import admin_site
 from muxtwist.config import Config, ConfigError, apply_settings, build_factory, endpoint_description, load_config
-from muxtwist.metrics import EmfileThrottle, EmfileWatcher, Metrics, default_metrics, nested_sniffers
+from muxtwist.metrics import EmfileThrottle, EmfileWatcher, Metrics, default_metrics
 from muxtwist.sniffing import SniffingFactory, SniffingProtocol
 from muxtwist.tls import reload_all_certificates
 from muxtwist.udp.listener import add_udp_listener, is_udp, reload_udp_listeners
@@ -108,10 +109,10 @@ class MuxService(SignalHandlers, MultiService):
     :param metrics: the :class:`~muxtwist.metrics.Metrics` of what this
         service serves: it reads the live numbers of every listener's
         factory, counts the connections of those factories (and of the
-        sniffing factories nested in their rules) that were given no metrics
-        of their own, and counts EMFILE refusals. By default, the process's
-        :func:`~muxtwist.metrics.default_metrics`, which ``TerminateTLS`` and
-        ``UDPMux`` count into unless given theirs.
+        sniffing factories and ``TerminateTLS`` their rules reach) that were
+        given no metrics of their own, and counts EMFILE refusals. By
+        default, the process's :func:`~muxtwist.metrics.default_metrics`,
+        which ``UDPMux`` counts into unless given its own.
 
     :ivar draining: set once a stop has begun; ``/ready`` answers 503 from then on.
     """
@@ -193,15 +194,15 @@ class MuxService(SignalHandlers, MultiService):
     def _observe(self, factory: SniffingFactory) -> None:
         """
         Read ``factory``'s live numbers (and those of the sniffing factories
-        nested in its rules) at scrape time, and count the connections of
-        each of them that was given no metrics of its own.
+        nested in its rules) at scrape time, and count into these metrics for
+        each factory its rules reach (sniffing factories, ``TerminateTLS``)
+        that was given no metrics of its own.
         """
         self.metrics.track(factory)
-        inner: list[Any] = list(nested_sniffers(factory))
-        for each in [factory, *inner]:
-            observer = each.metrics
+        for each in within([factory]):
+            observer = getattr(each, "metrics", None)
             if isinstance(observer, Observers) and not observer.observers:
-                each.metrics = self.metrics
+                each.metrics = self.metrics  # type: ignore[attr-defined]
 
     def remove_listener(self, description: str) -> defer.Deferred[None]:
         """Stop one listener and drain its connections like a stop does."""
@@ -269,7 +270,11 @@ class MuxService(SignalHandlers, MultiService):
             whether the reload fully took effect (``False`` for a broken file
             or a listener that could not be started).
         """
-        reload_all_certificates()
+        # Every TerminateTLS the listeners' rules reach, nested ones included:
+        # certificates rotate even when the rules file has not changed.
+        factories = [listener.factory for listener in self.listeners.values()]
+        if factories:
+            reload_all_certificates(*factories)
         if self.config_path is None:
             log.warn("reload asked, but there is no rules file to read")
             return defer.succeed(False)

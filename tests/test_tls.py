@@ -654,7 +654,8 @@ class ReloadTests(TestCase):
         p = pki()
         self.dir = cert_dir(self, **{"a.test": p.a})
         self.tls = TerminateTLS(self.dir, http_sites())
-        self.port = listen(self, mux(self.tls))
+        self.factory = mux(self.tls)
+        self.port = listen(self, self.factory)
 
     @defer.inlineCallbacks
     def test_rotation_without_restart(self) -> Any:
@@ -668,7 +669,7 @@ class ReloadTests(TestCase):
                     before = keep_alive_get(live, "/before", "a.test")
                     old = x509.load_der_x509_certificate(live.getpeercert(binary_form=True) or b"").serial_number
                     write(path, rotated.cert_pem + rotated.key_pem)
-                    threads.blockingCallFromThread(reactor, reload_all_certificates)
+                    threads.blockingCallFromThread(reactor, reload_all_certificates, self.factory)
                     new = serial_of(port, "a.test")
                     after = keep_alive_get(live, "/after", "a.test")
                     return old, new, before, after
@@ -696,7 +697,10 @@ class ReloadTests(TestCase):
         write(os.path.join(self.dir, "b.test.pem"), p.b.cert_pem + p.b.key_pem)
         os.remove(os.path.join(self.dir, "a.test.pem"))
         self.assertEqual(self.tls.hosts, ["a.test"])
-        MuxService(reactor=reactor).reload()
+        service = MuxService(reactor=reactor)
+        service.add_listener("tcp:0:interface=127.0.0.1", self.factory)
+        self.addCleanup(self.factory.doStop)
+        service.reload()
         self.assertEqual(self.tls.hosts, ["b.test"])
         result = yield in_thread(tls_get, self.port, "b.test", client_context())
         self.assertEqual(result["cn"], "b.test")

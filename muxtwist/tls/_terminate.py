@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from OpenSSL import SSL
@@ -20,6 +20,8 @@ from zope.interface import implementer
 
 from muxtwist._limits import PerSource, host_of
 from muxtwist._options import OptionError, check_terminate_tls
+from muxtwist._reachable import within
+from muxtwist._report import Observers
 from muxtwist._text import LogThrottle
 from muxtwist._twisted import default_reactor
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
@@ -30,7 +32,7 @@ from muxtwist.tls._handshake import ConnectionCreator, Handshake
 if TYPE_CHECKING:
     from muxtwist.metrics import Metrics
 
-__all__ = ["TerminateTLS", "reload_all_certificates"]
+__all__ = ["TerminateTLS", "reload_all_certificates", "terminators"]
 
 log = Logger(namespace="muxtwist.tls")
 
@@ -41,13 +43,27 @@ _VERSIONS = {
     "TLSv1.3": SSL.TLS1_3_VERSION,
 }
 
-#: Every live TerminateTLS, so that a SIGHUP can reload all their certificates.
-_instances: weakref.WeakSet[TerminateTLS] = weakref.WeakSet()
+
+def terminators(factories: Iterable[object]) -> list[TerminateTLS]:
+    """
+    Each :class:`TerminateTLS` among ``factories`` or reachable from their
+    rules (through nested sniffing factories and other wrappers), once.
+    """
+    return [f for f in within(factories) if isinstance(f, TerminateTLS)]
 
 
-def reload_all_certificates() -> None:
-    """Re-read the certificates of every :class:`TerminateTLS` in the process."""
-    for terminator in list(_instances):
+def reload_all_certificates(*factories: object) -> None:
+    """
+    Re-read the certificates of every :class:`TerminateTLS` among
+    ``factories`` or reachable from their rules, nested ones included (what
+    :meth:`~muxtwist.service.MuxService.reload` does for its listeners).
+
+    :raises TypeError: no factory given: there is no process-wide list of
+        ``TerminateTLS`` to fall back on.
+    """
+    if not factories:
+        raise TypeError("reload_all_certificates() needs the factories to look in (a SniffingFactory, a TerminateTLS)")
+    for terminator in terminators(factories):
         terminator.reload_certificates()
 
 
@@ -87,7 +103,8 @@ class TerminateTLS:
         protocol source when one was accepted); limit
         ``max_handshakes_per_source``. ``None``: no limit.
     :param metrics: the :class:`~muxtwist.metrics.Metrics` that counts
-        refusals (the process-wide one by default).
+        refusals; none by default (a :class:`~muxtwist.service.MuxService`
+        whose rules reach it gives it its own).
     :raises CertificateError: a certificate file is missing or broken, or
         there is no certificate at all (an empty directory or mapping).
     """
@@ -132,11 +149,9 @@ class TerminateTLS:
                 raise ValueError(f"{what} must be a positive integer or None, got {value!r}")
         self.max_handshakes = max_handshakes
         self.max_handshakes_per_source = max_handshakes_per_source
-        if metrics is None:
-            from muxtwist.metrics import default_metrics
-
-            metrics = default_metrics()
-        self.metrics = metrics
+        # Counted where the caller says: the Metrics given here, or those of
+        # the MuxService whose rules reach it. Built alone, it counts nowhere.
+        self.metrics: Metrics | Observers = Observers() if metrics is None else metrics
         self._handshaking = 0
         self._per_source = PerSource()
         self._refusals = LogThrottle(reactor)
@@ -147,7 +162,6 @@ class TerminateTLS:
         self._choosing: weakref.WeakSet[SSL.Context] = weakref.WeakSet()
         self._bare = self._new_context(choose=True)
         self._certificates = self._load(previous=None)
-        _instances.add(self)
 
     def __repr__(self) -> str:
         return f"TerminateTLS({self.source!r}, {self.factory!r}, alpn={list(self.alpn)!r})"
