@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from typing import Any
 
 from twisted.internet import defer, threads
@@ -19,7 +20,7 @@ from muxtwist._twisted import unsent_bytes
 from muxtwist.apps import AsyncioProtocol
 from muxtwist.matchers import Prefix
 from tests.test_proxy_support import R, connect, mux, until, wait
-from tests.test_proxy_tls import fetch_over_tls, terminating_mux
+from tests.test_proxy_tls import NAME, fetch_over_tls, terminating_mux
 
 
 class Echo(asyncio.Protocol):
@@ -429,6 +430,40 @@ class AsyncioProtocolTests(unittest.TestCase):
         port, _, ca = terminating_mux(self, AsyncioProtocol(Answer))
         answer, ending = await wait(threads.deferToThread(fetch_over_tls, port, ca.cert_pem, b"question\n"), 20)
         self.assertEqual((answer, ending, Answer.can_write_eof), (b"answer to question\n", "close_notify", [False]))
+
+    async def test_inside_tls_termination_no_data_reaches_a_protocol_after_its_close(self) -> None:
+        """Behind TerminateTLS, bytes arriving after close() never reach data_received, as on asyncio's transports."""
+
+        class CloseOnFirst(asyncio.Protocol):
+            received: list[bytes] = []
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                assert isinstance(transport, asyncio.Transport)
+                self.transport = transport
+
+            def data_received(self, data: bytes) -> None:
+                CloseOnFirst.received.append(data)
+                self.transport.write(b"bye")
+                self.transport.close()
+
+            def eof_received(self) -> bool:
+                CloseOnFirst.received.append(b"<eof>")
+                return False
+
+        def client(port: int, ca_pem: bytes) -> bytes:
+            ctx = ssl.create_default_context(cadata=ca_pem.decode())
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with ctx.wrap_socket(raw, server_hostname=NAME) as s:
+                    s.sendall(b"first")
+                    answer = s.recv(3)
+                    s.sendall(b"second")
+                    while chunk := s.recv(65536):
+                        answer += chunk
+                    return answer
+
+        port, _, ca = terminating_mux(self, AsyncioProtocol(CloseOnFirst))
+        answer = await wait(threads.deferToThread(client, port, ca.cert_pem), 20)
+        self.assertEqual((answer, CloseOnFirst.received), (b"bye", [b"first"]))
 
     def test_factory_must_be_callable(self) -> None:
         """AsyncioProtocol(something not callable) is a clear TypeError."""

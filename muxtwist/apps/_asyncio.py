@@ -126,6 +126,7 @@ class _Transport(asyncio.Transport):
         if self.is_closing():
             return
         self._closing = True
+        self._bridge.closed = True
         self._bridge.release()
         self._twisted.loseConnection()
 
@@ -191,7 +192,7 @@ class _Transport(asyncio.Transport):
 
     def abort(self) -> None:
         self._closing = True
-        self._bridge.aborted = True
+        self._bridge.closed = self._bridge.aborted = True
         abort(self._twisted)
 
 
@@ -213,6 +214,10 @@ class Bridge(Protocol):
         self.protocol: asyncio.BaseProtocol | None = None
         self.lost = False
         self.aborted = False
+        # close() or abort() was called: as asyncio's transports stop
+        # reading then, nothing more reaches the protocol but
+        # connection_lost (a TLS layer reads on until close_notify comes).
+        self.closed = False
         self._producing = False
         self._paused_writing = False
         self._waiting: list[bytes] | None = None
@@ -268,7 +273,7 @@ class Bridge(Protocol):
         if waiting is not None:
             transport.resumeProducing()  # type: ignore[attr-defined]
             for chunk in waiting:
-                if self.lost:
+                if self.lost or self.closed:
                     return
                 self._deliver(chunk)
             if self._eof_waiting and not self.lost:
@@ -284,7 +289,7 @@ class Bridge(Protocol):
         if self._waiting is not None:
             self._waiting.append(data)
             return
-        if self.protocol is not None:
+        if self.protocol is not None and not self.closed:
             self._deliver(data)
 
     def _deliver(self, data: bytes) -> None:
@@ -305,6 +310,8 @@ class Bridge(Protocol):
     def readConnectionLost(self) -> None:
         if self._waiting is not None:
             self._eof_waiting = True
+            return
+        if self.closed:
             return
         proto = self.protocol
         keep_open = proto.eof_received() if isinstance(proto, asyncio.Protocol | asyncio.BufferedProtocol) else None
