@@ -28,6 +28,8 @@ from zope.interface import implementer
 from muxtwist._reachable import is_sniffer, reachable
 from muxtwist._text import LogThrottle
 from muxtwist.interfaces import ConnectionEnd, IBackendPool, IConnectionObserver
+from muxtwist.udp._counts import HasFlowTable
+from muxtwist.udp.stats import UDPStats
 
 __all__ = [
     "LIMITS",
@@ -104,6 +106,7 @@ class Metrics:
         for limit in LIMITS:
             self.limit_rejections.labels(limit)
         self._factories: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._udp: UDPStats | None = None
         # What ends with each connection is kept in plain lists and turned
         # into metric families at scrape time: a few additions per
         # connection instead of prometheus_client's locked updates.
@@ -120,6 +123,18 @@ class Metrics:
         owner of these metrics: a factory given them, or a ``MuxService``.
         """
         self._factories.add(factory)
+
+    def track_udp(self, mux: HasFlowTable) -> UDPStats:
+        """
+        Read ``mux``'s flow table at scrape time (held weakly), and give the
+        UDP counters it counts into: those of these metrics, made and
+        registered on first use. Called by a ``UDPMux`` given these metrics
+        (a ``MuxService`` gives its own to the UDP listeners it builds).
+        """
+        if self._udp is None:
+            self._udp = UDPStats()
+            self.registry.register(self._udp)
+        return self._udp.track(mux)
 
     @property
     def factories(self) -> list[Any]:
@@ -361,9 +376,9 @@ _default: Metrics | None = None
 def default_metrics() -> Metrics:
     """
     The :class:`Metrics` of this process: what a :class:`~muxtwist.service.MuxService`
-    (and ``UDPMux``) count into unless given theirs, and
-    what :func:`~muxtwist.admin.admin_site` shows by default. Nothing is read
-    by it for being built: a ``MuxService`` says which factories it reads.
+    counts into unless given its own, and what :func:`~muxtwist.admin.admin_site`
+    shows by default. Nothing is read or counted by it for being built: a
+    ``MuxService`` says which factories and UDP muxes it reads.
     """
     global _default
     if _default is None:

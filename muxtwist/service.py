@@ -110,9 +110,9 @@ class MuxService(SignalHandlers, MultiService):
         service serves: it reads the live numbers of every listener's
         factory, counts the connections of those factories (and of the
         sniffing factories and ``TerminateTLS`` their rules reach) that were
-        given no metrics of their own, and counts EMFILE refusals. By
-        default, the process's :func:`~muxtwist.metrics.default_metrics`,
-        which ``UDPMux`` counts into unless given its own.
+        given no metrics of their own, the flows of the UDP listeners it
+        builds, and EMFILE refusals. By default, the process's
+        :func:`~muxtwist.metrics.default_metrics`.
 
     :ivar draining: set once a stop has begun; ``/ready`` answers 503 from then on.
     """

@@ -29,7 +29,6 @@ HEAVY = ("prometheus_client", "twisted.application", "twisted.internet.reactor")
 #: Protocol or interface instead of the class of the module that imports it.
 TYPE_ONLY_CYCLE_EDGES = frozenset(
     {
-        ("muxtwist.udp.stats", "muxtwist.udp.mux"),
         ("muxtwist.udp.listener", "muxtwist.config"),
     }
 )

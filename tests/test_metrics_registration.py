@@ -24,6 +24,8 @@ from muxtwist.metrics import Metrics, default_metrics
 from muxtwist.service import MuxService
 from muxtwist.sniffing import Rule, SniffingFactory
 from muxtwist.testing import MemoryConnection
+from tests.udp_helpers import Echo as UDPEcho
+from tests.udp_helpers import FakePort, make_mux
 
 ENDED = "muxtwist_connections_total"
 
@@ -141,3 +143,49 @@ class ServiceRegistersWhatItServesTests(unittest.TestCase):
         assert isinstance(body, bytes)
         rules = [r["name"] for listener in json.loads(body)["listeners"] for r in listener["rules"]]
         self.assertIn("shown-by-admin", rules)
+
+
+class UDPCountedWhereTheOwnerSaysTests(unittest.TestCase):
+    def test_building_a_udp_mux_imports_no_metrics(self) -> None:
+        """Building a UDPMux with no metrics loads neither muxtwist.metrics nor prometheus_client."""
+        code = (
+            "import json, sys\n"
+            "from twisted.internet.protocol import DatagramProtocol\n"
+            "from muxtwist.matchers import Prefix\n"
+            "from muxtwist.sniffing import Rule\n"
+            "from muxtwist.udp.mux import UDPMux\n"
+            "UDPMux([Rule(Prefix(b'x'), DatagramProtocol())])\n"
+            "print(json.dumps([m for m in ('muxtwist.metrics', 'prometheus_client') if m in sys.modules]))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(json.loads(out.stdout.splitlines()[-1]), [])
+
+    def test_a_udp_mux_built_without_metrics_is_in_no_global(self) -> None:
+        """A UDPMux built with no metrics counts nothing into the process's default Metrics."""
+        before = default_metrics().value(ENDED, rule="-", outcome="no_match")
+        mux, _, clock = make_mux([Rule(Prefix(b"never", name="udp-alone"), UDPEcho())], metrics=None)
+        mux.datagram_received(b"junk", ("10.0.0.1", 1000))
+        clock.advance(60)
+        self.assertEqual(mux.stats.ended[("-", "no_match")][0], 1)
+        self.assertEqual(default_metrics().value(ENDED, rule="-", outcome="no_match") - before, 0)
+
+    def test_service_udp_listeners_count_into_its_metrics(self) -> None:
+        """A UDP listener a MuxService builds counts its flows into the service's metrics, which read its flow table."""
+        metrics = Metrics()
+        service = MuxService(reactor=Clock(), metrics=metrics)
+        path = self.mktemp() + ".py"
+        with open(path, "w") as f:
+            f.write(
+                "from twisted.internet.protocol import DatagramProtocol\n"
+                "from muxtwist import Rule\n"
+                "from muxtwist.matchers import Prefix\n"
+                "listeners = {'udp:0:interface=127.0.0.1': [Rule(Prefix(b'hi'), DatagramProtocol(), name='hi')]}\n"
+            )
+        service.load(load_config(path))
+        [listener] = [s for s in service if getattr(s, "description", "").startswith("udp:")]
+        mux = listener.factory
+        mux.protocol.makeConnection(FakePort())
+        mux.datagram_received(b"hi", ("10.0.0.1", 1000))
+        self.assertEqual(metrics.value("muxtwist_udp_active_flows", rule="hi"), 1)
+        self.assertEqual(metrics.value("muxtwist_udp_flow_table_entries"), 1)

@@ -19,6 +19,7 @@ from muxtwist.udp.proxy import _fields
 
 if TYPE_CHECKING:
     from muxtwist.config import Settings
+    from muxtwist.metrics import Metrics
     from muxtwist.sniffing import Rule
 
 __all__ = [
@@ -82,10 +83,16 @@ def parse_udp_description(description: str) -> UDPAddress:
     return UDPAddress(port, interface)
 
 
-def build_udp_mux(rules: Sequence[Rule], settings: Settings, reactor: Any = None) -> UDPMux:
-    """A :class:`UDPMux` for ``rules`` with a rules file's settings (``sniff_timeout`` and the UDP ones)."""
+def build_udp_mux(
+    rules: Sequence[Rule], settings: Settings, reactor: Any = None, metrics: Metrics | None = None
+) -> UDPMux:
+    """
+    A :class:`UDPMux` for ``rules`` with a rules file's settings
+    (``sniff_timeout`` and the UDP ones), counting into ``metrics`` if given.
+    """
     return UDPMux(
         rules,
+        metrics=metrics,
         sniff_timeout=settings.sniff_timeout,
         max_sniff_bytes=settings.max_sniff_bytes,
         log_connections=settings.log_connections,
@@ -161,7 +168,8 @@ def udp_listeners(service: Any) -> dict[str, UDPListener]:
 
 def add_udp_listener(service: Any, description: str, rules: Sequence[Rule], settings: Settings) -> UDPListener:
     """Serve ``rules`` on the UDP listener ``description`` as a child of ``service`` (a ``MuxService``)."""
-    listener = UDPListener(description, build_udp_mux(rules, settings, service._reactor), service._reactor)
+    mux = build_udp_mux(rules, settings, service._reactor, service.metrics)  # the service's metrics count its flows
+    listener = UDPListener(description, mux, service._reactor)
     try:
         listener.setServiceParent(service)  # type: ignore[no-untyped-call]
     except BaseException:

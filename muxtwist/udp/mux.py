@@ -34,6 +34,7 @@ from muxtwist._text import LogThrottle
 from muxtwist._twisted import default_reactor
 from muxtwist.interfaces import Verdict
 from muxtwist.matchers.datagram import DatagramInfo
+from muxtwist.udp._counts import FlowCounts, Uncounted
 from muxtwist.udp.flows import Address, Flow, FlowTable
 from muxtwist.udp.interfaces import IFlowTarget, IFlowTransport
 
@@ -155,14 +156,11 @@ class UDPMux:
         self.flow_idle_timeout = flow_idle_timeout
         self.log_connections = log_connections
         self.table = FlowTable(max_udp_flows, max_flows_per_source, unmatched_timeout)
-        if metrics is None:
-            from muxtwist.metrics import default_metrics
-
-            metrics = default_metrics()
-        self.metrics = metrics
-        from muxtwist.udp.stats import UDPStats
-
-        self.stats = UDPStats.of(metrics).track(self)
+        # Counted where the owner says: the Metrics given here (which then
+        # read this mux's flow table), as a MuxService gives its own. Built
+        # alone, it counts into counters nothing reads.
+        self.metrics: Metrics | Uncounted = Uncounted() if metrics is None else metrics
+        self.stats: FlowCounts = FlowCounts() if metrics is None else metrics.track_udp(self)
         self.protocol = _Listening(self)
         self.port: Any = None
         self.host: Any = None

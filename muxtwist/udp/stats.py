@@ -1,7 +1,8 @@
 """
-UDP flow counters and their Prometheus series, kept beside the process's
+UDP flow counters and their Prometheus series, kept beside a
 :class:`~muxtwist.metrics.Metrics` (one :class:`UDPStats` per ``Metrics``,
-registered in its registry the first time a UDP listener uses it).
+made and registered in its registry by ``Metrics.track_udp`` the first time
+a UDP mux is given those metrics).
 
 Series: ``muxtwist_udp_flows_total{rule,outcome}``,
 ``muxtwist_udp_datagrams_total{rule,direction}``,
@@ -13,63 +14,29 @@ and ``muxtwist_udp_dropped_datagrams_total{reason}`` (read at scrape time).
 from __future__ import annotations
 
 import weakref
-from collections import Counter
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from muxtwist.metrics import Metrics
-    from muxtwist.udp.flows import Flow
-    from muxtwist.udp.mux import UDPMux
+from muxtwist.udp._counts import DROP_REASONS, FlowCounts, HasFlowTable
 
 __all__ = ["DROP_REASONS", "UDPStats"]
 
-#: Why a datagram was dropped without reaching a target.
-DROP_REASONS = ("unmatched", "max_udp_flows", "max_flows_per_source", "not_a_flow", "not_listening", "send_failed")
 
-_by_metrics: weakref.WeakKeyDictionary[Metrics, UDPStats] = weakref.WeakKeyDictionary()
-
-
-class UDPStats(Collector):
+class UDPStats(FlowCounts, Collector):
     """
-    The UDP counters of one :class:`~muxtwist.metrics.Metrics`.
-
-    :ivar active: live handed-off flows by rule.
-    :ivar dropped: datagrams dropped, by reason (:data:`DROP_REASONS`).
-    :ivar ended: ``(rule, outcome) -> [flows, datagrams in, bytes in, datagrams out, bytes out]``.
+    The UDP counters of one :class:`~muxtwist.metrics.Metrics`, and the muxes
+    whose flow tables they read at scrape time (held weakly).
     """
 
     def __init__(self) -> None:
-        self.active: dict[str, int] = {}
-        self.dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
-        self.ended: dict[tuple[str, str], list[int]] = {}
-        self._muxes: weakref.WeakSet[UDPMux] = weakref.WeakSet()
+        super().__init__()
+        self._muxes: weakref.WeakSet[HasFlowTable] = weakref.WeakSet()
 
-    @classmethod
-    def of(cls, metrics: Metrics) -> UDPStats:
-        """The stats kept beside ``metrics`` (made and registered on first use)."""
-        stats = _by_metrics.get(metrics)
-        if stats is None:
-            stats = _by_metrics[metrics] = cls()
-            metrics.registry.register(stats)
-        return stats
-
-    def track(self, mux: UDPMux) -> UDPStats:
+    def track(self, mux: HasFlowTable) -> UDPStats:
         self._muxes.add(mux)
         return self
-
-    def flow_ended(self, rule: str, outcome: str, flow: Flow) -> None:
-        counts = self.ended.get((rule, outcome))
-        if counts is None:
-            counts = self.ended[(rule, outcome)] = [0, 0, 0, 0, 0]
-        counts[0] += 1
-        counts[1] += flow.datagrams_in
-        counts[2] += flow.bytes_in
-        counts[3] += flow.datagrams_out
-        counts[4] += flow.bytes_out
 
     def describe(self) -> Iterable[Metric]:
         return []

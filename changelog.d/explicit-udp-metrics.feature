@@ -1,0 +1,1 @@
+Building a `UDPMux` no longer registers it in the process-wide `Metrics` and imports no metrics code: a mux counts its flows into the `Metrics` it is given (`UDPMux(metrics=...)`, which then read its flow table), and the UDP listeners a `MuxService` builds are given the service's metrics. A mux built with none is counted by nothing.
