@@ -23,16 +23,6 @@ PACKAGE = Path(muxtwist.__file__).resolve().parent
 #: What a user who imports only a matcher or a facade must not pay for.
 HEAVY = ("prometheus_client", "twisted.application", "twisted.internet.reactor")
 
-#: Imports that stand only in ``if TYPE_CHECKING:`` blocks and close a cycle of
-#: annotations (no runtime cycle: the runtime test below has no allow-list).
-#: Owned by the UDP listeners; each goes once the module types against a
-#: Protocol or interface instead of the class of the module that imports it.
-TYPE_ONLY_CYCLE_EDGES = frozenset(
-    {
-        ("muxtwist.udp.listener", "muxtwist.config"),
-    }
-)
-
 #: Function-level imports of muxtwist modules allowed inside the sniffer and
 #: the proxy (imports that would dodge a cycle or sit in per-connection code):
 #: none since the split of issue 16; the sniffer is given its observer.
@@ -244,14 +234,8 @@ class CycleTests(unittest.TestCase):
         self.assertEqual(cycles(runtime), [])
 
     def test_no_type_level_cycles(self) -> None:
-        """Counting the imports under TYPE_CHECKING too, the only cycles are the allow-listed ones."""
-        edges = import_edges(PACKAGE)
-        found = [e for group in cycles(edges) for e in group if (e.source, e.target) not in TYPE_ONLY_CYCLE_EDGES]
-        # An allow-listed edge breaks its cycle; what is left must be acyclic.
-        self.assertEqual(cycles([e for e in edges if (e.source, e.target) not in TYPE_ONLY_CYCLE_EDGES]), [], found)
-        for source, target in TYPE_ONLY_CYCLE_EDGES:
-            kept = [e for e in edges if (e.source, e.target) == (source, target)]
-            self.assertTrue(kept and all(e.typing_only for e in kept), f"{source} -> {target}: {kept}")
+        """Counting the imports under TYPE_CHECKING too, the modules of muxtwist/ import each other without a cycle."""
+        self.assertEqual(cycles(import_edges(PACKAGE)), [])
 
     def test_function_imports_of_sniffer_and_proxy(self) -> None:
         """The sniffer and the proxy import muxtwist modules inside functions only where the split is to remove it."""

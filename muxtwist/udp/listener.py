@@ -7,7 +7,7 @@ descriptions, and :class:`UDPListener`, the service that listens on one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from twisted.application.service import Service
@@ -18,7 +18,6 @@ from muxtwist.udp.mux import MAX_DATAGRAM, UDPMux, is_datagram_target
 from muxtwist.udp.proxy import _fields
 
 if TYPE_CHECKING:
-    from muxtwist.config import Settings
     from muxtwist.metrics import Metrics
     from muxtwist.sniffing import Rule
 
@@ -35,6 +34,24 @@ __all__ = [
 ]
 
 log = Logger()
+
+
+class Settings(Protocol):
+    """
+    What a UDP listener reads of a rules file's settings (a
+    :class:`~muxtwist.config.Settings`; typed here so that this module, which
+    the config loader imports, does not import it back), besides the UDP
+    ones :func:`udp_settings` reads.
+    """
+
+    @property
+    def sniff_timeout(self) -> float: ...
+
+    @property
+    def max_sniff_bytes(self) -> int: ...
+
+    @property
+    def log_connections(self) -> bool: ...
 
 
 def is_udp(description: str) -> bool:
