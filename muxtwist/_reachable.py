@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 
 from muxtwist.interfaces import IBackendPool
 
-__all__ = ["MAX_WRAPPING", "is_sniffer", "reachable", "within"]
+__all__ = ["MAX_WRAPPING", "backend_pools", "is_sniffer", "reachable", "within"]
 
 #: How many wrapping factories (``TerminateTLS``, a ``WrappingFactory``) are
 #: looked through between a rule and what it hands connections to.
@@ -55,6 +55,18 @@ def _chain(rule_name: str, target: object, seen: set[int]) -> Iterator[tuple[str
             break
         target = getattr(target, "factory", None) or getattr(target, "wrappedFactory", None)
         depth += 1
+
+
+def backend_pools(factory: object, seen: set[int] | None = None) -> Iterator[tuple[str, IBackendPool]]:
+    """
+    ``(rule name, pool)`` for each :class:`~muxtwist.interfaces.IBackendPool`
+    (each :class:`~muxtwist.proxy.Proxy`) reachable from ``factory``'s rules,
+    through wrapping factories (``TerminateTLS``) and nested sniffing
+    factories; ``seen`` (ids) is skipped, and filled.
+    """
+    for rule_name, target in reachable(factory, seen):
+        if IBackendPool.providedBy(target):
+            yield rule_name, target
 
 
 def within(factories: Iterable[object]) -> Iterator[object]:

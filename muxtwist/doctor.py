@@ -24,6 +24,8 @@ from typing import Any, TextIO
 
 import attrs
 
+from muxtwist._descriptions import split_description
+from muxtwist._reachable import backend_pools
 from muxtwist.transparent import OUT_MARK, REPLY_MARK, ROUTE_TABLE, capability_not_required, unavailable_reason
 
 __all__ = ["Finding", "doctor", "marking_commands", "transparent_proxies"]
@@ -43,10 +45,8 @@ def transparent_proxies(
     rules: Sequence[Any], on_timeout: object = None, on_no_match: object = None
 ) -> Iterator[tuple[str, Any]]:
     """``(rule name, proxy)`` for each transparent proxy reachable from ``rules``, nested ones included."""
-    from muxtwist.metrics import proxies_of
-
     top = SimpleNamespace(rules=rules, on_timeout=on_timeout, on_no_match=on_no_match)
-    for name, proxy in proxies_of(top):
+    for name, proxy in backend_pools(top):
         if getattr(proxy, "transparent", False):
             yield name, proxy
 
@@ -181,13 +181,11 @@ def _holds(table: str) -> str:
 
 
 def _backend_hosts(proxy: Any) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The IP addresses of ``proxy``'s backends (their ``host=``, read as Twisted reads a description)."""
     hosts = []
     for backend in proxy.backends:
-        found = re.search(r"(?:^|:)host=((?:\\.|[^:\\])+)", backend.description)
-        if found is None:
-            continue
         try:
-            hosts.append(ipaddress.ip_address(re.sub(r"\\(.)", r"\1", found.group(1))))
+            hosts.append(ipaddress.ip_address(split_description(backend.description)[1].get("host", "")))
         except ValueError:
             continue
     return hosts

@@ -25,7 +25,7 @@ from prometheus_client.utils import floatToGoString
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
 
-from muxtwist._reachable import is_sniffer, reachable
+from muxtwist._reachable import backend_pools, is_sniffer, reachable
 from muxtwist._text import LogThrottle
 from muxtwist.interfaces import ConnectionEnd, IBackendPool, IConnectionObserver
 from muxtwist.udp._counts import HasFlowTable
@@ -229,18 +229,6 @@ class EmfileThrottle:
                 return
             event = dict(event, log_format=_EMFILE_THROTTLED, suppressed=suppressed)
         self._forward(event)
-
-
-def backend_pools(factory: object, seen: set[int] | None = None) -> Iterator[tuple[str, IBackendPool]]:
-    """
-    ``(rule name, pool)`` for each :class:`~muxtwist.interfaces.IBackendPool`
-    (each :class:`~muxtwist.proxy.Proxy`) reachable from ``factory``'s rules,
-    through wrapping factories (``TerminateTLS``) and nested sniffing
-    factories; ``seen`` (ids) is skipped, and filled.
-    """
-    for rule_name, target in reachable(factory, seen):
-        if IBackendPool.providedBy(target):
-            yield rule_name, target
 
 
 def proxies_of(factory: object, seen: set[int] | None = None) -> Iterator[tuple[str, IBackendPool]]:
