@@ -27,12 +27,75 @@ def _held(signum: object, frame: object) -> None:
     pending += 1
 
 
+#: The options of ``twistd`` (``twisted.scripts.twistd.ServerOptions``) and
+#: of ``twist`` (what ``python -m twisted`` runs: ``TwistOptions``) as
+#: ``getopt`` is given them: long names (``=`` when the option takes a value)
+#: and short letters (``:`` after one that takes a value). Kept here, not
+#: read from Twisted, which this hook must not import; ``tests/test_tap.py``
+#: compares them with Twisted's own so that they follow its changes.
+OPTIONS = {
+    "twistd": (
+        (
+            "chroot=", "debug", "encrypted", "euid", "file=", "gid=", "help", "help-reactors",
+            "logfile=", "logger=", "no_save", "nodaemon", "originalname", "pidfile=", "prefix=",
+            "profile=", "profiler=", "python=", "reactor=", "rundir=", "savestats", "source=",
+            "spew", "syslog", "uid=", "umask=", "version",
+        ),
+        "oenl:p:f:y:s:d:u:g:r:b",
+    ),
+    "twist": (("help", "version", "reactor=", "log-level=", "log-file=", "log-format="), ""),
+}  # fmt: skip
+
+
+def subcommand(args: list[str], command: str) -> str | None:
+    """
+    The subcommand of ``twistd ARGS`` (``command="twistd"``) or ``twist
+    ARGS`` (``"twist"``): the first word after the program's own options,
+    read as Twisted reads them (``getopt``: the word after an option that
+    takes a value is that value, ``-nl x`` and ``-lx`` included, long
+    options may be shortened to a unique prefix, ``--`` ends the options).
+    ``None`` when there is none, or the options are ones Twisted refuses.
+    """
+    longopts, shortopts = OPTIONS[command]
+    at = 0
+    while at < len(args):
+        arg = args[at]
+        if arg == "--":
+            return args[at + 1] if at + 1 < len(args) else None
+        if arg == "-" or not arg.startswith("-"):
+            return arg
+        if arg.startswith("--"):
+            name, equals, _ = arg[2:].partition("=")
+            possible = [o for o in longopts if o.startswith(name)]
+            if name in possible:
+                takes_value = False
+            elif name + "=" in possible:
+                takes_value = True
+            elif len(possible) == 1:
+                takes_value = possible[0].endswith("=")
+            else:
+                return None  # unknown or ambiguous: twistd stops with a usage error
+            if equals and not takes_value:
+                return None
+            at += takes_value and not equals  # the value is the next word
+        else:
+            for i, letter in enumerate(arg[1:], 2):
+                found = shortopts.find(letter) if letter != ":" else -1
+                if found < 0:
+                    return None
+                if shortopts.startswith(":", found + 1):
+                    at += i == len(arg)  # -l VALUE; in -lVALUE the rest of the word is the value
+                    break
+        at += 1
+    return None
+
+
 def _is_twistd_muxtwist(argv: list[str], orig_argv: list[str]) -> bool:
     """
     Whether this process runs ``twistd ... muxtwist`` or ``python -m twisted
-    ... muxtwist``: the test the twistd plugin makes once it is imported
-    (``twisted/plugins/muxtwist_plugin.py``), so that every hold made here is
-    taken over there.
+    ... muxtwist`` (``muxtwist`` being the subcommand, not an option's
+    value): the test the twistd plugin makes once it is imported
+    (:func:`running_muxtwist`), so that every hold made here is taken over there.
 
     :param argv: ``sys.argv`` while the site directories are read: the
         interpreter's own options (``-u``, ``-I``, ``-X dev``, a shebang's
@@ -42,12 +105,30 @@ def _is_twistd_muxtwist(argv: list[str], orig_argv: list[str]) -> bool:
     if not argv or "muxtwist" not in argv[1:]:
         return False
     if os.path.basename(argv[0]) == "twistd":
-        return True
+        return subcommand(argv[1:], "twistd") == "muxtwist"
     if argv[0] != "-m":
         return False
     # The module's name is the word just before the program's arguments.
     at = len(orig_argv) - len(argv)
-    return 0 < at < len(orig_argv) and orig_argv[at] in ("twisted", "-mtwisted")
+    if 0 < at < len(orig_argv) and orig_argv[at] in ("twisted", "-mtwisted"):
+        return subcommand(argv[1:], "twist") == "muxtwist"
+    return False
+
+
+def running_muxtwist(argv: list[str]) -> bool:
+    """
+    Whether ``argv`` (``sys.argv`` once the program runs) is ``twistd ...
+    muxtwist`` or ``python -m twisted ... muxtwist`` (where ``argv[0]`` is
+    ``twisted/__main__.py``), ``muxtwist`` being the subcommand; not another
+    twistd command, nor a program scanning plugins.
+    """
+    if not argv:
+        return False
+    if os.path.basename(argv[0]) == "twistd":
+        return subcommand(argv[1:], "twistd") == "muxtwist"
+    if argv[0].endswith(os.path.join("twisted", "__main__.py")):
+        return subcommand(argv[1:], "twist") == "muxtwist"
+    return False
 
 
 def _ignore_at_exit() -> None:

@@ -510,6 +510,85 @@ class EarlyHoldTests(unittest.TestCase):
             self.patch(sys, "argv", [main if seen["argv"][0] == "-m" else seen["argv"][0], *seen["argv"][1:]])
             self.assertTrue(plugin._running_muxtwist(), command)
 
+    #: Command lines (after ``twistd``) whose subcommand is ``muxtwist``,
+    #: with options that take a value before it.
+    SUBCOMMAND = (
+        ["-l", "file", "muxtwist"],
+        ["--logfile=x", "muxtwist"],
+        ["-nl", "x", "muxtwist"],
+        ["-lx", "muxtwist"],
+        ["--reactor", "asyncio", "muxtwist"],
+        ["--logf", "x", "muxtwist"],
+        ["-n", "--", "muxtwist"],
+    )
+    #: Command lines naming ``muxtwist`` as an option's value or another
+    #: subcommand's argument: none holds SIGHUP (it would stay held for good).
+    NOT_SUBCOMMAND = (
+        ["web", "--path", "muxtwist"],
+        ["--logfile", "muxtwist", "web"],
+        ["-l", "muxtwist", "web"],
+        ["-nl", "muxtwist", "web"],
+        ["--pidfile", "muxtwist", "web", "muxtwist"],
+        ["--log", "x", "muxtwist"],
+        ["--no-such-option", "muxtwist"],
+    )
+
+    def test_subcommand_not_an_option_value_holds(self) -> None:
+        """
+        Only ``muxtwist`` as twistd's (or twist's) subcommand holds SIGHUP,
+        after options that take a value (``-l file``, ``-nl x``,
+        ``--logfile=x``, ``--reactor asyncio``); ``muxtwist`` as an option's
+        value or another command's argument does not, at start-up or in the plugin.
+        """
+        import twisted
+
+        plugin: Any = __import__("twisted.plugins.muxtwist_plugin", fromlist=["_running_muxtwist"])
+        main = os.path.join(os.path.dirname(twisted.__file__), "__main__.py")
+        python, scratch = self.site_venv()
+        twistd = os.path.join(scratch, "twistd")
+        cases = [(args, True) for args in self.SUBCOMMAND] + [(args, False) for args in self.NOT_SUBCOMMAND]
+        for args, wanted in cases:
+            self.assertEqual(self.probe(python, [twistd, *args], scratch)["held"], wanted, args)
+            self.patch(sys, "argv", ["/usr/bin/twistd", *args])
+            self.assertEqual(plugin._running_muxtwist(), wanted, args)
+        for args, wanted in (
+            (["--log-file", "muxtwist", "web"], False),
+            (["--reactor", "asyncio", "muxtwist"], True),
+            (["--log-level=info", "muxtwist"], True),
+        ):
+            self.assertEqual(self.probe(python, ["-m", "twisted", *args], scratch)["held"], wanted, args)
+            self.patch(sys, "argv", [main, *args])
+            self.assertEqual(plugin._running_muxtwist(), wanted, args)
+
+    def test_option_tables_are_twisteds(self) -> None:
+        """The hook's tables of twistd's and twist's options are Twisted's own (this fails when Twisted changes)."""
+        from twisted.application.twist._options import TwistOptions
+        from twisted.scripts.twistd import ServerOptions
+
+        import _muxtwist_startup
+
+        for command, options in (("twistd", ServerOptions()), ("twist", TwistOptions())):
+            longopts, shortopts = _muxtwist_startup.OPTIONS[command]
+            self.assertEqual(sorted(longopts), sorted(options.longOpt), command)
+            self.assertEqual(shortopts, options.shortOpt, command)
+
+    def test_subcommand_is_the_word_getopt_leaves(self) -> None:
+        """The hook's subcommand is the first word getopt leaves given twistd's options; none where getopt refuses."""
+        import getopt
+
+        from twisted.scripts.twistd import ServerOptions
+
+        import _muxtwist_startup
+
+        options = ServerOptions()
+        for args in (*self.SUBCOMMAND, *self.NOT_SUBCOMMAND, ["-n"], ["-l"], ["--logfile"], ["-"], ["-b", "web"]):
+            try:
+                _, rest = getopt.getopt(args, options.shortOpt, options.longOpt)
+                expected = rest[0] if rest else None
+            except getopt.GetoptError:
+                expected = None
+            self.assertEqual(_muxtwist_startup.subcommand(list(args), "twistd"), expected, args)
+
     def test_other_programs_do_not_import_the_hook(self) -> None:
         """A program whose command line does not name muxtwist pays for one membership test, not an import."""
         python, scratch = self.site_venv()

@@ -1,16 +1,15 @@
 """The ``twistd muxtwist`` command."""
 
-import os
 import sys
 
 from twisted.application.service import ServiceMaker
 
+from _muxtwist_startup import running_muxtwist
+
 
 def _running_muxtwist() -> bool:
     """Whether this process is ``twistd ... muxtwist ...`` (not another twistd command, nor a plugin scan)."""
-    program = os.path.basename(sys.argv[0]) if sys.argv else ""
-    is_twistd = program == "twistd" or sys.argv[0].endswith(os.path.join("twisted", "__main__.py"))
-    return is_twistd and "muxtwist" in sys.argv[1:]
+    return running_muxtwist(sys.argv)
 
 
 if _running_muxtwist():
