@@ -39,6 +39,13 @@ def _python(code: str) -> dict[str, object]:
     return result
 
 
+def loaded_after(code: str, modules: tuple[str, ...] = ("muxtwist.metrics", "prometheus_client")) -> object:
+    """Which of ``modules`` a fresh interpreter has loaded once it has run ``code`` (by default, the metrics code)."""
+    return _python(
+        f"{code}\nimport json, sys\nprint(json.dumps({{'loaded': [m for m in {modules!r} if m in sys.modules]}}))"
+    )["loaded"]
+
+
 def _heavy_after_import(module: str) -> dict[str, object]:
     return _python(
         "import json, sys\n"

@@ -8,8 +8,6 @@ registers it nowhere and imports no metrics code.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
@@ -24,6 +22,7 @@ from muxtwist.metrics import Metrics, default_metrics
 from muxtwist.service import MuxService
 from muxtwist.sniffing import Rule, SniffingFactory
 from muxtwist.testing import MemoryConnection
+from tests.test_imports import loaded_after
 from tests.udp_helpers import Echo as UDPEcho
 from tests.udp_helpers import FakePort, make_mux
 
@@ -58,14 +57,7 @@ class BuildingRegistersNothingTests(unittest.TestCase):
 
     def test_building_a_factory_imports_no_metrics(self) -> None:
         """Building a SniffingFactory loads neither muxtwist.metrics nor prometheus_client."""
-        code = (
-            "import json, sys\n"
-            "from muxtwist.sniffing import SniffingFactory\n"
-            "SniffingFactory([])\n"
-            "print(json.dumps([m for m in ('muxtwist.metrics', 'prometheus_client') if m in sys.modules]))\n"
-        )
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-        self.assertEqual(json.loads(out.stdout.splitlines()[-1]), [])
+        self.assertEqual(loaded_after("from muxtwist.sniffing import SniffingFactory\nSniffingFactory([])"), [])
 
     def test_metrics_given_to_a_factory_read_and_count_it(self) -> None:
         """A Metrics passed to a factory is the caller's choice: it reads that factory and counts its connections."""
@@ -149,17 +141,13 @@ class UDPCountedWhereTheOwnerSaysTests(unittest.TestCase):
     def test_building_a_udp_mux_imports_no_metrics(self) -> None:
         """Building a UDPMux with no metrics loads neither muxtwist.metrics nor prometheus_client."""
         code = (
-            "import json, sys\n"
             "from twisted.internet.protocol import DatagramProtocol\n"
             "from muxtwist.matchers import Prefix\n"
             "from muxtwist.sniffing import Rule\n"
             "from muxtwist.udp.mux import UDPMux\n"
             "UDPMux([Rule(Prefix(b'x'), DatagramProtocol())])\n"
-            "print(json.dumps([m for m in ('muxtwist.metrics', 'prometheus_client') if m in sys.modules]))\n"
         )
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        self.assertEqual(out.returncode, 0, out.stderr)
-        self.assertEqual(json.loads(out.stdout.splitlines()[-1]), [])
+        self.assertEqual(loaded_after(code), [])
 
     def test_a_udp_mux_built_without_metrics_is_in_no_global(self) -> None:
         """A UDPMux built with no metrics counts nothing into the process's default Metrics."""
