@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+import weakref
 from collections.abc import Callable
 from importlib import resources
 from typing import Any, Protocol
@@ -23,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from muxtwist._admin_merge import CounterMemory, exposition, merge_families, merge_status
+from muxtwist._admin_merge import CounterMemory, StatusMemory, exposition, merge_families, merge_status
 from muxtwist._admin_page import render_page
 from muxtwist._admin_peers import INSTANCE_HEADER, WorkerPeers
 from muxtwist._admin_status import status
@@ -91,6 +92,22 @@ class _SingleFlight:
         return d
 
 
+#: The status memory of each pool's workers, shared by the page and ``/status.json`` asking them.
+_status_memories: weakref.WeakKeyDictionary[WorkerPeers, StatusMemory] = weakref.WeakKeyDictionary()
+
+
+def _status_memory(peers: WorkerPeers) -> StatusMemory:
+    memory = _status_memories.get(peers)
+    if memory is None:
+        memory = _status_memories[peers] = StatusMemory()
+    return memory
+
+
+def _instance() -> bytes:
+    """A name for one admin site of one process: tells the parent when a slot has a new worker."""
+    return f"{os.getpid()}-{uuid.uuid4().hex}".encode("ascii")
+
+
 class _Aggregating(Resource):
     """A resource answering with this process's numbers, or, given peers, every worker's summed."""
 
@@ -114,25 +131,31 @@ class _Aggregating(Resource):
         if peers is None:
             return defer.succeed(self.local_status())
 
-        def merge(answers: list[tuple[str, bytes | None]]) -> dict[str, Any]:
-            parts, missing = [], []
-            for name, body in answers:
-                if body is None:
-                    missing.append(name)
-                    continue
-                part = json.loads(body)
+        # Counts of workers that died or were replaced stay added, as /metrics keeps them.
+        memory = _status_memory(peers)
+
+        def merge(answers: list[tuple[str, bytes | None, str | None]]) -> dict[str, Any]:
+            decoded: list[tuple[str, dict[str, Any] | None, str | None]] = []
+            for name, body, instance in answers:
+                decoded.append((name, _status_body(name, body), instance))
+            answering, kept = memory.parts(decoded)
+            parts = []
+            for name, part in answering:
                 slot = int(name.partition("-")[2])
                 for w in part.get("workers", []):
                     w["answered"] = True
                     w["slot"] = slot  # the socket it answered on
                 parts.append(part)
-            merged = merge_status(parts, self._reactor.seconds(), bool(getattr(self.service, "draining", False)))
-            for name in missing:
-                merged["workers"].append({"slot": int(name.partition("-")[2]), "answered": False})
+            draining = bool(getattr(self.service, "draining", False))
+            merged = merge_status(parts, self._reactor.seconds(), draining, kept=kept)
+            answered = {name for name, _ in answering}
+            for name, _, _ in answers:
+                if name not in answered:
+                    merged["workers"].append({"slot": int(name.partition("-")[2]), "answered": False})
             merged["workers"].sort(key=lambda w: w["slot"])
             return merged
 
-        return self._flight.run(lambda: peers.fetch("/worker/status.json").addCallback(merge))
+        return self._flight.run(lambda: peers.fetch_answers("/worker/status.json").addCallback(merge))
 
     def respond(self, request: Request, d: defer.Deferred[bytes]) -> int:
         gone: list[Failure] = []
@@ -152,6 +175,21 @@ class _Aggregating(Resource):
 
         d.addCallbacks(write, failed)
         return NOT_DONE_YET
+
+
+def _status_body(name: str, body: bytes | None) -> dict[str, Any] | None:
+    """A worker's ``/worker/status.json`` answer; ``None`` (as not answering) when there is none or it is no status."""
+    if body is None:
+        return None
+    try:
+        part = json.loads(body)
+    except ValueError as e:
+        log.warn("admin: {worker} answered no JSON: {problem}", worker=name, problem=str(e))
+        return None
+    if not isinstance(part, dict):
+        log.warn("admin: {worker} answered JSON that is no status", worker=name)
+        return None
+    return part
 
 
 class StatusResource(_Aggregating):
@@ -222,7 +260,7 @@ class LocalMetrics(Resource):
         super().__init__()  # type: ignore[no-untyped-call]
         self.registry = registry
         # Tells the parent summing the workers when a slot has a new worker (whose counters start at 0).
-        self.instance = f"{os.getpid()}-{uuid.uuid4().hex}".encode("ascii")
+        self.instance = _instance()
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
@@ -231,7 +269,7 @@ class LocalMetrics(Resource):
 
 
 class LocalStatus(Resource):
-    """``/worker/status.json``: this process's own :func:`status`."""
+    """``/worker/status.json``: this process's own :func:`status`, named by the ``X-Muxtwist-Instance`` header."""
 
     isLeaf = True
 
@@ -239,9 +277,12 @@ class LocalStatus(Resource):
         super().__init__()  # type: ignore[no-untyped-call]
         self.service = service
         self.metrics = metrics
+        # Tells the parent summing the workers when a slot has a new worker (whose counts start at 0).
+        self.instance = _instance()
 
     def render_GET(self, request: Request) -> bytes:
         _headers(request, b"application/json")
+        request.setHeader(INSTANCE_HEADER, self.instance)
         return _json(status(self.service, self.metrics))
 
 
