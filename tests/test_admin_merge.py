@@ -271,6 +271,31 @@ class StatusOverSocketsTests(unittest.TestCase):
         self.assertEqual(await emfile(), 9)
         self.assertEqual(await emfile(page), 9)
 
+    async def test_a_worker_answering_no_status_shows_as_not_answering(self) -> None:
+        """A worker that answers something other than a JSON status counts as not answering; the others are summed."""
+        from twisted.internet import reactor
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+        from twisted.web.static import Data
+
+        from muxtwist.admin import StatusResource, WorkerPeers
+
+        directory = tempfile.mkdtemp(prefix="muxtwist-test-peers-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        metrics = Metrics()
+        metrics.limit_rejected("emfile")
+        good = reactor.listenUNIX(os.path.join(directory, "worker-0.sock"), admin_site(registry=metrics))  # type: ignore[attr-defined]
+        self.addCleanup(good.stopListening)
+        root, worker = Resource(), Resource()
+        worker.putChild(b"status.json", Data(b"<html>not json", "text/html"))
+        root.putChild(b"worker", worker)
+        bad = reactor.listenUNIX(os.path.join(directory, "worker-1.sock"), Site(root))  # type: ignore[attr-defined]
+        self.addCleanup(bad.stopListening)
+        merged = await StatusResource(None, Metrics(), WorkerPeers(directory, expected=lambda: 2)).gathered_status()
+        self.assertEqual([(w["slot"], w["answered"]) for w in merged["workers"]], [(0, True), (1, False)])
+        self.assertEqual(merged["limit_rejections"]["emfile"], 1)
+        self.flushLoggedErrors()
+
 
 def handed_off_in_status(pool: Pool) -> float:
     (listener,) = pool.status()["listeners"]
