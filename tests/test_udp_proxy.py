@@ -150,12 +150,12 @@ class ProxyTests(unittest.TestCase):
         c.transport.write(b"x")  # type: ignore[union-attr]
         yield c.next_reply()
         side = proxy._sides[next(iter(proxy._sides))]
-        backend_socket: Any = side.transport
         clock.advance(3.0)
         self.assertEqual(proxy.flows, 0)
         self.assertEqual(side.backend.active, 0)
-        yield deferLater(reactor, 0, lambda: None)
-        self.assertFalse(backend_socket.connected)
+        self.assertEqual(side.sock.fileno(), -1)
+        self.assertEqual(len(proxy._sockets), 0)
+        self.assertNotIn(proxy._sockets, reactor.getReaders())
 
     @defer.inlineCallbacks
     def test_balance_and_max_flows(self) -> Any:

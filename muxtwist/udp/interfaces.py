@@ -44,5 +44,14 @@ class IFlowTransport(Interface):
     def getHost() -> Any:
         """The listening socket's address."""
 
+    def flow_writer(addr: tuple[str, int]) -> Any:
+        """
+        A callable sending one datagram (its only argument) to the live flow
+        of ``addr``, routed to this target, as ``write(data, addr)`` would,
+        for targets that answer one flow many times (the flow is looked up
+        once); once the flow has ended it drops what it is given (counted).
+        ``None`` if ``addr`` is not such a flow.
+        """
+
     def end_flow(addr: tuple[str, int], outcome: str = "handed_off") -> None:
         """End the flow of ``addr`` now (the target is done with it, or its backend failed)."""

@@ -73,6 +73,12 @@ class _TargetTransport:
     def getHost(self) -> Any:
         return self._mux.host
 
+    def flow_writer(self, addr: tuple[str, int]) -> Any:
+        flow = self._mux.table.flows.get((addr[0], addr[1]))
+        if flow is None or flow.target is not self._target or self._mux._sendto is None:
+            return None
+        return _FlowWriter(self._mux, flow).write
+
     def end_flow(self, addr: tuple[str, int], outcome: str = "handed_off") -> None:
         self._mux.end_flow((addr[0], addr[1]), outcome=outcome, reason="target")
 
@@ -84,6 +90,36 @@ class _TargetTransport:
 
     def connect(self, host: str, port: int) -> None:
         raise RuntimeError("a UDP rule's target answers its flows; it cannot connect the listening socket")
+
+
+class _FlowWriter:
+    """
+    Sends one flow's datagrams through the listening socket (see
+    ``IFlowTransport.flow_writer``): the flow is looked up once, not per
+    datagram, and a flow that ended drops what is still written to it.
+    """
+
+    __slots__ = ("_flow", "_mux", "_seconds", "_sendto")
+
+    def __init__(self, mux: UDPMux, flow: Flow) -> None:
+        self._mux = mux
+        self._flow = flow
+        self._sendto = mux._sendto
+        self._seconds = mux._reactor.seconds
+
+    def write(self, data: bytes) -> None:
+        flow = self._flow
+        if flow.ended:
+            self._mux.stats.dropped["not_a_flow"] += 1
+            return
+        try:
+            self._sendto(data, flow.addr)
+        except OSError as e:
+            self._mux._send_failed(flow, e)
+            return
+        flow.datagrams_out += 1
+        flow.bytes_out += len(data)
+        flow.last = self._seconds()
 
 
 class _Listening(DatagramProtocol):
@@ -426,12 +462,15 @@ class UDPMux:
         try:
             self._sendto(data, flow.addr)
         except OSError as e:
-            self.stats.dropped["send_failed"] += 1
-            log.warn("cannot send to {peer}: {problem}", peer=_address(flow.addr), problem=str(e))
+            self._send_failed(flow, e)
             return
         flow.datagrams_out += 1
         flow.bytes_out += len(data)
         flow.last = self._reactor.seconds()
+
+    def _send_failed(self, flow: Flow, error: OSError) -> None:
+        self.stats.dropped["send_failed"] += 1
+        log.warn("cannot send to {peer}: {problem}", peer=_address(flow.addr), problem=str(error))
 
     # --- the end of a flow -------------------------------------------------
 

@@ -3,7 +3,10 @@
 
 Each flow gets its own connected socket to the backend chosen for it, so
 the backend sees one client per flow and its replies are told apart by
-socket; they go back to the flow's remote from the listening socket. The
+socket; they go back to the flow's remote from the listening socket. All
+the flows' sockets of one proxy are read through one ``epoll`` object the
+reactor watches (:class:`~muxtwist.udp._sockets.FlowSockets`), and a reply
+is sent with the flow's writer (``IFlowTransport.flow_writer``). The
 mux ends the flow after ``idle_timeout`` seconds without a datagram either
 way (see :class:`~muxtwist.udp.interfaces.IFlowTarget`); an ICMP error from
 the backend (port unreachable: ``ECONNREFUSED`` on the connected socket)
@@ -19,13 +22,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.interfaces import IReactorUDP
+from twisted.internet.interfaces import IReactorFDSet
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from muxtwist._descriptions import split_description
 from muxtwist._twisted import default_reactor
+from muxtwist.udp._sockets import FlowSockets
 from muxtwist.udp.interfaces import IFlowTarget
 from muxtwist.udp.mux import MAX_DATAGRAM
 
@@ -90,25 +94,30 @@ def parse_backend(description: str) -> UDPBackend:
     return UDPBackend(description, str(sockaddr[0]), port, int(chosen_family))
 
 
-class _BackendSide(DatagramProtocol):
-    """One flow's connected socket to its backend."""
+class _BackendSide:
+    """One flow's connected, non-blocking socket to its backend (read by the proxy's :class:`FlowSockets`)."""
 
-    def __init__(self, proxy: UDPProxy, addr: tuple[str, int], backend: UDPBackend) -> None:
+    __slots__ = ("addr", "backend", "closed", "deliver", "proxy", "recv", "send_", "sock")
+
+    def __init__(self, proxy: UDPProxy, addr: tuple[str, int], backend: UDPBackend, sock: socket.socket) -> None:
         self.proxy = proxy
         self.addr = addr
         self.backend = backend
-        self._send: Any = None
+        self.sock = sock
+        self.recv = sock.recv
+        self.send_ = sock.send
+        #: Replies go to the flow's remote through the listening socket.
+        self.deliver: Any = None
         self.closed = False
 
-    def startProtocol(self) -> None:
-        self.transport.connect(self.backend.host, self.backend.port)  # type: ignore[union-attr]
-        self._send = self.transport.getHandle().send  # type: ignore[union-attr]
+    def __repr__(self) -> str:
+        return f"<backend socket of {self.addr!r} to {self.backend.description}>"
 
     def send(self, data: bytes) -> None:
         try:
-            self._send(data)
-        except ConnectionRefusedError:
-            self.connectionRefused()
+            self.send_(data)
+        except ConnectionRefusedError as e:
+            self.failed(e)
         except OSError as e:
             log.warn(
                 "cannot send to backend {backend} for {peer}: {problem}",
@@ -117,21 +126,11 @@ class _BackendSide(DatagramProtocol):
                 problem=str(e),
             )
 
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        self.proxy.transport.write(data, self.addr)  # type: ignore[union-attr]
-
-    def connectionRefused(self) -> None:
+    def failed(self, error: OSError) -> None:
+        """An error on the socket (ICMP port unreachable from the backend: ``ECONNREFUSED``) ends the flow."""
         if not self.closed:
             self.backend.failures += 1
-            self.proxy._backend_failed(self)
-
-    def stopProtocol(self) -> None:
-        # The reactor closes a connected UDP socket on its own when an ICMP
-        # error arrives while nothing is waiting to be read (epoll reports
-        # EPOLLERR alone, and Twisted takes that as the end of the socket,
-        # without calling connectionRefused). A socket closed under a live
-        # flow is that flow's backend failing.
-        self.connectionRefused()
+            self.proxy._backend_failed(self, error)
 
 
 @implementer(IFlowTarget)
@@ -147,7 +146,8 @@ class UDPProxy(DatagramProtocol):
     :param idle_timeout: seconds without a datagram either way that end a flow.
     :param max_flows: the most flows relayed at once; a new flow beyond it
         is ended at once (outcome ``rejected``) and its datagrams dropped.
-    :param reactor: an ``IReactorUDP`` (``twisted.internet.reactor`` by default).
+    :param reactor: an ``IReactorFDSet`` (``twisted.internet.reactor`` by default)
+        that reads the flows' backend sockets.
 
     :ivar rejected: flows ended because of ``max_flows``.
     :ivar failed: flows ended by a backend error.
@@ -160,7 +160,7 @@ class UDPProxy(DatagramProtocol):
         balance: str = "round_robin",
         idle_timeout: float = 60.0,
         max_flows: int | None = None,
-        reactor: IReactorUDP | None = None,
+        reactor: IReactorFDSet | None = None,
     ) -> None:
         if isinstance(backends, str):
             backends = [backends]
@@ -179,6 +179,7 @@ class UDPProxy(DatagramProtocol):
         self.failed = 0
         self._next = 0
         self._sides: dict[tuple[str, int], _BackendSide] = {}
+        self._sockets = FlowSockets(self._reactor, MAX_DATAGRAM)
 
     def __repr__(self) -> str:
         return f"UDPProxy({[b.description for b in self.backends]!r}, balance={self.balance!r})"
@@ -214,27 +215,44 @@ class UDPProxy(DatagramProtocol):
             self.transport.end_flow(addr, outcome="rejected")  # type: ignore[union-attr]
             return None
         backend = self._choose(addr)
-        side = _BackendSide(self, addr, backend)
-        interface = "::" if backend.family == socket.AF_INET6 else ""
         try:
-            self._reactor.listenUDP(0, side, interface=interface, maxPacketSize=MAX_DATAGRAM)
-        except Exception as e:
-            backend.failures += 1
-            self.failed += 1
-            log.warn("cannot open a socket to {backend}: {problem}", backend=backend.description, problem=str(e))
-            self.transport.end_flow(addr, outcome="backend_failed")  # type: ignore[union-attr]
+            sock = socket.socket(backend.family, socket.SOCK_DGRAM)
+        except OSError as e:
+            self._open_failed(addr, backend, e)
             return None
+        try:
+            sock.setblocking(False)
+            # Connected: the backend's replies, and only its, reach this socket.
+            sock.connect((backend.host, backend.port))
+        except OSError as e:
+            sock.close()
+            self._open_failed(addr, backend, e)
+            return None
+        writer = self.transport.flow_writer(addr)  # type: ignore[union-attr]
+        if writer is None:
+            sock.close()
+            return None
+        side = _BackendSide(self, addr, backend, sock)
+        side.deliver = writer
+        self._sockets.add(sock.fileno(), side)
         backend.active += 1
         backend.total += 1
         self._sides[addr] = side
         return side
 
-    def _backend_failed(self, side: _BackendSide) -> None:
+    def _open_failed(self, addr: tuple[str, int], backend: UDPBackend, error: OSError) -> None:
+        backend.failures += 1
+        self.failed += 1
+        log.warn("cannot open a socket to {backend}: {problem}", backend=backend.description, problem=str(error))
+        self.transport.end_flow(addr, outcome="backend_failed")  # type: ignore[union-attr]
+
+    def _backend_failed(self, side: _BackendSide, error: OSError) -> None:
         self.failed += 1
         log.info(
-            "backend {backend} refused the flow of {peer} (ICMP unreachable)",
+            "backend {backend} failed the flow of {peer}: {problem}",
             backend=side.backend.description,
             peer=side.addr,
+            problem=str(error),
         )
         self.transport.end_flow(side.addr, outcome="backend_failed")  # type: ignore[union-attr]
         self.flow_ended(side.addr)
@@ -245,8 +263,8 @@ class UDPProxy(DatagramProtocol):
             return
         side.closed = True
         side.backend.active -= 1
-        if side.transport is not None:
-            side.transport.stopListening()
+        self._sockets.remove(side.sock.fileno())
+        side.sock.close()
 
     def stopProtocol(self) -> None:
         for addr in list(self._sides):

@@ -1,0 +1,1 @@
+`UDPProxy` reads its flows' backend sockets through one `epoll` object the reactor watches (one dispatch for every reply waiting, instead of a Twisted UDP port per flow) and sends replies with the flow's writer (`IFlowTransport.flow_writer`), so each relayed datagram costs less CPU; an error on one flow's socket still ends that flow only.
