@@ -216,11 +216,11 @@ class NestedHandoffTests(_Loopback):
         seen = Seen()
         outer_metrics, inner_metrics = RecordingMetrics(), RecordingMetrics()
         inner = SniffingFactory(
-            [Rule(Prefix(b"OUTIN"), builds(lambda: PlainWinner(seen)), name="inner")], metrics=inner_metrics
+            [Rule(Prefix(b"OUTIX"), builds(lambda: PlainWinner(seen)), name="inner")], metrics=inner_metrics
         )
         outer = SniffingFactory([Rule(Prefix(b"OUT"), inner, name="nest")], metrics=outer_metrics)
         port = self.listen(outer)
-        client = await self.connect(port, Client(b"OUTIN hello", ENDINGS[ending]))
+        client = await self.connect(port, Client(b"OUTIX hello", ENDINGS[ending]))
         stack = await seen.after
         if ending == "client":
             assert client.transport is not None
@@ -245,7 +245,7 @@ class NestedHandoffTests(_Loopback):
     async def test_two_level_nested_handoff_leaves_the_data_path(self) -> None:
         """After a two-level nested handoff, no muxtwist frame is on the stack of the innermost dataReceived."""
         stack, outer, inner, seen = await self.exchange("client")
-        self.assertEqual([data for data, _ in seen.chunks], [b"OUTIN hello", b"after"])
+        self.assertEqual([data for data, _ in seen.chunks], [b"OUTIX hello", b"after"])
         # The replay is the sniffer's call; what comes after is Twisted's alone.
         self.assertTrue(muxtwist_frames(seen.chunks[0][1]))
         self.assertEqual(muxtwist_frames(stack), [])
@@ -278,9 +278,9 @@ class NestedHandoffTests(_Loopback):
                 super().connection_end(end)
 
         outer_metrics, inner_metrics = Ordered("outer"), Ordered("inner")
-        inner = SniffingFactory([Rule(Prefix(b"OUTIN"), builds(lambda: PlainWinner(seen)))], metrics=inner_metrics)
+        inner = SniffingFactory([Rule(Prefix(b"OUTIX"), builds(lambda: PlainWinner(seen)))], metrics=inner_metrics)
         outer = SniffingFactory([Rule(Prefix(b"OUT"), inner)], metrics=outer_metrics)
-        client = await self.connect(self.listen(outer), Client(b"OUTIN hello", b"after close"))
+        client = await self.connect(self.listen(outer), Client(b"OUTIX hello", b"after close"))
         await client.lost
         await outer_metrics.ended()
         self.assertEqual(order, ["inner", "outer"])
@@ -292,11 +292,11 @@ class NestedHandoffTests(_Loopback):
         backend = self.listen(protocol.Factory.forProtocol(Echo))
         outer_metrics, inner_metrics = RecordingMetrics(), RecordingMetrics()
         relay = Proxy(f"tcp:host=127.0.0.1:port={backend}")
-        inner = SniffingFactory([Rule(Prefix(b"OUTIN"), relay, name="inner")], metrics=inner_metrics)
+        inner = SniffingFactory([Rule(Prefix(b"OUTIX"), relay, name="inner")], metrics=inner_metrics)
         outer = SniffingFactory([Rule(Prefix(b"OUT"), inner, name="nest")], metrics=outer_metrics)
         # The echo of the opener is the cue to send more.
-        client = await self.connect(self.listen(outer), Client(b"OUTIN hello", b"after", ready=b"OUTIN hello"))
-        while client.received != b"OUTIN helloafter":
+        client = await self.connect(self.listen(outer), Client(b"OUTIX hello", b"after", ready=b"OUTIX hello"))
+        while client.received != b"OUTIX helloafter":
             await task.deferLater(reactor, 0.01, lambda: None)
         assert client.transport is not None
         client.transport.loseConnection()
@@ -484,7 +484,7 @@ class HookMemoryTests(unittest.SynchronousTestCase):
         """The end hook a handed-off connection keeps on its transport for its life takes under 100 bytes."""
         clock = task.Clock()
         winners = protocol.Factory.forProtocol(protocol.Protocol)
-        factory = SniffingFactory([Rule(Prefix(b"hel"), winners, name="hello")], reactor=clock)
+        factory = SniffingFactory([Rule(Prefix(b"hell"), winners, name="hello")], reactor=clock)
         conn = MemoryConnection(factory, clock=clock)
         conn.send(b"hello")
         hook = vars(conn.transport)["connectionLost"]
