@@ -21,6 +21,8 @@ bytes replayed to the real server, which never sent that frame.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 from hpack import Decoder
 from zope.interface import implementer
@@ -193,18 +195,14 @@ class HTTP2Header(_AnswersSettings):
     name: str = attrs.field(default="http2_header", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
-        verdict, headers = first_headers(data)
-        if headers is None:
-            return verdict
-        for k, v in headers:
-            if k.lower() != self.header:
-                continue
-            if self.value is not None and v != self.value:
-                continue
-            if self.prefix is not None and not v.startswith(self.prefix):
-                continue
-            return MATCH
-        return NO_MATCH
+        return _any_header(data, self._wanted)
+
+    def _wanted(self, k: str, v: str) -> bool:
+        return (
+            k.lower() == self.header
+            and (self.value is None or v == self.value)
+            and (self.prefix is None or v.startswith(self.prefix))
+        )
 
 
 @implementer(IRespondingMatcher)
@@ -215,10 +213,16 @@ class GRPC(_AnswersSettings):
     name: str = attrs.field(default="grpc", kw_only=True, validator=_options.check_name)
 
     def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
-        verdict, headers = first_headers(data)
-        if headers is None:
-            return verdict
-        for k, v in headers:
-            if k == "content-type" and v.lower().startswith("application/grpc"):
-                return MATCH
-        return NO_MATCH
+        return _any_header(data, _is_grpc)
+
+
+def _is_grpc(k: str, v: str) -> bool:
+    return k == "content-type" and v.lower().startswith("application/grpc")
+
+
+def _any_header(data: bytes, wanted: Callable[[str, str], bool]) -> Verdict:
+    """MATCH when a header of the first request is ``wanted``; NEED_MORE until those headers are complete."""
+    verdict, headers = first_headers(data)
+    if headers is None:
+        return verdict
+    return MATCH if any(wanted(k, v) for k, v in headers) else NO_MATCH

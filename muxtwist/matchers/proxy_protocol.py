@@ -46,6 +46,12 @@ _V2_FIXED = 16
 _INET_LENGTH = 12
 _INET6_LENGTH = 36
 _UNIX_LENGTH = 216
+#: v2 address family byte -> (address class, address width, address block
+#: length, the header's protocol name, the family's name in errors).
+_INET_FAMILIES: dict[int, tuple[type[ipaddress.IPv4Address | ipaddress.IPv6Address], int, int, str, str]] = {
+    1: (ipaddress.IPv4Address, 4, _INET_LENGTH, "TCP4", "IPv4"),
+    2: (ipaddress.IPv6Address, 16, _INET6_LENGTH, "TCP6", "IPv6"),
+}
 
 
 class ProxyProtocolError(ValueError):
@@ -194,18 +200,14 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
         return ProxyHeader(2, False, "UNKNOWN", None, None, length, _tlvs(payload, 0, strict=False))
     if transport != 1:
         raise ProxyProtocolError("v2 header is not for a stream connection")
-    if family == 1:
-        if size < _INET_LENGTH:
-            raise ProxyProtocolError("v2 header too short for IPv4 addresses")
-        s, d = str(ipaddress.IPv4Address(payload[0:4])), str(ipaddress.IPv4Address(payload[4:8]))
-        sport, dport = struct.unpack_from("!HH", payload, 8)
-        return ProxyHeader(2, False, "TCP4", (s, sport), (d, dport), length, _tlvs(payload, _INET_LENGTH))
-    if family == 2:
-        if size < _INET6_LENGTH:
-            raise ProxyProtocolError("v2 header too short for IPv6 addresses")
-        s, d = str(ipaddress.IPv6Address(payload[0:16])), str(ipaddress.IPv6Address(payload[16:32]))
-        sport, dport = struct.unpack_from("!HH", payload, 32)
-        return ProxyHeader(2, False, "TCP6", (s, sport), (d, dport), length, _tlvs(payload, _INET6_LENGTH))
+    inet = _INET_FAMILIES.get(family)
+    if inet is not None:
+        address, width, needed, protocol, words = inet
+        if size < needed:
+            raise ProxyProtocolError(f"v2 header too short for {words} addresses")
+        s, d = str(address(payload[0:width])), str(address(payload[width : 2 * width]))
+        sport, dport = struct.unpack_from("!HH", payload, 2 * width)
+        return ProxyHeader(2, False, protocol, (s, sport), (d, dport), length, _tlvs(payload, needed))
     if size < _UNIX_LENGTH:
         raise ProxyProtocolError("v2 header too short for UNIX addresses")
     return ProxyHeader(
