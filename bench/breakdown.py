@@ -60,13 +60,19 @@ PHASES: list[tuple[str, str, str]] = [
         r"_attempt_connected|spliceable|registerProducer|_connect_succeeded",
         r"proxy|_splice|tcp",
     ),
-    ("relay", r"_End\.(doRead|doWrite)|Splice\.(_pump|_flush|_drained|_block|_read)|from_client|from_backend", r"."),
+    (
+        "relay",
+        r"Poller\.(doRead|update)|_End\.(doRead|doWrite)|Splice\.(_pump|_flush|_drained|_block|_read)|"
+        r"from_client|from_backend",
+        r".",
+    ),
     # In-process, the winner answering: the responder and Twisted writing its answer.
     ("relay", r"^(Responder\.dataReceived|FileDescriptor\.doWrite|Connection\.writeSomeData)$", r"."),
     (
         "teardown",
         r"connectionLost|_ended|_maybe_end|_end_sniffing|loseConnection|abortConnection|_closeSocket|"
-        r"readConnectionLost|_Watch|_backend_eof|_backend_lost|Splice\.stop|_unsplice|_stop_timers|_cancel_attempt|"
+        r"readConnectionLost|_AfterConnectionLost|_backend_eof|_backend_lost|Splice\.stop|Poller\.unregister|"
+        r"_unsplice|_stop_timers|_cancel_attempt|"
         r"SniffingFactory\._remove$|connection_ended|_closeWriteConnection|_postLoseConnection|Logger\.|_release",
         r".",
     ),

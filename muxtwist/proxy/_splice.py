@@ -2,8 +2,10 @@
 A zero-copy relay between two TCP transports, for Linux.
 
 Once a relay's first bytes have been handed over, the two sockets are taken
-off Twisted's read and write path and read and written here, straight from
-the reactor's readiness events. Each direction starts by copying: a
+off Twisted's read and write path and read and written here, on readiness
+events from the reactor's one :class:`~muxtwist.proxy._poller.Poller` (an
+``epoll`` of its own for all spliced sockets, which the reactor sees as one
+descriptor). Each direction starts by copying: a
 ``recv`` and a ``send``, which for small requests and answers costs no more
 than ``splice(2)`` and needs no pipe. The first read that fills a whole
 chunk shows bulk transfer; from then on that direction moves kernel-side
@@ -37,11 +39,10 @@ import sys
 from typing import Any
 
 from twisted.internet import error, tcp
-from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from muxtwist._twisted import unsent_bytes
+from muxtwist.proxy._poller import Poller, poller_for
 
 __all__ = ["AVAILABLE", "PipeBudget", "Splice", "default_max_pipes", "pipes", "spliceable"]
 
@@ -185,11 +186,10 @@ class _Flow:
         pipes.give_back()
 
 
-@implementer(IReadDescriptor, IWriteDescriptor)
 class _End:
-    """One socket of the relay, as the reactor sees it while spliced."""
+    """One socket of the relay, as the poller sees it while spliced."""
 
-    __slots__ = ("fd", "incoming", "outgoing", "reading", "socket", "splice", "transport", "writing")
+    __slots__ = ("events", "fd", "incoming", "outgoing", "reading", "socket", "splice", "transport", "writing")
 
     def __init__(self, splice: Splice, transport: tcp.Connection) -> None:
         self.splice = splice
@@ -198,13 +198,11 @@ class _End:
         self.fd = self.socket.fileno()
         self.reading = False
         self.writing = False
+        #: the events the poller has it registered for.
+        self.events = 0
         #: the flow this socket is read for, and the one it is written for.
         self.outgoing: _Flow
         self.incoming: _Flow
-
-    def fileno(self) -> int:
-        # -1 once closed, so the reactor never mistakes a reused number for us.
-        return self.socket.fileno()
 
     def doRead(self) -> None:
         self.splice._pump(self.outgoing)
@@ -214,9 +212,6 @@ class _End:
 
     def connectionLost(self, reason: Failure) -> None:
         self.splice._failed(self, reason)
-
-    def logPrefix(self) -> str:
-        return "muxtwist.splice"
 
 
 class Splice:
@@ -229,10 +224,10 @@ class Splice:
     """
 
     # One per relay, held for the relay's life: no per-instance dict.
-    __slots__ = ("_reactor", "backend", "client", "down", "running", "up")
+    __slots__ = ("_poller", "backend", "client", "down", "running", "up")
 
     def __init__(self, client: tcp.Connection, backend: tcp.Connection, first: bytes, reactor: Any) -> None:
-        self._reactor = reactor
+        self._poller: Poller = poller_for(reactor)
         self.client = _End(self, client)
         self.backend = _End(self, backend)
         self.up = _Flow(self.client, self.backend, first)
@@ -274,14 +269,10 @@ class Splice:
         if not self.running:
             return
         self.running = False
-        reactor = self._reactor
+        poller = self._poller
         for end in (self.client, self.backend):
-            if end.reading:
-                end.reading = False
-                reactor.removeReader(end)
-            if end.writing:
-                end.writing = False
-                reactor.removeWriter(end)
+            end.reading = end.writing = False
+            poller.unregister(end)
         self.up.close()
         self.down.close()
 
@@ -290,7 +281,7 @@ class Splice:
     def _read(self, end: _End) -> None:
         if not end.reading:
             end.reading = True
-            self._reactor.addReader(end)
+            self._poller.update(end)
 
     def _pump(self, flow: _Flow) -> None:
         """
@@ -322,8 +313,22 @@ class Splice:
                     # Blocked, or a short read: the socket is drained for now.
                     return
                 continue
-            flow.prefix = memoryview(data)
-            if not self._flush(flow) or got < _CHUNK:
+            # Copying, the whole read usually goes out at once (the flow is
+            # read only while nothing of it waits): a view only for a rest.
+            dst = flow.dst
+            try:
+                sent = dst.socket.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as e:
+                self._broken(dst, e)
+                return
+            flow.moved += sent
+            if sent < got:
+                flow.prefix = memoryview(data)[sent:]
+                self._block(flow)
+                return
+            if got < _CHUNK:
                 return
             try:
                 if not flow.open_pipe():
@@ -361,12 +366,13 @@ class Splice:
             return
         flow.blocked = True
         src, dst = flow.src, flow.dst
+        poller = self._poller
         if src.reading:
             src.reading = False
-            self._reactor.removeReader(src)
+            poller.update(src)
         if not dst.writing:
             dst.writing = True
-            self._reactor.addWriter(dst)
+            poller.update(dst)
 
     def _drained(self, flow: _Flow) -> None:
         """``flow.dst`` is writable again."""
@@ -376,7 +382,7 @@ class Splice:
         dst = flow.dst
         if dst.writing:
             dst.writing = False
-            self._reactor.removeWriter(dst)
+            self._poller.update(dst)
         if not flow.ended and self.running:
             self._read(flow.src)
 
@@ -388,7 +394,7 @@ class Splice:
         src = flow.src
         if src.reading:
             src.reading = False
-            self._reactor.removeReader(src)
+            self._poller.update(src)
         if not (self.up.ended and self.down.ended):
             try:
                 flow.dst.socket.shutdown(socket.SHUT_WR)

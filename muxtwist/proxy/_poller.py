@@ -1,0 +1,179 @@
+"""
+One ``epoll`` object per reactor for every spliced socket (Linux).
+
+A spliced relay reads and writes its two sockets itself (see
+:mod:`muxtwist.proxy._splice`). Registering each socket with the reactor
+would cost, per readiness event, the reactor's whole dispatch (its poll
+loop, a logging context, an exception guard) and, per change of interest,
+an ``epoll_ctl`` plus the reactor's bookkeeping. Instead the sockets of all
+relays of one reactor sit in one :class:`Poller`, whose own descriptor is
+the only one the reactor watches for them: when any of them is ready, the
+reactor calls :meth:`Poller.doRead` once, which polls without waiting and
+hands each ready socket straight to its :class:`Pollable`.
+
+Each socket is in exactly one ``epoll`` at a time: a relay takes it off
+its Twisted transport before registering it here, and unregisters it here
+before giving it back.
+"""
+
+from __future__ import annotations
+
+import select
+import weakref
+from typing import Any, Protocol
+
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = ["Pollable", "Poller", "poller_for"]
+
+log = Logger(namespace="muxtwist.proxy")
+
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+#: readiness a reader is told about (a hang-up or an error is read as such).
+_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+#: readiness a writer is told about.
+_WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+#: the most sockets served in one reactor turn; the rest stay ready for the next.
+MAX_EVENTS = 64
+
+
+class Pollable(Protocol):
+    """What a :class:`Poller` dispatches to: one socket of a relay."""
+
+    #: the socket's descriptor, fixed for as long as it is registered.
+    fd: int
+    #: whether it wants readiness to read, and to write.
+    reading: bool
+    writing: bool
+    #: the events it is registered for (0: not registered).
+    events: int
+
+    def doRead(self) -> None: ...
+
+    def doWrite(self) -> None: ...
+
+    def connectionLost(self, reason: Failure) -> None: ...
+
+
+@implementer(IReadDescriptor)
+class Poller:
+    """
+    The spliced sockets of one reactor, behind one descriptor the reactor reads.
+
+    The poller is a reader of the reactor only while it holds a socket, so a
+    reactor with no relay running has nothing of ours registered.
+    """
+
+    __slots__ = ("__weakref__", "_ends", "_epoll", "_gone", "_reactor", "_registered")
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._epoll = select.epoll()
+        #: the socket registered for each descriptor.
+        self._ends: dict[int, Pollable] = {}
+        #: descriptors unregistered during the current batch (a reused number
+        #: must not receive the batch's events meant for the old socket).
+        self._gone: set[int] = set()
+        self._registered = False
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def update(self, end: Pollable) -> None:
+        """Make ``end``'s registration match its ``reading`` and ``writing``."""
+        events = (_IN if end.reading else 0) | (_OUT if end.writing else 0)
+        old = end.events
+        if events == old:
+            return
+        fd = end.fd
+        if not events:
+            # Registered with no interest, a hang-up would still be reported at every poll.
+            self.unregister(end)
+            return
+        end.events = events
+        if old:
+            self._epoll.modify(fd, events)
+            return
+        self._epoll.register(fd, events)
+        self._ends[fd] = end
+        if not self._registered:
+            self._registered = True
+            self._reactor.addReader(self)
+
+    def unregister(self, end: Pollable) -> None:
+        """Take ``end`` out (nothing if it is not in); its socket may already be closed."""
+        if not end.events:
+            return
+        end.events = 0
+        fd = end.fd
+        if self._ends.get(fd) is end:
+            del self._ends[fd]
+            self._gone.add(fd)
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            # Closed already (the kernel dropped it with its last reference).
+            pass
+        if not self._ends and self._registered:
+            self._registered = False
+            self._reactor.removeReader(self)
+
+    # IReadDescriptor
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def doRead(self) -> None:
+        """Serve the sockets that are ready, :data:`MAX_EVENTS` at the most."""
+        gone = self._gone
+        gone.clear()
+        ends = self._ends
+        try:
+            ready = self._epoll.poll(0, MAX_EVENTS)
+        except InterruptedError:
+            return
+        for fd, mask in ready:
+            end = ends.get(fd)
+            if end is None or fd in gone:
+                continue
+            try:
+                if mask & _READABLE and end.reading:
+                    end.doRead()
+                    if ends.get(fd) is not end:
+                        continue
+                if mask & _WRITABLE and end.writing:
+                    end.doWrite()
+            except Exception:
+                self._lost(end, Failure())
+
+    def _lost(self, end: Pollable, reason: Failure) -> None:
+        """An end raised: that relay alone fails, as the reactor would fail its transport."""
+        try:
+            end.connectionLost(reason)
+        except Exception:
+            log.failure("a spliced relay failed while ending after {reason}", reason=reason.getErrorMessage())
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor is disconnecting everything (it is stopping): so does every relay here, as it would have."""
+        self._registered = False
+        for end in list(self._ends.values()):
+            if end.events:
+                self._lost(end, reason)
+
+    def logPrefix(self) -> str:
+        return "muxtwist.splice"
+
+
+_pollers: weakref.WeakKeyDictionary[Any, Poller] = weakref.WeakKeyDictionary()
+
+
+def poller_for(reactor: Any) -> Poller:
+    """The one :class:`Poller` of ``reactor``."""
+    poller = _pollers.get(reactor)
+    if poller is None:
+        poller = _pollers[reactor] = Poller(reactor)
+    return poller

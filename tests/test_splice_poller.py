@@ -1,0 +1,358 @@
+"""
+The poller of spliced sockets (muxtwist.proxy._poller): one epoll per
+reactor, one reactor reader for every spliced relay, each ready socket
+dispatched to its own end, a failing end failing its relay only, and no
+event ever reaching an end that has left.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from twisted.internet import defer, error
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from muxtwist import Rule
+from muxtwist.actions import Proxy
+from muxtwist.matchers import Any as AnyMatcher
+from muxtwist.proxy import _poller, _splice
+from tests.test_proxy_support import Echo, R, backend, connect, mux, until, wait
+
+LINUX = sys.platform.startswith("linux")
+
+
+class _Reactor:
+    """The reactor as far as a poller uses it: a set of readers."""
+
+    def __init__(self) -> None:
+        self.readers: set[Any] = set()
+
+    def addReader(self, reader: Any) -> None:
+        self.readers.add(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        self.readers.discard(reader)
+
+
+class _End:
+    """A socket a poller dispatches to, which drains what it reads and records what it is told."""
+
+    def __init__(self, poller: _poller.Poller, sock: socket.socket, batch: list[int]) -> None:
+        self.poller = poller
+        self.socket = sock
+        sock.setblocking(False)
+        self.fd = sock.fileno()
+        self.reading = True
+        self.writing = False
+        self.events = 0
+        self.left = False
+        self.raises = False
+        self.reads = 0
+        self.writes = 0
+        self.lost: Failure | None = None
+        self.got = 0
+        #: the poll batch now (shared), and the one in which it was registered.
+        self.batches = batch
+        self.batch = batch[0]
+        #: called on each read (a test's hook into the middle of a batch).
+        self.on_read: Any = None
+        self.stale: list[str] = []
+
+    def doRead(self) -> None:
+        self._check("read")
+        self.reads += 1
+        if self.on_read is not None:
+            self.on_read(self)
+        if self.raises:
+            raise RuntimeError("this end breaks")
+        try:
+            while True:
+                data = self.socket.recv(4096)
+                if not data:
+                    # Its peer has gone: stop reading, as the relay does at an end of file.
+                    self.reading = False
+                    self.poller.update(self)
+                    return
+                self.got += len(data)
+        except BlockingIOError:
+            pass
+
+    def doWrite(self) -> None:
+        self._check("write")
+        self.writes += 1
+        self.writing = False
+        self.poller.update(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost = reason
+        self.leave()
+
+    def _check(self, what: str) -> None:
+        if self.left:
+            self.stale.append(f"{what} after leaving")
+        if self.batch == self.batches[0]:
+            self.stale.append(f"{what} in the batch that registered it")
+
+    def leave(self) -> None:
+        """Unregistered, then its socket closed (as a relay's stop, then its transport's close)."""
+        if self.left:
+            return
+        self.left = True
+        self.reading = self.writing = False
+        self.poller.unregister(self)
+        self.socket.close()
+
+
+class PollerMachine(RuleBasedStateMachine):
+    """
+    A poller on a memory reactor, driven by registrations, peers writing,
+    ends failing, closing and being replaced (their descriptor numbers
+    reused) in the middle of a batch.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reactor = _Reactor()
+        self.poller = _poller.Poller(self.reactor)
+        self.batch = [0]
+        self.ends: list[_End] = []
+        self.peers: dict[_End, socket.socket] = {}
+        self.sent: dict[_End, int] = {}
+        self.everyone: list[_End] = []
+
+    def teardown(self) -> None:
+        for end in self.ends:
+            end.leave()
+        for peer in self.peers.values():
+            peer.close()
+        self.poller._epoll.close()
+
+    def _open(self) -> _End:
+        ours, peer = socket.socketpair()
+        peer.setblocking(False)
+        end = _End(self.poller, ours, self.batch)
+        self.poller.update(end)
+        self.ends.append(end)
+        self.everyone.append(end)
+        self.peers[end] = peer
+        self.sent[end] = 0
+        return end
+
+    def _close(self, end: _End) -> None:
+        end.leave()
+        self.ends.remove(end)
+        self.peers.pop(end).close()
+
+    @rule()
+    def open(self) -> None:
+        self._open()
+
+    @precondition(lambda self: self.ends)
+    @rule(which=st.integers(0, 63), size=st.integers(1, 3000))
+    def peer_sends(self, which: int, size: int) -> None:
+        end = self.ends[which % len(self.ends)]
+        try:
+            self.sent[end] += self.peers[end].send(b"x" * size)
+        except BlockingIOError:
+            pass
+
+    @precondition(lambda self: self.ends)
+    @rule(which=st.integers(0, 63), reading=st.booleans(), writing=st.booleans())
+    def interest(self, which: int, reading: bool, writing: bool) -> None:
+        end = self.ends[which % len(self.ends)]
+        if end.lost is None and (end.reading or not reading):
+            end.reading = reading
+        end.writing = writing
+        self.poller.update(end)
+
+    @precondition(lambda self: self.ends)
+    @rule(which=st.integers(0, 63))
+    def breaks(self, which: int) -> None:
+        self.ends[which % len(self.ends)].raises = True
+
+    @precondition(lambda self: self.ends)
+    @rule(which=st.integers(0, 63))
+    def close(self, which: int) -> None:
+        self._close(self.ends[which % len(self.ends)])
+
+    @precondition(lambda self: len(self.ends) >= 2)
+    @rule(which=st.integers(0, 63), other=st.integers(0, 63), data=st.booleans())
+    def closes_another_mid_batch(self, which: int, other: int, data: bool) -> None:
+        """When ``which`` is read, it closes another end and opens a new one (likely on the same number)."""
+        end = self.ends[which % len(self.ends)]
+        victim = self.ends[(which + 1 + other) % len(self.ends)]
+        if victim is end:
+            return
+
+        def swap(reader: _End) -> None:
+            reader.on_read = None
+            if victim in self.ends:
+                self._close(victim)
+                new = self._open()
+                if data:
+                    self.sent[new] += self.peers[new].send(b"new")
+
+        end.on_read = swap
+        # The reader ready first, then the victim: its event comes later in the same batch.
+        for ready in (end, victim):
+            try:
+                self.sent[ready] += self.peers[ready].send(b"old")
+            except BlockingIOError:
+                pass
+
+    @rule(rounds=st.integers(1, 3))
+    def poll(self, rounds: int) -> None:
+        for _ in range(rounds):
+            self.batch[0] += 1
+            self.poller.doRead()
+            for end in list(self.ends):
+                if end.lost is not None:
+                    self.ends.remove(end)
+                    self.peers.pop(end).close()
+        if len(self.ends) <= _poller.MAX_EVENTS and not any(e.on_read for e in self.ends):
+            # Every healthy end that wants to read has read all its peer sent (none starved by another failing).
+            self.batch[0] += 1
+            self.poller.doRead()
+            for end in self.ends:
+                if end.lost is None and end.reading and not end.raises:
+                    assert end.got == self.sent[end], (end.got, self.sent[end])
+
+    @invariant()
+    def no_stale_dispatch(self) -> None:
+        for end in self.everyone:
+            assert not end.stale, end.stale
+
+    @invariant()
+    def registered_with_reactor_while_holding_sockets(self) -> None:
+        holding = any(e.events for e in self.ends)
+        assert (self.poller in self.reactor.readers) == holding
+        assert len(self.poller) == sum(1 for e in self.ends if e.events)
+
+    @invariant()
+    def only_failing_ends_fail(self) -> None:
+        for end in self.everyone:
+            if end.lost is not None:
+                assert end.raises and end.lost.check(RuntimeError)
+
+
+class PollerModelTests(unittest.SynchronousTestCase):
+    def test_poller_model(self) -> None:
+        """Under any order of registrations, failures, closes and reuse mid-batch, events reach only live ends."""
+        if not LINUX:
+            raise unittest.SkipTest("epoll is Linux's")
+        examples = int(os.environ.get("MUXTWIST_MODEL_EXAMPLES", "60"))
+        machine = settings(
+            max_examples=examples,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        )(PollerMachine)
+        machine.TestCase().runTest()
+
+
+class PollerShutdownTests(unittest.SynchronousTestCase):
+    def test_reactor_disconnecting_the_poller_ends_every_relay(self) -> None:
+        """When the stopping reactor disconnects the poller, each of its sockets is lost with that reason."""
+        if not LINUX:
+            raise unittest.SkipTest("epoll is Linux's")
+        reactor = _Reactor()
+        poller = _poller.Poller(reactor)
+        self.addCleanup(poller._epoll.close)
+        ends = []
+        for _ in range(3):
+            ours, peer = socket.socketpair()
+            self.addCleanup(peer.close)
+            end = _End(poller, ours, [0])
+            self.addCleanup(end.leave)
+            poller.update(end)
+            ends.append(end)
+        self.assertEqual(reactor.readers, {poller})
+        poller.connectionLost(Failure(error.ConnectionLost()))
+        self.assertEqual([bool(e.lost and e.lost.check(error.ConnectionLost)) for e in ends], [True] * 3)
+        self.assertEqual(len(poller), 0)
+
+
+class _Counter(_End):
+    """An end on the real reactor that fires ``done`` once it has read ``expected`` bytes."""
+
+    def __init__(self, poller: _poller.Poller, sock: socket.socket, expected: int, done: Any) -> None:
+        super().__init__(poller, sock, [-1])
+        self.expected = expected
+        self.done = done
+
+    def doRead(self) -> None:
+        super().doRead()
+        if self.got >= self.expected and not self.done.called:
+            self.done.callback(self.got)
+
+
+class PollerReactorTests(unittest.TestCase):
+    """The poller on the running reactor (run with --reactor=asyncio too)."""
+
+    def setUp(self) -> None:
+        if not LINUX:
+            raise unittest.SkipTest("epoll is Linux's")
+
+    async def test_one_failing_end_does_not_stop_the_others(self) -> None:
+        """Many sockets in one poller all get their bytes while one of them raises at every read."""
+        poller = _poller.poller_for(R)
+        ends: list[_Counter] = []
+        peers: list[socket.socket] = []
+        for n in range(40):
+            ours, peer = socket.socketpair()
+            peers.append(peer)
+            self.addCleanup(peer.close)
+            end = _Counter(poller, ours, 1000, defer.Deferred())
+            end.raises = n == 7
+            self.addCleanup(end.leave)
+            ends.append(end)
+            poller.update(end)
+        self.assertIn(poller, R.getReaders())
+        for peer in peers:
+            peer.sendall(b"y" * 1000)
+        healthy = [e for e in ends if not e.raises]
+        await wait(defer.gatherResults([e.done for e in healthy]), 10)
+        await until(lambda: ends[7].lost is not None)
+        self.assertTrue(ends[7].lost.check(RuntimeError))  # type: ignore[union-attr]
+        self.assertEqual([e.lost for e in healthy], [None] * len(healthy))
+        for end in ends:
+            end.leave()
+        self.assertNotIn(poller, R.getReaders())
+
+    async def test_spliced_relays_share_one_reactor_reader(self) -> None:
+        """However many relays are spliced, the reactor reads one descriptor for them all, and none once they end."""
+        if not _splice.AVAILABLE:
+            raise unittest.SkipTest("splice(2) is Linux's")
+        desc, backends = backend(self, Echo)
+        proxy = Proxy(desc, splice=True)
+        port, _ = mux(self, [Rule(AnyMatcher(), proxy, name="relay")])
+        clients = []
+        for n in range(8):
+            client = await connect(self, port)
+            client.transport.write(b"ping %d" % n)  # type: ignore[union-attr]
+            clients.append(client)
+        for client in clients:
+            await client.received_at_least(6)
+        await until(lambda: len(proxy.relays) == 8 and all(r.spliced for r in proxy.relays))
+
+        def ours() -> list[Any]:
+            return [r for r in R.getReaders() if type(r).__module__.startswith("muxtwist.proxy")]
+
+        self.assertEqual([type(r).__name__ for r in ours()], ["Poller"])
+        for n, client in enumerate(clients):
+            client.transport.write(b" again %d" % n)  # type: ignore[union-attr]
+        for n, client in enumerate(clients):
+            expected = b"ping %d again %d" % (n, n)
+            self.assertEqual(await client.received_at_least(len(expected)), expected)
+        for client in clients:
+            client.transport.loseConnection()  # type: ignore[union-attr]
+            await client.closed()
+        await until(lambda: not proxy.relays)
+        self.assertEqual(ours(), [])
