@@ -7,6 +7,8 @@ through UDPProxy on one reactor reader.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 from typing import Any
 
@@ -171,6 +173,18 @@ class FlowSocketsTests(unittest.SynchronousTestCase):
         self.dispatch()
         self.assertEqual(owner2.got, [b"again"])
 
+    def test_socket_that_cannot_be_watched_leaves_nothing_behind(self) -> None:
+        """A socket that cannot be added raises and changes nothing: no owner, no reader, no epoll left open."""
+        if not self.use_epoll:
+            raise unittest.SkipTest("only epoll refuses a descriptor (a regular file)")
+        sockets = self.sockets()
+        near, far = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(near.close)
+        self.addCleanup(far.close)
+        with open(self.mktemp(), "wb") as f:
+            self.assertRaises(OSError, sockets.add, f.fileno(), Owner(near, sockets))
+        self.assertEqual((len(sockets), self.reactor.getReaders(), sockets._epoll), (0, [], None))
+
 
 class FlowSocketsWithoutEpollTests(FlowSocketsTests):
     """The same behaviour where there is no epoll: a reactor reader per socket."""
@@ -209,6 +223,40 @@ class FlowWriterTests(unittest.TestCase):
         self.assertEqual((proxy.flows, len(proxy._sockets)), (40, 40))
         self.assertEqual([r for r in reactor.getReaders() if isinstance(r, FlowSockets)], [proxy._sockets])
         self.assertEqual(sum(f.datagrams_out for f in mux.table.flows.values()), 40)
+
+    @defer.inlineCallbacks
+    def test_flow_whose_socket_cannot_be_watched_ends_backend_failed(self) -> Any:
+        """A flow whose backend socket cannot be watched (EMFILE) ends backend_failed, its socket closed."""
+        backend = Backend(b"b")
+        backend_port = reactor.listenUDP(0, backend, interface="127.0.0.1")
+        self.addCleanup(backend_port.stopListening)
+        proxy = UDPProxy(f"udp:host=127.0.0.1:port={backend_port.getHost().port}")
+        tried: list[int] = []
+
+        def no_descriptors(fd: int, owner: Any) -> None:
+            tried.append(fd)
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        proxy._sockets.add = no_descriptors  # type: ignore[method-assign]
+        mux = UDPMux([Rule(Prefix(b"q", name="q"), proxy)], metrics=Metrics())
+        port = reactor.listenUDP(0, mux.protocol, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        c = Client()
+        p = reactor.listenUDP(0, c, interface="127.0.0.1")
+        p.connect("127.0.0.1", port.getHost().port)
+        self.addCleanup(p.stopListening)
+        c.transport.write(b"q1")  # type: ignore[union-attr]
+        for _ in range(100):
+            if tried:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(len(tried), 1)
+        self.assertEqual(mux.stats.ended[("q", "backend_failed")][0], 1)
+        self.assertEqual(
+            (proxy.flows, proxy.failed, proxy.backends[0].failures, proxy.backends[0].active), (0, 1, 1, 0)
+        )
+        self.assertEqual(len(mux.table.flows), 0)
+        self.assertRaises(OSError, os.fstat, tried[0])
 
     @defer.inlineCallbacks
     def test_writer_of_an_ended_flow_drops(self) -> Any:

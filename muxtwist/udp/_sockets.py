@@ -84,7 +84,11 @@ class FlowSockets:
         return len(self._owners)
 
     def add(self, fd: int, owner: FlowSocket) -> None:
-        """Read ``fd`` for ``owner`` from now on (the first one starts the reactor reading)."""
+        """
+        Read ``fd`` for ``owner`` from now on (the first one starts the
+        reactor reading). ``OSError`` (no descriptor left for the ``epoll``
+        object, or ``fd`` cannot be watched) leaves everything as it was.
+        """
         if not self._use_epoll:
             self._owners[fd] = owner
             reader = self._readers[fd] = _OneSocket(fd, owner, self._max_datagram, self._max_rounds)
@@ -92,7 +96,13 @@ class FlowSockets:
             return
         if self._epoll is None:
             self._epoll = select.epoll()
-        self._epoll.register(fd, select.EPOLLIN)
+        try:
+            self._epoll.register(fd, select.EPOLLIN)
+        except OSError:
+            if not self._owners:
+                self._epoll.close()
+                self._epoll = None
+            raise
         self._owners[fd] = owner
         if len(self._owners) == 1:
             self._reactor.addReader(self)

@@ -234,7 +234,14 @@ class UDPProxy(DatagramProtocol):
             return None
         side = _BackendSide(self, addr, backend, sock)
         side.deliver = writer
-        self._sockets.add(sock.fileno(), side)
+        try:
+            self._sockets.add(sock.fileno(), side)
+        except OSError as e:
+            # No descriptor left for the epoll object (EMFILE): the flow
+            # cannot be answered, so it ends like one whose socket failed.
+            sock.close()
+            self._open_failed(addr, backend, e)
+            return None
         backend.active += 1
         backend.total += 1
         self._sides[addr] = side
