@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             None if options.no_docs else options.docs,
             meta,
             done,
-            [*scenarios.TARGETS, *udp.TARGETS],
+            [*scenarios.TARGETS, *udp.TARGETS, *asgi.TARGETS],
             command,
         )
         if "raw" in ctx.profile_out:

@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from bench._procs import Servers, free_port
-from bench._results import Metric, Scenario
+from bench._results import Metric, Scenario, Target
 from bench.scenarios import Contender, Context, _interleave, _wrk, start_haproxy, start_python, start_sslh
 
 BODY = b"hello from ASGI\n"
@@ -48,6 +48,13 @@ async def _serve_mux(port: int, sink: int) -> None:
     await muxtwist.aio.serve(rules, f"tcp:{port}:interface=127.0.0.1", log_connections=False)
     await asyncio.Event().wait()
 
+
+#: muxtwist in-process beats both proxies in front of uvicorn (issue 19).
+TARGETS = [
+    Target("asgi", metric, "muxtwist ASGI (in-process)", proxy, ">=", 1.0, f"7. {what} above {proxy}")
+    for metric, what in (("ka_req_s", "ASGI keep-alive req/s"), ("close_req_s", "ASGI new connections/s"))
+    for proxy in ("HAProxy → uvicorn", "sslh-select → uvicorn")
+]
 
 METRICS = [
     Metric("ka_req_s", "keep-alive", "req/s"),

@@ -30,6 +30,7 @@ TWISTED_CLASSES = [
     "twisted.internet.interfaces.IProtocolFactory",
     "twisted.internet.interfaces.IPushProducer",
     "twisted.internet.interfaces.IReactorCore",
+    "twisted.internet.interfaces.IReactorFDSet",
     "twisted.internet.interfaces.IReactorTCP",
     "twisted.internet.interfaces.IReactorTime",
     "twisted.internet.interfaces.IReactorUDP",
