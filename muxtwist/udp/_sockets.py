@@ -150,22 +150,8 @@ class FlowSockets:
                 return
             for fd, _mask in events:
                 owner = owners.get(fd)
-                if owner is None:
-                    continue  # removed earlier in this round
-                try:
-                    data = owner.recv(size)
-                except BlockingIOError:
-                    continue
-                except OSError as e:
-                    try:
-                        owner.failed(e)
-                    except Exception:
-                        log.failure("{owner!r} raised handling a socket error", owner=owner)
-                    continue
-                try:
-                    owner.deliver(data)
-                except Exception:
-                    log.failure("{owner!r} raised delivering a datagram", owner=owner)
+                if owner is not None:  # else removed earlier in this round
+                    _read_one(owner, size)
             if self._epoll is not epoll:
                 return  # every socket was removed during the round
 
@@ -193,19 +179,28 @@ class _OneSocket:
     def doRead(self) -> None:
         owner = self._owner
         for _ in range(self._max_reads):
-            if self.removed:
+            if self.removed or not _read_one(owner, self._max_datagram):
                 return
-            try:
-                data = owner.recv(self._max_datagram)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                try:
-                    owner.failed(e)
-                except Exception:
-                    log.failure("{owner!r} raised handling a socket error", owner=owner)
-                return
-            try:
-                owner.deliver(data)
-            except Exception:
-                log.failure("{owner!r} raised delivering a datagram", owner=owner)
+
+
+def _read_one(owner: FlowSocket, size: int) -> bool:
+    """
+    Read one datagram of ``owner``'s socket and deliver it; an error goes to
+    ``owner.failed``. Whether there may be more to read (a datagram came).
+    Exceptions of the owner are logged, never raised to the reactor.
+    """
+    try:
+        data = owner.recv(size)
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        try:
+            owner.failed(e)
+        except Exception:
+            log.failure("{owner!r} raised handling a socket error", owner=owner)
+        return False
+    try:
+        owner.deliver(data)
+    except Exception:
+        log.failure("{owner!r} raised delivering a datagram", owner=owner)
+    return True
