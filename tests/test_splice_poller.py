@@ -132,7 +132,8 @@ class PollerMachine(RuleBasedStateMachine):
             end.leave()
         for peer in self.peers.values():
             peer.close()
-        self.poller._epoll.close()
+        if self.poller._epoll is not None:
+            self.poller._epoll.close()
 
     def _open(self) -> _End:
         ours, peer = socket.socketpair()
@@ -234,6 +235,8 @@ class PollerMachine(RuleBasedStateMachine):
         holding = any(e.events for e in self.ends)
         assert (self.poller in self.reactor.readers) == holding
         assert len(self.poller) == sum(1 for e in self.ends if e.events)
+        # Its epoll descriptor is open exactly while it holds sockets.
+        assert (self.poller._epoll is not None) == holding
 
     @invariant()
     def only_failing_ends_fail(self) -> None:
@@ -264,7 +267,7 @@ class PollerShutdownTests(unittest.SynchronousTestCase):
             raise unittest.SkipTest("epoll is Linux's")
         reactor = _Reactor()
         poller = _poller.Poller(reactor)
-        self.addCleanup(poller._epoll.close)
+        self.addCleanup(lambda: poller._epoll.close() if poller._epoll is not None else None)
         ends = []
         for _ in range(3):
             ours, peer = socket.socketpair()
@@ -356,3 +359,37 @@ class PollerReactorTests(unittest.TestCase):
             await client.closed()
         await until(lambda: not proxy.relays)
         self.assertEqual(ours(), [])
+
+    async def test_no_descriptor_left_open_once_every_relay_ended(self) -> None:
+        """The poller's epoll descriptor exists only while it holds sockets: none is left once the relays end."""
+        if not _splice.AVAILABLE:
+            raise unittest.SkipTest("splice(2) is Linux's")
+        desc, backends = backend(self, Echo)
+        proxy = Proxy(desc, splice=True)
+        port, _ = mux(self, [Rule(AnyMatcher(), proxy, name="relay")])
+
+        def epolls() -> int:
+            return sum(os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventpoll]" for fd in _fds())
+
+        before = epolls()
+        for round_ in range(2):
+            client = await connect(self, port)
+            client.transport.write(b"ping %d" % round_)  # type: ignore[union-attr]
+            await client.received_at_least(6)
+            await until(lambda: len(proxy.relays) == 1 and all(r.spliced for r in proxy.relays))
+            self.assertEqual(epolls(), before + 1)
+            client.transport.loseConnection()  # type: ignore[union-attr]
+            await client.closed()
+            await until(lambda: not proxy.relays)
+            self.assertEqual(epolls(), before)
+
+
+def _fds() -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        found.append(fd)
+    return found

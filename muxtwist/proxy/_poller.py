@@ -64,15 +64,16 @@ class Poller:
     """
     The spliced sockets of one reactor, behind one descriptor the reactor reads.
 
-    The poller is a reader of the reactor only while it holds a socket, so a
-    reactor with no relay running has nothing of ours registered.
+    The poller is a reader of the reactor, and its ``epoll`` descriptor
+    open, only while it holds a socket: a reactor with no relay running has
+    nothing of ours registered or open.
     """
 
     __slots__ = ("__weakref__", "_ends", "_epoll", "_gone", "_reactor", "_registered")
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
-        self._epoll = select.epoll()
+        self._epoll: select.epoll | None = None
         #: the socket registered for each descriptor.
         self._ends: dict[int, Pollable] = {}
         #: descriptors unregistered during the current batch (a reused number
@@ -95,10 +96,13 @@ class Poller:
             self.unregister(end)
             return
         end.events = events
-        if old:
-            self._epoll.modify(fd, events)
+        epoll = self._epoll
+        if old and epoll is not None:
+            epoll.modify(fd, events)
             return
-        self._epoll.register(fd, events)
+        if epoll is None:
+            epoll = self._epoll = select.epoll()
+        epoll.register(fd, events)
         self._ends[fd] = end
         if not self._registered:
             self._registered = True
@@ -113,27 +117,36 @@ class Poller:
         if self._ends.get(fd) is end:
             del self._ends[fd]
             self._gone.add(fd)
-        try:
-            self._epoll.unregister(fd)
-        except OSError:
-            # Closed already (the kernel dropped it with its last reference).
-            pass
-        if not self._ends and self._registered:
-            self._registered = False
-            self._reactor.removeReader(self)
+        epoll = self._epoll
+        if epoll is not None:
+            try:
+                epoll.unregister(fd)
+            except OSError:
+                # Closed already (the kernel dropped it with its last reference).
+                pass
+        if not self._ends:
+            if self._registered:
+                self._registered = False
+                self._reactor.removeReader(self)
+            if epoll is not None:
+                self._epoll = None
+                epoll.close()
 
     # IReadDescriptor
 
     def fileno(self) -> int:
-        return self._epoll.fileno()
+        return -1 if self._epoll is None else self._epoll.fileno()
 
     def doRead(self) -> None:
         """Serve the sockets that are ready, :data:`MAX_EVENTS` at the most."""
         gone = self._gone
         gone.clear()
         ends = self._ends
+        epoll = self._epoll
+        if epoll is None:
+            return
         try:
-            ready = self._epoll.poll(0, MAX_EVENTS)
+            ready = epoll.poll(0, MAX_EVENTS)
         except InterruptedError:
             return
         for fd, mask in ready:
