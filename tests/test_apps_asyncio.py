@@ -320,6 +320,13 @@ class AsyncioProtocolTests(unittest.TestCase):
         paused: list[bool] = []
 
         class BigThenClose(Echo):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                # A small socket buffer: the 4 MiB cannot all go to the
+                # socket inside write(), whatever the kernel's autotuning.
+                handle = transport.get_extra_info("twisted_transport").getHandle()
+                handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+
             def data_received(self, data: bytes) -> None:
                 self.transport.write(b"b" * size)
                 self.transport.close()
