@@ -262,6 +262,9 @@ class StopSignalTests(unittest.TestCase):
 
     def _drains_once(self, send_signal: Any) -> str:
         pool = Pool(self)
+        # Both workers serving (their stop handlers in place): a worker still
+        # starting has nothing to drain and ends by the signal's default action.
+        until(lambda: len(pool.answering()) == 2, 30, "both workers answering")
         transfer = PacedTransfer(pool.port)
         for _ in range(3):
             transfer.step()
