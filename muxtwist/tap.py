@@ -158,6 +158,9 @@ def _workers(options: Options) -> IService:
             twistd_args=twistd_args,
             stop_timeout=stop_timeout,
             admin=options["admin"],
+            # twistd --uid/--gid: the user the workers will run as.
+            uid=parent.get("uid") if parent is not None else None,
+            gid=parent.get("gid") if parent is not None else None,
         )
     except ValueError as e:
         raise SystemExit(f"muxtwist: {e}") from None

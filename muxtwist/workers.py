@@ -140,6 +140,10 @@ class WorkerPool(SignalHandlers, Service):
     :param admin: an endpoint description where the parent serves the
         admin site (stats page, ``/status.json``, ``/metrics``, ``/ready``)
         with the numbers of every worker summed.
+    :param uid: the user (and ``gid`` the group) that ``twistd --uid``
+        switches to after :meth:`privilegedStartService`, the one the workers
+        run as: the workers' sockets' directory, made before the switch, is
+        given to them.
     :param reuse_port: give each worker a listening socket of its own for
         every ``tcp:``/``tcp6:`` listener, all bound to the same address with
         ``SO_REUSEPORT`` (Linux), so that the kernel spreads new connections
@@ -161,6 +165,8 @@ class WorkerPool(SignalHandlers, Service):
         handle_signals: bool = True,
         admin: str | None = None,
         reuse_port: bool = True,
+        uid: int | None = None,
+        gid: int | None = None,
         reactor: Any = None,
     ) -> None:
         reactor = default_reactor(reactor)
@@ -189,6 +195,7 @@ class WorkerPool(SignalHandlers, Service):
         self.admin_port: Any = None
         #: The private directory of the workers' admin sockets.
         self.directory: str | None = None
+        self.uid, self.gid = uid, gid
 
     @property
     def draining(self) -> bool:
@@ -206,6 +213,11 @@ class WorkerPool(SignalHandlers, Service):
         if self.directory is None:
             self.directory = _socket_directory(self.count)
         try:
+            if made and (self.uid is not None or self.gid is not None):
+                # Made as root before twistd switches user: the workers, and
+                # this process once switched, bind, reach and remove the
+                # sockets there, and remove the directory at stop.
+                os.chown(self.directory, -1 if self.uid is None else self.uid, -1 if self.gid is None else self.gid)
             self._listen()
         except BaseException:
             # A pool that cannot start leaves no directory behind, nor any port open.

@@ -403,3 +403,146 @@ class SocketDirectoryTests(unittest.SynchronousTestCase):
             with self.assertRaises(CannotListenError):
                 pool.privilegedStartService()
             self.assertEqual(os.listdir(scratch), [])
+
+
+class SwitchedUserTests(unittest.TestCase):
+    """``twistd --uid nobody --gid NOBODY'S-GROUP muxtwist --workers 2`` started as root, end to end."""
+
+    def _nobody(self) -> tuple[int, int]:
+        import pwd
+
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root: twistd --uid switches to another user only when started as root")
+        try:
+            entry = pwd.getpwnam("nobody")
+        except KeyError:
+            raise unittest.SkipTest("there is no user 'nobody' to switch to") from None
+        return entry.pw_uid, entry.pw_gid
+
+    def _reachable(self, tmp: str, uid: int, gid: int) -> list[str]:
+        """
+        A command prefix under which user ``uid`` can run this interpreter and
+        import this checkout: none, or, where a directory closed to others
+        (``/root``) holds them, a private mount namespace in which that
+        directory is an empty one open to all with the interpreter and the
+        checkout mounted back at their own paths (the interpreter's library
+        path is absolute). Nothing changes outside the namespace.
+        """
+        import shlex
+        import subprocess
+        import sys
+
+        import muxtwist
+
+        probe = [sys.executable, "-c", "import muxtwist, twisted.scripts.twistd"]
+        as_user = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+        ran = subprocess.run([*as_user, *probe], capture_output=True, timeout=60)
+        if ran.returncode == 0:
+            return []
+        needed = [os.path.realpath(sys.base_prefix), os.path.dirname(os.path.dirname(muxtwist.__file__))]
+        parents = {"/".join(path.split("/")[:i]) for path in needed for i in range(2, path.count("/") + 1)}
+        closed = {d for d in parents if not os.stat(d).st_mode & 0o001}
+        if len(closed) != 1 or shutil.which("unshare") is None:
+            raise unittest.SkipTest(f"user nobody cannot run {sys.executable}: {ran.stderr.decode()[-300:]}")
+        (top,) = closed
+        inside = [path for path in needed if path.startswith(top + "/")]
+        stages = [os.path.join(tmp, f"stage-{i}") for i in range(len(inside))]
+        script = ["set -e"]
+        for path, stage in zip(inside, stages, strict=True):
+            os.mkdir(stage)
+            script.append(f"mount --bind {shlex.quote(path)} {shlex.quote(stage)}")
+        script.append(f"mount -t tmpfs -o mode=755 tmpfs {shlex.quote(top)}")
+        for path, stage in zip(inside, stages, strict=True):
+            script += [f"mkdir -p {shlex.quote(path)}", f"mount --move {shlex.quote(stage)} {shlex.quote(path)}"]
+        script.append('exec "$@"')
+        prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(script), "sh"]
+        ran = subprocess.run([*prefix, *as_user, *probe], capture_output=True, timeout=60)
+        if ran.returncode != 0:
+            raise unittest.SkipTest(f"user nobody cannot run {sys.executable}: {ran.stderr.decode()[-300:]}")
+        return prefix
+
+    def test_workers_of_a_switched_user_serve_reload_stop_and_leave_no_directory(self) -> None:
+        """Workers run as nobody, bind their sockets in a directory nobody owns, reload, stop, and remove it."""
+        from muxtwist.workers import worker_command
+        from tests.test_admin_page import Process, free_port, until, wait_for_port
+
+        uid, gid = self._nobody()
+        tmp = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        os.chmod(tmp, 0o755)
+        prefix = self._reachable(tmp, uid, gid)
+        # The workers' sockets' directory goes here: like /tmp, anyone may
+        # make a directory, and only its owner may remove it.
+        scratch = os.path.join(tmp, "tmp")
+        os.mkdir(scratch)
+        os.chmod(scratch, 0o1777)
+        rules = os.path.join(tmp, "rules.py")
+        with open(rules, "w") as f:
+            f.write(RULES)
+        os.chmod(rules, 0o644)
+        port, admin = free_port(), free_port()
+        command = worker_command(
+            [
+                "--config",
+                rules,
+                "--port",
+                f"tcp:{port}:interface=127.0.0.1",
+                "--admin",
+                f"tcp:{admin}:interface=127.0.0.1",
+                "--workers",
+                "2",
+            ],
+            # A working directory the switched user can enter (the test run's is closed to it).
+            ["--uid", str(uid), "--gid", str(gid), "--rundir", tmp],
+        )
+        server = Process([*prefix, *command], os.path.join(tmp, "twistd.log"), env={"TMPDIR": scratch})
+        workers: set[int] = set()
+
+        def kill() -> None:
+            # Each worker leads a process group of its own.
+            for pid in workers:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            server.kill()
+
+        self.addCleanup(kill)
+
+        def answering() -> list[dict[str, Any]]:
+            status = json.loads(get(admin, "/status.json"))
+            found = [w for w in status["workers"] if w.get("answered")]
+            workers.update(w["pid"] for w in found)
+            return found
+
+        def waiting(condition: Any, what: str) -> None:
+            try:
+                until(condition, 30, what)
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{server.output[-4000:]}") from None
+
+        wait_for_port(port, server.proc)
+        wait_for_port(admin, server.proc)
+        waiting(lambda: len(answering()) == 2, "both workers answering the admin site")
+        started = set(workers)
+        for pid in [server.proc.pid, *started]:
+            self.assertEqual(os.stat(f"/proc/{pid}").st_uid, uid, pid)
+        (directory,) = {workers_directory(pid) for pid in started}
+        self.assertEqual(os.path.dirname(directory), scratch)
+        info = os.stat(directory)
+        self.assertEqual((info.st_uid, info.st_mode & 0o777), (uid, 0o700))
+
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"hello\n")
+            self.assertEqual(s.recv(100), b"hello\n")
+
+        os.kill(server.proc.pid, signal.SIGHUP)
+        waiting(lambda: server.output.count(f"reloaded {rules}") == 2, "both workers to reload")
+        self.assertEqual({w["pid"] for w in answering()}, started)
+
+        os.kill(server.proc.pid, signal.SIGTERM)
+        self.assertEqual(server.wait(30), 0, server.output[-3000:])
+        for pid in started:
+            with self.assertRaises(ProcessLookupError):
+                os.kill(pid, 0)
+        self.assertEqual(os.listdir(scratch), [])
