@@ -12,6 +12,7 @@ import os
 import resource
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -360,6 +361,10 @@ def proxy(ctx: Context) -> Scenario:
             "Each proxy listens on one port and decides on the first bytes: HTTP to nginx (one worker, "
             "`return 200`), anything else to `iperf3 -s`; `twistd portforward` cannot decide, so it runs "
             "twice, one per backend. Proxies are pinned to CPU 0; wrk, iperf3 and nginx to CPU 1.",
+            "Python floor: `python -m bench.tcpfloor`, the same deciding and relaying in one bare `epoll` "
+            "loop (first bytes pick the backend, non-blocking connect, recv/send both ways, half-close "
+            "passed on) with no framework, timeouts, limits, logging, failover or splice: what CPython on "
+            "this machine can do with the system calls of a proxied connection.",
         ],
     )
     try:
@@ -388,6 +393,11 @@ def proxy(ctx: Context) -> Scenario:
                 str(iperf_port),
             )
             contenders.append(Contender("muxtwist Proxy", mux_port, mux_port, [mux]))
+        floor_port = free_port()
+        argv = [sys.executable, "-m", "bench.tcpfloor", "--port", str(floor_port)]
+        argv += ["--http-backend", str(nginx_port), "--other-backend", str(iperf_port)]
+        floor = servers.start("python-floor", argv, port=floor_port, prefix=ctx.server_cpu)
+        contenders.append(Contender("Python floor", floor_port, floor_port, [floor]))
         haproxy = start_haproxy(ctx, servers, "proxy", nginx_port, iperf_port)
         contenders.append(Contender("HAProxy", haproxy.port, haproxy.port, [haproxy]))  # type: ignore[attr-defined]
         for binary in ("sslh-select", "sslh"):

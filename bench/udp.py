@@ -87,6 +87,61 @@ def echo_main(port: int) -> None:
             sendto(data, addr)
 
 
+# --- the Python floor ------------------------------------------------------
+
+
+def floor_main(port: int, backend: int) -> None:
+    """
+    The least a Python relay can do for the same work as ``UDPProxy``: one
+    ``epoll`` loop, the listening socket drained to ``EAGAIN``, a connected
+    non-blocking socket per flow to the backend, replies sent from the
+    listening socket with ``sendto``; no framework, no sniffing, no counters,
+    no timeouts, no error handling. Its figures are what CPython and this
+    machine allow for the four system calls of a round trip.
+    """
+    listening = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listening.bind(("127.0.0.1", port))
+    listening.setblocking(False)
+    poller = select.epoll()
+    poller.register(listening.fileno(), select.EPOLLIN)
+    flows: dict[Any, Any] = {}  # client address -> its backend socket's send
+    replies: dict[int, Any] = {}  # backend socket's descriptor -> reads one reply and sends it on
+    keep: list[socket.socket] = []
+    recvfrom, sendto = listening.recvfrom, listening.sendto
+
+    def open_flow(addr: Any) -> Any:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setblocking(False)
+        s.connect(("127.0.0.1", backend))
+        keep.append(s)
+        recv = s.recv
+
+        def reply() -> None:
+            sendto(recv(65535), addr)
+
+        replies[s.fileno()] = reply
+        poller.register(s.fileno(), select.EPOLLIN)
+        return s.send
+
+    listening_fd = listening.fileno()
+    while True:
+        for fd, _ in poller.poll():
+            if fd != listening_fd:
+                with contextlib.suppress(OSError):
+                    replies[fd]()
+                continue
+            while True:
+                try:
+                    data, addr = recvfrom(65535)
+                except BlockingIOError:
+                    break
+                send = flows.get(addr)
+                if send is None:
+                    send = flows[addr] = open_flow(addr)
+                with contextlib.suppress(OSError):
+                    send(data)
+
+
 # --- the load generator ----------------------------------------------------
 
 
@@ -293,6 +348,10 @@ def udp(ctx: Any) -> Scenario:
             "to a UDPProxy; nginx: one worker, `stream { listen udp; proxy_pass }`; socat: `UDP4-LISTEN:...,"
             "fork,reuseaddr UDP4:...` (a forked child per flow). Proxies on CPU 0; load generator and "
             "backend on CPU 1. Proxy CPU counts the proxy's processes (socat's children too).",
+            "Python floor: `python -m bench.udp floor`, the same relaying as UDPProxy (a connected socket "
+            "per flow to the backend, replies with `sendto` from the listening socket) in one bare `epoll` "
+            "loop with no framework, sniffing, counters, timeouts or error handling: what CPython on this "
+            "machine can do with the four system calls of a round trip.",
         ],
     )
     missing = ensure_udp_tools(ctx.log)
@@ -309,6 +368,14 @@ def udp(ctx: Any) -> Scenario:
         mux = servers.start("muxtwist-udp", twistd, prefix=ctx.server_cpu)
         wait_udp(mux, mux_port)
         contenders.append(("muxtwist UDPProxy", mux_port, [mux]))
+        floor_port = free_port()
+        floor = servers.start(
+            "udp-floor",
+            [sys.executable, "-m", "bench.udp", "floor", "--port", str(floor_port), "--backend", str(backend)],
+            prefix=ctx.server_cpu,
+        )
+        wait_udp(floor, floor_port)
+        contenders.append(("Python floor", floor_port, [floor]))
         if "socat" in missing:
             scenario.skip("socat", "socat is not installed and could not be")
         else:
@@ -369,8 +436,9 @@ def _measure(ctx: Any, scenario: Scenario, contenders: list[tuple[str, int, list
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.udp")
-    parser.add_argument("role", choices=["echo", "load"])
+    parser.add_argument("role", choices=["echo", "floor", "load"])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--backend", type=int, help="floor: the backend's port")
     parser.add_argument("--flows", type=int, default=FLOWS)
     parser.add_argument("--in-flight", type=int, default=IN_FLIGHT)
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -378,6 +446,9 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
     if options.role == "echo":
         echo_main(options.port)
+        return
+    if options.role == "floor":
+        floor_main(options.port, options.backend)
         return
     figures = load_main(options.port, options.flows, options.in_flight, options.seconds, options.warmup)
     sys.stdout.write(json.dumps(figures) + "\n")
