@@ -20,6 +20,9 @@ __all__ = ["ConnectionLog", "Observers"]
 # The sniffer's namespace: filters and log pipelines select connection_end by it.
 log = Logger(namespace="muxtwist.sniffing")
 
+#: The fields of :class:`ConnectionEnd`, each a field of the ``connection_end`` event.
+_FIELDS = tuple(field.name for field in attrs.fields(ConnectionEnd))
+
 #: The ``log_format`` of the ``connection_end`` event; its fields are those of :class:`ConnectionEnd`.
 CONNECTION_END = (
     "connection {peer} -> port {local_port} ended: {outcome}, rule {rule}, "
@@ -39,7 +42,8 @@ class ConnectionLog:
     """
 
     def connection_end(self, end: ConnectionEnd) -> None:
-        fields = attrs.asdict(end)
+        # Read field by field: attrs.asdict costs twice as much, per connection.
+        fields = {name: getattr(end, name) for name in _FIELDS}
         # The event's field names predate ConnectionEnd; log pipelines read them.
         fields["bytes_in"] = fields.pop("sniffed_in")
         fields["bytes_out"] = fields.pop("sniffed_out")

@@ -328,7 +328,7 @@ class Bridge(Protocol):
         if proto is None:
             return
         # asyncio calls connection_lost(None) after its own abort() too.
-        exc = None if self.aborted or reason.check(ConnectionDone) else reason.value
+        exc = None if self.aborted or isinstance(reason.value, ConnectionDone) else reason.value
         try:
             proto.connection_lost(exc if isinstance(exc, Exception) or exc is None else ConnectionError(str(exc)))
         finally:

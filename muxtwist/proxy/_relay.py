@@ -239,7 +239,7 @@ class Relay(Protocol):
         if side is not None and not side.lost:
             transport = side.transport
             assert transport is not None
-            if reason.check(error.ConnectionDone):
+            if isinstance(reason.value, error.ConnectionDone):
                 transport.unregisterProducer()  # type: ignore[attr-defined]
                 self._close(transport)
             else:
@@ -431,7 +431,7 @@ class Relay(Protocol):
             return
         client_transport = self.transport
         if not self._client_lost and client_transport is not None:
-            if reason.check(error.ConnectionDone):
+            if isinstance(reason.value, error.ConnectionDone):
                 client_transport.unregisterProducer()  # type: ignore[attr-defined]
                 self._close(client_transport)
             else:
