@@ -9,12 +9,14 @@ from __future__ import annotations
 import atexit
 import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from twisted.logger import Logger
 
-__all__ = ["SignalHandlers", "hold_sighup", "take_pending_sighup"]
+__all__ = ["SignalHandlers", "hold_sighup", "keep_our_handlers", "take_pending_sighup"]
 
 log = Logger()
 
@@ -74,6 +76,40 @@ def take_pending_sighup() -> bool:
     if early is not None and early.pending:
         pending, early.pending = True, 0
     return pending
+
+
+def _ours(handler: object) -> bool:
+    """Whether ``handler`` is one muxtwist installed: a :class:`SignalHandlers`' or a start-up hold."""
+    early: Any = sys.modules.get("_muxtwist_startup")
+    if handler is _hold or (early is not None and handler is early._held):
+        return True
+    return isinstance(getattr(handler, "__self__", None), SignalHandlers)
+
+
+@contextmanager
+def keep_our_handlers(path: str) -> Iterator[None]:
+    """
+    Run a rules file (``path``) inside: muxtwist's SIGHUP, SIGTERM and SIGINT
+    handlers that the file replaces are put back, with one warning. A file
+    runs again at each reload, so its own SIGHUP handler would otherwise end
+    reloading after the first one. Handlers that are not muxtwist's (none
+    installed yet, or an embedding program's) are the file's to change.
+    """
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        replaced = [s for s, h in before.items() if _ours(h) and signal.getsignal(s) != h]
+        # Only the main thread may set handlers (a rules file loaded elsewhere cannot have set them either).
+        if replaced and threading.current_thread() is threading.main_thread():
+            for signum in replaced:
+                signal.signal(signum, before[signum])
+            log.warn(
+                "{path} replaced muxtwist's handler for {signals}: muxtwist's is back"
+                " (the file runs again at every reload; leave these signals to muxtwist)",
+                path=path,
+                signals=", ".join(signal.Signals(s).name for s in replaced),
+            )
 
 
 class SignalHandlers:

@@ -19,6 +19,7 @@ import attrs
 from twisted.internet.interfaces import IProtocolFactory, IReactorCore
 from twisted.logger import Logger
 
+from muxtwist._signals import keep_our_handlers
 from muxtwist._twisted import endpoint_port
 from muxtwist.interfaces import IMatcher
 from muxtwist.sniffing import Rule, SniffingFactory, duplicate_names
@@ -335,7 +336,8 @@ def load_config(path: str) -> Config:
     :raises ConfigError: for any problem, with the file and, where there is
         one, the line.
     """
-    ns, source = _run(path)
+    with keep_our_handlers(path):
+        ns, source = _run(path)
     lines = _assignment_lines(source)
     if "rules" not in ns and "listeners" not in ns:
         raise ConfigError(path, None, "defines neither 'rules' nor 'listeners'")
