@@ -4,9 +4,11 @@ file's transparent rules.
 
 For each ``Proxy(..., transparent=True)`` reachable from the file's rules
 it checks, on this host, as this process: the capability
-(``CAP_NET_ADMIN``), the policy route that delivers the backends' replies
-locally (``ip rule`` and routing table :data:`~muxtwist.transparent.ROUTE_TABLE`),
-the packet-marking rules that give those replies their mark (nftables
+(:data:`~muxtwist.transparent.CAPABILITY`), the policy route that delivers the
+backends' replies locally (an ``ip rule`` for the reply mark and the routing
+table it names, by number or by a name declared in iproute2's ``rt_tables``
+files; the docs use :data:`~muxtwist.transparent.ROUTE_TABLE`), the
+packet-marking rules that give those replies their mark (nftables
 table ``inet muxtwist``), and ``route_localnet`` where a backend is on
 127.0.0.0/8. What is missing is printed as the exact commands to run; the
 exit code is 0 only when nothing is.
@@ -14,7 +16,9 @@ exit code is 0 only when nothing is.
 
 from __future__ import annotations
 
+import glob
 import ipaddress
+import os
 import re
 import shutil
 import subprocess
@@ -26,9 +30,24 @@ import attrs
 
 from muxtwist._descriptions import split_description
 from muxtwist._reachable import backend_pools
-from muxtwist.transparent import OUT_MARK, REPLY_MARK, ROUTE_TABLE, capability_not_required, unavailable_reason
+from muxtwist.transparent import (
+    CAPABILITY,
+    OUT_MARK,
+    REPLY_MARK,
+    ROUTE_TABLE,
+    capability_not_required,
+    unavailable_reason,
+)
 
-__all__ = ["Finding", "doctor", "marking_commands", "transparent_proxies"]
+__all__ = ["RT_TABLES_DIRS", "Finding", "doctor", "marking_commands", "table_names", "transparent_proxies"]
+
+#: Where iproute2 reads routing-table names (``rt_tables``, then
+#: ``rt_tables.d/*.conf``, in each); a name declared in a later directory
+#: wins, as ``/etc`` overrides the distribution's defaults.
+RT_TABLES_DIRS = ("/usr/share/iproute2", "/etc/iproute2")
+
+# The names ip knows without any file.
+_BUILTIN_TABLES = {"unspec": 0, "default": 253, "main": 254, "local": 255}
 
 
 @attrs.frozen
@@ -140,36 +159,90 @@ def _check_marking(versions: Sequence[int] = (4,)) -> Finding:
     return Finding(what, True)
 
 
-def _check_route(version: int) -> list[Finding]:
+def table_names(directories: Sequence[str] = RT_TABLES_DIRS) -> dict[str, int]:
+    """
+    The routing-table names iproute2 knows, with their numbers: its built-in
+    ones and those declared (``100 muxtwist``, or ``0x64 muxtwist``) in
+    ``rt_tables`` and ``rt_tables.d/*.conf`` under each of ``directories``
+    that exists.
+    """
+    names = dict(_BUILTIN_TABLES)
+    for directory in directories:
+        dropins = sorted(glob.glob(os.path.join(glob.escape(directory), "rt_tables.d", "*.conf")))
+        for path in [os.path.join(directory, "rt_tables"), *dropins]:
+            try:
+                with open(path, errors="replace") as f:
+                    lines = f.read().splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                fields = line.split()
+                if len(fields) < 2 or fields[0].startswith("#"):
+                    continue
+                try:
+                    number = int(fields[0], 16) if fields[0].lower().startswith("0x") else int(fields[0])
+                except ValueError:
+                    continue
+                names[fields[1]] = number
+    return names
+
+
+def reply_tables(rules: str) -> list[str]:
+    """
+    The tables, as ``ip rule show`` prints them (a number, or a name
+    declared for it), that the rules send every packet marked
+    :data:`~muxtwist.transparent.REPLY_MARK` to, in the order the kernel tries them.
+    """
+    # Every packet with the mark, whatever its source: "not from all fwmark ..."
+    # or "from 10.0.0.0/8 fwmark ..." would leave replies out.
+    return re.findall(rf"^\d+:\s+from all fwmark {_mark(REPLY_MARK)}(?:/0x0*f+)? lookup (\S+)", rules, re.M)
+
+
+def _table_label(table: str, number: int | None) -> str:
+    return f"{table} ({number})" if number is not None and table != str(number) else table
+
+
+def _local_route(routes: str) -> bool:
+    return re.search(r"^local (default|0\.0\.0\.0/0|::/0) dev lo\b", routes, re.M) is not None
+
+
+def _check_route(version: int, rt_tables_dirs: Sequence[str] = RT_TABLES_DIRS) -> list[Finding]:
     ip = ["ip", f"-{version}"]
     default = "0.0.0.0/0" if version == 4 else "::/0"
-    findings = []
     rules = _run([*ip, "rule", "show"])
     if rules is None:
         return [Finding(f"IPv{version} policy routing", False, "the ip command (iproute2) is missing or failed")]
-    # Every packet with the mark, whatever its source: "not from all fwmark ..."
-    # or "from 10.0.0.0/8 fwmark ..." would leave replies out.
-    has_rule = (
-        re.search(rf"^\d+:\s+from all fwmark {_mark(REPLY_MARK)}(/0x0*f+)? lookup {ROUTE_TABLE}\b", rules, re.M)
-        is not None
-    )
-    findings.append(
+    names = table_names(rt_tables_dirs)
+    tables = reply_tables(rules)
+    # With no rule, the docs' table; with several, the kernel goes on to the
+    # next rule's table only when one holds no route at all.
+    looked_up: list[tuple[str, int | None, str]] = []
+    for table in tables or [str(ROUTE_TABLE)]:
+        number = int(table) if table.isdigit() else names.get(table)
+        # A name doctor found no number for is still one ip knows: it printed it.
+        held = _run([*ip, "route", "show", "table", table if number is None else str(number)]) or ""
+        looked_up.append((table, number, held))
+        if held.strip():
+            break
+    chosen, number, routes = looked_up[-1] if looked_up[-1][2].strip() else looked_up[0]
+    label = _table_label(chosen, number)
+    target = chosen if number is None else str(number)
+    findings = [
         Finding(
-            f"IPv{version} rule: packets marked {REPLY_MARK:#x} use table {ROUTE_TABLE}",
-            has_rule,
-            "" if has_rule else "no such ip rule",
-            () if has_rule else (f"{' '.join(ip)} rule add fwmark {REPLY_MARK:#x} lookup {ROUTE_TABLE}",),
+            f"IPv{version} rule: packets marked {REPLY_MARK:#x} use table {label}",
+            bool(tables),
+            "" if tables else "no such ip rule",
+            () if tables else (f"{' '.join(ip)} rule add fwmark {REPLY_MARK:#x} lookup {ROUTE_TABLE}",),
         )
-    )
-    table = _run([*ip, "route", "show", "table", str(ROUTE_TABLE)]) or ""
-    has_route = re.search(r"^local (default|0\.0\.0\.0/0|::/0) dev lo\b", table, re.M) is not None
+    ]
+    has_route = _local_route(routes)
     findings.append(
         Finding(
-            f"IPv{version} table {ROUTE_TABLE}: deliver everything locally",
+            f"IPv{version} table {label}: deliver everything locally",
             has_route,
-            "" if has_route else f"table {ROUTE_TABLE} has no 'local default dev lo' route" + _holds(table),
+            "" if has_route else f"table {label} has no 'local default dev lo' route" + _holds(routes),
             # "replace", not "add": "add" fails if the table has another default route.
-            () if has_route else (f"{' '.join(ip)} route replace local {default} dev lo table {ROUTE_TABLE}",),
+            () if has_route else (f"{' '.join(ip)} route replace local {default} dev lo table {target}",),
         )
     )
     return findings
@@ -212,15 +285,20 @@ def _check_localnet() -> Finding:
     )
 
 
-def findings_for(proxies: Sequence[Any]) -> list[Finding]:
-    """Everything the host needs for these transparent proxies, checked."""
+def _check_capability() -> Finding:
+    """Whether this process may set what a transparent backend socket needs (tried for real)."""
     reason = unavailable_reason()
-    found = [Finding("capability CAP_NET_ADMIN (IP_TRANSPARENT, SO_MARK)", reason is None, reason or "")]
+    return Finding(f"capability {CAPABILITY} (IP_TRANSPARENT, SO_MARK)", reason is None, reason or "")
+
+
+def findings_for(proxies: Sequence[Any], rt_tables_dirs: Sequence[str] = RT_TABLES_DIRS) -> list[Finding]:
+    """Everything the host needs for these transparent proxies, checked (table names read under ``rt_tables_dirs``)."""
+    found = [_check_capability()]
     hosts = [h for p in proxies for h in _backend_hosts(p)]
     versions = sorted({h.version for h in hosts}) or [4]
     found.append(_check_marking(versions))
     for version in versions:
-        found += _check_route(version)
+        found += _check_route(version, rt_tables_dirs)
     if any(h.version == 4 and h.is_loopback for h in hosts):
         found.append(_check_localnet())
     if any(h.version == 6 and h.is_loopback for h in hosts):

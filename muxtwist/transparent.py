@@ -37,6 +37,7 @@ from zope.interface import implementer
 from muxtwist._connect import connect_socket
 
 __all__ = [
+    "CAPABILITY",
     "OUT_MARK",
     "REPLY_MARK",
     "ROUTE_TABLE",
@@ -60,10 +61,17 @@ _IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 _IPV6_TRANSPARENT = 75
 _SO_MARK = getattr(socket, "SO_MARK", 36)
 
-HOW_TO_FIX = (
-    "run muxtwist as root, or give it the capability "
-    "(systemd: AmbientCapabilities=CAP_NET_ADMIN; otherwise: setcap cap_net_admin+ep on the Python binary)"
-)
+#: What a process needs to set ``IP_TRANSPARENT`` and ``SO_MARK``: either
+#: capability will do (Linux 5.17 and later; before, ``SO_MARK`` takes
+#: ``CAP_NET_ADMIN`` only).
+CAPABILITY = "CAP_NET_RAW or CAP_NET_ADMIN"
+
+
+def _how_to_fix(capability: str) -> str:
+    return (
+        f"run muxtwist as root, or give it {capability} (systemd: AmbientCapabilities={capability}; "
+        f"otherwise: setcap {capability.lower()}+ep on the Python binary)"
+    )
 
 
 class TransparentUnavailable(ValueError):
@@ -92,20 +100,32 @@ def unavailable_reason() -> str | None:
     Why transparent proxying cannot work here, in one line, or ``None`` if it can.
 
     Tried for real: a socket is given ``IP_TRANSPARENT`` and ``SO_MARK``,
-    which the kernel allows only with ``CAP_NET_ADMIN`` (or ``CAP_NET_RAW``).
+    which the kernel allows with :data:`CAPABILITY`.
     """
     if not sys.platform.startswith("linux"):
         return f"transparent=True needs Linux (IP_TRANSPARENT); this is {sys.platform}"
     if _capability_not_required.get():
         return None
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    option = "IP_TRANSPARENT"
     try:
         s.setsockopt(socket.SOL_IP, _IP_TRANSPARENT, 1)
+        option = "SO_MARK"
         s.setsockopt(socket.SOL_SOCKET, _SO_MARK, OUT_MARK)
     except PermissionError:
-        return f"transparent=True needs the CAP_NET_ADMIN capability, which this process lacks; {HOW_TO_FIX}"
+        if option == "SO_MARK":
+            # IP_TRANSPARENT was allowed, so the process has CAP_NET_RAW: a
+            # kernel older than 5.17 takes only CAP_NET_ADMIN for SO_MARK.
+            return (
+                "transparent=True: this kernel lets only CAP_NET_ADMIN set SO_MARK, which this process lacks; "
+                + _how_to_fix("CAP_NET_ADMIN")
+            )
+        return (
+            f"transparent=True needs {CAPABILITY} (to set IP_TRANSPARENT and SO_MARK), which this process lacks; "
+            + _how_to_fix("CAP_NET_RAW")
+        )
     except OSError as e:
-        return f"transparent=True: the kernel refused IP_TRANSPARENT ({e.strerror or e})"
+        return f"transparent=True: the kernel refused {option} ({e.strerror or e})"
     finally:
         s.close()
     return None

@@ -2,7 +2,7 @@
 SSH and HTTPS on port 443, with sshd and the web server seeing each client's
 own address although neither reads the PROXY protocol.
 
-Run as root (or with CAP_NET_ADMIN) after ``python -m muxtwist doctor`` says
+Run as root (or with CAP_NET_RAW) after ``python -m muxtwist doctor`` says
 the host is ready:
 
     python -m muxtwist doctor examples/transparent/rules.py

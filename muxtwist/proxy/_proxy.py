@@ -79,8 +79,8 @@ class Proxy:
     :param transparent: connect to the backends from the client's own
         address and port (the PROXY source, when a header was accepted),
         with Linux's ``IP_TRANSPARENT``, so backends that cannot read the
-        PROXY protocol log the real client. Needs ``CAP_NET_ADMIN`` (checked
-        here: without it, construction fails with one line saying how to fix
+        PROXY protocol log the real client. Needs ``CAP_NET_RAW`` or ``CAP_NET_ADMIN`` (checked
+        here: with neither, construction fails with one line saying how to fix
         it), ``tcp:`` backends given by IP address, and the host routing that
         ``python -m muxtwist doctor`` checks. A client that has no IP address
         (a UNIX-socket listener) is relayed from the host's own address.
