@@ -90,16 +90,37 @@ def _ours(handler: object) -> bool:
 def keep_our_handlers(path: str) -> Iterator[None]:
     """
     Run a rules file (``path``) inside: muxtwist's SIGHUP, SIGTERM and SIGINT
-    handlers that the file replaces are put back, with one warning. A file
+    handlers stay in while it runs (``signal.signal`` leaves them be, so a
+    signal arriving meanwhile is muxtwist's), and any the file replaces all the
+    same are put back, with one warning. A file
     runs again at each reload, so its own SIGHUP handler would otherwise end
     reloading after the first one. Handlers that are not muxtwist's (none
     installed yet, or an embedding program's) are the file's to change.
     """
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    ours = {s for s, h in before.items() if _ours(h)}
+    kept: set[int] = set()
+    real = signal.signal
+    loading = True
+
+    def guarded(signalnum: int | signal.Signals, handler: signal._HANDLER) -> signal._HANDLER:
+        # While the file runs, muxtwist's handlers stay in: a signal arriving
+        # then (a SIGHUP storm's next one, a SIGTERM) is muxtwist's, not the
+        # file's (which may be SIG_DFL, death, or one that raises).
+        if loading and signalnum in ours and threading.current_thread() is threading.main_thread():
+            kept.add(signalnum)
+            return signal.getsignal(signalnum)
+        return real(signalnum, handler)
+
+    if ours and threading.current_thread() is threading.main_thread():
+        signal.signal = guarded
     try:
         yield
     finally:
-        replaced = [s for s, h in before.items() if _ours(h) and signal.getsignal(s) != h]
+        loading = False
+        if signal.signal is guarded:
+            signal.signal = real
+        replaced = [s for s, h in before.items() if _ours(h) and (s in kept or signal.getsignal(s) != h)]
         # Only the main thread may set handlers (a rules file loaded elsewhere cannot have set them either).
         if replaced and threading.current_thread() is threading.main_thread():
             for signum in replaced:

@@ -14,9 +14,11 @@ import signal
 import socket
 import tempfile
 from collections.abc import Callable
+from typing import Any
 
 from twisted.trial import unittest
 
+from muxtwist._signals import SignalHandlers
 from tests.test_admin_page import free_port, twistd, until, wait_for_port
 
 RULES = """\
@@ -136,3 +138,115 @@ class KeepOurHandlersTests(unittest.SynchronousTestCase):
         installed = signal.getsignal(signal.SIGHUP)
         self.assertNotEqual(installed, programs)
         self.assertEqual(getattr(installed, "__name__", None), "_mine")
+
+
+#: A rules file that gives SIGHUP and SIGTERM their default action (death)
+#: and, at a load after the file ``signal-me`` appeared, sends itself the
+#: signal named there: a signal that arrives while the file runs.
+SIGNALS_ITSELF = """\
+import os
+import signal
+
+from twisted.internet.protocol import Factory
+
+from muxtwist import Rule
+from muxtwist.default import Echo
+from muxtwist.matchers import Any
+
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+_trigger = os.path.join(os.path.dirname(__file__), "signal-me")
+if os.path.exists(_trigger):
+    with open(_trigger) as f:
+        _signum = int(f.read())
+    os.remove(_trigger)
+    os.kill(os.getpid(), _signum)
+
+rules = [Rule(Any(), Factory.forProtocol(Echo), name="echo")]
+shutdown_timeout = 5.0
+"""
+
+
+class SignalWhileTheFileRunsTests(unittest.TestCase):
+    """A signal that arrives while a rules file that replaced muxtwist's handler runs is muxtwist's."""
+
+    def _start(self) -> tuple[str, int, Any]:
+        tmp = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        rules = os.path.join(tmp, "rules.py")
+        with open(rules, "w") as f:
+            f.write(SIGNALS_ITSELF)
+        port = free_port()
+        server = twistd(tmp, "--config", rules, "--port", f"tcp:{port}:interface=127.0.0.1")
+        self.addCleanup(server.kill)
+        wait_for_port(port, server.proc)
+        self.assertEqual(echo(port), b"hello\n")
+        return tmp, port, server
+
+    def test_a_sighup_during_a_reload_reloads_again_though_the_file_sets_sig_dfl(self) -> None:
+        """A SIGHUP during a reload, the file having set SIGHUP's default action, gives another reload, not death."""
+        tmp, port, server = self._start()
+        with open(os.path.join(tmp, "signal-me"), "w") as f:
+            f.write(str(int(signal.SIGHUP)))
+        os.kill(server.proc.pid, signal.SIGHUP)
+        try:
+            until(lambda: server.output.count("reloaded ") == 2 or server.proc.poll() is not None, 15, "two reloads")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{server.output[-3000:]}") from None
+        self.assertIsNone(server.proc.poll(), server.output[-3000:])
+        self.assertEqual(echo(port), b"hello\n")
+        os.kill(server.proc.pid, signal.SIGTERM)
+        self.assertEqual(server.wait(30), 0, server.output[-3000:])
+
+    def test_a_sigterm_during_a_reload_stops_gracefully_though_the_file_sets_sig_dfl(self) -> None:
+        """A SIGTERM during a reload, the file having set SIGTERM's default action, stops the process with status 0."""
+        tmp, port, server = self._start()
+        with open(os.path.join(tmp, "signal-me"), "w") as f:
+            f.write(str(int(signal.SIGTERM)))
+        os.kill(server.proc.pid, signal.SIGHUP)
+        self.assertEqual(server.wait(30), 0, server.output[-3000:])
+        self.assertIn("received signal 15: stopping", server.output)
+
+
+class _Handlers(SignalHandlers):
+    """muxtwist's signal handlers on a reactor that only records what it is asked to call."""
+
+    running = 1
+
+    def __init__(self) -> None:
+        self.calls: list[object] = []
+        self._reactor = self
+        self._old_handlers = {}
+
+    def callFromThread(self, f: object) -> None:
+        self.calls.append(f)
+
+    def reload(self) -> None:
+        pass
+
+
+class HandlerOfTheFileTests(unittest.SynchronousTestCase):
+    """load_config() with muxtwist's handler in: a signal during the file's run does not reach the file's handler."""
+
+    def test_a_raising_handler_of_the_file_neither_fails_the_load_nor_takes_the_signal(self) -> None:
+        """The file's SIGHUP handler raises; a SIGHUP while the file runs reaches muxtwist's, and the load succeeds."""
+        from muxtwist.config import load_config
+
+        tmp = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        path = os.path.join(tmp, "rules.py")
+        with open(path, "w") as f:
+            f.write(
+                RULES.replace("    pass\n", "    raise RuntimeError('the file handled it')\n").replace(
+                    "rules = [", "import os\nos.kill(os.getpid(), signal.SIGHUP)\n\nrules = ["
+                )
+            )
+        for signum in (signal.SIGHUP, signal.SIGTERM):
+            self.addCleanup(signal.signal, signum, signal.getsignal(signum))
+        handlers = _Handlers()
+        signal.signal(signal.SIGHUP, handlers._sighup)
+        signal.signal(signal.SIGTERM, handlers._stop_signal)
+        config = load_config(path)
+        self.assertIsNotNone(config.rules)
+        self.assertEqual(handlers.calls, [handlers._queued_reload])
+        self.assertEqual(signal.getsignal(signal.SIGHUP), handlers._sighup)
