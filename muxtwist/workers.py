@@ -217,7 +217,13 @@ class WorkerPool(SignalHandlers, Service):
                 # Made as root before twistd switches user: the workers, and
                 # this process once switched, bind, reach and remove the
                 # sockets there, and remove the directory at stop.
-                os.chown(self.directory, -1 if self.uid is None else self.uid, -1 if self.gid is None else self.gid)
+                try:
+                    os.chown(self.directory, -1 if self.uid is None else self.uid, -1 if self.gid is None else self.gid)
+                except PermissionError as e:
+                    raise SystemExit(
+                        f"muxtwist: cannot give the workers' sockets' directory {self.directory} to"
+                        f" uid {self.uid}, gid {self.gid}: {e.strerror} (twistd --uid/--gid needs root)"
+                    ) from None
             self._listen()
         except BaseException:
             # A pool that cannot start leaves no directory behind, nor any port open.

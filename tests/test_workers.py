@@ -546,3 +546,43 @@ class SwitchedUserTests(unittest.TestCase):
             with self.assertRaises(ProcessLookupError):
                 os.kill(pid, 0)
         self.assertEqual(os.listdir(scratch), [])
+
+
+class SwitchedUserNotRootTests(unittest.TestCase):
+    """``twistd --uid``/``--gid muxtwist --workers 2`` started by a user who cannot switch to them."""
+
+    def test_a_user_that_cannot_switch_gets_a_clear_error_and_no_directory_is_left(self) -> None:
+        """Started as nobody with ``--uid 0 --gid 0``: exit 1 with one clear line, no traceback, no directory left."""
+        import subprocess
+
+        from muxtwist.workers import worker_command
+
+        uid, gid = SwitchedUserTests._nobody(self)  # type: ignore[arg-type]
+        tmp = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        os.chmod(tmp, 0o755)
+        prefix = SwitchedUserTests._reachable(self, tmp, uid, gid)  # type: ignore[arg-type]
+        scratch = os.path.join(tmp, "tmp")
+        os.mkdir(scratch)
+        os.chmod(scratch, 0o1777)
+        rules = os.path.join(tmp, "rules.py")
+        with open(rules, "w") as f:
+            f.write(RULES)
+        os.chmod(rules, 0o644)
+        command = worker_command(
+            ["--config", rules, "--port", f"tcp:{free_port()}:interface=127.0.0.1", "--workers", "2"],
+            ["--uid", "0", "--gid", "0", "--rundir", tmp],
+        )
+        as_nobody = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+        ran = subprocess.run(
+            [*prefix, *as_nobody, *command],
+            capture_output=True,
+            timeout=60,
+            env=dict(os.environ, TMPDIR=scratch),
+            start_new_session=True,
+        )
+        output = (ran.stdout + ran.stderr).decode(errors="replace")
+        self.assertEqual(ran.returncode, 1, output[-3000:])
+        self.assertNotIn("Traceback", output)
+        self.assertIn("muxtwist: cannot give", output)
+        self.assertEqual(os.listdir(scratch), [])
