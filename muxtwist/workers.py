@@ -24,6 +24,7 @@ answer with the sum.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -212,6 +213,9 @@ class WorkerPool(SignalHandlers, Service):
         made = self.directory is None
         if self.directory is None:
             self.directory = _socket_directory(self.count)
+            # twistd may fail before the reactor runs, so before any stop
+            # (switching to a --uid with no passwd entry): it goes at exit then.
+            atexit.register(self._remove_directory)
         try:
             if made and (self.uid is not None or self.gid is not None):
                 # Made as root before twistd switches user: the workers, and
@@ -385,9 +389,8 @@ class WorkerPool(SignalHandlers, Service):
             if kill.active():
                 kill.cancel()
             self.restore_signals()
-            if self.directory is not None:
-                shutil.rmtree(self.directory, ignore_errors=True)
-                self.directory = None
+            self._remove_directory()
+            atexit.unregister(self._remove_directory)
             port, self.admin_port = self.admin_port, None
             if port is not None:
                 # The admin site answers (503 on /ready) until the workers are gone.
@@ -395,6 +398,11 @@ class WorkerPool(SignalHandlers, Service):
             return None
 
         return done.addCallback(finished)
+
+    def _remove_directory(self) -> None:
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
 
     def _kill(self, workers: list[_Worker]) -> None:
         for w in workers:

@@ -586,3 +586,34 @@ class SwitchedUserNotRootTests(unittest.TestCase):
         self.assertNotIn("Traceback", output)
         self.assertIn("muxtwist: cannot give", output)
         self.assertEqual(os.listdir(scratch), [])
+
+
+class SwitchedUserStartFailsTests(unittest.TestCase):
+    """twistd fails after the pool made its directory (a ``--uid`` number with no passwd entry): nothing is left."""
+
+    def test_a_uid_with_no_passwd_entry_leaves_no_directory(self) -> None:
+        """``--uid N`` where no user has uid N: twistd exits non-zero before the reactor runs; the directory goes."""
+        import pwd
+        import subprocess
+
+        from muxtwist.workers import worker_command
+
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root: the directory is given to the --uid user only when started as root")
+        uid = next(n for n in range(54321, 54421) if not any(e.pw_uid == n for e in pwd.getpwall()))
+        tmp = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        rules = os.path.join(tmp, "rules.py")
+        with open(rules, "w") as f:
+            f.write(RULES)
+        command = worker_command(
+            ["--config", rules, "--port", f"tcp:{free_port()}:interface=127.0.0.1", "--workers", "2"],
+            ["--uid", str(uid), "--rundir", tmp],
+        )
+        ran = subprocess.run(
+            command, capture_output=True, timeout=60, env=dict(os.environ, TMPDIR=tmp), start_new_session=True
+        )
+        output = (ran.stdout + ran.stderr).decode(errors="replace")
+        self.assertNotEqual(ran.returncode, 0, output[-3000:])
+        self.assertIn(f"uid not found: {uid}", output)
+        self.assertEqual([n for n in os.listdir(tmp) if n.startswith("muxtwist-workers-")], [], output[-3000:])
