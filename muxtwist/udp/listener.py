@@ -6,6 +6,7 @@ descriptions, and :class:`UDPListener`, the service that listens on one.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -118,10 +119,14 @@ def build_udp_mux(
     )
 
 
+_UDP_SETTINGS = ("max_udp_flows", "max_flows_per_source", "max_sniff_datagrams")
+#: What a listener built without a UDP setting uses for it (UDPMux's defaults).
+_UDP_DEFAULTS: dict[str, Any] = {n: inspect.signature(UDPMux).parameters[n].default for n in _UDP_SETTINGS}
+
+
 def udp_settings(settings: object) -> dict[str, Any]:
     """The UDP settings a :class:`~muxtwist.config.Settings` carries (none if it predates them)."""
-    names = ("max_udp_flows", "max_flows_per_source", "max_sniff_datagrams")
-    return {n: getattr(settings, n) for n in names if getattr(settings, n, None) is not None}
+    return {n: getattr(settings, n) for n in _UDP_SETTINGS if getattr(settings, n, None) is not None}
 
 
 class UDPListener(Service):
@@ -239,7 +244,8 @@ def reload_udp_listeners(service: Any, wanted: dict[str, Sequence[Rule]], settin
             mux.sniff_timeout = settings.sniff_timeout
             mux.max_sniff_bytes = settings.max_sniff_bytes
             mux.log_connections = settings.log_connections
-            for name, value in udp_settings(settings).items():
+            # A setting the file no longer gives goes back to a new listener's value.
+            for name, value in {**_UDP_DEFAULTS, **udp_settings(settings)}.items():
                 if name == "max_udp_flows":
                     mux.table.max_flows = value
                 elif name == "max_flows_per_source":

@@ -1,0 +1,99 @@
+"""
+UDP listeners under hostile or unusual use, on real loopback sockets:
+reloads that change limits mid-traffic, and other edge cases found by
+attacking ``twistd muxtwist`` processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import textwrap
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.trial import unittest
+
+from muxtwist.config import load_config
+from muxtwist.service import MuxService
+from muxtwist.udp import UDPListener
+
+HEAD = """
+from twisted.internet.protocol import DatagramProtocol
+from muxtwist import Rule
+from muxtwist.matchers import Prefix
+
+class Echo(DatagramProtocol):
+    def datagramReceived(self, data, addr):
+        self.transport.write(data, addr)
+
+listeners = {"udp:%d:interface=127.0.0.1": [Rule(Prefix(b"x", name="x"), Echo())]}
+"""
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ask(port: int, data: bytes, timeout: float = 2.0) -> bytes | None:
+    """One datagram from a new client socket to 127.0.0.1:port and its answer, or None after ``timeout`` seconds."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(data, ("127.0.0.1", port))
+        try:
+            return s.recv(65535)
+        except TimeoutError:
+            return None
+
+
+class ReloadLimitsTests(unittest.TestCase):
+    def write(self, port: int, settings: str) -> str:
+        path = self.mktemp() + ".py"
+        with open(path, "w") as f:
+            f.write(HEAD % port + textwrap.dedent(settings))
+        self.addCleanup(os.remove, path)
+        return path
+
+    @defer.inlineCallbacks
+    def start(self, path: str) -> Any:
+        service = MuxService(config_path=path)
+        service.load(load_config(path))
+        service.startService()
+        self.addCleanup(service.stopService)
+        yield None
+        return service
+
+    @defer.inlineCallbacks
+    def test_reload_without_a_udp_limit_restores_its_default(self) -> Any:
+        """A reload of a rules file that no longer sets max_flows_per_source lifts that limit for new flows."""
+        port = _free_udp_port()
+        path = self.write(port, "max_flows_per_source = 1\n")
+        service = yield self.start(path)
+        self.assertEqual((yield threads.deferToThread(_ask, port, b"x1")), b"x1")
+        # A second client socket of the same host is over the limit: dropped.
+        self.assertIsNone((yield threads.deferToThread(_ask, port, b"x2", 0.5)))
+        with open(path, "w") as f:
+            f.write(HEAD % port)
+        self.assertTrue((yield service.reload()))
+        self.assertEqual((yield threads.deferToThread(_ask, port, b"x3")), b"x3")
+
+    @defer.inlineCallbacks
+    def test_reload_without_udp_settings_gives_a_new_listeners_values(self) -> Any:
+        """After a reload that drops the UDP settings, the listener's limits are those of a fresh listener."""
+        port = _free_udp_port()
+        path = self.write(port, "max_udp_flows = 3\nmax_flows_per_source = 2\nmax_sniff_datagrams = 1\n")
+        service = yield self.start(path)
+        with open(path, "w") as f:
+            f.write(HEAD % port)
+        self.assertTrue((yield service.reload()))
+        (listener,) = [s for s in service if isinstance(s, UDPListener)]
+        mux = listener.factory
+        fresh = MuxService(config_path=path)
+        fresh.load(load_config(path))
+        (new,) = [s for s in fresh if isinstance(s, UDPListener)]
+        self.assertEqual(
+            (mux.table.max_flows, mux.table.max_flows_per_source, mux.max_sniff_datagrams),
+            (new.factory.table.max_flows, new.factory.table.max_flows_per_source, new.factory.max_sniff_datagrams),
+        )
