@@ -28,6 +28,7 @@ from muxtwist.interfaces import ConnectionInfo, IMatcher
 from muxtwist.service import wanted_listeners
 from muxtwist.sniffing import Rule
 from muxtwist.testing import route
+from muxtwist.udp.listener import udp_listeners_problem
 
 __all__ = ["main"]
 
@@ -130,9 +131,12 @@ def check(path: str, ports: Sequence[str], out: TextIO, err: TextIO) -> int:
     if config.rules is None and ports:
         print(f"muxtwist: {path}: --port given, but the file defines no 'rules'", file=err)
         return 1
+    listeners = wanted_listeners(config, tuple(ports))
+    if (problem := udp_listeners_problem(listeners)) is not None:
+        print(f"muxtwist: {path}: {problem}", file=err)
+        return 1
     misspelled = [w for w in config.warnings if w.kind == "misspelled"]
     print(f"{path}: {'OK' if not misspelled else 'loads, but see the warnings'}", file=out)
-    listeners = wanted_listeners(config, tuple(ports))
     for description, rules in listeners.items():
         print(f"listener {description}:", file=out)
         for i, rule in enumerate(rules, 1):

@@ -16,7 +16,7 @@ from muxtwist._checks import probe_listen, twistd_option_hint
 from muxtwist._signals import hold_sighup
 from muxtwist.config import ConfigError, Settings, build_factory, check_endpoint, endpoint_description, load_config
 from muxtwist.service import MuxService, wanted_listeners
-from muxtwist.udp.listener import is_udp
+from muxtwist.udp.listener import is_udp, udp_listeners_problem
 
 __all__ = ["Options", "makeService"]
 
@@ -104,6 +104,8 @@ class Options(usage.Options):
         if udp and (self["loaded"] is None or self["workers"] > 1):
             why = "--workers is TCP only" if self["loaded"] is not None else "the built-in rules are TCP: give --config"
             raise usage.UsageError(f"cannot serve {', '.join(udp)}: {why}")
+        if udp and (problem := udp_listeners_problem(wanted_listeners(self["loaded"], tuple(self["port"])))):
+            raise SystemExit(f"muxtwist: {self['config']}: {problem}")
         if not self["inherit"]:
             # Here, before twistd detaches, so that the error reaches the terminal in daemon mode too.
             wanted = (

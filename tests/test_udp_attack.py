@@ -7,7 +7,10 @@ attacking ``twistd muxtwist`` processes.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 import textwrap
 from typing import Any
 
@@ -97,3 +100,59 @@ class ReloadLimitsTests(unittest.TestCase):
             (mux.table.max_flows, mux.table.max_flows_per_source, mux.max_sniff_datagrams),
             (new.factory.table.max_flows, new.factory.table.max_flows_per_source, new.factory.max_sniff_datagrams),
         )
+
+
+SHARED = """
+from twisted.internet.protocol import DatagramProtocol
+from muxtwist import Rule
+from muxtwist.matchers import DNS
+
+one = DatagramProtocol()
+"""
+
+
+class SharedTargetTests(unittest.TestCase):
+    def run_process(self, argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in a session of its own, killed with its children after ``timeout`` seconds."""
+        with subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        ) as process:
+            try:
+                out, err = process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                out, err = process.communicate()
+            return subprocess.CompletedProcess(argv, process.returncode, out, err)
+
+    def test_one_datagram_target_on_two_udp_listeners_is_refused_before_listening(self) -> None:
+        """check and twistd refuse, in one line each, one DatagramProtocol instance on two UDP listeners."""
+        a, b = _free_udp_port(), _free_udp_port()
+        path = self.mktemp() + ".py"
+        with open(path, "w") as f:
+            f.write(
+                SHARED
+                + f'listeners = {{"udp:{a}:interface=127.0.0.1": [Rule(DNS(), one)],'
+                + f' "udp:{b}:interface=127.0.0.1": [Rule(DNS(), one, name="again")]}}\n'
+            )
+        checked = self.run_process([sys.executable, "-m", "muxtwist", "check", path])
+        self.assertEqual(checked.returncode, 1, checked.stdout)
+        self.assertIn("one listener", checked.stderr)
+        served = self.run_process(["twistd", "-n", "--pidfile=", "muxtwist", "--config", path])
+        self.assertEqual(served.returncode, 1)
+        self.assertIn("one listener", served.stderr)
+        self.assertNotIn("Traceback", served.stdout + served.stderr)
+
+    def test_rules_on_two_udp_ports_are_refused_before_listening(self) -> None:
+        """Two --port udp: listeners given the same 'rules' of DatagramProtocol targets are refused clearly."""
+        path = self.mktemp() + ".py"
+        with open(path, "w") as f:
+            f.write(SHARED + "rules = [Rule(DNS(), one)]\n")
+        ports = [f"udp:{_free_udp_port()}:interface=127.0.0.1" for _ in range(2)]
+        args = [a for p in ports for a in ("--port", p)]
+        checked = self.run_process([sys.executable, "-m", "muxtwist", "check", path, *args])
+        self.assertEqual(checked.returncode, 1, checked.stdout)
+        self.assertIn("one listener", checked.stderr)
+        served = self.run_process(["twistd", "-n", "--pidfile=", "muxtwist", "--config", path, *args])
+        self.assertEqual(served.returncode, 1)
+        self.assertIn("one listener", served.stderr)
+        self.assertNotIn("Traceback", served.stdout + served.stderr)

@@ -7,7 +7,7 @@ descriptions, and :class:`UDPListener`, the service that listens on one.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -31,6 +31,7 @@ __all__ = [
     "parse_udp_description",
     "reload_udp_listeners",
     "udp_listeners",
+    "udp_listeners_problem",
     "udp_target_problem",
 ]
 
@@ -180,6 +181,33 @@ def udp_target_problem(description: str, rules: Sequence[Rule]) -> str | None:
                 f"rule {rule.name!r} on {description!r}: a DatagramProtocol target serves only UDP listeners "
                 "(udp:PORT); give TCP listeners a factory"
             )
+    return None
+
+
+def udp_listeners_problem(wanted: Mapping[str, Sequence[Rule]]) -> str | None:
+    """
+    What keeps the UDP listeners of ``wanted`` (description -> rules) from
+    all listening (``None`` if nothing): one ``DatagramProtocol`` target
+    given to two of them (a target serves one listener: its transport is
+    that listener's socket), or two descriptions of one address.
+    """
+    owners: dict[int, tuple[str, str]] = {}
+    addresses: dict[UDPAddress, str] = {}
+    for description, rules in wanted.items():
+        if not is_udp(description):
+            continue
+        address = parse_udp_description(description)
+        if address in addresses:
+            return f"listeners {addresses[address]!r} and {description!r} are the same address; keep one"
+        addresses[address] = description
+        for rule in rules:
+            first = owners.setdefault(id(rule.factory), (description, rule.name))
+            if first[0] != description:
+                return (
+                    f"rule {rule.name!r} of {description!r} has the same target as rule {first[1]!r} of "
+                    f"{first[0]!r} ({rule.factory!r}); a DatagramProtocol target serves one listener: "
+                    "build one per listener"
+                )
     return None
 
 
