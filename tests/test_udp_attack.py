@@ -156,3 +156,17 @@ class SharedTargetTests(unittest.TestCase):
         self.assertEqual(served.returncode, 1)
         self.assertIn("one listener", served.stderr)
         self.assertNotIn("Traceback", served.stdout + served.stderr)
+
+    def test_proxy_idle_timeout_must_be_positive(self) -> None:
+        """check refuses a UDPProxy whose idle_timeout is not a positive number (its flows would end unanswered)."""
+        for value in ("0", "-1", "float('nan')", "'60'"):
+            path = self.mktemp() + ".py"
+            with open(path, "w") as f:
+                f.write(
+                    SHARED
+                    + "from muxtwist.actions import UDPProxy\n"
+                    + f'rules = [Rule(DNS(), UDPProxy("udp:host=127.0.0.1:port=53", idle_timeout={value}))]\n'
+                )
+            checked = self.run_process([sys.executable, "-m", "muxtwist", "check", path, "--port", "udp:53"])
+            self.assertEqual(checked.returncode, 1, value)
+            self.assertIn("idle_timeout must be a positive number", checked.stderr)

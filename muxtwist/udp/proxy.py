@@ -15,6 +15,7 @@ ends that flow only.
 
 from __future__ import annotations
 
+import math
 import random
 import socket
 import zlib
@@ -170,6 +171,10 @@ class UDPProxy(DatagramProtocol):
             raise ValueError(f"unknown balance {balance!r}; use one of {', '.join(BALANCE)}")
         if max_flows is not None and (isinstance(max_flows, bool) or max_flows < 1):
             raise ValueError(f"max_flows must be a positive integer or None, got {max_flows!r}")
+        number = isinstance(idle_timeout, int | float) and not isinstance(idle_timeout, bool)
+        if not number or not 0 < idle_timeout < math.inf:
+            # 0, a negative number or NaN would end every flow before its backend could answer.
+            raise ValueError(f"idle_timeout must be a positive number of seconds, got {idle_timeout!r}")
         self._reactor: Any = default_reactor(reactor)
         self.backends = [parse_backend(b) for b in backends]
         self.balance = balance
