@@ -9,9 +9,12 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.python.threadpool import ThreadPool
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Site
 from twisted.web.wsgi import WSGIResource
+from zope.interface import implementer
 
 from muxtwist._twisted import default_reactor
 
@@ -26,6 +29,53 @@ def _daemon_thread(**kwargs: Any) -> threading.Thread:
     return threading.Thread(daemon=True, **kwargs)
 
 
+@implementer(IHalfCloseableProtocol)
+class _HalfClosingChannel(HTTPChannel):
+    """
+    twisted.web's HTTP/1.1 channel, answering the requests a client sent
+    before it half-closed: a plain ``HTTPChannel`` is not half-closeable, so
+    the client's FIN closed the connection while the application still ran
+    on its thread, and its response was lost.
+    """
+
+    _read_closed = False
+
+    def readConnectionLost(self) -> None:
+        self._read_closed = True
+        # A request being handled (and any complete ones pipelined behind it)
+        # is answered first; a partial one can never complete.
+        if not self._handlingRequest:
+            self.loseConnection()  # type: ignore[no-untyped-call]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)  # type: ignore[no-untyped-call]
+        if self._read_closed and not self._handlingRequest:
+            self.loseConnection()  # type: ignore[no-untyped-call]
+
+
+@implementer(IHalfCloseableProtocol)
+class _HalfClosingGenericChannel(_GenericHTTPChannelProtocol):
+    """Site's protocol (HTTP/1.1, or HTTP/2 when ALPN says so) passing half-closes to an HTTP/1.1 channel."""
+
+    def readConnectionLost(self) -> None:
+        channel = self._channel
+        if IHalfCloseableProtocol.providedBy(channel):
+            channel.readConnectionLost()
+        elif channel.transport is not None:
+            channel.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+def _half_closing_channel(site: object) -> _HalfClosingGenericChannel:
+    """What ``WSGI.buildProtocol`` builds (called as a method of the site, as Twisted's own default is)."""
+    return _HalfClosingGenericChannel(_HalfClosingChannel())  # type: ignore[no-untyped-call]
+
+
 class WSGI(Site):
     """
     A rule target serving the WSGI application ``app`` with
@@ -34,8 +84,11 @@ class WSGI(Site):
     stops with it (``doStop`` returns at once; requests in flight finish on
     their threads, which then end). Requests beyond ``threads`` wait for a
     free thread; the reactor thread never runs the application, so other
-    connections are served meanwhile.
+    connections are served meanwhile. A client that half-closes after its
+    requests still gets their responses, then the connection closes.
     """
+
+    protocol = _half_closing_channel
 
     def __init__(self, app: Callable[..., Any], *, threads: int = 10, reactor: IReactorThreads | None = None) -> None:
         if not callable(app):

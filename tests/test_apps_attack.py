@@ -1,0 +1,59 @@
+"""
+The in-process application targets under hostile or unusual clients, over
+real loopback sockets: what a client does at the edges of a request (a
+half-close right after it) must not cost it the answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from twisted.trial import unittest
+
+from muxtwist import Rule
+from muxtwist.apps import WSGI
+from muxtwist.matchers import HTTP1
+from tests.test_proxy_support import connect, mux, wait
+
+
+def slow_hello(environ: dict[str, object], start_response: Callable[..., object]) -> Iterable[bytes]:
+    """A WSGI app that answers after a moment on its thread, so the client's FIN arrives first."""
+    time.sleep(0.2)
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "6")])
+    return [b"hello\n"]
+
+
+class WSGIHalfCloseTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.port, self.factory = mux(self, [Rule(HTTP1(), WSGI(slow_hello, threads=2), name="wsgi")])
+        self.factory.doStart()
+        self.addCleanup(self.factory.doStop)
+
+    async def test_wsgi_answers_a_client_that_half_closes_after_its_request(self) -> None:
+        """A client that shuts its write side after sending a request still gets the response, then the close."""
+        client = await connect(self, self.port)
+        assert client.transport is not None
+        client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        client.transport.loseWriteConnection()  # type: ignore[attr-defined]
+        await wait(client.lost, 10)
+        self.assertTrue(bytes(client.received).startswith(b"HTTP/1.1 200 OK\r\n"), bytes(client.received))
+        self.assertTrue(bytes(client.received).endswith(b"\r\n\r\nhello\n"), bytes(client.received))
+
+    async def test_wsgi_answers_pipelined_requests_sent_before_a_half_close(self) -> None:
+        """Two pipelined requests followed by a half-close both get their responses before the close."""
+        client = await connect(self, self.port)
+        assert client.transport is not None
+        client.transport.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        client.transport.loseWriteConnection()  # type: ignore[attr-defined]
+        await wait(client.lost, 10)
+        self.assertEqual(bytes(client.received).count(b"HTTP/1.1 200 OK\r\n"), 2, bytes(client.received))
+
+    async def test_wsgi_closes_at_once_on_a_half_close_with_no_complete_request(self) -> None:
+        """A half-close in the middle of a request's headers closes the connection without waiting for a timeout."""
+        client = await connect(self, self.port)
+        assert client.transport is not None
+        client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        client.transport.loseWriteConnection()  # type: ignore[attr-defined]
+        await wait(client.lost, 5)
+        self.assertEqual(bytes(client.received), b"")
