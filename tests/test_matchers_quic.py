@@ -24,6 +24,14 @@ MATCH, NO_MATCH, NEED_MORE = Verdict.MATCH, Verdict.NO_MATCH, Verdict.NEED_MORE
 DCID = bytes.fromhex("8394c8f03e515708")
 
 
+def zero_rtt_packet(dcid: bytes, size: int, version: int = V1) -> bytes:
+    """A 0-RTT long-header packet of ``size`` bytes (its payload, which no matcher can read, random)."""
+    kind = 1 if version == V1 else 2
+    head = bytes([0xC0 | (kind << 4) | 1, *version.to_bytes(4, "big"), len(dcid)]) + dcid + b"\x04\x01\x02\x03\x04"
+    length = size - len(head) - 2
+    return head + (0x4000 | length).to_bytes(2, "big") + random.Random(size).randbytes(length)
+
+
 def udp(datagrams: list[bytes]) -> tuple[bytes, DatagramInfo]:
     return b"".join(datagrams), DatagramInfo(datagrams=tuple(datagrams))
 
@@ -103,6 +111,21 @@ class HandBuiltTests(unittest.SynchronousTestCase):
         datagram = second + first
         datagram += b"\x00" * (1200 - len(datagram))
         self.assertIs(QUIC(sni="a.test").match(*udp([datagram])), MATCH)
+
+    def test_a_datagram_of_0rtt_alone_between_initials_waits_for_the_rest(self) -> None:
+        """A later datagram of only a 0-RTT packet (a resuming client's) neither matches nor refuses the flow."""
+        for version in (V1, V2):
+            first, second = initial_datagrams(self.hello, [700], version=version)
+            early = zero_rtt_packet(DCID, 300, version=version)
+            quic = QUIC(sni="a.test")
+            self.assertIs(quic.match(*udp([first, early])), NEED_MORE)
+            self.assertIs(quic.match(*udp([first, early, second])), MATCH)
+            self.assertIs(quic.match(*udp([first, early + early, second])), MATCH)
+
+    def test_a_first_datagram_of_0rtt_alone_is_no_client_initial(self) -> None:
+        """A flow whose first datagram is a 0-RTT packet, no Initial before it, is NO_MATCH (RFC 9000 17.2.3)."""
+        first, second = initial_datagrams(self.hello, [700])
+        self.assertIs(QUIC().match(*udp([zero_rtt_packet(DCID, 1200), first, second])), NO_MATCH)
 
     @settings(max_examples=60, deadline=None)
     @given(st.lists(st.integers(1, 1600), max_size=4), st.randoms(use_true_random=False), st.sampled_from([V1, V2]))

@@ -5,8 +5,9 @@ carried in their CRYPTO frames (QUIC v1, RFC 9000/9001, and v2, RFC 9369).
 Bytes read: each datagram of the flow (see :mod:`muxtwist.matchers.datagram`;
 on TCP the buffer is taken as one datagram). Every datagram that carries an
 Initial packet must be at least 1200 bytes (RFC 9000, 14.1). The long-header
-packets of each datagram are walked by their Length fields (0-RTT packets
-are skipped; trailing padding ends the walk). For each Initial packet the
+packets of each datagram are walked by their Length fields (0-RTT packets,
+coalesced behind an Initial or alone in a later datagram, are skipped;
+trailing padding ends the walk). For each Initial packet the
 client's Initial keys are derived from its Destination Connection ID with
 HKDF, header protection is removed (AES-ECB mask) and the payload decrypted
 (AES-128-GCM), all with ``cryptography``. Frames allowed in a client
@@ -228,8 +229,10 @@ def _datagram_crypto(
         if kind == _INITIAL[version]:
             token_length, pos = _varint(datagram, pos, size)
             pos += token_length
-        elif kind != _ZERO_RTT[version] or start == 0:
-            raise _Malformed()  # a client's first packets are Initials (and 0-RTT after one)
+        elif kind != _ZERO_RTT[version] or (first and start == 0):
+            # A client's first packets are Initials, and 0-RTT ones after the
+            # first: coalesced behind an Initial, or a datagram of their own.
+            raise _Malformed()
         length, pos = _varint(datagram, pos, size)
         end = pos + length
         if end > size or length < 20:
