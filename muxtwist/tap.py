@@ -16,7 +16,7 @@ from muxtwist._checks import probe_listen, twistd_option_hint
 from muxtwist._signals import hold_sighup
 from muxtwist.config import ConfigError, Settings, build_factory, check_endpoint, endpoint_description, load_config
 from muxtwist.service import MuxService, wanted_listeners
-from muxtwist.udp.listener import is_udp, udp_listeners_problem
+from muxtwist.udp.listener import is_udp, probe_udp_listeners, udp_listeners_problem
 
 __all__ = ["Options", "makeService"]
 
@@ -117,6 +117,9 @@ class Options(usage.Options):
                 reason = probe_listen(description)
                 if reason is not None:
                     raise SystemExit(f"muxtwist: cannot listen on {description}: {reason}")
+            busy = probe_udp_listeners([d for d in wanted if is_udp(d)])
+            if busy is not None:
+                raise SystemExit(f"muxtwist: cannot listen on {busy[0]}: {busy[1]}")
 
 
 def json_log_observer() -> ILogObserver:

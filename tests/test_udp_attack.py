@@ -111,18 +111,21 @@ one = DatagramProtocol()
 """
 
 
+def run_process(argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in a session of its own, killed with its children after ``timeout`` seconds."""
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate()
+        return subprocess.CompletedProcess(argv, process.returncode, out, err)
+
+
 class SharedTargetTests(unittest.TestCase):
-    def run_process(self, argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` in a session of its own, killed with its children after ``timeout`` seconds."""
-        with subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-        ) as process:
-            try:
-                out, err = process.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                out, err = process.communicate()
-            return subprocess.CompletedProcess(argv, process.returncode, out, err)
+    run_process = staticmethod(run_process)
 
     def test_one_datagram_target_on_two_udp_listeners_is_refused_before_listening(self) -> None:
         """check and twistd refuse, in one line each, one DatagramProtocol instance on two UDP listeners."""
@@ -170,3 +173,57 @@ class SharedTargetTests(unittest.TestCase):
             checked = self.run_process([sys.executable, "-m", "muxtwist", "check", path, "--port", "udp:53"])
             self.assertEqual(checked.returncode, 1, value)
             self.assertIn("idle_timeout must be a positive number", checked.stderr)
+
+
+class ListenProbeTests(unittest.TestCase):
+    """twistd says in one line which UDP listener cannot listen, before it starts, as it does for TCP."""
+
+    def rules(self, *descriptions: str) -> str:
+        path = self.mktemp() + ".py"
+        with open(path, "w") as f:
+            f.write(
+                SHARED
+                + "listeners = {"
+                + "".join(f"{d!r}: [Rule(DNS(), DatagramProtocol())]," for d in descriptions)
+                + "}\n"
+            )
+        return path
+
+    def assert_refused(self, path: str, description: str) -> None:
+        served = run_process(["twistd", "-n", "--pidfile=", "muxtwist", "--config", path])
+        self.assertEqual(served.returncode, 1, served.stdout[-2000:])
+        self.assertIn(f"muxtwist: cannot listen on {description}: the address is already in use", served.stderr)
+        self.assertNotIn("Traceback", served.stdout + served.stderr)
+
+    def test_a_udp_port_another_process_holds_is_one_line(self) -> None:
+        """A UDP port already bound elsewhere ends twistd with exit 1 and one line, not a traceback."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+            other.bind(("127.0.0.1", 0))
+            description = f"udp:{other.getsockname()[1]}:interface=127.0.0.1"
+            self.assert_refused(self.rules(description), description)
+
+    def test_two_listeners_that_take_one_address_are_one_line(self) -> None:
+        """udp:N next to udp:N:interface=127.0.0.1 (the second cannot bind) ends twistd with one line."""
+        port = _free_udp_port()
+        self.assert_refused(
+            self.rules(f"udp:{port}", f"udp:{port}:interface=127.0.0.1"), f"udp:{port}:interface=127.0.0.1"
+        )
+
+    def test_the_probe_closes_every_socket_it_bound(self) -> None:
+        """probe_udp_listeners binds each listener while holding the others and leaves no descriptor open."""
+        from muxtwist.udp.listener import probe_udp_listeners
+
+        before = len(os.listdir("/proc/self/fd"))
+        ports = [_free_udp_port() for _ in range(3)]
+        self.assertIsNone(probe_udp_listeners([f"udp:{p}:interface=127.0.0.1" for p in ports]))
+        clash = [f"udp:{ports[0]}", f"udp:{ports[1]}", f"udp:{ports[0]}:interface=127.0.0.1"]
+        self.assertEqual(probe_udp_listeners(clash)[0], clash[2])  # type: ignore[index]
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+
+    def test_an_unescaped_ipv6_interface_says_how_to_write_it(self) -> None:
+        """udp:53:interface=::1 is refused with how IPv6 colons are written in a listener description."""
+        from muxtwist.udp.listener import parse_udp_description
+
+        with self.assertRaises(ValueError) as caught:
+            parse_udp_description("udp:53:interface=::1")
+        self.assertIn(r"udp6:PORT:interface=\:\:1", str(caught.exception))

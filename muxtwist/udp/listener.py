@@ -6,7 +6,9 @@ descriptions, and :class:`UDPListener`, the service that listens on one.
 
 from __future__ import annotations
 
+import errno
 import inspect
+import socket
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -29,6 +31,7 @@ __all__ = [
     "build_udp_mux",
     "is_udp",
     "parse_udp_description",
+    "probe_udp_listeners",
     "reload_udp_listeners",
     "udp_listeners",
     "udp_listeners_problem",
@@ -86,7 +89,10 @@ def parse_udp_description(description: str) -> UDPAddress:
     try:
         _, fields = _fields(f"{kind}:{rest}")
     except ValueError:
-        raise ValueError(f"bad UDP listener {description!r}: want udp:PORT[:interface=ADDRESS]") from None
+        hint = ""
+        if "interface=" in rest and rest.partition("interface=")[2].count(":") > 1:
+            hint = " (an IPv6 address's colons are escaped: udp6:PORT:interface=\\:\\:1)"
+        raise ValueError(f"bad UDP listener {description!r}: want udp:PORT[:interface=ADDRESS]{hint}") from None
     unknown = set(fields) - {"port", "interface"}
     if unknown:
         raise ValueError(f"bad UDP listener {description!r}: unknown option(s) {', '.join(sorted(unknown))}")
@@ -209,6 +215,36 @@ def udp_listeners_problem(wanted: Mapping[str, Sequence[Rule]]) -> str | None:
                     "build one per listener"
                 )
     return None
+
+
+def probe_udp_listeners(descriptions: Sequence[str]) -> tuple[str, str] | None:
+    """
+    The first of the UDP listener ``descriptions`` that cannot listen right
+    now, with why: ``(description, reason)``, or ``None`` if all can. Each is
+    bound as the listener binds it and held until the last is bound, so a
+    port another process holds and two listeners that would take the same
+    address (``udp:53`` and ``udp:53:interface=127.0.0.1``) are both found;
+    all are closed before returning. Port 0 (any free port) is not probed.
+    """
+    held: list[socket.socket] = []
+    try:
+        for description in descriptions:
+            address = parse_udp_description(description)
+            if not address.port:
+                continue
+            family = socket.AF_INET6 if description.startswith("udp6:") or ":" in address.interface else socket.AF_INET
+            probe = socket.socket(family, socket.SOCK_DGRAM)
+            held.append(probe)
+            try:
+                probe.bind((address.interface, address.port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return description, "the address is already in use (another server, or another listener here)"
+                return description, e.strerror or str(e)
+        return None
+    finally:
+        for probe in held:
+            probe.close()
 
 
 def udp_listeners(service: Any) -> dict[str, UDPListener]:
