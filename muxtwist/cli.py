@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import inspect
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -28,7 +29,8 @@ from muxtwist.interfaces import ConnectionInfo, IMatcher
 from muxtwist.service import wanted_listeners
 from muxtwist.sniffing import Rule
 from muxtwist.testing import route
-from muxtwist.udp.listener import udp_listeners_problem
+from muxtwist.udp.listener import is_udp, udp_listeners_problem
+from muxtwist.udp.mux import UDPMux
 
 __all__ = ["main"]
 
@@ -110,7 +112,14 @@ def _describe_rule(rule: Rule) -> str:
     return f"{rule.name}: {_short(user_repr(rule.matcher))} -> {_short(_factory_name(rule.factory))}{limit}"
 
 
-def _print_settings(settings: Settings, out: TextIO) -> None:
+#: What a UDP listener takes for a UDP setting the rules file leaves out: ``UDPMux``'s defaults.
+_UDP_DEFAULTS = {
+    name: inspect.signature(UDPMux).parameters[name].default
+    for name in ("max_udp_flows", "max_flows_per_source", "max_sniff_datagrams")
+}
+
+
+def _print_settings(settings: Settings, out: TextIO, udp: bool = False) -> None:
     defaults = Settings()
     print("settings:", file=out)
     for field in ("sniff_timeout", "max_sniff_bytes", "max_connections", "max_connections_per_source",
@@ -119,6 +128,11 @@ def _print_settings(settings: Settings, out: TextIO) -> None:
         mark = "" if value != getattr(defaults, field) else "  (default)"
         shown = _factory_name(value) if field.startswith("on_") and value is not None else repr(value)
         print(f"  {field} = {shown}{mark}", file=out)
+    if udp:
+        for field, default in _UDP_DEFAULTS.items():
+            value = getattr(settings, field)
+            shown = f"{default!r}  (default)" if value is None else repr(value)
+            print(f"  {field} = {shown}", file=out)
 
 
 def check(path: str, ports: Sequence[str], out: TextIO, err: TextIO) -> int:
@@ -141,7 +155,7 @@ def check(path: str, ports: Sequence[str], out: TextIO, err: TextIO) -> int:
         print(f"listener {description}:", file=out)
         for i, rule in enumerate(rules, 1):
             print(f"  {i}. {_describe_rule(rule)}", file=out)
-    _print_settings(config.settings, out)
+    _print_settings(config.settings, out, udp=any(is_udp(d) for d in listeners))
     for warning in config.warnings:
         print(f"warning: {warning}", file=err)
     seen: set[str] = set()

@@ -159,6 +159,26 @@ class CheckShowsWhatWasWrittenTests(unittest.TestCase):
         self.assertEqual(code, 0, out)
         self.assertIn("2. ssh: AnyOf(HTTP1(path='/x'), Not(Prefix(prefixes=b'Q'))) -> Factory", out)
 
+    def test_udp_settings_shown_for_udp_listeners_only(self) -> None:
+        """check lists max_udp_flows, max_flows_per_source and max_sniff_datagrams when a UDP listener is served."""
+        udp = self.write(
+            """
+            from twisted.internet.protocol import DatagramProtocol
+            from muxtwist import Rule
+            from muxtwist.matchers import DNS
+            listeners = {"udp:5353:interface=127.0.0.1": [Rule(DNS(), DatagramProtocol())]}
+            max_flows_per_source = 3
+            """
+        )
+        code, out, _ = self.run_main("check", udp)
+        self.assertEqual(code, 0, out)
+        self.assertIn("  max_udp_flows = 10000  (default)\n", out)
+        self.assertIn("  max_flows_per_source = 3\n", out)
+        self.assertIn("  max_sniff_datagrams = 4  (default)\n", out)
+        code, out, _ = self.run_main("check", self.write(RULES), "--port", "4000")
+        self.assertEqual(code, 0, out)
+        self.assertNotIn("max_udp_flows", out)
+
     def test_misspelled_settings_fail_check(self) -> None:
         """A misspelled setting is a warning naming the setting meant, and check exits 1."""
         path = self.write(RULES + "snif_timeout = 1.0\non_timout = None\n")

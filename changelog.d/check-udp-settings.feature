@@ -1,0 +1,1 @@
+For a rules file with UDP listeners, `python -m muxtwist check` also lists `max_udp_flows`, `max_flows_per_source` and `max_sniff_datagrams`, with the values a listener takes when the file leaves them out.
