@@ -1,11 +1,14 @@
 """
-The in-process application targets under hostile or unusual clients, over
-real loopback sockets: what a client does at the edges of a request (a
-half-close right after it) must not cost it the answer.
+The in-process application targets under hostile or unusual clients and
+setups, over real loopback sockets: what a client does at the edges of a
+request (a half-close right after it) must not cost it the answer, and a
+protocol that cannot run under the reactor in use says so instead of hanging.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable, Iterable
 
@@ -14,6 +17,8 @@ from twisted.trial import unittest
 from muxtwist import Rule
 from muxtwist.apps import WSGI
 from muxtwist.matchers import HTTP1
+from tests.test_apps_twistd import TWISTD_DEFAULT
+from tests.test_examples import Running
 from tests.test_proxy_support import connect, mux, wait
 
 
@@ -57,3 +62,74 @@ class WSGIHalfCloseTests(unittest.TestCase):
         client.transport.loseWriteConnection()  # type: ignore[attr-defined]
         await wait(client.lost, 5)
         self.assertEqual(bytes(client.received), b"")
+
+
+STREAMS_RULES = """\
+import asyncio
+
+from muxtwist import Rule
+from muxtwist.apps import AsyncioProtocol
+from muxtwist.matchers import Prefix
+
+
+async def shout(reader, writer):
+    while line := await reader.readline():
+        writer.write(line.upper())
+        await writer.drain()
+    writer.close()
+
+
+def shouting():
+    return asyncio.StreamReaderProtocol(asyncio.StreamReader(), shout)
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+
+rules = [
+    Rule(Prefix(b"SHOUT"), AsyncioProtocol(shouting), name="shout"),
+    Rule(Prefix(b"ECHO"), AsyncioProtocol(Echo), name="echo"),
+]
+"""
+
+
+def exchange(port: int, payload: bytes, seconds: float = 5.0) -> tuple[bytes, bool]:
+    """Send ``payload``, read until the server closes: (what came back, whether it closed within ``seconds``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=seconds) as s:
+        s.sendall(payload)
+        received = b""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                return received, False
+            if not chunk:
+                return received, True
+            received += chunk
+            if received.endswith(payload):
+                return received, False
+        return received, False
+
+
+class StreamsOnTheDefaultReactorTests(unittest.TestCase):
+    def test_stream_protocol_under_the_default_reactor_is_closed_with_an_error(self) -> None:
+        """Under the default reactor a streams protocol's connection closes with a clear error, not a silent hang."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        rules = os.path.join(directory, "rules.py")
+        with open(rules, "w") as f:
+            f.write(STREAMS_RULES)
+        running = Running([*TWISTD_DEFAULT, "--port", "tcp:0:interface=127.0.0.1", "--config", rules])
+        self.addCleanup(running.kill)
+        (port,) = running.listening_ports()
+        self.assertEqual(exchange(port, b"ECHO one\n"), (b"ECHO one\n", False))
+        received, closed = exchange(port, b"SHOUT hello\n")
+        self.assertEqual((received, closed), (b"", True))
+        running.wait_for(rb"built an asyncio.StreamReaderProtocol, which needs Twisted's asyncio reactor")
+        self.assertEqual(running.stop(), 0, running.output.decode(errors="replace"))

@@ -61,6 +61,15 @@ def asyncio_loop(reactor: object, what: str) -> asyncio.AbstractEventLoop:
     return loop
 
 
+def _loop_running() -> bool:
+    """Whether an asyncio event loop is running this code (Twisted's asyncio reactor runs its callbacks in one)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _address(address: IAddress | None) -> Any:
     """An asyncio-style address: ``(host, port)`` for IP, the path for UNIX, ``None`` otherwise."""
     host = getattr(address, "host", None)
@@ -265,6 +274,17 @@ class Bridge(Protocol):
             proto = self._build()
         except Exception:
             log.failure("asyncio protocol factory raised")
+            transport.loseConnection()
+            return
+        if isinstance(proto, asyncio.StreamReaderProtocol) and not _loop_running():
+            # Its callback is a task on a loop nothing runs: the connection
+            # would hang, silently, until the client gives up.
+            log.error(
+                "{factory} built an asyncio.StreamReaderProtocol, which needs Twisted's asyncio reactor "
+                "(twistd --reactor=asyncio muxtwist ...): closing {peer}",
+                factory=repr(self.factory),
+                peer=transport.getPeer(),
+            )
             transport.loseConnection()
             return
         self.protocol = proto
