@@ -264,7 +264,10 @@ class MuxService(SignalHandlers, MultiService):
         ``tcp:3000`` to ``tcp:3000:interface=127.0.0.1``) is one that
         disappears and one that appears: the old port is closed first, then
         the new one listens. A listener that cannot listen is logged, left
-        out, and tried again at the next reload.
+        out, and tried again at the next reload. Applications of the new
+        rules with a startup to wait for (an ``ASGI`` app's lifespan) start
+        first: if one fails, or they take longer than ``shutdown_timeout``,
+        the reload changes nothing.
 
         :returns: a Deferred that fires, once the new listeners listen, with
             whether the reload fully took effect (``False`` for a broken file
@@ -283,6 +286,61 @@ class MuxService(SignalHandlers, MultiService):
         except ConfigError as e:
             log.error("reload failed, keeping the running rules: {problem}", problem=str(e))
             return defer.succeed(False)
+        starting = self._new_apps(config)
+        if not starting:
+            return self._apply(config)
+        return self._start_apps(starting, config)
+
+    def _new_apps(self, config: Config) -> list[Any]:
+        """
+        The applications ``config``'s rules reach that have a startup to wait
+        for (an ``ASGI`` app's lifespan: ``when_started``) and are not
+        running yet.
+        """
+        targets = [rule.factory for rules in self._wanted(config).values() for rule in rules]
+        targets += [f for f in (config.settings.on_timeout, config.settings.on_no_match) if f is not None]
+        return [f for f in within(targets) if hasattr(f, "when_started") and not getattr(f, "numPorts", 1)]
+
+    def _start_apps(self, apps: list[Any], config: Config) -> defer.Deferred[bool]:
+        """
+        Start ``apps`` and apply ``config`` once every one has started; if one
+        fails its startup, or they take longer than ``shutdown_timeout``, stop
+        them again and keep the running rules (the old applications serve on).
+        """
+        for app in apps:
+            app.doStart()
+        timeout = config.settings.shutdown_timeout
+        started = defer.gatherResults([app.when_started() for app in apps], consumeErrors=True)
+        started.addTimeout(timeout, self._reactor)
+
+        def keep_old(problem: str) -> bool:
+            for app in apps:
+                app.doStop()
+            log.error("reload failed, keeping the running rules: {problem}", problem=problem)
+            return False
+
+        def decided(results: list[bool]) -> defer.Deferred[bool] | bool:
+            failed = [repr(app) for app, ok in zip(apps, results, strict=True) if not ok]
+            if failed:
+                return keep_old(f"{', '.join(failed)} failed its startup")
+
+            def balance(result: object) -> object:
+                # apply() started them too: each now runs once, for the rules that use it.
+                for app in apps:
+                    app.doStop()
+                return result
+
+            return self._apply(config).addBoth(balance)
+
+        def too_slow(failure: Failure) -> bool:
+            failure.trap(defer.TimeoutError, defer.CancelledError)
+            names = ", ".join(repr(app) for app in apps)
+            return keep_old(f"{names} did not finish its startup within shutdown_timeout ({timeout} s)")
+
+        return started.addCallbacks(decided, too_slow)
+
+    def _apply(self, config: Config) -> defer.Deferred[bool]:
+        """The rest of a reload: ``config``'s rules and listeners take over (see :meth:`_reload_now`)."""
         wanted = self._wanted(config)
         udp_reloaded = reload_udp_listeners(self, {d: r for d, r in wanted.items() if is_udp(d)}, config.settings)
         wanted = {d: r for d, r in wanted.items() if not is_udp(d)}

@@ -8,6 +8,7 @@ protocol that cannot run under the reactor in use says so instead of hanging.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -132,4 +133,74 @@ class StreamsOnTheDefaultReactorTests(unittest.TestCase):
         received, closed = exchange(port, b"SHOUT hello\n")
         self.assertEqual((received, closed), (b"", True))
         running.wait_for(rb"built an asyncio.StreamReaderProtocol, which needs Twisted's asyncio reactor")
+        self.assertEqual(running.stop(), 0, running.output.decode(errors="replace"))
+
+
+LIFESPAN_RULES = """\
+from muxtwist import Rule
+from muxtwist.apps import ASGI
+from muxtwist.matchers import HTTP1
+
+VERSION = {version!r}
+FAIL = {fail!r}
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if FAIL:
+                    await send({{"type": "lifespan.startup.failed", "message": "no database"}})
+                else:
+                    await send({{"type": "lifespan.startup.complete"}})
+            elif message["type"] == "lifespan.shutdown":
+                await send({{"type": "lifespan.shutdown.complete"}})
+                return
+        return
+    body = VERSION.encode()
+    await send({{"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]}})
+    await send({{"type": "http.response.body", "body": body}})
+
+
+rules = [Rule(HTTP1(), ASGI(app, lifespan="on"), name="web")]
+"""
+
+
+def http_get(port: int) -> bytes:
+    """The body of GET / on 127.0.0.1:port (HTTP/1.0, read to the close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer.partition(b"\r\n\r\n")[2]
+
+
+class ReloadToAFailingAppTests(unittest.TestCase):
+    def test_a_reload_whose_app_fails_its_startup_keeps_the_running_app(self) -> None:
+        """A SIGHUP to rules whose ASGI app fails its lifespan startup keeps the old app; a good one then takes over."""
+        from tests.test_apps_examples import TWISTD_ASYNCIO
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        rules = os.path.join(directory, "rules.py")
+
+        def write(version: str, fail: bool) -> None:
+            with open(rules, "w") as f:
+                f.write(LIFESPAN_RULES.format(version=version, fail=fail))
+
+        write("one", False)
+        running = Running([*TWISTD_ASYNCIO, "--port", "tcp:0:interface=127.0.0.1", "--config", rules])
+        self.addCleanup(running.kill)
+        (port,) = running.listening_ports()
+        self.assertEqual(http_get(port), b"one")
+        write("two", True)
+        running.process.send_signal(signal.SIGHUP)
+        running.wait_for(rb"reload failed, keeping the running rules: ASGI\(app.*failed its startup")
+        self.assertEqual(http_get(port), b"one")
+        write("three", False)
+        running.process.send_signal(signal.SIGHUP)
+        running.wait_for(rb"reloaded " + rules.encode())
+        self.assertEqual(http_get(port), b"three")
         self.assertEqual(running.stop(), 0, running.output.decode(errors="replace"))
