@@ -311,7 +311,14 @@ class MuxService(SignalHandlers, MultiService):
             app.doStart()
         timeout = config.settings.shutdown_timeout
         started = defer.gatherResults([app.when_started() for app in apps], consumeErrors=True)
-        started.addTimeout(timeout, self._reactor)
+        timer = self._reactor.callLater(timeout, started.cancel)
+
+        def stop_timer(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        started.addBoth(stop_timer)
 
         def keep_old(problem: str) -> bool:
             for app in apps:
@@ -332,12 +339,13 @@ class MuxService(SignalHandlers, MultiService):
 
             return self._apply(config).addBoth(balance)
 
-        def too_slow(failure: Failure) -> bool:
-            failure.trap(defer.TimeoutError, defer.CancelledError)
+        def not_started(failure: Failure) -> bool:
             names = ", ".join(repr(app) for app in apps)
-            return keep_old(f"{names} did not finish its startup within shutdown_timeout ({timeout} s)")
+            if not timer.active() and timer.called:
+                return keep_old(f"{names} did not finish its startup within shutdown_timeout ({timeout} s)")
+            return keep_old(f"{names} failed its startup: {failure.getErrorMessage()}")
 
-        return started.addCallbacks(decided, too_slow)
+        return started.addCallbacks(decided, not_started)
 
     def _apply(self, config: Config) -> defer.Deferred[bool]:
         """The rest of a reload: ``config``'s rules and listeners take over (see :meth:`_reload_now`)."""

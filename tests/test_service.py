@@ -334,3 +334,62 @@ class ReloadListenerTests(unittest.TestCase):
         self.assertTrue(all(listener.running for listener in service.listeners.values()))
         client = yield defer.Deferred.fromCoroutine(connect(port, b"HI"))
         self.assertEqual((yield client.lost), b"w5:HI")
+
+
+#: What the applications of AppStartupTests' rules files did: ("start" | "stop", version).
+APP_EVENTS: list[tuple[str, str]] = []
+
+APP_RULES = """
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from muxtwist import Rule
+from muxtwist.matchers import Prefix
+from tests.test_service import APP_EVENTS
+
+class App(Factory):
+    protocol = Protocol
+    def startFactory(self):
+        APP_EVENTS.append(("start", VERSION))
+    def stopFactory(self):
+        APP_EVENTS.append(("stop", VERSION))
+    def when_started(self):
+        return defer.Deferred() if SLOW else defer.succeed(True)
+
+rules = [Rule(Prefix(b"A"), App(), name="app")]
+shutdown_timeout = 5
+"""
+
+
+class AppStartupTests(unittest.TestCase):
+    """A reload waits for the startup of the new rules' applications, for at most shutdown_timeout."""
+
+    def test_an_app_startup_slower_than_shutdown_timeout_refuses_the_reload(self) -> None:
+        """The new app is started, given up after shutdown_timeout and stopped; the running rules stay."""
+        from muxtwist.config import load_config
+
+        del APP_EVENTS[:]
+        clock = task.Clock()
+        path = os.path.abspath(self.mktemp() + "-rules.py")
+        with open(path, "w") as f:
+            f.write(APP_RULES + "VERSION, SLOW = 'one', False\n")
+        service = MuxService(config_path=path, ports=("tcp:0:interface=127.0.0.1",), reactor=clock)
+        service.load(load_config(path))
+        (listener,) = service.listeners.values()
+        first = listener.factory.rules[0].factory
+        self.assertEqual(APP_EVENTS, [("start", "one")])
+        del APP_EVENTS[:]
+        with open(path, "w") as f:
+            f.write(APP_RULES + "VERSION, SLOW = 'two', True\n")
+        done = service.reload()
+        self.assertNoResult(done)
+        self.assertEqual(APP_EVENTS, [("start", "two")])
+        clock.advance(5.1)
+        self.assertFalse(self.successResultOf(done))
+        self.assertEqual(APP_EVENTS, [("start", "two"), ("stop", "two")])
+        self.assertIs(listener.factory.rules[0].factory, first)
+        with open(path, "w") as f:
+            f.write(APP_RULES + "VERSION, SLOW = 'three', False\n")
+        self.assertTrue(self.successResultOf(service.reload()))
+        self.assertIsNot(listener.factory.rules[0].factory, first)
+        # Started once for its rules, however many times reload and the listener asked.
+        self.assertEqual(APP_EVENTS[2:], [("start", "three"), ("stop", "one")])
