@@ -28,6 +28,9 @@ __all__ = [
     "default_reactor",
     "endpoint_backlog",
     "endpoint_port",
+    "generic_http_channel_base",
+    "http_channel_busy",
+    "http_inner_channel",
     "listen_errors_raise",
     "listening",
     "reactor_started",
@@ -251,6 +254,47 @@ def endpoint_backlog(endpoint: object) -> int | None:
     if not isinstance(backlog, int) or isinstance(backlog, bool):
         return None
     return backlog
+
+
+def generic_http_channel_base() -> type:
+    """
+    The protocol ``twisted.web.server.Site`` builds for each connection:
+    HTTP/1.1, or HTTP/2 once ALPN chose it, in front of the real channel.
+
+    Why private: ``twisted.web.http._GenericHTTPChannelProtocol`` is what
+    ``HTTPFactory.protocol`` builds and has no public name; the WSGI target
+    subclasses it to pass half-closes on (twisted.web's channels are not
+    half-closeable). Imported here, when asked, so that this module stays
+    light. Checked on Twisted 26.10.0 (``twisted.web.http``).
+    """
+    from twisted.web import http
+
+    base: type = http._GenericHTTPChannelProtocol
+    return base
+
+
+def http_inner_channel(protocol: object) -> Any:
+    """
+    The ``HTTPChannel`` (or HTTP/2 connection) behind a
+    :func:`generic_http_channel_base` instance.
+
+    Why private: kept as ``_channel``, with no public accessor. Checked on
+    Twisted 26.10.0 (``twisted.web.http``).
+    """
+    return getattr(protocol, "_channel", None)
+
+
+def http_channel_busy(channel: object) -> bool:
+    """
+    Whether a twisted.web ``HTTPChannel`` is handling a request (its answer
+    not yet finished), so a client's half-close must wait for it.
+
+    Why private: ``HTTPChannel._handlingRequest`` is the flag the channel
+    itself uses to hold pipelined requests back; ``requests`` lists only
+    those not yet answered in full and is empty between parsing and
+    dispatch. Checked on Twisted 26.10.0 (``twisted.web.http``).
+    """
+    return bool(getattr(channel, "_handlingRequest", False))
 
 
 class EndWatcher(Protocol):

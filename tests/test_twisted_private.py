@@ -34,6 +34,9 @@ from muxtwist._twisted import (
     default_reactor,
     endpoint_backlog,
     endpoint_port,
+    generic_http_channel_base,
+    http_channel_busy,
+    http_inner_channel,
     listen_errors_raise,
     listening,
     reactor_started,
@@ -492,8 +495,11 @@ class AfterConnectionLostTests(unittest.TestCase):
 #: muxtwist/_twisted.py. Read on ``self`` they are muxtwist's own names.
 _PRIVATE = frozenset(
     {
+        "_GenericHTTPChannelProtocol",
         "_aborted",
         "_appSendBuffer",
+        "_channel",
+        "_handlingRequest",
         "_asyncioEventloop",
         "_backlog",
         "_interface",
@@ -515,6 +521,40 @@ _PACKAGE = Path(muxtwist.__file__).resolve().parent
 def _sources() -> list[tuple[str, ast.Module]]:
     paths = sorted(_PACKAGE.rglob("*.py"))
     return [(str(p.relative_to(_PACKAGE.parent)), ast.parse(p.read_text(), str(p))) for p in paths]
+
+
+class HTTPChannelTests(unittest.TestCase):
+    """The twisted.web internals the WSGI target's half-close support reads."""
+
+    def test_site_channels_and_their_busy_flag(self) -> None:
+        """Site builds generic_http_channel_base()'s kind; its inner HTTPChannel is busy while a request is answered."""
+        from twisted.internet.address import IPv4Address
+        from twisted.web.http import HTTPChannel
+        from twisted.web.resource import Resource
+        from twisted.web.server import NOT_DONE_YET, Site
+
+        held: list[Any] = []
+
+        class Slow(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> object:
+                held.append(request)
+                return NOT_DONE_YET
+
+        site = Site(Slow(), reactor=Clock())
+        built = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        self.assertIsInstance(built, generic_http_channel_base())
+        channel = http_inner_channel(built)
+        self.assertIsInstance(channel, HTTPChannel)
+        built.makeConnection(StringTransport())
+        self.assertFalse(http_channel_busy(channel))
+        built.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(len(held), 1)
+        self.assertTrue(http_channel_busy(channel))
+        held[0].write(b"done")
+        held[0].finish()
+        self.assertFalse(http_channel_busy(channel))
 
 
 class OnePlaceTests(unittest.TestCase):

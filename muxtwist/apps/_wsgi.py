@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.python.threadpool import ThreadPool
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 from twisted.web.wsgi import WSGIResource
 from zope.interface import implementer
 
-from muxtwist._twisted import default_reactor
+from muxtwist._twisted import default_reactor, generic_http_channel_base, http_channel_busy, http_inner_channel
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorThreads
@@ -44,7 +44,7 @@ class _HalfClosingChannel(HTTPChannel):
         self._read_closed = True
         # A request being handled (and any complete ones pipelined behind it)
         # is answered first; a partial one can never complete.
-        if not self._handlingRequest:
+        if not http_channel_busy(self):
             self.loseConnection()  # type: ignore[no-untyped-call]
 
     def writeConnectionLost(self) -> None:
@@ -52,16 +52,16 @@ class _HalfClosingChannel(HTTPChannel):
 
     def requestDone(self, request: Any) -> None:
         super().requestDone(request)  # type: ignore[no-untyped-call]
-        if self._read_closed and not self._handlingRequest:
+        if self._read_closed and not http_channel_busy(self):
             self.loseConnection()  # type: ignore[no-untyped-call]
 
 
 @implementer(IHalfCloseableProtocol)
-class _HalfClosingGenericChannel(_GenericHTTPChannelProtocol):
+class _HalfClosingGenericChannel(generic_http_channel_base()):  # type: ignore[misc]
     """Site's protocol (HTTP/1.1, or HTTP/2 when ALPN says so) passing half-closes to an HTTP/1.1 channel."""
 
     def readConnectionLost(self) -> None:
-        channel = self._channel
+        channel = http_inner_channel(self)
         if IHalfCloseableProtocol.providedBy(channel):
             channel.readConnectionLost()
         elif channel.transport is not None:
