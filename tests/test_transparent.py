@@ -249,6 +249,18 @@ class TransparentTestCase(unittest.SynchronousTestCase):
         self.hosts = Hosts()
         self.addCleanup(self.hosts.remove)
 
+    def http_rules(self) -> str:
+        """A rules file relaying HTTP to nginx on the backend host from the client's own address."""
+        return write_rules(
+            self.directory,
+            f"""
+            from muxtwist import Rule
+            from muxtwist.actions import Proxy
+            from muxtwist.matchers import HTTP1
+            rules = [Rule(HTTP1(), Proxy("tcp:host={BACKEND}:port=8080", transparent=True))]
+            """,
+        )
+
     def doctor(self, rules: str) -> subprocess.CompletedProcess[str]:
         return self.hosts.run(
             "m", "env", f"PYTHONPATH={ROOT}", sys.executable, "-m", "muxtwist", "doctor", rules, check=False
@@ -438,15 +450,7 @@ class IPVersionTests(TransparentTestCase):
     def test_ipv4_client_of_a_dual_stack_listener_keeps_its_address(self) -> None:
         """An IPv4 client that reached a '::' listener (an IPv4-mapped address) is relayed from its IPv4 address."""
         access = start_nginx(self.hosts, "b", self.directory, BACKEND, 8080)
-        rules = write_rules(
-            self.directory,
-            f"""
-            from muxtwist import Rule
-            from muxtwist.actions import Proxy
-            from muxtwist.matchers import HTTP1
-            rules = [Rule(HTTP1(), Proxy("tcp:host={BACKEND}:port=8080", transparent=True))]
-            """,
-        )
+        rules = self.http_rules()
         self.set_up_with_doctor(rules)
         start_mux(self.hosts, self.directory, rules, listeners=[r"tcp6:443:interface=\:\:"])
         self.assertEqual(curl(self.hosts, f"http://{MUX_FRONT}:443/"), f"you are {CLIENT}\n")
@@ -550,15 +554,7 @@ class DoctorTests(TransparentTestCase):
             [*iptables, "ip -4 rule add fwmark 0x1 lookup 100", "ip -4 route add local 0.0.0.0/0 dev lo table 100"]
         )
         access = start_nginx(self.hosts, "b", self.directory, BACKEND, 8080)
-        rules = write_rules(
-            self.directory,
-            f"""
-            from muxtwist import Rule
-            from muxtwist.actions import Proxy
-            from muxtwist.matchers import HTTP1
-            rules = [Rule(HTTP1(), Proxy("tcp:host={BACKEND}:port=8080", transparent=True))]
-            """,
-        )
+        rules = self.http_rules()
         done = self.doctor(rules)
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         self.assertIn("[ok] packet marking (iptables", done.stdout)
@@ -650,15 +646,7 @@ class DoctorTests(TransparentTestCase):
                 "ip -4 route add local 0.0.0.0/0 dev lo table 200",
             ]
         )
-        rules = write_rules(
-            self.directory,
-            f"""
-            from muxtwist import Rule
-            from muxtwist.actions import Proxy
-            from muxtwist.matchers import HTTP1
-            rules = [Rule(HTTP1(), Proxy("tcp:host={BACKEND}:port=8080", transparent=True))]
-            """,
-        )
+        rules = self.http_rules()
         done = self.doctor(rules)
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         self.assertIn("[ok] IPv4 table 200: deliver everything locally", done.stdout)
@@ -744,15 +732,7 @@ class SystemdLinesTests(TransparentTestCase):
             (line,) = [line.strip() for line in f if line.strip().startswith("AmbientCapabilities=")]
         caps = ",".join(["-all", *("+" + c.removeprefix("CAP_").lower() for c in line.split("=", 1)[1].split())])
         access = start_nginx(self.hosts, "b", self.directory, BACKEND, 8080)
-        rules = write_rules(
-            self.directory,
-            f"""
-            from muxtwist import Rule
-            from muxtwist.actions import Proxy
-            from muxtwist.matchers import HTTP1
-            rules = [Rule(HTTP1(), Proxy("tcp:host={BACKEND}:port=8080", transparent=True))]
-            """,
-        )
+        rules = self.http_rules()
         self.set_up_with_doctor(rules)
         limited = ["setpriv", f"--inh-caps={caps}", f"--ambient-caps={caps}", f"--bounding-set={caps}", "--"]
         mux, _ = start_mux(self.hosts, self.directory, rules, prefix=limited)
