@@ -155,6 +155,49 @@ def _h2_without_support(path: str, rules: Sequence[Rule], line: int | None) -> l
     ]
 
 
+#: muxtwist's matchers of stream (TCP) protocols: on a UDP listener they see one
+#: datagram at a time and are most likely a mistake (TLS over UDP is QUIC or DTLS).
+STREAM_MATCHERS = frozenset(
+    {
+        "ALPN", "ClientHello", "GRPC", "HTTP1", "HTTP2", "HTTP2Header", "MQTT", "PostgreSQL", "ProxyProtocol",
+        "RDP", "Redis", "SNI", "SOCKS4", "SOCKS5", "SSH", "TLS", "WebSocket", "XMPP",
+    }
+)  # fmt: skip
+
+
+def _stream_matchers(matcher: object, depth: int = 0) -> list[str]:
+    """The names of muxtwist's stream-protocol matchers in ``matcher``, combinators looked through."""
+    kind = type(matcher)
+    if not kind.__module__.startswith("muxtwist.matchers") or depth > 8:
+        return []
+    found = [kind.__name__] if kind.__name__ in STREAM_MATCHERS else []
+    inner = [*getattr(matcher, "matchers", ()), getattr(matcher, "matcher", None)]
+    for m in inner:
+        if m is not None:
+            found += _stream_matchers(m, depth + 1)
+    return found
+
+
+def _stream_matchers_on_udp(
+    path: str, description: str, rules: Sequence[Rule], line: int | None
+) -> list[ConfigWarning]:
+    """A warning for each rule of the UDP listener ``description`` that uses a stream-protocol matcher."""
+    if not is_udp(description):
+        return []
+    return [
+        ConfigWarning(
+            path,
+            line,
+            f"rule {rule.name!r} of {description!r} uses {', '.join(f'{n}()' for n in names)}, a matcher of a "
+            "stream (TCP) protocol: on a UDP listener it sees one datagram at a time and will likely never match "
+            "(TLS over UDP is QUIC() or DTLS())",
+            "udp",
+        )
+        for rule in rules
+        if (names := _stream_matchers(rule.matcher))
+    ]
+
+
 def endpoint_description(port: str) -> str:
     """``"3000"`` -> ``"tcp:3000"``; anything else is taken as an endpoint description."""
     return f"tcp:{port}" if port.isdigit() else port
@@ -369,6 +412,7 @@ def load_config(path: str) -> Config:
     for key, some_rules in ({"rules": rules or ()} | {k: v for k, v in listeners.items()}).items():
         where = lines.get(key if key == "rules" else "listeners")
         warnings += _h2_without_support(path, some_rules, where[0] if where else None)
+        warnings += _stream_matchers_on_udp(path, key, some_rules, where[0] if where else None)
     for warning in warnings:
         # Not a field named "warning": trial's reporter reads that as warnings.warn's.
         log.warn("{problem}", problem=str(warning))

@@ -176,6 +176,27 @@ class WarningTests(unittest.TestCase):
         self.assertEqual(len(logged), 1)
         self.assertNotIn("warning", logged[0])
 
+    def test_stream_matchers_on_a_udp_listener(self) -> None:
+        """TLS() on a UDP listener (also inside AnyOf/Not) warns once per rule; DNS(), QUIC() and Prefix() do not."""
+        body = """
+            from twisted.internet.protocol import DatagramProtocol
+            from muxtwist.matchers import DNS, QUIC, TLS, AnyOf, Not, Prefix, SSH
+            udp = "udp:5353:interface=127.0.0.1"
+            listeners = {
+                udp: [
+                    Rule(TLS(), DatagramProtocol(), name="tls"),
+                    Rule(AnyOf(DNS(), Not(SSH())), DatagramProtocol(), name="nested"),
+                    Rule(AnyOf(QUIC(), Prefix(b"x")), DatagramProtocol(), name="fine"),
+                ],
+                "tcp:4000": [Rule(TLS(), echo, name="tcp-tls")],
+            }
+        """
+        config = load_config(self.write(body))
+        self.assertEqual([w.kind for w in config.warnings], ["udp", "udp"])
+        self.assertIn("rule 'tls' of 'udp:5353:interface=127.0.0.1' uses TLS()", config.warnings[0].problem)
+        self.assertIn("rule 'nested' of 'udp:5353:interface=127.0.0.1' uses SSH()", config.warnings[1].problem)
+        self.assertIn("QUIC() or DTLS()", config.warnings[0].problem)
+
     def test_h2_offered_to_a_site_without_http2_support(self) -> None:
         """Without Twisted's HTTP/2 support, a TerminateTLS offering h2 in front of a Site gets one clear warning."""
         folder = self.mktemp()

@@ -1,0 +1,1 @@
+A rules file that puts a matcher of a stream protocol (`TLS()`, `HTTP1()`, `SSH()`...) in a UDP listener's rules loads with a warning saying it will likely never match there (TLS over UDP is `QUIC()` or `DTLS()`).
