@@ -141,6 +141,8 @@ class MuxService(SignalHandlers, MultiService):
         # Reloads run one after another: each waits for the previous one's
         # old ports to close, so two of them never race for the same port.
         self._reloads: defer.Deferred[None] = defer.succeed(None)
+        #: What the reload waiting behind the running one will answer (None: none waits).
+        self._next_reload: list[defer.Deferred[bool]] | None = None
         self.inherited = dict(inherited or {})
         self.in_worker = bool(self.inherited)
         self.metrics = metrics if metrics is not None else default_metrics()
@@ -243,13 +245,35 @@ class MuxService(SignalHandlers, MultiService):
     def reload(self) -> defer.Deferred[bool]:
         """
         Read the rules file again, once any reload still in progress has
-        finished (see :meth:`_reload_now`).
+        finished (see :meth:`_reload_now`). Asks made while one reload already
+        waits its turn are that reload (they get its result); once the
+        service is stopping, a reload that has not begun does nothing and
+        fires ``False``.
         """
         result: defer.Deferred[bool] = defer.Deferred()
+        if self._next_reload is not None:
+            # One reload waits at most: it reads the file when its turn comes,
+            # so a burst of asks behind a slow one (an app's startup) is that one.
+            self._next_reload.append(result)
+            return result
+        waiting = self._next_reload = [result]
 
-        def run(_: object) -> defer.Deferred[None]:
-            done = defer.maybeDeferred(self._reload_now)
-            return done.addCallbacks(result.callback, result.errback)
+        def run(_: object) -> defer.Deferred[None] | None:
+            self._next_reload = None
+            if self.draining:
+                log.info("reload skipped: stopping")
+                for d in waiting:
+                    d.callback(False)
+                return None
+
+            def fire(outcome: bool | Failure) -> None:
+                for d in waiting:
+                    if isinstance(outcome, Failure):
+                        d.errback(outcome)
+                    else:
+                        d.callback(outcome)
+
+            return defer.maybeDeferred(self._reload_now).addBoth(fire)
 
         self._reloads.addBoth(run)
         return result
@@ -330,6 +354,8 @@ class MuxService(SignalHandlers, MultiService):
             failed = [repr(app) for app, ok in zip(apps, results, strict=True) if not ok]
             if failed:
                 return keep_old(f"{', '.join(failed)} failed its startup")
+            if self.draining:
+                return keep_old("the service is stopping")
 
             def balance(result: object) -> object:
                 # apply() started them too: each now runs once, for the rules that use it.

@@ -393,3 +393,83 @@ class AppStartupTests(unittest.TestCase):
         self.assertIsNot(listener.factory.rules[0].factory, first)
         # Started once for its rules, however many times reload and the listener asked.
         self.assertEqual(APP_EVENTS[2:], [("start", "three"), ("stop", "one")])
+
+
+#: The startups of ReloadQueueTests' applications, by version, for the test to finish.
+APP_STARTUPS: dict[str, defer.Deferred[bool]] = {}
+
+WAITING_APP_RULES = """
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from muxtwist import Rule
+from muxtwist.matchers import Prefix
+from tests.test_service import APP_EVENTS, APP_STARTUPS
+
+class App(Factory):
+    protocol = Protocol
+    def startFactory(self):
+        APP_EVENTS.append(("start", VERSION))
+        APP_STARTUPS[VERSION] = defer.Deferred()
+    def stopFactory(self):
+        APP_EVENTS.append(("stop", VERSION))
+    def when_started(self):
+        d = defer.Deferred()
+        APP_STARTUPS[VERSION].chainDeferred(d)
+        return d
+
+rules = [Rule(Prefix(b"A"), App(), name="app")]
+shutdown_timeout = 5
+"""
+
+
+class ReloadQueueTests(unittest.TestCase):
+    """Reloads asked while one waits for an application's startup, and a stop meanwhile."""
+
+    def setUp(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from muxtwist.config import load_config
+
+        del APP_EVENTS[:]
+        APP_STARTUPS.clear()
+        self.reactor = MemoryReactorClock()
+        self.path = os.path.abspath(self.mktemp() + "-rules.py")
+        self.write("one")
+        self.service = MuxService(config_path=self.path, ports=("tcp:0:interface=127.0.0.1",), reactor=self.reactor)
+        self.service.load(load_config(self.path))
+        APP_STARTUPS["one"].callback(True)
+        self.service.startService()
+        del APP_EVENTS[:]
+
+    def write(self, version: str) -> None:
+        with open(self.path, "w") as f:
+            f.write(WAITING_APP_RULES + f"VERSION = {version!r}\n")
+
+    def test_reloads_asked_during_an_app_startup_are_one_more_reload(self) -> None:
+        """Many reloads asked while one waits for its app's startup run as one more reload, which starts one app."""
+        self.write("two")
+        first = self.service.reload()
+        self.write("three")
+        later = [self.service.reload() for _ in range(5)]
+        APP_STARTUPS["two"].callback(True)
+        self.assertTrue(self.successResultOf(first))
+        APP_STARTUPS["three"].callback(True)
+        self.assertEqual([self.successResultOf(d) for d in later], [True] * 5)
+        self.assertEqual(
+            APP_EVENTS, [("start", "two"), ("stop", "one"), ("start", "three"), ("stop", "two")], APP_EVENTS
+        )
+
+    def test_a_stop_during_a_reload_applies_and_starts_nothing_more(self) -> None:
+        """A stop while a reload waits for its app's startup: that reload is not applied and a queued one never runs."""
+        (listener,) = self.service.listeners.values()
+        running = listener.factory.rules[0].factory
+        self.write("two")
+        first = self.service.reload()
+        self.write("three")
+        queued = self.service.reload()
+        self.service.stopService()
+        APP_STARTUPS["two"].callback(True)
+        self.assertFalse(self.successResultOf(first))
+        self.assertFalse(self.successResultOf(queued))
+        self.assertIs(listener.factory.rules[0].factory, running)
+        self.assertCountEqual(APP_EVENTS, [("start", "two"), ("stop", "two"), ("stop", "one")])
