@@ -193,3 +193,52 @@ class MuxTests(unittest.SynchronousTestCase):
         mux.datagram_received(big[1], ("10.0.0.2", 2))
         self.assertEqual(a.got, [(small[0], ("10.0.0.1", 1))])
         self.assertEqual(b.got, [(big[0], ("10.0.0.2", 2)), (big[1], ("10.0.0.2", 2))])
+
+
+class LaterZeroRTTTests(unittest.SynchronousTestCase):
+    """What a later datagram of 0-RTT packets alone may be: the first Initial's connection's, nothing else."""
+
+    hello = tls_client_hello("a.test", ["h3", *(f"alpn-{i:03d}" for i in range(200))])
+
+    def test_a_later_0rtt_datagram_of_another_version_is_no_match(self) -> None:
+        """A 0-RTT datagram of another QUIC version than the client's Initial is not that client's: NO_MATCH."""
+        for version, other in ((V1, V2), (V2, V1)):
+            first, _ = initial_datagrams(self.hello, [700], version=version)
+            self.assertIs(QUIC().match(*udp([first, zero_rtt_packet(DCID, 300, version=other)])), NO_MATCH)
+
+    def test_a_later_0rtt_datagram_to_another_connection_id_is_no_match(self) -> None:
+        """A 0-RTT datagram to another Destination Connection ID than the client's Initial is NO_MATCH."""
+        first, _ = initial_datagrams(self.hello, [700])
+        self.assertIs(QUIC().match(*udp([first, zero_rtt_packet(b"\x11" * 8, 300)])), NO_MATCH)
+
+    def test_a_flow_of_0rtt_datagrams_after_one_initial_ends_at_max_sniff_datagrams(self) -> None:
+        """One Initial followed by 0-RTT datagrams alone is held for at most max_sniff_datagrams, then dropped."""
+        target = Recorder()
+        mux, _, _ = make_mux([Rule(QUIC(name="q"), target)], max_sniff_datagrams=4)
+        first, _ = initial_datagrams(self.hello, [700])
+        mux.datagram_received(first, ("10.0.0.1", 1))
+        for n in range(10):
+            mux.datagram_received(zero_rtt_packet(DCID, 300 + n), ("10.0.0.1", 1))
+        self.assertEqual(target.got, [])
+        self.assertEqual(len(mux.table.flows), 0)
+        self.assertTrue(mux.table.is_unmatched(("10.0.0.1", 1), 0.0))
+
+    @settings(max_examples=80, deadline=None)
+    @given(st.lists(st.sampled_from(["zero", "other-version", "other-dcid", "garbage"]), min_size=1, max_size=4))
+    def test_later_datagrams_never_match_without_the_whole_client_hello(self, later: list[str]) -> None:
+        """Whatever later datagrams follow a first Initial carrying part of the ClientHello, the flow never matches."""
+        first, second = initial_datagrams(self.hello, [700])
+        make = {
+            "zero": lambda: zero_rtt_packet(DCID, 300),
+            "other-version": lambda: zero_rtt_packet(DCID, 300, version=V2),
+            "other-dcid": lambda: zero_rtt_packet(b"\x22" * 8, 300),
+            "garbage": lambda: b"\xd0" + random.Random(7).randbytes(40),
+        }
+        datagrams = [first, *(make[kind]() for kind in later)]
+        verdict = QUIC().match(*udp(datagrams))
+        self.assertIn(verdict, (NEED_MORE, NO_MATCH))
+        if set(later) == {"zero"}:
+            self.assertIs(verdict, NEED_MORE)
+            self.assertIs(QUIC().match(*udp([*datagrams, second])), MATCH)
+        else:
+            self.assertIs(verdict, NO_MATCH)

@@ -20,7 +20,9 @@ NEED_MORE while the ClientHello is incomplete (bounded by the listener's
 ``max_sniff_datagrams`` and ``sniff_timeout``). NO_MATCH for a first
 datagram that is not a client Initial of an accepted version, a packet that
 does not decrypt, a change of Destination Connection ID, a ClientHello
-declaring more than ``MAX_CLIENT_HELLO`` bytes, or one the TLS parser
+declaring more than ``MAX_CLIENT_HELLO`` bytes, a packet of another
+version than the flow's first one, a 0-RTT packet to another Destination
+Connection ID than the Initials', or a ClientHello the TLS parser
 rejects; also for a datagram of more than 8 long-header packets or a flow
 of more than 512 frames, which no client's first flight holds (walking them
 would let one 64 KiB datagram cost a second of CPU).
@@ -215,6 +217,7 @@ def _datagram_crypto(
         version = int.from_bytes(datagram[pos + 1 : pos + 5], "big")
         if version not in versions:
             raise _Malformed()
+        versions = frozenset({version})  # a client's first packets share one version
         dcid_length = datagram[pos + 5]
         pos += 6
         if dcid_length > _MAX_CID or pos + dcid_length >= size:
@@ -246,6 +249,8 @@ def _datagram_crypto(
                 raise _Malformed()
             _crypto_frames(_open_initial(datagram, start, pos, end, version, packet_dcid), out, budget)
             seen_initial = True
+        elif packet_dcid != dcid:
+            raise _Malformed()  # 0-RTT goes to the connection ID of the client's Initial (RFC 9000 7.2)
         pos = end
     if seen_initial and size < _MIN_DATAGRAM:
         raise _Malformed()
@@ -280,6 +285,9 @@ def parse_initial_datagrams(
             found = _datagram_crypto(datagram, accepted, i == 0, dcid, frames, budget)
             if i == 0 and found is None:
                 return NO_MATCH, None
+            if i == 0:
+                # Later datagrams are the same client's: the version of its first packet.
+                accepted = frozenset({int.from_bytes(datagram[1:5], "big")})
             dcid = found or dcid
     except _Malformed:
         return NO_MATCH, None
