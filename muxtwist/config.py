@@ -165,16 +165,21 @@ STREAM_MATCHERS = frozenset(
 )  # fmt: skip
 
 
-def _stream_matchers(matcher: object, depth: int = 0) -> list[str]:
-    """The names of muxtwist's stream-protocol matchers in ``matcher``, combinators looked through."""
-    kind = type(matcher)
-    if not kind.__module__.startswith("muxtwist.matchers") or depth > 8:
-        return []
-    found = [kind.__name__] if kind.__name__ in STREAM_MATCHERS else []
-    inner = [*getattr(matcher, "matchers", ()), getattr(matcher, "matcher", None)]
-    for m in inner:
-        if m is not None:
-            found += _stream_matchers(m, depth + 1)
+def _stream_matchers(matcher: object) -> list[str]:
+    """The names of muxtwist's stream-protocol matchers in ``matcher``, combinators looked through at any depth."""
+    found: list[str] = []
+    seen: set[int] = set()
+    left = [matcher]
+    while left:
+        m = left.pop()
+        kind = type(m)
+        if id(m) in seen or not kind.__module__.startswith("muxtwist.matchers"):
+            continue
+        seen.add(id(m))
+        if kind.__name__ in STREAM_MATCHERS:
+            found.append(kind.__name__)
+        inner = [*getattr(m, "matchers", ()), getattr(m, "matcher", None)]
+        left += [each for each in reversed(inner) if each is not None]
     return found
 
 

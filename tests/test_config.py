@@ -220,3 +220,51 @@ class WarningTests(unittest.TestCase):
         self.assertIn('pip install "Twisted[http2]"', config.warnings[0].problem)
         self.patch(http, "H2_ENABLED", True)
         self.assertEqual(load_config(self.write(body)).warnings, ())
+
+
+class StreamMatchersOnUDPTests(unittest.TestCase):
+    """The stream-matcher warning of UDP listeners, at any depth and never for third-party matchers."""
+
+    write = WarningTests.write
+
+    def test_a_stream_matcher_nested_deep_is_found(self) -> None:
+        """TLS() wrapped twelve combinators deep in a UDP listener's rule still gets its warning."""
+        body = """
+            from twisted.internet.protocol import DatagramProtocol
+            from muxtwist.matchers import TLS, AnyOf, Not, Prefix
+            deep = TLS()
+            for i in range(12):
+                deep = Not(deep) if i % 2 else AnyOf(Prefix(b"x"), deep)
+            listeners = {"udp:5353:interface=127.0.0.1": [Rule(deep, DatagramProtocol(), name="deep")]}
+        """
+        config = load_config(self.write(body))
+        self.assertEqual([w.kind for w in config.warnings], ["udp"])
+        self.assertIn("rule 'deep' of 'udp:5353:interface=127.0.0.1' uses TLS()", config.warnings[0].problem)
+
+    def test_third_party_matchers_named_like_ours_are_not_flagged(self) -> None:
+        """A matcher class of another module named TLS, or a subclass of ours, nested or not, gets no warning."""
+        body = """
+            from twisted.internet.protocol import DatagramProtocol
+            from zope.interface import implementer
+            from muxtwist.interfaces import IMatcher, Verdict
+            from muxtwist.matchers import TLS as OurTLS, AnyOf, Prefix
+
+            @implementer(IMatcher)
+            class TLS:
+                name = "theirs"
+
+                def match(self, data, info):
+                    return Verdict.NO_MATCH
+
+            class Mine(OurTLS):
+                pass
+
+            listeners = {
+                "udp:5353:interface=127.0.0.1": [
+                    Rule(TLS(), DatagramProtocol(), name="theirs"),
+                    Rule(AnyOf(Prefix(b"x"), TLS()), DatagramProtocol(), name="nested"),
+                    Rule(Mine(), DatagramProtocol(), name="subclass"),
+                ]
+            }
+        """
+        self.assertEqual(list(load_config(self.write(body)).warnings), [])
