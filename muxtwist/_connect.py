@@ -9,7 +9,10 @@ endpoint's Deferred. For a backend given by IP address none of that is
 needed: :func:`connect_socket` starts a non-blocking ``connect`` on a socket
 it is given, waits for it to be writable, and hands the connected socket to
 the reactor with ``adoptStreamConnection`` (a public ``IReactorSocket``
-method), so the protocol gets an ordinary TCP transport.
+method), so the protocol gets an ordinary TCP transport. A factory with a
+``take_socket(sock)`` method is asked first: when it returns a protocol, it
+has taken the connected socket as it is (a spliced relay's backend, see
+:mod:`muxtwist.proxy._raw`) and nothing is adopted.
 
 :func:`direct_endpoint` gives the endpoint for a ``tcp:`` description
 where this path applies (Linux, a POSIX reactor, ``host`` an IP address,
@@ -67,6 +70,19 @@ class _PendingConnect:
             self._close()
             self._d.errback(connect_error(code))
             return
+        take = getattr(self._factory, "take_socket", None)
+        if take is not None:
+            try:
+                taken = take(sock)
+            except Exception:
+                self._close()
+                self._d.errback(Failure())
+                return
+            if taken is not None:
+                # The factory's protocol owns the socket now, without a Twisted transport.
+                self._sock = None
+                self._d.callback(taken)
+                return
         built: list[IProtocol] = []
         try:
             self._reactor.adoptStreamConnection(sock.fileno(), sock.family, _Capture(self._factory, built))

@@ -317,12 +317,16 @@ class FailureTests(SpliceOption, unittest.TestCase):
         assert relay is not None
         relay.makeConnection(StringTransport())
         self.assertEqual(len(proxy.relays), 1)
-        self.assertTrue([c for c in R.getDelayedCalls() if getattr(c.func, "__self__", None) is relay])
+        deadlines = proxy._connect_deadlines
+        assert deadlines is not None
+        self.assertEqual(deadlines.live, 1)
+        self.assertTrue([c for c in R.getDelayedCalls() if getattr(c.func, "__self__", None) is deadlines])
         # Reading is paused while connecting, so over TCP this is seen when the
         # connect ends; here the transport reports it at once.
         relay.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(proxy.relays, set())
-        self.assertEqual([c for c in R.getDelayedCalls() if getattr(c.func, "__self__", None) is relay], [])
+        self.assertEqual(deadlines.live, 0)
+        self.assertEqual([c for c in R.getDelayedCalls() if getattr(c.func, "__self__", None) is deadlines], [])
         self.assertEqual(logged(events, "failed for"), [])
         self.assertEqual(proxy.stats[proxy.backends[0].description].failures, 0)
 

@@ -7,7 +7,7 @@ balancing rule picks (``muxtwist.proxy._backends``).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from muxtwist._connect import direct_endpoint
+from muxtwist._deadlines import Deadline, Deadlines
 from muxtwist._options import OptionError, check_proxy
 from muxtwist._twisted import default_reactor
 from muxtwist.interfaces import BackendState, ConnectionInfo, IBackendPool, IConnectionInfoFactory, RelayState
@@ -169,6 +170,15 @@ class Proxy:
         self._random = random.Random()
         self._started = 0
         self._health = None if health_check is None else HealthChecks(health_check, proxy_protocol, reactor)
+        #: every relay's connect_timeout, behind one DelayedCall (made on the first relay).
+        self._connect_deadlines: Deadlines | None = None
+
+    def _connect_deadline(self, callback: Callable[[], object]) -> Deadline:
+        """Call ``callback`` after ``connect_timeout`` seconds unless the returned timer is cancelled."""
+        deadlines = self._connect_deadlines
+        if deadlines is None or deadlines.delay != self.connect_timeout:
+            deadlines = self._connect_deadlines = Deadlines(self._reactor, self.connect_timeout)
+        return deadlines.add(callback)
 
     def _connect(self, backend: Backend, relay: Relay, factory: Factory) -> defer.Deferred[Any]:
         """Connect ``factory`` to ``backend``, from the client's address when transparent."""

@@ -30,6 +30,8 @@ and closes both sockets.
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -45,6 +47,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from muxtwist._deadlines import Deadline
 from muxtwist._failures import connect_failure_kind, connect_failure_text
 from muxtwist._transports import abort, half_close
 from muxtwist._twisted import unsent_bytes, was_aborted
@@ -52,6 +55,7 @@ from muxtwist.interfaces import ConnectionInfo, IConnectionReport
 from muxtwist.proxy import _splice
 from muxtwist.proxy._backends import Backend, _OneProtocol
 from muxtwist.proxy._closing import ClosingEnds
+from muxtwist.proxy._raw import RawTransport
 
 __all__ = ["Relay"]
 
@@ -71,6 +75,8 @@ class _RelayOwner(TypingProtocol):
     splice: bool
 
     def candidates(self, info: ConnectionInfo) -> list[Backend]: ...
+
+    def _connect_deadline(self, callback: Callable[[], object]) -> Deadline: ...
 
     def _connect(self, backend: Backend, relay: Relay, factory: Factory) -> defer.Deferred[Any]: ...
 
@@ -127,6 +133,28 @@ class _TLSBackendSide(_BackendSide):
         self.relay._backend_ready(self)
 
 
+class _SpliceFactory(_OneProtocol):
+    """
+    The factory of a backend side whose relay may splice: once connected,
+    the socket is taken as it is (:class:`~muxtwist.proxy._raw.RawTransport`)
+    when the relay can splice at once, and adopted by the reactor otherwise.
+    """
+
+    noisy = False
+
+    def __init__(self, side: _BackendSide) -> None:
+        super().__init__(side)
+        self._side = side
+
+    def take_socket(self, sock: socket.socket) -> _BackendSide | None:
+        side = self._side
+        relay = side.relay
+        if relay._trying is not side or not relay._can_splice():
+            return None
+        side.makeConnection(RawTransport(sock, side, relay.proxy._reactor))  # type: ignore[no-untyped-call]
+        return side
+
+
 @implementer(IHalfCloseableProtocol, IConnectionReport)
 class Relay(Protocol):
     """
@@ -153,7 +181,7 @@ class Relay(Protocol):
         self._candidates: list[Backend] = []
         self._attempt: defer.Deferred[Any] | None = None
         self._trying: _BackendSide | None = None
-        self._timer: IDelayedCall | None = None
+        self._timer: IDelayedCall | Deadline | None = None
         self._timed_out = False
         self._client_read_closed = False
         self._client_write_closed = False
@@ -266,8 +294,9 @@ class Relay(Protocol):
         side = (_TLSBackendSide if backend.tls else _BackendSide)(self)
         self._trying = side
         self._timed_out = False
-        self._timer = proxy._reactor.callLater(proxy.connect_timeout, self._connect_timed_out)
-        attempt = proxy._connect(backend, self, _OneProtocol(side))
+        self._timer = proxy._connect_deadline(self._connect_timed_out)
+        factory = _SpliceFactory(side) if proxy.splice and not backend.tls else _OneProtocol(side)
+        attempt = proxy._connect(backend, self, factory)
         if self._trying is side and not side.ready:
             self._attempt = attempt
         attempt.addCallbacks(self._attempt_connected, self._attempt_failed, callbackArgs=(side,), errbackArgs=(side,))
@@ -371,14 +400,18 @@ class Relay(Protocol):
         else:
             client_transport.resumeProducing()  # type: ignore[attr-defined]
 
-    def _start_splice(self, client_transport: ITransport, backend_transport: ITransport, first: bytes) -> bool:
-        """Relay with ``splice(2)`` from now on, if the proxy allows it and both ends can."""
-        if not (
+    def _can_splice(self) -> bool:
+        """Whether the proxy allows splicing and the client's end can be spliced now."""
+        return (
             self.proxy.splice
             and not self._client_read_closed
-            and _splice.spliceable(client_transport)
-            and _splice.spliceable(backend_transport)
-        ):
+            and not self._client_lost
+            and _splice.spliceable(self.transport)
+        )
+
+    def _start_splice(self, client_transport: ITransport, backend_transport: ITransport, first: bytes) -> bool:
+        """Relay with ``splice(2)`` from now on, if the proxy allows it and both ends can."""
+        if not (self._can_splice() and _splice.spliceable(backend_transport)):
             return False
         splice = _splice.Splice(
             client_transport,  # type: ignore[arg-type]
@@ -477,6 +510,10 @@ class Relay(Protocol):
         """
         transport.loseConnection()
         if self._ended or self._gone(transport):
+            return
+        splice = self._splice
+        if splice is not None and splice.closed_both:
+            # The splice ended both ways and closes both ends now: nothing lingers.
             return
         if self._closing is None:
             self._closing = ClosingEnds(self, self.proxy._reactor, self.proxy.close_timeout)

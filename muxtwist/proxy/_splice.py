@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 
 from muxtwist._twisted import unsent_bytes
 from muxtwist.proxy._poller import Poller, poller_for
+from muxtwist.proxy._raw import RawTransport
 
 __all__ = ["AVAILABLE", "PipeBudget", "Splice", "default_max_pipes", "pipes", "spliceable"]
 
@@ -107,6 +108,9 @@ pipes = PipeBudget(default_max_pipes())
 
 def spliceable(transport: object) -> bool:
     """Whether ``transport`` is a plain, open TCP connection with nothing left to write."""
+    if isinstance(transport, RawTransport):
+        # A backend socket the relay owns: never the reactor's, never written to by Twisted.
+        return AVAILABLE and transport.socket is not None and not transport.disconnecting
     if not AVAILABLE or not isinstance(transport, tcp.Connection):
         return False
     sock = getattr(transport, "socket", None)
@@ -191,10 +195,12 @@ class _End:
 
     __slots__ = ("events", "fd", "incoming", "outgoing", "reading", "socket", "splice", "transport", "writing")
 
-    def __init__(self, splice: Splice, transport: tcp.Connection) -> None:
+    def __init__(self, splice: Splice, transport: tcp.Connection | RawTransport) -> None:
         self.splice = splice
         self.transport = transport
-        self.socket: socket.socket = transport.socket
+        sock = transport.socket
+        assert sock is not None
+        self.socket: socket.socket = sock
         self.fd = self.socket.fileno()
         self.reading = False
         self.writing = False
@@ -224,9 +230,11 @@ class Splice:
     """
 
     # One per relay, held for the relay's life: no per-instance dict.
-    __slots__ = ("_poller", "backend", "client", "down", "running", "up")
+    __slots__ = ("_poller", "backend", "client", "closed_both", "down", "running", "up")
 
-    def __init__(self, client: tcp.Connection, backend: tcp.Connection, first: bytes, reactor: Any) -> None:
+    def __init__(
+        self, client: tcp.Connection, backend: tcp.Connection | RawTransport, first: bytes, reactor: Any
+    ) -> None:
         self._poller: Poller = poller_for(reactor)
         self.client = _End(self, client)
         self.backend = _End(self, backend)
@@ -235,6 +243,8 @@ class Splice:
         self.client.outgoing = self.backend.incoming = self.up
         self.backend.outgoing = self.client.incoming = self.down
         self.running = False
+        #: both directions ended and both ends are being closed by the splice.
+        self.closed_both = False
 
     @property
     def zero_copy(self) -> bool:
@@ -401,6 +411,7 @@ class Splice:
             except OSError as e:
                 self._broken(flow.dst, e)
             return
+        self.closed_both = True
         self.stop()
         # Both ways ended and nothing is buffered: close both now (the close
         # sends the last FIN), as a loseConnection would one reactor turn

@@ -1,0 +1,187 @@
+"""
+A spliced relay's backend socket is the relay's own from its ``connect`` on
+(muxtwist.proxy._raw): never a Twisted transport, never in the reactor;
+where the relay cannot splice when the connect finishes, the socket is
+adopted as an ordinary Twisted transport instead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any
+
+from twisted.internet import error, tcp
+from twisted.internet.protocol import Factory
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from muxtwist import Rule
+from muxtwist.actions import Proxy
+from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
+from muxtwist.matchers import Any as AnyMatcher
+from muxtwist.proxy._raw import RawTransport
+from muxtwist.proxy._relay import Relay
+from tests.test_proxy_support import Echo, Peer, R, backend, connect, mux, until
+
+LINUX = sys.platform.startswith("linux")
+
+
+def _reactor_fds() -> set[int]:
+    """The descriptors the reactor reads or writes now."""
+    return {d.fileno() for d in (*R.getReaders(), *R.getWriters())}
+
+
+def _sockets() -> int:
+    """How many sockets this process has open."""
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:
+            continue
+    return found
+
+
+def _relay(proxy: Proxy) -> Relay:
+    (relay,) = proxy.relays
+    return relay
+
+
+def _echo_factory() -> Factory:
+    return Factory.forProtocol(Echo)
+
+
+@implementer(IMatcher)
+class _UntilEndOfStream:
+    """Says NEED_MORE, which the client's end of stream makes a final NO_MATCH."""
+
+    name = "until-eof"
+
+    def match(self, data: bytes, info: ConnectionInfo) -> Verdict:
+        return Verdict.NEED_MORE
+
+
+class RawBackendTests(unittest.TestCase):
+    if not LINUX:
+        skip = "splice(2) is Linux only"
+
+    async def test_spliced_backend_is_never_a_reactor_transport(self) -> None:
+        """A spliced relay relays over the backend socket it connected, which the reactor never watches, and closes it at the end."""
+        desc, backends = backend(self)
+        proxy = Proxy(desc)
+        port, _ = mux(self, [Rule(AnyMatcher(), proxy, name="any")])
+        before = _sockets()
+        client = await connect(self, port)
+        client.transport.write(b"ping")  # type: ignore[union-attr]
+        await client.received_at_least(4)
+        relay = _relay(proxy)
+        assert relay.side is not None
+        transport: Any = relay.side.transport
+        self.assertIsInstance(transport, RawTransport)
+        self.assertTrue(relay.spliced)
+        self.assertNotIn(transport.fileno(), _reactor_fds())
+        client.transport.write(b"pong")  # type: ignore[union-attr]
+        await client.received_at_least(8)
+        client.transport.loseWriteConnection()  # type: ignore[union-attr]
+        reason = await client.closed()
+        self.assertTrue(reason.check(error.ConnectionDone), reason)
+        await until(lambda: not proxy.relays)
+        self.assertEqual(bytes(client.received), b"pingpong")
+        self.assertEqual(bytes(backends.built[0].received), b"pingpong")
+        self.assertIsNone(transport.socket)
+        stats = proxy.stats[desc]
+        self.assertEqual((stats.active, stats.bytes_in, stats.bytes_out), (0, 8, 8))
+        await until(lambda: _sockets() <= before)
+
+    async def test_clean_end_leaves_no_closing_watch(self) -> None:
+        """A spliced relay that ends both ways closes both ends itself and arms no watch for lingering ends."""
+        desc, _ = backend(self)
+        proxy = Proxy(desc)
+        port, _ = mux(self, [Rule(AnyMatcher(), proxy, name="any")])
+        client = await connect(self, port)
+        client.transport.write(b"x")  # type: ignore[union-attr]
+        await client.received_at_least(1)
+        relay = _relay(proxy)
+        client.transport.loseWriteConnection()  # type: ignore[union-attr]
+        await client.closed()
+        await until(lambda: not proxy.relays)
+        self.assertIsNone(relay._closing)
+
+    async def test_client_half_closed_before_connect_gets_adopted_backend(self) -> None:
+        """A client whose end of stream came before the backend connected is relayed by Twisted over an adopted backend, answer and FIN included."""
+        desc, backends = backend(self)
+        proxy = Proxy(desc)
+        # Decided only at the client's end of stream (as no match), then handed to the proxy.
+        port, _ = mux(self, [Rule(_UntilEndOfStream(), _echo_factory(), name="never")], on_no_match=proxy)
+        client = await connect(self, port)
+        client.transport.write(b"request")  # type: ignore[union-attr]
+        client.transport.loseWriteConnection()  # type: ignore[union-attr]
+        await until(lambda: bool(backends.built) and backends.built[0].transport is not None)
+        arrived = backends.built[0]
+        self.assertIsInstance(arrived.transport, tcp.Server)
+        await until(lambda: bool(proxy.relays) or client.lost.called)
+        for relay in list(proxy.relays):
+            assert relay.side is not None
+            self.assertIsInstance(relay.side.transport, tcp.Connection)
+            self.assertFalse(relay.spliced)
+        reason = await client.closed()
+        self.assertTrue(reason.check(error.ConnectionDone), reason)
+        self.assertEqual(bytes(client.received), b"request")
+        self.assertEqual(bytes(arrived.received), b"request")
+
+    async def test_backend_reset_mid_stream_resets_the_client(self) -> None:
+        """A backend that resets a spliced relay resets its client and is counted as failed."""
+
+        class Resetter(Peer):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                assert self.transport is not None
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+
+        desc, _ = backend(self, Resetter)
+        proxy = Proxy(desc)
+        port, _ = mux(self, [Rule(AnyMatcher(), proxy, name="any")])
+        client = await connect(self, port)
+        client.transport.write(b"boom")  # type: ignore[union-attr]
+        reason = await client.closed()
+        self.assertTrue(reason.check(error.ConnectionLost, error.ConnectionDone), reason)
+        await until(lambda: not proxy.relays)
+        self.assertEqual(proxy.stats[desc].errors.get("reset"), 1)
+
+    async def test_idle_timeout_closes_a_raw_backend(self) -> None:
+        """idle_timeout ends a spliced relay whose backend is the relay's own socket: both ends close, and the relay is gone."""
+        desc, backends = backend(self, Echo)
+        proxy = Proxy(desc, idle_timeout=0.2)
+        port, _ = mux(self, [Rule(AnyMatcher(), proxy, name="any")])
+        client = await connect(self, port)
+        client.transport.write(b"hi")  # type: ignore[union-attr]
+        await client.received_at_least(2)
+        relay = _relay(proxy)
+        assert relay.side is not None
+        self.assertIsInstance(relay.side.transport, RawTransport)
+        await client.closed(seconds=5)
+        await until(lambda: not proxy.relays)
+        await until(lambda: backends.built[0].lost.called)
+
+    async def test_raw_transport_tells_its_protocol_once(self) -> None:
+        """A RawTransport closed in every way closes its socket and tells its protocol once, in a later reactor turn."""
+        told: list[Any] = []
+
+        class Protocol:
+            def connectionLost(self, reason: Any) -> None:
+                told.append(reason)
+
+        left, right = socket.socketpair()
+        self.addCleanup(right.close)
+        transport = RawTransport(left, Protocol(), R)  # type: ignore[arg-type]
+        transport.loseConnection()
+        transport.abortConnection()
+        self.assertIsNone(transport.socket)
+        self.assertEqual(left.fileno(), -1)
+        self.assertEqual(told, [])
+        await until(lambda: bool(told))
+        transport.connectionLost(None)  # type: ignore[arg-type]
+        self.assertEqual(len(told), 1)
+        self.assertTrue(told[0].check(error.ConnectionDone))
