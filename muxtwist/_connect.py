@@ -29,7 +29,7 @@ import ipaddress
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory, IStreamClientEndpoint
@@ -41,10 +41,23 @@ from muxtwist._descriptions import split_description
 __all__ = ["DirectTCPEndpoint", "connect_error", "connect_socket", "direct_endpoint"]
 
 
-class _PendingConnect:
-    """An ``IWriteDescriptor`` waiting for one non-blocking connect to finish."""
+class _Poller(Protocol):
+    """What a connect registers with when its factory names a poller (see :mod:`muxtwist.proxy._poller`)."""
 
-    __slots__ = ("_d", "_factory", "_reactor", "_sock")
+    def update(self, end: Any) -> None: ...
+
+    def unregister(self, end: Any) -> None: ...
+
+
+class _PendingConnect:
+    """
+    An ``IWriteDescriptor`` waiting for one non-blocking connect to finish:
+    a writer of the reactor, or of the poller its factory names
+    (``connect_poller``), which the socket then stays in if the factory
+    takes it as it is.
+    """
+
+    __slots__ = ("_d", "_factory", "_poller", "_reactor", "_sock", "events", "fd", "reading", "writing")
 
     def __init__(
         self, reactor: Any, sock: socket.socket, factory: IProtocolFactory, d: defer.Deferred[IProtocol]
@@ -53,6 +66,33 @@ class _PendingConnect:
         self._sock: socket.socket | None = sock
         self._factory = factory
         self._d = d
+        self._poller: _Poller | None = getattr(factory, "connect_poller", None)
+        # As a poller's end: its descriptor, its interest, its registration.
+        self.fd = sock.fileno()
+        self.reading = False
+        self.writing = False
+        self.events = 0
+
+    def watch(self) -> None:
+        """Wait for the socket to be writable (its connect done)."""
+        self.writing = True
+        if self._poller is None:
+            self._reactor.addWriter(self)
+        else:
+            self._poller.update(self)
+
+    def _unwatch(self) -> None:
+        """Stop waiting (idempotent; nothing if a taker's registration replaced ours)."""
+        if not self.writing:
+            return
+        self.writing = False
+        if self._poller is None:
+            self._reactor.removeWriter(self)
+        else:
+            self._poller.unregister(self)
+
+    def doRead(self) -> None:
+        pass
 
     def fileno(self) -> int:
         return self._sock.fileno() if self._sock is not None else -1
@@ -64,25 +104,31 @@ class _PendingConnect:
         sock = self._sock
         if sock is None:
             return
-        self._reactor.removeWriter(self)
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
+            self._unwatch()
             self._close()
             self._d.errback(connect_error(code))
             return
         take = getattr(self._factory, "take_socket", None)
         if take is not None:
+            if self._poller is None:
+                self._unwatch()
+            # Else still registered: the taker's registration in the same poller replaces ours.
             try:
                 taken = take(sock)
             except Exception:
+                self._unwatch()
                 self._close()
                 self._d.errback(Failure())
                 return
             if taken is not None:
                 # The factory's protocol owns the socket now, without a Twisted transport.
+                self._unwatch()
                 self._sock = None
                 self._d.callback(taken)
                 return
+        self._unwatch()
         built: list[IProtocol] = []
         try:
             self._reactor.adoptStreamConnection(sock.fileno(), sock.family, _Capture(self._factory, built))
@@ -103,13 +149,14 @@ class _PendingConnect:
         sock = self._sock
         if sock is None:
             return
+        self._unwatch()
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         self._close()
         self._d.errback(connect_error(code) if code else reason)
 
     def cancel(self, d: defer.Deferred[IProtocol]) -> None:
         if self._sock is not None:
-            self._reactor.removeWriter(self)
+            self._unwatch()
             self._close()
 
     def _close(self) -> None:
@@ -186,7 +233,7 @@ def connect_socket(
         pending._close()
         return defer.fail(connect_error(code))
     # Even a connect that is done at once is finished by doWrite: the socket is writable.
-    reactor.addWriter(pending)
+    pending.watch()
     return d
 
 

@@ -21,6 +21,7 @@ from muxtwist import Rule
 from muxtwist.actions import Proxy
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers import Any as AnyMatcher
+from muxtwist.proxy._poller import poller_for
 from muxtwist.proxy._raw import RawTransport
 from muxtwist.proxy._relay import Relay
 from tests.test_proxy_support import Echo, Peer, R, backend, connect, mux, until
@@ -185,3 +186,57 @@ class RawBackendTests(unittest.TestCase):
         transport.connectionLost(None)  # type: ignore[arg-type]
         self.assertEqual(len(told), 1)
         self.assertTrue(told[0].check(error.ConnectionDone))
+
+
+class ConnectInPollerTests(unittest.TestCase):
+    if not LINUX:
+        skip = "splice(2) is Linux only"
+
+    async def test_connect_waits_in_the_splice_poller(self) -> None:
+        """A spliceable relay's backend connect waits in the splice poller, not the reactor, and leaves it at its connect_timeout."""
+        full = socket.socket()
+        self.addCleanup(full.close)
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        for _ in range(8):
+            # Fill the accept queue: further SYNs are dropped and connects hang.
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(full.getsockname())
+            self.addCleanup(s.close)
+        proxy = Proxy(f"tcp:host=127.0.0.1:port={full.getsockname()[1]}", connect_timeout=0.5)
+        port, _ = mux(self, [Rule(AnyMatcher(), proxy, name="any")])
+        poller = poller_for(R)
+        client = await connect(self, port)
+        client.transport.write(b"hello")  # type: ignore[union-attr]
+        await until(lambda: len(poller) == 1)
+        (waiting,) = list(poller._ends.values())
+        self.assertEqual(type(waiting).__name__, "_PendingConnect")
+        self.assertNotIn(waiting, R.getWriters())
+        self.assertNotIn(waiting.fd, _reactor_fds())
+        # The client's reading is paused while connecting: the timeout ends it all.
+        await client.closed()
+        await until(lambda: not proxy.relays)
+        self.assertEqual(len(poller), 0)
+        self.assertEqual(proxy.stats[proxy.backends[0].description].errors, {"timeout": 1})
+
+    async def test_taken_socket_changes_hands_in_the_poller(self) -> None:
+        """Once connected, the backend socket's registration belongs to the splice: one entry, for reading, and the relay works."""
+        desc, _ = backend(self)
+        proxy = Proxy(desc)
+        port, _ = mux(self, [Rule(AnyMatcher(), proxy, name="any")])
+        poller = poller_for(R)
+        client = await connect(self, port)
+        client.transport.write(b"ping")  # type: ignore[union-attr]
+        await client.received_at_least(4)
+        relay = _relay(proxy)
+        splice = relay._splice
+        assert splice is not None
+        self.assertIs(poller._ends[splice.backend.fd], splice.backend)
+        self.assertEqual(sorted(type(end).__name__ for end in poller._ends.values()), ["_End", "_End"])
+        client.transport.write(b"pong")  # type: ignore[union-attr]
+        await client.received_at_least(8)
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        await client.closed()
+        await until(lambda: not proxy.relays)
+        self.assertEqual(len(poller), 0)

@@ -13,7 +13,9 @@ hands each ready socket straight to its :class:`Pollable`.
 
 Each socket is in exactly one ``epoll`` at a time: a relay takes it off
 its Twisted transport before registering it here, and unregisters it here
-before giving it back.
+before giving it back. A backend's connect waits here too
+(:mod:`muxtwist._connect`); when the relay takes the connected socket, the
+relay's end replaces the connect's registration with one ``modify``.
 """
 
 from __future__ import annotations
@@ -102,6 +104,14 @@ class Poller:
             return
         if epoll is None:
             epoll = self._epoll = select.epoll()
+        held = self._ends.get(fd)
+        if held is not None and held is not end and held.events:
+            # The socket changes hands here (a connect's socket taken by its
+            # relay): one modify, and the old end is no longer registered.
+            held.events = 0
+            self._ends[fd] = end
+            epoll.modify(fd, events)
+            return
         epoll.register(fd, events)
         self._ends[fd] = end
         if not self._registered:

@@ -55,6 +55,7 @@ from muxtwist.interfaces import ConnectionInfo, IConnectionReport
 from muxtwist.proxy import _splice
 from muxtwist.proxy._backends import Backend, _OneProtocol
 from muxtwist.proxy._closing import ClosingEnds
+from muxtwist.proxy._poller import poller_for
 from muxtwist.proxy._raw import RawTransport
 
 __all__ = ["Relay"]
@@ -145,6 +146,8 @@ class _SpliceFactory(_OneProtocol):
     def __init__(self, side: _BackendSide) -> None:
         super().__init__(side)
         self._side = side
+        #: where the connect waits (muxtwist._connect): the splice's own poller.
+        self.connect_poller = poller_for(side.relay.proxy._reactor)
 
     def take_socket(self, sock: socket.socket) -> _BackendSide | None:
         side = self._side
