@@ -264,10 +264,10 @@ class DirectTCPEndpoint:
 
     def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
         try:
-            sock = socket.socket(self._family, socket.SOCK_STREAM)
+            # Non-blocking from its creation (Linux): no second system call to make it so.
+            sock = socket.socket(self._family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as e:
             return defer.fail(error.ConnectBindError(e.errno, e.strerror))
-        sock.setblocking(False)
         return connect_socket(self._reactor, sock, self._address, protocolFactory)
 
 
