@@ -101,15 +101,16 @@ class RawTransport:
 
     def loseConnection(self) -> None:
         """Close the socket; the protocol hears of it in the next reactor turn."""
-        self._close_later(Failure(error.ConnectionDone()), abort=False)
+        # Called on every relay's end, when the splice has closed it already: no Failure made then.
+        if not (self.disconnecting or self.disconnected):
+            self._close_later(Failure(error.ConnectionDone()), abort=False)
 
     def abortConnection(self) -> None:
         """Reset the connection; the protocol hears of it in the next reactor turn."""
-        self._close_later(Failure(error.ConnectionAborted()), abort=True)
+        if not (self.disconnecting or self.disconnected):
+            self._close_later(Failure(error.ConnectionAborted()), abort=True)
 
     def _close_later(self, reason: Failure, abort: bool) -> None:
-        if self.disconnecting or self.disconnected:
-            return
         self.disconnecting = True
         self._close_socket(abort)
         self.reactor.callLater(0, self.connectionLost, reason)
