@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.internet import error, tcp
 from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
@@ -24,6 +25,7 @@ from muxtwist.matchers import Any as AnyMatcher
 from muxtwist.proxy._poller import poller_for
 from muxtwist.proxy._raw import RawTransport
 from muxtwist.proxy._relay import Relay
+from tests.test_proxy import capture_logs, logged
 from tests.test_proxy_support import Echo, Peer, R, backend, connect, mux, until
 
 LINUX = sys.platform.startswith("linux")
@@ -69,7 +71,10 @@ class RawBackendTests(unittest.TestCase):
         skip = "splice(2) is Linux only"
 
     async def test_spliced_backend_is_never_a_reactor_transport(self) -> None:
-        """A spliced relay relays over the backend socket it connected, which the reactor never watches, and closes it at the end."""
+        """
+        A spliced relay relays over the backend socket it connected, which the reactor never watches, and closes it
+        at the end.
+        """
         desc, backends = backend(self)
         proxy = Proxy(desc)
         port, _ = mux(self, [Rule(AnyMatcher(), proxy, name="any")])
@@ -111,7 +116,10 @@ class RawBackendTests(unittest.TestCase):
         self.assertIsNone(relay._closing)
 
     async def test_client_half_closed_before_connect_gets_adopted_backend(self) -> None:
-        """A client whose end of stream came before the backend connected is relayed by Twisted over an adopted backend, answer and FIN included."""
+        """
+        A client whose end of stream came before the backend connected is relayed by Twisted over an adopted
+        backend, answer and FIN included.
+        """
         desc, backends = backend(self)
         proxy = Proxy(desc)
         # Decided only at the client's end of stream (as no match), then handed to the proxy.
@@ -152,7 +160,10 @@ class RawBackendTests(unittest.TestCase):
         self.assertEqual(proxy.stats[desc].errors.get("reset"), 1)
 
     async def test_idle_timeout_closes_a_raw_backend(self) -> None:
-        """idle_timeout ends a spliced relay whose backend is the relay's own socket: both ends close, and the relay is gone."""
+        """
+        idle_timeout ends a spliced relay whose backend is the relay's own socket: both ends close, and the relay is
+        gone.
+        """
         desc, backends = backend(self, Echo)
         proxy = Proxy(desc, idle_timeout=0.2)
         port, _ = mux(self, [Rule(AnyMatcher(), proxy, name="any")])
@@ -193,7 +204,10 @@ class ConnectInPollerTests(unittest.TestCase):
         skip = "splice(2) is Linux only"
 
     async def test_connect_waits_in_the_splice_poller(self) -> None:
-        """A spliceable relay's backend connect waits in the splice poller, not the reactor, and leaves it at its connect_timeout."""
+        """
+        A spliceable relay's backend connect waits in the splice poller, not the reactor, and leaves it at its
+        connect_timeout.
+        """
         full = socket.socket()
         self.addCleanup(full.close)
         full.bind(("127.0.0.1", 0))
@@ -221,7 +235,10 @@ class ConnectInPollerTests(unittest.TestCase):
         self.assertEqual(proxy.stats[proxy.backends[0].description].errors, {"timeout": 1})
 
     async def test_taken_socket_changes_hands_in_the_poller(self) -> None:
-        """Once connected, the backend socket's registration belongs to the splice: one entry, for reading, and the relay works."""
+        """
+        Once connected, the backend socket's registration belongs to the splice: one entry, for reading, and the
+        relay works.
+        """
         desc, _ = backend(self)
         proxy = Proxy(desc)
         port, _ = mux(self, [Rule(AnyMatcher(), proxy, name="any")])
@@ -240,3 +257,31 @@ class ConnectInPollerTests(unittest.TestCase):
         await client.closed()
         await until(lambda: not proxy.relays)
         self.assertEqual(len(poller), 0)
+
+    async def test_reactor_stop_does_not_blame_the_backends(self) -> None:
+        """
+        When the stopping reactor disconnects the splice poller, each relay ends from its client's side: no backend
+        is counted as having reset it.
+        """
+        events = capture_logs(self)
+        desc, _ = backend(self)
+        proxy = Proxy(desc)
+        port, _ = mux(self, [Rule(AnyMatcher(), proxy, name="any")])
+        clients = []
+        for i in range(3):
+            client = await connect(self, port)
+            client.transport.write(b"ping %d" % i)  # type: ignore[union-attr]
+            await client.received_at_least(6)
+            clients.append(client)
+        self.assertEqual(len(proxy.relays), 3)
+        self.assertTrue(all(relay.spliced for relay in proxy.relays))
+        # What the reactor's disconnectAll does to the poller when it stops.
+        poller = poller_for(R)
+        R.removeReader(poller)
+        poller.connectionLost(Failure(error.ConnectionLost()))
+        await until(lambda: not proxy.relays)
+        for client in clients:
+            await client.closed()
+        self.assertEqual(logged(events, "reset the relay"), [])
+        stats = proxy.stats[desc]
+        self.assertEqual((stats.failures, stats.errors, stats.active), (0, {}, 0))

@@ -71,7 +71,7 @@ class Poller:
     nothing of ours registered or open.
     """
 
-    __slots__ = ("__weakref__", "_ends", "_epoll", "_gone", "_reactor", "_registered")
+    __slots__ = ("__weakref__", "_ends", "_epoll", "_gone", "_reactor", "_registered", "stopping")
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
@@ -82,6 +82,8 @@ class Poller:
         #: must not receive the batch's events meant for the old socket).
         self._gone: set[int] = set()
         self._registered = False
+        #: whether the reactor is disconnecting everything here (see :meth:`connectionLost`).
+        self.stopping = False
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -181,11 +183,20 @@ class Poller:
             log.failure("a spliced relay failed while ending after {reason}", reason=reason.getErrorMessage())
 
     def connectionLost(self, reason: Failure) -> None:
-        """The reactor is disconnecting everything (it is stopping): so does every relay here, as it would have."""
+        """
+        The reactor is disconnecting everything (it is stopping): so does
+        every relay here, as it would have. The ends are told in no
+        particular order, with :attr:`stopping` set, so that a relay can end
+        from the side it chooses rather than from whichever end comes first.
+        """
         self._registered = False
-        for end in list(self._ends.values()):
-            if end.events:
-                self._lost(end, reason)
+        self.stopping = True
+        try:
+            for end in list(self._ends.values()):
+                if end.events:
+                    self._lost(end, reason)
+        finally:
+            self.stopping = False
 
     def logPrefix(self) -> str:
         return "muxtwist.splice"

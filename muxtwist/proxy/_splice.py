@@ -434,5 +434,9 @@ class Splice:
     def _failed(self, end: _End, reason: Failure) -> None:
         if not self.running:
             return
+        if self._poller.stopping:
+            # The reactor is stopping: the relay ends from its client's side
+            # (the backend is closed after it), and no backend is blamed.
+            end = self.client
         self.stop()
         end.transport.connectionLost(reason)
