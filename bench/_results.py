@@ -87,13 +87,17 @@ def from_json(data: dict[str, Any]) -> dict[str, Scenario]:
     )
     found: dict[str, Scenario] = {}
     for key, entry in data.get("scenarios", {}).items():
+        notes = list(entry.get("notes", []))
+        if not any(n.startswith("Measured earlier") for n in notes):
+            # Measured in that run; one kept from an even earlier run keeps its own note.
+            notes.append(when)
         scenario = Scenario(
             key,
             entry["title"],
             entry.get("reference"),
             [Metric(**m) for m in entry.get("metrics", [])],
             not_measured=dict(entry.get("not_measured", {})),
-            notes=[n for n in entry.get("notes", []) if not n.startswith("Measured earlier")] + [when],
+            notes=notes,
             extra=dict(entry.get("extra", {})),
         )
         for contender, figures in entry.get("contenders", {}).items():

@@ -110,6 +110,20 @@ class AggregationTests(unittest.TestCase):
         self.assertIn("Not measured: something", page)
         self.assertIn("| keep-alive >= 0.98x | 0.97x | **not met** |", page)
 
+    def test_merge_keeps_when_each_scenario_was_measured(self) -> None:
+        """Merging a results file keeps the measuring time of a scenario it had itself kept from an earlier run."""
+        out = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, out, ignore_errors=True)
+        first = {"runs": 3, "seconds": 5.0, "finished": "2026-01-01T10:00:00", "machine": {"cores": 2}}
+        written = _results.write(out / "a", None, first, _synthetic(), [], "python -m bench")
+        carried = _results.from_json(json.loads(written["json"].read_text()))
+        second = {"runs": 3, "seconds": 5.0, "finished": "2026-01-01T12:00:00", "machine": {"cores": 2}}
+        written = _results.write(out / "b", None, second, carried, [], "python -m bench")
+        again = _results.from_json(json.loads(written["json"].read_text()))
+        notes = [n for n in again["inprocess"].notes if n.startswith("Measured earlier")]
+        self.assertEqual(len(notes), 1)
+        self.assertIn("2026-01-01T10:00:00", notes[0])
+
 
 class ProcessTests(unittest.TestCase):
     def test_cpu_seconds_counts_the_tree(self) -> None:
