@@ -25,7 +25,7 @@ from muxtwist.matchers import Any as AnyMatcher
 from muxtwist.proxy._poller import poller_for
 from muxtwist.proxy._raw import RawTransport
 from muxtwist.proxy._relay import Relay
-from tests.test_proxy import capture_logs, logged
+from tests.test_proxy import _full_listener, capture_logs, logged
 from tests.test_proxy_support import Echo, Peer, R, backend, connect, mux, until
 
 LINUX = sys.platform.startswith("linux")
@@ -208,16 +208,7 @@ class ConnectInPollerTests(unittest.TestCase):
         A spliceable relay's backend connect waits in the splice poller, not the reactor, and leaves it at its
         connect_timeout.
         """
-        full = socket.socket()
-        self.addCleanup(full.close)
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        for _ in range(8):
-            # Fill the accept queue: further SYNs are dropped and connects hang.
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(full.getsockname())
-            self.addCleanup(s.close)
+        full = _full_listener(self)
         proxy = Proxy(f"tcp:host=127.0.0.1:port={full.getsockname()[1]}", connect_timeout=0.5)
         port, _ = mux(self, [Rule(AnyMatcher(), proxy, name="any")])
         poller = poller_for(R)
