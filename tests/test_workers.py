@@ -434,7 +434,12 @@ class SwitchedUserTests(unittest.TestCase):
 
         import muxtwist
 
-        probe = [sys.executable, "-c", "import muxtwist, twisted.scripts.twistd"]
+        # The switched user must also start the interpreter again (twistd
+        # spawns its workers): setpriv's own exec still has root's
+        # capabilities, so a path through a closed directory (a virtualenv's
+        # link to an interpreter under /root) passes the first exec only.
+        again = "import subprocess, sys; subprocess.run([sys.executable, '-c', ''], check=True)"
+        probe = [sys.executable, "-c", f"import muxtwist, twisted.scripts.twistd; {again}"]
         as_user = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
         ran = subprocess.run([*as_user, *probe], capture_output=True, timeout=60)
         if ran.returncode == 0:
