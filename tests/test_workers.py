@@ -419,6 +419,28 @@ class SwitchedUserTests(unittest.TestCase):
             raise unittest.SkipTest("there is no user 'nobody' to switch to") from None
         return entry.pw_uid, entry.pw_gid
 
+    def _tree(self) -> tuple[int, int, str, list[str], str, str]:
+        """
+        nobody's uid and gid, a temporary directory open to it, the command
+        prefix under which it runs this checkout, a scratch directory for
+        the workers' sockets (like /tmp: anyone may make a directory there,
+        and only its owner may remove it) and the rules file.
+        """
+        # Also called with another test case as self (the tests below).
+        uid, gid = SwitchedUserTests._nobody(self)
+        tmp = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        os.chmod(tmp, 0o755)
+        prefix = SwitchedUserTests._reachable(self, tmp, uid, gid)
+        scratch = os.path.join(tmp, "tmp")
+        os.mkdir(scratch)
+        os.chmod(scratch, 0o1777)
+        rules = os.path.join(tmp, "rules.py")
+        with open(rules, "w") as f:
+            f.write(RULES)
+        os.chmod(rules, 0o644)
+        return uid, gid, tmp, prefix, scratch, rules
+
     def _reachable(self, tmp: str, uid: int, gid: int) -> list[str]:
         """
         A command prefix under which user ``uid`` can run this interpreter and
@@ -471,20 +493,7 @@ class SwitchedUserTests(unittest.TestCase):
         from muxtwist.workers import worker_command
         from tests.test_admin_page import Process, free_port, until, wait_for_port
 
-        uid, gid = self._nobody()
-        tmp = tempfile.mkdtemp(prefix="muxtwist-test-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        os.chmod(tmp, 0o755)
-        prefix = self._reachable(tmp, uid, gid)
-        # The workers' sockets' directory goes here: like /tmp, anyone may
-        # make a directory, and only its owner may remove it.
-        scratch = os.path.join(tmp, "tmp")
-        os.mkdir(scratch)
-        os.chmod(scratch, 0o1777)
-        rules = os.path.join(tmp, "rules.py")
-        with open(rules, "w") as f:
-            f.write(RULES)
-        os.chmod(rules, 0o644)
+        uid, gid, tmp, prefix, scratch, rules = self._tree()
         port, admin = free_port(), free_port()
         command = worker_command(
             [
@@ -562,18 +571,7 @@ class SwitchedUserNotRootTests(unittest.TestCase):
 
         from muxtwist.workers import worker_command
 
-        uid, gid = SwitchedUserTests._nobody(self)  # type: ignore[arg-type]
-        tmp = tempfile.mkdtemp(prefix="muxtwist-test-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        os.chmod(tmp, 0o755)
-        prefix = SwitchedUserTests._reachable(self, tmp, uid, gid)  # type: ignore[arg-type]
-        scratch = os.path.join(tmp, "tmp")
-        os.mkdir(scratch)
-        os.chmod(scratch, 0o1777)
-        rules = os.path.join(tmp, "rules.py")
-        with open(rules, "w") as f:
-            f.write(RULES)
-        os.chmod(rules, 0o644)
+        uid, gid, tmp, prefix, scratch, rules = SwitchedUserTests._tree(self)  # type: ignore[arg-type]
         command = worker_command(
             ["--config", rules, "--port", f"tcp:{free_port()}:interface=127.0.0.1", "--workers", "2"],
             ["--uid", "0", "--gid", "0", "--rundir", tmp],

@@ -10,7 +10,8 @@ the relay as a :class:`RawTransport` instead: the few transport methods the
 relay and its timers call, over the socket, and nothing registered with
 the reactor. Where the relay cannot splice (the client half-closed or has
 bytes still queued), :mod:`muxtwist._connect` adopts the socket as an
-ordinary Twisted transport, as it does for every other backend.
+ordinary Twisted transport, as it does for every other backend: the
+backend side's factory, :class:`SpliceFactory`, decides which.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ from __future__ import annotations
 import socket
 import struct
 from typing import Any
+from typing import Protocol as TypingProtocol
 
-from twisted.internet import address, error
+from twisted.internet import error
 from twisted.internet.interfaces import IProtocol
 from twisted.python.failure import Failure
 
-__all__ = ["RawTransport"]
+from muxtwist.proxy._backends import _OneProtocol
+from muxtwist.proxy._poller import poller_for
+
+__all__ = ["RawTransport", "SpliceFactory"]
 
 _LINGER_ABORT = struct.pack("ii", 1, 0)
 
@@ -55,24 +60,6 @@ class RawTransport:
     def fileno(self) -> int:
         return self.socket.fileno() if self.socket is not None else -1
 
-    def getPeer(self) -> address.IPv4Address | address.IPv6Address | None:
-        return self._address(socket.socket.getpeername)
-
-    def getHost(self) -> address.IPv4Address | address.IPv6Address | None:
-        return self._address(socket.socket.getsockname)
-
-    def _address(self, which: Any) -> address.IPv4Address | address.IPv6Address | None:
-        sock = self.socket
-        if sock is None:
-            return None
-        try:
-            found = which(sock)
-        except OSError:
-            return None
-        if sock.family == socket.AF_INET6:
-            return address.IPv6Address("TCP", *found)
-        return address.IPv4Address("TCP", *found)
-
     # What a spliced relay's start and stop ask of a transport: it is never the reactor's.
 
     def stopReading(self) -> None:
@@ -81,23 +68,10 @@ class RawTransport:
     def stopWriting(self) -> None:
         pass
 
-    def registerProducer(self, producer: object, streaming: bool) -> None:
-        pass
-
     def unregisterProducer(self) -> None:
         pass
 
     # Closing
-
-    def loseWriteConnection(self) -> None:
-        """Shut the writing side (a FIN); the socket stays open for reading."""
-        sock = self.socket
-        if sock is None or self.disconnecting:
-            return
-        try:
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
     def loseConnection(self) -> None:
         """Close the socket; the protocol hears of it in the next reactor turn."""
@@ -135,3 +109,35 @@ class RawTransport:
         self.disconnecting = True
         self._close_socket(abort=False)
         self.protocol.connectionLost(reason)
+
+
+class _Taker(TypingProtocol):
+    """What :class:`SpliceFactory` asks of the relay whose backend side it builds."""
+
+    _trying: Any
+
+    def _can_splice(self) -> bool: ...
+
+
+class SpliceFactory(_OneProtocol):
+    """
+    The factory of a backend side whose relay may splice: once connected,
+    the socket is taken as it is (a :class:`RawTransport`) when the relay
+    can splice at once, and adopted by the reactor otherwise.
+    """
+
+    noisy = False
+
+    def __init__(self, side: Any, reactor: Any) -> None:
+        super().__init__(side)
+        self._reactor = reactor
+        #: where the connect waits (muxtwist._connect): the splice's own poller.
+        self.connect_poller = poller_for(reactor)
+
+    def take_socket(self, sock: socket.socket) -> IProtocol | None:
+        side: Any = self._protocol
+        relay: _Taker = side.relay
+        if relay._trying is not side or not relay._can_splice():
+            return None
+        side.makeConnection(RawTransport(sock, side, self._reactor))
+        return side  # type: ignore[no-any-return]

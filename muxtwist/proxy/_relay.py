@@ -30,7 +30,6 @@ and closes both sockets.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -55,8 +54,7 @@ from muxtwist.interfaces import ConnectionInfo, IConnectionReport
 from muxtwist.proxy import _splice
 from muxtwist.proxy._backends import Backend, _OneProtocol
 from muxtwist.proxy._closing import ClosingEnds
-from muxtwist.proxy._poller import poller_for
-from muxtwist.proxy._raw import RawTransport
+from muxtwist.proxy._raw import RawTransport, SpliceFactory
 
 __all__ = ["Relay"]
 
@@ -132,30 +130,6 @@ class _TLSBackendSide(_BackendSide):
             return
         self.ready = True
         self.relay._backend_ready(self)
-
-
-class _SpliceFactory(_OneProtocol):
-    """
-    The factory of a backend side whose relay may splice: once connected,
-    the socket is taken as it is (:class:`~muxtwist.proxy._raw.RawTransport`)
-    when the relay can splice at once, and adopted by the reactor otherwise.
-    """
-
-    noisy = False
-
-    def __init__(self, side: _BackendSide) -> None:
-        super().__init__(side)
-        self._side = side
-        #: where the connect waits (muxtwist._connect): the splice's own poller.
-        self.connect_poller = poller_for(side.relay.proxy._reactor)
-
-    def take_socket(self, sock: socket.socket) -> _BackendSide | None:
-        side = self._side
-        relay = side.relay
-        if relay._trying is not side or not relay._can_splice():
-            return None
-        side.makeConnection(RawTransport(sock, side, relay.proxy._reactor))  # type: ignore[no-untyped-call]
-        return side
 
 
 @implementer(IHalfCloseableProtocol, IConnectionReport)
@@ -298,7 +272,7 @@ class Relay(Protocol):
         self._trying = side
         self._timed_out = False
         self._timer = proxy._connect_deadline(self._connect_timed_out)
-        factory = _SpliceFactory(side) if proxy.splice and not backend.tls else _OneProtocol(side)
+        factory = SpliceFactory(side, proxy._reactor) if proxy.splice and not backend.tls else _OneProtocol(side)
         attempt = proxy._connect(backend, self, factory)
         if self._trying is side and not side.ready:
             self._attempt = attempt
@@ -414,7 +388,10 @@ class Relay(Protocol):
 
     def _start_splice(self, client_transport: ITransport, backend_transport: ITransport, first: bytes) -> bool:
         """Relay with ``splice(2)`` from now on, if the proxy allows it and both ends can."""
-        if not (self._can_splice() and _splice.spliceable(backend_transport)):
+        # A socket the relay took as it is was taken because it can splice (SpliceFactory, just now).
+        if not isinstance(backend_transport, RawTransport) and not (
+            self._can_splice() and _splice.spliceable(backend_transport)
+        ):
             return False
         splice = _splice.Splice(
             client_transport,  # type: ignore[arg-type]
