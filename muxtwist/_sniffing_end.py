@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTim
 
 from muxtwist._limits import Refusals, address_text
 from muxtwist._prestage import PreStageOwner, ProxyPreStage
-from muxtwist._report import ConnectionLog
+from muxtwist._report import ConnectionLog, Observers
 from muxtwist._rules import Outcome, RuleStats
 from muxtwist.interfaces import ConnectionEnd, IConnectionObserver, IConnectionReport
 
@@ -113,6 +113,11 @@ class EndOfConnection(ProxyPreStage):
         ended.outcomes[outcome] = ended.outcomes.get(outcome, 0) + 1
         ended.bytes_in += self._bytes_in if relayed_in is None else relayed_in
         ended.bytes_out += self._bytes_out + (relayed_out or 0)
+        observer = factory.metrics
+        logged = factory.log_connections and factory._refusals.log_end(outcome, rule)
+        if not logged and isinstance(observer, Observers) and not observer.observers:
+            # Nobody reads the end: the rule's figures above are all it leaves.
+            return
         end = ConnectionEnd(
             rule=rule,
             outcome=outcome,
@@ -126,6 +131,6 @@ class EndOfConnection(ProxyPreStage):
             local_port=getattr(info.local if info is not None else None, "port", None),
             duration=self.ended_at - self.started,
         )
-        factory.metrics.connection_end(end)
-        if factory.log_connections and factory._refusals.log_end(outcome, rule):
+        observer.connection_end(end)
+        if logged:
             _CONNECTION_LOG.connection_end(end)

@@ -372,7 +372,11 @@ class SniffingProtocol(EndOfConnection):
                 call.cancel()
         self._deadline = self._quiet = None
         if rule_name:
-            self.factory.stats.setdefault(rule_name, RuleStats()).total += 1
+            stats = self.factory.stats
+            ruled = stats.get(rule_name)
+            if ruled is None:
+                ruled = stats[rule_name] = RuleStats()
+            ruled.total += 1
 
     def _hand_off(
         self,

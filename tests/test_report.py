@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import attrs
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
@@ -84,6 +85,9 @@ class ObserverTests(unittest.TestCase):
             "duration": 1.5,
         }
         self.assertEqual({k: event[k] for k in expected}, expected)
+        renamed = {"sniffed_in": "bytes_in", "sniffed_out": "bytes_out"}
+        for field in attrs.fields(ConnectionEnd):
+            self.assertIn(renamed.get(field.name, field.name), event)
         from twisted.logger import formatEvent
 
         self.assertEqual(

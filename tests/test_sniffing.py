@@ -673,6 +673,43 @@ class RefusalLogTests(unittest.TestCase):
         )
 
 
+class EndReportTests(unittest.TestCase):
+    def _ends_built(self, **kw: Any) -> tuple[SniffingFactory, list[Any]]:
+        """One connection handed off and closed; the ConnectionEnd records built for its end."""
+        import muxtwist._sniffing_end as end_module
+
+        built: list[Any] = []
+        real = end_module.ConnectionEnd
+
+        def recording(**fields: Any) -> Any:
+            built.append(real(**fields))
+            return built[-1]
+
+        self.patch(end_module, "ConnectionEnd", recording)
+        factory, clock = make([Rule(Prefix(b"A"), RecordingFactory())], **kw)
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"AB")
+        conn.close()
+        return factory, built
+
+    def test_end_nobody_reads_is_not_built(self) -> None:
+        """Without metrics and with log_connections off, an end counts in the rule's stats but builds no report."""
+        factory, built = self._ends_built(log_connections=False)
+        self.assertEqual(built, [])
+        self.assertEqual(factory.stats["prefix"].outcomes, {"handed_off": 1})
+        self.assertEqual(factory.stats["prefix"].bytes_in, 2)
+
+    def test_end_is_built_for_its_readers(self) -> None:
+        """The end is reported to the log by default, and to metrics with the log off."""
+        from muxtwist.metrics import Metrics
+
+        _, built = self._ends_built()
+        self.assertEqual([(e.rule, e.outcome) for e in built], [("prefix", "handed_off")])
+        factory, built = self._ends_built(log_connections=False, metrics=Metrics())
+        self.assertEqual(len(built), 1)
+        self.assertEqual(factory.metrics.value("muxtwist_connections_total", rule="prefix", outcome="handed_off"), 1)
+
+
 class ProxiedWinnerTests(unittest.TestCase):
     def test_end_of_a_winner_that_swaps_its_inner_protocol_is_seen(self) -> None:
         """A proxyForInterface winner that replaces its inner protocol (twisted.web on h2) still ends its record."""
