@@ -88,8 +88,9 @@ class SniffingFactory:
         which then also read this factory's live numbers; none by default
         (a :class:`~muxtwist.service.MuxService` serving it gives it its own).
     :param log_connections: emit one log event per connection when it ends
-        (the metrics count every connection either way; turning the event
-        off saves a few microseconds per connection).
+        (the metrics count every connection either way; written to a text
+        log, the event costs a short connection more than its sniffing and
+        handoff).
     :param reactor: the reactor for timers (``twisted.internet.reactor`` by default).
     """
 
