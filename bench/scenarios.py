@@ -248,6 +248,16 @@ INPROCESS_METRICS = [
 ]
 
 
+#: How muxtwist's contenders log, in every scenario that runs them as ``bench.servers``.
+LOG_NOTE = (
+    "muxtwist runs with `log_connections=False` (no line per connection), as nginx runs with `access_log "
+    "off` and HAProxy and sslh with no connection log; scenario 1 measures the line's cost."
+)
+
+#: Scenario 1's contender that logs every connection's end to a file, as muxtwist does by default.
+LOGGED = "muxtwist SniffingFactory, connection log to a file"
+
+
 def inprocess(ctx: Context) -> Scenario:
     """A minimal keep-alive responder, direct and behind a 6-rule SniffingFactory (HTTP1 6th)."""
     scenario = Scenario(
@@ -262,14 +272,20 @@ def inprocess(ctx: Context) -> Scenario:
             f"wrk -t1 -c{ctx.connections}, keep-alive and with `Connection: close`; TTFB is wrk --latency with "
             "one connection at a time and `Connection: close`, so every request pays a new connection and "
             "its sniffing (time from writing the request to the complete, one-packet response).",
+            f"`{LOGGED}`: the same factory with muxtwist's default `log_connections=True`, the process "
+            "logging to a file as `twistd` does (one `connection_end` line per connection): what the line "
+            "costs. " + LOG_NOTE,
         ],
     )
     with Servers(ctx.workdir) as servers:
         direct, direct_port = start_python(ctx, servers, "responder", "responder")
         sniff, sniff_port = start_python(ctx, servers, "responder-sniff", "responder-sniff")
+        log = str(ctx.workdir / "responder-sniff-log.log")
+        logged, logged_port = start_python(ctx, servers, "responder-sniff-log", "responder-sniff", "--log-file", log)
         contenders = [
             Contender("direct", direct_port, measured=[direct]),
             Contender("muxtwist SniffingFactory (6th of 6)", sniff_port, measured=[sniff]),
+            Contender(LOGGED, logged_port, measured=[logged]),
         ]
         _interleave(
             ctx,
@@ -307,6 +323,7 @@ def shared(ctx: Context) -> Scenario:
             "The other protocol is SSH (to an echo service for muxtwist; to a sink for HAProxy and sslh); only "
             "HTTP is loaded. CPU seconds count every server-side process: muxtwist's one process, or the proxy "
             "plus the Site's process. `Site alone` is the Site on its own port, sharing nothing.",
+            LOG_NOTE,
         ],
     )
     with Servers(ctx.workdir) as servers:
@@ -365,6 +382,7 @@ def proxy(ctx: Context) -> Scenario:
             "loop (first bytes pick the backend, non-blocking connect, recv/send both ways, half-close "
             "passed on) with no framework, timeouts, limits, logging, failover or splice: what CPython on "
             "this machine can do with the system calls of a proxied connection.",
+            LOG_NOTE,
         ],
     )
     try:
@@ -711,6 +729,7 @@ def tls(ctx: Context) -> list[Scenario]:
             "Each handshake is a full one (no resumption, TLS 1.3, P-256 certificate) followed by one small "
             "HTTP request to the same twisted.web Site; the client is a Python ssl loop with 2 threads in its "
             "own process (bench/tlsclient.py) on CPU 1.",
+            LOG_NOTE,
         ],
     )
     sni = Scenario(
@@ -718,7 +737,7 @@ def tls(ctx: Context) -> list[Scenario]:
         "5b. SNI passthrough to nginx: handshakes per second",
         "nginx direct",
         TLS_METRICS,
-        notes=["The proxies read the ClientHello's server name and relay the encrypted stream to nginx."],
+        notes=["The proxies read the ClientHello's server name and relay the encrypted stream to nginx.", LOG_NOTE],
     )
     cert = make_certificate(ctx.workdir)
     have_tls = have_proxy = True

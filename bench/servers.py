@@ -8,6 +8,10 @@ Kinds:
 - ``responder``: a minimal keep-alive HTTP/1.1 responder (a raw Protocol).
 - ``responder-sniff``: the same behind a SniffingFactory whose winning rule
   is the 6th of 6.
+
+muxtwist's factories run with ``log_connections=False`` unless ``--log-file``
+is given: then the process logs to that file as ``twistd`` does, one
+``connection_end`` line per connection (muxtwist's default).
 - ``site``: a ``twisted.web`` Site alone.
 - ``site-mux``: the same Site sharing its port with an echo service (SSH rule).
 - ``proxy``: muxtwist ``Proxy``: HTTP to ``--http-backend``, anything else to
@@ -225,6 +229,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cert", default="")
     parser.add_argument("--sni", default="bench.test")
     parser.add_argument("--tracemalloc", action="store_true")
+    parser.add_argument(
+        "--log-file",
+        default="",
+        help="log to this file as twistd does, with muxtwist's connection_end event on (off without it)",
+    )
     options = parser.parse_args(argv)
     if options.tracemalloc:
         tracemalloc.start()
@@ -232,6 +241,15 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet import reactor
 
     factory, description = build(options.kind, options)
+    if hasattr(factory, "log_connections"):
+        # Without --log-file, as the other contenders run: nginx with access_log
+        # off, HAProxy and sslh with no line per connection.
+        factory.log_connections = bool(options.log_file)
+    if options.log_file:
+        from twisted.logger import globalLogBeginner, textFileLogObserver
+
+        log = open(options.log_file, "a")  # open for the process's life
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(log)], redirectStandardIO=False)
     endpoints.serverFromString(reactor, description).listen(factory)
     if options.control:
         control = protocol.Factory.forProtocol(lambda: Control(factory))
