@@ -273,8 +273,8 @@ def inprocess(ctx: Context) -> Scenario:
             "one connection at a time and `Connection: close`, so every request pays a new connection and "
             "its sniffing (time from writing the request to the complete, one-packet response).",
             f"`{LOGGED}`: the same factory with muxtwist's default `log_connections=True`, the process "
-            "logging to a file as `twistd` does (one `connection_end` line per connection): what the line "
-            "costs. " + LOG_NOTE,
+            "logging to a file as `twistd -l FILE muxtwist` does (one `connection_end` line per connection): "
+            "what the line costs. " + LOG_NOTE,
         ],
     )
     with Servers(ctx.workdir) as servers:

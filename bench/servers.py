@@ -10,8 +10,8 @@ Kinds:
   is the 6th of 6.
 
 muxtwist's factories run with ``log_connections=False`` unless ``--log-file``
-is given: then the process logs to that file as ``twistd`` does, one
-``connection_end`` line per connection (muxtwist's default).
+is given: then the process logs to that file as ``twistd -l FILE muxtwist``
+does, one ``connection_end`` line per connection (muxtwist's default).
 - ``site``: a ``twisted.web`` Site alone.
 - ``site-mux``: the same Site sharing its port with an echo service (SSH rule).
 - ``proxy``: muxtwist ``Proxy``: HTTP to ``--http-backend``, anything else to
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--log-file",
         default="",
-        help="log to this file as twistd does, with muxtwist's connection_end event on (off without it)",
+        help="log to this file as twistd muxtwist does, with muxtwist's connection_end event on (off without it)",
     )
     options = parser.parse_args(argv)
     if options.tracemalloc:
@@ -246,10 +246,13 @@ def main(argv: list[str] | None = None) -> None:
         # off, HAProxy and sslh with no line per connection.
         factory.log_connections = bool(options.log_file)
     if options.log_file:
-        from twisted.logger import globalLogBeginner, textFileLogObserver
+        from twisted.logger import globalLogBeginner
 
-        log = open(options.log_file, "a")  # open for the process's life
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(log)], redirectStandardIO=False)
+        from muxtwist._textlog import text_log_observer, use_twistd_options
+
+        # The observer `twistd -l FILE muxtwist` logs to.
+        use_twistd_options({"logfile": options.log_file})
+        globalLogBeginner.beginLoggingTo([text_log_observer()], redirectStandardIO=False)
     endpoints.serverFromString(reactor, description).listen(factory)
     if options.control:
         control = protocol.Factory.forProtocol(lambda: Control(factory))

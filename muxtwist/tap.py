@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from muxtwist._checks import probe_listen, twistd_option_hint
 from muxtwist._signals import hold_sighup
+from muxtwist._textlog import use_twistd_options
 from muxtwist.config import ConfigError, Settings, build_factory, check_endpoint, endpoint_description, load_config
 from muxtwist.service import MuxService, wanted_listeners
 from muxtwist.udp.listener import is_udp, probe_udp_listeners, udp_listeners_problem
@@ -82,6 +83,11 @@ class Options(usage.Options):
             # twistd builds its log observer from its own --logger option
             # after all options are parsed; this is where ours goes in.
             self.parent["logger"] = "muxtwist.tap.json_log_observer"
+        elif self.parent is not None and self.parent.get("logger") is None and not self.parent.get("syslog"):
+            # twistd's own text log, to the same file, formatted for less
+            # (muxtwist._textlog); a --logger or --syslog given is kept.
+            use_twistd_options(self.parent)
+            self.parent["logger"] = "muxtwist._textlog.text_log_observer"
         if self["workers"] < 1:
             raise usage.UsageError(f"--workers must be at least 1, got {self['workers']}")
         if self["admin"] is not None:

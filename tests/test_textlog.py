@@ -1,0 +1,158 @@
+"""
+Tests for muxtwist._textlog: twistd's text log lines, formatted for less,
+written where twistd would write them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.logger import LogLevel, LogPublisher, formatEventAsClassicLogText
+from twisted.python.failure import Failure
+from twisted.scripts.twistd import ServerOptions
+from twisted.trial import unittest
+
+from muxtwist import _report
+from muxtwist._textlog import ClassicText, text_log_observer, use_twistd_options
+from muxtwist.interfaces import ConnectionEnd
+
+# Times from 2001 to 2033, with fractions: seconds change between events.
+_times = st.one_of(st.none(), st.floats(min_value=1e9, max_value=2e9, allow_nan=False))
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+def _connection_end(end: ConnectionEnd, when: float | None) -> dict[str, Any]:
+    """The event ConnectionLog emits for ``end``, as an observer of the sniffer's logger sees it."""
+    events: list[dict[str, Any]] = []
+    publisher = LogPublisher(events.append)
+    logger = _report.log
+    original = logger.observer
+    logger.observer = publisher
+    try:
+        _report.ConnectionLog().connection_end(end)
+    finally:
+        logger.observer = original
+    (event,) = events
+    event["log_time"] = when
+    return event
+
+
+class ClassicTextTests(unittest.TestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(_times, _text, _text, st.integers(0, 1 << 40), st.booleans()),
+            min_size=1,
+            max_size=6,
+        )
+    )
+    def test_connection_end_lines_are_twisteds(self, ends: list[tuple[float | None, str, str, int, bool]]) -> None:
+        """A connection_end event gives, byte for byte, the line Twisted's text observer writes, second after second."""
+        formatter = ClassicText()
+        for when, peer, rule, count, transparent in ends:
+            end = ConnectionEnd(
+                rule=rule,
+                outcome="handed_off",
+                sniff_time=0.25,
+                sniffed_in=count,
+                sniffed_out=0,
+                transparent=transparent,
+                peer=peer,
+                local_port=3000,
+                duration=1.5,
+            )
+            event = _connection_end(end, when)
+            self.assertEqual(formatter(event), formatEventAsClassicLogText(event))
+
+    @settings(max_examples=200, deadline=None)
+    @given(_times, _text, st.sampled_from([None, "sys", "a\nb"]), st.sampled_from(list(LogLevel.iterconstants())))
+    def test_other_events_are_twisteds(self, when: float | None, value: str, system: str | None, level: Any) -> None:
+        """Any other event, with or without a system, in any level, is formatted exactly as Twisted does."""
+        event: dict[str, Any] = {
+            "log_format": "value {value!r} and {value}",
+            "value": value,
+            "log_time": when,
+            "log_level": level,
+            "log_namespace": "some.where",
+        }
+        if system is not None:
+            event["log_system"] = system
+        self.assertEqual(ClassicText()(event), formatEventAsClassicLogText(event))
+
+    def test_failures_and_odd_lines_are_twisteds(self) -> None:
+        """A failure, a line that is not text, one with newlines, an event with no format: as Twisted formats them."""
+        failure = Failure(ZeroDivisionError("division by zero"))
+        events: list[dict[str, Any]] = [
+            {"log_format": "{line}", "line": "x", "log_failure": failure, "log_time": 1.7e9},
+            {"log_format": "{line}", "line": 42, "log_time": 1.7e9},
+            {"log_format": "{line}", "line": "one\ntwo", "log_time": 1.7e9, "log_namespace": "n"},
+            {"log_format": "{line}", "log_time": 1.7e9},
+            {"log_time": 1.7e9, "message": ("legacy",)},
+        ]
+        for event in events:
+            self.assertEqual(ClassicText()(event), formatEventAsClassicLogText(event), event)
+
+
+class TwistdLogFileTests(unittest.TestCase):
+    def _observe(self, **options: Any) -> Any:
+        use_twistd_options(options)
+        self.addCleanup(use_twistd_options, {})
+        return text_log_observer()
+
+    def test_log_file_is_twistds(self) -> None:
+        """With --logfile the lines go to that file, a rotating twistd log file."""
+        path = os.path.abspath(self.mktemp())
+        observer = self._observe(logfile=path)
+        self.addCleanup(observer._outFile.close)
+        observer({"log_format": "hello {who}", "who": "there", "log_time": 1.7e9, "log_namespace": "t"})
+        with open(path) as f:
+            self.assertRegex(f.read(), r"^\S+ \[t#-\] hello there\n$")
+        self.assertTrue(hasattr(observer._outFile, "rotate"))
+
+    def test_foreground_without_a_file_writes_standard_output(self) -> None:
+        """-n without --logfile, and -l - in the foreground, write standard output."""
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        for options in ({"nodaemon": True}, {"nodaemon": True, "logfile": "-"}, {"debug": True}):
+            self._observe(**options)({"log_format": "x", "log_time": 1.7e9})
+        self.assertEqual(out.getvalue().count(" x\n"), 3)
+
+    def test_daemon_cannot_log_to_standard_output(self) -> None:
+        """-l - in daemon mode stops twistd with twistd's own message."""
+        with self.assertRaises(SystemExit) as raised:
+            self._observe(logfile="-")
+        self.assertEqual(str(raised.exception), "Daemons cannot log to stdout, exiting!")
+
+    def test_daemon_default_file(self) -> None:
+        """A daemon with no --logfile writes twistd.log in its directory."""
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(folder)
+        observer = self._observe()
+        self.addCleanup(observer._outFile.close)
+        self.assertTrue(os.path.exists(os.path.join(folder, "twistd.log")))
+
+
+class TwistdOptionTests(unittest.TestCase):
+    def _logger(self, *argv: str) -> Any:
+        self.addCleanup(use_twistd_options, {})
+        options = ServerOptions()
+        options.parseOptions([*argv, "muxtwist", "--inherit", "9=tcp:3000"])
+        return options["logger"]
+
+    def test_text_logs_use_the_faster_observer(self) -> None:
+        """Under twistd, text logs (the default) come from muxtwist's observer."""
+        self.assertIs(self._logger("-n"), text_log_observer)
+
+    def test_a_given_logger_or_syslog_is_kept(self) -> None:
+        """--logger and --syslog given to twistd are twistd's to honour."""
+        from twisted.logger import globalLogPublisher
+
+        self.assertIs(self._logger("-n", "--logger", "twisted.logger.globalLogPublisher"), globalLogPublisher)
+        self.assertIsNone(self._logger("--syslog"))
