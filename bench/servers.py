@@ -8,10 +8,6 @@ Kinds:
 - ``responder``: a minimal keep-alive HTTP/1.1 responder (a raw Protocol).
 - ``responder-sniff``: the same behind a SniffingFactory whose winning rule
   is the 6th of 6.
-
-muxtwist's factories run with ``log_connections=False`` unless ``--log-file``
-is given: then the process logs to that file as ``twistd -l FILE muxtwist``
-does, one ``connection_end`` line per connection (muxtwist's default).
 - ``site``: a ``twisted.web`` Site alone.
 - ``site-mux``: the same Site sharing its port with an echo service (SSH rule).
 - ``proxy``: muxtwist ``Proxy``: HTTP to ``--http-backend``, anything else to
@@ -22,6 +18,10 @@ does, one ``connection_end`` line per connection (muxtwist's default).
 - ``tls-terminate``: ``TerminateTLS`` serving the Site; ``tls-plain``: an
   ``ssl:`` endpoint serving the same Site.
 - ``sni-proxy``: muxtwist's TLS(sni=...) matcher with a Proxy (SNI passthrough).
+
+muxtwist's factories run with ``log_connections=False`` unless ``--log-file``
+is given: then the process logs to that file as ``twistd -l FILE muxtwist``
+does, one ``connection_end`` line per connection (muxtwist's default).
 """
 
 from __future__ import annotations

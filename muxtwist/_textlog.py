@@ -5,12 +5,14 @@ writes, for less of the process's time.
 Every connection writes one ``connection_end`` line, so on workloads of
 short connections the log line is a large part of a connection's cost.
 Twisted's text observer formats each event's timestamp anew (three
-timezone lookups and a ``strftime``) and each ``log_format`` field with
-:class:`string.Formatter`, in Python. :class:`ClassicText` formats the
-same line with the timestamp computed once a second, and takes the
-``connection_end`` event's ready-made ``line``; every other event goes
-through Twisted's :func:`~twisted.logger.formatEventAsClassicLogText` with
-that timestamp, so the text is Twisted's to the byte.
+timezone lookups and a ``strftime``) and each field of a ``log_format``
+with :class:`string.Formatter`, in Python. :class:`ClassicText` formats the
+same line with the timestamp computed once a second, and the
+``connection_end`` format with one f-string over the event's fields (so
+an observer that rewrote a field before, one masking ``peer`` say, still
+has its way); any other event, and any it cannot format so, goes through
+Twisted's :func:`~twisted.logger.formatEventAsClassicLogText` with that
+timestamp. The text is Twisted's to the byte.
 
 :func:`text_log_observer` is what ``twistd muxtwist`` logs to (``--logger``
 for twistd, set by the ``muxtwist`` command's options): the file twistd
@@ -19,6 +21,7 @@ itself would open for the same options, with this formatting.
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 from collections.abc import Mapping
@@ -49,7 +52,7 @@ class ClassicText:
             return formatTime(when)
         # The second Twisted prints: datetime rounds the time to microseconds
         # (half to even) first, so 0.9999996 s into a second is the next one.
-        second = int(when)
+        second = math.floor(when)
         if round((when - second) * 1e6) >= 1_000_000:
             second += 1
         if second != self._second:
@@ -59,26 +62,40 @@ class ClassicText:
         return self._stamp
 
     def __call__(self, event: LogEvent) -> str | None:
-        if event.get("log_format") == CONNECTION_END and "log_failure" not in event:
-            line = event.get("line")
-            if isinstance(line, str):
-                system = event.get("log_system")
-                if system is None:
-                    level = event.get("log_level")
-                    system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
-                text = f"{self._time(event.get('log_time'))} [{system}] {line}"
-                return text.replace("\n", "\n\t") + "\n"
+        if event.get("log_format") == CONNECTION_END and "log_failure" not in event and "log_flattened" not in event:
+            # CONNECTION_END, as string.Formatter would fill it in from these fields.
+            try:
+                text = (
+                    f"connection {event['peer']} -> port {event['local_port']} ended: {event['outcome']}, "
+                    f"rule {event['rule']}, sniffed {event['sniff_time']:.4f}s, {event['bytes_in']} bytes in / "
+                    f"{event['bytes_out']} out while sniffing, {event['duration']:.3f}s{event['how']}"
+                )
+            except Exception:
+                # A field missing or changed into what the format refuses: Twisted says so in its own words.
+                return formatEventAsClassicLogText(event, formatTime=self._time)
+            system = event.get("log_system")
+            if system is None:
+                level = event.get("log_level")
+                system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+            text = f"{self._time(event.get('log_time'))} [{system}] {text}"
+            return text.replace("\n", "\n\t") + "\n"
         return formatEventAsClassicLogText(event, formatTime=self._time)
 
 
-#: twistd's options (``--logfile``, ``--nodaemon``), read when twistd starts logging.
-_twistd_options: Mapping[str, Any] = {}
+#: Where twistd was told to log (``--logfile``, ``--nodaemon``), for
+#: :func:`text_log_observer`: twistd calls a ``--logger`` factory with no
+#: arguments, so the ``muxtwist`` command's options leave them here.
+_twistd_options: dict[str, Any] = {}
 
 
 def use_twistd_options(options: Mapping[str, Any]) -> None:
-    """Have :func:`text_log_observer` log where twistd's ``options`` say, read when it is called."""
+    """
+    Have :func:`text_log_observer` log where twistd's ``options`` say, as
+    they are now: twistd's own logger reads them when it is made, before
+    ``--debug`` implies ``--nodaemon``, and so does this.
+    """
     global _twistd_options
-    _twistd_options = options
+    _twistd_options = {"logfile": options.get("logfile"), "nodaemon": bool(options.get("nodaemon"))}
 
 
 def text_log_observer() -> ILogObserver:
@@ -90,7 +107,7 @@ def text_log_observer() -> ILogObserver:
     """
     options = _twistd_options
     name = options.get("logfile")
-    nodaemon = bool(options.get("nodaemon") or options.get("debug"))
+    nodaemon = bool(options.get("nodaemon"))
     out: Any
     if name == "-":
         if not nodaemon:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.logger import LogLevel, LogPublisher, formatEventAsClassicLogText
+from twisted.logger import LogLevel, LogPublisher, eventAsJSON, eventFromJSON, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
 from twisted.trial import unittest
@@ -42,19 +43,30 @@ def _connection_end(end: ConnectionEnd, when: float | None) -> dict[str, Any]:
     return event
 
 
+_ENDS = st.tuples(_times, _text, _text, st.integers(0, 1 << 40), st.booleans())
+
+#: What an observer ahead of the file might do to a connection_end event's fields.
+_TAMPER = st.one_of(
+    st.none(),
+    st.tuples(
+        st.sampled_from(["peer", "rule", "local_port", "sniff_time", "bytes_in", "how", "duration"]),
+        st.one_of(st.just("[masked]"), st.none(), st.integers(), st.floats(allow_nan=True), st.just(object)),
+    ),
+    st.tuples(st.sampled_from(["peer", "outcome", "sniff_time", "how"]), st.just(KeyError)),
+)
+
+
 class ClassicTextTests(unittest.TestCase):
     @settings(max_examples=300, deadline=None)
-    @given(
-        st.lists(
-            st.tuples(_times, _text, _text, st.integers(0, 1 << 40), st.booleans()),
-            min_size=1,
-            max_size=6,
-        )
-    )
-    def test_connection_end_lines_are_twisteds(self, ends: list[tuple[float | None, str, str, int, bool]]) -> None:
-        """A connection_end event gives, byte for byte, the line Twisted's text observer writes, second after second."""
+    @given(st.lists(st.tuples(_ENDS, _TAMPER), min_size=1, max_size=6))
+    def test_connection_end_lines_are_twisteds(self, ends: list[tuple[Any, Any]]) -> None:
+        """
+        A connection_end event gives, byte for byte, the line Twisted's text
+        observer writes, second after second, also after an observer before
+        it changed or removed a field.
+        """
         formatter = ClassicText()
-        for when, peer, rule, count, transparent in ends:
+        for (when, peer, rule, count, transparent), tamper in ends:
             end = ConnectionEnd(
                 rule=rule,
                 outcome="handed_off",
@@ -67,7 +79,24 @@ class ClassicTextTests(unittest.TestCase):
                 duration=1.5,
             )
             event = _connection_end(end, when)
+            if tamper is not None:
+                field, value = tamper
+                if value is KeyError:
+                    del event[field]
+                else:
+                    event[field] = value
             self.assertEqual(formatter(event), formatEventAsClassicLogText(event))
+
+    def test_masked_peer_is_written_masked(self) -> None:
+        """An observer that replaces the peer before the file sees it gets its replacement in the line."""
+        end = ConnectionEnd(
+            rule="web", outcome="handed_off", sniff_time=0.1, sniffed_in=1, sniffed_out=0, peer="192.0.2.1:5"
+        )
+        event = dict(_connection_end(end, 1.7e9), peer="[masked]")
+        text = ClassicText()(event)
+        assert text is not None
+        self.assertIn("connection [masked] -> port", text)
+        self.assertNotIn("192.0.2.1", text)
 
     @settings(max_examples=200, deadline=None)
     @given(_times, _text, st.sampled_from([None, "sys", "a\nb"]), st.sampled_from(list(LogLevel.iterconstants())))
@@ -84,22 +113,21 @@ class ClassicTextTests(unittest.TestCase):
             event["log_system"] = system
         self.assertEqual(ClassicText()(event), formatEventAsClassicLogText(event))
 
-    def test_failures_and_odd_lines_are_twisteds(self) -> None:
-        """A failure, a line that is not text, one with newlines, an event with no format: as Twisted formats them."""
-        failure = Failure(ZeroDivisionError("division by zero"))
-        events: list[dict[str, Any]] = [
-            {"log_format": "{line}", "line": "x", "log_failure": failure, "log_time": 1.7e9},
-            {"log_format": "{line}", "line": 42, "log_time": 1.7e9},
-            {"log_format": "{line}", "line": "one\ntwo", "log_time": 1.7e9, "log_namespace": "n"},
-            {"log_format": "{line}", "log_time": 1.7e9},
-            {"log_time": 1.7e9, "message": ("legacy",)},
-        ]
+    def test_failures_flattened_events_and_odd_times_are_twisteds(self) -> None:
+        """A connection_end with a failure, one flattened (as read back from JSON), times before 1970: as Twisted."""
+        end = ConnectionEnd(rule="web", outcome="handed_off", sniff_time=0.1, sniffed_in=1, sniffed_out=0, peer="p")
+        failed = dict(_connection_end(end, 1.7e9), log_failure=Failure(ZeroDivisionError("division by zero")))
+        flattened = dict(eventFromJSON(eventAsJSON(_connection_end(end, 1.7e9))))
+        flattened["peer"] = "changed after flattening"
+        events: list[dict[str, Any]] = [failed, flattened, {"log_time": 1.7e9, "message": ("legacy",)}]
+        events += [_connection_end(end, when) for when in (-1.5, -0.0000001, 0.0, -86400.9999996)]
         for event in events:
             self.assertEqual(ClassicText()(event), formatEventAsClassicLogText(event), event)
 
 
 class TwistdLogFileTests(unittest.TestCase):
     def _observe(self, **options: Any) -> Any:
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
         use_twistd_options(options)
         self.addCleanup(use_twistd_options, {})
         return text_log_observer()
@@ -118,9 +146,9 @@ class TwistdLogFileTests(unittest.TestCase):
         """-n without --logfile, and -l - in the foreground, write standard output."""
         out = io.StringIO()
         self.patch(sys, "stdout", out)
-        for options in ({"nodaemon": True}, {"nodaemon": True, "logfile": "-"}, {"debug": True}):
+        for options in ({"nodaemon": True}, {"nodaemon": True, "logfile": "-"}):
             self._observe(**options)({"log_format": "x", "log_time": 1.7e9})
-        self.assertEqual(out.getvalue().count(" x\n"), 3)
+        self.assertEqual(out.getvalue().count(" x\n"), 2)
 
     def test_daemon_cannot_log_to_standard_output(self) -> None:
         """-l - in daemon mode stops twistd with twistd's own message."""
@@ -129,14 +157,27 @@ class TwistdLogFileTests(unittest.TestCase):
         self.assertEqual(str(raised.exception), "Daemons cannot log to stdout, exiting!")
 
     def test_daemon_default_file(self) -> None:
-        """A daemon with no --logfile writes twistd.log in its directory."""
-        folder = os.path.abspath(self.mktemp())
-        os.makedirs(folder)
-        self.addCleanup(os.chdir, os.getcwd())
-        os.chdir(folder)
-        observer = self._observe()
+        """A daemon with no --logfile writes twistd.log in its directory; so does --debug (-b) without -n, as twistd."""
+        for options in ({}, {"debug": True}):
+            folder = os.path.abspath(self.mktemp())
+            os.makedirs(folder)
+            self.addCleanup(os.chdir, os.getcwd())
+            os.chdir(folder)
+            observer = self._observe(**options)
+            self.addCleanup(observer._outFile.close)
+            self.assertTrue(os.path.exists(os.path.join(folder, "twistd.log")), options)
+
+    def test_usr1_handler_left_alone_when_taken(self) -> None:
+        """A SIGUSR1 handler already installed is kept, as twistd keeps it."""
+
+        def mine(signum: int, frame: object) -> None:
+            pass
+
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, mine)
+        observer = self._observe(logfile=os.path.abspath(self.mktemp()))
         self.addCleanup(observer._outFile.close)
-        self.assertTrue(os.path.exists(os.path.join(folder, "twistd.log")))
+        self.assertIs(signal.getsignal(signal.SIGUSR1), mine)
 
 
 class TwistdOptionTests(unittest.TestCase):
