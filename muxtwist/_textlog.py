@@ -16,7 +16,9 @@ timestamp. The text is Twisted's to the byte.
 
 :func:`text_log_observer` is what ``twistd muxtwist`` logs to (``--logger``
 for twistd, set by the ``muxtwist`` command's options): the file twistd
-itself would open for the same options, with this formatting.
+itself would open for the same options, with this formatting. The workers
+of ``--workers N`` log to their standard output, a pipe their parent reads:
+:func:`write_log_lines` puts their lines in the parent's file.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from twisted.python import logfile
 
 from muxtwist._report import CONNECTION_END
 
-__all__ = ["ClassicText", "text_log_observer", "use_twistd_options"]
+__all__ = ["ClassicText", "text_log_observer", "use_twistd_options", "write_log_lines"]
 
 
 class ClassicText:
@@ -98,6 +100,25 @@ def use_twistd_options(options: Mapping[str, Any]) -> None:
     _twistd_options = {"logfile": options.get("logfile"), "nodaemon": bool(options.get("nodaemon"))}
 
 
+#: The file the observer of :func:`text_log_observer` writes, once twistd made it.
+_log_file: Any = None
+
+
+def write_log_lines(data: bytes) -> None:
+    """
+    Write ``data``, whole lines already formatted (a worker's), to the file
+    of twistd's text log, rotated with it; standard output before twistd
+    starts logging. A file that cannot be written loses the lines, as a
+    full disk loses the process's own.
+    """
+    out: Any = _log_file if _log_file is not None else sys.stdout
+    try:
+        out.write(data if isinstance(out, logfile.LogFile) else data.decode("utf-8", "replace"))
+        out.flush()
+    except OSError:
+        pass
+
+
 def text_log_observer() -> ILogObserver:
     """
     The file twistd would log to for its options, in twistd's text format:
@@ -126,4 +147,6 @@ def text_log_observer() -> ILogObserver:
                 reactor.callFromThread(out.rotate)  # type: ignore[attr-defined]
 
             signal.signal(usr1, rotate)
+    global _log_file
+    _log_file = out
     return FileLogObserver(out, ClassicText())

@@ -14,7 +14,7 @@ from twisted.python import usage
 
 from muxtwist._checks import probe_listen, twistd_option_hint
 from muxtwist._signals import hold_sighup
-from muxtwist._textlog import use_twistd_options
+from muxtwist._textlog import text_log_observer, use_twistd_options
 from muxtwist.config import ConfigError, Settings, build_factory, check_endpoint, endpoint_description, load_config
 from muxtwist.service import MuxService, wanted_listeners
 from muxtwist.udp.listener import is_udp, probe_udp_listeners, udp_listeners_problem
@@ -155,7 +155,10 @@ def _workers(options: Options) -> IService:
         descriptions = list(wanted_listeners(config, ports))
     twistd_args: list[str] = []
     parent: Any = options.parent
-    if parent is not None and parent.get("logfile") and parent["logfile"] != "-":
+    # With muxtwist's text log, the workers' lines go through this process to
+    # its one file; otherwise each worker opens the --logfile itself.
+    relay_log = parent is not None and parent.get("logger") is text_log_observer
+    if parent is not None and parent.get("logfile") and parent["logfile"] != "-" and not relay_log:
         twistd_args.append(f"--logfile={parent['logfile']}")
     if parent is not None and parent.get("reactor"):
         # Workers run the reactor twistd was given (ASGI targets need asyncio's).
@@ -167,6 +170,7 @@ def _workers(options: Options) -> IService:
             descriptions,
             _worker_args(options),
             twistd_args=twistd_args,
+            relay_log=relay_log,
             stop_timeout=stop_timeout,
             admin=options["admin"],
             # twistd --uid/--gid: the user the workers will run as.

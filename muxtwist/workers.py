@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from muxtwist._signals import SignalHandlers
+from muxtwist._textlog import write_log_lines
 from muxtwist._twisted import default_reactor, endpoint_backlog, endpoint_port
 from muxtwist.admin import WORKERS_DIR_ENV, WorkerPeers, admin_site
 
@@ -52,13 +53,18 @@ log = Logger()
 
 #: Seconds before a dead worker is started again (doubling, up to RESTART_MAX,
 #: while workers keep dying young).
+#: A worker's log output longer than this without a newline is written as it is.
+_LONGEST_LINE = 65536
+
 RESTART_DELAY = 0.5
 RESTART_MAX = 30.0
 #: A worker that lived this long resets the back-off.
 HEALTHY_AFTER = 10.0
 
 
-def worker_command(args: Sequence[str], twistd_args: Sequence[str] = (), *, own_group: bool = False) -> list[str]:
+def worker_command(
+    args: Sequence[str], twistd_args: Sequence[str] = (), *, own_group: bool = False, relayed_log: bool = False
+) -> list[str]:
     """
     The command line of one worker: ``twistd -n --pidfile= [twistd_args] muxtwist ARGS``.
 
@@ -67,10 +73,15 @@ def worker_command(args: Sequence[str], twistd_args: Sequence[str] = (), *, own_
         parent's group can reach the worker in between), and, on Linux, ask
         for a SIGTERM when the parent dies, since a signal to the parent's
         group no longer reaches the worker.
+    :param relayed_log: the worker logs to its standard output, which the
+        parent writes to its own log file and rotates: the worker ignores
+        ``SIGUSR1`` (twistd's "rotate the log"), which would otherwise end it.
     """
     group = ""
+    if relayed_log:
+        group += "import signal; signal.signal(signal.SIGUSR1, signal.SIG_IGN)\n"
     if own_group:
-        group = (
+        group += (
             "import os, signal; os.setpgid(0, 0)\n"
             "try:\n"
             "    import ctypes; ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
@@ -105,6 +116,24 @@ class _Worker(_ProcessProtocol):
         self.started = pool._reactor.seconds()
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.pid: int | None = None
+        #: The worker's log output after its last whole line (``relay_log``).
+        self._partial = b""
+
+    def outReceived(self, data: bytes) -> None:
+        # The worker's log (relay_log): whole lines only, so that they never
+        # interleave with the parent's own or another worker's mid-line.
+        partial = self._partial + data
+        end = partial.rfind(b"\n") + 1
+        if len(partial) - end > _LONGEST_LINE:
+            end = len(partial)
+        self._partial = partial[end:]
+        if end:
+            write_log_lines(partial[:end])
+
+    def outConnectionLost(self) -> None:
+        if self._partial:
+            partial, self._partial = self._partial, b""
+            write_log_lines(partial + b"\n")
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -136,6 +165,12 @@ class WorkerPool(SignalHandlers, Service):
     :param worker_args: the ``muxtwist`` options for each worker (without
         ``--workers``); ``--inherit DESCRIPTION=FD`` options are added.
     :param twistd_args: ``twistd`` options for each worker (``--logfile``).
+    :param relay_log: have each worker log to its standard output, a pipe
+        this process reads, and write the workers' lines, whole, to this
+        process's text log (:func:`muxtwist._textlog.write_log_lines`): one
+        file, written and rotated by one process. Otherwise the workers
+        write where ``twistd_args`` say, on this process's standard output
+        by default.
     :param stop_timeout: seconds to wait for workers to drain after SIGTERM
         before they are killed.
     :param admin: an endpoint description where the parent serves the
@@ -162,6 +197,7 @@ class WorkerPool(SignalHandlers, Service):
         worker_args: Sequence[str],
         *,
         twistd_args: Sequence[str] = (),
+        relay_log: bool = False,
         stop_timeout: float = 35.0,
         handle_signals: bool = True,
         admin: str | None = None,
@@ -181,6 +217,7 @@ class WorkerPool(SignalHandlers, Service):
         self.descriptions = list(descriptions)
         self.worker_args = list(worker_args)
         self.twistd_args = list(twistd_args)
+        self.relay_log = relay_log
         self.stop_timeout = stop_timeout
         self.handle_signals = handle_signals
         self.workers: dict[int, _Worker] = {}
@@ -289,7 +326,7 @@ class WorkerPool(SignalHandlers, Service):
         self._pending.pop(slot, None)
         if self._stopping or not self.running:
             return
-        child_fds: dict[int, object] = {0: "w", 1: 1, 2: 2}
+        child_fds: dict[int, object] = {0: "w", 1: "r" if self.relay_log else 1, 2: 2}
         args = list(self.worker_args)
         fds = [(d, port.fileno()) for d, port in self.ports.items()]
         fds += [(d, sockets[slot].fileno()) for d, sockets in self.slot_sockets.items()]
@@ -313,7 +350,7 @@ class WorkerPool(SignalHandlers, Service):
             process = self._reactor.spawnProcess(
                 worker,
                 sys.executable,
-                worker_command(args, self.twistd_args, own_group=True),
+                worker_command(args, self.twistd_args, own_group=True, relayed_log=self.relay_log),
                 env=env,
                 childFDs=child_fds,
             )

@@ -325,6 +325,101 @@ class ReloadWhileStoppingTests(unittest.SynchronousTestCase):
         self.assertIsNone(child.returncode, "the draining worker got a SIGHUP")
 
 
+class LogRelayTests(unittest.TestCase):
+    """The workers' log lines reach the parent's one text log, whole, and only the parent writes that file."""
+
+    def _echo_many(self, port: int, count: int) -> None:
+        for _ in range(count):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"hi")
+                self.assertEqual(s.recv(10), b"hi")
+
+    def _rules(self, tmp: str) -> str:
+        rules = os.path.join(tmp, "rules.py")
+        with open(rules, "w") as f:
+            f.write(RULES)
+        return rules
+
+    def _check(self, log: str, count: int) -> None:
+        with open(log, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+        stamped = [line for line in lines if len(line) > 24 and line[4] == "-" and line[10] == "T"]
+        self.assertEqual(lines, stamped, "a line broken or overwritten")
+        ends = [line for line in lines if "ended: handed_off, rule echo" in line]
+        self.assertEqual(len(ends), count, lines[-20:])
+
+    def test_workers_lines_reach_the_log_file_whole(self) -> None:
+        """`twistd -n -l FILE muxtwist --workers 2`: every connection's line is in FILE, none broken."""
+        tmp = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        log = os.path.join(tmp, "muxtwist.log")
+        port = free_port()
+        args = ["--config", self._rules(tmp), "--port", f"tcp:{port}:interface=127.0.0.1", "--workers", "2"]
+        from muxtwist.workers import worker_command
+
+        server = Process(worker_command(args, [f"--logfile={log}"]), os.path.join(tmp, "out"), env={"TMPDIR": tmp})
+        self.addCleanup(server.kill)
+        wait_for_port(port, server.proc)
+        self._echo_many(port, 300)
+        os.kill(server.proc.pid, signal.SIGTERM)
+        self.assertEqual(server.wait(30), 0, server.output[-3000:])
+        self._check(log, 300)
+
+    def test_daemon_workers_log_to_twistd_log(self) -> None:
+        """A daemon with --workers and no --logfile: the workers' lines are in twistd.log too."""
+        import subprocess
+        import sys
+
+        tmp = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        port = free_port()
+        pidfile = os.path.join(tmp, "twistd.pid")
+        command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", f"--pidfile={pidfile}"]
+        command += ["muxtwist", "--config", self._rules(tmp), "--port", f"tcp:{port}:interface=127.0.0.1"]
+        command += ["--workers", "2"]
+        done = subprocess.run(command, cwd=tmp, env=dict(os.environ, TMPDIR=tmp), timeout=60, capture_output=True)
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+        until(lambda: os.path.exists(pidfile), 30, "the pid file")
+        with open(pidfile) as f:
+            pid = int(f.read())
+
+        def stop() -> None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        self.addCleanup(stop)
+
+        def listening() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            except OSError:
+                return False
+            return True
+
+        until(listening, 30, "the daemon's port")
+        self._echo_many(port, 100)
+        os.kill(pid, signal.SIGTERM)
+        until(lambda: not os.path.exists(f"/proc/{pid}"), 30, "the daemon to exit")
+        self._check(os.path.join(tmp, "twistd.log"), 100)
+
+    def test_lines_are_relayed_whole(self) -> None:
+        """A worker's output cut anywhere is written as whole lines; what is left at its end gets a newline."""
+        from muxtwist import workers
+
+        written: list[bytes] = []
+        self.patch(workers, "write_log_lines", written.append)
+        worker = workers._Worker(workers.WorkerPool(1, [], [], handle_signals=False), 0)
+        for chunk in (b"one\ntw", b"o", b"\nthree\nfo", b"ur"):
+            worker.outReceived(chunk)
+        self.assertEqual(written, [b"one\n", b"two\nthree\n"])
+        worker.outConnectionLost()
+        self.assertEqual(written[-1], b"four\n")
+        worker.outReceived(b"x" * (workers._LONGEST_LINE + 1))
+        self.assertEqual(written[-1], b"x" * (workers._LONGEST_LINE + 1))
+
+
 class ParentKilledTests(unittest.TestCase):
     """The parent of a pool killed with SIGKILL: the workers stop by themselves and leave nothing behind."""
 
