@@ -12,7 +12,9 @@ same line with the timestamp computed once a second, and the
 an observer that rewrote a field before, one masking ``peer`` say, still
 has its way); any other event, and any it cannot format so, goes through
 Twisted's :func:`~twisted.logger.formatEventAsClassicLogText` with that
-timestamp. The text is Twisted's to the byte.
+timestamp. The text is Twisted's to the byte, but for fields whose
+formatting has side effects: a field the f-string refuses is formatted
+again, by Twisted.
 
 :func:`text_log_observer` is what ``twistd muxtwist`` logs to (``--logger``
 for twistd, set by the ``muxtwist`` command's options): the file twistd
@@ -50,8 +52,8 @@ class ClassicText:
         self._stamp = ""
 
     def _time(self, when: float | None) -> str:
-        if when is None:
-            return formatTime(when)
+        if type(when) is not float and type(when) is not int:
+            return formatTime(when)  # None ("-"), or whatever else Twisted makes of it
         # The second Twisted prints: datetime rounds the time to microseconds
         # (half to even) first, so 0.9999996 s into a second is the next one.
         second = math.floor(when)
@@ -64,24 +66,43 @@ class ClassicText:
         return self._stamp
 
     def __call__(self, event: LogEvent) -> str | None:
-        if event.get("log_format") == CONNECTION_END and "log_failure" not in event and "log_flattened" not in event:
-            # CONNECTION_END, as string.Formatter would fill it in from these fields.
-            try:
-                text = (
-                    f"connection {event['peer']} -> port {event['local_port']} ended: {event['outcome']}, "
-                    f"rule {event['rule']}, sniffed {event['sniff_time']:.4f}s, {event['bytes_in']} bytes in / "
-                    f"{event['bytes_out']} out while sniffing, {event['duration']:.3f}s{event['how']}"
-                )
-            except Exception:
-                # A field missing or changed into what the format refuses: Twisted says so in its own words.
-                return formatEventAsClassicLogText(event, formatTime=self._time)
-            system = event.get("log_system")
-            if system is None:
-                level = event.get("log_level")
-                system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
-            text = f"{self._time(event.get('log_time'))} [{system}] {text}"
-            return text.replace("\n", "\n\t") + "\n"
+        template = event.get("log_format")
+        if type(template) is str and template == CONNECTION_END and "log_failure" not in event:
+            text = self._connection_end(event)
+            if text is not None:
+                return text
         return formatEventAsClassicLogText(event, formatTime=self._time)
+
+    def _connection_end(self, event: LogEvent) -> str | None:
+        """
+        The ``connection_end`` line, as Twisted's ``formatEvent`` and
+        ``eventAsText`` would make it; ``None`` for an event they format
+        otherwise (flattened, or a field the format refuses).
+        """
+        if "log_flattened" in event:
+            return None
+        try:
+            # CONNECTION_END, as string.Formatter would fill it in from these fields.
+            text = (
+                f"connection {event['peer']} -> port {event['local_port']} ended: {event['outcome']}, "
+                f"rule {event['rule']}, sniffed {event['sniff_time']:.4f}s, {event['bytes_in']} bytes in / "
+                f"{event['bytes_out']} out while sniffing, {event['duration']:.3f}s{event['how']}"
+            )
+        except BaseException:
+            # Twisted says so in its own words (formatting the fields again).
+            return None
+        stamp = self._time(event.get("log_time"))  # before the system, as Twisted does
+        system = event.get("log_system")
+        if system is None:
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+        else:
+            try:
+                system = str(system)
+            except Exception:
+                system = "UNFORMATTABLE"
+        text = f"{stamp} [{system}] {text}"
+        return text.replace("\n", "\n\t") + "\n"
 
 
 #: Where twistd was told to log (``--logfile``, ``--nodaemon``), for

@@ -125,6 +125,65 @@ class ClassicTextTests(unittest.TestCase):
             self.assertEqual(ClassicText()(event), formatEventAsClassicLogText(event), event)
 
 
+class _Refuses:
+    """A field whose str() raises."""
+
+    def __str__(self) -> str:
+        raise ValueError("no str")
+
+
+class _Interrupts:
+    """A field whose formatting raises what is not an Exception."""
+
+    def __format__(self, spec: str) -> str:
+        raise KeyboardInterrupt
+
+
+class _FormatsOtherwise(str):
+    """A str whose format() and str() disagree."""
+
+    def __format__(self, spec: str) -> str:
+        return "formatted"
+
+
+class _Liar(str):
+    """A format that claims to equal every other."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    __hash__ = str.__hash__
+
+
+class OddEventTests(unittest.TestCase):
+    def test_odd_events_are_twisteds(self) -> None:
+        """Odd systems, formats, fields and times (from observers or other code) give Twisted's text exactly."""
+        from fractions import Fraction
+
+        end = ConnectionEnd(rule="web", outcome="handed_off", sniff_time=0.1, sniffed_in=1, sniffed_out=0, peer="p")
+        base = _connection_end(end, 1.7e9)
+        variants: list[dict[str, Any]] = [
+            dict(base, log_system=_Refuses()),
+            dict(base, log_system=_FormatsOtherwise("thread-1")),
+            dict(base, peer=_Interrupts()),
+            dict(base, bytes_in=10**5000),
+            dict(base, log_format=_Liar("peer was {peer}")),
+            dict(base, log_time=Fraction(3400000001, 2)),
+            dict(base, log_namespace=_FormatsOtherwise("ns")),
+        ]
+        for event in variants:
+            self.assertEqual(_outcome(ClassicText(), event), _outcome(formatEventAsClassicLogText, event))
+
+
+def _outcome(formatter: Any, event: dict[str, Any]) -> object:
+    """What ``formatter`` makes of ``event``: its text, or the type of what it raised."""
+    try:
+        text: object = formatter(event)
+    except Exception as e:
+        return type(e)
+    return text
+
+
 class TwistdLogFileTests(unittest.TestCase):
     def _observe(self, **options: Any) -> Any:
         self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
