@@ -19,24 +19,38 @@ again, by Twisted.
 :func:`text_log_observer` is what ``twistd muxtwist`` logs to (``--logger``
 for twistd, set by the ``muxtwist`` command's options): the file twistd
 itself would open for the same options, with this formatting. The workers
-of ``--workers N`` log to their standard output, a pipe their parent reads:
-:func:`write_log_lines` puts their lines in the parent's file.
+of ``--workers N`` log to their standard output, a pipe their parent reads
+(:class:`ToParent`): :func:`write_log_lines` puts their lines in the
+parent's file.
 """
 
 from __future__ import annotations
 
+import atexit
+import io
 import math
+import os
 import signal
 import sys
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.logger import FileLogObserver, ILogObserver, LogEvent, formatEventAsClassicLogText, formatTime
+from twisted.logger import FileLogObserver, ILogObserver, LogEvent, Logger, formatEventAsClassicLogText, formatTime
 from twisted.python import logfile
 
 from muxtwist._report import CONNECTION_END
 
-__all__ = ["ClassicText", "text_log_observer", "use_twistd_options", "write_log_lines"]
+__all__ = [
+    "RECORD_END",
+    "TO_PARENT_ENV",
+    "ClassicText",
+    "ToParent",
+    "text_log_observer",
+    "use_twistd_options",
+    "write_log_lines",
+]
+
+_log = Logger()
 
 
 class ClassicText:
@@ -124,6 +138,103 @@ def use_twistd_options(options: Mapping[str, Any]) -> None:
 #: The file the observer of :func:`text_log_observer` writes, once twistd made it.
 _log_file: Any = None
 
+#: Set by a ``--workers`` parent in each worker's environment: log to the
+#: parent through standard output, one record per event (:class:`ToParent`).
+TO_PARENT_ENV = "MUXTWIST_LOG_TO_PARENT"
+
+#: What ends each event's text on the pipe from a worker to its parent, so
+#: that an event of several lines (a traceback) is written whole. Text from
+#: clients never holds it: control characters are escaped.
+RECORD_END = b"\x1e"
+
+#: The most a worker holds of lines its parent has not read yet; lines past
+#: it are dropped, and counted in a line once the parent reads again.
+TO_PARENT_LIMIT = 4 * 1024 * 1024
+
+#: How often a worker tries again to pass on the lines its parent did not read.
+_RETRY = 0.05
+
+
+class ToParent(io.RawIOBase):
+    """
+    A worker's log, to its parent through standard output: each event one
+    record ending in :data:`RECORD_END`. Never blocks the worker: a parent
+    that stops reading (stopped, or busy) costs held lines, up to
+    :data:`TO_PARENT_LIMIT`, then dropped ones, never a stalled service.
+    The worker's own descriptor 1 stays as it is (its children may write to
+    it): this writes through a non-blocking descriptor of the same pipe.
+    """
+
+    def __init__(self, fd: int = 1, reactor: Any = None) -> None:
+        super().__init__()
+        self._reactor = reactor
+        try:
+            self._fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            # No /proc: the descriptor itself, made non-blocking.
+            self._fd = os.dup(fd)
+            os.set_blocking(self._fd, False)
+        self._held = bytearray()
+        self._dropped = 0
+        self._retry: Any = None
+        atexit.register(self._last)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        size = len(data)
+        record = bytes(data) + RECORD_END
+        if self._held:
+            if len(self._held) + len(record) > TO_PARENT_LIMIT:
+                self._dropped += 1
+            else:
+                self._held += record
+            return size
+        try:
+            sent = os.write(self._fd, record)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return size  # the parent is gone: there is nobody to tell
+        if sent < len(record):
+            self._held += record[sent:]
+            self._later()
+        return size
+
+    def _later(self) -> None:
+        if self._retry is None:
+            reactor = self._reactor
+            if reactor is None:
+                from twisted.internet import reactor
+            self._retry = reactor.callLater(_RETRY, self._again)
+
+    def _again(self) -> None:
+        self._retry = None
+        try:
+            sent = os.write(self._fd, self._held)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._held.clear()
+            return
+        del self._held[:sent]
+        if self._held:
+            self._later()
+        elif self._dropped:
+            dropped, self._dropped = self._dropped, 0
+            _log.warn("{count} log lines dropped: the parent process did not read them in time", count=dropped)
+
+    def _last(self) -> None:
+        """At exit: what is still held goes to the parent, waiting for it if need be."""
+        if self._held:
+            try:
+                os.set_blocking(self._fd, True)
+                os.write(self._fd, self._held)
+            except OSError:
+                pass
+            self._held.clear()
+
 
 def write_log_lines(data: bytes) -> None:
     """
@@ -156,7 +267,7 @@ def text_log_observer() -> ILogObserver:
             sys.exit("Daemons cannot log to stdout, exiting!")
         out = sys.stdout
     elif nodaemon and not name:
-        out = sys.stdout
+        out = ToParent() if os.environ.pop(TO_PARENT_ENV, None) == "1" else sys.stdout
     else:
         out = logfile.LogFile.fromFullPath(name or "twistd.log")
         usr1 = getattr(signal, "SIGUSR1", None)

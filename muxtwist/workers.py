@@ -43,7 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from muxtwist._signals import SignalHandlers
-from muxtwist._textlog import write_log_lines
+from muxtwist._textlog import RECORD_END, TO_PARENT_ENV, write_log_lines
 from muxtwist._twisted import default_reactor, endpoint_backlog, endpoint_port
 from muxtwist.admin import WORKERS_DIR_ENV, WorkerPeers, admin_site
 
@@ -51,11 +51,11 @@ __all__ = ["WorkerPool", "worker_command"]
 
 log = Logger()
 
+#: A worker's log output longer than this without an end of record is written as it is.
+_LONGEST_RECORD = 1024 * 1024
+
 #: Seconds before a dead worker is started again (doubling, up to RESTART_MAX,
 #: while workers keep dying young).
-#: A worker's log output longer than this without a newline is written as it is.
-_LONGEST_LINE = 65536
-
 RESTART_DELAY = 0.5
 RESTART_MAX = 30.0
 #: A worker that lived this long resets the back-off.
@@ -79,7 +79,12 @@ def worker_command(
     """
     group = ""
     if relayed_log:
-        group += "import signal; signal.signal(signal.SIGUSR1, signal.SIG_IGN)\n"
+        # Blocked by the parent from the fork on; ignored, then unblocked
+        # (a SIGUSR1 that came meanwhile is dropped).
+        group += (
+            "import signal; signal.signal(signal.SIGUSR1, signal.SIG_IGN)\n"
+            "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})\n"
+        )
     if own_group:
         group += (
             "import os, signal; os.setpgid(0, 0)\n"
@@ -120,20 +125,21 @@ class _Worker(_ProcessProtocol):
         self._partial = b""
 
     def outReceived(self, data: bytes) -> None:
-        # The worker's log (relay_log): whole lines only, so that they never
-        # interleave with the parent's own or another worker's mid-line.
+        # The worker's log (relay_log): whole events only (each ends in
+        # RECORD_END), so that one never interleaves with the parent's own or
+        # another worker's, even one of several lines.
         partial = self._partial + data
-        end = partial.rfind(b"\n") + 1
-        if len(partial) - end > _LONGEST_LINE:
+        end = partial.rfind(RECORD_END) + 1
+        if len(partial) - end > _LONGEST_RECORD:
             end = len(partial)
         self._partial = partial[end:]
         if end:
-            write_log_lines(partial[:end])
+            write_log_lines(partial[:end].replace(RECORD_END, b""))
 
     def outConnectionLost(self) -> None:
         if self._partial:
-            partial, self._partial = self._partial, b""
-            write_log_lines(partial + b"\n")
+            partial, self._partial = self._partial.replace(RECORD_END, b""), b""
+            write_log_lines(partial if partial.endswith(b"\n") else partial + b"\n")
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -342,10 +348,14 @@ class WorkerPool(SignalHandlers, Service):
         self.workers[slot] = worker
         env = dict(os.environ, MUXTWIST_WORKER=str(slot))
         env[WORKERS_DIR_ENV] = self.directory
+        if self.relay_log:
+            env[TO_PARENT_ENV] = "1"
         # The worker starts with SIGHUP blocked (the mask survives exec) and
         # unblocks it once a SIGHUP can no longer kill it (hold_sighup), so a
         # reload forwarded while it starts waits instead of killing it.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        # SIGUSR1 (rotate the log) too, for a worker that ignores it once started.
+        blocked = {signal.SIGHUP, signal.SIGUSR1} if self.relay_log else {signal.SIGHUP}
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
             process = self._reactor.spawnProcess(
                 worker,

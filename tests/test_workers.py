@@ -385,7 +385,7 @@ class LogRelayTests(unittest.TestCase):
 
         def stop() -> None:
             try:
-                os.killpg(pid, signal.SIGKILL)
+                os.killpg(os.getpgid(pid), signal.SIGKILL)  # a daemon leads no group of its own
             except ProcessLookupError:
                 pass
 
@@ -404,20 +404,45 @@ class LogRelayTests(unittest.TestCase):
         until(lambda: not os.path.exists(f"/proc/{pid}"), 30, "the daemon to exit")
         self._check(os.path.join(tmp, "twistd.log"), 100)
 
-    def test_lines_are_relayed_whole(self) -> None:
-        """A worker's output cut anywhere is written as whole lines; what is left at its end gets a newline."""
+    def test_events_are_relayed_whole(self) -> None:
+        """A worker's output cut anywhere is written as whole events, several lines each; a rest ends in a newline."""
         from muxtwist import workers
+        from muxtwist._textlog import RECORD_END
 
         written: list[bytes] = []
         self.patch(workers, "write_log_lines", written.append)
         worker = workers._Worker(workers.WorkerPool(1, [], [], handle_signals=False), 0)
-        for chunk in (b"one\ntw", b"o", b"\nthree\nfo", b"ur"):
-            worker.outReceived(chunk)
-        self.assertEqual(written, [b"one\n", b"two\nthree\n"])
+        stream = b"one\n" + RECORD_END + b"two\n\ttraceback\n\tmore\n" + RECORD_END + b"three\n" + RECORD_END + b"fo"
+        for cut in range(0, len(stream), 5):
+            worker.outReceived(stream[cut : cut + 5])
+        self.assertEqual(b"".join(written), b"one\ntwo\n\ttraceback\n\tmore\nthree\n")
+        (event,) = [piece for piece in written if b"traceback" in piece]
+        self.assertIn(b"two\n\ttraceback\n\tmore\n", event)
         worker.outConnectionLost()
-        self.assertEqual(written[-1], b"four\n")
-        worker.outReceived(b"x" * (workers._LONGEST_LINE + 1))
-        self.assertEqual(written[-1], b"x" * (workers._LONGEST_LINE + 1))
+        self.assertEqual(written[-1], b"fo\n")
+        worker.outReceived(b"x" * (workers._LONGEST_RECORD + 1))
+        self.assertEqual(written[-1], b"x" * (workers._LONGEST_RECORD + 1))
+
+    def test_a_stopped_parent_does_not_stop_the_workers(self) -> None:
+        """With the parent stopped (SIGSTOP), the workers serve on, holding their lines; every line arrives after."""
+        tmp = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        log = os.path.join(tmp, "muxtwist.log")
+        port = free_port()
+        args = ["--config", self._rules(tmp), "--port", f"tcp:{port}:interface=127.0.0.1", "--workers", "2"]
+        from muxtwist.workers import worker_command
+
+        server = Process(worker_command(args, [f"--logfile={log}"]), os.path.join(tmp, "out"), env={"TMPDIR": tmp})
+        self.addCleanup(server.kill)
+        wait_for_port(port, server.proc)
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: server.proc.poll() is None and os.kill(server.proc.pid, signal.SIGCONT))
+        # About 200 bytes of log a connection: 1,500 fill both workers' 64 KiB pipes.
+        self._echo_many(port, 1500)
+        os.kill(server.proc.pid, signal.SIGCONT)
+        os.kill(server.proc.pid, signal.SIGTERM)
+        self.assertEqual(server.wait(30), 0, server.output[-3000:])
+        self._check(log, 1500)
 
 
 class ParentKilledTests(unittest.TestCase):
