@@ -239,6 +239,51 @@ class TwistdLogFileTests(unittest.TestCase):
         self.assertIs(signal.getsignal(signal.SIGUSR1), mine)
 
 
+class ToParentTests(unittest.TestCase):
+    def test_a_parent_that_does_not_read_costs_lines_not_time(self) -> None:
+        """Into a pipe nobody reads, writes never block; past the limit lines are dropped, then counted in a line."""
+        from twisted.internet.task import Clock
+
+        from muxtwist import _textlog
+
+        self.patch(_textlog, "TO_PARENT_LIMIT", 256 * 1024)
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        clock = Clock()
+        out = _textlog.ToParent(write_end, reactor=clock)
+        self.addCleanup(os.close, out._fd)
+        warned: list[dict[str, Any]] = []
+        self.patch(_textlog, "_log", _Warnings(warned))
+        line = b"x" * 99 + b"\n"
+        for _ in range(5000):  # 500 KB: the pipe's 64 KiB, the held 256 KiB, and more
+            self.assertEqual(out.write(line), len(line))
+        received = b""
+        for _ in range(100):
+            clock.advance(0.05)
+            try:
+                while chunk := os.read(read_end, 1 << 20):
+                    received += chunk
+            except BlockingIOError:
+                pass
+            if not out._held:
+                break
+        records = received.split(_textlog.RECORD_END)
+        self.assertEqual(records[-1], b"")
+        self.assertTrue(all(r == line for r in records[:-1]))
+        self.assertEqual(len(records) - 1 + warned[0]["count"], 5000)
+        self.assertGreater(warned[0]["count"], 0)
+
+
+class _Warnings:
+    def __init__(self, into: list[dict[str, Any]]) -> None:
+        self.into = into
+
+    def warn(self, format: str, **fields: Any) -> None:
+        self.into.append(fields)
+
+
 class TwistdOptionTests(unittest.TestCase):
     def _logger(self, *argv: str) -> Any:
         self.addCleanup(use_twistd_options, {})
