@@ -121,7 +121,7 @@ class _Worker(_ProcessProtocol):
         self.started = pool._reactor.seconds()
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.pid: int | None = None
-        #: The worker's log output after its last whole line (``relay_log``).
+        #: The worker's log output after its last whole event (``relay_log``).
         self._partial = b""
 
     def outReceived(self, data: bytes) -> None:
