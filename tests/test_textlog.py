@@ -240,10 +240,7 @@ class TwistdLogFileTests(unittest.TestCase):
 
 
 class ToParentTests(unittest.TestCase):
-    def test_a_parent_that_does_not_read_costs_lines_not_time(self) -> None:
-        """Into a pipe nobody reads, writes never block; past the limit lines are dropped, then counted in a line."""
-        from twisted.internet.task import Clock
-
+    def _pipe(self, clock: Any) -> tuple[int, Any]:
         from muxtwist import _textlog
 
         self.patch(_textlog, "TO_PARENT_LIMIT", 256 * 1024)
@@ -251,37 +248,130 @@ class ToParentTests(unittest.TestCase):
         os.set_blocking(read_end, False)
         self.addCleanup(os.close, read_end)
         self.addCleanup(os.close, write_end)
-        clock = Clock()
         out = _textlog.ToParent(write_end, reactor=clock)
         self.addCleanup(os.close, out._fd)
-        warned: list[dict[str, Any]] = []
-        self.patch(_textlog, "_log", _Warnings(warned))
+        self.addCleanup(out.close)
+        return read_end, out
+
+    def _drain(self, read_end: int) -> bytes:
+        received = b""
+        try:
+            while chunk := os.read(read_end, 1 << 20):
+                received += chunk
+        except BlockingIOError:
+            pass
+        return received
+
+    def _count(self, records: list[bytes], line: bytes) -> tuple[int, int]:
+        """The records equal to ``line``, and the count the dropped-events notes give; every other is neither."""
+        kept = sum(1 for r in records if r == line)
+        notes = [r for r in records if b"log events dropped" in r]
+        dropped = sum(int(n.split(b"] ")[1].split(b" ")[0]) for n in notes)
+        self.assertEqual(kept + len(notes), len(records), records[:3])
+        return kept, dropped
+
+    def test_a_parent_that_does_not_read_costs_lines_not_time(self) -> None:
+        """Into a pipe nobody reads, writes never block; past the limit events are dropped, then counted."""
+        from twisted.internet.task import Clock
+
+        from muxtwist._textlog import RECORD_END
+
+        clock = Clock()
+        read_end, out = self._pipe(clock)
         line = b"x" * 99 + b"\n"
         for _ in range(5000):  # 500 KB: the pipe's 64 KiB, the held 256 KiB, and more
             self.assertEqual(out.write(line), len(line))
         received = b""
         for _ in range(100):
             clock.advance(0.05)
-            try:
-                while chunk := os.read(read_end, 1 << 20):
-                    received += chunk
-            except BlockingIOError:
-                pass
-            if not out._held:
+            received += self._drain(read_end)
+            if not out._held and not out._dropped:
                 break
-        records = received.split(_textlog.RECORD_END)
-        self.assertEqual(records[-1], b"")
-        self.assertTrue(all(r == line for r in records[:-1]))
-        self.assertEqual(len(records) - 1 + warned[0]["count"], 5000)
-        self.assertGreater(warned[0]["count"], 0)
+        records = received.split(RECORD_END)
+        self.assertEqual(records.pop(), b"")
+        kept, dropped = self._count(records, line)
+        self.assertGreater(dropped, 0)
+        self.assertEqual(kept + dropped, 5000)
+
+    def test_held_events_go_out_with_the_next_one(self) -> None:
+        """Once the parent reads again, the next event written takes the held ones with it, not a timer."""
+        from twisted.internet.task import Clock
+
+        from muxtwist._textlog import RECORD_END
+
+        read_end, out = self._pipe(Clock())
+        line = b"y" * 99 + b"\n"
+        for _ in range(1000):
+            out.write(line)
+        self.assertTrue(out._held)
+        received = b""
+        for _ in range(1000):
+            received += self._drain(read_end)
+            out.write(line)
+        received += self._drain(read_end)
+        self.assertFalse(out._held)
+        records = received.split(RECORD_END)
+        self.assertEqual(records.pop(), b"")
+        self.assertEqual(self._count(records, line), (2000, 0))
+
+    def test_a_separator_inside_an_event_is_escaped(self) -> None:
+        """An event holding the record separator is one record, the separator written as text."""
+        from twisted.internet.task import Clock
+
+        from muxtwist._textlog import RECORD_END
+
+        read_end, out = self._pipe(Clock())
+        out.write(b"client said: abc" + RECORD_END + b"def\n")
+        self.assertEqual(self._drain(read_end), b"client said: abc\\x1edef\n" + RECORD_END)
+
+    def test_threads_may_write_while_events_are_held(self) -> None:
+        """Several threads writing while the pipe is full lose no event to an error, and every record is whole."""
+        import threading
+
+        from muxtwist._textlog import RECORD_END
+
+        read_end, out = self._pipe(_ThreadClock())
+        line = b"z" * 99 + b"\n"
+        errors: list[BaseException] = []
+
+        def writer() -> None:
+            try:
+                for _ in range(2000):
+                    out.write(line)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=writer) for _ in range(3)]
+        for t in threads:
+            t.start()
+        received = b""
+        for _ in range(2000):
+            received += self._drain(read_end)
+            out._again()
+            if not any(t.is_alive() for t in threads):
+                break
+        for t in threads:
+            t.join(10)
+        for _ in range(200):
+            out._again()
+            received += self._drain(read_end)
+            if not out._held and not out._dropped:
+                break
+        self.assertEqual(errors, [])
+        records = received.split(RECORD_END)
+        self.assertEqual(records.pop(), b"")
+        kept, dropped = self._count(records, line)
+        self.assertEqual(kept + dropped, 6000)
 
 
-class _Warnings:
-    def __init__(self, into: list[dict[str, Any]]) -> None:
-        self.into = into
+class _ThreadClock:
+    """A reactor stand-in whose later calls the test makes itself (``out._again()``)."""
 
-    def warn(self, format: str, **fields: Any) -> None:
-        self.into.append(fields)
+    def callLater(self, delay: float, f: Any, *args: Any) -> object:
+        return object()
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        pass
 
 
 class TwistdOptionTests(unittest.TestCase):

@@ -412,14 +412,14 @@ class LogRelayTests(unittest.TestCase):
         written: list[bytes] = []
         self.patch(workers, "write_log_lines", written.append)
         worker = workers._Worker(workers.WorkerPool(1, [], [], handle_signals=False), 0)
-        stream = b"one\n" + RECORD_END + b"two\n\ttraceback\n\tmore\n" + RECORD_END + b"three\n" + RECORD_END + b"fo"
+        stream = b"one\n" + RECORD_END + b"two\n\ttraceback\n\tmore\n" + RECORD_END + b"three\n" + RECORD_END + b"rest"
         for cut in range(0, len(stream), 5):
             worker.outReceived(stream[cut : cut + 5])
         self.assertEqual(b"".join(written), b"one\ntwo\n\ttraceback\n\tmore\nthree\n")
         (event,) = [piece for piece in written if b"traceback" in piece]
         self.assertIn(b"two\n\ttraceback\n\tmore\n", event)
         worker.outConnectionLost()
-        self.assertEqual(written[-1], b"fo\n")
+        self.assertEqual(written[-1], b"rest\n")
         worker.outReceived(b"x" * (workers._LONGEST_RECORD + 1))
         self.assertEqual(written[-1], b"x" * (workers._LONGEST_RECORD + 1))
 
@@ -435,6 +435,13 @@ class LogRelayTests(unittest.TestCase):
         server = Process(worker_command(args, [f"--logfile={log}"]), os.path.join(tmp, "out"), env={"TMPDIR": tmp})
         self.addCleanup(server.kill)
         wait_for_port(port, server.proc)
+
+        def workers_serving() -> bool:
+            # Each worker's start-up line, relayed: the parent's reactor runs, its signal handlers are in place.
+            with open(log, errors="replace") as f:
+                return f.read().count("SniffingFactory starting on") >= 2
+
+        until(workers_serving, 30, "both workers' start-up lines in the log")
         os.kill(server.proc.pid, signal.SIGSTOP)
         self.addCleanup(lambda: server.proc.poll() is None and os.kill(server.proc.pid, signal.SIGCONT))
         # About 200 bytes of log a connection: 1,500 fill both workers' 64 KiB pipes.
