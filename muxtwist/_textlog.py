@@ -41,6 +41,7 @@ from twisted.logger import FileLogObserver, ILogObserver, LogEvent, Logger, form
 from twisted.python import logfile
 
 from muxtwist._report import CONNECTION_END
+from muxtwist._twisted import default_reactor
 
 __all__ = [
     "RECORD_END",
@@ -242,9 +243,7 @@ class ToParent(io.RawIOBase):
         """Try again soon, from the reactor's thread (under the lock)."""
         if self._retry is not None:
             return
-        reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = default_reactor(self._reactor)
         self._retry = True
         if threading.current_thread() is threading.main_thread():  # twistd runs its reactor there
             self._retry = reactor.callLater(_RETRY, self._again)
@@ -336,9 +335,7 @@ def text_log_observer() -> ILogObserver:
         if usr1 is not None and not signal.getsignal(usr1):
 
             def rotate(signum: int, frame: object) -> None:
-                from twisted.internet import reactor
-
-                reactor.callFromThread(out.rotate)  # type: ignore[attr-defined]
+                default_reactor(None).callFromThread(out.rotate)
 
             signal.signal(usr1, rotate)
     global _log_file
