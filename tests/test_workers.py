@@ -348,18 +348,23 @@ class LogRelayTests(unittest.TestCase):
         ends = [line for line in lines if "ended: handed_off, rule echo" in line]
         self.assertEqual(len(ends), count, lines[-20:])
 
-    def test_workers_lines_reach_the_log_file_whole(self) -> None:
-        """`twistd -n -l FILE muxtwist --workers 2`: every connection's line is in FILE, none broken."""
+    def _serve(self) -> tuple[Process, int, str]:
+        """`twistd -n -l FILE muxtwist --workers 2` serving echo, listening; the process, its port and FILE."""
+        from muxtwist.workers import worker_command
+
         tmp = tempfile.mkdtemp(prefix="muxtwist-test-")
         self.addCleanup(shutil.rmtree, tmp, True)
         log = os.path.join(tmp, "muxtwist.log")
         port = free_port()
         args = ["--config", self._rules(tmp), "--port", f"tcp:{port}:interface=127.0.0.1", "--workers", "2"]
-        from muxtwist.workers import worker_command
-
         server = Process(worker_command(args, [f"--logfile={log}"]), os.path.join(tmp, "out"), env={"TMPDIR": tmp})
         self.addCleanup(server.kill)
         wait_for_port(port, server.proc)
+        return server, port, log
+
+    def test_workers_lines_reach_the_log_file_whole(self) -> None:
+        """`twistd -n -l FILE muxtwist --workers 2`: every connection's line is in FILE, none broken."""
+        server, port, log = self._serve()
         self._echo_many(port, 300)
         os.kill(server.proc.pid, signal.SIGTERM)
         self.assertEqual(server.wait(30), 0, server.output[-3000:])
@@ -425,16 +430,7 @@ class LogRelayTests(unittest.TestCase):
 
     def test_a_stopped_parent_does_not_stop_the_workers(self) -> None:
         """With the parent stopped (SIGSTOP), the workers serve on, holding their lines; every line arrives after."""
-        tmp = tempfile.mkdtemp(prefix="muxtwist-test-")
-        self.addCleanup(shutil.rmtree, tmp, True)
-        log = os.path.join(tmp, "muxtwist.log")
-        port = free_port()
-        args = ["--config", self._rules(tmp), "--port", f"tcp:{port}:interface=127.0.0.1", "--workers", "2"]
-        from muxtwist.workers import worker_command
-
-        server = Process(worker_command(args, [f"--logfile={log}"]), os.path.join(tmp, "out"), env={"TMPDIR": tmp})
-        self.addCleanup(server.kill)
-        wait_for_port(port, server.proc)
+        server, port, log = self._serve()
 
         def workers_serving() -> bool:
             # Each worker's start-up line, relayed: the parent's reactor runs, its signal handlers are in place.
