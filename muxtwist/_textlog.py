@@ -20,20 +20,16 @@ again, by Twisted.
 for twistd, set by the ``muxtwist`` command's options): the file twistd
 itself would open for the same options, with this formatting. The workers
 of ``--workers N`` log to their standard output, a pipe their parent reads
-(:class:`ToParent`): :func:`write_log_lines` puts their lines in the
-parent's file.
+(:class:`muxtwist._worker_log.ToParent`): :func:`write_log_lines` puts
+their lines in the parent's file.
 """
 
 from __future__ import annotations
 
-import atexit
-import io
 import math
 import os
 import signal
 import sys
-import threading
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,12 +38,10 @@ from twisted.python import logfile
 
 from muxtwist._report import CONNECTION_END
 from muxtwist._twisted import default_reactor
+from muxtwist._worker_log import TO_PARENT_ENV, ToParent
 
 __all__ = [
-    "RECORD_END",
-    "TO_PARENT_ENV",
     "ClassicText",
-    "ToParent",
     "text_log_observer",
     "use_twistd_options",
     "write_log_lines",
@@ -140,161 +134,6 @@ def use_twistd_options(options: Mapping[str, Any]) -> None:
 
 #: The file the observer of :func:`text_log_observer` writes, once twistd made it.
 _log_file: Any = None
-
-#: Set by a ``--workers`` parent in each worker's environment: log to the
-#: parent through standard output, one record per event (:class:`ToParent`).
-TO_PARENT_ENV = "MUXTWIST_LOG_TO_PARENT"
-
-#: What ends each event's text on the pipe from a worker to its parent, so
-#: that an event of several lines (a traceback) is written whole. Text from
-#: clients never holds it: control characters are escaped.
-RECORD_END = b"\x1e"
-
-#: The most a worker holds of lines its parent has not read yet; lines past
-#: it are dropped, and counted in a line once the parent reads again.
-TO_PARENT_LIMIT = 4 * 1024 * 1024
-
-#: How often a worker tries again to pass on the lines its parent did not read.
-_RETRY = 0.05
-
-
-class ToParent(io.RawIOBase):
-    """
-    A worker's log, to its parent through standard output: each event one
-    record ending in :data:`RECORD_END` (one inside an event is written
-    ``\\x1e``). Never blocks the worker: a parent that stops reading
-    (stopped, or busy) costs held events, up to :data:`TO_PARENT_LIMIT`,
-    then dropped ones, counted in an event once they can be passed on again;
-    never a stalled service. Held events go out with the next event written,
-    or within :data:`_RETRY` seconds. Safe to write from any thread (WSGI
-    applications log from theirs). The worker's own descriptor 1 stays as it
-    is (its children may write to it): this writes through a non-blocking
-    descriptor of the same pipe (without ``/proc``, the descriptor itself is
-    made non-blocking).
-    """
-
-    def __init__(self, fd: int = 1, reactor: Any = None) -> None:
-        super().__init__()
-        self._reactor = reactor
-        try:
-            self._fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            self._fd = os.dup(fd)
-            os.set_blocking(self._fd, False)
-        self._lock = threading.Lock()
-        self._held = bytearray()
-        self._dropped = 0
-        self._retry: Any = None
-        #: At exit: every write waits for the parent (nothing is left to retry later).
-        self._last_writes = False
-        atexit.register(self.close)
-
-    def writable(self) -> bool:
-        return True
-
-    def flush(self) -> None:
-        pass  # nothing is buffered but what the parent did not read
-
-    def write(self, data: Any) -> int:
-        size = len(data)
-        record = bytes(data).replace(RECORD_END, b"\\x1e") + RECORD_END
-        with self._lock:
-            if self._last_writes:
-                self._send_all(record)
-                return size
-            if self._held and not self._pass_on():
-                if len(self._held) + len(record) > TO_PARENT_LIMIT:
-                    self._dropped += 1
-                else:
-                    self._held += record
-                return size
-            try:
-                sent = os.write(self._fd, record)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                return size  # the parent is gone: there is nobody to tell
-            if sent < len(record):
-                self._held += record[sent:]
-                self._later()
-        return size
-
-    def _pass_on(self) -> bool:
-        """Write what is held, as much as the pipe takes; whether all of it went (under the lock)."""
-        try:
-            sent = os.write(self._fd, self._held)
-        except BlockingIOError:
-            return False
-        except OSError:
-            self._held.clear()
-            return True
-        del self._held[:sent]
-        if self._held:
-            return False
-        if self._dropped:
-            dropped, self._dropped = self._dropped, 0
-            note = f"{_stamp()} [muxtwist._textlog#warn] {dropped} log events dropped: "
-            note += "the parent process did not read them in time\n"
-            self._held += note.encode() + RECORD_END
-            return self._pass_on()
-        return True
-
-    def _later(self) -> None:
-        """Try again soon, from the reactor's thread (under the lock)."""
-        if self._retry is not None:
-            return
-        reactor = default_reactor(self._reactor)
-        self._retry = True
-        if threading.current_thread() is threading.main_thread():  # twistd runs its reactor there
-            self._retry = reactor.callLater(_RETRY, self._again)
-        else:
-            reactor.callFromThread(self._later_from_thread)
-
-    def _later_from_thread(self) -> None:
-        with self._lock:
-            self._retry = None
-            if self._held and not self._pass_on():
-                self._later()
-
-    def _again(self) -> None:
-        with self._lock:
-            self._retry = None
-            if self._held and not self._pass_on():
-                self._later()
-
-    def _send_all(self, data: bytes) -> None:
-        """Write ``data`` whole, waiting for the parent: at exit only."""
-        view = memoryview(data)
-        try:
-            os.set_blocking(self._fd, True)
-            while view:
-                try:
-                    view = view[os.write(self._fd, view) :]
-                except InterruptedError:
-                    continue
-        except OSError:
-            pass  # the parent is gone
-
-    def close(self) -> None:
-        """At exit: what is held, and the count of what was dropped, go to the parent, waiting for it."""
-        with self._lock:
-            if not self._last_writes:
-                self._last_writes = True
-                if self._dropped:
-                    dropped, self._dropped = self._dropped, 0
-                    note = f"{_stamp()} [muxtwist._textlog#warn] {dropped} log events dropped: "
-                    note += "the parent process did not read them in time\n"
-                    self._held += note.encode() + RECORD_END
-                if self._held:
-                    self._send_all(bytes(self._held))
-                    self._held.clear()
-        atexit.unregister(self.close)
-        super().close()
-
-
-def _stamp() -> str:
-    """Now, as the text log's lines begin."""
-    return formatTime(time.time())
 
 
 def write_log_lines(data: bytes) -> None:

@@ -43,8 +43,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from muxtwist._signals import SignalHandlers
-from muxtwist._textlog import RECORD_END, TO_PARENT_ENV, write_log_lines
+from muxtwist._textlog import write_log_lines
 from muxtwist._twisted import default_reactor, endpoint_backlog, endpoint_port
+from muxtwist._worker_log import RECORD_END, TO_PARENT_ENV
 from muxtwist.admin import WORKERS_DIR_ENV, WorkerPeers, admin_site
 
 __all__ = ["WorkerPool", "worker_command"]

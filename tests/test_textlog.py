@@ -241,14 +241,14 @@ class TwistdLogFileTests(unittest.TestCase):
 
 class ToParentTests(unittest.TestCase):
     def _pipe(self, clock: Any) -> tuple[int, Any]:
-        from muxtwist import _textlog
+        from muxtwist import _worker_log
 
-        self.patch(_textlog, "TO_PARENT_LIMIT", 256 * 1024)
+        self.patch(_worker_log, "TO_PARENT_LIMIT", 256 * 1024)
         read_end, write_end = os.pipe()
         os.set_blocking(read_end, False)
         self.addCleanup(os.close, read_end)
         self.addCleanup(os.close, write_end)
-        out = _textlog.ToParent(write_end, reactor=clock)
+        out = _worker_log.ToParent(write_end, reactor=clock)
         self.addCleanup(os.close, out._fd)
         self.addCleanup(out.close)
         return read_end, out
@@ -274,7 +274,7 @@ class ToParentTests(unittest.TestCase):
         """Into a pipe nobody reads, writes never block; past the limit events are dropped, then counted."""
         from twisted.internet.task import Clock
 
-        from muxtwist._textlog import RECORD_END
+        from muxtwist._worker_log import RECORD_END
 
         clock = Clock()
         read_end, out = self._pipe(clock)
@@ -297,7 +297,7 @@ class ToParentTests(unittest.TestCase):
         """Once the parent reads again, the next event written takes the held ones with it, not a timer."""
         from twisted.internet.task import Clock
 
-        from muxtwist._textlog import RECORD_END
+        from muxtwist._worker_log import RECORD_END
 
         read_end, out = self._pipe(Clock())
         line = b"y" * 99 + b"\n"
@@ -318,7 +318,7 @@ class ToParentTests(unittest.TestCase):
         """An event holding the record separator is one record, the separator written as text."""
         from twisted.internet.task import Clock
 
-        from muxtwist._textlog import RECORD_END
+        from muxtwist._worker_log import RECORD_END
 
         read_end, out = self._pipe(Clock())
         out.write(b"client said: abc" + RECORD_END + b"def\n")
@@ -328,7 +328,7 @@ class ToParentTests(unittest.TestCase):
         """Several threads writing while the pipe is full lose no event to an error, and every record is whole."""
         import threading
 
-        from muxtwist._textlog import RECORD_END
+        from muxtwist._worker_log import RECORD_END
 
         read_end, out = self._pipe(_ThreadClock())
         line = b"z" * 99 + b"\n"

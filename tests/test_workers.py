@@ -412,7 +412,7 @@ class LogRelayTests(unittest.TestCase):
     def test_events_are_relayed_whole(self) -> None:
         """A worker's output cut anywhere is written as whole events, several lines each; a rest ends in a newline."""
         from muxtwist import workers
-        from muxtwist._textlog import RECORD_END
+        from muxtwist._worker_log import RECORD_END
 
         written: list[bytes] = []
         self.patch(workers, "write_log_lines", written.append)
