@@ -189,18 +189,23 @@ class SignalHandlers:
         return self.reload()
 
     def _stop_signal(self, signum: int, frame: Any) -> None:
+        # Logged from the reactor too: a handler runs between any two
+        # bytecodes, perhaps in the middle of an observer's write (a file's
+        # buffer refuses a reentrant write; a worker's pipe to its parent
+        # holds a lock).
+        say = self._reactor.callFromThread
         if not self.running:
             if getattr(self, "in_worker", False):
                 # A --workers worker: the parent signals it once; a signal to
                 # every process (systemd's KillMode=control-group) must not
                 # make that a second one. The parent decides when to stop waiting.
-                log.info("received signal {signum} while draining: ignored in a worker", signum=signum)
+                say(log.info, "received signal {signum} while draining: ignored in a worker", signum=signum)
                 return
             # Already stopping: a second signal cuts the drain short.
             stop_now = getattr(self, "stop_now", None)
             if stop_now is not None:
-                log.info("received signal {signum} again: aborting the remaining connections", signum=signum)
+                say(log.info, "received signal {signum} again: aborting the remaining connections", signum=signum)
                 self._reactor.callFromThread(stop_now)
             return
-        log.info("received signal {signum}: stopping", signum=signum)
+        say(log.info, "received signal {signum}: stopping", signum=signum)
         self._reactor.callFromThread(self._reactor.stop)

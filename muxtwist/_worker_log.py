@@ -61,7 +61,11 @@ class ToParent(io.RawIOBase):
         except OSError:
             self._fd = os.dup(fd)
             os.set_blocking(self._fd, False)
-        self._lock = threading.Lock()
+        # Reentrant: a signal handler's write in the thread holding it is
+        # let in, to leave its event in _reentered (see _serve).
+        self._lock = threading.RLock()
+        self._busy = False
+        self._reentered: list[bytes] = []
         self._held = bytearray()
         self._dropped = 0
         self._retry: Any = None
@@ -77,27 +81,62 @@ class ToParent(io.RawIOBase):
 
     def write(self, data: Any) -> int:
         size = len(data)
-        record = bytes(data).replace(RECORD_END, b"\\x1e") + RECORD_END
-        with self._lock:
-            if self._last_writes:
-                self._send_all(record)
-                return size
-            if self._held and not self._pass_on():
-                if len(self._held) + len(record) > TO_PARENT_LIMIT:
-                    self._dropped += 1
-                else:
-                    self._held += record
-                return size
-            try:
-                sent = os.write(self._fd, record)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                return size  # the parent is gone: there is nobody to tell
-            if sent < len(record):
-                self._held += record[sent:]
-                self._later()
+        self._serve(bytes(data).replace(RECORD_END, b"\\x1e") + RECORD_END)
         return size
+
+    def _serve(self, record: bytes | None, last: bool = False) -> None:
+        """
+        Write ``record`` (None: only what is held; ``last``: what is held,
+        waiting for the parent, and every write after), and then the events a
+        signal handler wrote meanwhile. Python runs a handler in the main
+        thread between any two bytecodes, this method's too, and a handler
+        may log (Twisted's do): its event waits in a list, never for the
+        lock its own thread holds (a worker that stopped for good), and goes
+        out after the event being written, never into the middle of it.
+        """
+        with self._lock:
+            if self._busy:
+                if record is not None:
+                    self._reentered.append(record)
+                return
+            self._busy = True
+            try:
+                if last and not self._last_writes:
+                    self._last_writes = True
+                    if self._dropped:
+                        self._hold_dropped_note()
+                    held = bytes(self._held)
+                    self._held.clear()
+                    self._send_all(held)
+                elif record is not None:
+                    self._write(record)
+                elif self._held and not self._pass_on():
+                    self._later()
+                while self._reentered:
+                    self._write(self._reentered.pop(0))
+            finally:
+                self._busy = False
+
+    def _write(self, record: bytes) -> None:
+        """Write one event's record, or hold or drop it (under the lock)."""
+        if self._last_writes:
+            self._send_all(record)
+            return
+        if self._held and not self._pass_on():
+            if len(self._held) + len(record) > TO_PARENT_LIMIT:
+                self._dropped += 1
+            else:
+                self._held += record
+            return
+        try:
+            sent = os.write(self._fd, record)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return  # the parent is gone: there is nobody to tell
+        if sent < len(record):
+            self._held += record[sent:]
+            self._later()
 
     def _pass_on(self) -> bool:
         """Write what is held, as much as the pipe takes; whether all of it went (under the lock)."""
@@ -132,19 +171,11 @@ class ToParent(io.RawIOBase):
         if threading.current_thread() is threading.main_thread():  # twistd runs its reactor there
             self._retry = reactor.callLater(_RETRY, self._again)
         else:
-            reactor.callFromThread(self._later_from_thread)
-
-    def _later_from_thread(self) -> None:
-        with self._lock:
-            self._retry = None
-            if self._held and not self._pass_on():
-                self._later()
+            reactor.callFromThread(self._again)
 
     def _again(self) -> None:
-        with self._lock:
-            self._retry = None
-            if self._held and not self._pass_on():
-                self._later()
+        self._retry = None
+        self._serve(None)
 
     def _send_all(self, data: bytes) -> None:
         """Write ``data`` whole, waiting for the parent: at exit only."""
@@ -161,14 +192,7 @@ class ToParent(io.RawIOBase):
 
     def close(self) -> None:
         """At exit: what is held, and the count of what was dropped, go to the parent, waiting for it."""
-        with self._lock:
-            if not self._last_writes:
-                self._last_writes = True
-                if self._dropped:
-                    self._hold_dropped_note()
-                if self._held:
-                    self._send_all(bytes(self._held))
-                    self._held.clear()
+        self._serve(None, last=True)
         atexit.unregister(self.close)
         super().close()
 

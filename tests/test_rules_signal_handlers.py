@@ -218,8 +218,11 @@ class _Handlers(SignalHandlers):
         self._reactor = self
         self._old_handlers = {}
 
-    def callFromThread(self, f: object) -> None:
-        self.calls.append(f)
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        self.calls.append(functools.partial(f, *args, **kwargs) if args or kwargs else f)
+
+    def stop(self) -> None:
+        pass
 
     def reload(self) -> None:
         pass
@@ -250,3 +253,36 @@ class HandlerOfTheFileTests(unittest.SynchronousTestCase):
         self.assertIsNotNone(config.rules)
         self.assertEqual(handlers.calls, [handlers._queued_reload])
         self.assertEqual(signal.getsignal(signal.SIGHUP), handlers._sighup)
+
+
+class LoggingFromTheHandlerTests(unittest.SynchronousTestCase):
+    """What the stop signal's handler says is said from the reactor, not from inside the handler."""
+
+    def test_the_stop_handler_logs_nothing_itself(self) -> None:
+        """SIGTERM's handler (first, again, and in a draining worker) only asks the reactor to log and stop."""
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        handlers = _Handlers()
+        handlers._stop_signal(signal.SIGTERM, None)
+        handlers.running = 0
+        handlers.stop_now = lambda: None  # type: ignore[attr-defined]
+        handlers._stop_signal(signal.SIGTERM, None)
+        handlers.in_worker = True  # type: ignore[attr-defined]
+        handlers._stop_signal(signal.SIGTERM, None)
+        said = [e for e in events if e.get("log_namespace") == "muxtwist._signals"]
+        self.assertEqual(said, [])
+        for call in handlers.calls:
+            assert callable(call)
+            call()
+        formats = [e["log_format"] for e in events if e.get("log_namespace") == "muxtwist._signals"]
+        self.assertEqual(
+            formats,
+            [
+                "received signal {signum}: stopping",
+                "received signal {signum} again: aborting the remaining connections",
+                "received signal {signum} while draining: ignored in a worker",
+            ],
+        )

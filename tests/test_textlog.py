@@ -364,6 +364,91 @@ class ToParentTests(unittest.TestCase):
         self.assertEqual(kept + dropped, 6000)
 
 
+class SignalHandlerWriteTests(unittest.TestCase):
+    """A signal handler that logs in a worker, which Python runs between any two bytecodes of the thread writing."""
+
+    def test_an_event_from_a_handler_mid_write_follows_the_event_being_written(self) -> None:
+        """An event written while an event is being written (as a signal handler does) neither hangs nor cuts it."""
+        import atexit
+        import threading
+
+        from twisted.internet.task import Clock
+
+        from muxtwist import _worker_log
+        from muxtwist._worker_log import RECORD_END
+
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        out = _worker_log.ToParent(write_end, reactor=Clock())
+        self.addCleanup(os.close, out._fd)
+        real_write = os.write
+        handled: list[bytes] = []
+
+        def write(fd: int, data: Any) -> int:
+            if fd == out._fd and not handled:
+                handled.append(bytes(data))
+                out.write(b"from the handler\n")  # what a handler logging at this bytecode does
+            return real_write(fd, data)
+
+        self.patch(os, "write", write)
+        done = threading.Event()
+        writer = threading.Thread(target=lambda: (out.write(b"being written\n"), done.set()), daemon=True)
+        writer.start()
+        writer.join(10)
+        if not done.is_set():
+            atexit.unregister(out.close)  # it would wait for the lock its thread holds
+            self.fail("the write never returned: its thread waits for a lock it holds itself")
+        self.addCleanup(out.close)
+        received = b""
+        try:
+            while chunk := os.read(read_end, 1 << 16):
+                received += chunk
+        except BlockingIOError:
+            pass
+        self.assertEqual(received.split(RECORD_END), [b"being written\n", b"from the handler\n", b""])
+
+    def test_a_worker_logging_from_a_signal_handler_under_load_keeps_every_event_whole(self) -> None:
+        """A process whose timer signal handler logs 2,000 times while it logs 20,000 events ends, all whole."""
+        import subprocess
+
+        script = """
+import os, signal, sys
+from muxtwist._worker_log import ToParent
+out = ToParent(1)
+handled = 0
+def handler(signum, frame):
+    global handled
+    if handled < 2000:
+        handled += 1
+        out.write(b"handler %d\\n" % handled)
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
+written = 0
+while written < 20000 or handled < 2000:
+    out.write(b"main %d\\n" % written)
+    written += 1
+signal.setitimer(signal.ITIMER_REAL, 0)
+out.close()
+"""
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", script], capture_output=True, timeout=60, start_new_session=True
+            )
+        except subprocess.TimeoutExpired:
+            self.fail("the process never ended: a handler's write waited for the lock its own thread held")
+        self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+        records = proc.stdout.split(b"\x1e")
+        self.assertEqual(records.pop(), b"")
+        handler = [r for r in records if r.startswith(b"handler ")]
+        main = [r for r in records if r.startswith(b"main ")]
+        self.assertEqual(len(handler) + len(main), len(records), [r for r in records if not r.endswith(b"\n")][:3])
+        self.assertEqual(sorted(int(r.split()[1]) for r in handler), list(range(1, 2001)))
+        self.assertEqual([int(r.split()[1]) for r in main], list(range(len(main))))
+        self.assertGreaterEqual(len(main), 20000)
+
+
 class _ThreadClock:
     """A reactor stand-in whose later calls the test makes itself (``out._again()``)."""
 
