@@ -70,20 +70,23 @@ def worker_command(
     The command line of one worker: ``twistd -n --pidfile= [twistd_args] muxtwist ARGS``.
 
     :param own_group: start by moving into a process group of its own (the
-        parent does it too, right after the fork, so no signal to the
-        parent's group can reach the worker in between), and, on Linux, ask
-        for a SIGTERM when the parent dies, since a signal to the parent's
-        group no longer reaches the worker.
+        parent tries too, once the spawn returns; by then the worker has
+        usually done it itself), and, on Linux, ask for a SIGTERM when the
+        parent dies, since a signal to the parent's group no longer reaches
+        the worker.
     :param relayed_log: the worker logs to its standard output, which the
-        parent writes to its own log file and rotates: the worker ignores
-        ``SIGUSR1`` (twistd's "rotate the log"), which would otherwise end it.
+        parent writes to its own log file and rotates: the worker catches
+        ``SIGUSR1`` (twistd's "rotate the log"), which would otherwise end it,
+        and does nothing with it.
     """
     group = ""
     if relayed_log:
-        # Blocked by the parent from the fork on; ignored, then unblocked
-        # (a SIGUSR1 that came meanwhile is dropped).
+        # Blocked by the parent from the fork on; caught, then unblocked (a
+        # SIGUSR1 that came meanwhile is dropped). Caught rather than
+        # ignored: programs the worker starts (a backend a rules file runs)
+        # get SIGUSR1 as it comes, not ignored (nginx reopens its logs on it).
         group += (
-            "import signal; signal.signal(signal.SIGUSR1, signal.SIG_IGN)\n"
+            "import signal; signal.signal(signal.SIGUSR1, lambda signum, frame: None)\n"
             "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})\n"
         )
     if own_group:
@@ -124,6 +127,8 @@ class _Worker(_ProcessProtocol):
         self.pid: int | None = None
         #: The worker's log output after its last whole event (``relay_log``).
         self._partial = b""
+        #: Its standard error after its last whole line (``relay_log``).
+        self._error = b""
 
     def outReceived(self, data: bytes) -> None:
         # The worker's log (relay_log): whole events only (each ends in
@@ -141,6 +146,31 @@ class _Worker(_ProcessProtocol):
         if self._partial:
             partial, self._partial = self._partial.replace(RECORD_END, b""), b""
             write_log_lines(partial if partial.endswith(b"\n") else partial + b"\n")
+
+    def errReceived(self, data: bytes) -> None:
+        # Standard error (relay_log): a traceback, a rules file's error, a
+        # warning. What one read brings, in whole lines, is one event, so
+        # that a traceback written at once stays together.
+        error = self._error + data
+        end = error.rfind(b"\n") + 1
+        if len(error) - end > _LONGEST_RECORD:
+            end = len(error)
+        self._error = error[end:]
+        if end:
+            self._say(error[:end])
+
+    def errConnectionLost(self) -> None:
+        if self._error:
+            error, self._error = self._error, b""
+            self._say(error)
+
+    def _say(self, error: bytes) -> None:
+        log.warn(
+            "worker {slot} (pid {pid}) wrote to its standard error:\n{text}",
+            slot=self.slot,
+            pid=self.pid,
+            text=error.decode("utf-8", "replace").rstrip("\n"),
+        )
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -175,9 +205,10 @@ class WorkerPool(SignalHandlers, Service):
     :param relay_log: have each worker log to its standard output, a pipe
         this process reads, and write the workers' lines, whole, to this
         process's text log (:func:`muxtwist._textlog.write_log_lines`): one
-        file, written and rotated by one process. Otherwise the workers
-        write where ``twistd_args`` say, on this process's standard output
-        by default.
+        file, written and rotated by one process. What a worker writes to
+        its standard error is logged by this process too. Otherwise the
+        workers write where ``twistd_args`` say, on this process's standard
+        output by default, and share its standard error.
     :param stop_timeout: seconds to wait for workers to drain after SIGTERM
         before they are killed.
     :param admin: an endpoint description where the parent serves the
@@ -333,7 +364,9 @@ class WorkerPool(SignalHandlers, Service):
         self._pending.pop(slot, None)
         if self._stopping or not self.running:
             return
-        child_fds: dict[int, object] = {0: "w", 1: "r" if self.relay_log else 1, 2: 2}
+        # With the log relayed, standard error is read too: in a daemon it
+        # would be /dev/null, and a worker that fails to start says why there.
+        child_fds: dict[int, object] = {0: "w", 1: "r", 2: "r"} if self.relay_log else {0: "w", 1: 1, 2: 2}
         args = list(self.worker_args)
         fds = [(d, port.fileno()) for d, port in self.ports.items()]
         fds += [(d, sockets[slot].fileno()) for d, sockets in self.slot_sockets.items()]

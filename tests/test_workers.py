@@ -370,6 +370,44 @@ class LogRelayTests(unittest.TestCase):
         self.assertEqual(server.wait(30), 0, server.output[-3000:])
         self._check(log, 300)
 
+    def test_a_worker_that_cannot_start_again_says_why_in_the_log_file(self) -> None:
+        """A worker started again after its rules file broke: its error is in FILE, not only "exit code 1"."""
+        import re
+
+        server, port, log = self._serve()
+        with open(os.path.join(os.path.dirname(log), "rules.py"), "w") as f:
+            f.write("rules = [  # the file broken since the workers started\n")
+
+        def text() -> str:
+            with open(log, encoding="utf-8", errors="replace") as f:
+                return f.read()
+
+        until(lambda: re.search(r"worker 0 started: pid (\d+)", text()), 30, "worker 0's start")
+        match = re.search(r"worker 0 started: pid (\d+)", text())
+        assert match is not None
+        os.kill(int(match.group(1)), signal.SIGKILL)
+        until(lambda: "ended: exit code 1" in text(), 30, "the worker started again to fail")
+        written = text()
+        self.assertIn("standard error", written)
+        self.assertIn("rules.py", written[written.index("standard error") :])
+        os.kill(server.proc.pid, signal.SIGTERM)
+        self.assertEqual(server.wait(30), 0, server.output[-3000:])
+
+    def test_programs_a_worker_starts_do_not_ignore_sigusr1(self) -> None:
+        """A worker's start-up catches SIGUSR1 rather than ignoring it, so the programs it starts get it as usual."""
+        import subprocess
+        import sys
+
+        from muxtwist.workers import worker_command
+
+        command = worker_command([], relayed_log=True)
+        start_up = command[2].split("import sys; sys.argv[0] = 'twistd'")[0]
+        check = "import subprocess; subprocess.run(['grep', '^SigIgn', '/proc/self/status'])\n"
+        done = subprocess.run([sys.executable, "-c", start_up + check], capture_output=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        ignored = int(done.stdout.split()[1], 16)
+        self.assertFalse(ignored & (1 << (signal.SIGUSR1 - 1)), done.stdout)
+
     def test_daemon_workers_log_to_twistd_log(self) -> None:
         """A daemon with --workers and no --logfile: the workers' lines are in twistd.log too."""
         import subprocess
