@@ -79,6 +79,9 @@ class Options(usage.Options):
             hold_sighup()
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError(f"--log-format must be text or json, got {self['log-format']!r}")
+        # A --logger given to twistd, as given (twistd imports it later): the
+        # workers of --workers are given it too.
+        self["twistd-logger"] = self.parent.get("logger") if self.parent is not None else None
         if self["log-format"] == "json" and self.parent is not None:
             # twistd builds its log observer from its own --logger option
             # after all options are parsed; this is where ours goes in.
@@ -156,9 +159,17 @@ def _workers(options: Options) -> IService:
     twistd_args: list[str] = []
     parent: Any = options.parent
     # With muxtwist's text log, the workers' lines go through this process to
-    # its one file; otherwise each worker opens the --logfile itself.
+    # its one file. A --syslog or --logger given to twistd is the workers'
+    # too (else a daemon's workers would log to its /dev/null); otherwise
+    # each worker opens the --logfile itself. JSON: --log-format, below.
     relay_log = parent is not None and parent.get("logger") is text_log_observer
-    if parent is not None and parent.get("logfile") and parent["logfile"] != "-" and not relay_log:
+    if parent is None or relay_log or parent.get("logger") is json_log_observer:
+        pass
+    elif parent.get("syslog"):
+        twistd_args += ["--syslog", f"--prefix={parent.get('prefix') or 'twisted'}"]
+    elif isinstance(options.get("twistd-logger"), str):
+        twistd_args.append(f"--logger={options['twistd-logger']}")
+    elif parent.get("logfile") and parent["logfile"] != "-":
         twistd_args.append(f"--logfile={parent['logfile']}")
     if parent is not None and parent.get("reactor"):
         # Workers run the reactor twistd was given (ASGI targets need asyncio's).

@@ -711,3 +711,38 @@ class EchoBackpressureTests(unittest.TestCase):
         self.assertEqual(back.hexdigest(), digest.hexdigest())
         code, log = server.stop()
         self.assertEqual(code, 0, log)
+
+
+class WorkersLogOptionsTests(unittest.SynchronousTestCase):
+    """Where twistd was told to log, the workers of --workers log too."""
+
+    def _pool(self, *twistd_args: str, json: bool = False) -> Any:
+        from twisted.scripts.twistd import ServerOptions
+
+        from muxtwist import tap
+        from muxtwist._textlog import use_twistd_options
+
+        self.addCleanup(use_twistd_options, {})
+        config = ServerOptions()
+        muxtwist_args = ["--workers", "2", "--port", "tcp:0", *(["--log-format", "json"] if json else [])]
+        config.parseOptions(["-n", *twistd_args, "muxtwist", *muxtwist_args])
+        return tap.makeService(config.subOptions)
+
+    def test_syslog_given_to_twistd_is_the_workers_too(self) -> None:
+        """`twistd --syslog --prefix P muxtwist --workers 2`: each worker gets --syslog --prefix=P."""
+        pool = self._pool("--syslog", "--prefix", "edge")
+        self.assertEqual(pool.twistd_args, ["--syslog", "--prefix=edge"])
+        self.assertFalse(pool.relay_log)
+
+    def test_a_logger_given_to_twistd_is_the_workers_too(self) -> None:
+        """`twistd --logger X -l FILE muxtwist --workers 2`: each worker gets --logger=X, and no FILE to open."""
+        pool = self._pool("--logger", "twisted.logger.textFileLogObserver", "-l", "unused.log")
+        self.assertEqual(pool.twistd_args, ["--logger=twisted.logger.textFileLogObserver"])
+
+    def test_the_text_log_is_relayed_and_json_written_by_each_worker(self) -> None:
+        """The text log goes through the parent; with --log-format json each worker writes its own, no FILE."""
+        text = self._pool("-l", "unused.log")
+        self.assertEqual((text.twistd_args, text.relay_log), ([], True))
+        json = self._pool("-l", "unused.log", json=True)
+        self.assertEqual((json.twistd_args, json.relay_log), ([], False))
+        self.assertIn("json", json.worker_args)

@@ -408,6 +408,33 @@ class LogRelayTests(unittest.TestCase):
         ignored = int(done.stdout.split()[1], 16)
         self.assertFalse(ignored & (1 << (signal.SIGUSR1 - 1)), done.stdout)
 
+    def test_workers_log_through_the_logger_twistd_was_given(self) -> None:
+        """`twistd --logger X muxtwist --workers 2`: the workers' connection lines go to X as well, not their stdout."""
+        from muxtwist.workers import worker_command
+
+        tmp = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        lines = os.path.join(tmp, "observed.log")
+        with open(os.path.join(tmp, "observed.py"), "w") as f:
+            f.write(
+                "import os\n"
+                "from twisted.logger import textFileLogObserver\n"
+                "def observer():\n"
+                "    return textFileLogObserver(open(os.environ['OBSERVED'], 'a'))\n"
+            )
+        port = free_port()
+        args = ["--config", self._rules(tmp), "--port", f"tcp:{port}:interface=127.0.0.1", "--workers", "2"]
+        env = {"TMPDIR": tmp, "OBSERVED": lines, "PYTHONPATH": os.pathsep.join([tmp, os.environ.get("PYTHONPATH", "")])}
+        server = Process(worker_command(args, ["--logger=observed.observer"]), os.path.join(tmp, "out"), env=env)
+        self.addCleanup(server.kill)
+        wait_for_port(port, server.proc)
+        self._echo_many(port, 20)
+        os.kill(server.proc.pid, signal.SIGTERM)
+        self.assertEqual(server.wait(30), 0, server.output[-3000:])
+        with open(lines, encoding="utf-8", errors="replace") as f:
+            ends = [line for line in f if "ended: handed_off, rule echo" in line]
+        self.assertEqual(len(ends), 20, server.output[-2000:])
+
     def test_daemon_workers_log_to_twistd_log(self) -> None:
         """A daemon with --workers and no --logfile: the workers' lines are in twistd.log too."""
         import subprocess
