@@ -19,7 +19,7 @@ from muxtwist.service import MuxService
 from muxtwist.sniffing import Rule, SniffingFactory
 from muxtwist.tls import TerminateTLS, reload_all_certificates
 from tests.test_imports import loaded_after
-from tests.test_tls import Recorder, cert_dir, pki, write
+from tests.test_tls import Recorder, cert_dir, make_pair, pki, write
 
 LOCAL = "tcp:0:interface=127.0.0.1"
 
@@ -105,3 +105,36 @@ class CountedWhereTheOwnerSaysTests(TestCase):
             "tls.buildProtocol(addr); assert tls.buildProtocol(addr) is None\n"
         )
         self.assertEqual(loaded_after(code), [])
+
+
+class KeysReadOnceTests(TestCase):
+    def test_a_reload_reads_no_unchanged_key_again(self) -> None:
+        """Reloads, and a new TerminateTLS of the same files, check no unchanged key again; a changed key is read."""
+        from cryptography.hazmat.primitives import serialization
+
+        from muxtwist.tls import _certificates
+
+        cache = getattr(_certificates, "_private_key", None)  # what was read before this test counts for nothing
+        if cache is not None:
+            cache.cache_clear()
+            self.addCleanup(cache.cache_clear)
+        read: list[bytes] = []
+        real = serialization.load_pem_private_key
+
+        def counted(data: bytes, password: bytes | None) -> object:
+            read.append(data)
+            return real(data, password)
+
+        self.patch(serialization, "load_pem_private_key", counted)
+        directory = cert_dir(self, **{"a.test": pki().a, "b.test": pki().b})
+        terminator = TerminateTLS(directory, Recorder(), reactor=Clock())
+        self.assertEqual(len(read), 2)
+        reload_all_certificates(terminator)
+        reload_all_certificates(terminator)
+        TerminateTLS(directory, Recorder(), reactor=Clock())
+        self.assertEqual(len(read), 2)
+        changed = make_pair("b.test", ["b.test"], pki().ca)  # a new key for b.test
+        write(os.path.join(directory, "b.test.pem"), changed.cert_pem + changed.key_pem)
+        reload_all_certificates(terminator)
+        self.assertEqual(len(read), 3)
+        self.assertEqual(terminator.hosts, ["a.test", "b.test"])

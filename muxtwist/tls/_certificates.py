@@ -6,6 +6,7 @@ by the client's SNI (an exact name, then a wildcard, then ``DEFAULT``).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import weakref
@@ -66,6 +67,19 @@ def _sources(certificates: str | os.PathLike[str] | Mapping[str, Any]) -> dict[s
 _PRIVATE_KEY = re.compile(rb"-----BEGIN ([A-Z ]*PRIVATE KEY)-----.+?-----END \1-----", re.DOTALL)
 
 
+@functools.lru_cache(maxsize=1024)
+def _private_key(pem: bytes) -> Any:
+    """
+    The private key in ``pem``, read once while it stays among the last
+    1,024 read: checking an RSA key costs tens of milliseconds of the
+    reactor's thread, and every reload reads every certificate's files
+    again (twice: the running TerminateTLS, then the rules file's new one).
+    A file whose key changed is read anew; one that cannot be read is tried
+    again each time.
+    """
+    return serialization.load_pem_private_key(pem, password=None)
+
+
 def read_pair(cert_path: str, key_path: str) -> tuple[list[x509.Certificate], Any]:
     """
     The certificate chain and the private key in ``cert_path`` and
@@ -91,7 +105,7 @@ def read_pair(cert_path: str, key_path: str) -> tuple[list[x509.Certificate], An
     if block is None:
         raise CertificateError(f"{key_path}: no PEM private key in it")
     try:
-        key = serialization.load_pem_private_key(block.group(0), password=None)
+        key = _private_key(block.group(0))
     except (ValueError, TypeError) as e:
         raise CertificateError(f"{key_path}: unreadable private key ({e})") from None
     return chain, key
