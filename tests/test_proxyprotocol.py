@@ -74,6 +74,17 @@ class ParseTests(unittest.TestCase):
             with self.assertRaises(ProxyProtocolError, msg=bad):
                 parse(bad)
 
+    def test_v1_address_with_a_scope_is_refused(self) -> None:
+        """An IPv6 address with a scope (which ipaddress would take) is not an address of the v1 grammar."""
+        for bad in (
+            b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n",
+            b"PROXY TCP6 fe80::1%\x1b[31mEVIL ::1 1 2\r\n",
+            b"PROXY TCP6 ::1 fe80::1%1 1 2\r\n",
+        ):
+            with self.assertRaises(ProxyProtocolError, msg=bad) as caught:
+                parse(bad)
+            self.assertIn("scope", str(caught.exception))
+
     def test_v2_round_trips(self) -> None:
         """build_v2 and parse agree for IPv4 and IPv6, and TLVs are read."""
         h = parse(V2)

@@ -158,6 +158,9 @@ def _parse_v1(data: bytes) -> ProxyHeader | None:
 
 
 def _v1_ip(text: str, version: int) -> str:
+    if "%" in text:
+        # ipaddress takes a scope (fe80::1%eth0); the header's grammar has none.
+        raise ProxyProtocolError(f"v1 header address {text!r} has a scope, which the protocol does not allow")
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
