@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from muxtwist._reachable import within
 from muxtwist._report import Observers
 from muxtwist._signals import SignalHandlers
-from muxtwist._twisted import default_reactor, listen_errors_raise, listening, set_port_log_observer
+from muxtwist._twisted import default_reactor, endpoint_port, listen_errors_raise, listening, set_port_log_observer
 from muxtwist.admin import admin_site
 from muxtwist.config import Config, ConfigError, apply_settings, build_factory, endpoint_description, load_config
 from muxtwist.metrics import EmfileThrottle, EmfileWatcher, Metrics, default_metrics
@@ -89,6 +89,20 @@ class Listener(StreamServerEndpointService):
             set_port_log_observer(port, EmfileThrottle(metrics, self._reactor))
         log.info("listening on {description} at {address}", description=self.description, address=port.getHost())
         return port
+
+
+def _in_the_way(old: Listener, new: Listener) -> bool:
+    """
+    Whether ``old`` may hold the address ``new`` listens on, so that it must
+    close before ``new`` can listen: two TCP (or ``ssl:``) endpoints on the
+    same port number other than 0, whatever their interfaces, or two
+    endpoints that are not TCP (``unix:``, ``systemd:``, a plugin's), whose
+    addresses cannot be compared.
+    """
+    old_at, new_at = endpoint_port(old.endpoint), endpoint_port(new.endpoint)
+    if old_at is None or new_at is None:
+        return old_at is None and new_at is None
+    return old_at[0] == new_at[0] != 0
 
 
 class MuxService(SignalHandlers, MultiService):
@@ -176,22 +190,31 @@ class MuxService(SignalHandlers, MultiService):
         """
         description = endpoint_description(description)
         listener = Listener(description, factory, self._reactor, self.inherited.pop(description, None))
+        self._start_listener(listener)
+        return listener
+
+    def _start_listener(self, listener: Listener) -> None:
+        """Start ``listener`` as a child of this service; raise, keeping nothing of it, if it cannot listen."""
+        factory = listener.factory
         self._observe(factory)
         # Hold the factory started for the whole service life, so that a port
         # that stops listening does not stop the factories of connections
         # that are still draining.
-        if id(factory) not in self._held:
+        took = id(factory) not in self._held
+        if took:
             self._held[id(factory)] = factory
             factory.doStart()
         try:
             listener.setServiceParent(self)  # type: ignore[no-untyped-call]
         except BaseException:
             # A listener that could not listen is not kept: a later reload
-            # sees it missing and tries again.
+            # sees it missing and tries again. A factory held before (one
+            # listening again after a reload) keeps its hold: it may have
+            # connections, and its owner drains it.
             listener.disownServiceParent()  # type: ignore[no-untyped-call]
-            self._release([factory])
+            if took:
+                self._release([factory])
             raise
-        return listener
 
     def _observe(self, factory: SniffingFactory) -> None:
         """
@@ -213,22 +236,29 @@ class MuxService(SignalHandlers, MultiService):
         d.addCallback(lambda _: self._drain([listener.factory]))
         return d
 
-    def _close_port(self, listener: Listener) -> defer.Deferred[None]:
+    def _close_port(self, listener: Listener, *, drain: bool = True) -> defer.Deferred[None]:
         """
         Stop ``listener`` listening; the Deferred fires once its port is
-        closed. Its connections drain in the background, as at a stop.
+        closed. Its connections drain in the background, as at a stop,
+        unless ``drain`` is false (the caller then drains them, or listens
+        with its factory again).
         """
         closed: defer.Deferred[None] = defer.maybeDeferred(listener.disownServiceParent)
 
-        def drain(_: object) -> None:
-            self._drain([listener.factory]).addErrback(
-                lambda f: log.failure("draining {description} failed", f, description=listener.description)
-            )
+        def closed_now(_: object) -> None:
+            if drain:
+                self._drain_in_background(listener)
 
         def failed(f: Failure) -> None:
             log.failure("closing {description} failed", f, description=listener.description)
 
-        return closed.addCallbacks(drain, failed)
+        return closed.addCallbacks(closed_now, failed)
+
+    def _drain_in_background(self, listener: Listener) -> None:
+        """Drain the connections of a listener that no longer listens, as a stop does."""
+        self._drain([listener.factory]).addErrback(
+            lambda f: log.failure("draining {description} failed", f, description=listener.description)
+        )
 
     def load(self, config: Config) -> None:
         """Create the listeners of a loaded rules file: ``ports`` with ``rules``, plus ``listeners``."""
@@ -284,18 +314,29 @@ class MuxService(SignalHandlers, MultiService):
         settings, live ones keep theirs; listeners that appear are started and
         listeners that disappear are drained. A broken file changes nothing.
 
-        A listener whose description changes but whose port stays (say
-        ``tcp:3000`` to ``tcp:3000:interface=127.0.0.1``) is one that
-        disappears and one that appears: the old port is closed first, then
-        the new one listens. A listener that cannot listen is logged, left
-        out, and tried again at the next reload. Applications of the new
+        Listeners that appear listen first; those that disappear close (and
+        drain) only once every one that appears listens. When one cannot
+        listen (its port is taken, say), it is logged, left out and tried
+        again at the next reload, and every listener that was to disappear
+        serves on with its running rules and settings (a rules file names
+        listeners by endpoint description only, so which old one a new one
+        replaces is not known); the next reload that starts them all closes
+        them. A listener whose description changes but whose port stays
+        (say ``tcp:3000`` to ``tcp:3000:interface=127.0.0.1``; see
+        ``_in_the_way``) cannot listen beside the old one: the old port
+        is closed first, then the new one listens; if it cannot, the old
+        description listens again, with the old listener's running rules
+        and its connections untouched (logged), so that the port is not
+        lost. Connections of a listener that closes drain as at a stop;
+        none is cut. Applications of the new
         rules with a startup to wait for (an ``ASGI`` app's lifespan) start
         first: if one fails, or they take longer than ``shutdown_timeout``,
         the reload changes nothing.
 
-        :returns: a Deferred that fires, once the new listeners listen, with
-            whether the reload fully took effect (``False`` for a broken file
-            or a listener that could not be started).
+        :returns: a Deferred that fires, once the new listeners listen and
+            the old ports are closed, with whether the reload fully took
+            effect (``False`` for a broken file or a listener that could not
+            be started).
         """
         # Every TerminateTLS the listeners' rules reach, nested ones included:
         # certificates rotate even when the rules file has not changed.
@@ -379,8 +420,6 @@ class MuxService(SignalHandlers, MultiService):
         udp_reloaded = reload_udp_listeners(self, {d: r for d, r in wanted.items() if is_udp(d)}, config.settings)
         wanted = {d: r for d, r in wanted.items() if not is_udp(d)}
         current = self.listeners
-        # Old ports close before new ones listen: the same port may be in both.
-        closing = [self._close_port(current[d]) for d in sorted(set(current) - set(wanted))]
         for description, rules in wanted.items():
             if description in current:
                 apply_settings(current[description].factory, rules, config.settings)
@@ -388,40 +427,103 @@ class MuxService(SignalHandlers, MultiService):
         self.shutdown_timeout = config.settings.shutdown_timeout
         for hook in self.reloaded:
             hook(config)
+        gone = [current[d] for d in sorted(set(current) - set(wanted))]
         added = {d: rules for d, rules in wanted.items() if d not in current}
-
-        def start_new(_: object) -> bool:
-            failed = []
-            for description, rules in added.items():
-                if self.in_worker:
-                    log.error(
-                        "reload: cannot add listener {description} in a worker; restart to add listeners",
-                        description=description,
-                    )
-                    failed.append(description)
-                    continue
-                try:
-                    self.add_listener(description, build_factory(rules, config.settings, self._reactor))
-                except Exception as e:
-                    log.error(
-                        "reload: cannot listen on {description}: {problem}; the next reload tries again",
-                        description=description,
-                        problem=str(e),
-                    )
-                    failed.append(description)
-            if failed:
-                log.error(
-                    "reloaded {path}, but {n} listener(s) did not start: {failed}",
-                    path=self.config_path,
-                    n=len(failed),
-                    failed=", ".join(failed),
-                )
-                return False
-            log.info("reloaded {path}: {n} listener(s)", path=self.config_path, n=len(wanted))
-            return True
-
-        tcp_reloaded = defer.gatherResults(closing).addCallback(start_new)
+        tcp_reloaded = defer.Deferred.fromCoroutine(self._change_listeners(gone, added, config, len(wanted)))
         return defer.gatherResults([udp_reloaded, tcp_reloaded]).addCallback(all)
+
+    async def _change_listeners(
+        self, gone: list[Listener], added: dict[str, tuple[Any, ...]], config: Config, total: int
+    ) -> bool:
+        """
+        Start the listeners ``added``, then close those ``gone`` if every
+        added one listens (see :meth:`_reload_now`); whether all did.
+        """
+        failed: list[str] = []
+        new: list[Listener] = []
+        for description, rules in added.items():
+            if self.in_worker:
+                log.error(
+                    "reload: cannot add listener {description} in a worker; restart to add listeners",
+                    description=description,
+                )
+                failed.append(description)
+                continue
+            try:
+                new.append(Listener(description, build_factory(rules, config.settings, self._reactor), self._reactor))
+            except Exception as e:
+                self._cannot_listen(description, e)
+                failed.append(description)
+        # Old ports that a new listener needs close first.
+        first = [old for old in gone if any(_in_the_way(old, listener) for listener in new)]
+        await defer.gatherResults([self._close_port(old, drain=False) for old in first])
+        if self.draining:
+            # A stop began while they closed: nothing more listens.
+            log.info("reload: the service is stopping; no new listener starts")
+            for old in first:
+                self._stopping_factories.append(old.factory)
+                self._drain_in_background(old)
+            return False
+        started: list[Listener] = []
+        for listener in new:
+            try:
+                self._start_listener(listener)
+            except Exception as e:
+                self._cannot_listen(listener.description, e)
+                failed.append(listener.description)
+            else:
+                started.append(listener)
+        for old in first:
+            if any(_in_the_way(old, listener) for listener in started) or not self._listen_again(old):
+                self._drain_in_background(old)
+        rest = [old for old in gone if old not in first]
+        if failed:
+            if rest:
+                log.error(
+                    "reload: {kept} serve(s) on with the running rules until every listener the rules file adds"
+                    " listens",
+                    kept=", ".join(old.description for old in rest),
+                )
+            log.error(
+                "reloaded {path}, but {n} listener(s) did not start: {failed}",
+                path=self.config_path,
+                n=len(failed),
+                failed=", ".join(failed),
+            )
+            return False
+        await defer.gatherResults([self._close_port(old) for old in rest])
+        log.info("reloaded {path}: {n} listener(s)", path=self.config_path, n=total)
+        return True
+
+    def _cannot_listen(self, description: str, problem: Exception) -> None:
+        log.error(
+            "reload: cannot listen on {description}: {problem}; the next reload tries again",
+            description=description,
+            problem=str(problem),
+        )
+
+    def _listen_again(self, old: Listener) -> bool:
+        """
+        Listen on the description of ``old``, a listener a reload closed for
+        a new one on its port that then could not listen, with its factory
+        (its running rules, its connections); whether it could.
+        """
+        try:
+            self._start_listener(Listener(old.description, old.factory, self._reactor))
+        except Exception as e:
+            log.error(
+                "reload: cannot listen again on {description}: {problem}; its port stays closed until a reload"
+                " listens on it",
+                description=old.description,
+                problem=str(e),
+            )
+            return False
+        log.warn(
+            "reload: listening again on {description}, with its running rules: the listener the rules file puts"
+            " on its port could not listen",
+            description=old.description,
+        )
+        return True
 
     def privilegedStartService(self) -> None:
         if self._admin is not None:

@@ -9,7 +9,7 @@ import os
 import textwrap
 from typing import Any
 
-from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.internet import defer, endpoints, error, protocol, reactor, task
 from twisted.trial import unittest
 
 from muxtwist import MuxService, Rule, SniffingFactory
@@ -250,20 +250,23 @@ class Say(Protocol):
         self.transport.loseConnection()
 
 
-listeners = {{"{description}": [Rule(Prefix(b"HI"), Factory.forProtocol(Say), name="hi")]}}
+listeners = {{{entries}}}
 sniff_timeout = 2
 WORD = b"{word}"
 """
+LISTENER = '"{description}": [Rule(Prefix(b"HI"), Factory.forProtocol(Say), name="hi")]'
 
 
 class ReloadListenerTests(unittest.TestCase):
     """Reloads that change listeners, on real ports."""
 
-    def write(self, description: str, word: str) -> None:
+    def write(self, description: str | tuple[str, ...], word: str) -> None:
+        descriptions = (description,) if isinstance(description, str) else description
+        entries = ", ".join(LISTENER.format(description=d) for d in descriptions)
         with open(self.path, "w") as f:
-            f.write(LISTENERS.format(description=description, word=word))
+            f.write(LISTENERS.format(entries=entries, word=word))
 
-    def start(self, description: str) -> MuxService:
+    def start(self, description: str | tuple[str, ...]) -> MuxService:
         from muxtwist.config import load_config
 
         self.path = os.path.abspath(self.mktemp() + "-rules.py")
@@ -310,11 +313,109 @@ class ReloadListenerTests(unittest.TestCase):
         problems = [e for e in events if "cannot listen on" in e.get("log_format", "")]
         self.assertEqual(len(problems), 1)
         self.assertIn("Address already in use", problems[0]["problem"])
-        self.assertEqual(list(service.listeners), [])
+        self.assertEqual(list(service.listeners), ["tcp:0:interface=127.0.0.1"])
         blocker.close()
         self.assertTrue((yield service.reload()))
+        self.assertEqual(list(service.listeners), [f"tcp:{port}:interface=127.0.0.1"])
         client = yield defer.Deferred.fromCoroutine(connect(port, b"HI"))
         self.assertEqual((yield client.lost), b"two:HI")
+
+    @defer.inlineCallbacks
+    def test_listener_moved_to_a_taken_port_keeps_serving_on_its_old_port(self) -> Any:
+        """A listener moved to a taken port serves on at its old port with its old rules; reload says False, logged."""
+        import socket
+
+        from twisted.logger import globalLogPublisher
+
+        from tests.twistd import free_port
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        old = free_port()
+        service = self.start(f"tcp:{old}:interface=127.0.0.1")
+        waiting = yield defer.Deferred.fromCoroutine(connect(old, b""))
+        blocker = socket.socket()
+        self.addCleanup(blocker.close)
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        taken = blocker.getsockname()[1]
+        self.write(f"tcp:{taken}:interface=127.0.0.1", "two")
+        self.assertFalse((yield service.reload()))
+        problems = [e for e in events if "cannot listen on" in e.get("log_format", "")]
+        self.assertEqual([e["description"] for e in problems], [f"tcp:{taken}:interface=127.0.0.1"])
+        self.assertIn("Address already in use", problems[0]["problem"])
+        self.assertEqual(list(service.listeners), [f"tcp:{old}:interface=127.0.0.1"])
+        client = yield defer.Deferred.fromCoroutine(connect(old, b"HI"))
+        self.assertEqual((yield client.lost), b"one:HI")
+        waiting.transport.write(b"HI")  # type: ignore[union-attr]
+        self.assertEqual((yield waiting.lost), b"one:HI")
+
+    @defer.inlineCallbacks
+    def test_same_port_listener_that_cannot_listen_gives_the_port_back_to_the_old_one(self) -> Any:
+        """A same-port listener that cannot listen gets the old one listening again, logged, its connections kept."""
+        import socket
+
+        from twisted.logger import globalLogPublisher
+
+        from tests.twistd import free_port
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        port = free_port()
+        service = self.start(f"tcp:{port}:interface=127.0.0.1")
+        waiting = yield defer.Deferred.fromCoroutine(connect(port, b""))
+        # Another process holds the port on another loopback address: all interfaces cannot listen.
+        blocker = socket.socket()
+        self.addCleanup(blocker.close)
+        blocker.bind(("127.0.0.2", port))
+        blocker.listen(1)
+        self.write(f"tcp:{port}", "two")
+        self.assertFalse((yield service.reload()))
+        problems = [e for e in events if "cannot listen on" in e.get("log_format", "")]
+        self.assertEqual([e["description"] for e in problems], [f"tcp:{port}"])
+        again = [e for e in events if e.get("log_format", "").startswith("reload: listening again on")]
+        self.assertEqual([e["description"] for e in again], [f"tcp:{port}:interface=127.0.0.1"])
+        self.assertEqual(list(service.listeners), [f"tcp:{port}:interface=127.0.0.1"])
+        client = yield defer.Deferred.fromCoroutine(connect(port, b"HI"))
+        self.assertEqual((yield client.lost), b"one:HI")
+        waiting.transport.write(b"HI")  # type: ignore[union-attr]
+        self.assertEqual((yield waiting.lost), b"one:HI")
+        blocker.close()
+        self.assertTrue((yield service.reload()))
+        self.assertEqual(list(service.listeners), [f"tcp:{port}"])
+        client = yield defer.Deferred.fromCoroutine(connect(port, b"HI"))
+        self.assertEqual((yield client.lost), b"two:HI")
+
+    @defer.inlineCallbacks
+    def test_removed_listeners_serve_on_until_every_added_listener_listens(self) -> Any:
+        """Listeners a reload removes serve on with their running rules until every listener it adds listens."""
+        import socket
+
+        from tests.twistd import free_port
+
+        first, second, third = free_port(), free_port(), free_port()
+        old = (f"tcp:{first}:interface=127.0.0.1", f"tcp:{second}:interface=127.0.0.1")
+        service = self.start(old)
+        blocker = socket.socket()
+        self.addCleanup(blocker.close)
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        taken = blocker.getsockname()[1]
+        new = (f"tcp:{third}:interface=127.0.0.1", f"tcp:{taken}:interface=127.0.0.1")
+        self.write(new, "two")
+        self.assertFalse((yield service.reload()))
+        self.assertEqual(sorted(service.listeners), sorted([*old, new[0]]))
+        for port, answer in [(first, b"one:HI"), (second, b"one:HI"), (third, b"two:HI")]:
+            client = yield defer.Deferred.fromCoroutine(connect(port, b"HI"))
+            self.assertEqual((yield client.lost), answer)
+        blocker.close()
+        self.assertTrue((yield service.reload()))
+        self.assertEqual(sorted(service.listeners), sorted(new))
+        client = yield defer.Deferred.fromCoroutine(connect(taken, b"HI"))
+        self.assertEqual((yield client.lost), b"two:HI")
+        yield self.assertFailure(defer.Deferred.fromCoroutine(connect(first, b"HI")), error.ConnectionRefusedError)
 
     @defer.inlineCallbacks
     def test_back_to_back_reloads_that_move_a_port_end_serving_the_last_file(self) -> Any:
