@@ -81,3 +81,18 @@ class LogThrottle:
             return suppressed
         entry[1] += 1
         return None
+
+    def flush(self, key: Hashable) -> int | None:
+        """
+        ``None`` if no line for ``key`` was left out since the last one let
+        through; otherwise how many were, now reported: the count starts
+        again from 0, and the next line for ``key`` waits ``interval`` from
+        now, as after a line let through. For a caller that reports a
+        burst's count once the burst stops (with a timer of its own).
+        """
+        entry = self._last.get(key)
+        if entry is None or not entry[1]:
+            return None
+        suppressed = int(entry[1])
+        entry[0], entry[1] = self._reactor.seconds(), 0
+        return suppressed

@@ -1,6 +1,7 @@
 """
 Choosing backends: balancing, passive and active health checks, TLS to
-backends, PROXY headers over IPv6, and the Proxy's own validation.
+backends, PROXY headers over IPv6, the Proxy's own validation, and the
+rate-limited log lines of a backend's failures.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ import socket
 from typing import Any
 
 from twisted.internet import ssl, task
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.error import ConnectionRefusedError as Refused
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from muxtwist import ConnectionInfo, Rule
@@ -144,6 +149,96 @@ class PassiveHealthTests(unittest.TestCase):
         await one()
         self.assertEqual(proxy.stats[dead].errors, {"refused": 3})
         self.assertEqual(proxy.stats[live].total, 5)
+
+
+class FailureLogTests(unittest.TestCase):
+    """A dead backend behind a connect loop: its log lines, on a clock."""
+
+    DEAD = "tcp:host=127.0.0.1:port=17999"
+
+    def setUp(self) -> None:
+        self.events = capture_logs(self)
+        self.reactor = MemoryReactorClock()
+        self.proxy = Proxy(self.DEAD, reactor=self.reactor, max_fails=10**6)
+
+    def refused(self, source: object) -> None:
+        """One client from ``source`` whose connect to the dead backend is refused."""
+        relay = self.proxy.buildProtocolForConnection(None, ConnectionInfo(peer=source), "down")  # type: ignore[arg-type]
+        assert relay is not None
+        relay.makeConnection(StringTransport())
+        factory = self.reactor.tcpClients[-1][2]
+        factory.clientConnectionFailed(self.reactor.connectors[-1], Failure(Refused()))
+
+    def lines(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return logged(self.events, "failed for"), logged(self.events, "could take")
+
+    def test_burst_logs_one_line_each_then_the_count(self) -> None:
+        """100 refused connects in a second log one failure and one gave-up line, then the other 99 counted."""
+        for i in range(100):
+            self.refused(IPv4Address("TCP", "10.0.0.5", 40000 + i))
+            self.reactor.advance(0.005)
+        failures, gave_up = self.lines()
+        self.assertEqual((len(failures), len(gave_up)), (1, 1))
+        first = formatEvent(failures[0])
+        self.assertIn("10.0.0.5:40000", first)
+        self.assertIn("refused", first)
+        self.assertIn("10.0.0.5:40000", formatEvent(gave_up[0]))
+        self.assertNotIn("IPv4Address", first + formatEvent(gave_up[0]))
+        self.reactor.advance(1)
+        failures, gave_up = self.lines()
+        self.assertEqual((len(failures), len(gave_up)), (2, 2))
+        for line in (failures[1], gave_up[1]):
+            self.assertEqual(line["suppressed"], 99)
+            self.assertIn("99 more", formatEvent(line))
+            self.assertIn("10.0.0.5:40099", formatEvent(line))
+        self.reactor.advance(10)
+        self.assertEqual(self.lines(), ([failures[0], failures[1]], [gave_up[0], gave_up[1]]))
+        # Metrics count every one.
+        self.assertEqual(self.proxy.stats[self.DEAD].errors, {"refused": 100})
+        self.assertEqual(self.proxy.gave_up, 100)
+
+    def test_first_failure_after_quiet_is_logged_at_once_with_reason(self) -> None:
+        """After a quiet second the next failure is logged at once, with its reason and client, and no count."""
+        self.refused(IPv4Address("TCP", "10.0.0.5", 1))
+        self.reactor.advance(5)
+        self.refused(IPv6Address("TCP", "2001:db8::7", 2))
+        failures, gave_up = self.lines()
+        self.assertEqual((len(failures), len(gave_up)), (2, 2))
+        self.assertEqual(failures[1]["kind"], "refused")
+        self.assertEqual(failures[1]["suppressed"], 0)
+        self.assertIn("[2001:db8::7]:2", formatEvent(failures[1]))
+        self.assertNotIn("more", formatEvent(failures[1]))
+
+    def test_steady_failures_once_a_second_every_one_counted(self) -> None:
+        """Failures every 10 ms for 3 s give about a line a second per kind, the lines accounting for every one."""
+        for i in range(300):
+            self.refused(IPv4Address("TCP", "10.0.0.5", i))
+            self.reactor.advance(0.01)
+        self.reactor.advance(2)
+        for lines in self.lines():
+            self.assertIn(len(lines), range(3, 6))
+            # A line about one client stands for it and the count it carries; a count line only for that count.
+            own = sum(1 for line in lines if "more clients" not in line["log_format"])
+            self.assertEqual(sum(line["suppressed"] for line in lines) + own, 300, lines)
+
+    def test_client_address_escaped(self) -> None:
+        """A client's UNIX path (a PROXY header's claim) is written escaped, on one line."""
+        self.refused(UNIXAddress(b"/run/a\nforged\x1b"))
+        text = formatEvent(self.lines()[0][0]) + formatEvent(self.lines()[1][0])
+        self.assertNotIn("\n", text)
+        self.assertIn("/run/a\\x0aforged\\x1b", text)
+
+    def test_stop_logs_the_pending_count(self) -> None:
+        """Stopping the proxy logs the counts still pending at once, and nothing more when their second ends."""
+        self.proxy.doStart()
+        for i in range(3):
+            self.refused(IPv4Address("TCP", "10.0.0.5", i))
+        self.proxy.doStop()
+        failures, gave_up = self.lines()
+        self.assertEqual([line["suppressed"] for line in failures], [0, 2])
+        self.assertEqual([line["suppressed"] for line in gave_up], [0, 2])
+        self.reactor.advance(1)
+        self.assertEqual(len(self.lines()[0]), 2)
 
 
 class ActiveHealthTests(unittest.TestCase):

@@ -46,3 +46,19 @@ class LogThrottleTests(unittest.TestCase):
         self.assertEqual(throttle.admit("a"), 5)
         self.assertIsNone(throttle.admit("a"))
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_flush_reports_the_count_left_out_and_starts_the_interval_again(self) -> None:
+        """flush returns how many lines were left out (None if none), and the next line waits an interval."""
+        clock = task.Clock()
+        throttle = LogThrottle(clock, interval=1.0)
+        self.assertIsNone(throttle.flush("a"))
+        self.assertEqual(throttle.admit("a"), 0)
+        self.assertIsNone(throttle.flush("a"))
+        self.assertEqual([throttle.admit("a") for _ in range(3)], [None] * 3)
+        clock.advance(1.5)
+        self.assertEqual(throttle.flush("a"), 3)
+        self.assertIsNone(throttle.flush("a"))
+        clock.advance(0.5)
+        self.assertIsNone(throttle.admit("a"))
+        clock.advance(0.5)
+        self.assertEqual(throttle.admit("a"), 1)

@@ -32,6 +32,7 @@ from muxtwist.proxy._backends import (
     connect_succeeded,
     ordered,
 )
+from muxtwist.proxy._failure_log import FailureLog
 from muxtwist.proxy._health import HealthCheck, HealthChecks
 from muxtwist.proxy._idle import IdleTimedRelay
 from muxtwist.proxy._relay import Relay
@@ -166,6 +167,8 @@ class Proxy:
         self.relays: set[Relay] = set()
         #: connections closed because no backend could take them, or max_connections.
         self.gave_up = 0
+        #: the lines of failed connects and of gave_up, at most one a second per backend and per rule.
+        self._failure_log = FailureLog(reactor)
         self._next = 0
         self._random = random.Random()
         self._started = 0
@@ -231,12 +234,14 @@ class Proxy:
             self._health.start(self.backends)
 
     def doStop(self) -> None:
-        """Stop the active health checks when the last listener stops."""
+        """Stop the active health checks when the last listener stops, and log the failures not logged yet."""
         if self._started == 0:
             return
         self._started -= 1
-        if self._started == 0 and self._health is not None:
-            self._health.stop(self.backends)
+        if self._started == 0:
+            if self._health is not None:
+                self._health.stop(self.backends)
+            self._failure_log.flush()
 
     def buildProtocol(self, addr: IAddress) -> IProtocol | None:
         return self.buildProtocolForConnection(addr, ConnectionInfo(peer=addr), "")

@@ -48,12 +48,14 @@ from zope.interface import implementer
 
 from muxtwist._deadlines import Deadline
 from muxtwist._failures import connect_failure_kind, connect_failure_text
+from muxtwist._limits import address_text
 from muxtwist._transports import abort, half_close
 from muxtwist._twisted import unsent_bytes, was_aborted
 from muxtwist.interfaces import ConnectionInfo, IConnectionReport
 from muxtwist.proxy import _splice
 from muxtwist.proxy._backends import Backend, _OneProtocol
 from muxtwist.proxy._closing import ClosingEnds
+from muxtwist.proxy._failure_log import FailureLog
 from muxtwist.proxy._raw import RawTransport, SpliceFactory
 
 __all__ = ["Relay"]
@@ -65,6 +67,7 @@ class _RelayOwner(TypingProtocol):
     """What a relay reads and calls on its :class:`~muxtwist.proxy.Proxy`."""
 
     _reactor: Any
+    _failure_log: FailureLog
     relays: set[Relay]
     gave_up: int
     proxy_protocol: int | None
@@ -257,11 +260,7 @@ class Relay(Protocol):
         proxy = self.proxy
         if not self._candidates:
             proxy.gave_up += 1
-            log.warn(
-                "rule {rule}: no backend could take {client}; closing it",
-                rule=self.rule_name,
-                client=self.info.source,
-            )
+            proxy._failure_log.gave_up(self.rule_name, self.info.source)
             assert self.transport is not None
             self._close(self.transport)
             return
@@ -325,7 +324,8 @@ class Relay(Protocol):
         else:
             kind, problem = connect_failure_kind(reason), connect_failure_text(reason)
         self.proxy._connect_failed(backend, kind)
-        self._warn("rule {rule}: backend {backend} failed for {client}: {kind}: {problem}", backend, kind, problem)
+        # At most a line a second per backend: a dead one behind a connect loop must not flood the log.
+        self.proxy._failure_log.connect_failed(self.rule_name, backend.description, self.info.source, kind, problem)
         self._try_next()
 
     def _warn(self, format: str, backend: Backend, kind: str, problem: str) -> None:
@@ -334,7 +334,7 @@ class Relay(Protocol):
             format,
             rule=self.rule_name,
             backend=backend.description,
-            client=self.info.source,
+            client=address_text(self.info.source),
             kind=kind,
             problem=problem,
         )

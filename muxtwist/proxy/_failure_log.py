@@ -1,0 +1,116 @@
+"""
+The log lines of a :class:`~muxtwist.proxy.Proxy`'s failed connects, and of
+the connections no backend could take, thinned out: a dead backend behind a
+client's connect loop would otherwise write two warnings per connection.
+
+A backend's failures are logged at most once a second, and a rule's
+``no backend could take`` line too (a :class:`~muxtwist._text.LogThrottle`,
+as for the sniffer's limit refusals). The first after a quiet second is
+logged at once, with its client and reason; the next line let through says
+how many were left out since the last. When a burst stops, the count still
+pending is logged (with the last client and reason) a second after the first
+one left out, by a one-shot timer, so the tail of a burst is never lost or
+told only with the next failure, hours later; stopping the proxy logs it at
+once. Clients are written ``host:port``, escaped. The proxy's counters count
+every failure either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from muxtwist._limits import address_text
+from muxtwist._text import LogThrottle, printable
+
+__all__ = ["FailureLog"]
+
+log = Logger(namespace="muxtwist.proxy")
+
+
+class _Line:
+    """The formats of one kind of line: about one client, its count suffix, and the count alone."""
+
+    __slots__ = ("alone", "more", "one")
+
+    def __init__(self, one: str, more: str, alone: str) -> None:
+        self.one, self.more, self.alone = one, more, alone
+
+
+_FAILED = _Line(
+    "rule {rule}: backend {backend} failed for {client}: {kind}: {problem}",
+    " ({suppressed} more failures since the last line)",
+    "rule {rule}: backend {backend} failed for {suppressed} more clients since the last line"
+    " (the last: {client}: {kind}: {problem})",
+)
+_GAVE_UP = _Line(
+    "rule {rule}: no backend could take {client}; closing it",
+    " ({suppressed} more closed since the last line)",
+    "rule {rule}: no backend could take {suppressed} more clients since the last line"
+    " (the last: {client}); closed them",
+)
+
+
+class FailureLog:
+    """
+    A proxy's backend-failure and gave-up lines, at most one a second per
+    backend (per rule for gave-up), with the count of those left out.
+
+    :param reactor: the clock (``IReactorTime``).
+    """
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        self._reactor = reactor
+        self._throttle = LogThrottle(reactor)
+        #: the last line left out for each key, and the timer that will report its count.
+        self._held: dict[Hashable, tuple[_Line, dict[str, object]]] = {}
+        self._timers: dict[Hashable, IDelayedCall] = {}
+
+    def connect_failed(self, rule: str, backend: str, client: object, kind: str, problem: str) -> None:
+        """A connect to ``backend`` for ``client`` failed: ``kind`` (refused, timeout...) and why."""
+        self._line(
+            ("backend", backend),
+            _FAILED,
+            rule=rule,
+            backend=printable(backend),
+            client=address_text(client),
+            kind=kind,
+            problem=printable(problem),
+        )
+
+    def gave_up(self, rule: str, client: object) -> None:
+        """No backend of ``rule`` could take ``client``, which is closed."""
+        self._line(("gave_up", rule), _GAVE_UP, rule=rule, client=address_text(client))
+
+    def flush(self) -> None:
+        """Log every count still pending now (the proxy stops), and cancel the timers that would have."""
+        for key in list(self._timers):
+            self._timers.pop(key).cancel()
+            self._report(key)
+
+    def _line(self, key: Hashable, line: _Line, **fields: object) -> None:
+        suppressed = self._throttle.admit(key)
+        if suppressed is None:
+            self._held[key] = (line, fields)
+            if key not in self._timers:
+                self._timers[key] = self._reactor.callLater(self._throttle.interval, self._due, key)
+            return
+        # This line carries the count; a timer for it has nothing left to say.
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        self._held.pop(key, None)
+        log.warn((line.one + line.more) if suppressed else line.one, suppressed=suppressed, **fields)
+
+    def _due(self, key: Hashable) -> None:
+        del self._timers[key]
+        self._report(key)
+
+    def _report(self, key: Hashable) -> None:
+        held = self._held.pop(key, None)
+        suppressed = self._throttle.flush(key)
+        if held is not None and suppressed:
+            line, fields = held
+            log.warn(line.alone, suppressed=suppressed, **fields)
