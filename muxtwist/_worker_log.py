@@ -8,6 +8,7 @@ alone writes them into its one log file
 from __future__ import annotations
 
 import atexit
+import collections
 import io
 import os
 import threading
@@ -61,11 +62,10 @@ class ToParent(io.RawIOBase):
         except OSError:
             self._fd = os.dup(fd)
             os.set_blocking(self._fd, False)
-        # Reentrant: a signal handler's write in the thread holding it is
-        # let in, to leave its event in _reentered (see _serve).
-        self._lock = threading.RLock()
-        self._busy = False
-        self._reentered: list[bytes] = []
+        # Taken only by a writer that need not wait for it (see _serve).
+        self._lock = threading.Lock()
+        #: Events written and not yet passed on or held, in order.
+        self._queue: collections.deque[bytes] = collections.deque()
         self._held = bytearray()
         self._dropped = 0
         self._retry: Any = None
@@ -81,41 +81,47 @@ class ToParent(io.RawIOBase):
 
     def write(self, data: Any) -> int:
         size = len(data)
-        self._serve(bytes(data).replace(RECORD_END, b"\\x1e") + RECORD_END)
+        self._queue.append(bytes(data).replace(RECORD_END, b"\\x1e") + RECORD_END)
+        self._serve()
         return size
 
-    def _serve(self, record: bytes | None, last: bool = False) -> None:
+    def _serve(self, retry: bool = False, last: bool = False) -> None:
         """
-        Write ``record`` (None: only what is held; ``last``: what is held,
-        waiting for the parent, and every write after), and then the events a
-        signal handler wrote meanwhile. Python runs a handler in the main
-        thread between any two bytecodes, this method's too, and a handler
-        may log (Twisted's do): its event waits in a list, never for the
-        lock its own thread holds (a worker that stopped for good), and goes
-        out after the event being written, never into the middle of it.
+        Pass on the events queued, and what is held (``retry``; ``last``: at
+        exit, waiting for the parent, and every write after), unless another
+        writer is doing it: then that writer passes this one's events on
+        too, after its own.
+
+        No writer ever waits for the lock. Python runs a signal handler in
+        the main thread between any two bytecodes, this method's too, and a
+        handler may log (Twisted's do): waiting for a lock its own thread
+        holds would stop the worker for good, and waiting for one another
+        thread holds can close a cycle with a lock of that thread's (Twisted's
+        legacy log keeps one). The lock is tried again after its release,
+        so an event queued meanwhile is never left behind.
         """
-        with self._lock:
-            if self._busy:
-                if record is not None:
-                    self._reentered.append(record)
+        first = True
+        while first or self._queue:
+            # At exit, close() waits a little for a writer in another thread.
+            if not (self._lock.acquire(timeout=5.0) if last and first else self._lock.acquire(blocking=False)):
                 return
-            self._busy = True
             try:
-                if last and not self._last_writes:
-                    self._last_writes = True
-                    if self._dropped:
-                        self._hold_dropped_note()
-                    held = bytes(self._held)
-                    self._held.clear()
-                    self._send_all(held)
-                elif record is not None:
-                    self._write(record)
-                elif self._held and not self._pass_on():
-                    self._later()
-                while self._reentered:
-                    self._write(self._reentered.pop(0))
+                if first:
+                    if last and not self._last_writes:
+                        self._last_writes = True
+                        if self._dropped:
+                            self._hold_dropped_note()
+                        held = bytes(self._held)
+                        self._held.clear()
+                        self._send_all(held)
+                    elif retry and self._held and not self._pass_on():
+                        self._later()
+                    first = False
+                queue = self._queue
+                while queue:
+                    self._write(queue.popleft())
             finally:
-                self._busy = False
+                self._lock.release()
 
     def _write(self, record: bytes) -> None:
         """Write one event's record, or hold or drop it (under the lock)."""
@@ -175,7 +181,7 @@ class ToParent(io.RawIOBase):
 
     def _again(self) -> None:
         self._retry = None
-        self._serve(None)
+        self._serve(retry=True)
 
     def _send_all(self, data: bytes) -> None:
         """Write ``data`` whole, waiting for the parent: at exit only."""
@@ -192,7 +198,7 @@ class ToParent(io.RawIOBase):
 
     def close(self) -> None:
         """At exit: what is held, and the count of what was dropped, go to the parent, waiting for it."""
-        self._serve(None, last=True)
+        self._serve(last=True)
         atexit.unregister(self.close)
         super().close()
 

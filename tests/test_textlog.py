@@ -409,6 +409,64 @@ class SignalHandlerWriteTests(unittest.TestCase):
             pass
         self.assertEqual(received.split(RECORD_END), [b"being written\n", b"from the handler\n", b""])
 
+    def test_a_handler_waiting_for_another_threads_lock_is_not_waited_for(self) -> None:
+        """A thread holding a lock of its own writes while a handler mid-write waits for that lock: no cycle."""
+        import atexit
+        import threading
+
+        from twisted.internet.task import Clock
+
+        from muxtwist import _worker_log
+        from muxtwist._worker_log import RECORD_END
+
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        out = _worker_log.ToParent(write_end, reactor=Clock())
+        self.addCleanup(os.close, out._fd)
+        theirs = threading.Lock()  # as Twisted's legacy log keeps around its observers
+        inside, queued, handled = threading.Event(), threading.Event(), []
+
+        def other_thread() -> None:
+            with theirs:
+                inside.wait(10)
+                out.write(b"from the thread\n")
+                queued.set()
+
+        real_write = os.write
+
+        def write(fd: int, data: Any) -> int:
+            if fd == out._fd and not handled:
+                handled.append(False)
+                inside.set()
+                queued.wait(2)
+                if theirs.acquire(timeout=5):  # the handler logs through the thread's lock
+                    try:
+                        out.write(b"from the handler\n")
+                        handled[0] = True
+                    finally:
+                        theirs.release()
+            return real_write(fd, data)
+
+        self.patch(os, "write", write)
+        thread = threading.Thread(target=other_thread, daemon=True)
+        thread.start()
+        out.write(b"being written\n")
+        thread.join(10)
+        self.assertEqual(handled, [True], "the handler waited for a lock the waiting thread held: a cycle")
+        atexit.unregister(out.close)
+        self.addCleanup(out.close)
+        received = b""
+        try:
+            while chunk := os.read(read_end, 1 << 16):
+                received += chunk
+        except BlockingIOError:
+            pass
+        self.assertEqual(
+            received.split(RECORD_END), [b"being written\n", b"from the thread\n", b"from the handler\n", b""]
+        )
+
     def test_a_worker_logging_from_a_signal_handler_under_load_keeps_every_event_whole(self) -> None:
         """A process whose timer signal handler logs 2,000 times while it logs 20,000 events ends, all whole."""
         import subprocess
