@@ -165,10 +165,10 @@ def _workers(options: Options) -> IService:
     relay_log = parent is not None and parent.get("logger") is text_log_observer
     if parent is None or relay_log or parent.get("logger") is json_log_observer:
         pass
+    elif isinstance(options.get("twistd-logger"), str):  # twistd itself prefers it to --syslog
+        twistd_args.append(f"--logger={options['twistd-logger']}")
     elif parent.get("syslog"):
         twistd_args += ["--syslog", f"--prefix={parent.get('prefix') or 'twisted'}"]
-    elif isinstance(options.get("twistd-logger"), str):
-        twistd_args.append(f"--logger={options['twistd-logger']}")
     elif parent.get("logfile") and parent["logfile"] != "-":
         twistd_args.append(f"--logfile={parent['logfile']}")
     if parent is not None and parent.get("reactor"):

@@ -739,6 +739,11 @@ class WorkersLogOptionsTests(unittest.SynchronousTestCase):
         pool = self._pool("--logger", "twisted.logger.textFileLogObserver", "-l", "unused.log")
         self.assertEqual(pool.twistd_args, ["--logger=twisted.logger.textFileLogObserver"])
 
+    def test_a_logger_beside_syslog_wins_for_the_workers_as_for_twistd(self) -> None:
+        """`twistd --syslog --logger X muxtwist --workers 2`: twistd logs to X, and so do the workers."""
+        pool = self._pool("--syslog", "--logger", "twisted.logger.textFileLogObserver")
+        self.assertEqual(pool.twistd_args, ["--logger=twisted.logger.textFileLogObserver"])
+
     def test_the_text_log_is_relayed_and_json_written_by_each_worker(self) -> None:
         """The text log goes through the parent; with --log-format json each worker writes its own, no FILE."""
         text = self._pool("-l", "unused.log")
