@@ -104,6 +104,10 @@ class ToParent(io.RawIOBase):
         while first or self._queue:
             # At exit, close() waits a little for a writer in another thread.
             if not (self._lock.acquire(timeout=5.0) if last and first else self._lock.acquire(blocking=False)):
+                if retry and first:
+                    # The writer holding the lock may have taken this retry
+                    # for one still to come: one is.
+                    self._later()
                 return
             try:
                 if first:
@@ -133,6 +137,7 @@ class ToParent(io.RawIOBase):
                 self._dropped += 1
             else:
                 self._held += record
+            self._later()
             return
         try:
             sent = os.write(self._fd, record)

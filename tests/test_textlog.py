@@ -467,6 +467,55 @@ class SignalHandlerWriteTests(unittest.TestCase):
             received.split(RECORD_END), [b"being written\n", b"from the thread\n", b"from the handler\n", b""]
         )
 
+    def test_a_retry_that_finds_the_lock_taken_is_not_lost(self) -> None:
+        """The retry timer fires while a thread writes: held events still go out by later retries alone."""
+        import atexit
+        import fcntl
+        import threading
+
+        from twisted.internet.task import Clock
+
+        from muxtwist import _worker_log
+        from muxtwist._worker_log import RECORD_END
+
+        read_end, write_end = os.pipe()
+        fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
+        os.set_blocking(read_end, False)
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        clock = Clock()
+        out = _worker_log.ToParent(write_end, reactor=clock)
+        self.addCleanup(os.close, out._fd)
+        atexit.unregister(out.close)
+        big = b"x" * 3000 + b"\n"
+        for _ in range(4):  # past the pipe: the rest held, a retry due
+            out.write(big)
+        real_write = os.write
+        inside, go = threading.Event(), threading.Event()
+
+        def write(fd: int, data: Any) -> int:
+            if threading.current_thread().name == "writer" and not go.is_set():
+                inside.set()
+                go.wait(10)
+            return real_write(fd, data)
+
+        self.patch(os, "write", write)
+        writer = threading.Thread(target=out.write, args=(b"from the thread\n",), name="writer", daemon=True)
+        writer.start()
+        self.assertTrue(inside.wait(10))
+        clock.advance(0.06)  # the retry, while the thread holds the lock
+        go.set()
+        writer.join(10)
+        received = b""
+        for _ in range(40):  # the parent reads; nothing is written but by retries
+            try:
+                while chunk := os.read(read_end, 1 << 16):
+                    received += chunk
+            except BlockingIOError:
+                pass
+            clock.advance(0.05)
+        self.assertEqual(received.split(RECORD_END), [big] * 4 + [b"from the thread\n", b""])
+
     def test_a_worker_logging_from_a_signal_handler_under_load_keeps_every_event_whole(self) -> None:
         """A process whose timer signal handler logs 2,000 times while it logs 20,000 events ends, all whole."""
         import subprocess
