@@ -177,7 +177,9 @@ class _Worker(_ProcessProtocol):
         self.pid = self.transport.pid
         log.info("worker {slot} started: pid {pid}", slot=self.slot, pid=self.pid)
 
-    def processEnded(self, reason: Failure) -> None:
+    def processExited(self, reason: Failure) -> None:
+        # At its exit, not once its pipes close too (processEnded): a program
+        # it started (a backend a rules file runs) may hold them for long.
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         if reason.check(ProcessDone):

@@ -435,6 +435,46 @@ class LogRelayTests(unittest.TestCase):
             ends = [line for line in f if "ended: handed_off, rule echo" in line]
         self.assertEqual(len(ends), 20, server.output[-2000:])
 
+    def test_a_worker_is_started_again_while_a_program_it_started_holds_its_output(self) -> None:
+        """A killed worker whose rules file started a program that keeps its stdout and stderr: seen and replaced."""
+        import re
+
+        server, port, log = self._serve()
+        tmp = os.path.dirname(log)
+        pids = os.path.join(tmp, "helpers")
+        with open(os.path.join(tmp, "rules.py"), "a") as f:
+            f.write(
+                "import os, subprocess\n"
+                "helper = subprocess.Popen(['sleep', '60'], stdin=subprocess.DEVNULL, start_new_session=True)\n"
+                f"with open({pids!r}, 'a') as pids:\n"
+                "    pids.write(f'{helper.pid}\\n')\n"
+            )
+
+        def stop_helpers() -> None:
+            with open(pids) as f:
+                for line in f:
+                    try:
+                        os.kill(int(line), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+        def text() -> str:
+            with open(log, encoding="utf-8", errors="replace") as f:
+                return f.read()
+
+        # The workers that loaded the file above: the ones started after the write.
+        os.kill(server.proc.pid, signal.SIGHUP)
+        until(lambda: os.path.exists(pids), 30, "a helper started")
+        self.addCleanup(stop_helpers)
+        until(lambda: re.search(r"worker 0 started: pid (\d+)", text()), 30, "worker 0's start")
+        match = re.search(r"worker 0 started: pid (\d+)", text())
+        assert match is not None
+        os.kill(int(match.group(1)), signal.SIGKILL)
+        until(lambda: len(re.findall(r"worker 0 started: pid", text())) >= 2, 15, "worker 0 started again")
+        self._echo_many(port, 5)
+        os.kill(server.proc.pid, signal.SIGTERM)
+        self.assertEqual(server.wait(30), 0, server.output[-3000:])
+
     def test_daemon_workers_log_to_twistd_log(self) -> None:
         """A daemon with --workers and no --logfile: the workers' lines are in twistd.log too."""
         import subprocess
