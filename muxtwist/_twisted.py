@@ -238,6 +238,21 @@ def endpoint_port(endpoint: IStreamServerEndpoint) -> tuple[int, str] | None:
     return port, str(getattr(held, "_interface", ""))
 
 
+def endpoint_unix_path(endpoint: IStreamServerEndpoint) -> str | None:
+    """
+    The socket path of a UNIX server endpoint built by ``serverFromString``
+    (``unix:PATH``); ``None`` for any other endpoint.
+
+    Why private: ``UNIXServerEndpoint`` keeps the parsed path as
+    ``_address`` and exposes it nowhere. Checked on Twisted 26.10.0.
+    """
+    if type(endpoint).__name__ != "UNIXServerEndpoint":
+        return None
+    held: Any = endpoint
+    path = getattr(held, "_address", None)
+    return path if isinstance(path, str) else None
+
+
 def endpoint_backlog(endpoint: object) -> int | None:
     """
     The ``listen()`` backlog of a TCP or UNIX server endpoint built by

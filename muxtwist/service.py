@@ -20,7 +20,14 @@ from twisted.python.failure import Failure
 from muxtwist._reachable import within
 from muxtwist._report import Observers
 from muxtwist._signals import SignalHandlers
-from muxtwist._twisted import default_reactor, endpoint_port, listen_errors_raise, listening, set_port_log_observer
+from muxtwist._twisted import (
+    default_reactor,
+    endpoint_port,
+    endpoint_unix_path,
+    listen_errors_raise,
+    listening,
+    set_port_log_observer,
+)
 from muxtwist.admin import admin_site
 from muxtwist.config import Config, ConfigError, apply_settings, build_factory, endpoint_description, load_config
 from muxtwist.metrics import EmfileThrottle, EmfileWatcher, Metrics, default_metrics
@@ -95,10 +102,13 @@ def _in_the_way(old: Listener, new: Listener) -> bool:
     """
     Whether ``old`` may hold the address ``new`` listens on, so that it must
     close before ``new`` can listen: two TCP (or ``ssl:``) endpoints on the
-    same port number other than 0, whatever their interfaces, or two
-    endpoints that are not TCP (``unix:``, ``systemd:``, a plugin's), whose
-    addresses cannot be compared.
+    same port number other than 0, whatever their interfaces, two ``unix:``
+    endpoints on the same path, or two other endpoints that are not TCP
+    (``systemd:``, a plugin's), whose addresses cannot be compared.
     """
+    old_path, new_path = endpoint_unix_path(old.endpoint), endpoint_unix_path(new.endpoint)
+    if old_path is not None and new_path is not None:
+        return os.path.abspath(old_path) == os.path.abspath(new_path)
     old_at, new_at = endpoint_port(old.endpoint), endpoint_port(new.endpoint)
     if old_at is None or new_at is None:
         return old_at is None and new_at is None

@@ -6,6 +6,7 @@ the graceful stop and reloading the rules file.
 from __future__ import annotations
 
 import os
+import shutil
 import textwrap
 from typing import Any
 
@@ -57,6 +58,13 @@ async def connect(port: int, send: bytes) -> Client:
     await endpoints.connectProtocol(endpoint, client)
     if send:
         client.transport.write(send)  # type: ignore[union-attr]
+    return client
+
+
+async def connect_unix(path: str, send: bytes) -> Client:
+    client = Client()
+    await endpoints.connectProtocol(endpoints.UNIXClientEndpoint(reactor, path), client)
+    client.transport.write(send)  # type: ignore[union-attr]
     return client
 
 
@@ -291,6 +299,22 @@ class ReloadListenerTests(unittest.TestCase):
         self.assertEqual(list(service.listeners), [f"tcp:{port}:interface=127.0.0.1"])
         second = yield defer.Deferred.fromCoroutine(connect(port, b"HI"))
         self.assertEqual((yield second.lost), b"two:HI")
+
+    @defer.inlineCallbacks
+    def test_unix_listener_of_a_failed_reload_serves_on_beside_another_unix_one(self) -> Any:
+        """unix:a -> unix:missing/b (cannot listen) and unix:c: a serves on with its rules, c listens, reload False."""
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        a, b, c = (os.path.join(folder, name) for name in ("a.sock", "missing/b.sock", "c.sock"))
+        service = self.start(f"unix:{a}")
+        self.write((f"unix:{b}", f"unix:{c}"), "two")
+        self.assertFalse((yield service.reload()))
+        old = yield defer.Deferred.fromCoroutine(connect_unix(a, b"HI"))
+        self.assertEqual((yield old.lost), b"one:HI")
+        new = yield defer.Deferred.fromCoroutine(connect_unix(c, b"HI"))
+        self.assertEqual((yield new.lost), b"two:HI")
 
     @defer.inlineCallbacks
     def test_listener_that_cannot_listen_fails_the_reload_and_is_retried(self) -> Any:

@@ -34,6 +34,7 @@ from muxtwist._twisted import (
     default_reactor,
     endpoint_backlog,
     endpoint_port,
+    endpoint_unix_path,
     generic_http_channel_base,
     http_channel_busy,
     http_inner_channel,
@@ -312,6 +313,16 @@ class ReactorTests(unittest.TestCase):
         self.assertEqual(endpoint_port(tcp4), (8443, "127.0.0.1"))
         self.assertEqual(endpoint_port(tcp6), (8444, "::1"))
         self.assertIsNone(endpoint_port(endpoints.serverFromString(NoReactor(), "unix:/tmp/x.sock")))
+
+    def test_endpoint_unix_path(self) -> None:
+        """endpoint_unix_path: serverFromString's UNIX endpoint keeps its path as _address."""
+
+        class NoReactor:
+            pass
+
+        path = endpoint_unix_path(endpoints.serverFromString(NoReactor(), "unix:/tmp/x.sock:mode=600"))
+        self.assertEqual(path, "/tmp/x.sock")
+        self.assertIsNone(endpoint_unix_path(endpoints.serverFromString(NoReactor(), "tcp:8443")))
 
     def test_endpoint_backlog(self) -> None:
         """endpoint_backlog: serverFromString's stream endpoints keep backlog= (50 by default) as _backlog."""
