@@ -33,6 +33,35 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault(
     "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), f"muxtwist-hypothesis-{os.getuid()}")
 )
+#: The test files that never run a reactor (no callLater, listen, connect,
+#: reader or writer of their own; a Clock or memory at most): the wheel and
+#: Sphinx builds, the pure matcher, parser and fuzz-harness tests, the import
+#: walker, the text helpers, the deadline queue, the TCP sniffer, its model and
+#: the UDP flow sniffer on a Clock or in memory, rules-file and option loading,
+#: exports. Their tests are marked ``pure``: the README runs them on two
+#: processes (``-m pure -n 2``, pytest-xdist) before the others, one at a time;
+#: the asyncio pass of .ci/run leaves them out (they would only run twice).
+PURE = frozenset(
+    {
+        "packaging", "docs", "matchers_properties", "matchers_basic", "matchers_edges", "matchers_options",
+        "matchers_protocols", "matchers_quic", "matchers_udp", "fuzz_harnesses", "fuzz_udp", "fuzz_regressions",
+        "imports", "text", "deadlines", "sniffing", "sniffing_model", "sniffing_layout", "prestage_attack",
+        "testing", "connection_memory", "admin_status", "udp", "config", "options", "exports",
+        "proxy_descriptions", "service_imports", "tls_matchers",
+    }
+)  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "pure: a test of a file that never runs a reactor (tests/conftest.py PURE)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem.removeprefix("test_") in PURE:
+            item.add_marker(pytest.mark.pure)
+
+
 #: Ignored paths a run may create without leaving scratch behind.
 _HARMLESS = ("__pycache__", ".pyc", "dropin.cache", ".egg-info")
 
