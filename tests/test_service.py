@@ -285,6 +285,25 @@ class ReloadListenerTests(unittest.TestCase):
         self.addCleanup(service.stopService)
         return service
 
+    def log_events(self) -> list[dict[str, Any]]:
+        """The events logged from now on, until the test ends."""
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    def held_port(self, host: str, port: int) -> Any:
+        """A socket of another server listening on ``host:port`` (0: any free one), closed at the end."""
+        import socket
+
+        blocker = socket.socket()
+        self.addCleanup(blocker.close)
+        blocker.bind((host, port))
+        blocker.listen(1)
+        return blocker
+
     @defer.inlineCallbacks
     def test_reload_that_keeps_the_port_keeps_serving(self) -> Any:
         """A reload that adds interface= to a listener on the same port closes the old port first and serves on."""
@@ -319,18 +338,10 @@ class ReloadListenerTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_listener_that_cannot_listen_fails_the_reload_and_is_retried(self) -> Any:
         """A new listener whose port is taken makes reload report failure and log why; the next reload retries it."""
-        import socket
 
-        from twisted.logger import globalLogPublisher
-
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = self.log_events()
         service = self.start("tcp:0:interface=127.0.0.1")
-        blocker = socket.socket()
-        self.addCleanup(blocker.close)
-        blocker.bind(("127.0.0.1", 0))
-        blocker.listen(1)
+        blocker = self.held_port("127.0.0.1", 0)
         port = blocker.getsockname()[1]
         self.write(f"tcp:{port}:interface=127.0.0.1", "two")
         self.assertFalse((yield service.reload()))
@@ -347,22 +358,14 @@ class ReloadListenerTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_listener_moved_to_a_taken_port_keeps_serving_on_its_old_port(self) -> Any:
         """A listener moved to a taken port serves on at its old port with its old rules; reload says False, logged."""
-        import socket
-
-        from twisted.logger import globalLogPublisher
 
         from tests.twistd import free_port
 
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = self.log_events()
         old = free_port()
         service = self.start(f"tcp:{old}:interface=127.0.0.1")
         waiting = yield defer.Deferred.fromCoroutine(connect(old, b""))
-        blocker = socket.socket()
-        self.addCleanup(blocker.close)
-        blocker.bind(("127.0.0.1", 0))
-        blocker.listen(1)
+        blocker = self.held_port("127.0.0.1", 0)
         taken = blocker.getsockname()[1]
         self.write(f"tcp:{taken}:interface=127.0.0.1", "two")
         self.assertFalse((yield service.reload()))
@@ -378,23 +381,15 @@ class ReloadListenerTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_same_port_listener_that_cannot_listen_gives_the_port_back_to_the_old_one(self) -> Any:
         """A same-port listener that cannot listen gets the old one listening again, logged, its connections kept."""
-        import socket
-
-        from twisted.logger import globalLogPublisher
 
         from tests.twistd import free_port
 
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = self.log_events()
         port = free_port()
         service = self.start(f"tcp:{port}:interface=127.0.0.1")
         waiting = yield defer.Deferred.fromCoroutine(connect(port, b""))
         # Another process holds the port on another loopback address: all interfaces cannot listen.
-        blocker = socket.socket()
-        self.addCleanup(blocker.close)
-        blocker.bind(("127.0.0.2", port))
-        blocker.listen(1)
+        blocker = self.held_port("127.0.0.2", port)
         self.write(f"tcp:{port}", "two")
         self.assertFalse((yield service.reload()))
         problems = [e for e in events if "cannot listen on" in e.get("log_format", "")]
@@ -415,17 +410,13 @@ class ReloadListenerTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_removed_listeners_serve_on_until_every_added_listener_listens(self) -> Any:
         """Listeners a reload removes serve on with their running rules until every listener it adds listens."""
-        import socket
 
         from tests.twistd import free_port
 
         first, second, third = free_port(), free_port(), free_port()
         old = (f"tcp:{first}:interface=127.0.0.1", f"tcp:{second}:interface=127.0.0.1")
         service = self.start(old)
-        blocker = socket.socket()
-        self.addCleanup(blocker.close)
-        blocker.bind(("127.0.0.1", 0))
-        blocker.listen(1)
+        blocker = self.held_port("127.0.0.1", 0)
         taken = blocker.getsockname()[1]
         new = (f"tcp:{third}:interface=127.0.0.1", f"tcp:{taken}:interface=127.0.0.1")
         self.write(new, "two")

@@ -244,23 +244,9 @@ class ToParentTests(unittest.TestCase):
         from muxtwist import _worker_log
 
         self.patch(_worker_log, "TO_PARENT_LIMIT", 256 * 1024)
-        read_end, write_end = os.pipe()
-        os.set_blocking(read_end, False)
-        self.addCleanup(os.close, read_end)
-        self.addCleanup(os.close, write_end)
-        out = _worker_log.ToParent(write_end, reactor=clock)
-        self.addCleanup(os.close, out._fd)
+        read_end, out = _pipe_to_parent(self, clock)
         self.addCleanup(out.close)
         return read_end, out
-
-    def _drain(self, read_end: int) -> bytes:
-        received = b""
-        try:
-            while chunk := os.read(read_end, 1 << 20):
-                received += chunk
-        except BlockingIOError:
-            pass
-        return received
 
     def _count(self, records: list[bytes], line: bytes) -> tuple[int, int]:
         """The records equal to ``line``, and the count the dropped-events notes give; every other is neither."""
@@ -284,7 +270,7 @@ class ToParentTests(unittest.TestCase):
         received = b""
         for _ in range(100):
             clock.advance(0.05)
-            received += self._drain(read_end)
+            received += _read_all(read_end)
             if not out._held and not out._dropped:
                 break
         records = received.split(RECORD_END)
@@ -306,9 +292,9 @@ class ToParentTests(unittest.TestCase):
         self.assertTrue(out._held)
         received = b""
         for _ in range(1000):
-            received += self._drain(read_end)
+            received += _read_all(read_end)
             out.write(line)
-        received += self._drain(read_end)
+        received += _read_all(read_end)
         self.assertFalse(out._held)
         records = received.split(RECORD_END)
         self.assertEqual(records.pop(), b"")
@@ -322,7 +308,7 @@ class ToParentTests(unittest.TestCase):
 
         read_end, out = self._pipe(Clock())
         out.write(b"client said: abc" + RECORD_END + b"def\n")
-        self.assertEqual(self._drain(read_end), b"client said: abc\\x1edef\n" + RECORD_END)
+        self.assertEqual(_read_all(read_end), b"client said: abc\\x1edef\n" + RECORD_END)
 
     def test_threads_may_write_while_events_are_held(self) -> None:
         """Several threads writing while the pipe is full lose no event to an error, and every record is whole."""
@@ -346,7 +332,7 @@ class ToParentTests(unittest.TestCase):
             t.start()
         received = b""
         for _ in range(2000):
-            received += self._drain(read_end)
+            received += _read_all(read_end)
             out._again()
             if not any(t.is_alive() for t in threads):
                 break
@@ -354,7 +340,7 @@ class ToParentTests(unittest.TestCase):
             t.join(10)
         for _ in range(200):
             out._again()
-            received += self._drain(read_end)
+            received += _read_all(read_end)
             if not out._held and not out._dropped:
                 break
         self.assertEqual(errors, [])
@@ -364,25 +350,48 @@ class ToParentTests(unittest.TestCase):
         self.assertEqual(kept + dropped, 6000)
 
 
+def _pipe_to_parent(test: unittest.TestCase, clock: Any = None, size: int | None = None) -> tuple[int, Any]:
+    """A worker's ToParent on a pipe of ``size`` bytes (the default: the system's), and the pipe's read end."""
+    import atexit
+    import fcntl
+
+    from twisted.internet.task import Clock
+
+    from muxtwist import _worker_log
+
+    read_end, write_end = os.pipe()
+    if size is not None:
+        fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+    os.set_blocking(read_end, False)
+    test.addCleanup(os.close, read_end)
+    test.addCleanup(os.close, write_end)
+    out = _worker_log.ToParent(write_end, reactor=clock if clock is not None else Clock())
+    test.addCleanup(os.close, out._fd)
+    atexit.unregister(out.close)  # the test closes it, when it can
+    return read_end, out
+
+
+def _read_all(read_end: int) -> bytes:
+    """What the pipe holds now."""
+    received = b""
+    try:
+        while chunk := os.read(read_end, 1 << 16):
+            received += chunk
+    except BlockingIOError:
+        pass
+    return received
+
+
 class SignalHandlerWriteTests(unittest.TestCase):
     """A signal handler that logs in a worker, which Python runs between any two bytecodes of the thread writing."""
 
     def test_an_event_from_a_handler_mid_write_follows_the_event_being_written(self) -> None:
         """An event written while an event is being written (as a signal handler does) neither hangs nor cuts it."""
-        import atexit
         import threading
 
-        from twisted.internet.task import Clock
-
-        from muxtwist import _worker_log
         from muxtwist._worker_log import RECORD_END
 
-        read_end, write_end = os.pipe()
-        os.set_blocking(read_end, False)
-        self.addCleanup(os.close, read_end)
-        self.addCleanup(os.close, write_end)
-        out = _worker_log.ToParent(write_end, reactor=Clock())
-        self.addCleanup(os.close, out._fd)
+        read_end, out = _pipe_to_parent(self)
         real_write = os.write
         handled: list[bytes] = []
 
@@ -398,33 +407,17 @@ class SignalHandlerWriteTests(unittest.TestCase):
         writer.start()
         writer.join(10)
         if not done.is_set():
-            atexit.unregister(out.close)  # it would wait for the lock its thread holds
             self.fail("the write never returned: its thread waits for a lock it holds itself")
         self.addCleanup(out.close)
-        received = b""
-        try:
-            while chunk := os.read(read_end, 1 << 16):
-                received += chunk
-        except BlockingIOError:
-            pass
-        self.assertEqual(received.split(RECORD_END), [b"being written\n", b"from the handler\n", b""])
+        self.assertEqual(_read_all(read_end).split(RECORD_END), [b"being written\n", b"from the handler\n", b""])
 
     def test_a_handler_waiting_for_another_threads_lock_is_not_waited_for(self) -> None:
         """A thread holding a lock of its own writes while a handler mid-write waits for that lock: no cycle."""
-        import atexit
         import threading
 
-        from twisted.internet.task import Clock
-
-        from muxtwist import _worker_log
         from muxtwist._worker_log import RECORD_END
 
-        read_end, write_end = os.pipe()
-        os.set_blocking(read_end, False)
-        self.addCleanup(os.close, read_end)
-        self.addCleanup(os.close, write_end)
-        out = _worker_log.ToParent(write_end, reactor=Clock())
-        self.addCleanup(os.close, out._fd)
+        read_end, out = _pipe_to_parent(self)
         theirs = threading.Lock()  # as Twisted's legacy log keeps around its observers
         inside, queued, handled = threading.Event(), threading.Event(), []
 
@@ -455,38 +448,20 @@ class SignalHandlerWriteTests(unittest.TestCase):
         out.write(b"being written\n")
         thread.join(10)
         self.assertEqual(handled, [True], "the handler waited for a lock the waiting thread held: a cycle")
-        atexit.unregister(out.close)
         self.addCleanup(out.close)
-        received = b""
-        try:
-            while chunk := os.read(read_end, 1 << 16):
-                received += chunk
-        except BlockingIOError:
-            pass
-        self.assertEqual(
-            received.split(RECORD_END), [b"being written\n", b"from the thread\n", b"from the handler\n", b""]
-        )
+        expected = [b"being written\n", b"from the thread\n", b"from the handler\n", b""]
+        self.assertEqual(_read_all(read_end).split(RECORD_END), expected)
 
     def test_a_retry_that_finds_the_lock_taken_is_not_lost(self) -> None:
         """The retry timer fires while a thread writes: held events still go out by later retries alone."""
-        import atexit
-        import fcntl
         import threading
 
         from twisted.internet.task import Clock
 
-        from muxtwist import _worker_log
         from muxtwist._worker_log import RECORD_END
 
-        read_end, write_end = os.pipe()
-        fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
-        os.set_blocking(read_end, False)
-        self.addCleanup(os.close, read_end)
-        self.addCleanup(os.close, write_end)
         clock = Clock()
-        out = _worker_log.ToParent(write_end, reactor=clock)
-        self.addCleanup(os.close, out._fd)
-        atexit.unregister(out.close)
+        read_end, out = _pipe_to_parent(self, clock, size=4096)
         big = b"x" * 3000 + b"\n"
         for _ in range(4):  # past the pipe: the rest held, a retry due
             out.write(big)
@@ -508,11 +483,7 @@ class SignalHandlerWriteTests(unittest.TestCase):
         writer.join(10)
         received = b""
         for _ in range(40):  # the parent reads; nothing is written but by retries
-            try:
-                while chunk := os.read(read_end, 1 << 16):
-                    received += chunk
-            except BlockingIOError:
-                pass
+            received += _read_all(read_end)
             clock.advance(0.05)
         self.assertEqual(received.split(RECORD_END), [big] * 4 + [b"from the thread\n", b""])
 
