@@ -59,6 +59,9 @@ _LONGEST_RECORD = 1024 * 1024
 #: while workers keep dying young).
 RESTART_DELAY = 0.5
 RESTART_MAX = 30.0
+#: Seconds a stop waits for the rest of an exited worker's output (its last
+#: log lines) when a program it started still holds its pipes.
+_OUTPUT_GRACE = 2.0
 #: A worker that lived this long resets the back-off.
 HEALTHY_AFTER = 10.0
 
@@ -123,7 +126,11 @@ class _Worker(_ProcessProtocol):
         self.pool = pool
         self.slot = slot
         self.started = pool._reactor.seconds()
+        #: Fires once the worker exited and its output is read (see processExited).
         self.ended: defer.Deferred[None] = defer.Deferred()
+        #: Whether the worker process exited.
+        self.exited = False
+        self._read_rest: Any = None
         self.pid: int | None = None
         #: The worker's log output after its last whole event (``relay_log``).
         self._partial = b""
@@ -180,6 +187,10 @@ class _Worker(_ProcessProtocol):
     def processExited(self, reason: Failure) -> None:
         # At its exit, not once its pipes close too (processEnded): a program
         # it started (a backend a rules file runs) may hold them for long.
+        # It is replaced now; `ended` (what a stop waits for) waits for the
+        # rest of its output, its last log lines, up to _OUTPUT_GRACE seconds.
+        self.exited = True
+        self._read_rest = self.pool._reactor.callLater(_OUTPUT_GRACE, self._output_read)
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         if reason.check(ProcessDone):
@@ -192,8 +203,16 @@ class _Worker(_ProcessProtocol):
                 code=code,
                 signal=sig,
             )
-        self.ended.callback(None)
         self.pool._ended(self)
+
+    def processEnded(self, reason: Failure) -> None:
+        if self._read_rest is not None and self._read_rest.active():
+            self._read_rest.cancel()
+        self._output_read()
+
+    def _output_read(self) -> None:
+        if not self.ended.called:
+            self.ended.callback(None)
 
 
 class WorkerPool(SignalHandlers, Service):
@@ -431,7 +450,7 @@ class WorkerPool(SignalHandlers, Service):
     def stop_now(self) -> None:
         """A second SIGTERM/SIGINT while draining: kill the workers, aborting their connections."""
         for w in list(self.workers.values()):
-            if w.pid is not None and not w.ended.called:
+            if w.pid is not None and not w.exited:
                 try:
                     os.kill(w.pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -489,7 +508,7 @@ class WorkerPool(SignalHandlers, Service):
 
     def _kill(self, workers: list[_Worker]) -> None:
         for w in workers:
-            if w.pid is not None and not w.ended.called:
+            if w.pid is not None and not w.exited:
                 log.warn("worker {slot} (pid {pid}) did not stop in time: killing it", slot=w.slot, pid=w.pid)
                 try:
                     os.kill(w.pid, signal.SIGKILL)

@@ -363,12 +363,15 @@ class LogRelayTests(unittest.TestCase):
         return server, port, log
 
     def test_workers_lines_reach_the_log_file_whole(self) -> None:
-        """`twistd -n -l FILE muxtwist --workers 2`: every connection's line is in FILE, none broken."""
+        """`twistd -n -l FILE muxtwist --workers 2`: every connection's line is in FILE, none broken, the last too."""
         server, port, log = self._serve()
         self._echo_many(port, 300)
         os.kill(server.proc.pid, signal.SIGTERM)
         self.assertEqual(server.wait(30), 0, server.output[-3000:])
         self._check(log, 300)
+        with open(log, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        self.assertEqual(text.count("Main loop terminated."), 3, text[-3000:])  # the workers' last lines, and ours
 
     def test_a_worker_that_cannot_start_again_says_why_in_the_log_file(self) -> None:
         """A worker started again after its rules file broke: its error is in FILE, not only "exit code 1"."""
