@@ -174,17 +174,24 @@ class ToParent(io.RawIOBase):
         self._held += note.encode() + RECORD_END
 
     def _later(self) -> None:
-        """Try again soon, from the reactor's thread (under the lock)."""
+        """
+        Try again soon, from the reactor's thread. Two callers at once (a
+        writer under the lock, a retry that could not take it) may both
+        schedule one; only the retry scheduled last goes on, so their
+        loops never add up while the parent does not read.
+        """
         if self._retry is not None:
             return
         reactor = default_reactor(self._reactor)
-        self._retry = True
+        self._retry = token = object()
         if threading.current_thread() is threading.main_thread():  # twistd runs its reactor there
-            self._retry = reactor.callLater(_RETRY, self._again)
+            reactor.callLater(_RETRY, self._again, token)
         else:
-            reactor.callFromThread(self._again)
+            reactor.callFromThread(self._again, token)
 
-    def _again(self) -> None:
+    def _again(self, token: object) -> None:
+        if self._retry is not token:
+            return  # another retry is due, scheduled after this one
         self._retry = None
         self._serve(retry=True)
 

@@ -333,13 +333,13 @@ class ToParentTests(unittest.TestCase):
         received = b""
         for _ in range(2000):
             received += _read_all(read_end)
-            out._again()
+            out._again(out._retry)
             if not any(t.is_alive() for t in threads):
                 break
         for t in threads:
             t.join(10)
         for _ in range(200):
-            out._again()
+            out._again(out._retry)
             received += _read_all(read_end)
             if not out._held and not out._dropped:
                 break
@@ -486,6 +486,22 @@ class SignalHandlerWriteTests(unittest.TestCase):
             received += _read_all(read_end)
             clock.advance(0.05)
         self.assertEqual(received.split(RECORD_END), [big] * 4 + [b"from the thread\n", b""])
+
+    def test_retries_scheduled_twice_at_once_go_on_as_one(self) -> None:
+        """Two callers that both found no retry due schedule two; while the parent reads nothing, one goes on."""
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        read_end, out = _pipe_to_parent(self, clock, size=4096)
+        for _ in range(4):  # past the pipe: the rest held, a retry due
+            out.write(b"x" * 3000 + b"\n")
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        out._retry = None  # what a second caller saw, at the same moment as the first
+        out._later()
+        self.assertEqual(len(clock.getDelayedCalls()), 2)
+        for _ in range(20):
+            clock.advance(0.05)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
 
     def test_a_worker_logging_from_a_signal_handler_under_load_keeps_every_event_whole(self) -> None:
         """A process whose timer signal handler logs 2,000 times while it logs 20,000 events ends, all whole."""
