@@ -108,7 +108,8 @@ def _in_the_way(old: Listener, new: Listener) -> bool:
     """
     old_path, new_path = endpoint_unix_path(old.endpoint), endpoint_unix_path(new.endpoint)
     if old_path is not None and new_path is not None:
-        return os.path.abspath(old_path) == os.path.abspath(new_path)
+        # The same socket file, however its path is written (a directory through a symlink).
+        return os.path.realpath(old_path) == os.path.realpath(new_path)
     old_at, new_at = endpoint_port(old.endpoint), endpoint_port(new.endpoint)
     if old_at is None or new_at is None:
         return old_at is None and new_at is None

@@ -336,6 +336,21 @@ class ReloadListenerTests(unittest.TestCase):
         self.assertEqual((yield new.lost), b"two:HI")
 
     @defer.inlineCallbacks
+    def test_unix_path_written_through_a_symlink_is_the_same_listener_moved(self) -> Any:
+        """unix:D/real/x.sock -> unix:D/link/x.sock, link -> real: the old closes first, the new one listens."""
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        os.mkdir(os.path.join(folder, "real"))
+        os.symlink("real", os.path.join(folder, "link"))
+        service = self.start(f"unix:{os.path.join(folder, 'real', 'x.sock')}")
+        self.write(f"unix:{os.path.join(folder, 'link', 'x.sock')}", "two")
+        self.assertTrue((yield service.reload()))
+        client = yield defer.Deferred.fromCoroutine(connect_unix(os.path.join(folder, "real", "x.sock"), b"HI"))
+        self.assertEqual((yield client.lost), b"two:HI")
+
+    @defer.inlineCallbacks
     def test_listener_that_cannot_listen_fails_the_reload_and_is_retried(self) -> Any:
         """A new listener whose port is taken makes reload report failure and log why; the next reload retries it."""
 
