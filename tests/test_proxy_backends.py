@@ -197,6 +197,28 @@ class FailureLogTests(unittest.TestCase):
         self.assertEqual(self.proxy.stats[self.DEAD].errors, {"refused": 100})
         self.assertEqual(self.proxy.gave_up, 100)
 
+    def test_max_connections_refusals_are_one_line_a_second_with_the_count(self) -> None:
+        """A full proxy refusing 50 clients in a second logs one line, then the 49 others counted, as host:port."""
+        full = Proxy(self.DEAD, reactor=self.reactor, max_connections=1)
+        held = full.buildProtocolForConnection(None, ConnectionInfo(peer=IPv4Address("TCP", "10.0.0.8", 1)), "full")  # type: ignore[arg-type]
+        assert held is not None
+        held.makeConnection(StringTransport())  # the one relay it may hold, connecting
+        for i in range(50):
+            relay = full.buildProtocolForConnection(
+                None,  # type: ignore[arg-type]
+                ConnectionInfo(peer=IPv4Address("TCP", "10.0.0.8", 30000 + i)),
+                "full",
+            )
+            self.assertIsNone(relay)
+            self.reactor.advance(0.01)
+        self.reactor.advance(1)
+        lines = [formatEvent(e) for e in logged(self.events, "max_connections")]
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("refusing 10.0.0.8:30000: max_connections (1) reached", lines[0])
+        self.assertIn("refused 49 more clients", lines[1])
+        self.assertIn("10.0.0.8:30049", lines[1])
+        self.assertEqual(full.gave_up, 50)
+
     def test_first_failure_after_quiet_is_logged_at_once_with_reason(self) -> None:
         """After a quiet second the next failure is logged at once, with its reason and client, and no count."""
         self.refused(IPv4Address("TCP", "10.0.0.5", 1))

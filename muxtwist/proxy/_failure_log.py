@@ -1,11 +1,12 @@
 """
 The log lines of a :class:`~muxtwist.proxy.Proxy`'s failed connects, and of
-the connections no backend could take, thinned out: a dead backend behind a
-client's connect loop would otherwise write two warnings per connection.
+the connections no backend could take or its ``max_connections`` refused,
+thinned out: a dead backend or a full proxy behind a client's connect loop
+would otherwise write a warning or two per connection.
 
 A backend's failures are logged at most once a second, and a rule's
-``no backend could take`` line too (a :class:`~muxtwist._text.LogThrottle`,
-as for the sniffer's limit refusals). The first after a quiet second is
+``no backend could take`` and ``max_connections`` lines too (a
+:class:`~muxtwist._text.LogThrottle`, as for the sniffer's limit refusals). The first after a quiet second is
 logged at once, with its client and reason; the next line let through says
 how many were left out since the last. When a burst stops, the count still
 pending is logged (with the last client and reason) a second after the first
@@ -52,6 +53,13 @@ _GAVE_UP = _Line(
     " (the last: {client}); closed them",
 )
 
+_REFUSED = _Line(
+    "rule {rule}: refusing {client}: max_connections ({limit}) reached",
+    " ({suppressed} more refused since the last line)",
+    "rule {rule}: refused {suppressed} more clients since the last line: max_connections ({limit}) reached"
+    " (the last: {client})",
+)
+
 
 class FailureLog:
     """
@@ -83,6 +91,10 @@ class FailureLog:
     def gave_up(self, rule: str, client: object) -> None:
         """No backend of ``rule`` could take ``client``, which is closed."""
         self._line(("gave_up", rule), _GAVE_UP, rule=rule, client=address_text(client))
+
+    def refused(self, rule: str, client: object, limit: int) -> None:
+        """``client`` was refused: the proxy holds ``limit`` relays (its ``max_connections``)."""
+        self._line(("refused", rule), _REFUSED, rule=rule, client=address_text(client), limit=limit)
 
     def flush(self) -> None:
         """Log every count still pending now (the proxy stops), and cancel the timers that would have."""

@@ -249,12 +249,7 @@ class Proxy:
     def buildProtocolForConnection(self, addr: IAddress, info: ConnectionInfo, rule_name: str) -> IProtocol | None:
         if self.max_connections is not None and len(self.relays) >= self.max_connections:
             self.gave_up += 1
-            log.warn(
-                "rule {rule}: refusing {client}: max_connections ({limit}) reached",
-                rule=rule_name,
-                client=info.source,
-                limit=self.max_connections,
-            )
+            self._failure_log.refused(rule_name, info.source, self.max_connections)
             return None
         relay_class = Relay if self.idle_timeout is None else IdleTimedRelay
         return relay_class(self, info, rule_name)
