@@ -132,7 +132,7 @@ class UDPConfigTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_reload_retries_a_udp_listener_that_could_not_listen(self) -> Any:
-        """A UDP listener whose port is taken at a reload is reported, not kept, and listens at the next reload."""
+        """A UDP listener whose port is taken is reported, not kept (the old one serves on), and retried next reload."""
         blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         blocker.bind(("127.0.0.1", 0))
         port = blocker.getsockname()[1]
@@ -144,7 +144,9 @@ class UDPConfigTests(unittest.TestCase):
             with open(path, "a") as f:
                 f.write(f'\nlisteners = {{"udp:{port}:interface=127.0.0.1": [Rule(Prefix(b"x", name="x"), Echo())]}}\n')
             self.assertFalse((yield service.reload()))
-            self.assertEqual([s for s in service if isinstance(s, UDPListener)], [])
+            self.assertEqual(
+                [s.description for s in service if isinstance(s, UDPListener)], ["udp:0:interface=127.0.0.1"]
+            )
             blocker.close()
             self.assertTrue((yield service.reload()))
             self.assertEqual((yield threads.deferToThread(_ask, port, b"x1")), b"x1")
@@ -166,3 +168,114 @@ def _ask(port: int, data: bytes) -> bytes:
         s.settimeout(5)
         s.sendto(data, ("127.0.0.1", port))
         return s.recv(65535)
+
+
+UDP_SAY = """
+from twisted.internet.protocol import DatagramProtocol
+from muxtwist import Rule
+from muxtwist.matchers import Prefix
+
+class Say(DatagramProtocol):
+    def datagramReceived(self, data, addr):
+        self.transport.write(b"%s:" % WORD + data, addr)
+
+listeners = {{{entries}}}
+WORD = b"{word}"
+"""
+
+
+class UDPReloadOrderTests(unittest.TestCase):
+    """UDP reloads that move a listener: the new socket binds before the old one closes, or the old one serves on."""
+
+    def write(self, descriptions: tuple[str, ...], word: str) -> None:
+        entries = ", ".join(f'"{d}": [Rule(Prefix(b"HI"), Say(), name="hi")]' for d in descriptions)
+        with open(self.path, "w") as f:
+            f.write(UDP_SAY.format(entries=entries, word=word))
+
+    def start(self, *descriptions: str) -> MuxService:
+        self.path = os.path.abspath(self.mktemp() + "-rules.py")
+        self.write(descriptions, "one")
+        service = MuxService(config_path=self.path)
+        service.load(load_config(self.path))
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """The events logged from now on, until the test ends."""
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    def held_udp(self, host: str, port: int) -> socket.socket:
+        """A UDP socket of another server bound on ``host:port`` (0: any free one), closed at the end."""
+        blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(blocker.close)
+        blocker.bind((host, port))
+        return blocker
+
+    @defer.inlineCallbacks
+    def test_udp_listener_moved_to_a_taken_port_keeps_serving_on_its_old_port(self) -> Any:
+        """A UDP listener moved to a taken port serves on at its old port with its old rules; reload False, logged."""
+        events = self.log_events()
+        old = _free_udp_port()
+        service = self.start(f"udp:{old}:interface=127.0.0.1")
+        blocker = self.held_udp("127.0.0.1", 0)
+        taken = blocker.getsockname()[1]
+        self.write((f"udp:{taken}:interface=127.0.0.1",), "two")
+        self.assertFalse((yield service.reload()))
+        problems = [e for e in events if e.get("log_format", "").startswith("reload: cannot listen on")]
+        self.assertEqual([e["description"] for e in problems], [f"udp:{taken}:interface=127.0.0.1"])
+        self.assertIn("Address already in use", problems[0]["problem"])
+        self.assertEqual(
+            [s.description for s in service if isinstance(s, UDPListener)], [f"udp:{old}:interface=127.0.0.1"]
+        )
+        self.assertEqual((yield threads.deferToThread(_ask, old, b"HI")), b"one:HI")
+        blocker.close()
+        self.assertTrue((yield service.reload()))
+        self.assertEqual(
+            [s.description for s in service if isinstance(s, UDPListener)], [f"udp:{taken}:interface=127.0.0.1"]
+        )
+        self.assertEqual((yield threads.deferToThread(_ask, taken, b"HI")), b"two:HI")
+
+    @defer.inlineCallbacks
+    def test_same_udp_port_that_cannot_listen_gives_the_port_back_to_the_old_listener(self) -> Any:
+        """A same-port UDP listener that cannot bind gets the old one listening again with its rules, logged."""
+        events = self.log_events()
+        port = _free_udp_port()
+        service = self.start(f"udp:{port}:interface=127.0.0.1")
+        # Another process holds the port on another loopback address: all interfaces cannot bind.
+        blocker = self.held_udp("127.0.0.2", port)
+        self.write((f"udp:{port}",), "two")
+        self.assertFalse((yield service.reload()))
+        problems = [e for e in events if e.get("log_format", "").startswith("reload: cannot listen on")]
+        self.assertEqual([e["description"] for e in problems], [f"udp:{port}"])
+        again = [e for e in events if e.get("log_format", "").startswith("reload: listening again on")]
+        self.assertEqual([e["description"] for e in again], [f"udp:{port}:interface=127.0.0.1"])
+        self.assertEqual((yield threads.deferToThread(_ask, port, b"HI")), b"one:HI")
+        blocker.close()
+        self.assertTrue((yield service.reload()))
+        self.assertEqual([s.description for s in service if isinstance(s, UDPListener)], [f"udp:{port}"])
+        self.assertEqual((yield threads.deferToThread(_ask, port, b"HI")), b"two:HI")
+
+    @defer.inlineCallbacks
+    def test_removed_udp_listeners_serve_on_until_every_added_one_listens(self) -> Any:
+        """Removed UDP listeners serve on with their rules while an added one cannot bind; those that can, serve."""
+        first, second, third = _free_udp_port(), _free_udp_port(), _free_udp_port()
+        old = (f"udp:{first}:interface=127.0.0.1", f"udp:{second}:interface=127.0.0.1")
+        service = self.start(*old)
+        blocker = self.held_udp("127.0.0.1", 0)
+        taken = blocker.getsockname()[1]
+        new = (f"udp:{third}:interface=127.0.0.1", f"udp:{taken}:interface=127.0.0.1")
+        self.write(new, "two")
+        self.assertFalse((yield service.reload()))
+        self.assertEqual(sorted(s.description for s in service if isinstance(s, UDPListener)), sorted([*old, new[0]]))
+        for port, answer in [(first, b"one:HI"), (second, b"one:HI"), (third, b"two:HI")]:
+            self.assertEqual((yield threads.deferToThread(_ask, port, b"HI")), answer)
+        blocker.close()
+        self.assertTrue((yield service.reload()))
+        self.assertEqual(sorted(s.description for s in service if isinstance(s, UDPListener)), sorted(new))
+        self.assertEqual((yield threads.deferToThread(_ask, taken, b"HI")), b"two:HI")

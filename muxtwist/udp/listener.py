@@ -256,12 +256,7 @@ def add_udp_listener(service: Any, description: str, rules: Sequence[Rule], sett
     """Serve ``rules`` on the UDP listener ``description`` as a child of ``service`` (a ``MuxService``)."""
     mux = build_udp_mux(rules, settings, service._reactor, service.metrics)  # the service's metrics count its flows
     listener = UDPListener(description, mux, service._reactor)
-    try:
-        listener.setServiceParent(service)  # type: ignore[no-untyped-call]
-    except BaseException:
-        # A listener that could not listen is not kept: a later reload sees it missing and tries again.
-        listener.disownServiceParent()  # type: ignore[no-untyped-call]
-        raise
+    _start(service, listener)
     return listener
 
 
@@ -272,21 +267,78 @@ def _rename(service: Any, listener: UDPListener, description: str) -> None:
     service.namedServices[description] = listener
 
 
+def _in_the_way(old: UDPListener, new: UDPListener) -> bool:
+    """
+    Whether ``old`` may hold the address ``new`` binds, so that it must close
+    before ``new`` can listen: the same port number other than 0, whatever
+    the interfaces (``udp:53:interface=127.0.0.1`` and ``udp:53`` cannot
+    both bind).
+    """
+    return old.address.port == new.address.port != 0
+
+
+def _start(service: Any, listener: UDPListener) -> None:
+    """Start ``listener`` as a child of ``service``; raise, keeping nothing of it, if it cannot listen."""
+    try:
+        listener.setServiceParent(service)  # type: ignore[no-untyped-call]
+    except BaseException:
+        # A listener that could not listen is not kept: a later reload sees it missing and tries again.
+        listener.disownServiceParent()  # type: ignore[no-untyped-call]
+        raise
+
+
+def _close(listeners: Sequence[UDPListener]) -> defer.Deferred[list[None]]:
+    """Close the sockets of ``listeners`` (their flows end); fires once all are closed."""
+    return defer.gatherResults([defer.maybeDeferred(old.disownServiceParent) for old in listeners])
+
+
+def _listen_again(service: Any, old: UDPListener) -> None:
+    """
+    Listen on the description of ``old``, a listener a reload closed for a
+    new one on its port that then could not listen, with its mux (its
+    running rules and settings).
+    """
+    try:
+        _start(service, UDPListener(old.description, old.factory, service._reactor))
+    except Exception as e:
+        log.error(
+            "reload: cannot listen again on {description}: {problem}; its port stays closed until a reload"
+            " listens on it",
+            description=old.description,
+            problem=str(e),
+        )
+        return
+    log.warn(
+        "reload: listening again on {description}, with its running rules: the listener the rules file puts"
+        " on its port could not listen",
+        description=old.description,
+    )
+
+
 def reload_udp_listeners(service: Any, wanted: dict[str, Sequence[Rule]], settings: Settings) -> defer.Deferred[bool]:
     """
     A reload for the UDP listeners: new rules for those that stay (live flows
-    keep their targets), gone ones stopped, new ones started.
+    keep their targets), new ones started, then gone ones closed.
 
     A listener whose description changes but not its address (``udp:53`` and
-    ``udp:port=53``) keeps its socket and flows. One whose address changes
-    but not its port (``udp:53:interface=127.0.0.1`` to ``udp:53``) is a
-    listener that goes and one that comes: the old socket is closed first,
-    then the new one listens. A listener that cannot listen is logged, left
-    out, and tried again at the next reload.
+    ``udp:port=53``) keeps its socket and flows. Listeners that appear bind
+    first; those that disappear close only once every one that appears
+    listens. When one cannot listen (its port is taken, say), it is logged,
+    left out and tried again at the next reload, and every listener that was
+    to disappear serves on with its running rules and settings; the next
+    reload that starts them all closes them. A listener whose address changes
+    but not its port (``udp:53:interface=127.0.0.1`` to ``udp:53``) cannot
+    bind beside the old one: the old socket is closed first (its flows end),
+    then the new one listens; if it cannot, the old description listens
+    again with its running rules (logged), so that the port is not lost.
 
-    :returns: a Deferred that fires, once the new listeners listen, with
-        whether all of them could.
+    :returns: a Deferred that fires, once the new listeners listen and the
+        old sockets are closed, with whether the reload fully took effect.
     """
+    return defer.Deferred.fromCoroutine(_reload(service, wanted, settings))
+
+
+async def _reload(service: Any, wanted: dict[str, Sequence[Rule]], settings: Settings) -> bool:
     current = udp_listeners(service)
     gone = set(current) - set(wanted)
     for description in sorted(set(wanted) - set(current)):
@@ -297,7 +349,6 @@ def reload_udp_listeners(service: Any, wanted: dict[str, Sequence[Rule]], settin
             kept = current.pop(same)
             _rename(service, kept, description)
             current[description] = kept
-    closing = [defer.maybeDeferred(current[d].disownServiceParent) for d in sorted(gone)]
     ok = True
     for description, rules in wanted.items():
         listener = current.get(description)
@@ -320,21 +371,54 @@ def reload_udp_listeners(service: Any, wanted: dict[str, Sequence[Rule]], settin
         except Exception as e:
             ok = False
             log.error("reload: cannot serve {description}: {problem}", description=description, problem=str(e))
+    failed: list[str] = []
+    new: list[UDPListener] = []
+    for description, rules in wanted.items():
+        if description in current:
+            continue
+        try:
+            mux = build_udp_mux(
+                rules, settings, service._reactor, service.metrics
+            )  # the service's metrics count its flows
+            new.append(UDPListener(description, mux, service._reactor))
+        except Exception as e:
+            _cannot_listen(description, e)
+            failed.append(description)
+    old = [current[d] for d in sorted(gone)]
+    # Old sockets that a new listener needs close first.
+    first = [each for each in old if any(_in_the_way(each, listener) for listener in new)]
+    await _close(first)
+    if service.draining:
+        # A stop began while they closed: nothing more listens.
+        log.info("reload: the service is stopping; no new UDP listener starts")
+        return False
+    started: list[UDPListener] = []
+    for listener in new:
+        try:
+            _start(service, listener)
+        except Exception as e:
+            _cannot_listen(listener.description, e)
+            failed.append(listener.description)
+        else:
+            started.append(listener)
+    for each in first:
+        if not any(_in_the_way(each, listener) for listener in started):
+            _listen_again(service, each)
+    rest = [each for each in old if each not in first]
+    if failed:
+        if rest:
+            log.error(
+                "reload: {kept} serve(s) on with the running rules until every listener the rules file adds listens",
+                kept=", ".join(each.description for each in rest),
+            )
+        return False
+    await _close(rest)
+    return ok
 
-    def start_new(_: object) -> bool:
-        started = ok
-        for description, rules in wanted.items():
-            if description in current:
-                continue
-            try:
-                add_udp_listener(service, description, rules, settings)
-            except Exception as e:
-                started = False
-                log.error(
-                    "reload: cannot listen on {description}: {problem}; the next reload tries again",
-                    description=description,
-                    problem=str(e),
-                )
-        return started
 
-    return defer.gatherResults(closing).addCallback(start_new)
+def _cannot_listen(description: str, problem: Exception) -> None:
+    log.error(
+        "reload: cannot listen on {description}: {problem}; the next reload tries again",
+        description=description,
+        problem=str(problem),
+    )
