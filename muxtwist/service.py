@@ -123,7 +123,8 @@ class MuxService(SignalHandlers, MultiService):
 
     On stop it stops accepting, aborts connections still sniffing, lets
     handed-off connections finish for up to ``shutdown_timeout`` seconds and
-    aborts the rest; ``stopService``'s Deferred fires when they are all gone.
+    aborts the rest; ``stopService``'s Deferred fires when they are all gone,
+    those of listeners a reload closed (or is closing) included.
 
     :param config_path: the rules file that :meth:`reload` reads again.
     :param handle_signals: once the reactor runs, make SIGHUP call
@@ -161,6 +162,11 @@ class MuxService(SignalHandlers, MultiService):
         self.handle_signals = handle_signals
         self._old_handlers: dict[int, Any] = {}
         self._stopping_factories: list[SniffingFactory] = []
+        #: What a stop waits for besides its listeners: a reload's listener
+        #: changes in progress and the drains of the listeners reloads closed.
+        self._background: set[defer.Deferred[None]] = set()
+        #: The factories of listeners reloads closed, until they are drained.
+        self._draining_old: dict[int, SniffingFactory] = {}
         self._held: dict[int, SniffingFactory] = {}
         self.reloaded: list[Callable[[Config], None]] = []
         # Reloads run one after another: each waits for the previous one's
@@ -266,10 +272,38 @@ class MuxService(SignalHandlers, MultiService):
         return closed.addCallbacks(closed_now, failed)
 
     def _drain_in_background(self, listener: Listener) -> None:
-        """Drain the connections of a listener that no longer listens, as a stop does."""
-        self._drain([listener.factory]).addErrback(
+        """Drain the connections of a listener that no longer listens, as a stop does (a stop waits for it)."""
+        factory = listener.factory
+        self._draining_old[id(factory)] = factory
+
+        def drained(_: object) -> None:
+            self._draining_old.pop(id(factory), None)
+
+        draining = self._drain([factory]).addErrback(
             lambda f: log.failure("draining {description} failed", f, description=listener.description)
         )
+        self._wait_at_stop(draining.addBoth(drained))
+
+    def _wait_at_stop(self, work: defer.Deferred[Any]) -> None:
+        """Make a stop that begins before ``work`` ends wait for it too (its result is left alone)."""
+        if work.called:
+            return
+        done: defer.Deferred[None] = defer.Deferred()
+        self._background.add(done)
+
+        def ended(result: object) -> object:
+            self._background.discard(done)
+            done.callback(None)
+            return result
+
+        work.addBoth(ended)
+
+    def _background_done(self) -> defer.Deferred[None] | None:
+        """Fires once no background work is left, counting work that starts meanwhile."""
+        if not self._background:
+            return None
+        left = defer.DeferredList(list(self._background))
+        return left.addCallback(lambda _: self._background_done())
 
     def load(self, config: Config) -> None:
         """Create the listeners of a loaded rules file: ``ports`` with ``rules``, plus ``listeners``."""
@@ -441,7 +475,9 @@ class MuxService(SignalHandlers, MultiService):
         gone = [current[d] for d in sorted(set(current) - set(wanted))]
         added = {d: rules for d, rules in wanted.items() if d not in current}
         tcp_reloaded = defer.Deferred.fromCoroutine(self._change_listeners(gone, added, config, len(wanted)))
-        return defer.gatherResults([udp_reloaded, tcp_reloaded]).addCallback(all)
+        changed = defer.gatherResults([udp_reloaded, tcp_reloaded]).addCallback(all)
+        self._wait_at_stop(changed)
+        return changed
 
     async def _change_listeners(
         self, gone: list[Listener], added: dict[str, tuple[Any, ...]], config: Config, total: int
@@ -472,7 +508,6 @@ class MuxService(SignalHandlers, MultiService):
             # A stop began while they closed: nothing more listens.
             log.info("reload: the service is stopping; no new listener starts")
             for old in first:
-                self._stopping_factories.append(old.factory)
                 self._drain_in_background(old)
             return False
         started: list[Listener] = []
@@ -557,6 +592,8 @@ class MuxService(SignalHandlers, MultiService):
         self._stopping_factories = factories
         stopped = defer.maybeDeferred(super().stopService)
         stopped.addCallback(lambda _: self._drain(factories))
+        # Listeners a reload closed (or is closing) drain too before the stop ends.
+        stopped.addCallback(lambda _: self._background_done())
         stopped.addBoth(self._stop_admin)
         # Our handlers stay in while draining, so that a second SIGTERM cuts
         # the drain short instead of killing the process.
@@ -569,7 +606,7 @@ class MuxService(SignalHandlers, MultiService):
 
     def stop_now(self) -> None:
         """Abort every connection at once (a second SIGTERM while draining)."""
-        self._abort(self._stopping_factories)
+        self._abort([*self._stopping_factories, *self._draining_old.values()])
 
     def _stop_admin(self, result: object) -> object:
         if self._emfile is not None:
