@@ -38,6 +38,9 @@ TO_PARENT_LIMIT = 4 * 1024 * 1024
 #: How often a worker tries again to pass on the lines its parent did not read.
 _RETRY = 0.05
 
+#: The most one write to the parent is given (a pipe holds 64 KiB by default).
+_CHUNK = 64 * 1024
+
 
 class ToParent(io.RawIOBase):
     """
@@ -66,7 +69,9 @@ class ToParent(io.RawIOBase):
         self._lock = threading.Lock()
         #: Events written and not yet passed on or held, in order.
         self._queue: collections.deque[bytes] = collections.deque()
-        self._held = bytearray()
+        #: What the parent did not take yet (held), in order; its first bytes
+        #: the rest of a record a write cut short, written before anything else.
+        self._unsent = _Unsent()
         self._dropped = 0
         self._retry: Any = None
         #: At exit: every write waits for the parent (nothing is left to retry later).
@@ -99,120 +104,156 @@ class ToParent(io.RawIOBase):
         thread holds can close a cycle with a lock of that thread's (Twisted's
         legacy log keeps one). The lock is tried again after its release,
         so an event queued meanwhile is never left behind.
+
+        A handler may also raise (SIGINT's raises KeyboardInterrupt), as
+        soon as any call returns: the lock is taken and noted in one step,
+        and released whatever is raised after; a record leaves the queue in
+        the same step as it joins what is unsent; and a write and its count
+        are one step too (:meth:`_pass_on`). So an exception costs no
+        event, cuts none, and never leaves the lock taken.
         """
         first = True
         while first or self._queue:
-            # At exit, close() waits a little for a writer in another thread.
-            if not (self._lock.acquire(timeout=5.0) if last and first else self._lock.acquire(blocking=False)):
-                if retry and first:
-                    # The writer holding the lock may have taken this retry
-                    # for one still to come: one is.
-                    self._later()
-                return
+            wait = last and first  # at exit, close() waits a little for a writer in another thread
+            taken: collections.deque[bool] = collections.deque()
             try:
+                # acquire() and the append, in C: nothing runs between them.
+                taken.extend(map(self._lock.acquire, (wait,), (5.0 if wait else -1,)))
+                if not taken[0]:
+                    if retry and first:
+                        # The writer holding the lock may have taken this retry
+                        # for one still to come: one is.
+                        self._later()
+                    return
                 if first:
                     if last and not self._last_writes:
                         self._last_writes = True
+                        try:
+                            os.set_blocking(self._fd, True)
+                        except OSError:
+                            pass  # closed: the parent is gone
                         if self._dropped:
                             self._hold_dropped_note()
-                        held = bytes(self._held)
-                        self._held.clear()
-                        self._send_all(held)
-                    elif retry and self._held and not self._pass_on():
+                        self._pass_on()
+                    elif retry and self._unsent and not self._pass_on():
                         self._later()
                     first = False
-                queue = self._queue
-                while queue:
-                    self._write(queue.popleft())
+                while self._queue:
+                    self._write_first()
             finally:
-                self._lock.release()
+                if taken and taken[0]:
+                    self._lock.release()
 
-    def _write(self, record: bytes) -> None:
-        """Write one event's record, or hold or drop it (under the lock)."""
-        if self._last_writes:
-            self._send_all(record)
-            return
-        if self._held and not self._pass_on():
-            if len(self._held) + len(record) > TO_PARENT_LIMIT:
-                self._dropped += 1
-            else:
-                self._held += record
-            self._later()
-            return
-        try:
-            sent = os.write(self._fd, record)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            return  # the parent is gone: there is nobody to tell
-        if sent < len(record):
-            self._held += record[sent:]
+    def _write_first(self) -> None:
+        """Write the first event queued, after what is held, or hold or drop it (under the lock)."""
+        queue = self._queue
+        full = bool(self._unsent.data) and not self._pass_on()
+        unsent = self._unsent
+        if full and len(unsent) + len(queue[0]) > TO_PARENT_LIMIT:
+            self._dropped += 1
+        else:
+            # No call between the two: no exception can come between them either.
+            unsent.data += queue[0]
+        queue.popleft()
+        if full or not self._pass_on():
             self._later()
 
     def _pass_on(self) -> bool:
-        """Write what is held, as much as the pipe takes; whether all of it went (under the lock)."""
-        try:
-            sent = os.write(self._fd, self._held)
-        except BlockingIOError:
-            return False
-        except OSError:
-            self._held.clear()
-            return True
-        del self._held[:sent]
-        if self._held:
-            return False
-        if self._dropped:
+        """Write what is unsent, as much as the pipe takes; whether all of it went (under the lock)."""
+        while True:
+            unsent = self._unsent
+            try:
+                start = sum(unsent.written)
+                while start < len(unsent.data):
+                    # os.write() and the append of what it took, in C: a
+                    # signal handler's exception, raised once a call returns,
+                    # comes after both, never between.
+                    unsent.written.extend(map(os.write, (self._fd,), (unsent.data[start : start + _CHUNK],)))
+                    start += unsent.written[-1]
+            except BlockingIOError:
+                return False
+            except OSError:
+                self._unsent = _Unsent()  # the parent is gone: there is nobody to tell
+                self._dropped = 0
+                return True
+            finally:
+                self._let_go()
+            if not self._dropped:
+                return True
             self._hold_dropped_note()
-            return self._pass_on()
-        return True
+
+    def _let_go(self) -> None:
+        """
+        Let go of what went (under the lock): in one assignment, so that an
+        exception may leave it for later but never half done.
+        """
+        unsent = self._unsent
+        start = sum(unsent.written)
+        if start == len(unsent.data):
+            if start:
+                self._unsent = _Unsent()
+        elif start > len(unsent.data) // 2:  # a copy of at most as much as went since the last
+            self._unsent = _Unsent(unsent.data[start:])
 
     def _hold_dropped_note(self) -> None:
         """Hold, after what is held, the event that counts the events dropped since the last (under the lock)."""
         dropped, self._dropped = self._dropped, 0
         note = f"{_stamp()} [muxtwist._worker_log#warn] {dropped} log events dropped: "
         note += "the parent process did not read them in time\n"
-        self._held += note.encode() + RECORD_END
+        self._unsent.data += note.encode() + RECORD_END
 
     def _later(self) -> None:
         """
         Try again soon, from the reactor's thread. Two callers at once (a
         writer under the lock, a retry that could not take it) may both
         schedule one; only the retry scheduled last goes on, so their
-        loops never add up while the parent does not read.
+        loops never add up while the parent does not read. An exception
+        while scheduling one leaves none due: the next caller schedules
+        one, and one scheduled all the same goes on.
         """
         if self._retry is not None:
             return
         reactor = default_reactor(self._reactor)
         self._retry = token = object()
-        if threading.current_thread() is threading.main_thread():  # twistd runs its reactor there
-            reactor.callLater(_RETRY, self._again, token)
-        else:
-            reactor.callFromThread(self._again, token)
+        try:
+            if threading.current_thread() is threading.main_thread():  # twistd runs its reactor there
+                reactor.callLater(_RETRY, self._again, token)
+            else:
+                reactor.callFromThread(self._again, token)
+        except BaseException:
+            self._retry = None
+            raise
 
     def _again(self, token: object) -> None:
-        if self._retry is not token:
+        if self._retry is not token and self._retry is not None:
             return  # another retry is due, scheduled after this one
         self._retry = None
         self._serve(retry=True)
-
-    def _send_all(self, data: bytes) -> None:
-        """Write ``data`` whole, waiting for the parent: at exit only."""
-        view = memoryview(data)
-        try:
-            os.set_blocking(self._fd, True)
-            while view:
-                try:
-                    view = view[os.write(self._fd, view) :]
-                except InterruptedError:
-                    continue
-        except OSError:
-            pass  # the parent is gone
 
     def close(self) -> None:
         """At exit: what is held, and the count of what was dropped, go to the parent, waiting for it."""
         self._serve(last=True)
         atexit.unregister(self.close)
         super().close()
+
+
+class _Unsent:
+    """
+    What a worker has yet to pass on to its parent, in order: ``data`` but
+    its first ``sum(written)`` bytes, which went. What went is let go of by
+    replacing the whole, never by editing it, so that no exception leaves
+    the two disagreeing.
+    """
+
+    __slots__ = ("data", "written")
+
+    def __init__(self, data: bytes | bytearray = b"") -> None:
+        self.data = bytearray(data)
+        #: What each write of ``data`` took, from its start on.
+        self.written: collections.deque[int] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self.data) - sum(self.written)
 
 
 def _stamp() -> str:

@@ -271,7 +271,7 @@ class ToParentTests(unittest.TestCase):
         for _ in range(100):
             clock.advance(0.05)
             received += _read_all(read_end)
-            if not out._held and not out._dropped:
+            if not out._unsent and not out._dropped:
                 break
         records = received.split(RECORD_END)
         self.assertEqual(records.pop(), b"")
@@ -289,13 +289,13 @@ class ToParentTests(unittest.TestCase):
         line = b"y" * 99 + b"\n"
         for _ in range(1000):
             out.write(line)
-        self.assertTrue(out._held)
+        self.assertTrue(out._unsent)
         received = b""
         for _ in range(1000):
             received += _read_all(read_end)
             out.write(line)
         received += _read_all(read_end)
-        self.assertFalse(out._held)
+        self.assertFalse(out._unsent)
         records = received.split(RECORD_END)
         self.assertEqual(records.pop(), b"")
         self.assertEqual(self._count(records, line), (2000, 0))
@@ -341,7 +341,7 @@ class ToParentTests(unittest.TestCase):
         for _ in range(200):
             out._again(out._retry)
             received += _read_all(read_end)
-            if not out._held and not out._dropped:
+            if not out._unsent and not out._dropped:
                 break
         self.assertEqual(errors, [])
         records = received.split(RECORD_END)
