@@ -98,22 +98,42 @@ class Listener(StreamServerEndpointService):
         return port
 
 
-def _in_the_way(old: Listener, new: Listener) -> bool:
+def _same_address(old: Listener, new: Listener) -> bool | None:
     """
-    Whether ``old`` may hold the address ``new`` listens on, so that it must
+    Whether ``old`` holds the address ``new`` listens on, so that it must
     close before ``new`` can listen: two TCP (or ``ssl:``) endpoints on the
     same port number other than 0, whatever their interfaces, two ``unix:``
-    endpoints on the same path, or two other endpoints that are not TCP
-    (``systemd:``, a plugin's), whose addresses cannot be compared.
+    endpoints on the same path, two ``systemd:`` (adopted) endpoints of the
+    same socket; ``None`` (it may) for two other endpoints (a plugin's),
+    whose addresses cannot be compared.
     """
     old_path, new_path = endpoint_unix_path(old.endpoint), endpoint_unix_path(new.endpoint)
     if old_path is not None and new_path is not None:
         # The same socket file, however its path is written (a directory through a symlink).
         return os.path.realpath(old_path) == os.path.realpath(new_path)
+    old_fd, new_fd = _adopted(old.endpoint), _adopted(new.endpoint)
+    if old_fd is not None and new_fd is not None:
+        # Sockets systemd passed, by descriptor: two descriptors are two sockets.
+        return old_fd == new_fd
     old_at, new_at = endpoint_port(old.endpoint), endpoint_port(new.endpoint)
     if old_at is None or new_at is None:
-        return old_at is None and new_at is None
+        if old_at is None and new_at is None and old_fd is None and new_fd is None:
+            return None
+        return False
     return old_at[0] == new_at[0] != 0
+
+
+def _in_the_way(old: Listener, new: Listener) -> bool:
+    """Whether ``old`` may hold the address ``new`` listens on (see ``_same_address``)."""
+    return _same_address(old, new) is not False
+
+
+def _adopted(endpoint: Any) -> int | None:
+    """The descriptor of an endpoint that adopts a listening socket (``systemd:``); ``None`` for any other."""
+    if isinstance(endpoint, endpoints.AdoptedStreamServerEndpoint):
+        fileno: int = endpoint.fileno
+        return fileno
+    return None
 
 
 class MuxService(SignalHandlers, MultiService):
@@ -520,7 +540,11 @@ class MuxService(SignalHandlers, MultiService):
             else:
                 started.append(listener)
         for old in first:
-            if any(_in_the_way(old, listener) for listener in started) or not self._listen_again(old):
+            # A new listener that surely took its address replaces it; one whose address cannot
+            # be compared with it (a plugin's) does only if the reload fully took effect.
+            taken = any(_same_address(old, listener) for listener in started)
+            maybe = any(_same_address(old, listener) is None for listener in started)
+            if taken or (maybe and not failed) or not self._listen_again(old):
                 self._drain_in_background(old)
         rest = [old for old in gone if old not in first]
         if failed:

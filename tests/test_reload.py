@@ -7,6 +7,7 @@ cannot be compared (a plugin's, ``systemd:``).
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 from twisted.internet import defer, endpoints, reactor
@@ -58,7 +59,9 @@ async def held(port: int) -> Held:
     return client
 
 
-class ReloadEdgeTests(unittest.TestCase):
+class RulesFile(unittest.TestCase):
+    """A service of a rules file of listeners whose rule answers WORD and holds the connection."""
+
     def write(self, descriptions: tuple[str, ...], word: str) -> None:
         entries = ", ".join(ENTRY.format(description=d) for d in descriptions)
         with open(self.path, "w") as f:
@@ -74,6 +77,10 @@ class ReloadEdgeTests(unittest.TestCase):
         service.startService()
         self.addCleanup(lambda: service.stopService() if service.running else None)
         return service
+
+
+class StopDuringReloadTests(RulesFile):
+    """A stop while listeners a reload closed still close or drain."""
 
     @defer.inlineCallbacks
     def test_a_stop_during_a_same_port_reload_waits_for_the_closed_listeners_connections(self) -> Any:
@@ -123,3 +130,93 @@ def fired(d: defer.Deferred[Any]) -> list[object]:
         self.assertEqual((yield client.lost), b"one:HIone:BYE")
         yield stopped
         self.assertEqual(ended, [None])
+
+
+HIDDEN_PLUGIN = """\
+from zope.interface import implementer
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndpointStringParser
+from twisted.plugin import IPlugin
+
+
+@implementer(IStreamServerEndpoint)
+class Hidden:
+    \"\"\"A TCP endpoint on 127.0.0.1 whose address muxtwist cannot read, as a plugin's.\"\"\"
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def listen(self, factory):
+        return self.inner.listen(factory)
+
+
+@implementer(IPlugin, IStreamServerEndpointStringParser)
+class Parser:
+    prefix = "muxtwisthidden"
+
+    def parseStreamServer(self, reactor, port):
+        return Hidden(TCP4ServerEndpoint(reactor, int(port), interface="127.0.0.1"))
+
+
+parser = Parser()
+"""
+
+
+class IncomparableEndpointTests(RulesFile):
+    """Listeners on endpoints whose addresses cannot be compared (a plugin's, ``systemd:``) in a failed reload."""
+
+    def held_port(self) -> int:
+        """The port of a socket of another server listening on 127.0.0.1, closed at the end."""
+        blocker = socket.socket()
+        self.addCleanup(blocker.close)
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        return int(blocker.getsockname()[1])
+
+    @defer.inlineCallbacks
+    def test_plugin_endpoint_of_a_failed_reload_serves_on_beside_another(self) -> Any:
+        """A plugin endpoint A -> another B and a taken port: A serves on with its rules, B listens, reload False."""
+        import twisted.plugins
+
+        folder = os.path.abspath(self.mktemp())
+        os.mkdir(folder)
+        with open(os.path.join(folder, "muxtwist_test_hidden.py"), "w") as f:
+            f.write(HIDDEN_PLUGIN)
+        self.patch(twisted.plugins, "__path__", [*twisted.plugins.__path__, folder])
+        a, b = free_port(), free_port()
+        service = self.start(f"muxtwisthidden:{a}")
+        taken = self.held_port()
+        self.write((f"muxtwisthidden:{b}", f"tcp:{taken}:interface=127.0.0.1"), "two")
+        self.assertFalse((yield service.reload()))
+        self.assertEqual(sorted(service.listeners), sorted([f"muxtwisthidden:{a}", f"muxtwisthidden:{b}"]))
+        for port, answer in [(a, b"one:HI"), (b, b"two:HI")]:
+            client = yield defer.Deferred.fromCoroutine(held(port))
+            self.assertEqual((yield client.answered), answer)
+            client.transport.loseConnection()  # type: ignore[union-attr]
+            yield client.lost
+
+    @defer.inlineCallbacks
+    def test_systemd_socket_of_a_failed_reload_serves_on_beside_another(self) -> Any:
+        """systemd: index 0 -> index 1 and a taken port: socket 0 serves on with its rules, 1 listens, reload False."""
+        from twisted.python.systemd import ListenFDs
+
+        sockets = []
+        for _ in range(2):
+            listening = socket.socket()
+            self.addCleanup(listening.close)
+            listening.bind(("127.0.0.1", 0))
+            listening.listen(5)
+            sockets.append(listening)
+        # What systemd passes: listening sockets by index (Twisted closes each one it adopts, so copies).
+        descriptors = [os.dup(each.fileno()) for each in sockets]
+        self.patch(endpoints._SystemdParser, "_sddaemon", ListenFDs(descriptors))
+        service = self.start("systemd:domain=INET:index=0")
+        taken = self.held_port()
+        self.write(("systemd:domain=INET:index=1", f"tcp:{taken}:interface=127.0.0.1"), "two")
+        self.assertFalse((yield service.reload()))
+        self.assertEqual(sorted(service.listeners), ["systemd:domain=INET:index=0", "systemd:domain=INET:index=1"])
+        for each, answer in zip(sockets, [b"one:HI", b"two:HI"], strict=True):
+            client = yield defer.Deferred.fromCoroutine(held(each.getsockname()[1]))
+            self.assertEqual((yield client.answered), answer)
+            client.transport.loseConnection()  # type: ignore[union-attr]
+            yield client.lost
