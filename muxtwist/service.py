@@ -5,32 +5,25 @@ graceful stop, and reloading the rules file.
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet import defer, endpoints
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from muxtwist._listener import Listener
 from muxtwist._reachable import within
+from muxtwist._reload import ListenerChanges
 from muxtwist._report import Observers
 from muxtwist._signals import SignalHandlers
-from muxtwist._twisted import (
-    default_reactor,
-    endpoint_port,
-    endpoint_unix_path,
-    listen_errors_raise,
-    listening,
-    set_port_log_observer,
-)
+from muxtwist._twisted import default_reactor
 from muxtwist.admin import admin_site
 from muxtwist.config import Config, ConfigError, apply_settings, build_factory, endpoint_description, load_config
-from muxtwist.metrics import EmfileThrottle, EmfileWatcher, Metrics, default_metrics
+from muxtwist.metrics import EmfileWatcher, Metrics, default_metrics
 from muxtwist.sniffing import SniffingFactory, SniffingProtocol
 from muxtwist.tls import reload_all_certificates
 from muxtwist.udp.listener import add_udp_listener, is_udp, reload_udp_listeners
@@ -50,93 +43,7 @@ def wanted_listeners(config: Config, ports: tuple[str, ...]) -> dict[str, tuple[
     return wanted
 
 
-class Listener(StreamServerEndpointService):
-    """
-    One listening endpoint and the :class:`SniffingFactory` behind it.
-
-    :param inherited_fd: a listening socket made by a parent process
-        (``--workers``) to adopt instead of listening on ``description``.
-    """
-
-    factory: SniffingFactory
-
-    def __init__(
-        self, description: str, factory: SniffingFactory, reactor: Any, inherited_fd: int | None = None
-    ) -> None:
-        if inherited_fd is None:
-            endpoint = endpoints.serverFromString(reactor, description)
-        else:
-            probe = socket.socket(fileno=inherited_fd)
-            family = probe.family
-            probe.detach()  # leave the descriptor open: it was only looked at
-            endpoint = endpoints.AdoptedStreamServerEndpoint(reactor, inherited_fd, family)
-        super().__init__(endpoint, factory)  # type: ignore[no-untyped-call]
-        self.description = description
-        self.inherited_fd = inherited_fd
-        self._reactor = reactor
-        self.port: Any = None
-        listen_errors_raise(self)
-        self.setName(description)  # type: ignore[no-untyped-call]
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()  # type: ignore[no-untyped-call]
-        waiting = listening(self)
-        if waiting is not None:
-            waiting.addCallback(self._listening)
-
-    def _listening(self, port: Any) -> Any:
-        self.port = port
-        if self.inherited_fd is not None:
-            # The port listens on its own duplicate; the inherited descriptor
-            # would only keep the socket open after this worker stops.
-            os.close(self.inherited_fd)
-            self.inherited_fd = None
-        metrics = getattr(self.factory, "metrics", None)
-        if isinstance(metrics, Metrics):
-            set_port_log_observer(port, EmfileThrottle(metrics, self._reactor))
-        log.info("listening on {description} at {address}", description=self.description, address=port.getHost())
-        return port
-
-
-def _same_address(old: Listener, new: Listener) -> bool | None:
-    """
-    Whether ``old`` holds the address ``new`` listens on, so that it must
-    close before ``new`` can listen: two TCP (or ``ssl:``) endpoints on the
-    same port number other than 0, whatever their interfaces, two ``unix:``
-    endpoints on the same path, two ``systemd:`` (adopted) endpoints of the
-    same socket; ``None`` (it may) for two other endpoints (a plugin's),
-    whose addresses cannot be compared.
-    """
-    old_path, new_path = endpoint_unix_path(old.endpoint), endpoint_unix_path(new.endpoint)
-    if old_path is not None and new_path is not None:
-        # The same socket file, however its path is written (a directory through a symlink).
-        return os.path.realpath(old_path) == os.path.realpath(new_path)
-    old_fd, new_fd = _adopted(old.endpoint), _adopted(new.endpoint)
-    if old_fd is not None and new_fd is not None:
-        # Sockets systemd passed, by descriptor: two descriptors are two sockets.
-        return old_fd == new_fd
-    old_at, new_at = endpoint_port(old.endpoint), endpoint_port(new.endpoint)
-    if old_at is None or new_at is None:
-        if old_at is None and new_at is None and old_fd is None and new_fd is None:
-            return None
-        return False
-    return old_at[0] == new_at[0] != 0
-
-
-def _in_the_way(old: Listener, new: Listener) -> bool:
-    """Whether ``old`` may hold the address ``new`` listens on (see ``_same_address``)."""
-    return _same_address(old, new) is not False
-
-
-def _adopted(endpoint: Any) -> int | None:
-    """The descriptor of an endpoint that adopts a listening socket (``systemd:``); ``None`` for any other."""
-    if isinstance(endpoint, endpoints.AdoptedStreamServerEndpoint):
-        fileno: int = endpoint.fileno
-        return fileno
-    return None
-
-
-class MuxService(SignalHandlers, MultiService):
+class MuxService(SignalHandlers, ListenerChanges, MultiService):
     """
     A ``MultiService`` of sniffing listeners, for ``twistd`` or as a child of
     your own application.
@@ -498,102 +405,6 @@ class MuxService(SignalHandlers, MultiService):
         changed = defer.gatherResults([udp_reloaded, tcp_reloaded]).addCallback(all)
         self._wait_at_stop(changed)
         return changed
-
-    async def _change_listeners(
-        self, gone: list[Listener], added: dict[str, tuple[Any, ...]], config: Config, total: int
-    ) -> bool:
-        """
-        Start the listeners ``added``, then close those ``gone`` if every
-        added one listens (see :meth:`_reload_now`); whether all did.
-        """
-        failed: list[str] = []
-        new: list[Listener] = []
-        for description, rules in added.items():
-            if self.in_worker:
-                log.error(
-                    "reload: cannot add listener {description} in a worker; restart to add listeners",
-                    description=description,
-                )
-                failed.append(description)
-                continue
-            try:
-                new.append(Listener(description, build_factory(rules, config.settings, self._reactor), self._reactor))
-            except Exception as e:
-                self._cannot_listen(description, e)
-                failed.append(description)
-        # Old ports that a new listener needs close first.
-        first = [old for old in gone if any(_in_the_way(old, listener) for listener in new)]
-        await defer.gatherResults([self._close_port(old, drain=False) for old in first])
-        if self.draining:
-            # A stop began while they closed: nothing more listens.
-            log.info("reload: the service is stopping; no new listener starts")
-            for old in first:
-                self._drain_in_background(old)
-            return False
-        started: list[Listener] = []
-        for listener in new:
-            try:
-                self._start_listener(listener)
-            except Exception as e:
-                self._cannot_listen(listener.description, e)
-                failed.append(listener.description)
-            else:
-                started.append(listener)
-        for old in first:
-            # A new listener that surely took its address replaces it; one whose address cannot
-            # be compared with it (a plugin's) does only if the reload fully took effect.
-            taken = any(_same_address(old, listener) for listener in started)
-            maybe = any(_same_address(old, listener) is None for listener in started)
-            if taken or (maybe and not failed) or not self._listen_again(old):
-                self._drain_in_background(old)
-        rest = [old for old in gone if old not in first]
-        if failed:
-            if rest:
-                log.error(
-                    "reload: {kept} serve(s) on with the running rules until every listener the rules file adds"
-                    " listens",
-                    kept=", ".join(old.description for old in rest),
-                )
-            log.error(
-                "reloaded {path}, but {n} listener(s) did not start: {failed}",
-                path=self.config_path,
-                n=len(failed),
-                failed=", ".join(failed),
-            )
-            return False
-        await defer.gatherResults([self._close_port(old) for old in rest])
-        log.info("reloaded {path}: {n} listener(s)", path=self.config_path, n=total)
-        return True
-
-    def _cannot_listen(self, description: str, problem: Exception) -> None:
-        log.error(
-            "reload: cannot listen on {description}: {problem}; the next reload tries again",
-            description=description,
-            problem=str(problem),
-        )
-
-    def _listen_again(self, old: Listener) -> bool:
-        """
-        Listen on the description of ``old``, a listener a reload closed for
-        a new one on its port that then could not listen, with its factory
-        (its running rules, its connections); whether it could.
-        """
-        try:
-            self._start_listener(Listener(old.description, old.factory, self._reactor))
-        except Exception as e:
-            log.error(
-                "reload: cannot listen again on {description}: {problem}; its port stays closed until a reload"
-                " listens on it",
-                description=old.description,
-                problem=str(e),
-            )
-            return False
-        log.warn(
-            "reload: listening again on {description}, with its running rules: the listener the rules file puts"
-            " on its port could not listen",
-            description=old.description,
-        )
-        return True
 
     def privilegedStartService(self) -> None:
         if self._admin is not None:

@@ -1,0 +1,177 @@
+"""
+The listener changes of a reload of ``MuxService``'s rules file: which old
+listener is in a new one's way, and the order in which new listeners start
+and old ones close (added ones first; an old one in a new one's way closes
+first and listens again if the new one cannot).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+
+from muxtwist._listener import Listener
+from muxtwist._twisted import endpoint_port, endpoint_unix_path
+from muxtwist.config import Config, build_factory
+
+__all__ = ["ListenerChanges"]
+
+log = Logger()
+
+
+def _same_address(old: Listener, new: Listener) -> bool | None:
+    """
+    Whether ``old`` holds the address ``new`` listens on, so that it must
+    close before ``new`` can listen: two TCP (or ``ssl:``) endpoints on the
+    same port number other than 0, whatever their interfaces, two ``unix:``
+    endpoints on the same path, two ``systemd:`` (adopted) endpoints of the
+    same socket; ``None`` (it may) for two other endpoints (a plugin's),
+    whose addresses cannot be compared.
+    """
+    old_path, new_path = endpoint_unix_path(old.endpoint), endpoint_unix_path(new.endpoint)
+    if old_path is not None and new_path is not None:
+        # The same socket file, however its path is written (a directory through a symlink).
+        return os.path.realpath(old_path) == os.path.realpath(new_path)
+    old_fd, new_fd = _adopted(old.endpoint), _adopted(new.endpoint)
+    if old_fd is not None and new_fd is not None:
+        # Sockets systemd passed, by descriptor: two descriptors are two sockets.
+        return old_fd == new_fd
+    old_at, new_at = endpoint_port(old.endpoint), endpoint_port(new.endpoint)
+    if old_at is None or new_at is None:
+        if old_at is None and new_at is None and old_fd is None and new_fd is None:
+            return None
+        return False
+    return old_at[0] == new_at[0] != 0
+
+
+def _in_the_way(old: Listener, new: Listener) -> bool:
+    """Whether ``old`` may hold the address ``new`` listens on (see ``_same_address``)."""
+    return _same_address(old, new) is not False
+
+
+def _adopted(endpoint: Any) -> int | None:
+    """The descriptor of an endpoint that adopts a listening socket (``systemd:``); ``None`` for any other."""
+    if isinstance(endpoint, endpoints.AdoptedStreamServerEndpoint):
+        fileno: int = endpoint.fileno
+        return fileno
+    return None
+
+
+class ListenerChanges:
+    """
+    Mixin for ``MuxService``: the TCP (stream) listener changes of a reload.
+    The service starts, closes and drains listeners; this decides the order.
+    """
+
+    in_worker: bool
+    draining: bool
+    config_path: str | None
+    _reactor: Any
+
+    def _start_listener(self, listener: Listener) -> None:
+        raise NotImplementedError
+
+    def _close_port(self, listener: Listener, *, drain: bool = True) -> defer.Deferred[None]:
+        raise NotImplementedError
+
+    def _drain_in_background(self, listener: Listener) -> None:
+        raise NotImplementedError
+
+    async def _change_listeners(
+        self, gone: list[Listener], added: dict[str, tuple[Any, ...]], config: Config, total: int
+    ) -> bool:
+        """
+        Start the listeners ``added``, then close those ``gone`` if every
+        added one listens (see :meth:`_reload_now`); whether all did.
+        """
+        failed: list[str] = []
+        new: list[Listener] = []
+        for description, rules in added.items():
+            if self.in_worker:
+                log.error(
+                    "reload: cannot add listener {description} in a worker; restart to add listeners",
+                    description=description,
+                )
+                failed.append(description)
+                continue
+            try:
+                new.append(Listener(description, build_factory(rules, config.settings, self._reactor), self._reactor))
+            except Exception as e:
+                self._cannot_listen(description, e)
+                failed.append(description)
+        # Old ports that a new listener needs close first.
+        first = [old for old in gone if any(_in_the_way(old, listener) for listener in new)]
+        await defer.gatherResults([self._close_port(old, drain=False) for old in first])
+        if self.draining:
+            # A stop began while they closed: nothing more listens.
+            log.info("reload: the service is stopping; no new listener starts")
+            for old in first:
+                self._drain_in_background(old)
+            return False
+        started: list[Listener] = []
+        for listener in new:
+            try:
+                self._start_listener(listener)
+            except Exception as e:
+                self._cannot_listen(listener.description, e)
+                failed.append(listener.description)
+            else:
+                started.append(listener)
+        for old in first:
+            # A new listener that surely took its address replaces it; one whose address cannot
+            # be compared with it (a plugin's) does only if the reload fully took effect.
+            taken = any(_same_address(old, listener) for listener in started)
+            maybe = any(_same_address(old, listener) is None for listener in started)
+            if taken or (maybe and not failed) or not self._listen_again(old):
+                self._drain_in_background(old)
+        rest = [old for old in gone if old not in first]
+        if failed:
+            if rest:
+                log.error(
+                    "reload: {kept} serve(s) on with the running rules until every listener the rules file adds"
+                    " listens",
+                    kept=", ".join(old.description for old in rest),
+                )
+            log.error(
+                "reloaded {path}, but {n} listener(s) did not start: {failed}",
+                path=self.config_path,
+                n=len(failed),
+                failed=", ".join(failed),
+            )
+            return False
+        await defer.gatherResults([self._close_port(old) for old in rest])
+        log.info("reloaded {path}: {n} listener(s)", path=self.config_path, n=total)
+        return True
+
+    def _cannot_listen(self, description: str, problem: Exception) -> None:
+        log.error(
+            "reload: cannot listen on {description}: {problem}; the next reload tries again",
+            description=description,
+            problem=str(problem),
+        )
+
+    def _listen_again(self, old: Listener) -> bool:
+        """
+        Listen on the description of ``old``, a listener a reload closed for
+        a new one on its port that then could not listen, with its factory
+        (its running rules, its connections); whether it could.
+        """
+        try:
+            self._start_listener(Listener(old.description, old.factory, self._reactor))
+        except Exception as e:
+            log.error(
+                "reload: cannot listen again on {description}: {problem}; its port stays closed until a reload"
+                " listens on it",
+                description=old.description,
+                problem=str(e),
+            )
+            return False
+        log.warn(
+            "reload: listening again on {description}, with its running rules: the listener the rules file puts"
+            " on its port could not listen",
+            description=old.description,
+        )
+        return True
