@@ -88,15 +88,15 @@ class ExceptionMidWriteTests(unittest.TestCase):
         the parent reads every record whole and in order: the rest of the
         cut one first, never the next glued to its start.
         """
-        from muxtwist import workers
+        from muxtwist import _worker, workers
 
         expected = [_FIRST, _CUT, *_AFTER]
         for point in range(500):
             raised, received = self._write_interrupted(point)
             self.assertEqual(received.split(RECORD_END), [*expected, b""], f"raised at place {point}")
             lines: list[bytes] = []
-            self.patch(workers, "write_log_lines", lines.append)
-            parent = workers._Worker(workers.WorkerPool(1, [], [], handle_signals=False), 0)
+            self.patch(_worker, "write_log_lines", lines.append)
+            parent = _worker._Worker(workers.WorkerPool(1, [], [], handle_signals=False), 0)
             for cut in range(0, len(received), 4096):
                 parent.outReceived(received[cut : cut + 4096])
             self.assertEqual(b"".join(lines).splitlines(keepends=True), expected, f"raised at place {point}")

@@ -519,12 +519,12 @@ class LogRelayTests(unittest.TestCase):
 
     def test_events_are_relayed_whole(self) -> None:
         """A worker's output cut anywhere is written as whole events, several lines each; a rest ends in a newline."""
-        from muxtwist import workers
+        from muxtwist import _worker, workers
         from muxtwist._worker_log import RECORD_END
 
         written: list[bytes] = []
-        self.patch(workers, "write_log_lines", written.append)
-        worker = workers._Worker(workers.WorkerPool(1, [], [], handle_signals=False), 0)
+        self.patch(_worker, "write_log_lines", written.append)
+        worker = _worker._Worker(workers.WorkerPool(1, [], [], handle_signals=False), 0)
         stream = b"one\n" + RECORD_END + b"two\n\ttraceback\n\tmore\n" + RECORD_END + b"three\n" + RECORD_END + b"rest"
         for cut in range(0, len(stream), 5):
             worker.outReceived(stream[cut : cut + 5])
@@ -533,8 +533,8 @@ class LogRelayTests(unittest.TestCase):
         self.assertIn(b"two\n\ttraceback\n\tmore\n", event)
         worker.outConnectionLost()
         self.assertEqual(written[-1], b"rest\n")
-        worker.outReceived(b"x" * (workers._LONGEST_RECORD + 1))
-        self.assertEqual(written[-1], b"x" * (workers._LONGEST_RECORD + 1))
+        worker.outReceived(b"x" * (_worker._LONGEST_RECORD + 1))
+        self.assertEqual(written[-1], b"x" * (_worker._LONGEST_RECORD + 1))
 
     def test_a_stopped_parent_does_not_stop_the_workers(self) -> None:
         """With the parent stopped (SIGSTOP), the workers serve on, holding their lines; every line arrives after."""
