@@ -3,7 +3,10 @@ Connection limits of the sniffer and the accounting behind them: connections
 per source host (``max_connections_per_source``), and refusals, which are
 reported to the connection observer and logged at most once a second per
 limit and rule (as are PROXY pre-stage refusals and the ``connection_end``
-lines of refused connections, so a connect loop cannot flood the log).
+lines of refused connections, so a connect loop cannot flood the log). The
+count of a burst's refusals left out is logged with the next refusal line,
+or on its own within a second of the burst's end (at once when the listener
+stops).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from muxtwist._rules import Outcome
-from muxtwist._text import LogThrottle, printable
+from muxtwist._text import BurstLog, LogThrottle, printable
 from muxtwist.interfaces import IConnectionObserver
 
 __all__ = ["PerSource", "Refusals", "address_text", "host_of"]
@@ -68,37 +71,41 @@ class PerSource:
 
 
 class Refusals:
-    """Connections closed at once by a limit: told to the observer, logged throttled."""
+    """
+    Connections closed at once by a limit: told to the observer, logged
+    throttled (a :class:`~muxtwist._text.BurstLog`): a burst's count goes
+    with the next line, or in a line of its own when the burst stops.
+    """
 
     def __init__(self, reactor: IReactorTime) -> None:
-        self._throttle = LogThrottle(reactor)
+        self._log: BurstLog[tuple[str, dict[str, object]]] = BurstLog(reactor, _tail)
+        # connection_end lines of refused connections: counted by the refusal lines, never told apart.
+        self._ends = LogThrottle(reactor)
 
     def refused(self, observer: IConnectionObserver, peer: object, limit: str, value: int, rule: str = "") -> None:
         """Count a refusal by ``limit``; log it, at most once a second per limit (and rule)."""
         observer.limit_rejected(limit)
-        self._warn((limit, rule), peer, "{limit} ({value}) reached", "by it", limit=limit, value=value, rule=rule)
+        self._warn((limit, rule), peer, _LIMIT, limit=limit, value=value, rule=rule)
 
     def refused_header(self, peer: object, problem: str) -> None:
         """Log a connection the PROXY pre-stage refused, at most once a second."""
-        self._warn(("proxy_protocol", ""), peer, "{problem}", "by the PROXY pre-stage", problem=printable(problem))
+        self._warn(("proxy_protocol", ""), peer, _HEADER, problem=printable(problem))
 
-    def _warn(self, key: tuple[str, str], peer: object, reason: str, by: str, **fields: object) -> None:
+    def flush(self) -> None:
+        """Log every count still pending now (the listener stops), and cancel the timers that would have."""
+        self._log.flush()
+
+    def _warn(self, key: tuple[str, str], peer: object, line: tuple[str, str, str], **fields: object) -> None:
         """
-        Log ``refusing {peer}: `` and ``reason`` (a log format over
+        Log ``refusing {peer}: `` and ``line``'s reason (a log format over
         ``fields``), at most once a second per ``key``; the line says how
-        many were refused ``by`` the same since the last one.
+        many were refused the same way since the last one.
         """
-        suppressed = self._throttle.admit(key)
+        fields.update(peer=address_text(peer), outcome=Outcome.REJECTED.value)
+        suppressed = self._log.admit(key, (line[2], fields))
         if suppressed is None:
             return
-        more = " ({suppressed} more refused " + by + " since the last line)" if suppressed else ""
-        log.warn(
-            "refusing {peer}: " + reason + more,
-            peer=printable(address_text(peer)),
-            suppressed=suppressed,
-            outcome=Outcome.REJECTED.value,
-            **fields,
-        )
+        log.warn("refusing {peer}: " + line[0] + (line[1] if suppressed else ""), suppressed=suppressed, **fields)
 
     def log_end(self, outcome: str, rule: str) -> bool:
         """
@@ -109,4 +116,22 @@ class Refusals:
         """
         if outcome != Outcome.REJECTED.value:
             return True
-        return self._throttle.admit(("connection_end", rule)) is not None
+        return self._ends.admit(("connection_end", rule)) is not None
+
+
+#: a refusal's reason, the count the next line adds, and the line of a burst's tail.
+_LIMIT = (
+    "{limit} ({value}) reached",
+    " ({suppressed} more refused by it since the last line)",
+    "refused {suppressed} more clients since the last line: {limit} ({value}) reached (the last: {peer})",
+)
+_HEADER = (
+    "{problem}",
+    " ({suppressed} more refused by the PROXY pre-stage since the last line)",
+    "refused {suppressed} more clients by the PROXY pre-stage since the last line (the last: {peer}: {problem})",
+)
+
+
+def _tail(held: tuple[str, dict[str, object]], suppressed: int) -> None:
+    line, fields = held
+    log.warn(line, suppressed=suppressed, **fields)

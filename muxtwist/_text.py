@@ -7,15 +7,26 @@ hold any byte: an ESC sequence that repaints an operator's terminal, a
 newline that forges a second log line, a right-to-left override that
 reorders one. :func:`printable` writes every such character as a Python
 escape, so a logged value is one line of plain text whatever the client sent.
+
+A connect loop against a full limit, or a flood of spoofed datagrams, would
+write a line per client. :class:`LogThrottle` lets at most one line a second
+through per key and counts the others; :class:`BurstLog` adds the tail of a
+burst: when the lines stop, the count still pending is reported by a timer
+(and at once by :meth:`BurstLog.flush`, when its owner stops), so a burst
+followed by quiet is logged whole rather than with the next line, hours
+later, or never.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-__all__ = ["LogThrottle", "printable"]
+__all__ = ["BurstLog", "LogThrottle", "printable"]
+
+T = TypeVar("T")
 
 
 def _escape(char: str) -> str:
@@ -96,3 +107,78 @@ class LogThrottle:
         suppressed = int(entry[1])
         entry[0], entry[1] = self._reactor.seconds(), 0
         return suppressed
+
+
+class BurstLog(Generic[T]):
+    """
+    A :class:`LogThrottle` that also reports a burst's tail: at most one line
+    per ``interval`` for each key, and every line left out is counted once,
+    either by the next line let through (:meth:`admit` returns the count) or,
+    when no line follows, by ``tail(held, count)``, called by a one-shot
+    timer ``interval`` after the first line left out, with what was given
+    for the last one left out. After a tail the next line for the key waits
+    ``interval``, as after any line.
+
+    :meth:`flush` (its owner stops) reports every pending count at once and
+    cancels the timers; none is pending once the key has been quiet for
+    ``interval``.
+
+    :param reactor: the clock (``IReactorTime``).
+    :param tail: writes the line for ``count`` lines left out, the last of
+        which was given ``held``.
+    """
+
+    __slots__ = ("_held", "_reactor", "_tail", "_throttle", "_timers")
+
+    def __init__(self, reactor: IReactorTime, tail: Callable[[T, int], object], interval: float = 1.0) -> None:
+        self._reactor = reactor
+        self._tail = tail
+        self._throttle = LogThrottle(reactor, interval)
+        #: what was given with the last line left out for each key, and the timer that reports its count.
+        self._held: dict[Hashable, T] = {}
+        self._timers: dict[Hashable, IDelayedCall] = {}
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two lines for one key."""
+        return self._throttle.interval
+
+    @property
+    def pending(self) -> int:
+        """How many keys have a count that a timer will report."""
+        return len(self._timers)
+
+    def admit(self, key: Hashable, held: T) -> int | None:
+        """
+        ``None`` if the line for ``key`` is left out now (``held`` is kept
+        for the tail line, should no line follow); otherwise the number of
+        lines left out for ``key`` since the last line, which this one is
+        to report.
+        """
+        suppressed = self._throttle.admit(key)
+        if suppressed is None:
+            self._held[key] = held
+            if key not in self._timers:
+                self._timers[key] = self._reactor.callLater(self._throttle.interval, self._due, key)
+            return None
+        if key in self._timers:
+            # This line carries the count; the timer has nothing left to say.
+            self._timers.pop(key).cancel()
+            del self._held[key]
+        return suppressed
+
+    def flush(self) -> None:
+        """Report every count still pending now, and cancel the timers that would have."""
+        for key in list(self._timers):
+            self._timers.pop(key).cancel()
+            self._report(key)
+
+    def _due(self, key: Hashable) -> None:
+        del self._timers[key]
+        self._report(key)
+
+    def _report(self, key: Hashable) -> None:
+        held = self._held.pop(key)
+        suppressed = self._throttle.flush(key)
+        if suppressed:
+            self._tail(held, suppressed)

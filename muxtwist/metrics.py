@@ -26,7 +26,7 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
 
 from muxtwist._reachable import backend_pools, is_sniffer, reachable
-from muxtwist._text import LogThrottle
+from muxtwist._text import BurstLog
 from muxtwist.interfaces import ConnectionEnd, IBackendPool, IConnectionObserver
 from muxtwist.udp._counts import HasFlowTable
 from muxtwist.udp.stats import UDPStats
@@ -186,6 +186,10 @@ _EMFILE_CLOSED = "EMFILE recovery: Closed socket from {address}"
 _EMFILE_THROTTLED = (
     "out of file descriptors: closed a waiting client ({address}) and {suppressed} more not logged since the last line"
 )
+_EMFILE_TAIL = (
+    "out of file descriptors: closed {suppressed} more waiting clients not logged since the last line"
+    " (the last: {address})"
+)
 
 
 @implementer(ILogObserver)
@@ -213,22 +217,32 @@ class EmfileThrottle:
     The log observer of one listening port: counts every client the port
     closes for want of descriptors (metric ``limit_rejections{limit="emfile"}``),
     passes at most one such line a second on, saying how many were left out,
-    and passes everything else on unchanged.
+    and passes everything else on unchanged. When the clients stop, the
+    count still pending is passed on in a line of its own within a second
+    (at once by :meth:`flush`).
     """
 
     def __init__(self, metrics: Metrics, reactor: Any, forward: ILogObserver = globalLogPublisher) -> None:
         self.metrics = metrics
         self._forward = forward
-        self._throttle = LogThrottle(reactor)
+        self._throttle: BurstLog[LogEvent] = BurstLog(reactor, self._tail)
 
     def __call__(self, event: LogEvent) -> None:
         if event.get("log_format") == _EMFILE_CLOSED:
             self.metrics.limit_rejected("emfile")
-            suppressed = self._throttle.admit("emfile")
+            suppressed = self._throttle.admit("emfile", event)
             if suppressed is None:
                 return
             event = dict(event, log_format=_EMFILE_THROTTLED, suppressed=suppressed)
         self._forward(event)
+
+    def flush(self) -> None:
+        """Pass on the count of clients not logged yet now (the port stops), and cancel the timer that would have."""
+        self._throttle.flush()
+
+    def _tail(self, event: LogEvent, suppressed: int) -> None:
+        # The last client left out, told with the count it ends, when no line followed within a second.
+        self._forward(dict(event, log_format=_EMFILE_TAIL, suppressed=suppressed))
 
 
 def proxies_of(factory: object, seen: set[int] | None = None) -> Iterator[tuple[str, IBackendPool]]:

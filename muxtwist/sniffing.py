@@ -226,7 +226,8 @@ class SniffingFactory:
     def doStop(self) -> None:
         """
         When the last port stops using us, stop the inner factories: each
-        at once if no connection uses it, or when its last connection ends.
+        at once if no connection uses it, or when its last connection ends;
+        and log the refusals not logged yet.
         """
         if self._started == 0:
             return
@@ -234,6 +235,7 @@ class SniffingFactory:
         if not self._started:
             self._inner.retire_all()
             self._stop_retired()
+            self._refusals.flush()
 
     def buildProtocol(self, addr: IAddress) -> SniffingProtocol | None:
         return self.buildProtocolForConnection(addr, None, "")

@@ -626,9 +626,11 @@ class RefusalLogTests(unittest.TestCase):
         factory, clock = make([Rule(Prefix(b"A"), RecordingFactory())], max_connections=1, metrics=Metrics())
         before = factory.metrics.value("muxtwist_limit_rejections_total", limit="max_connections") or 0
         MemoryConnection(factory, clock=clock)
-        for _ in range(50):
+        for i in range(50):
             self.assertIsNone(factory.buildProtocol(None))  # type: ignore[arg-type]
-        clock.advance(0.5)
+            if i == 0:
+                clock.advance(0.25)  # the refusals go on: the next line comes before the tail would be due
+        clock.advance(0.25)
         for _ in range(10):
             factory.buildProtocol(None)  # type: ignore[arg-type]
         lines = [formatEvent(e) for e in events if "refusing" in e.get("log_format", "")]
@@ -655,10 +657,12 @@ class RefusalLogTests(unittest.TestCase):
         clock = task.Clock()
         refusals = Refusals(clock)
         peer = IPv4Address("TCP", "192.0.2.9", 4000)
-        for _ in range(3):
+        for i in range(3):
             refusals.refused(Observers(), peer, "max_connections", 1)
             refusals.refused_header(peer, "no PROXY header")
-        clock.advance(1.5)
+            if i == 0:
+                clock.advance(0.25)  # the next line comes before the tail would be due
+        clock.advance(0.75)
         refusals.refused(Observers(), peer, "max_connections", 1)
         refusals.refused_header(peer, "no PROXY header")
         lines = [formatEvent(e) for e in events if "refusing" in e.get("log_format", "")]

@@ -6,13 +6,13 @@ would otherwise write a warning or two per connection.
 
 A backend's failures are logged at most once a second, and a rule's
 ``no backend could take`` and ``max_connections`` lines too (a
-:class:`~muxtwist._text.LogThrottle`, as for the sniffer's limit refusals). The first after a quiet second is
-logged at once, with its client and reason; the next line let through says
-how many were left out since the last. When a burst stops, the count still
-pending is logged (with the last client and reason) a second after the first
-one left out, by a one-shot timer, so the tail of a burst is never lost or
-told only with the next failure, hours later; stopping the proxy logs it at
-once. Clients are written ``host:port``, escaped. The proxy's counters count
+:class:`~muxtwist._text.BurstLog`, as for the sniffer's limit refusals). The
+first after a quiet second is logged at once, with its client and reason;
+the next line let through says how many were left out since the last. When
+a burst stops, the count still pending is logged (with the last client and
+reason) a second after the first one left out, so the tail of a burst is
+never lost or told only with the next failure, hours later; stopping the
+proxy logs it at once. Clients are written ``host:port``, escaped. The proxy's counters count
 every failure either way.
 """
 
@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from muxtwist._limits import address_text
-from muxtwist._text import LogThrottle, printable
+from muxtwist._text import BurstLog, printable
 
 __all__ = ["FailureLog"]
 
@@ -70,11 +70,7 @@ class FailureLog:
     """
 
     def __init__(self, reactor: IReactorTime) -> None:
-        self._reactor = reactor
-        self._throttle = LogThrottle(reactor)
-        #: the last line left out for each key, and the timer that will report its count.
-        self._held: dict[Hashable, tuple[_Line, dict[str, object]]] = {}
-        self._timers: dict[Hashable, IDelayedCall] = {}
+        self._log: BurstLog[tuple[_Line, dict[str, object]]] = BurstLog(reactor, _tail)
 
     def connect_failed(self, rule: str, backend: str, client: object, kind: str, problem: str) -> None:
         """A connect to ``backend`` for ``client`` failed: ``kind`` (refused, timeout...) and why."""
@@ -98,31 +94,14 @@ class FailureLog:
 
     def flush(self) -> None:
         """Log every count still pending now (the proxy stops), and cancel the timers that would have."""
-        for key in list(self._timers):
-            self._timers.pop(key).cancel()
-            self._report(key)
+        self._log.flush()
 
     def _line(self, key: Hashable, line: _Line, **fields: object) -> None:
-        suppressed = self._throttle.admit(key)
-        if suppressed is None:
-            self._held[key] = (line, fields)
-            if key not in self._timers:
-                self._timers[key] = self._reactor.callLater(self._throttle.interval, self._due, key)
-            return
-        # This line carries the count; a timer for it has nothing left to say.
-        timer = self._timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
-        self._held.pop(key, None)
-        log.warn((line.one + line.more) if suppressed else line.one, suppressed=suppressed, **fields)
+        suppressed = self._log.admit(key, (line, fields))
+        if suppressed is not None:
+            log.warn((line.one + line.more) if suppressed else line.one, suppressed=suppressed, **fields)
 
-    def _due(self, key: Hashable) -> None:
-        del self._timers[key]
-        self._report(key)
 
-    def _report(self, key: Hashable) -> None:
-        held = self._held.pop(key, None)
-        suppressed = self._throttle.flush(key)
-        if held is not None and suppressed:
-            line, fields = held
-            log.warn(line.alone, suppressed=suppressed, **fields)
+def _tail(held: tuple[_Line, dict[str, object]], suppressed: int) -> None:
+    line, fields = held
+    log.warn(line.alone, suppressed=suppressed, **fields)

@@ -18,11 +18,11 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from muxtwist._limits import PerSource, host_of
+from muxtwist._limits import PerSource, address_text, host_of
 from muxtwist._options import OptionError, check_terminate_tls
 from muxtwist._reachable import within
 from muxtwist._report import Observers
-from muxtwist._text import LogThrottle
+from muxtwist._text import BurstLog
 from muxtwist._twisted import default_reactor
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
 from muxtwist.tls._alpn import offered_protocols
@@ -154,7 +154,7 @@ class TerminateTLS:
         self.metrics: Metrics | Observers = Observers() if metrics is None else metrics
         self._handshaking = 0
         self._per_source = PerSource()
-        self._refusals = LogThrottle(reactor)
+        self._refusals: BurstLog[dict[str, object]] = BurstLog(reactor, _refusals_tail)
         self.stats: dict[str, int] = {"handshakes": 0, "failed": 0, "timed_out": 0, "refused": 0}
         self._creator = ConnectionCreator(self)
         self._tls_factory = TLSMemoryBIOFactory(self._creator, False, factory, clock=self._reactor)
@@ -242,6 +242,7 @@ class TerminateTLS:
         self.factory.doStart()
 
     def doStop(self) -> None:
+        self._refusals.flush()
         self.factory.doStop()
 
     def buildProtocol(self, addr: IAddress) -> IProtocol | None:
@@ -273,14 +274,22 @@ class TerminateTLS:
         """
         One warning per limit per second at most: a connect loop against a
         full limit must not turn into a log line per connection. The lines
-        left out are counted in the next one.
+        left out are counted in the next one, or in a line of their own
+        within a second of the last (at once when the terminator stops).
         """
-        suppressed = self._refusals.admit(limit)
+        fields: dict[str, object] = {"peer": address_text(peer), "limit": limit, "value": value}
+        suppressed = self._refusals.admit(limit, fields)
         if suppressed is not None:
             log.warn(
                 "refusing {peer}: {limit} ({value}) reached; {suppressed} more refused since the last such line",
-                peer=str(peer),
-                limit=limit,
-                value=value,
                 suppressed=suppressed,
+                **fields,
             )
+
+
+def _refusals_tail(fields: dict[str, object], suppressed: int) -> None:
+    log.warn(
+        "refused {suppressed} more handshakes since the last such line: {limit} ({value}) reached (the last: {peer})",
+        suppressed=suppressed,
+        **fields,
+    )

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from muxtwist._rules import check_unique_names
-from muxtwist._text import LogThrottle
+from muxtwist._text import BurstLog
 from muxtwist._twisted import default_reactor
 from muxtwist.interfaces import Verdict
 from muxtwist.matchers.datagram import DatagramInfo
@@ -164,7 +164,9 @@ class UDPMux:
     :param log_connections: one ``connection_end`` log event per flow; for
         flows that got nothing back (no rule matched, or the target refused
         them at once) at most one a second per outcome and reason, with the
-        count of those left out.
+        count of those left out; when such a burst stops, the count still
+        pending is logged within a second (``connection_end_suppressed``),
+        and at once when the mux stops.
     """
 
     def __init__(
@@ -206,7 +208,7 @@ class UDPMux:
         # Live flows per target (by id), so that a target a reload retired
         # is stopped once its last flow ends.
         self._live: dict[int, int] = {}
-        self._log_throttle = LogThrottle(self._reactor)
+        self._log_throttle: BurstLog[tuple[Address, Any, str, str, str]] = BurstLog(self._reactor, _ends_tail)
         self.rules: tuple[Rule, ...] = ()
         self.on_no_match: AbstractDatagramProtocol | None = None
         self.set_rules(rules, on_no_match=on_no_match)
@@ -300,6 +302,7 @@ class UDPMux:
         for target in self._targets.values():
             target.doStop()
         self._targets.clear()
+        self._log_throttle.flush()
 
     def listening(self, port: Any) -> None:
         self.port = port
@@ -520,7 +523,8 @@ class UDPMux:
             # Flows that got nothing back cost a sender with a spoofed
             # source one datagram each: their lines are throttled (the
             # metrics still count every one).
-            admitted = self._log_throttle.admit((outcome, reason))
+            local_port = getattr(self.host, "port", None)
+            admitted = self._log_throttle.admit((outcome, reason), (flow.addr, local_port, rule, outcome, reason))
             if admitted is None:
                 return
             suppressed = admitted
@@ -543,6 +547,23 @@ class UDPMux:
             bytes_out=flow.bytes_out,
             duration=now - flow.started,
         )
+
+
+def _ends_tail(held: tuple[Address, Any, str, str, str], suppressed: int) -> None:
+    """The line of a burst's flows left out, once the burst stopped: how many, and the last one's remote."""
+    addr, local_port, rule, outcome, reason = held
+    log.info(
+        "{suppressed} more udp flows to port {local_port} ended: {outcome} ({reason}),"
+        " not logged since the last line (the last: {peer}, rule {rule})",
+        log_event="connection_end_suppressed",
+        suppressed=suppressed,
+        transport="udp",
+        peer=_address(addr),
+        local_port=local_port,
+        rule=rule,
+        outcome=outcome,
+        reason=reason,
+    )
 
 
 def _address(addr: Address) -> str:
