@@ -10,6 +10,7 @@ import os
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from muxtwist.matchers import Any as AnyBytes
@@ -138,3 +139,45 @@ class KeysReadOnceTests(TestCase):
         reload_all_certificates(terminator)
         self.assertEqual(len(read), 3)
         self.assertEqual(terminator.hosts, ["a.test", "b.test"])
+
+
+class ReloadLogTests(TestCase):
+    def setUp(self) -> None:
+        self.events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def said(self) -> list[tuple[str, str]]:
+        """(level, text) of the reload's own lines (those naming the source)."""
+        return [
+            (e["log_level"].name, formatEvent(e))  # type: ignore[attr-defined]
+            for e in self.events
+            if "{source}" in str(e.get("log_format", ""))
+        ]
+
+    def test_reload_that_keeps_the_old_certificate_says_so(self) -> None:
+        """A reload with broken files warns which hosts keep the old certificate and which have none."""
+        directory = cert_dir(self, **{"a.test": pki().a, "b.test": pki().b})
+        tls = TerminateTLS(directory, Recorder(), reactor=Clock())
+        write(os.path.join(directory, "a.test.pem"), b"not a certificate")
+        write(os.path.join(directory, "c.test.pem"), b"not one either")
+        self.assertFalse(tls.reload_certificates())
+        self.assertEqual(tls.hosts, ["a.test", "b.test"])
+        self.assertEqual(
+            self.said(),
+            [
+                (
+                    "warn",
+                    f"certificates from {directory} not all reloaded: the old certificate is kept for a.test; "
+                    "no certificate for c.test; reloaded: b.test",
+                )
+            ],
+        )
+
+    def test_reload_of_good_files_says_it_reloaded(self) -> None:
+        """A reload whose every file loads logs, at info, that it reloaded them, naming the hosts."""
+        directory = cert_dir(self, **{"a.test": pki().a})
+        tls = TerminateTLS(directory, Recorder(), reactor=Clock())
+        add_b(directory)
+        self.assertTrue(tls.reload_certificates())
+        self.assertEqual(self.said(), [("info", f"reloaded certificates from {directory}: a.test, b.test")])

@@ -189,14 +189,31 @@ class TerminateTLS:
         certificate it held before (and is logged). Returns whether every
         file loaded.
         """
+        previous = self._certificates
         try:
-            loaded = self._load(previous=self._certificates)
+            loaded = self._load(previous=previous)
         except CertificateError as e:
             log.error("cannot reload certificates from {source}: {problem}", source=self.source, problem=str(e))
             return False
         self._certificates = loaded
-        log.info("reloaded certificates from {source}: {hosts}", source=self.source, hosts=", ".join(self.hosts))
-        return loaded.ok
+        if loaded.ok:
+            log.info("reloaded certificates from {source}: {hosts}", source=self.source, hosts=", ".join(self.hosts))
+            return True
+        # Each broken file was logged (with its host and problem); say what the reload as a whole did.
+        kept = sorted(h for h, ctx in loaded.contexts.items() if previous.contexts.get(h) is ctx)
+        missing = sorted(set(loaded.sources) - set(loaded.contexts))
+        reloaded = sorted(set(loaded.contexts) - set(kept))
+        log.warn(
+            "certificates from {source} not all reloaded"
+            + (": the old certificate is kept for {kept}" if kept else "")
+            + ("; no certificate for {missing}" if missing else "")
+            + ("; reloaded: {reloaded}" if reloaded else "; none reloaded"),
+            source=self.source,
+            kept=", ".join(kept),
+            missing=", ".join(missing),
+            reloaded=", ".join(reloaded),
+        )
+        return False
 
     def _load(self, previous: Certificates | None) -> Certificates:
         return load_certificates(self.source, previous, self._context_with, self._choosing)
