@@ -69,6 +69,7 @@ class ListenerChanges:
     in_worker: bool
     draining: bool
     config_path: str | None
+    namedServices: dict[str, Any]
     _reactor: Any
 
     def _start_listener(self, listener: Listener) -> None:
@@ -145,6 +146,37 @@ class ListenerChanges:
         await defer.gatherResults([self._close_port(old) for old in rest])
         log.info("reloaded {path}: {n} listener(s)", path=self.config_path, n=total)
         return True
+
+    def _keep_adopted(self, current: dict[str, Listener], wanted: list[str]) -> None:
+        """
+        Give a listener on a socket systemd passed the description the rules
+        file now names that socket by (``name=`` for ``index=``, its options
+        in another order): it keeps its port. Twisted closes such a
+        descriptor once it has adopted it, so a new listener could not adopt
+        it again and the socket would be lost for good.
+        """
+        gone = {d: old for d, old in current.items() if d not in wanted and _adopted(old.endpoint) is not None}
+        if self.in_worker or not gone:
+            return
+        for description in wanted:
+            if description in current:
+                continue
+            try:
+                fileno = _adopted(endpoints.serverFromString(self._reactor, description))
+            except Exception:
+                continue  # the reload says what is wrong with it when it builds its listener
+            same = next((d for d, old in gone.items() if fileno is not None and _adopted(old.endpoint) == fileno), None)
+            if same is None:
+                continue
+            kept = gone.pop(same)
+            del self.namedServices[same]
+            kept.name = kept.description = description
+            self.namedServices[description] = kept
+            log.info(
+                "reload: {old} is now {description}: the same socket, which keeps listening",
+                old=same,
+                description=description,
+            )
 
     def _cannot_listen(self, description: str, problem: Exception) -> None:
         log.error(

@@ -391,6 +391,7 @@ class MuxService(SignalHandlers, ListenerChanges, MultiService):
         wanted = self._wanted(config)
         udp_reloaded = reload_udp_listeners(self, {d: r for d, r in wanted.items() if is_udp(d)}, config.settings)
         wanted = {d: r for d, r in wanted.items() if not is_udp(d)}
+        self._keep_adopted(self.listeners, list(wanted))
         current = self.listeners
         for description, rules in wanted.items():
             if description in current:

@@ -220,3 +220,23 @@ class IncomparableEndpointTests(RulesFile):
             self.assertEqual((yield client.answered), answer)
             client.transport.loseConnection()  # type: ignore[union-attr]
             yield client.lost
+
+    @defer.inlineCallbacks
+    def test_systemd_socket_named_another_way_keeps_listening(self) -> Any:
+        """systemd: index 0 written another way (the same socket): it serves on with the new rules, reload True."""
+        from twisted.python.systemd import ListenFDs
+
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(5)
+        # What systemd passes; Twisted closes it once adopted, so it can never be adopted again.
+        self.patch(endpoints._SystemdParser, "_sddaemon", ListenFDs([os.dup(listening.fileno())]))
+        service = self.start("systemd:domain=INET:index=0")
+        self.write(("systemd:index=0:domain=INET",), "two")
+        self.assertTrue((yield service.reload()))
+        self.assertEqual(sorted(service.listeners), ["systemd:index=0:domain=INET"])
+        client = yield defer.Deferred.fromCoroutine(held(listening.getsockname()[1]))
+        self.assertEqual((yield client.answered), b"two:HI")
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        yield client.lost
