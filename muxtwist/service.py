@@ -426,6 +426,12 @@ class MuxService(SignalHandlers, ListenerChanges, MultiService):
         self.draining = True
         factories = [listener.factory for listener in self.listeners.values()]
         self._stopping_factories = factories
+        closed_by_reload = sum(len(f.connections) for f in self._draining_old.values())
+        if closed_by_reload:
+            log.info(
+                "stopping: also waiting for {n} connection(s) of listeners a reload closed",
+                n=closed_by_reload,
+            )
         stopped = defer.maybeDeferred(super().stopService)
         stopped.addCallback(lambda _: self._drain(factories))
         # Listeners a reload closed (or is closing) drain too before the stop ends.

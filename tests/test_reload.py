@@ -79,6 +79,18 @@ class RulesFile(unittest.TestCase):
         return service
 
 
+def fired(d: defer.Deferred[Any]) -> list[object]:
+    """What ``d`` fired with, once it has (its result is left alone): empty until then."""
+    results: list[object] = []
+
+    def keep(result: object) -> object:
+        results.append(result)
+        return result
+
+    d.addBoth(keep)
+    return results
+
+
 class StopDuringReloadTests(RulesFile):
     """A stop while listeners a reload closed still close or drain."""
 
@@ -102,18 +114,6 @@ class StopDuringReloadTests(RulesFile):
         self.assertEqual(ended, [None])
         self.assertEqual(service.connections, [])
 
-
-def fired(d: defer.Deferred[Any]) -> list[object]:
-    """What ``d`` fired with, once it has (its result is left alone): empty until then."""
-    results: list[object] = []
-
-    def keep(result: object) -> object:
-        results.append(result)
-        return result
-
-    d.addBoth(keep)
-    return results
-
     @defer.inlineCallbacks
     def test_a_stop_waits_for_the_connections_of_a_listener_a_reload_removed(self) -> Any:
         """A stop while a listener a reload removed still drains ends once that listener's connections end."""
@@ -130,6 +130,27 @@ def fired(d: defer.Deferred[Any]) -> list[object]:
         self.assertEqual((yield client.lost), b"one:HIone:BYE")
         yield stopped
         self.assertEqual(ended, [None])
+
+    @defer.inlineCallbacks
+    def test_a_stop_logs_the_connections_of_listeners_a_reload_removed_it_waits_for(self) -> Any:
+        """A stop that waits for a connection of a listener a reload removed says so in the log, with the count."""
+        from twisted.logger import globalLogPublisher
+
+        old, new = free_port(), free_port()
+        service = self.start(f"tcp:{old}:interface=127.0.0.1")
+        client = yield defer.Deferred.fromCoroutine(held(old))
+        self.assertEqual((yield client.answered), b"one:HI")
+        self.write((f"tcp:{new}:interface=127.0.0.1",), "two")
+        self.assertTrue((yield service.reload()))
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        stopped = service.stopService()
+        waiting = [e for e in events if "a reload closed" in e.get("log_format", "")]
+        self.assertEqual([e.get("n") for e in waiting], [1])
+        client.transport.write(b"BYE")  # type: ignore[union-attr]
+        yield client.lost
+        yield stopped
 
 
 HIDDEN_PLUGIN = """\
