@@ -47,6 +47,8 @@ class Listener(StreamServerEndpointService):
         self.inherited_fd = inherited_fd
         self._reactor = reactor
         self.port: Any = None
+        #: the port's EMFILE log observer, whose pending count the stop logs.
+        self._emfile: EmfileThrottle | None = None
         listen_errors_raise(self)
         self.setName(description)  # type: ignore[no-untyped-call]
 
@@ -65,6 +67,18 @@ class Listener(StreamServerEndpointService):
             self.inherited_fd = None
         metrics = getattr(self.factory, "metrics", None)
         if isinstance(metrics, Metrics):
-            set_port_log_observer(port, EmfileThrottle(metrics, self._reactor))
+            self._emfile = EmfileThrottle(metrics, self._reactor)
+            set_port_log_observer(port, self._emfile)
         log.info("listening on {description} at {address}", description=self.description, address=port.getHost())
         return port
+
+    def stopService(self) -> Any:
+        """Stop listening; then log the clients closed for want of descriptors not logged yet."""
+        stopped = super().stopService()  # type: ignore[no-untyped-call]
+
+        def flush(result: object) -> object:
+            if self._emfile is not None:
+                self._emfile.flush()
+            return result
+
+        return stopped.addBoth(flush) if stopped is not None else flush(None)

@@ -13,12 +13,19 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Generator
+from typing import Any
 
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent
+from twisted.logger import LogEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from muxtwist._listener import Listener
+from muxtwist.matchers import Prefix
 from muxtwist.metrics import EmfileThrottle, Metrics
+from muxtwist.sniffing import Rule, SniffingFactory
 from tests.processes import stop_group
 from tests.twistd import ROOT, free_port, twistd_command, wait_for_port
 
@@ -104,3 +111,24 @@ class TwistdOutOfDescriptorsTests(unittest.TestCase):
         self.assertGreater(len(lines), 0, log[-3000:])
         self.assertLessEqual(len(lines) + len(tails), 4 + 1)
         self.assertGreater(len(lines) + sum(int(n) for n in lines + tails), 50)
+
+
+class ListenerStopTests(unittest.TestCase):
+    """A listener's port, its EMFILE lines and its stop, on the real reactor."""
+
+    @defer.inlineCallbacks
+    def test_listener_stop_logs_the_pending_count_of_closed_clients(self) -> Generator[Any, Any, None]:
+        """Clients the port closed for want of descriptors and not logged yet are logged when the listener stops."""
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        factory = SniffingFactory([Rule(Prefix(b"A"), Factory.forProtocol(Protocol), name="a")], metrics=Metrics())
+        listener = Listener("tcp:0:interface=127.0.0.1", factory, reactor)
+        listener.privilegedStartService()
+        listener.startService()
+        for i in range(3):
+            listener.port._logger.info(CLOSED, address=("127.0.0.1", 40000 + i))
+        yield listener.stopService()
+        # A line about one client stands for it and those it counts; the tail line for those it counts.
+        told = [(e["log_format"], e["suppressed"]) for e in events if "out of file" in e.get("log_format", "")]
+        self.assertEqual(sum(n + ("a waiting client" in f) for f, n in told), 3)
