@@ -81,6 +81,8 @@ class Refusals:
         self._log: BurstLog[tuple[str, dict[str, object]]] = BurstLog(reactor, _tail)
         # connection_end lines of refused connections: counted by the refusal lines, never told apart.
         self._ends = LogThrottle(reactor)
+        # Connections a rule's factory built no protocol for (a full TerminateTLS or Proxy, which say why).
+        self._declined: BurstLog[dict[str, object]] = BurstLog(reactor, _declined_tail)
 
     def refused(self, observer: IConnectionObserver, peer: object, limit: str, value: int, rule: str = "") -> None:
         """Count a refusal by ``limit``; log it, at most once a second per limit (and rule)."""
@@ -91,9 +93,18 @@ class Refusals:
         """Log a connection the PROXY pre-stage refused, at most once a second."""
         self._warn(("proxy_protocol", ""), peer, _HEADER, problem=printable(problem))
 
+    def declined(self, peer: object, rule: str) -> None:
+        """Log a connection ``rule``'s factory built no protocol for, at most once a second per rule."""
+        fields: dict[str, object] = {"rule": rule, "peer": address_text(peer)}
+        suppressed = self._declined.admit(rule, fields)
+        if suppressed is not None:
+            more = " ({suppressed} more declined since the last line)" if suppressed else ""
+            log.info("{rule} declined {peer}: its factory built no protocol" + more, suppressed=suppressed, **fields)
+
     def flush(self) -> None:
         """Log every count still pending now (the listener stops), and cancel the timers that would have."""
         self._log.flush()
+        self._declined.flush()
 
     def _warn(self, key: tuple[str, str], peer: object, line: tuple[str, str, str], **fields: object) -> None:
         """
@@ -135,3 +146,12 @@ _HEADER = (
 def _tail(held: tuple[str, dict[str, object]], suppressed: int) -> None:
     line, fields = held
     log.warn(line, suppressed=suppressed, **fields)
+
+
+def _declined_tail(fields: dict[str, object], suppressed: int) -> None:
+    log.info(
+        "{rule} declined {suppressed} more clients since the last line: its factory built no protocol"
+        " (the last: {peer})",
+        suppressed=suppressed,
+        **fields,
+    )

@@ -40,10 +40,8 @@ from zope.interface import implementer
 
 from muxtwist._deadlines import Deadline, Deadlines
 from muxtwist._inner import InnerFactories, RuleSet
-from muxtwist._limits import address_text
 from muxtwist._rules import Outcome, RuleStats
 from muxtwist._sniffing_end import EndOfConnection, EndOwner
-from muxtwist._text import printable
 from muxtwist._transports import abort
 from muxtwist._twisted import after_connection_lost
 from muxtwist.interfaces import (
@@ -432,11 +430,7 @@ class SniffingProtocol(EndOfConnection):
 
     def _close_unhandled(self, transport: ITransport, rule_name: str) -> None:
         if rule_name not in ("on_timeout", "on_no_match"):
-            log.info(
-                "{rule} declined {peer}: its factory built no protocol",
-                rule=rule_name,
-                peer=printable(address_text(self.addr)),
-            )
+            self.factory._refusals.declined(self.addr, rule_name)
             self.outcome = Outcome.REJECTED
         transport.loseConnection()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.test.proto_helpers import MemoryReactorClock, StringTransport
@@ -202,3 +203,32 @@ class ProxyTailTests(unittest.TestCase):
             [c for c in reactor.getDelayedCalls() if "FailureLog" in repr(c) or "BurstLog" in repr(c)],
             [],
         )
+
+
+class _Full(Factory):
+    """A rule's factory that builds no protocol (a full TerminateTLS or Proxy says why in lines of its own)."""
+
+    def buildProtocol(self, addr: Any) -> None:
+        return None
+
+
+TAIL_DECLINED = (
+    "full declined 9 more clients since the last line: its factory built no protocol (the last: 192.0.2.9:4009)"
+)
+
+
+class DeclinedTailTests(unittest.TestCase):
+    def test_declined_clients_logged_once_a_second_with_the_count(self) -> None:
+        """Ten clients a rule's factory declines give one line at once and one tail counting nine, not ten lines."""
+        events = capture(self)
+        clock = Clock()
+        factory = SniffingFactory([Rule(Prefix(b"A"), _Full(), name="full")], reactor=clock, log_connections=False)
+        for i in range(10):
+            MemoryConnection(factory, clock=clock, peer=IPv4Address("TCP", "192.0.2.9", 4000 + i)).send(b"A")
+        self.assertEqual(lines(events, "declined"), ["full declined 192.0.2.9:4000: its factory built no protocol"])
+        clock.advance(1.0)
+        self.assertEqual(
+            lines(events, "declined")[1:],
+            [TAIL_DECLINED],
+        )
+        self.assertEqual(clock.getDelayedCalls(), [])
