@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger, LogLevel
 
 __all__ = ["SignalHandlers", "hold_sighup", "keep_our_handlers", "take_pending_sighup"]
 
@@ -186,7 +187,13 @@ class SignalHandlers:
 
     def _queued_reload(self) -> object:
         self._reload_queued = False
-        return self.reload()
+        result = self.reload()
+        if isinstance(result, Deferred):
+            # Nobody else waits for a signal's reload: a failure that is not a
+            # rules-file error (those are logged by reload itself) is said now,
+            # not when the garbage collector finds the Deferred, if ever.
+            result.addErrback(lambda failure: log.failure("reload failed unexpectedly", failure, LogLevel.error))
+        return result
 
     def _stop_signal(self, signum: int, frame: Any) -> None:
         # Logged from the reactor too: a handler runs between any two

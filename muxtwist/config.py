@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import ast
 import difflib
+import io
+import math
 import os
 import sys
+import tokenize
 import traceback
 import types
 from collections.abc import Mapping, Sequence
@@ -254,10 +257,22 @@ def _assignment_lines(source: str) -> dict[str, tuple[int, list[int]]]:
 
 def _run(path: str) -> tuple[dict[str, Any], str]:
     try:
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as e:
         raise ConfigError(path, None, f"cannot read the rules file: {e.strerror or e}") from None
+    try:
+        # UTF-8 unless a coding declaration says otherwise, as for any Python file.
+        encoding = tokenize.detect_encoding(io.BytesIO(raw).readline)[0]
+        source = raw.decode(encoding)
+    except SyntaxError as e:
+        raise ConfigError(path, e.lineno, f"syntax error: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        bad_line = raw.count(b"\n", 0, e.start) + 1
+        what = "UTF-8" if encoding == "utf-8" else encoding
+        raise ConfigError(
+            path, bad_line, f"the file is not {what} text: byte {raw[e.start : e.start + 1].hex()} cannot be decoded"
+        ) from None
     try:
         code = compile(source, path, "exec")
     except SyntaxError as e:
@@ -268,12 +283,15 @@ def _run(path: str) -> tuple[dict[str, Any], str]:
     sys.path.insert(0, folder)
     try:
         exec(code, module.__dict__)
-    except Exception as e:
+    except (Exception, SystemExit, KeyboardInterrupt) as e:
+        # sys.exit() in the file is a broken file too: at a reload it must not
+        # end the server, nor vanish without a word.
         line = None
         for frame, lineno in traceback.walk_tb(e.__traceback__):
             if frame.f_code.co_filename == path:
                 line = lineno
-        raise ConfigError(path, line, f"{type(e).__name__} while loading: {e}") from None
+        said = str(e)
+        raise ConfigError(path, line, f"{type(e).__name__} while loading{': ' + said if said else ''}") from None
     finally:
         try:
             sys.path.remove(folder)
@@ -315,8 +333,14 @@ def _number(path: str, line: int | None, name: str, value: object, *, integer: b
     if value is None and optional:
         return None
     kinds: tuple[type, ...] = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or float(value) < 0 or (integer and value == 0):  # type: ignore[arg-type]
-        want = "a positive integer" if integer else "a non-negative number"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kinds)
+        or (isinstance(value, float) and not math.isfinite(value))
+        or value < 0  # type: ignore[operator]
+        or (integer and value == 0)
+    ):
+        want = "a positive integer" if integer else "a non-negative finite number"
         raise ConfigError(path, line, f"{name} must be {want}{' or None' if optional else ''}, got {value!r}")
     return value
 
@@ -327,11 +351,13 @@ def _check_settings(path: str, ns: Mapping[str, Any], lines: Mapping[str, tuple[
 
     values: dict[str, Any] = {}
     if "sniff_timeout" in ns:
-        values["sniff_timeout"] = _number(
-            path, line("sniff_timeout"), "sniff_timeout", ns["sniff_timeout"], integer=False, optional=False
-        )
-        if values["sniff_timeout"] == 0:
-            raise ConfigError(path, line("sniff_timeout"), "sniff_timeout must be more than 0")
+        value = ns["sniff_timeout"]
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
+            # (NaN fails the comparison too.)
+            raise ConfigError(
+                path, line("sniff_timeout"), f"sniff_timeout must be a finite number more than 0, got {value!r}"
+            )
+        values["sniff_timeout"] = value
     if "shutdown_timeout" in ns:
         values["shutdown_timeout"] = _number(
             path, line("shutdown_timeout"), "shutdown_timeout", ns["shutdown_timeout"], integer=False, optional=False

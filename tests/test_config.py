@@ -105,11 +105,11 @@ class LoaderTests(unittest.TestCase):
     def test_wrong_typed_settings(self) -> None:
         """Each setting of the wrong type is refused with its name and line."""
         cases = {
-            "sniff_timeout = 'soon'": "sniff_timeout must be a non-negative number",
-            "sniff_timeout = 0": "sniff_timeout must be more than 0",
+            "sniff_timeout = 'soon'": "sniff_timeout must be a finite number more than 0, got 'soon'",
+            "sniff_timeout = 0": "sniff_timeout must be a finite number more than 0, got 0",
             "max_sniff_bytes = 1.5": "max_sniff_bytes must be a positive integer",
             "max_connections = -1": "max_connections must be a positive integer or None",
-            "shutdown_timeout = True": "shutdown_timeout must be a non-negative number",
+            "shutdown_timeout = True": "shutdown_timeout must be a non-negative finite number",
             "on_timeout = 42": "on_timeout must be an IProtocolFactory",
             "accept_proxy_protocol = '10.0.0.0/8'": "accept_proxy_protocol must be a list of CIDRs",
             "accept_proxy_protocol = ['10.0.0.300/8']": "not an IP network",
@@ -119,6 +119,38 @@ class LoaderTests(unittest.TestCase):
             error = self.broken(f"rules = [Rule(HTTP1(), echo)]\n{line}\n")
             self.assertIn(problem, error.problem, line)
             self.assertEqual(error.line, HEADER.count("\n") + 2, line)
+
+    def test_settings_that_are_not_finite_are_refused(self) -> None:
+        """NaN and infinity are refused for every seconds setting, naming what is expected."""
+        for line in (
+            "sniff_timeout = float('nan')",
+            "sniff_timeout = float('inf')",
+            "shutdown_timeout = float('nan')",
+            "shutdown_timeout = float('inf')",
+        ):
+            error = self.broken(f"rules = [Rule(HTTP1(), echo)]\n{line}\n")
+            self.assertIn("finite number", error.problem, line)
+            self.assertEqual(error.line, HEADER.count("\n") + 2, line)
+
+    def test_negative_sniff_timeout_says_more_than_0(self) -> None:
+        """A negative sniff_timeout is told what is wanted (more than 0), not 'non-negative', which 0 is."""
+        error = self.broken("rules = [Rule(HTTP1(), echo)]\nsniff_timeout = -1\n")
+        self.assertEqual(error.problem, "sniff_timeout must be a finite number more than 0, got -1")
+
+    def test_file_that_is_not_utf8(self) -> None:
+        """A rules file holding bytes that are not UTF-8 is one error naming the file, the line and the encoding."""
+        path = self.mktemp() + "-rules.py"
+        with open(path, "wb") as f:
+            f.write(HEADER.encode() + b"rules = [Rule(HTTP1(), echo)]\n# caf\xe9\n")
+        error = self.assertRaises(ConfigError, load_config, path)
+        self.assertTrue(str(error).startswith(f"{path}:{HEADER.count(chr(10)) + 2}: "), str(error))
+        self.assertIn("not UTF-8", error.problem)
+
+    def test_file_that_calls_sys_exit(self) -> None:
+        """A rules file that raises SystemExit is an error at its line, not an exit of the server."""
+        error = self.broken("import sys\nsys.exit(3)\n")
+        self.assertEqual(error.line, HEADER.count("\n") + 2)
+        self.assertIn("SystemExit while loading: 3", error.problem)
 
     def test_missing_file(self) -> None:
         """A file that cannot be read is one clear error."""

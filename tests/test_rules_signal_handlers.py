@@ -286,3 +286,26 @@ class LoggingFromTheHandlerTests(unittest.SynchronousTestCase):
                 "received signal {signum} while draining: ignored in a worker",
             ],
         )
+
+
+class ReloadFailureTests(unittest.SynchronousTestCase):
+    """A SIGHUP's reload that fails unexpectedly says so at once."""
+
+    def test_a_reload_that_fails_unexpectedly_is_logged_at_once(self) -> None:
+        """A reload failing with something other than a rules-file error is logged at once, with its exception."""
+        from twisted.internet import defer
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        handlers = _Handlers()
+        handlers.reload = lambda: defer.fail(RuntimeError("an unexpected fault"))  # type: ignore[method-assign,assignment,return-value]
+        handlers._sighup(signal.SIGHUP, None)
+        for call in handlers.calls:
+            assert callable(call)
+            call()
+        said = [e for e in events if e.get("log_namespace") == "muxtwist._signals"]
+        self.assertEqual([e["log_level"] for e in said], [LogLevel.error])
+        self.assertIn("reload failed", said[0]["log_format"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
