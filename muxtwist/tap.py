@@ -50,10 +50,7 @@ class Options(usage.Options):
         self["inherit"][endpoint_description(description)] = int(fd)
 
     def opt_port(self, value: str) -> None:
-        """
-        A port number or an endpoint description (tcp:3000:interface=127.0.0.1,
-        ssl:..., unix:..., systemd:...); repeatable.
-        """
+        """A port number or an endpoint description (tcp:3000:interface=127.0.0.1, unix:..., ssl:...); repeatable."""
         description = endpoint_description(value)
         try:
             check_endpoint(description)
@@ -125,7 +122,8 @@ class Options(usage.Options):
             for description in [*wanted, *([self["admin"]] if self["admin"] is not None else [])]:
                 reason = probe_listen(description)
                 if reason is not None:
-                    raise SystemExit(f"muxtwist: cannot listen on {description}: {reason}")
+                    what = "--admin: " if description == self["admin"] and description not in wanted else ""
+                    raise SystemExit(f"muxtwist: {what}cannot listen on {description}: {reason}")
             busy = probe_udp_listeners([d for d in wanted if is_udp(d)])
             if busy is not None:
                 raise SystemExit(f"muxtwist: cannot listen on {busy[0]}: {busy[1]}")

@@ -205,6 +205,28 @@ class BrokenConfigTests(unittest.TestCase):
         self.assertNotEqual(out.returncode, 0)
         self.assertIn("bad endpoint description 'carrier-pigeon:9'", out.stderr.decode() + out.stdout.decode())
 
+    def test_busy_admin_endpoint_is_named_as_the_admin_one(self) -> None:
+        """An --admin endpoint that cannot listen is refused with a message that says it is --admin's, not --port's."""
+        from muxtwist.tap import Options
+
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        admin = f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1"
+        port = f"tcp:{free_port()}:interface=127.0.0.1"
+        error = self.assertRaises(SystemExit, Options().parseOptions, ["--port", port, "--admin", admin])
+        self.assertEqual(str(error.code).split(": the address")[0], f"muxtwist: --admin: cannot listen on {admin}")
+
+    def test_help_text_has_no_runs_of_spaces(self) -> None:
+        """Each option's help in ``twistd muxtwist --help`` is wrapped text, without a docstring's indentation inside it."""
+        from muxtwist.tap import Options
+
+        lines = str(Options()).splitlines()
+        column = lines[2].index("Serve /metrics")  # where every option's description starts
+        for line in lines[2 : lines.index("")]:
+            self.assertNotRegex(line[column:], "[^ ]  +[^ ]", line)
+
 
 SLOW_RULES = """\
 import os, time
