@@ -219,7 +219,7 @@ class BrokenConfigTests(unittest.TestCase):
         self.assertEqual(str(error.code).split(": the address")[0], f"muxtwist: --admin: cannot listen on {admin}")
 
     def test_help_text_has_no_runs_of_spaces(self) -> None:
-        """Each option's help in ``twistd muxtwist --help`` is wrapped text, without a docstring's indentation inside it."""
+        """Each option's help in ``twistd muxtwist --help`` is wrapped text without a docstring's indentation."""
         from muxtwist.tap import Options
 
         lines = str(Options()).splitlines()
