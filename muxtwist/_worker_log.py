@@ -38,6 +38,10 @@ TO_PARENT_LIMIT = 4 * 1024 * 1024
 #: How often a worker tries again to pass on the lines its parent did not read.
 _RETRY = 0.05
 
+#: How late a retry may run before it is taken as lost (an exception raised
+#: as it started) and another is scheduled.
+_RETRY_LOST = 1.0
+
 #: The most one write to the parent is given (a pipe holds 64 KiB by default).
 _CHUNK = 64 * 1024
 
@@ -74,6 +78,7 @@ class ToParent(io.RawIOBase):
         self._unsent = _Unsent()
         self._dropped = 0
         self._retry: Any = None
+        self._retry_due = 0.0
         #: At exit: every write waits for the parent (nothing is left to retry later).
         self._last_writes = False
         atexit.register(self.close)
@@ -86,8 +91,13 @@ class ToParent(io.RawIOBase):
 
     def write(self, data: Any) -> int:
         size = len(data)
-        self._queue.append(bytes(data).replace(RECORD_END, b"\\x1e") + RECORD_END)
-        self._serve()
+        record = bytes(data).replace(RECORD_END, b"\\x1e") + RECORD_END
+        try:
+            self._queue.append(record)
+            self._serve()
+        except BaseException:
+            self._later()  # what an exception left queued or unsent goes on without another event
+            raise
         return size
 
     def _serve(self, retry: bool = False, last: bool = False) -> None:
@@ -135,7 +145,7 @@ class ToParent(io.RawIOBase):
                         if self._dropped:
                             self._hold_dropped_note()
                         self._pass_on()
-                    elif retry and self._unsent and not self._pass_on():
+                    elif retry and (self._unsent or self._dropped) and not self._pass_on():
                         self._later()
                     first = False
                 while self._queue:
@@ -197,10 +207,12 @@ class ToParent(io.RawIOBase):
 
     def _hold_dropped_note(self) -> None:
         """Hold, after what is held, the event that counts the events dropped since the last (under the lock)."""
-        dropped, self._dropped = self._dropped, 0
-        note = f"{_stamp()} [muxtwist._worker_log#warn] {dropped} log events dropped: "
+        note = f"{_stamp()} [muxtwist._worker_log#warn] {self._dropped} log events dropped: "
         note += "the parent process did not read them in time\n"
-        self._unsent.data += note.encode() + RECORD_END
+        record = note.encode() + RECORD_END
+        # No call between the two: an exception leaves both or neither done.
+        self._unsent.data += record
+        self._dropped = 0
 
     def _later(self) -> None:
         """
@@ -209,12 +221,15 @@ class ToParent(io.RawIOBase):
         schedule one; only the retry scheduled last goes on, so their
         loops never add up while the parent does not read. An exception
         while scheduling one leaves none due: the next caller schedules
-        one, and one scheduled all the same goes on.
+        one, and one scheduled all the same goes on. One that did not run
+        :data:`_RETRY_LOST` seconds after it was due (an exception raised
+        as it started) is taken as lost.
         """
-        if self._retry is not None:
-            return
         reactor = default_reactor(self._reactor)
+        if self._retry is not None and reactor.seconds() < self._retry_due:
+            return
         self._retry = token = object()
+        self._retry_due = reactor.seconds() + _RETRY + _RETRY_LOST
         try:
             if threading.current_thread() is threading.main_thread():  # twistd runs its reactor there
                 reactor.callLater(_RETRY, self._again, token)
@@ -228,7 +243,11 @@ class ToParent(io.RawIOBase):
         if self._retry is not token and self._retry is not None:
             return  # another retry is due, scheduled after this one
         self._retry = None
-        self._serve(retry=True)
+        try:
+            self._serve(retry=True)
+        except BaseException:
+            self._later()
+            raise
 
     def close(self) -> None:
         """At exit: what is held, and the count of what was dropped, go to the parent, waiting for it."""

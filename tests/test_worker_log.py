@@ -37,21 +37,15 @@ class ExceptionMidWriteTests(unittest.TestCase):
     anywhere else.
     """
 
-    def _write_interrupted(self, point: int) -> tuple[bool, bytes]:
+    def _write_interrupted(self, point: int, after: list[bytes] = _AFTER) -> tuple[bool, bytes]:
         """
         Write a record the pipe takes part of, raising at the ``point``-th
         place a handler could (a call made or returned in ``_worker_log``)
-        once the record is queued, then two more, the parent reading:
+        once the record is queued, then those ``after``, the parent reading:
         whether it was raised, and what the parent read.
         """
         clock = Clock()
-        read_end, write_end = os.pipe()
-        self.addCleanup(os.close, read_end)
-        self.addCleanup(os.close, write_end)
-        fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), _PIPE)
-        os.set_blocking(read_end, False)
-        out = ToParent(write_end, reactor=clock)
-        self.addCleanup(out.close)
+        read_end, out = _pipe_to_parent(self, clock, _PIPE)
         out.write(_FIRST)
         places, queued = 0, False
 
@@ -74,7 +68,7 @@ class ExceptionMidWriteTests(unittest.TestCase):
             raised = True
         finally:
             sys.setprofile(before)
-        for line in _AFTER:
+        for line in after:
             out.write(line)
         received = b""
         for _ in range(20):  # the parent reads; retries pass on what is left
@@ -105,6 +99,95 @@ class ExceptionMidWriteTests(unittest.TestCase):
         else:
             self.fail("the write went on raising after 500 places")
         self.assertGreater(point, 5, "too few places to raise at: the handler was not called")
+
+    def test_what_an_exception_leaves_unsent_goes_out_without_another_event(self) -> None:
+        """
+        Whichever place after a write cut short an exception comes from, a
+        worker that logs nothing more still passes the rest on by retries.
+        """
+        for point in range(500):
+            raised, received = self._write_interrupted(point, after=[])
+            self.assertEqual(received.split(RECORD_END), [_FIRST, _CUT, b""], f"raised at place {point}")
+            if not raised:
+                break
+        self.assertGreater(point, 5, "too few places to raise at: the handler was not called")
+
+    def test_a_retry_an_exception_ends_as_it_starts_leaves_retries_going(self) -> None:
+        """An exception raised as a retry starts does not stop later retries: held events go out by retries alone."""
+        clock = Clock()
+        read_end, out = _pipe_to_parent(self, clock, 4096)
+        big = b"x" * 3000 + b"\n"
+        for _ in range(3):  # past the pipe: the rest held, a retry due
+            out.write(big)
+
+        def handler(frame: FrameType, event: str, arg: Any) -> None:
+            if event == "call" and frame.f_code.co_name == "_again":
+                raise _FromAHandler()
+
+        before = sys.getprofile()
+        sys.setprofile(handler)
+        try:
+            self.assertRaises(_FromAHandler, clock.advance, 0.05)
+        finally:
+            sys.setprofile(before)
+        clock.advance(1.0)
+        out.write(b"after\n")  # the pipe still full: held, a retry due
+        received = b""
+        for _ in range(40):  # the parent reads; nothing is written but by retries
+            received += _read_all(read_end)
+            clock.advance(0.05)
+        self.assertEqual(received.split(RECORD_END), [big] * 3 + [b"after\n", b""])
+
+
+class DroppedNoteTests(unittest.TestCase):
+    def test_an_exception_while_the_dropped_note_is_made_keeps_the_count(self) -> None:
+        """An exception raised while the note counting dropped events is made leaves the count to the next note."""
+        self.patch(_worker_log, "TO_PARENT_LIMIT", 8192)
+        clock = Clock()
+        read_end, out = _pipe_to_parent(self, clock, 4096)
+        line = b"x" * 99 + b"\n"
+        for _ in range(300):  # the pipe's 4 KiB, 8 KiB held, the rest dropped
+            out.write(line)
+        self.assertGreater(out._dropped, 0)
+        real, raised = _worker_log._stamp, []
+
+        def stamp() -> str:
+            if not raised:
+                raised.append(True)
+                raise _FromAHandler()  # a handler's, while the note is made
+            return real()
+
+        self.patch(_worker_log, "_stamp", stamp)
+        received = b""
+        for _ in range(40):  # the parent reads; nothing is written but by retries
+            received += _read_all(read_end)
+            try:
+                clock.advance(0.05)
+            except _FromAHandler:
+                pass
+        self.assertEqual(raised, [True])
+        records = received.split(RECORD_END)
+        self.assertEqual(records.pop(), b"")
+        notes = [r for r in records if b"log events dropped" in r]
+        dropped = sum(int(n.split(b"] ")[1].split(b" ")[0]) for n in notes)
+        self.assertEqual(records.count(line) + dropped, 300, notes)
+
+
+def _pipe_to_parent(test: unittest.TestCase, clock: Clock, size: int) -> tuple[int, ToParent]:
+    """
+    A worker's ToParent on a pipe of ``size`` bytes, and the pipe's read
+    end, closed before it at cleanup: its close() never waits for a reader
+    that a failed test left.
+    """
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+    os.set_blocking(read_end, False)
+    out = ToParent(write_end, reactor=clock)
+    test.addCleanup(os.close, out._fd)
+    test.addCleanup(out.close)
+    test.addCleanup(os.close, write_end)
+    test.addCleanup(os.close, read_end)
+    return read_end, out
 
 
 def _read_all(read_end: int) -> bytes:
