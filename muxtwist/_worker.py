@@ -21,7 +21,7 @@ from muxtwist._worker_log import RECORD_END
 
 __all__: list[str] = []
 
-log = Logger()
+log = Logger(namespace="muxtwist.workers")  # as before the move: log filters and greps keep working
 
 #: A worker's log output longer than this without an end of record is written as it is.
 _LONGEST_RECORD = 1024 * 1024

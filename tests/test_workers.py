@@ -325,6 +325,19 @@ class ReloadWhileStoppingTests(unittest.SynchronousTestCase):
         self.assertIsNone(child.returncode, "the draining worker got a SIGHUP")
 
 
+class WorkerLogNamespaceTests(unittest.SynchronousTestCase):
+    def test_a_workers_lines_keep_the_pools_namespace(self) -> None:
+        """What the parent logs of a worker (here its standard error) is in muxtwist.workers, as before the move."""
+        from twisted.logger import capturedLogs
+
+        from muxtwist.workers import WorkerPool, _Worker
+
+        worker = _Worker(WorkerPool(1, [], [], handle_signals=False), 0)
+        with capturedLogs() as events:
+            worker.errReceived(b"oops\n")
+        self.assertEqual([e["log_namespace"] for e in events], ["muxtwist.workers"])
+
+
 class LogRelayTests(unittest.TestCase):
     """The workers' log lines reach the parent's one text log, whole, and only the parent writes that file."""
 
