@@ -60,6 +60,10 @@ def _adopted(endpoint: Any) -> int | None:
     return None
 
 
+class _GivenUp(ValueError):
+    """A listener would adopt a ``systemd:`` socket that an earlier reload closed."""
+
+
 class ListenerChanges:
     """
     Mixin for ``MuxService``: the TCP (stream) listener changes of a reload.
@@ -71,6 +75,10 @@ class ListenerChanges:
     config_path: str | None
     namedServices: dict[str, Any]
     _reactor: Any
+    #: The descriptors of the ``systemd:`` sockets this service has listened
+    #: on. Twisted closes one once it adopts it, so no later listener may
+    #: adopt that number again: it may since belong to another file.
+    _adopted_fds: set[int]
 
     def _start_listener(self, listener: Listener) -> None:
         raise NotImplementedError
@@ -99,7 +107,9 @@ class ListenerChanges:
                 failed.append(description)
                 continue
             try:
-                new.append(Listener(description, build_factory(rules, config.settings, self._reactor), self._reactor))
+                listener = Listener(description, build_factory(rules, config.settings, self._reactor), self._reactor)
+                self._refuse_adopted_again(listener)
+                new.append(listener)
             except Exception as e:
                 self._cannot_listen(description, e)
                 failed.append(description)
@@ -155,6 +165,7 @@ class ListenerChanges:
         descriptor once it has adopted it, so a new listener could not adopt
         it again and the socket would be lost for good.
         """
+        self._adopted_fds.update(fd for old in current.values() if (fd := _adopted(old.endpoint)) is not None)
         gone = {d: old for d, old in current.items() if d not in wanted and _adopted(old.endpoint) is not None}
         if self.in_worker or not gone:
             return
@@ -178,11 +189,24 @@ class ListenerChanges:
                 description=description,
             )
 
+    def _refuse_adopted_again(self, listener: Listener) -> None:
+        """
+        Raise if ``listener`` would adopt a ``systemd:`` socket that a
+        listener of this service adopted and a reload has since closed.
+        """
+        fileno = _adopted(listener.endpoint)
+        if fileno is not None and fileno in self._adopted_fds:
+            raise _GivenUp(
+                f"socket {fileno} was listened on by a listener an earlier reload closed, and closed with it"
+                " (Twisted closes a socket it adopts); restart the service to listen on it again"
+            )
+
     def _cannot_listen(self, description: str, problem: Exception) -> None:
         log.error(
-            "reload: cannot listen on {description}: {problem}; the next reload tries again",
+            "reload: cannot listen on {description}: {problem}{again}",
             description=description,
             problem=str(problem),
+            again="" if isinstance(problem, _GivenUp) else "; the next reload tries again",
         )
 
     def _listen_again(self, old: Listener) -> bool:

@@ -95,6 +95,7 @@ class MuxService(SignalHandlers, ListenerChanges, MultiService):
         #: The factories of listeners reloads closed, until they are drained.
         self._draining_old: dict[int, SniffingFactory] = {}
         self._held: dict[int, SniffingFactory] = {}
+        self._adopted_fds: set[int] = set()
         self.reloaded: list[Callable[[Config], None]] = []
         # Reloads run one after another: each waits for the previous one's
         # old ports to close, so two of them never race for the same port.

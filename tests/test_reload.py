@@ -261,3 +261,49 @@ class IncomparableEndpointTests(RulesFile):
         self.assertEqual((yield client.answered), b"two:HI")
         client.transport.loseConnection()  # type: ignore[union-attr]
         yield client.lost
+
+    @defer.inlineCallbacks
+    def test_a_systemd_socket_a_reload_closed_is_never_adopted_again(self) -> Any:
+        """systemd: index 0 -> 1 -> 0: the move back is refused, one line; the file now at 0's number is left alone."""
+        from twisted.python.systemd import ListenFDs
+
+        sockets = []
+        for _ in range(2):
+            listening = socket.socket()
+            self.addCleanup(listening.close)
+            listening.bind(("127.0.0.1", 0))
+            listening.listen(5)
+            sockets.append(listening)
+        # High numbers, which no file this process opens meanwhile takes.
+        descriptors = [os.dup2(each.fileno(), 900 + n) for n, each in enumerate(sockets)]
+        self.patch(endpoints._SystemdParser, "_sddaemon", ListenFDs(descriptors))
+        service = self.start("systemd:domain=INET:index=0")
+        self.write(("systemd:domain=INET:index=1",), "two")
+        self.assertTrue((yield service.reload()))
+        # Twisted closed socket 0's descriptor when it adopted it; another file now has its number.
+        victim = socket.socket()
+        self.addCleanup(victim.close)
+        victim.bind(("127.0.0.1", 0))
+        victim.listen(5)
+        victim.setblocking(False)
+        os.dup2(victim.fileno(), descriptors[0])
+        self.addCleanup(os.close, descriptors[0])
+        lines: list[str] = []
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        def keep(event: dict[str, Any]) -> None:
+            lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(keep)
+        self.addCleanup(globalLogPublisher.removeObserver, keep)
+        self.write(("systemd:domain=INET:index=0", "systemd:domain=INET:index=1"), "three")
+        self.assertFalse((yield service.reload()))
+        self.assertEqual(sorted(service.listeners), ["systemd:domain=INET:index=1"])
+        os.fstat(descriptors[0])  # still open: nothing adopted and closed it
+        refused = [line for line in lines if "cannot listen on systemd:domain=INET:index=0" in line]
+        self.assertEqual(len(refused), 1, lines)
+        self.assertIn("restart", refused[0])
+        client = yield defer.Deferred.fromCoroutine(held(sockets[1].getsockname()[1]))
+        self.assertEqual((yield client.answered), b"three:HI")
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        yield client.lost
