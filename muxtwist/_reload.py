@@ -89,9 +89,7 @@ class ListenerChanges:
     def _drain_in_background(self, listener: Listener) -> None:
         raise NotImplementedError
 
-    async def _change_listeners(
-        self, gone: list[Listener], added: dict[str, tuple[Any, ...]], config: Config, total: int
-    ) -> bool:
+    async def _change_listeners(self, gone: list[Listener], added: dict[str, tuple[Any, ...]], config: Config) -> bool:
         """
         Start the listeners ``added``, then close those ``gone`` if every
         added one listens (see :meth:`_reload_now`); whether all did.
@@ -154,7 +152,6 @@ class ListenerChanges:
             )
             return False
         await defer.gatherResults([self._close_port(old) for old in rest])
-        log.info("reloaded {path}: {n} listener(s)", path=self.config_path, n=total)
         return True
 
     def _keep_adopted(self, current: dict[str, Listener], wanted: list[str]) -> None:

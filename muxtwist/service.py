@@ -390,6 +390,7 @@ class MuxService(SignalHandlers, ListenerChanges, MultiService):
     def _apply(self, config: Config) -> defer.Deferred[bool]:
         """The rest of a reload: ``config``'s rules and listeners take over (see :meth:`_reload_now`)."""
         wanted = self._wanted(config)
+        total = len(wanted)
         udp_reloaded = reload_udp_listeners(self, {d: r for d, r in wanted.items() if is_udp(d)}, config.settings)
         wanted = {d: r for d, r in wanted.items() if not is_udp(d)}
         self._keep_adopted(self.listeners, list(wanted))
@@ -403,8 +404,18 @@ class MuxService(SignalHandlers, ListenerChanges, MultiService):
             hook(config)
         gone = [current[d] for d in sorted(set(current) - set(wanted))]
         added = {d: rules for d, rules in wanted.items() if d not in current}
-        tcp_reloaded = defer.Deferred.fromCoroutine(self._change_listeners(gone, added, config, len(wanted)))
-        changed = defer.gatherResults([udp_reloaded, tcp_reloaded]).addCallback(all)
+        tcp_reloaded = defer.Deferred.fromCoroutine(self._change_listeners(gone, added, config))
+
+        def said(results: list[bool]) -> bool:
+            udp_ok, tcp_ok = results
+            if udp_ok and tcp_ok:
+                log.info("reloaded {path}: {n} listener(s)", path=self.config_path, n=total)
+            elif tcp_ok:
+                # The TCP side says what did not start itself; the UDP side said which address failed.
+                log.error("reloaded {path}, but not every UDP listener it names listens", path=self.config_path)
+            return udp_ok and tcp_ok
+
+        changed = defer.gatherResults([udp_reloaded, tcp_reloaded]).addCallback(said)
         self._wait_at_stop(changed)
         return changed
 
@@ -449,7 +460,7 @@ class MuxService(SignalHandlers, ListenerChanges, MultiService):
 
     def stop_now(self) -> None:
         """Abort every connection at once (a second SIGTERM while draining)."""
-        self._abort([*self._stopping_factories, *self._draining_old.values()])
+        self._abort([*self._stopping_factories, *self._draining_old.values()], "stopping now")
 
     def _stop_admin(self, result: object) -> object:
         if self._emfile is not None:
@@ -466,7 +477,7 @@ class MuxService(SignalHandlers, ListenerChanges, MultiService):
         for f in factories:
             f.abort_sniffing()
         reactor: IReactorTime = self._reactor
-        deadline = reactor.callLater(self.shutdown_timeout, self._abort, factories)
+        deadline = reactor.callLater(self.shutdown_timeout, self._abort, factories, "shutdown_timeout reached")
         live = [f for f in factories if f.connections]
         if live:
             log.info(
@@ -491,9 +502,9 @@ class MuxService(SignalHandlers, ListenerChanges, MultiService):
                 del self._held[id(f)]
                 f.doStop()
 
-    def _abort(self, factories: list[SniffingFactory]) -> None:
+    def _abort(self, factories: list[SniffingFactory], why: str) -> None:
         left = sum(len(f.connections) for f in factories)
         if left:
-            log.warn("shutdown_timeout reached: aborting {n} connection(s)", n=left)
+            log.warn("{why}: aborting {n} connection(s)", why=why, n=left)
         for f in factories:
             f.abort_all()

@@ -152,6 +152,29 @@ class StopDuringReloadTests(RulesFile):
         yield client.lost
         yield stopped
 
+    @defer.inlineCallbacks
+    def test_a_second_stop_signal_does_not_say_the_timeout_was_reached(self) -> Any:
+        """stop_now (a second SIGTERM) aborts a held connection, logged as stopping now, not as shutdown_timeout."""
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        port = free_port()
+        service = self.start(f"tcp:{port}:interface=127.0.0.1")
+        client = yield defer.Deferred.fromCoroutine(held(port))
+        self.assertEqual((yield client.answered), b"one:HI")
+        lines: list[str] = []
+
+        def keep(event: dict[str, Any]) -> None:
+            lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(keep)
+        self.addCleanup(globalLogPublisher.removeObserver, keep)
+        stopped = service.stopService()
+        service.stop_now()
+        yield client.lost
+        yield stopped
+        aborting = [line for line in lines if "aborting" in line]
+        self.assertEqual(aborting, ["stopping now: aborting 1 connection(s)"])
+
 
 HIDDEN_PLUGIN = """\
 from zope.interface import implementer

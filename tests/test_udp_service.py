@@ -230,6 +230,9 @@ class UDPReloadOrderTests(unittest.TestCase):
         problems = [e for e in events if e.get("log_format", "").startswith("reload: cannot listen on")]
         self.assertEqual([e["description"] for e in problems], [f"udp:{taken}:interface=127.0.0.1"])
         self.assertIn("Address already in use", problems[0]["problem"])
+        # The summary does not claim the reload took effect.
+        summaries = [e["log_format"] for e in events if e.get("log_format", "").startswith("reloaded {path}")]
+        self.assertEqual(summaries, ["reloaded {path}, but not every UDP listener it names listens"])
         self.assertEqual(
             [s.description for s in service if isinstance(s, UDPListener)], [f"udp:{old}:interface=127.0.0.1"]
         )
