@@ -35,6 +35,7 @@ import attrs
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress
 
+from muxtwist._limits import address_text
 from muxtwist.interfaces import ConnectionInfo
 from muxtwist.matchers._basic import in_networks, parse_networks
 from muxtwist.matchers.proxy_protocol import (
@@ -167,7 +168,7 @@ class ProxyHeaderReader:
                 self._buffer = b""
                 return buffer
             if sig is Signature.YES:
-                raise ValueError(f"PROXY protocol header from untrusted peer {self.info.peer}")
+                raise ValueError(f"PROXY protocol header from untrusted peer {address_text(self.info.peer)}")
             self._buffer = buffer
             return None
         header = parse(buffer)  # its ProxyProtocolError is a ValueError with the reason

@@ -290,6 +290,13 @@ class ReaderTests(unittest.TestCase):
         with self.assertRaises(ValueError):
             ProxyHeaderReader(FROM_STRANGER, TRUSTED).feed(V2)
 
+    def test_untrusted_refusal_names_the_peer_as_host_port(self) -> None:
+        """The refusal names the untrusted peer as host:port, not as a Twisted address object."""
+        with self.assertRaises(ValueError) as raised:
+            ProxyHeaderReader(FROM_STRANGER, TRUSTED).feed(V2)
+        peer = FROM_STRANGER.peer
+        self.assertEqual(str(raised.exception), f"PROXY protocol header from untrusted peer {peer.host}:{peer.port}")
+
     def test_untrusted_plain_data_passes_at_once(self) -> None:
         """An untrusted peer's ordinary bytes come back unchanged, held only while they could begin a signature."""
         reader = ProxyHeaderReader(FROM_STRANGER, TRUSTED)

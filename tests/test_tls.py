@@ -535,11 +535,23 @@ class RobustnessTests(TestCase):
 
     @defer.inlineCallbacks
     def test_garbage_after_record_header(self) -> Any:
-        """Garbage after a handshake record header gets an alert and a close, at once."""
+        """Garbage after a handshake record header gets an alert and a close, at once; the line names host:port."""
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        lines: list[str] = []
+
+        def keep(event: dict[str, Any]) -> None:
+            lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(keep)
+        self.addCleanup(globalLogPublisher.removeObserver, keep)
         back, took = yield in_thread(raw_exchange, self.port, b"\x16\x03\x01\x00\x40" + b"\xee" * 64)
         self.assertEqual(back[:1], b"\x15", "a TLS alert record")
         self.assertLess(took, 0.9, "closed before the handshake timeout")
         self.assertEqual(self.tls.stats["failed"], 1)
+        failed = [line for line in lines if line.startswith("TLS handshake with ")]
+        self.assertEqual(len(failed), 1, lines)
+        self.assertRegex(failed[0], r"^TLS handshake with 127\.0\.0\.1:\d+ failed: ")
 
     @defer.inlineCallbacks
     def test_stalled_handshake_aborted(self) -> Any:

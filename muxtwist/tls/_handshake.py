@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from muxtwist._failures import failure_text
+from muxtwist._limits import address_text
 from muxtwist._transports import abort
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
 from muxtwist.tls._certificates import Certificates
@@ -132,7 +133,7 @@ class Handshake:
         self.owner.stats["timed_out"] += 1
         log.info(
             "TLS handshake with {peer} not done after {timeout}s: aborted",
-            peer=self.info.source or self.addr,
+            peer=address_text(self.info.source or self.addr),
             timeout=self.owner.handshake_timeout,
         )
         if self.transport is not None:
@@ -197,6 +198,6 @@ class Handshake:
             self.owner.stats["failed"] += 1
             log.info(
                 "TLS handshake with {peer} failed: {reason}",
-                peer=self.info.source or self.addr,
+                peer=address_text(self.info.source or self.addr),
                 reason=failure_text(reason),
             )
