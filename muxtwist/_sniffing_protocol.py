@@ -328,6 +328,8 @@ class SniffingProtocol(EndOfConnection):
                 log.failure("matcher of rule {rule} raised; taken as NO_MATCH", rule=rule.name)
                 continue
             if verdict is Verdict.MATCH:
+                if final is None and self._answer_pending(data):
+                    return
                 self._hand_off(rule.factory, rule.name, Outcome.HANDED_OFF, data, rule.max_connections)
                 return
             if verdict is Verdict.NEED_MORE and final is None:
@@ -335,9 +337,23 @@ class SniffingProtocol(EndOfConnection):
                 return
         if final is Outcome.TIMEOUT and not data:
             self._hand_off(self._ruleset.on_timeout, "on_timeout", Outcome.TIMEOUT, data)
-        elif final is not None or data:
+        elif final is not None or (data and not self._answer_pending(data)):
             self._hand_off(self._ruleset.on_no_match, "on_no_match", Outcome.NO_MATCH, data)
         # else: no rule can tell from zero bytes; wait for the first ones.
+
+    def _answer_pending(self, data: bytes) -> bool:
+        """
+        Whether the client's answer to what a responding matcher wrote is
+        still to come (its ``filter_replay`` finds nothing to remove in
+        ``data``). A client that sent its opener before those bytes reached
+        it (curl, h2load: HTTP/2 clients that do not wait for the server's
+        SETTINGS) answers after it; handed off now, the winner would get that
+        answer after the replay, where nothing removes it (a SETTINGS ACK for
+        SETTINGS it never sent, which nghttp2 servers end the connection
+        for). So the hand-off waits for it, up to the final evaluation.
+        """
+        responder = self._responder
+        return responder is not None and responder.filter_replay(data) == data
 
     def _respond(self, matcher: IMatcher, data: bytes) -> None:
         if self._responder is not None or not IRespondingMatcher.providedBy(matcher):

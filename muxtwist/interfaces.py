@@ -110,6 +110,12 @@ class IRespondingMatcher(IMatcher):
         Remove from the buffer what the client sent only in answer to our
         declared bytes (the ACK of our SETTINGS), before it is replayed to
         the winning protocol, which never sent them.
+
+        Once the declared bytes are written, the sniffer takes a buffer this
+        leaves unchanged as one the answer has not reached yet: it holds the
+        hand-off back until the answer is in (a client may send its opener
+        before our bytes reach it, and answer after it), or until the final
+        evaluation (``sniff_timeout``, ``max_sniff_bytes``, end of stream).
         """
 
 

@@ -432,6 +432,43 @@ class RespondingMatcherTests(unittest.TestCase):
         self.assertEqual(target.built[0].received, b"CWHO")
 
 
+class SettingsAnswerTests(unittest.TestCase):
+    """The client's ACK of the SETTINGS a header matcher wrote, when it comes after the request headers."""
+
+    def _split_client(self) -> tuple[MemoryConnection, RecordingFactory, task.Clock, bytes, bytes]:
+        from muxtwist.matchers import GRPC, HTTP2
+        from muxtwist.matchers.http2 import PREFACE, SETTINGS_FRAME
+        from tests.matcher_checks import GET_HEADERS, h2_request
+
+        request = h2_request(GET_HEADERS)
+        # The client's preface and SETTINGS frame (9 + its 6-byte settings each), then its HEADERS.
+        settings_end = len(PREFACE) + 9 + int.from_bytes(request[len(PREFACE) : len(PREFACE) + 3], "big")
+        target = RecordingFactory()
+        factory, clock = make([Rule(GRPC(), RecordingFactory(), name="grpc"), Rule(HTTP2(), target, name="h2c")])
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(request[:settings_end])
+        self.assertEqual(conn.transport.value(), SETTINGS_FRAME)
+        conn.send(request[settings_end:])
+        return conn, target, clock, request, b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"
+
+    def test_ack_after_the_headers_is_not_passed_to_the_winner(self) -> None:
+        """A client that sent its request before our SETTINGS reached it acks them after it; the winner gets no ACK."""
+        conn, target, clock, request, ack = self._split_client()
+        conn.send(ack)
+        clock.advance(0.1)
+        self.assertEqual(len(target.built), 1)
+        self.assertEqual(target.built[0].received, request)
+
+    def test_client_that_never_acks_is_handed_off_at_the_sniff_timeout(self) -> None:
+        """A client that never acks our SETTINGS is still handed off, every byte intact, when sniff_timeout expires."""
+        conn, target, clock, request, ack = self._split_client()
+        clock.advance(5.0)
+        self.assertEqual(len(target.built), 1)
+        self.assertEqual(target.built[0].received, request)
+        conn.send(b"more")
+        self.assertEqual(target.built[0].received, request + b"more")
+
+
 class TLSTransportTests(unittest.TestCase):
     def test_sniffing_inside_tls(self) -> None:
         """A SniffingFactory wrapped in TLSMemoryBIOFactory sniffs the decrypted stream and hands off."""

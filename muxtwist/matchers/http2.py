@@ -16,7 +16,11 @@ grpc-java does) would stall: the header matchers are
 :class:`~muxtwist.interfaces.IRespondingMatcher`, so once the client's
 preface and SETTINGS are in without HEADERS, the sniffer writes one empty
 SETTINGS frame for them, and the client's ACK of it is removed from the
-bytes replayed to the real server, which never sent that frame.
+bytes replayed to the real server, which never sent that frame. A client that
+sent its HEADERS before that frame reached it (curl, h2load) acks it after
+them: the sniffer waits for that ACK before handing off, so it never reaches
+the real server (nghttp2 servers end the connection on an ACK of SETTINGS
+they did not send).
 """
 
 from __future__ import annotations
