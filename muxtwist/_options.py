@@ -8,6 +8,7 @@ instead of a ``TypeError`` deep inside Twisted when the first client comes.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,7 +29,8 @@ class OptionError(ValueError, TypeError):
 def _number(owner: str, option: str, value: object, *, optional: bool = False) -> None:
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+    # Not NaN, infinity or an int beyond a float: callLater would raise at each use.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= sys.float_info.max:
         raise OptionError(owner, option, value, "a positive number of seconds" + (" or None" if optional else ""))
 
 

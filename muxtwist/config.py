@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import difflib
 import io
-import math
 import os
 import sys
 import tokenize
@@ -268,10 +267,12 @@ def _run(path: str) -> tuple[dict[str, Any], str]:
     except SyntaxError as e:
         raise ConfigError(path, e.lineno, f"syntax error: {e.msg}") from None
     except UnicodeDecodeError as e:
-        bad_line = raw.count(b"\n", 0, e.start) + 1
-        what = "UTF-8" if encoding == "utf-8" else encoding
+        # The codec may have decoded less than the file (utf-8-sig: all but the byte order mark).
+        at = e.start + len(raw) - len(e.object)
+        bad_line = raw.count(b"\n", 0, at) + 1
+        what = "UTF-8" if encoding in ("utf-8", "utf-8-sig") else encoding
         raise ConfigError(
-            path, bad_line, f"the file is not {what} text: byte {raw[e.start : e.start + 1].hex()} cannot be decoded"
+            path, bad_line, f"the file is not {what} text: byte {raw[at : at + 1].hex()} cannot be decoded"
         ) from None
     try:
         code = compile(source, path, "exec")
@@ -283,14 +284,17 @@ def _run(path: str) -> tuple[dict[str, Any], str]:
     sys.path.insert(0, folder)
     try:
         exec(code, module.__dict__)
-    except (Exception, SystemExit, KeyboardInterrupt) as e:
-        # sys.exit() in the file is a broken file too: at a reload it must not
-        # end the server, nor vanish without a word.
+    except BaseException as e:
+        # sys.exit() (or any BaseException) in the file is a broken file too:
+        # at a reload it must not end the server, nor vanish without a word.
         line = None
         for frame, lineno in traceback.walk_tb(e.__traceback__):
             if frame.f_code.co_filename == path:
                 line = lineno
-        said = str(e)
+        try:
+            said = "" if e.args == (None,) else str(e)
+        except Exception:
+            said = ""  # its __str__ is broken too: the type and the line must do
         raise ConfigError(path, line, f"{type(e).__name__} while loading{': ' + said if said else ''}") from None
     finally:
         try:
@@ -336,7 +340,7 @@ def _number(path: str, line: int | None, name: str, value: object, *, integer: b
     if (
         isinstance(value, bool)
         or not isinstance(value, kinds)
-        or (isinstance(value, float) and not math.isfinite(value))
+        or (not integer and not value <= sys.float_info.max)  # type: ignore[operator]
         or value < 0  # type: ignore[operator]
         or (integer and value == 0)
     ):
@@ -352,8 +356,8 @@ def _check_settings(path: str, ns: Mapping[str, Any], lines: Mapping[str, tuple[
     values: dict[str, Any] = {}
     if "sniff_timeout" in ns:
         value = ns["sniff_timeout"]
-        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
-            # (NaN fails the comparison too.)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= sys.float_info.max:
+            # (NaN fails the comparison too; an int beyond a float overflows callLater.)
             raise ConfigError(
                 path, line("sniff_timeout"), f"sniff_timeout must be a finite number more than 0, got {value!r}"
             )

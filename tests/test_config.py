@@ -132,6 +132,13 @@ class LoaderTests(unittest.TestCase):
             self.assertIn("finite number", error.problem, line)
             self.assertEqual(error.line, HEADER.count("\n") + 2, line)
 
+    def test_seconds_settings_beyond_a_float_are_refused(self) -> None:
+        """An int too large for a float is refused for each seconds setting (callLater raised OverflowError)."""
+        for line in ("sniff_timeout = 10**400", "shutdown_timeout = 10**400"):
+            error = self.broken(f"rules = [Rule(HTTP1(), echo)]\n{line}\n")
+            self.assertIn("finite number", error.problem, line)
+            self.assertEqual(error.line, HEADER.count("\n") + 2, line)
+
     def test_negative_sniff_timeout_says_more_than_0(self) -> None:
         """A negative sniff_timeout is told what is wanted (more than 0), not 'non-negative', which 0 is."""
         error = self.broken("rules = [Rule(HTTP1(), echo)]\nsniff_timeout = -1\n")
@@ -151,6 +158,30 @@ class LoaderTests(unittest.TestCase):
         error = self.broken("import sys\nsys.exit(3)\n")
         self.assertEqual(error.line, HEADER.count("\n") + 2)
         self.assertIn("SystemExit while loading: 3", error.problem)
+
+    def test_file_with_a_byte_order_mark_that_is_not_utf8(self) -> None:
+        """A file that starts with a UTF-8 byte order mark and holds a bad byte names that byte and its line."""
+        path = self.mktemp() + "-rules.py"
+        with open(path, "wb") as f:
+            f.write(b"\xef\xbb\xbf" + HEADER.encode() + b"rules = [Rule(HTTP1(), echo)]\n#\n\xff\n")
+        error = self.assertRaises(ConfigError, load_config, path)
+        self.assertEqual(error.line, HEADER.count("\n") + 3)
+        self.assertEqual(error.problem, "the file is not UTF-8 text: byte ff cannot be decoded")
+
+    def test_file_that_raises_any_base_exception(self) -> None:
+        """GeneratorExit or a BaseException of the file's own is one error at its line, like SystemExit."""
+        for body in ("raise GeneratorExit('gen')\n", "class Boom(BaseException):\n    pass\nraise Boom('boom')\n"):
+            error = self.broken(body)
+            self.assertEqual(error.line, HEADER.count("\n") + body.count("\n"), body)
+            self.assertIn(" while loading: ", error.problem, body)
+
+    def test_file_raising_an_exception_whose_message_fails(self) -> None:
+        """An exception whose str() itself raises is still one error at its line, named by its type."""
+        error = self.broken(
+            "class E(Exception):\n    def __str__(self):\n        raise RuntimeError('no')\nraise E()\n"
+        )
+        self.assertEqual(error.line, HEADER.count("\n") + 4)
+        self.assertTrue(error.problem.startswith("E while loading"), error.problem)
 
     def test_missing_file(self) -> None:
         """A file that cannot be read is one clear error."""

@@ -117,6 +117,25 @@ class MoreActionOptionTests(unittest.TestCase):
             self.assertIn(message, self.refused(HealthCheck, **{option: value}), option)
         HealthCheck(interval=0.5, send=b"PING\r\n", expect=b"+PONG")
 
+    def test_seconds_that_are_not_finite_floats(self) -> None:
+        """NaN, infinity and an integer too large for a float are refused for every seconds option of an action."""
+        from muxtwist.actions import HealthCheck
+        from muxtwist.udp import UDPProxy
+
+        factory = Factory.forProtocol(Protocol)
+        missing = os.path.join(self.mktemp(), "certs")
+        for value in (float("nan"), float("inf"), 10**400):
+            for option in ("connect_timeout", "idle_timeout", "fail_timeout"):
+                self.assertIn(f"Proxy option {option}=", self.refused(Proxy, BACKEND, **{option: value}), option)
+            message = self.refused(TerminateTLS, missing, factory, handshake_timeout=value)
+            self.assertIn("TerminateTLS option handshake_timeout=", message)
+            for option in ("interval", "timeout"):
+                self.assertIn(f"HealthCheck option {option}=", self.refused(HealthCheck, **{option: value}), option)
+            error = self.assertRaises(ValueError, Proxy, BACKEND, close_timeout=value)
+            self.assertIn("close_timeout must be a positive number of seconds", str(error))
+            error = self.assertRaises(ValueError, UDPProxy, "udp:host=127.0.0.1:port=53", idle_timeout=value)
+            self.assertIn("idle_timeout must be a positive number of seconds", str(error))
+
     def test_terminate_tls_factory(self) -> None:
         """TerminateTLS refuses a factory that is not a protocol factory (None, a number) at construction."""
         missing = os.path.join(self.mktemp(), "certs")

@@ -6,6 +6,7 @@ mark it healthy, ``fall`` failures in a row mark it down.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +33,13 @@ log = Logger(namespace="muxtwist.proxy")
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     whole = attribute.name in ("rise", "fall")
     kinds = int if whole else int | float
-    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+    # Seconds are not NaN, infinity or an int beyond a float: callLater would raise at each check.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kinds)
+        or not value > 0
+        or not (whole or value <= sys.float_info.max)
+    ):
         expected = "a positive integer" if whole else "a positive number of seconds"
         raise OptionError("HealthCheck", attribute.name, value, expected)
 

@@ -7,6 +7,7 @@ balancing rule picks (``muxtwist.proxy._backends``).
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -136,7 +137,11 @@ class Proxy:
             raise ValueError(f"proxy_protocol must be None, 1 or 2, got {proxy_protocol!r}")
         if connect_timeout <= 0 or (idle_timeout is not None and idle_timeout <= 0):
             raise ValueError("connect_timeout and idle_timeout must be positive")
-        if isinstance(close_timeout, bool) or not isinstance(close_timeout, (int, float)) or not close_timeout > 0:
+        if (
+            isinstance(close_timeout, bool)
+            or not isinstance(close_timeout, (int, float))
+            or not 0 < close_timeout <= sys.float_info.max
+        ):
             raise ValueError(f"close_timeout must be a positive number of seconds, got {close_timeout!r}")
         if health_check is not None and not isinstance(health_check, HealthCheck):
             raise TypeError(f"health_check must be a HealthCheck, got {health_check!r}")

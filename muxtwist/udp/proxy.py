@@ -15,9 +15,9 @@ ends that flow only.
 
 from __future__ import annotations
 
-import math
 import random
 import socket
+import sys
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -172,7 +172,7 @@ class UDPProxy(DatagramProtocol):
         if max_flows is not None and (isinstance(max_flows, bool) or max_flows < 1):
             raise ValueError(f"max_flows must be a positive integer or None, got {max_flows!r}")
         number = isinstance(idle_timeout, int | float) and not isinstance(idle_timeout, bool)
-        if not number or not 0 < idle_timeout < math.inf:
+        if not number or not 0 < idle_timeout <= sys.float_info.max:
             # 0, a negative number or NaN would end every flow before its backend could answer.
             raise ValueError(f"idle_timeout must be a positive number of seconds, got {idle_timeout!r}")
         self._reactor: Any = default_reactor(reactor)
