@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 __all__ = ["SignalHandlers", "hold_sighup", "keep_our_handlers", "take_pending_sighup"]
 
@@ -192,8 +193,14 @@ class SignalHandlers:
             # Nobody else waits for a signal's reload: a failure that is not a
             # rules-file error (those are logged by reload itself) is said now,
             # not when the garbage collector finds the Deferred, if ever.
-            result.addErrback(lambda failure: log.failure("reload failed unexpectedly", failure, LogLevel.error))
+            result.addErrback(self._reload_failed)
         return result
+
+    def _reload_failed(self, failure: Failure) -> None:
+        # SIGHUPs that joined one reload waiting its turn get its one Failure: say it once.
+        if failure is not getattr(self, "_failure_said", None):
+            self._failure_said = failure
+            log.failure("reload failed unexpectedly", failure, LogLevel.error)
 
     def _stop_signal(self, signum: int, frame: Any) -> None:
         # Logged from the reactor too: a handler runs between any two

@@ -309,3 +309,29 @@ class ReloadFailureTests(unittest.SynchronousTestCase):
         self.assertEqual([e["log_level"] for e in said], [LogLevel.error])
         self.assertIn("reload failed", said[0]["log_format"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_one_reload_failure_shared_by_two_sighups_is_logged_once(self) -> None:
+        """Two SIGHUPs that join one reload (it waited its turn) log its unexpected failure once, not once each."""
+        from twisted.internet import defer
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        from twisted.python.failure import Failure
+
+        handlers = _Handlers()
+        waiting: list[defer.Deferred[bool]] = []
+        handlers.reload = lambda: waiting.append(defer.Deferred()) or waiting[-1]  # type: ignore[method-assign,assignment,return-value,func-returns-value]
+        for _ in range(2):
+            handlers._sighup(signal.SIGHUP, None)
+            for call in handlers.calls:
+                assert callable(call)
+                call()
+            handlers.calls.clear()
+        failure = Failure(RuntimeError("an unexpected fault"))
+        for d in waiting:  # as MuxService.reload fires the asks that joined one reload
+            d.errback(failure)
+        said = [e for e in events if e.get("log_namespace") == "muxtwist._signals"]
+        self.assertEqual([e["log_level"] for e in said], [LogLevel.error])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
