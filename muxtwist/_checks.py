@@ -137,6 +137,39 @@ def per_request_routing(rules: Sequence[Rule]) -> list[str]:
     return warnings
 
 
+def same_address(first: str, second: str) -> bool:
+    """
+    Whether server endpoint descriptions ``first`` and ``second`` cannot
+    both listen: the same description, two TCP ones on the same port number
+    other than 0 on the same interface or one of them on all interfaces, or
+    two ``unix:`` ones on the same path.
+    """
+    import os
+
+    from twisted.internet import endpoints
+
+    from muxtwist._twisted import endpoint_unix_path
+
+    if first == second:
+        return True
+
+    class _NoReactor:
+        pass
+
+    try:
+        one, other = (endpoints.serverFromString(_NoReactor(), d) for d in (first, second))
+    except Exception:
+        return False
+    paths = endpoint_unix_path(one), endpoint_unix_path(other)
+    if paths[0] is not None and paths[1] is not None:
+        return os.path.realpath(paths[0]) == os.path.realpath(paths[1])
+    at, other_at = endpoint_port(one), endpoint_port(other)
+    if at is None or other_at is None or at[0] != other_at[0] or not at[0]:
+        return False
+    everywhere = ("", "0.0.0.0", "::")
+    return at[1] == other_at[1] or at[1] in everywhere or other_at[1] in everywhere
+
+
 def probe_listen(description: str) -> str | None:
     """
     Why a TCP server endpoint ``description`` cannot listen right now (the

@@ -12,7 +12,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import ILogObserver, jsonFileLogObserver
 from twisted.python import usage
 
-from muxtwist._checks import probe_listen, twistd_option_hint
+from muxtwist._checks import probe_listen, same_address, twistd_option_hint
 from muxtwist._signals import hold_sighup
 from muxtwist._textlog import text_log_observer, use_twistd_options
 from muxtwist.config import ConfigError, Settings, build_factory, check_endpoint, endpoint_description, load_config
@@ -119,6 +119,12 @@ class Options(usage.Options):
                 if self["loaded"] is None
                 else list(wanted_listeners(self["loaded"], tuple(self["port"])))
             )
+            admin = self["admin"]
+            clash = next((d for d in wanted if admin is not None and same_address(d, admin)), None)
+            if clash is not None:
+                raise SystemExit(
+                    f"muxtwist: --admin {admin} takes the address of the listener {clash}: give --admin another one"
+                )
             for description in [*wanted, *([self["admin"]] if self["admin"] is not None else [])]:
                 reason = probe_listen(description)
                 if reason is not None:

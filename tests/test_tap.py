@@ -218,6 +218,27 @@ class BrokenConfigTests(unittest.TestCase):
         error = self.assertRaises(SystemExit, Options().parseOptions, ["--port", port, "--admin", admin])
         self.assertEqual(str(error.code).split(": the address")[0], f"muxtwist: --admin: cannot listen on {admin}")
 
+    def test_admin_on_a_listeners_port_is_refused_in_one_line(self) -> None:
+        """--admin on a listener's port (written the same or another way) is one line naming both."""
+        from muxtwist.tap import Options
+
+        port = free_port()
+        for listener, admin in [
+            (f"tcp:{port}:interface=127.0.0.1", f"tcp:{port}:interface=127.0.0.1"),
+            (f"tcp:{port}", f"tcp:{port}:interface=127.0.0.1"),
+            (f"tcp:{port}:interface=127.0.0.1", f"tcp:{port}"),
+        ]:
+            error = self.assertRaises(SystemExit, Options().parseOptions, ["--port", listener, "--admin", admin])
+            self.assertEqual(
+                error.code,
+                f"muxtwist: --admin {admin} takes the address of the listener {listener}: give --admin another one",
+            )
+        # Two interfaces of one port can both listen.
+        options = Options()
+        apart = ["--port", f"tcp:{port}:interface=127.0.0.1", "--admin", f"tcp:{port}:interface=127.0.0.2"]
+        options.parseOptions(apart)
+        self.assertEqual(options["admin"], f"tcp:{port}:interface=127.0.0.2")
+
     def test_help_text_has_no_runs_of_spaces(self) -> None:
         """Each option's help in ``twistd muxtwist --help`` is wrapped text without a docstring's indentation."""
         from muxtwist.tap import Options
