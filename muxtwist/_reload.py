@@ -14,12 +14,14 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
 from muxtwist._listener import Listener
+from muxtwist._reload_lines import cannot_listen, listen_again, serve_on
 from muxtwist._twisted import endpoint_port, endpoint_unix_path
 from muxtwist.config import Config, build_factory
 
 __all__ = ["ListenerChanges"]
 
-log = Logger()
+#: The lines of a reload, where they were before this module was split from the service.
+log = Logger(namespace="muxtwist.service")
 
 
 def _same_address(old: Listener, new: Listener) -> bool | None:
@@ -139,11 +141,7 @@ class ListenerChanges:
         rest = [old for old in gone if old not in first]
         if failed:
             if rest:
-                log.error(
-                    "reload: {kept} serve(s) on with the running rules until every listener the rules file adds"
-                    " listens",
-                    kept=", ".join(old.description for old in rest),
-                )
+                serve_on(log, [old.description for old in rest])
             log.error(
                 "reloaded {path}, but {n} listener(s) did not start: {failed}",
                 path=self.config_path,
@@ -199,12 +197,7 @@ class ListenerChanges:
             )
 
     def _cannot_listen(self, description: str, problem: Exception) -> None:
-        log.error(
-            "reload: cannot listen on {description}: {problem}{again}",
-            description=description,
-            problem=str(problem),
-            again="" if isinstance(problem, _GivenUp) else "; the next reload tries again",
-        )
+        cannot_listen(log, description, problem, again=not isinstance(problem, _GivenUp))
 
     def _listen_again(self, old: Listener) -> bool:
         """
@@ -212,19 +205,6 @@ class ListenerChanges:
         a new one on its port that then could not listen, with its factory
         (its running rules, its connections); whether it could.
         """
-        try:
-            self._start_listener(Listener(old.description, old.factory, self._reactor))
-        except Exception as e:
-            log.error(
-                "reload: cannot listen again on {description}: {problem}; its port stays closed until a reload"
-                " listens on it",
-                description=old.description,
-                problem=str(e),
-            )
-            return False
-        log.warn(
-            "reload: listening again on {description}, with its running rules: the listener the rules file puts"
-            " on its port could not listen",
-            description=old.description,
+        return listen_again(
+            log, old.description, lambda: self._start_listener(Listener(old.description, old.factory, self._reactor))
         )
-        return True

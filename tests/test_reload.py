@@ -209,13 +209,17 @@ parser = Parser()
 class IncomparableEndpointTests(RulesFile):
     """Listeners on endpoints whose addresses cannot be compared (a plugin's, ``systemd:``) in a failed reload."""
 
+    def listening(self) -> socket.socket:
+        """A socket listening on 127.0.0.1, closed at the end."""
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(5)
+        return listening
+
     def held_port(self) -> int:
         """The port of a socket of another server listening on 127.0.0.1, closed at the end."""
-        blocker = socket.socket()
-        self.addCleanup(blocker.close)
-        blocker.bind(("127.0.0.1", 0))
-        blocker.listen(1)
-        return int(blocker.getsockname()[1])
+        return int(self.listening().getsockname()[1])
 
     @defer.inlineCallbacks
     def test_plugin_endpoint_of_a_failed_reload_serves_on_beside_another(self) -> Any:
@@ -244,13 +248,7 @@ class IncomparableEndpointTests(RulesFile):
         """systemd: index 0 -> index 1 and a taken port: socket 0 serves on with its rules, 1 listens, reload False."""
         from twisted.python.systemd import ListenFDs
 
-        sockets = []
-        for _ in range(2):
-            listening = socket.socket()
-            self.addCleanup(listening.close)
-            listening.bind(("127.0.0.1", 0))
-            listening.listen(5)
-            sockets.append(listening)
+        sockets = [self.listening(), self.listening()]
         # What systemd passes: listening sockets by index (Twisted closes each one it adopts, so copies).
         descriptors = [os.dup(each.fileno()) for each in sockets]
         self.patch(endpoints._SystemdParser, "_sddaemon", ListenFDs(descriptors))
@@ -270,10 +268,7 @@ class IncomparableEndpointTests(RulesFile):
         """systemd: index 0 written another way (the same socket): it serves on with the new rules, reload True."""
         from twisted.python.systemd import ListenFDs
 
-        listening = socket.socket()
-        self.addCleanup(listening.close)
-        listening.bind(("127.0.0.1", 0))
-        listening.listen(5)
+        listening = self.listening()
         # What systemd passes; Twisted closes it once adopted, so it can never be adopted again.
         self.patch(endpoints._SystemdParser, "_sddaemon", ListenFDs([os.dup(listening.fileno())]))
         service = self.start("systemd:domain=INET:index=0")
@@ -290,13 +285,7 @@ class IncomparableEndpointTests(RulesFile):
         """systemd: index 0 -> 1 -> 0: the move back is refused, one line; the file now at 0's number is left alone."""
         from twisted.python.systemd import ListenFDs
 
-        sockets = []
-        for _ in range(2):
-            listening = socket.socket()
-            self.addCleanup(listening.close)
-            listening.bind(("127.0.0.1", 0))
-            listening.listen(5)
-            sockets.append(listening)
+        sockets = [self.listening(), self.listening()]
         # High numbers, which no file this process opens meanwhile takes.
         descriptors = [os.dup2(each.fileno(), 900 + n) for n, each in enumerate(sockets)]
         self.patch(endpoints._SystemdParser, "_sddaemon", ListenFDs(descriptors))

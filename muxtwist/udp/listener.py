@@ -17,6 +17,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from muxtwist._reload_lines import cannot_listen, listen_again, serve_on
 from muxtwist.udp.mux import MAX_DATAGRAM, UDPMux, is_datagram_target
 from muxtwist.udp.proxy import _fields
 
@@ -298,21 +299,11 @@ def _listen_again(service: Any, old: UDPListener) -> None:
     new one on its port that then could not listen, with its mux (its
     running rules and settings).
     """
-    try:
+
+    def start() -> None:
         _start(service, UDPListener(old.description, old.factory, service._reactor))
-    except Exception as e:
-        log.error(
-            "reload: cannot listen again on {description}: {problem}; its port stays closed until a reload"
-            " listens on it",
-            description=old.description,
-            problem=str(e),
-        )
-        return
-    log.warn(
-        "reload: listening again on {description}, with its running rules: the listener the rules file puts"
-        " on its port could not listen",
-        description=old.description,
-    )
+
+    listen_again(log, old.description, start)
 
 
 def reload_udp_listeners(service: Any, wanted: dict[str, Sequence[Rule]], settings: Settings) -> defer.Deferred[bool]:
@@ -382,7 +373,7 @@ async def _reload(service: Any, wanted: dict[str, Sequence[Rule]], settings: Set
             )  # the service's metrics count its flows
             new.append(UDPListener(description, mux, service._reactor))
         except Exception as e:
-            _cannot_listen(description, e)
+            cannot_listen(log, description, e)
             failed.append(description)
     old = [current[d] for d in sorted(gone)]
     # Old sockets that a new listener needs close first.
@@ -397,7 +388,7 @@ async def _reload(service: Any, wanted: dict[str, Sequence[Rule]], settings: Set
         try:
             _start(service, listener)
         except Exception as e:
-            _cannot_listen(listener.description, e)
+            cannot_listen(log, listener.description, e)
             failed.append(listener.description)
         else:
             started.append(listener)
@@ -407,18 +398,7 @@ async def _reload(service: Any, wanted: dict[str, Sequence[Rule]], settings: Set
     rest = [each for each in old if each not in first]
     if failed:
         if rest:
-            log.error(
-                "reload: {kept} serve(s) on with the running rules until every listener the rules file adds listens",
-                kept=", ".join(each.description for each in rest),
-            )
+            serve_on(log, [each.description for each in rest])
         return False
     await _close(rest)
     return ok
-
-
-def _cannot_listen(description: str, problem: Exception) -> None:
-    log.error(
-        "reload: cannot listen on {description}: {problem}; the next reload tries again",
-        description=description,
-        problem=str(problem),
-    )
