@@ -11,9 +11,8 @@ import socket
 from typing import Any
 
 from twisted.internet import defer, endpoints, reactor
-from twisted.trial import unittest
 
-from muxtwist import MuxService
+from tests.reloading import RulesFileCase
 from tests.test_service import Client
 from tests.twistd import free_port
 
@@ -35,7 +34,7 @@ sniff_timeout = 2
 shutdown_timeout = 10
 WORD = b"{word}"
 """
-ENTRY = '"{description}": [Rule(Prefix(b"HI"), Factory.forProtocol(Hold), name="hi")]'
+HOLD = '"{description}": [Rule(Prefix(b"HI"), Factory.forProtocol(Hold), name="hi")]'
 
 
 class Held(Client):
@@ -59,24 +58,11 @@ async def held(port: int) -> Held:
     return client
 
 
-class RulesFile(unittest.TestCase):
+class RulesFile(RulesFileCase):
     """A service of a rules file of listeners whose rule answers WORD and holds the connection."""
 
-    def write(self, descriptions: tuple[str, ...], word: str) -> None:
-        entries = ", ".join(ENTRY.format(description=d) for d in descriptions)
-        with open(self.path, "w") as f:
-            f.write(RULES.format(entries=entries, word=word))
-
-    def start(self, *descriptions: str) -> MuxService:
-        from muxtwist.config import load_config
-
-        self.path = os.path.abspath(self.mktemp() + "-rules.py")
-        self.write(descriptions, "one")
-        service = MuxService(config_path=self.path)
-        service.load(load_config(self.path))
-        service.startService()
-        self.addCleanup(lambda: service.stopService() if service.running else None)
-        return service
+    TEMPLATE = RULES
+    ENTRY = HOLD
 
 
 def fired(d: defer.Deferred[Any]) -> list[object]:
@@ -134,17 +120,13 @@ class StopDuringReloadTests(RulesFile):
     @defer.inlineCallbacks
     def test_a_stop_logs_the_connections_of_listeners_a_reload_removed_it_waits_for(self) -> Any:
         """A stop that waits for a connection of a listener a reload removed says so in the log, with the count."""
-        from twisted.logger import globalLogPublisher
-
         old, new = free_port(), free_port()
         service = self.start(f"tcp:{old}:interface=127.0.0.1")
         client = yield defer.Deferred.fromCoroutine(held(old))
         self.assertEqual((yield client.answered), b"one:HI")
         self.write((f"tcp:{new}:interface=127.0.0.1",), "two")
         self.assertTrue((yield service.reload()))
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = self.log_events()
         stopped = service.stopService()
         waiting = [e for e in events if "a reload closed" in e.get("log_format", "")]
         self.assertEqual([e.get("n") for e in waiting], [1])
@@ -155,19 +137,11 @@ class StopDuringReloadTests(RulesFile):
     @defer.inlineCallbacks
     def test_a_second_stop_signal_does_not_say_the_timeout_was_reached(self) -> Any:
         """stop_now (a second SIGTERM) aborts a held connection, logged as stopping now, not as shutdown_timeout."""
-        from twisted.logger import formatEvent, globalLogPublisher
-
         port = free_port()
         service = self.start(f"tcp:{port}:interface=127.0.0.1")
         client = yield defer.Deferred.fromCoroutine(held(port))
         self.assertEqual((yield client.answered), b"one:HI")
-        lines: list[str] = []
-
-        def keep(event: dict[str, Any]) -> None:
-            lines.append(formatEvent(event))
-
-        globalLogPublisher.addObserver(keep)
-        self.addCleanup(globalLogPublisher.removeObserver, keep)
+        lines = self.log_lines()
         stopped = service.stopService()
         service.stop_now()
         yield client.lost
@@ -300,14 +274,7 @@ class IncomparableEndpointTests(RulesFile):
         victim.setblocking(False)
         os.dup2(victim.fileno(), descriptors[0])
         self.addCleanup(os.close, descriptors[0])
-        lines: list[str] = []
-        from twisted.logger import formatEvent, globalLogPublisher
-
-        def keep(event: dict[str, Any]) -> None:
-            lines.append(formatEvent(event))
-
-        globalLogPublisher.addObserver(keep)
-        self.addCleanup(globalLogPublisher.removeObserver, keep)
+        lines = self.log_lines()
         self.write(("systemd:domain=INET:index=0", "systemd:domain=INET:index=1"), "three")
         self.assertFalse((yield service.reload()))
         self.assertEqual(sorted(service.listeners), ["systemd:domain=INET:index=1"])

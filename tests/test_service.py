@@ -15,6 +15,7 @@ from twisted.trial import unittest
 
 from muxtwist import MuxService, Rule, SniffingFactory
 from muxtwist.matchers import Prefix
+from tests.reloading import RulesFileCase
 
 
 class Dribbler(protocol.Protocol):
@@ -265,34 +266,12 @@ WORD = b"{word}"
 LISTENER = '"{description}": [Rule(Prefix(b"HI"), Factory.forProtocol(Say), name="hi")]'
 
 
-class ReloadListenerTests(unittest.TestCase):
+class ReloadListenerTests(RulesFileCase):
     """Reloads that change listeners, on real ports."""
 
-    def write(self, description: str | tuple[str, ...], word: str) -> None:
-        descriptions = (description,) if isinstance(description, str) else description
-        entries = ", ".join(LISTENER.format(description=d) for d in descriptions)
-        with open(self.path, "w") as f:
-            f.write(LISTENERS.format(entries=entries, word=word))
-
-    def start(self, description: str | tuple[str, ...]) -> MuxService:
-        from muxtwist.config import load_config
-
-        self.path = os.path.abspath(self.mktemp() + "-rules.py")
-        self.write(description, "one")
-        service = MuxService(config_path=self.path, shutdown_timeout=1)
-        service.load(load_config(self.path))
-        service.startService()
-        self.addCleanup(service.stopService)
-        return service
-
-    def log_events(self) -> list[dict[str, Any]]:
-        """The events logged from now on, until the test ends."""
-        from twisted.logger import globalLogPublisher
-
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        return events
+    TEMPLATE = LISTENERS
+    ENTRY = LISTENER
+    SHUTDOWN_TIMEOUT = 1
 
     def held_port(self, host: str, port: int) -> Any:
         """A socket of another server listening on ``host:port`` (0: any free one), closed at the end."""
@@ -425,12 +404,11 @@ class ReloadListenerTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_removed_listeners_serve_on_until_every_added_listener_listens(self) -> Any:
         """Listeners a reload removes serve on with their running rules until every listener it adds listens."""
-
         from tests.twistd import free_port
 
         first, second, third = free_port(), free_port(), free_port()
         old = (f"tcp:{first}:interface=127.0.0.1", f"tcp:{second}:interface=127.0.0.1")
-        service = self.start(old)
+        service = self.start(*old)
         blocker = self.held_port("127.0.0.1", 0)
         taken = blocker.getsockname()[1]
         new = (f"tcp:{third}:interface=127.0.0.1", f"tcp:{taken}:interface=127.0.0.1")

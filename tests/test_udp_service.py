@@ -19,6 +19,7 @@ from muxtwist.config import ConfigError, load_config
 from muxtwist.service import MuxService
 from muxtwist.tap import Options
 from muxtwist.udp import UDPListener
+from tests.reloading import RulesFileCase
 
 HEAD = """
 from twisted.internet.protocol import DatagramProtocol
@@ -184,31 +185,11 @@ WORD = b"{word}"
 """
 
 
-class UDPReloadOrderTests(unittest.TestCase):
+class UDPReloadOrderTests(RulesFileCase):
     """UDP reloads that move a listener: the new socket binds before the old one closes, or the old one serves on."""
 
-    def write(self, descriptions: tuple[str, ...], word: str) -> None:
-        entries = ", ".join(f'"{d}": [Rule(Prefix(b"HI"), Say(), name="hi")]' for d in descriptions)
-        with open(self.path, "w") as f:
-            f.write(UDP_SAY.format(entries=entries, word=word))
-
-    def start(self, *descriptions: str) -> MuxService:
-        self.path = os.path.abspath(self.mktemp() + "-rules.py")
-        self.write(descriptions, "one")
-        service = MuxService(config_path=self.path)
-        service.load(load_config(self.path))
-        service.startService()
-        self.addCleanup(service.stopService)
-        return service
-
-    def log_events(self) -> list[dict[str, Any]]:
-        """The events logged from now on, until the test ends."""
-        from twisted.logger import globalLogPublisher
-
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        return events
+    TEMPLATE = UDP_SAY
+    ENTRY = '"{description}": [Rule(Prefix(b"HI"), Say(), name="hi")]'
 
     def held_udp(self, host: str, port: int) -> socket.socket:
         """A UDP socket of another server bound on ``host:port`` (0: any free one), closed at the end."""
