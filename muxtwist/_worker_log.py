@@ -79,6 +79,8 @@ class ToParent(io.RawIOBase):
         self._dropped = 0
         self._retry: Any = None
         self._retry_due = 0.0
+        #: The reactor's call of the retry due, when scheduled from its thread.
+        self._retry_call: Any = None
         #: At exit: every write waits for the parent (nothing is left to retry later).
         self._last_writes = False
         atexit.register(self.close)
@@ -221,18 +223,21 @@ class ToParent(io.RawIOBase):
         schedule one; only the retry scheduled last goes on, so their
         loops never add up while the parent does not read. An exception
         while scheduling one leaves none due: the next caller schedules
-        one, and one scheduled all the same goes on. One that did not run
-        :data:`_RETRY_LOST` seconds after it was due (an exception raised
-        as it started) is taken as lost.
+        one, and one scheduled all the same goes on. One that started
+        without going on (an exception raised as it started: the event the
+        reactor logs of it comes here at once), or did not run
+        :data:`_RETRY_LOST` seconds after it was due, is taken as lost.
         """
         reactor = default_reactor(self._reactor)
-        if self._retry is not None and reactor.seconds() < self._retry_due:
+        started = getattr(self._retry_call, "called", False)
+        if self._retry is not None and not started and reactor.seconds() < self._retry_due:
             return
         self._retry = token = object()
+        self._retry_call = None
         self._retry_due = reactor.seconds() + _RETRY + _RETRY_LOST
         try:
             if threading.current_thread() is threading.main_thread():  # twistd runs its reactor there
-                reactor.callLater(_RETRY, self._again, token)
+                self._retry_call = reactor.callLater(_RETRY, self._again, token)
             else:
                 reactor.callFromThread(self._again, token)
         except BaseException:

@@ -138,6 +138,40 @@ class ExceptionMidWriteTests(unittest.TestCase):
             clock.advance(0.05)
         self.assertEqual(received.split(RECORD_END), [big] * 3 + [b"after\n", b""])
 
+    def test_a_retry_lost_as_it_starts_is_replaced_by_the_event_logging_its_failure(self) -> None:
+        """
+        The event the reactor logs for a retry an exception ended as it
+        started (written at once, the pipe still full) schedules the next
+        retry: a worker quiet after it passes everything on within a second.
+        """
+        clock = Clock()
+        read_end, out = _pipe_to_parent(self, clock, 4096)
+        big = b"x" * 3000 + b"\n"
+        for _ in range(3):  # past the pipe: the rest held, a retry due
+            out.write(big)
+
+        def handler(frame: FrameType, event: str, arg: Any) -> None:
+            if event == "call" and frame.f_code.co_name == "_again":
+                raise _FromAHandler()
+
+        before = sys.getprofile()
+        sys.setprofile(handler)
+        try:
+            self.assertRaises(_FromAHandler, clock.advance, 0.05)
+        finally:
+            sys.setprofile(before)
+        out.write(b"Unhandled error in timed call\n")  # what Twisted logs of it, at once
+        received = b""
+        for _ in range(18):  # 0.9 s: the parent reads; nothing is written but by retries
+            received += _read_all(read_end)
+            clock.advance(0.05)
+        received += _read_all(read_end)
+        expected = [big] * 3 + [b"Unhandled error in timed call\n", b""]
+        self.assertTrue(received.split(RECORD_END) == expected, f"{received.count(RECORD_END)} of 4 records went")
+        for _ in range(40):  # no retry is left once all went
+            clock.advance(0.05)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
 
 class DroppedNoteTests(unittest.TestCase):
     def test_an_exception_while_the_dropped_note_is_made_keeps_the_count(self) -> None:
