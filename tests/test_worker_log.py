@@ -16,6 +16,7 @@ from twisted.trial import unittest
 
 from muxtwist import _worker_log
 from muxtwist._worker_log import RECORD_END, ToParent
+from tests.test_textlog import _read_all
 
 
 class _FromAHandler(Exception):
@@ -112,12 +113,10 @@ class ExceptionMidWriteTests(unittest.TestCase):
                 break
         self.assertGreater(point, 5, "too few places to raise at: the handler was not called")
 
-    def test_a_retry_an_exception_ends_as_it_starts_leaves_retries_going(self) -> None:
-        """An exception raised as a retry starts does not stop later retries: held events go out by retries alone."""
-        clock = Clock()
-        read_end, out = _pipe_to_parent(self, clock, 4096)
+    def _retry_ended_as_it_starts(self, clock: Clock, out: ToParent) -> bytes:
+        """Three records past the pipe's 4 KiB (the rest held, a retry due), then that retry raises as it starts."""
         big = b"x" * 3000 + b"\n"
-        for _ in range(3):  # past the pipe: the rest held, a retry due
+        for _ in range(3):
             out.write(big)
 
         def handler(frame: FrameType, event: str, arg: Any) -> None:
@@ -130,6 +129,13 @@ class ExceptionMidWriteTests(unittest.TestCase):
             self.assertRaises(_FromAHandler, clock.advance, 0.05)
         finally:
             sys.setprofile(before)
+        return big
+
+    def test_a_retry_an_exception_ends_as_it_starts_leaves_retries_going(self) -> None:
+        """An exception raised as a retry starts does not stop later retries: held events go out by retries alone."""
+        clock = Clock()
+        read_end, out = _pipe_to_parent(self, clock, 4096)
+        big = self._retry_ended_as_it_starts(clock, out)
         clock.advance(1.0)
         out.write(b"after\n")  # the pipe still full: held, a retry due
         received = b""
@@ -146,20 +152,7 @@ class ExceptionMidWriteTests(unittest.TestCase):
         """
         clock = Clock()
         read_end, out = _pipe_to_parent(self, clock, 4096)
-        big = b"x" * 3000 + b"\n"
-        for _ in range(3):  # past the pipe: the rest held, a retry due
-            out.write(big)
-
-        def handler(frame: FrameType, event: str, arg: Any) -> None:
-            if event == "call" and frame.f_code.co_name == "_again":
-                raise _FromAHandler()
-
-        before = sys.getprofile()
-        sys.setprofile(handler)
-        try:
-            self.assertRaises(_FromAHandler, clock.advance, 0.05)
-        finally:
-            sys.setprofile(before)
+        big = self._retry_ended_as_it_starts(clock, out)
         out.write(b"Unhandled error in timed call\n")  # what Twisted logs of it, at once
         received = b""
         for _ in range(18):  # 0.9 s: the parent reads; nothing is written but by retries
@@ -222,14 +215,3 @@ def _pipe_to_parent(test: unittest.TestCase, clock: Clock, size: int) -> tuple[i
     test.addCleanup(os.close, write_end)
     test.addCleanup(os.close, read_end)
     return read_end, out
-
-
-def _read_all(read_end: int) -> bytes:
-    """What the pipe holds now."""
-    received = b""
-    try:
-        while chunk := os.read(read_end, 1 << 16):
-            received += chunk
-    except BlockingIOError:
-        pass
-    return received
