@@ -148,7 +148,7 @@ class LoaderTests(unittest.TestCase):
         """A rules file holding bytes that are not UTF-8 is one error naming the file, the line and the encoding."""
         path = self.mktemp() + "-rules.py"
         with open(path, "wb") as f:
-            f.write(HEADER.encode() + b"rules = [Rule(HTTP1(), echo)]\n# caf\xe9\n")
+            f.write(HEADER.encode() + b"rules = [Rule(HTTP1(), echo)]\n# na\xefve\n")
         error = self.assertRaises(ConfigError, load_config, path)
         self.assertTrue(str(error).startswith(f"{path}:{HEADER.count(chr(10)) + 2}: "), str(error))
         self.assertIn("not UTF-8", error.problem)
