@@ -11,11 +11,12 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from flask import Flask
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from muxtwist import Rule
@@ -23,7 +24,7 @@ from muxtwist.apps import WSGI
 from muxtwist.default import Echo
 from muxtwist.matchers import HTTP1, Prefix
 from tests.processes import stop_group
-from tests.test_proxy_support import connect, mux, run, until, wait
+from tests.test_proxy_support import R, connect, mux, run, until, wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -203,3 +204,61 @@ class WSGITests(unittest.TestCase):
         self.assertEqual(out, b"reactor stopped\n", err[-2000:])
         self.assertEqual(process.returncode, 0, err[-2000:])
         self.assertLess(time.monotonic() - started, 20)
+
+
+class Streaming:
+    """A WSGI app streaming ``chunks`` chunks of 64 KiB, counting how many it has produced."""
+
+    def __init__(self, chunks: int) -> None:
+        self.chunks = chunks
+        self.produced = 0
+        self.closed = threading.Event()
+
+    def __call__(self, environ: dict[str, object], start_response: Callable[..., object]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Length", str(self.chunks * 65536))])
+        return self.body()
+
+    def body(self) -> Iterator[bytes]:
+        try:
+            for _ in range(self.chunks):
+                self.produced += 1
+                yield b"x" * 65536
+        finally:
+            self.closed.set()
+
+
+class WSGIFlowControlTests(unittest.TestCase):
+    async def test_a_slow_reader_pauses_a_streaming_response(self) -> None:
+        """A client that does not read holds the application's iteration once the connection's buffers are full."""
+        app = Streaming(1024)  # 64 MiB
+        port, factory = mux(self, [Rule(HTTP1(), WSGI(app, threads=2), name="wsgi")])
+        factory.doStart()
+        self.addCleanup(factory.doStop)
+        client = await connect(self, port)
+        assert client.transport is not None
+        client.transport.pauseProducing()  # type: ignore[attr-defined]
+        client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await until(lambda: app.produced > 0, 5)
+        await deferLater(R, 1.0, lambda: None)
+        # The socket buffers of loopback hold a few MiB; nothing holds the rest.
+        self.assertLess(app.produced, 160, f"{app.produced} chunks of 64 KiB produced for a client reading nothing")
+        client.transport.resumeProducing()  # type: ignore[attr-defined]
+        await until(lambda: len(client.received) >= 1024 * 65536, 30)
+        self.assertTrue(bytes(client.received[:20]).startswith(b"HTTP/1.1 200 OK"))
+        self.assertEqual(app.produced, 1024)
+
+    async def test_a_reader_that_leaves_while_paused_ends_the_iteration(self) -> None:
+        """A client that leaves while the response is paused frees the app's thread, which closes its iterable."""
+        app = Streaming(1024)
+        port, factory = mux(self, [Rule(HTTP1(), WSGI(app, threads=2), name="wsgi")])
+        factory.doStart()
+        self.addCleanup(factory.doStop)
+        client = await connect(self, port)
+        assert client.transport is not None
+        client.transport.pauseProducing()  # type: ignore[attr-defined]
+        client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await until(lambda: app.produced > 0, 5)
+        await deferLater(R, 0.5, lambda: None)
+        client.transport.abortConnection()  # type: ignore[attr-defined]
+        await until(app.closed.is_set, 5)
+        self.assertLess(app.produced, 1024)

@@ -6,10 +6,10 @@ bounded thread pool that starts and stops with the factory.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.python.threadpool import ThreadPool
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
@@ -22,6 +22,106 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorThreads
 
 __all__ = ["WSGI"]
+
+
+#: The flow-control gate of the request the current pool thread is running.
+_running = threading.local()
+
+
+@implementer(IPushProducer)
+class _Gate:
+    """
+    The producer of one WSGI response: the connection pauses it when its
+    write buffer is full and resumes it once drained, and the application's
+    thread waits on it between two chunks of the body. ``twisted.web.wsgi``
+    alone hands every chunk to the transport as fast as the application
+    makes them, so a client that reads slowly had the whole body buffered
+    in memory (300 MB for a 300 MB response).
+    """
+
+    def __init__(self, reactor: IReactorThreads, request: Any) -> None:
+        self._reactor = reactor
+        self._request = request
+        self._open = threading.Event()
+        self._open.set()
+        request.registerProducer(self, True)
+        # Finished or gone (the client left, the stop aborted it): never wait again.
+        request.notifyFinish().addBoth(self._finished)
+
+    def _finished(self, _: object) -> None:
+        self._open.set()
+
+    def pauseProducing(self) -> None:
+        self._open.clear()
+
+    def resumeProducing(self) -> None:
+        self._open.set()
+
+    def stopProducing(self) -> None:
+        self._open.set()
+
+    def wait(self) -> None:
+        """On the application's thread: until the connection can take more."""
+        self._open.wait()
+
+    def release(self) -> None:
+        """On the application's thread: the body is done (queued before ``twisted.web.wsgi`` finishes the request)."""
+        self._reactor.callFromThread(self._unregister)
+
+    def _unregister(self) -> None:
+        request = self._request
+        # A request that has finished has let go of its channel.
+        if request.producer is self and getattr(request, "channel", None) is not None:
+            request.unregisterProducer()
+
+
+def _paced(app: Callable[..., Any]) -> Callable[..., Any]:
+    """``app``, its body iterated no faster than the connection takes it."""
+
+    def paced(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        gate: _Gate | None = getattr(_running, "gate", None)
+        if gate is None:
+            return app(environ, start_response)  # type: ignore[no-any-return]
+        try:
+            body = app(environ, start_response)
+        except BaseException:
+            gate.release()
+            raise
+        return _paced_body(body, gate)
+
+    return paced
+
+
+def _paced_body(body: Iterable[bytes], gate: _Gate) -> Iterator[bytes]:
+    try:
+        for chunk in body:
+            yield chunk
+            # The chunk is with the transport now: no next one until it drains.
+            gate.wait()
+    finally:
+        try:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            gate.release()
+
+
+class _PacedResource(WSGIResource):
+    """A ``WSGIResource`` whose requests get a :class:`_Gate`, handed to the thread that runs them."""
+
+    def __init__(self, reactor: IReactorThreads, target: WSGI, app: Callable[..., Any]) -> None:
+        super().__init__(reactor, target, _paced(app))  # type: ignore[no-untyped-call]
+        self._target = target
+        self._gate_reactor = reactor
+
+    def render(self, request: Any) -> Any:
+        # WSGIResource.render hands the request to the pool (our callInThread) before it returns.
+        self._target._next_gate = _Gate(self._gate_reactor, request)
+        try:
+            return super().render(request)  # type: ignore[no-untyped-call]
+        finally:
+            self._target._next_gate = None
 
 
 def _daemon_thread(**kwargs: Any) -> threading.Thread:
@@ -102,7 +202,8 @@ class WSGI(Site):
         # twisted.web.wsgi only calls callInThread on its pool: this factory
         # stands in for it, so that a restart can use a fresh pool (a stopped
         # ThreadPool cannot start again).
-        super().__init__(WSGIResource(reactor, self, app))  # type: ignore[no-untyped-call]
+        self._next_gate: _Gate | None = None
+        super().__init__(_PacedResource(reactor, self, app))  # type: ignore[no-untyped-call]
 
     def _new_pool(self) -> ThreadPool:
         pool = ThreadPool(minthreads=0, maxthreads=self.threads, name="muxtwist-wsgi")
@@ -114,8 +215,20 @@ class WSGI(Site):
         return pool
 
     def callInThread(self, f: Callable[..., object], *args: object, **kwargs: object) -> None:
-        """Run ``f`` on the pool (what ``WSGIResource`` calls for each request)."""
-        self.pool.callInThread(f, *args, **kwargs)
+        """Run ``f`` on the pool (what ``WSGIResource`` calls for each request, with its gate)."""
+        gate, self._next_gate = self._next_gate, None
+        if gate is None:
+            self.pool.callInThread(f, *args, **kwargs)
+            return
+
+        def run() -> None:
+            _running.gate = gate
+            try:
+                f(*args, **kwargs)
+            finally:
+                _running.gate = None
+
+        self.pool.callInThread(run)
 
     def __repr__(self) -> str:
         name = getattr(self.app, "__qualname__", None) or getattr(self.app, "name", None) or type(self.app).__name__
