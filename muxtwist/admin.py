@@ -37,6 +37,7 @@ from muxtwist._admin_resources import (
     StatsPage,
     StatusResource,
 )
+from muxtwist._admin_site import MAX_CONNECTIONS, AdminSite
 from muxtwist._admin_status import status, this_worker_slot
 from muxtwist.metrics import Metrics, default_metrics
 
@@ -76,6 +77,7 @@ def admin_site(
     *,
     peers: WorkerPeers | None = None,
     reactor: Any = None,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> Site:
     """
     A ``Site`` serving the stats page at ``/``, ``/status.json``,
@@ -91,6 +93,10 @@ def admin_site(
     :param peers: the workers to ask and sum; by default, the workers of the
         ``--workers`` pool this process is a worker of (``MUXTWIST_WORKER``
         and ``MUXTWIST_WORKERS_DIR`` set), if any.
+    :param max_connections: the most connections the site holds open at
+        once; a new one is closed at once while it holds that many, so
+        clients holding connections (idle, or sending a byte at a time)
+        cannot use up this process's file descriptors.
     """
     if registry is None:
         registry = getattr(service, "metrics", None) or default_metrics()
@@ -112,7 +118,7 @@ def admin_site(
     worker.putChild(b"metrics", LocalMetrics(raw))
     worker.putChild(b"status.json", LocalStatus(service, metrics))
     root.putChild(b"worker", worker)
-    site = Site(root)
+    site = AdminSite(root, max_connections=max_connections, reactor=reactor)
     site.displayTracebacks = False
     site.noisy = False
     return site
