@@ -126,7 +126,13 @@ class Server:
         """Stop accepting, drain for up to ``shutdown_timeout``, abort the rest, run the lifespan shutdowns."""
         targets = self._asgi_targets()
         if self.service.running:
-            await _future(self.service.stopService())
+            stopping = self.service.stopService()
+            # Under twistd the reactor's shutdown asks the ASGI connections to
+            # finish; here nothing else would, and an idle keep-alive
+            # connection held the stop for shutdown_timeout, then was reset.
+            for target in targets:
+                target.shutdown()
+            await _future(stopping)
         for target in targets:
             await _future(target.when_stopped())
 

@@ -97,6 +97,41 @@ class ServeTests(TestCase):
         self.assertTrue(got["response"].startswith("HTTP/1.1 200"), got["response"])
         self.assertTrue(got["response"].endswith("slow"), got["response"])
 
+    def test_close_closes_idle_keep_alive_connections_at_once(self) -> None:
+        """close() asks ASGI connections to finish: an idle keep-alive one closes at once, not at shutdown_timeout."""
+        got = run_program(
+            self,
+            """
+            import time
+            async def app(scope, receive, send):
+                if scope["type"] != "http":
+                    return
+                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+                await send({"type": "http.response.body", "body": b"ok"})
+
+            async def main():
+                rules = [Rule(HTTP1(), ASGI(app, lifespan="off"))]
+                server = await muxtwist.aio.serve(rules, "tcp:0:interface=127.0.0.1", shutdown_timeout=5)
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+                head = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+                started = time.monotonic()
+                closing = asyncio.create_task(server.close())
+                rest = await asyncio.wait_for(reader.read(), 10)
+                closed_after = time.monotonic() - started
+                await closing
+                took = time.monotonic() - started
+                print(json.dumps({"head": head.decode(), "rest": rest.decode(),
+                                  "closed_after": closed_after, "took": took}))
+
+            asyncio.run(main())
+            """,
+        )
+        self.assertTrue(got["head"].startswith("HTTP/1.1 200"), got["head"])
+        self.assertEqual(got["rest"], "")
+        self.assertLess(got["closed_after"], 2.0)
+        self.assertLess(got["took"], 2.0)
+
     def test_connections_wait_for_the_lifespan_startup(self) -> None:
         """A request that arrives while the lifespan startup runs is served after it, with its state."""
         got = run_program(

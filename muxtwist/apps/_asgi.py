@@ -153,6 +153,19 @@ class ASGI(Factory):
             self._trigger = None
         self._stop()
 
+    def shutdown(self) -> defer.Deferred[None]:
+        """
+        Stop now, as the reactor's shutdown does: ask every connection to
+        finish (idle keep-alive ones close at once), wait for them up to
+        ``shutdown_timeout``, abort the rest, then run the lifespan shutdown.
+        The Deferred fires once that is done. Whoever stops a service that is
+        not the reactor's (``muxtwist.aio``'s ``close``) calls it: the
+        factory's own stop comes only once its last connection has ended.
+        """
+        if self._state is None:
+            return defer.succeed(None)  # never started: nothing to stop
+        return self._stop()
+
     def _stop(self) -> defer.Deferred[None]:
         """Close connections gracefully, wait for them, run the lifespan shutdown."""
         if self._stopping is not None:
