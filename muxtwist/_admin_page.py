@@ -10,6 +10,8 @@ import html
 from itertools import pairwise
 from typing import Any
 
+from muxtwist._text import printable
+
 __all__ = ["REFRESH_SECONDS", "render_page"]
 
 #: Seconds between two refreshes of the stats page in the browser.
@@ -38,8 +40,17 @@ def _fmt_age(seconds: float) -> str:
 
 
 def _e(value: object) -> str:
-    """Every value goes through here: names, endpoints and reasons may come from users and clients."""
-    return html.escape(str(value), quote=True)
+    """
+    Every value goes through here: names, endpoints and reasons may come
+    from users and clients. Characters that are not printable (control
+    characters, ESC, bidirectional overrides) are shown as escapes
+    (``\\x1b``), as in the logs; a backslash stays one (endpoint
+    descriptions escape colons with it). Then the text is HTML-escaped.
+    """
+    text = str(value)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else printable(c) for c in text)
+    return html.escape(text, quote=True)
 
 
 def _outcomes(outcomes: dict[str, int]) -> str:

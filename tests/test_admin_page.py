@@ -400,6 +400,32 @@ class PageTests(unittest.SynchronousTestCase):
         self.assertIn("&lt;script&gt;alert(1)&lt;/script&gt;", page)
         self.assertIn("DOWN for 10s", page)
 
+    def test_control_characters_are_shown_as_escapes(self) -> None:
+        """Control characters, ESC and bidi overrides in names are shown as visible escapes; a backslash stays one."""
+        name = "relay\x01\x1b[31m\u202eevil\x7f"
+        data = {
+            "time": 100.0,
+            "workers": [{"slot": None, "pid": 1, "answered": True}],
+            "listeners": [
+                {
+                    "endpoint": "tcp6:3000:interface=\\:\\:1\x00",
+                    "live": 0,
+                    "sniffing": 0,
+                    "total": 1,
+                    "bytes_in": 0,
+                    "bytes_out": 0,
+                    "outcomes": {"handed_off": 1},
+                    "rules": [{"name": name, "live": 0, "total": 1, "bytes_in": 1, "bytes_out": 1, "outcomes": {}}],
+                    "backends": [],
+                }
+            ],
+            "limit_rejections": {},
+        }
+        page = render_page(data).decode()
+        self.assertEqual([c for c in page if not c.isprintable() and c != "\n"], [])
+        self.assertIn("relay\\x01\\x1b[31m\\u202eevil\\x7f", page)
+        self.assertIn(r"tcp6:3000:interface=\:\:1\x00", page)
+
     def test_status_counts_rules_bytes_and_outcomes(self) -> None:
         """status() gives each rule's live and total connections, bytes each way and outcomes."""
         clock, metrics = Clock(), Metrics()
