@@ -83,7 +83,11 @@ class TwistdOutOfDescriptorsTests(unittest.TestCase):
                 start_new_session=True,
             )
         self.addCleanup(lambda: (stop_group(proc), proc.wait(30)))
-        wait_for_port(port, proc)
+        try:
+            wait_for_port(port, proc)
+        except RuntimeError as e:
+            with open(log_path, errors="replace") as f:
+                raise RuntimeError(f"{e}; its log: {f.read()[-3000:]}") from None
         held: list[socket.socket] = []
         self.addCleanup(lambda: [s.close() for s in held])
         deadline = time.monotonic() + 3.0
