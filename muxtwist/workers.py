@@ -318,6 +318,11 @@ class WorkerPool(SignalHandlers, Service):
                 env=env,
                 childFDs=child_fds,
             )
+        except OSError as e:
+            # Out of descriptors or processes, say: tried again as for a worker that ended at once.
+            log.error("cannot start worker {slot}: {problem}", slot=slot, problem=e.strerror or str(e))
+            self._ended(worker)
+            return
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         pid = getattr(process, "pid", None)

@@ -325,6 +325,41 @@ class ReloadWhileStoppingTests(unittest.SynchronousTestCase):
         self.assertIsNone(child.returncode, "the draining worker got a SIGHUP")
 
 
+class SpawnFailureTests(unittest.SynchronousTestCase):
+    def test_a_worker_that_cannot_be_started_is_tried_again(self) -> None:
+        """spawnProcess raising (EMFILE) is one error line and a retry later, which starts the worker."""
+        import errno
+
+        from twisted.internet.task import Clock
+        from twisted.logger import capturedLogs
+
+        from muxtwist.workers import WorkerPool
+
+        class Reactor(Clock):
+            spawned: list[object] = []
+
+            def spawnProcess(self, protocol: object, *args: object, **kwargs: object) -> object:
+                self.spawned.append(protocol)
+                if len(self.spawned) == 1:
+                    raise OSError(errno.EMFILE, "Too many open files")
+                return object()
+
+        reactor = Reactor()
+        pool = WorkerPool(1, [], [], handle_signals=False, reactor=reactor)
+        pool.directory = self.mktemp()
+        os.makedirs(pool.directory)
+        pool.running = True
+        with capturedLogs() as events:
+            pool._spawn(0)
+        self.assertEqual(pool.workers, {})
+        errors = [e for e in events if e.get("log_format", "").startswith("cannot start worker")]
+        self.assertEqual([e["problem"] for e in errors], ["Too many open files"])
+        self.assertEqual(len(reactor.getDelayedCalls()), 1, "no retry scheduled")
+        reactor.advance(reactor.getDelayedCalls()[0].getTime() - reactor.seconds())
+        self.assertEqual(len(reactor.spawned), 2)
+        self.assertEqual(list(pool.workers), [0])
+
+
 class WorkerLogNamespaceTests(unittest.SynchronousTestCase):
     def test_a_workers_lines_keep_the_pools_namespace(self) -> None:
         """What the parent logs of a worker (here its standard error) is in muxtwist.workers, as before the move."""
