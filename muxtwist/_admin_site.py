@@ -15,7 +15,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
-from muxtwist._text import LogThrottle, printable
+from muxtwist._limits import address_text
+from muxtwist._text import LogThrottle
 from muxtwist._twisted import default_reactor
 
 __all__ = ["MAX_CONNECTIONS", "AdminSite"]
@@ -50,7 +51,7 @@ class AdminSite(Site):
                 log.warn(
                     "admin: closed a connection from {peer}: {open} open, the most the admin site holds"
                     " ({suppressed} more closed since the last line)",
-                    peer=printable(addr),
+                    peer=address_text(addr),
                     open=self.open_connections,
                     suppressed=suppressed,
                 )
