@@ -116,6 +116,14 @@ class Server:
     def _asgi_targets(self) -> list[ASGI]:
         return [f for f in _factories(self.factory) if isinstance(f, ASGI)]
 
+    def _wsgi_targets(self) -> list[Any]:
+        # Not imported here: twisted.web.server would install the default reactor.
+        # No WSGI target exists unless its module was imported.
+        module = sys.modules.get("muxtwist.apps._wsgi")
+        if module is None:
+            return []
+        return [f for f in _factories(self.factory) if isinstance(f, module.WSGI)]
+
     async def started(self) -> None:
         """Wait for every ASGI application's lifespan startup; raise if one failed."""
         for target in self._asgi_targets():
@@ -132,6 +140,8 @@ class Server:
             # connection held the stop for shutdown_timeout, then was reset.
             for target in targets:
                 target.shutdown()
+            for wsgi in self._wsgi_targets():
+                wsgi.shutdown()
             await _future(stopping)
         for target in targets:
             await _future(target.when_stopped())

@@ -132,6 +132,39 @@ class ServeTests(TestCase):
         self.assertLess(got["closed_after"], 2.0)
         self.assertLess(got["took"], 2.0)
 
+    def test_close_closes_idle_wsgi_keep_alive_connections_at_once(self) -> None:
+        """close() closes an idle keep-alive connection of a WSGI target at once, not at shutdown_timeout."""
+        got = run_program(
+            self,
+            """
+            import time
+
+            def app(environ, start_response):
+                start_response("200 OK", [("Content-Length", "2")])
+                return [b"ok"]
+
+            async def main():
+                muxtwist.aio.install_reactor()
+                from muxtwist.apps import WSGI  # twisted.web imports the reactor
+
+                rules = [Rule(HTTP1(), WSGI(app))]
+                server = await muxtwist.aio.serve(rules, "tcp:0:interface=127.0.0.1", shutdown_timeout=5)
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+                await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+                started = time.monotonic()
+                closing = asyncio.create_task(server.close())
+                rest = await asyncio.wait_for(reader.read(), 10)
+                closed_after = time.monotonic() - started
+                await closing
+                print(json.dumps({"rest": rest.decode(), "closed_after": closed_after}))
+
+            asyncio.run(main())
+            """,
+        )
+        self.assertEqual(got["rest"], "")
+        self.assertLess(got["closed_after"], 2.0)
+
     def test_connections_wait_for_the_lifespan_startup(self) -> None:
         """A request that arrives while the lifespan startup runs is served after it, with its state."""
         got = run_program(

@@ -262,3 +262,28 @@ class WSGIFlowControlTests(unittest.TestCase):
         client.transport.abortConnection()  # type: ignore[attr-defined]
         await until(app.closed.is_set, 5)
         self.assertLess(app.produced, 1024)
+
+
+class WSGIShutdownTests(unittest.TestCase):
+    async def test_shutdown_closes_idle_keep_alive_connections_and_lets_busy_ones_answer(self) -> None:
+        """shutdown() closes an idle keep-alive connection at once and a busy one right after its response."""
+        app = SlowApp()
+        self.addCleanup(app.release.set)
+        target = WSGI(app.flask, threads=2)
+        port, factory = mux(self, [Rule(HTTP1(), target, name="wsgi")])
+        factory.doStart()
+        self.addCleanup(factory.doStop)
+        idle = await connect(self, port)
+        busy = await connect(self, port)
+        assert idle.transport is not None and busy.transport is not None
+        idle.transport.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        await until(lambda: bytes(idle.received).endswith(b"hello from flask"), 5)
+        busy.transport.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await until(lambda: app.running == 1, 5)
+        target.shutdown()
+        await until(lambda: idle.eof.called or idle.lost.called, 1)
+        self.assertFalse(busy.eof.called or busy.lost.called)
+        app.release.set()
+        await until(lambda: busy.eof.called or busy.lost.called, 5)
+        self.assertTrue(bytes(busy.received).startswith(b"HTTP/1.1 200 OK"), bytes(busy.received))
+        self.assertTrue(bytes(busy.received).endswith(b"done"), bytes(busy.received))

@@ -6,6 +6,7 @@ bounded thread pool that starts and stops with the factory.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +141,12 @@ class _HalfClosingChannel(HTTPChannel):
 
     _read_closed = False
 
+    def finish_and_close(self) -> None:
+        """Close now if idle, else once the requests already received are answered (a graceful stop)."""
+        self._read_closed = True
+        if not http_channel_busy(self) and self.transport is not None:
+            self.loseConnection()  # type: ignore[no-untyped-call]
+
     def readConnectionLost(self) -> None:
         self._read_closed = True
         # A request being handled (and any complete ones pipelined behind it)
@@ -173,7 +180,11 @@ class _HalfClosingGenericChannel(generic_http_channel_base()):  # type: ignore[m
 
 def _half_closing_channel(site: object) -> _HalfClosingGenericChannel:
     """What ``WSGI.buildProtocol`` builds (called as a method of the site, as Twisted's own default is)."""
-    return _HalfClosingGenericChannel(_HalfClosingChannel())  # type: ignore[no-untyped-call]
+    channel = _HalfClosingChannel()  # type: ignore[no-untyped-call]
+    channels = getattr(site, "_channels", None)
+    if channels is not None:
+        channels.add(channel)
+    return _HalfClosingGenericChannel(channel)
 
 
 class WSGI(Site):
@@ -196,6 +207,9 @@ class WSGI(Site):
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
         reactor = default_reactor(reactor)
+        self._reactor: Any = reactor
+        self._channels: weakref.WeakSet[_HalfClosingChannel] = weakref.WeakSet()
+        self._trigger: Any = None
         self.app = app
         self.threads = threads
         self.pool = self._new_pool()
@@ -240,8 +254,26 @@ class WSGI(Site):
             self.pool = self._new_pool()
         if not self.pool.started:
             self.pool.start()
+        if self._trigger is None:
+            self._trigger = self._reactor.addSystemEventTrigger("before", "shutdown", self.shutdown)
+
+    def shutdown(self) -> None:
+        """
+        Ask every connection to finish, as the reactor's shutdown does: an
+        idle keep-alive connection closes at once, a busy one once the
+        requests it has received are answered. (Otherwise an idle one held
+        the stop for the whole ``shutdown_timeout`` and was then reset.)
+        """
+        for channel in list(self._channels):
+            channel.finish_and_close()
 
     def stopFactory(self) -> None:
+        if self._trigger is not None:
+            try:
+                self._reactor.removeSystemEventTrigger(self._trigger)
+            except (ValueError, KeyError):
+                pass
+            self._trigger = None
         if self.pool.started:
             # ThreadPool.stop joins the threads, and a request thread in flight
             # waits for the reactor to write its response: joining on the
