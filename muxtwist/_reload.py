@@ -8,7 +8,7 @@ first and listens again if the new one cannot).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
@@ -82,14 +82,14 @@ class ListenerChanges:
     #: adopt that number again: it may since belong to another file.
     _adopted_fds: set[int]
 
-    def _start_listener(self, listener: Listener) -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:
+        # What the service provides (it starts, closes and drains listeners).
 
-    def _close_port(self, listener: Listener, *, drain: bool = True) -> defer.Deferred[None]:
-        raise NotImplementedError
+        def _start_listener(self, listener: Listener) -> None: ...
 
-    def _drain_in_background(self, listener: Listener) -> None:
-        raise NotImplementedError
+        def _close_port(self, listener: Listener, *, drain: bool = True) -> defer.Deferred[None]: ...
+
+        def _drain_in_background(self, listener: Listener) -> None: ...
 
     async def _change_listeners(self, gone: list[Listener], added: dict[str, tuple[Any, ...]], config: Config) -> bool:
         """

@@ -32,7 +32,9 @@ TO_PARENT_ENV = "MUXTWIST_LOG_TO_PARENT"
 RECORD_END = b"\x1e"
 
 #: The most a worker holds of lines its parent has not read yet; lines past
-#: it are dropped, and counted in a line once the parent reads again.
+#: it are dropped, and counted in a line once the parent reads again. (The
+#: buffer drops what went only once more than half of it has, so its memory
+#: may reach twice this.)
 TO_PARENT_LIMIT = 4 * 1024 * 1024
 
 #: How often a worker tries again to pass on the lines its parent did not read.
