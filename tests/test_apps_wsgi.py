@@ -287,3 +287,53 @@ class WSGIShutdownTests(unittest.TestCase):
         await until(lambda: busy.eof.called or busy.lost.called, 5)
         self.assertTrue(bytes(busy.received).startswith(b"HTTP/1.1 200 OK"), bytes(busy.received))
         self.assertTrue(bytes(busy.received).endswith(b"done"), bytes(busy.received))
+
+
+class BlockingAfterPause:
+    """A WSGI app streaming 1 MiB chunks; once ``block`` is set, its next chunk waits up to 10 s for ``release``."""
+
+    def __init__(self) -> None:
+        self.produced = 0
+        self.block = threading.Event()
+        self.release = threading.Event()
+        self.closed = threading.Event()
+
+    def __call__(self, environ: dict[str, object], start_response: Callable[..., object]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return self.body()
+
+    def body(self) -> Iterator[bytes]:
+        try:
+            for _ in range(256):
+                if self.block.is_set():
+                    self.release.wait(10)
+                self.produced += 1
+                yield b"x" * (1 << 20)
+        finally:
+            self.closed.set()
+
+
+class WSGIPausedDisconnectTests(unittest.TestCase):
+    async def test_a_reader_that_leaves_while_paused_asks_the_body_for_nothing_more(self) -> None:
+        """A client that leaves while its response is paused ends the iteration without asking the body for more."""
+        app = BlockingAfterPause()
+        self.addCleanup(app.release.set)
+        port, factory = mux(self, [Rule(HTTP1(), WSGI(app, threads=1), name="wsgi")])
+        factory.doStart()
+        self.addCleanup(factory.doStop)
+        client = await connect(self, port)
+        assert client.transport is not None
+        client.transport.pauseProducing()  # type: ignore[attr-defined]
+        client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await until(lambda: app.produced > 0, 5)
+        # Paused: the count stays the same for half a second.
+        for _ in range(20):
+            seen = app.produced
+            await deferLater(R, 0.5, lambda: None)
+            if app.produced == seen:
+                break
+        self.assertLess(app.produced, 256)
+        app.block.set()
+        client.transport.abortConnection()  # type: ignore[attr-defined]
+        await until(app.closed.is_set, 3)
+        self.assertFalse(app.release.is_set())

@@ -45,11 +45,14 @@ class _Gate:
         self._request = request
         self._open = threading.Event()
         self._open.set()
+        #: Set once the request has finished or its client has left.
+        self.done = False
         request.registerProducer(self, True)
         # Finished or gone (the client left, the stop aborted it): never wait again.
         request.notifyFinish().addBoth(self._finished)
 
     def _finished(self, _: object) -> None:
+        self.done = True
         self._open.set()
 
     def pauseProducing(self) -> None:
@@ -99,6 +102,9 @@ def _paced_body(body: Iterable[bytes], gate: _Gate) -> Iterator[bytes]:
             yield chunk
             # The chunk is with the transport now: no next one until it drains.
             gate.wait()
+            if gate.done:
+                # The client left while paused: ask the body for nothing more.
+                return
     finally:
         try:
             close = getattr(body, "close", None)
