@@ -108,7 +108,8 @@ class ConfigWarning:
     """
     Something in a usable rules file that is probably not what its author
     meant: a ``misspelled`` setting name (ignored, so ``check`` fails on it),
-    or a rule offering ``h2`` to a factory that cannot speak it (``h2``).
+    a rule offering ``h2`` to a factory that cannot speak it (``h2``), or a
+    listener with no rules and no ``on_no_match`` (``empty``).
     """
 
     path: str
@@ -448,6 +449,11 @@ def load_config(path: str) -> Config:
         where = lines.get(key if key == "rules" else "listeners")
         warnings += _h2_without_support(path, some_rules, where[0] if where else None)
         warnings += _stream_matchers_on_udp(path, key, some_rules, where[0] if where else None)
+        catch_all = settings.on_no_match is not None or settings.on_timeout is not None
+        if not some_rules and (key != "rules" or rules is not None) and not catch_all:
+            what = "rules is empty" if key == "rules" else f"listener {key} has no rules"
+            problem = f"{what} and there is no on_no_match or on_timeout: every connection is closed"
+            warnings.append(ConfigWarning(path, where[0] if where else None, problem, "empty"))
     for warning in warnings:
         # Not a field named "warning": trial's reporter reads that as warnings.warn's.
         log.warn("{problem}", problem=str(warning))

@@ -228,6 +228,30 @@ class WarningTests(unittest.TestCase):
         self.assertEqual(len([t for t in logged if "did you mean" in t]), 2, logged)
         self.assertIn(f"{path}:{first}: 'snif_timeout'", logged[0])
 
+    def test_no_rules_and_no_catch_all_is_a_warning(self) -> None:
+        """An empty rules list, or a listener with none, and no on_no_match/on_timeout: a warning naming it."""
+        first = HEADER.count("\n") + 1
+        config = load_config(self.write('rules = []\nlisteners = {"tcp:0": []}\n'))
+        self.assertEqual(
+            [(w.line, w.kind, w.problem) for w in config.warnings],
+            [
+                (
+                    first,
+                    "empty",
+                    "rules is empty and there is no on_no_match or on_timeout: every connection is closed",
+                ),
+                (
+                    first + 1,
+                    "empty",
+                    "listener tcp:0 has no rules and there is no on_no_match or on_timeout: every connection is closed",
+                ),
+            ],
+        )
+        # With a catch-all, or rules, or no rules list at all: nothing to say.
+        for body in ("rules = []\non_no_match = echo\n", "rules = []\non_timeout = echo\n",
+                     'listeners = {"tcp:0": [Rule(HTTP1(), echo)]}\n'):  # fmt: skip
+            self.assertEqual([w.kind for w in load_config(self.write(body)).warnings], [], body)
+
     def test_warnings_are_not_logged_as_python_warnings(self) -> None:
         """A rules-file warning is logged without a ``warning`` field, which trial's reporter reads as warnings.warn."""
         path = self.write("rules = [Rule(HTTP1(), echo)]\nsnif_timeout = 2\n")

@@ -1,0 +1,1 @@
+A rules file whose `rules` list, or one of whose listeners, has no rules and no `on_no_match` or `on_timeout` loads with a warning (in the log and in `python -m muxtwist check`): every connection would be closed.
