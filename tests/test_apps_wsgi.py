@@ -12,15 +12,18 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any, cast
 
 from flask import Flask
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from muxtwist import Rule
 from muxtwist.apps import WSGI
+from muxtwist.apps._wsgi import _Gate, _paced_body
 from muxtwist.default import Echo
 from muxtwist.matchers import HTTP1, Prefix
 from tests.processes import stop_group
@@ -289,51 +292,68 @@ class WSGIShutdownTests(unittest.TestCase):
         self.assertTrue(bytes(busy.received).endswith(b"done"), bytes(busy.received))
 
 
-class BlockingAfterPause:
-    """A WSGI app streaming 1 MiB chunks; once ``block`` is set, its next chunk waits up to 10 s for ``release``."""
+class _LeavingRequest:
+    """The part of a twisted.web request a :class:`_Gate` uses; ``leave()`` is its client disconnecting."""
 
     def __init__(self) -> None:
-        self.produced = 0
-        self.block = threading.Event()
-        self.release = threading.Event()
-        self.closed = threading.Event()
+        self.producer: object = None
+        self.channel: object = object()
+        self._finished: list[defer.Deferred[None]] = []
 
-    def __call__(self, environ: dict[str, object], start_response: Callable[..., object]) -> Iterable[bytes]:
-        start_response("200 OK", [("Content-Type", "application/octet-stream")])
-        return self.body()
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        self.producer = producer
 
-    def body(self) -> Iterator[bytes]:
-        try:
-            for _ in range(256):
-                if self.block.is_set():
-                    self.release.wait(10)
-                self.produced += 1
-                yield b"x" * (1 << 20)
-        finally:
-            self.closed.set()
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def notifyFinish(self) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        self._finished.append(d)
+        return d
+
+    def leave(self) -> None:
+        self.channel = None
+        for d in self._finished:
+            d.errback(ConnectionDone())
 
 
-class WSGIPausedDisconnectTests(unittest.TestCase):
-    async def test_a_reader_that_leaves_while_paused_asks_the_body_for_nothing_more(self) -> None:
+class _CallsLater:
+    """A reactor's ``callFromThread``, recorded and not run."""
+
+    def __init__(self) -> None:
+        self.calls: list[Callable[[], object]] = []
+
+    def callFromThread(self, f: Callable[[], object]) -> None:
+        self.calls.append(f)
+
+
+class WSGIPausedDisconnectTests(unittest.SynchronousTestCase):
+    def test_a_reader_that_leaves_while_paused_asks_the_body_for_nothing_more(self) -> None:
         """A client that leaves while its response is paused ends the iteration without asking the body for more."""
-        app = BlockingAfterPause()
-        self.addCleanup(app.release.set)
-        port, factory = mux(self, [Rule(HTTP1(), WSGI(app, threads=1), name="wsgi")])
-        factory.doStart()
-        self.addCleanup(factory.doStop)
-        client = await connect(self, port)
-        assert client.transport is not None
-        client.transport.pauseProducing()  # type: ignore[attr-defined]
-        client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        await until(lambda: app.produced > 0, 5)
-        # Paused: the count stays the same for half a second.
-        for _ in range(20):
-            seen = app.produced
-            await deferLater(R, 0.5, lambda: None)
-            if app.produced == seen:
-                break
-        self.assertLess(app.produced, 256)
-        app.block.set()
-        client.transport.abortConnection()  # type: ignore[attr-defined]
-        await until(app.closed.is_set, 3)
-        self.assertFalse(app.release.is_set())
+        asked: list[int] = []
+        closed: list[bool] = []
+
+        def body() -> Iterator[bytes]:
+            try:
+                for i in range(3):
+                    asked.append(i)
+                    yield b"x"
+            finally:
+                closed.append(True)
+
+        request = _LeavingRequest()
+        gate = _Gate(cast(Any, _CallsLater()), request)
+        paced = _paced_body(body(), gate)
+        self.assertEqual(next(paced), b"x")
+        gate.pauseProducing()  # the connection's buffer is full
+        rest: list[list[bytes]] = []
+        thread = threading.Thread(target=lambda: rest.append(list(paced)), daemon=True)
+        thread.start()
+        thread.join(0.2)
+        self.assertTrue(thread.is_alive(), "the body went on while paused")
+        request.leave()
+        thread.join(5)
+        self.assertFalse(thread.is_alive())
+        self.assertEqual(rest, [[]])
+        self.assertEqual(asked, [0])
+        self.assertEqual(closed, [True])
