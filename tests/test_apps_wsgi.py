@@ -342,7 +342,7 @@ class WSGIPausedDisconnectTests(unittest.SynchronousTestCase):
                 closed.append(True)
 
         request = _LeavingRequest()
-        gate = _Gate(cast(Any, _CallsLater()), request)
+        gate = _Gate(cast(Any, _CallsLater()), request, 60.0)
         paced = _paced_body(body(), gate)
         self.assertEqual(next(paced), b"x")
         gate.pauseProducing()  # the connection's buffer is full
@@ -357,3 +357,43 @@ class WSGIPausedDisconnectTests(unittest.SynchronousTestCase):
         self.assertEqual(rest, [[]])
         self.assertEqual(asked, [0])
         self.assertEqual(closed, [True])
+
+    def test_a_client_that_takes_nothing_for_send_timeout_is_cut_off(self) -> None:
+        """A response paused for send_timeout: the connection is aborted and the body closed, freeing the thread."""
+        closed: list[bool] = []
+
+        def body() -> Iterator[bytes]:
+            try:
+                while True:
+                    yield b"x"
+            finally:
+                closed.append(True)
+
+        class Transport:
+            aborted = 0
+
+            def abortConnection(self) -> None:
+                self.aborted += 1
+
+        request = _LeavingRequest()
+        transport = Transport()
+        request.channel = type("Channel", (), {"transport": transport})()
+        reactor = _CallsLater()
+        gate = _Gate(cast(Any, reactor), request, 0.2)
+        paced = _paced_body(body(), gate)
+        self.assertEqual(next(paced), b"x")
+        gate.pauseProducing()  # the client reads nothing
+        rest: list[list[bytes]] = []
+        thread = threading.Thread(target=lambda: rest.append(list(paced)), daemon=True)
+        thread.start()
+        thread.join(5)
+        self.assertFalse(thread.is_alive(), "the thread still waits on a client that takes nothing")
+        self.assertEqual((rest, closed), ([[]], [True]))
+        for call in reactor.calls:  # on the reactor's thread
+            call()
+        self.assertEqual(transport.aborted, 1)
+
+    def test_send_timeout_must_be_a_positive_number(self) -> None:
+        """WSGI(send_timeout=...) refuses 0, negatives, NaN, infinity and bools."""
+        for bad in (0, -1, float("nan"), float("inf"), True, "60"):
+            self.assertRaises(ValueError, WSGI, lambda environ, start_response: [], send_timeout=bad)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
@@ -29,6 +30,9 @@ __all__ = ["WSGI"]
 _running = threading.local()
 
 
+log = Logger(namespace="muxtwist.apps")
+
+
 @implementer(IPushProducer)
 class _Gate:
     """
@@ -40,9 +44,10 @@ class _Gate:
     in memory (300 MB for a 300 MB response).
     """
 
-    def __init__(self, reactor: IReactorThreads, request: Any) -> None:
+    def __init__(self, reactor: IReactorThreads, request: Any, send_timeout: float) -> None:
         self._reactor = reactor
         self._request = request
+        self._send_timeout = send_timeout
         self._open = threading.Event()
         self._open.set()
         #: Set once the request has finished or its client has left.
@@ -65,8 +70,25 @@ class _Gate:
         self._open.set()
 
     def wait(self) -> None:
-        """On the application's thread: until the connection can take more."""
-        self._open.wait()
+        """
+        On the application's thread: until the connection can take more. A
+        client that takes nothing for ``send_timeout`` seconds is cut off
+        (its connection aborted, ``done`` set), so that clients that stop
+        reading cannot hold every thread of the pool.
+        """
+        if not self._open.wait(self._send_timeout):
+            self.done = True
+            self._reactor.callFromThread(self._abort)
+
+    def _abort(self) -> None:
+        channel = getattr(self._request, "channel", None)
+        transport = getattr(channel, "transport", None)
+        if transport is not None:
+            log.info(
+                "WSGI: a client took nothing of its response for {timeout}s (send_timeout): connection aborted",
+                timeout=self._send_timeout,
+            )
+            transport.abortConnection()
 
     def release(self) -> None:
         """On the application's thread: the body is done (queued before ``twisted.web.wsgi`` finishes the request)."""
@@ -124,7 +146,7 @@ class _PacedResource(WSGIResource):
 
     def render(self, request: Any) -> Any:
         # WSGIResource.render hands the request to the pool (our callInThread) before it returns.
-        self._target._next_gate = _Gate(self._gate_reactor, request)
+        self._target._next_gate = _Gate(self._gate_reactor, request, self._target.send_timeout)
         try:
             return super().render(request)  # type: ignore[no-untyped-call]
         finally:
@@ -203,15 +225,30 @@ class WSGI(Site):
     free thread; the reactor thread never runs the application, so other
     connections are served meanwhile. A client that half-closes after its
     requests still gets their responses, then the connection closes.
+
+    A response's body is taken from the application no faster than the
+    client reads it; a client that takes nothing of it for ``send_timeout``
+    seconds (60 by default, as nginx's ``send_timeout``) has its connection
+    aborted, which frees the thread.
     """
 
     protocol = _half_closing_channel
 
-    def __init__(self, app: Callable[..., Any], *, threads: int = 10, reactor: IReactorThreads | None = None) -> None:
+    def __init__(
+        self,
+        app: Callable[..., Any],
+        *,
+        threads: int = 10,
+        send_timeout: float = 60.0,
+        reactor: IReactorThreads | None = None,
+    ) -> None:
         if not callable(app):
             raise TypeError(f"WSGI needs a WSGI application (a callable), got {app!r}")
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        if isinstance(send_timeout, bool) or not isinstance(send_timeout, int | float) or not 0 < send_timeout < 1e9:
+            raise ValueError(f"send_timeout must be a positive number of seconds, got {send_timeout!r}")
+        self.send_timeout = float(send_timeout)
         reactor = default_reactor(reactor)
         self._reactor: Any = reactor
         self._channels: weakref.WeakSet[_HalfClosingChannel] = weakref.WeakSet()
