@@ -19,7 +19,7 @@ from muxtwist.sniffing import SniffingFactory
 
 __all__ = ["Listener"]
 
-log = Logger()
+log = Logger(namespace="muxtwist.service")  # as before the move: log filters and greps keep working
 
 
 class Listener(StreamServerEndpointService):

@@ -149,6 +149,16 @@ class StopDuringReloadTests(RulesFile):
         aborting = [line for line in lines if "aborting" in line]
         self.assertEqual(aborting, ["stopping now: aborting 1 connection(s)"])
 
+    @defer.inlineCallbacks
+    def test_listener_lines_keep_the_services_namespace(self) -> Any:
+        """A listener's 'listening on' line is in muxtwist.service, as before Listener moved to its own module."""
+        events = self.log_events()
+        port = free_port()
+        self.start(f"tcp:{port}:interface=127.0.0.1")
+        yield defer.succeed(None)
+        listening = [e for e in events if e.get("log_format", "").startswith("listening on")]
+        self.assertEqual([e["log_namespace"] for e in listening], ["muxtwist.service"])
+
 
 HIDDEN_PLUGIN = """\
 from zope.interface import implementer
