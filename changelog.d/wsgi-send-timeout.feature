@@ -1,1 +1,1 @@
-`WSGI(app, send_timeout=60)`: a client that takes nothing of its response for that long has its connection aborted, so clients that stop reading cannot hold every thread of the pool now that a response is paced to its reader.
+`WSGI(app, send_timeout=60)`: a connection that can take no more of its response for that long (a client that stopped reading, or reads below about 3 KB/s) is aborted, so clients that stop reading cannot hold every thread of the pool now that a response is paced to its reader.

@@ -72,9 +72,11 @@ class _Gate:
     def wait(self) -> None:
         """
         On the application's thread: until the connection can take more. A
-        client that takes nothing for ``send_timeout`` seconds is cut off
-        (its connection aborted, ``done`` set), so that clients that stop
-        reading cannot hold every thread of the pool.
+        connection that can take no more for ``send_timeout`` seconds is cut
+        off (aborted, ``done`` set), so that clients that stop reading cannot
+        hold every thread of the pool. It takes more once Twisted's write
+        buffer has gone into the socket and the kernel finds room in its send
+        buffer, so a client that reads very slowly is cut off too.
         """
         if not self._open.wait(self._send_timeout):
             self.done = True
@@ -85,7 +87,7 @@ class _Gate:
         transport = getattr(channel, "transport", None)
         if transport is not None:
             log.info(
-                "WSGI: a client took nothing of its response for {timeout}s (send_timeout): connection aborted",
+                "WSGI: a connection could take no more of its response for {timeout}s (send_timeout): aborted",
                 timeout=self._send_timeout,
             )
             transport.abortConnection()
@@ -227,9 +229,13 @@ class WSGI(Site):
     requests still gets their responses, then the connection closes.
 
     A response's body is taken from the application no faster than the
-    client reads it; a client that takes nothing of it for ``send_timeout``
-    seconds (60 by default, as nginx's ``send_timeout``) has its connection
-    aborted, which frees the thread.
+    client reads it; a connection that can take no more of it for
+    ``send_timeout`` seconds (60 by default, as nginx's ``send_timeout``) is
+    aborted, which frees the thread. That happens to a client that stops
+    reading, and to one that reads very slowly: the connection takes more
+    only once its write buffers have room again (on Linux loopback a client
+    read about 190 KB before its connection took more, so with the default
+    60 s, one reading below about 3 KB/s).
     """
 
     protocol = _half_closing_channel
