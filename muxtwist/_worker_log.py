@@ -177,7 +177,7 @@ class ToParent(io.RawIOBase):
         while True:
             unsent = self._unsent
             try:
-                start = sum(unsent.written)
+                start = unsent.sent
                 while start < len(unsent.data):
                     # os.write() and the append of what it took, in C: a
                     # signal handler's exception, raised once a call returns,
@@ -202,7 +202,7 @@ class ToParent(io.RawIOBase):
         exception may leave it for later but never half done.
         """
         unsent = self._unsent
-        start = sum(unsent.written)
+        start = unsent.sent
         if start == len(unsent.data):
             if start:
                 self._unsent = _Unsent()
@@ -266,7 +266,7 @@ class ToParent(io.RawIOBase):
 class _Unsent:
     """
     What a worker has yet to pass on to its parent, in order: ``data`` but
-    its first ``sum(written)`` bytes, which went. What went is let go of by
+    its first ``sent`` bytes, which went. What went is let go of by
     replacing the whole, never by editing it, so that no exception leaves
     the two disagreeing.
     """
@@ -278,8 +278,13 @@ class _Unsent:
         #: What each write of ``data`` took, from its start on.
         self.written: collections.deque[int] = collections.deque()
 
+    @property
+    def sent(self) -> int:
+        """How many bytes of ``data`` went."""
+        return sum(self.written)
+
     def __len__(self) -> int:
-        return len(self.data) - sum(self.written)
+        return len(self.data) - self.sent
 
 
 def _stamp() -> str:
