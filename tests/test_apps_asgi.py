@@ -13,6 +13,7 @@ import tempfile
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
+from muxtwist._options import OptionError
 from muxtwist.apps import ASGI, AsyncioReactorRequired
 from muxtwist.cli import main
 
@@ -36,6 +37,34 @@ class ASGITargetTests(unittest.TestCase):
         """ASGI(app, lifespan=...) accepts only auto, on and off."""
         with self.assertRaises(ValueError):
             ASGI(app, lifespan="sometimes")  # type: ignore[arg-type]
+
+    def test_shutdown_timeout_is_checked_when_built(self) -> None:
+        """ASGI(shutdown_timeout=...) refuses what is not a positive number of seconds, naming the option."""
+        for bad in (0, -1, float("nan"), float("inf"), 10**400, "30", True, None):
+            with self.assertRaises(OptionError) as caught:
+                ASGI(app, shutdown_timeout=bad)  # type: ignore[arg-type]
+            self.assertEqual((caught.exception.owner, caught.exception.option), ("ASGI", "shutdown_timeout"))
+            self.assertIn("a positive number of seconds", str(caught.exception))
+        self.assertEqual(ASGI(app, shutdown_timeout=0.5).shutdown_timeout, 0.5)
+
+    def test_numeric_uvicorn_options_are_checked_when_built(self) -> None:
+        """Numeric uvicorn options the connections use are refused when built if they cannot work."""
+        for name, bad in [
+            ("timeout_keep_alive", "5"),
+            ("timeout_keep_alive", -1),
+            ("timeout_keep_alive", None),
+            ("ws_ping_interval", float("nan")),
+            ("ws_ping_timeout", float("inf")),
+            ("ws_max_size", 1.5),
+            ("ws_max_queue", 0),
+            ("limit_concurrency", True),
+            ("h11_max_incomplete_event_size", -10),
+        ]:
+            with self.assertRaises(OptionError) as caught:
+                ASGI(app, **{name: bad})
+            self.assertEqual(caught.exception.option, name)
+        target = ASGI(app, timeout_keep_alive=2, ws_ping_interval=None, limit_concurrency=None, ws_max_size=1024)
+        self.assertEqual((target.config.timeout_keep_alive, target.config.ws_max_size), (2, 1024))
 
     def test_check_names_the_target_and_the_reactor_it_needs(self) -> None:
         """python -m muxtwist check shows the ASGI target and that it needs the asyncio reactor."""

@@ -22,6 +22,7 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from muxtwist import Rule
+from muxtwist._options import OptionError
 from muxtwist.apps import WSGI
 from muxtwist.apps._wsgi import _Gate, _paced_body
 from muxtwist.default import Echo
@@ -394,6 +395,39 @@ class WSGIPausedDisconnectTests(unittest.SynchronousTestCase):
         self.assertEqual(transport.aborted, 1)
 
     def test_send_timeout_must_be_a_positive_number(self) -> None:
-        """WSGI(send_timeout=...) refuses 0, negatives, NaN, infinity and bools."""
-        for bad in (0, -1, float("nan"), float("inf"), True, "60"):
-            self.assertRaises(ValueError, WSGI, lambda environ, start_response: [], send_timeout=bad)
+        """WSGI(send_timeout=...) refuses 0, negatives, NaN, infinity, an int beyond a float and bools."""
+        for bad in (0, -1, float("nan"), float("inf"), 10**400, True, "60", None):
+            with self.assertRaises(OptionError) as caught:
+                WSGI(lambda environ, start_response: [], send_timeout=bad)
+            self.assertEqual((caught.exception.owner, caught.exception.option), ("WSGI", "send_timeout"))
+            self.assertIn("a positive number of seconds", str(caught.exception))
+
+    def test_threads_must_be_a_positive_integer(self) -> None:
+        """WSGI(threads=...) refuses 0, negatives, floats, bools and strings, naming the option."""
+        for bad in (0, -1, 2.0, True, "4", None):
+            with self.assertRaises(OptionError) as caught:
+                WSGI(lambda environ, start_response: [], threads=bad)
+            self.assertEqual((caught.exception.owner, caught.exception.option), ("WSGI", "threads"))
+            self.assertIn("a positive integer", str(caught.exception))
+
+    def test_a_send_timeout_beyond_what_a_wait_takes_waits_for_the_connection(self) -> None:
+        """A send_timeout as large as a float waits (neither raising nor giving up) until the connection takes more."""
+        request = _LeavingRequest()
+        gate = _Gate(cast(Any, _CallsLater()), request, sys.float_info.max)
+        gate.pauseProducing()
+        errors: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                gate.wait()
+            except BaseException as e:
+                errors.append(e)
+
+        thread = threading.Thread(target=wait, daemon=True)
+        thread.start()
+        thread.join(0.2)
+        self.assertTrue(thread.is_alive(), f"the wait ended at once: {errors}")
+        gate.resumeProducing()
+        thread.join(5)
+        self.assertFalse(thread.is_alive())
+        self.assertEqual((errors, gate.done), ([], False))

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from muxtwist._options import _integer, _number
 from muxtwist._twisted import default_reactor
 from muxtwist.apps._asyncio import AsyncioProtocolFactory, Bridge, asyncio_loop
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
@@ -26,6 +27,17 @@ from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
 __all__ = ["ASGI"]
 
 log = Logger(namespace="muxtwist.apps")
+
+#: The numeric ``uvicorn.Config`` options the protocol classes use on each
+#: connection, and whether ``None`` is one of their values: a bad one is
+#: refused when the target is built, not at every connection.
+_UVICORN_SECONDS = {"timeout_keep_alive": False, "ws_ping_interval": True, "ws_ping_timeout": True}
+_UVICORN_COUNTS = {
+    "ws_max_size": False,
+    "ws_max_queue": False,
+    "limit_concurrency": True,
+    "h11_max_incomplete_event_size": True,
+}
 
 
 def _uvicorn() -> Any:
@@ -54,8 +66,12 @@ class ASGI(Factory):
     :param root_path: the ASGI ``root_path`` (the app mounted below a prefix).
     :param lifespan: ``"auto"`` (run it if the app supports it), ``"on"``
         (its failure refuses connections) or ``"off"``.
+    :param shutdown_timeout: seconds, a positive number.
     :param uvicorn_options: more ``uvicorn.Config`` options (``ws_max_size``,
         ``timeout_keep_alive``, ``h11_max_incomplete_event_size``...).
+    :raises OptionError: (a ``ValueError`` and a ``TypeError``) for a
+        ``shutdown_timeout``, or a numeric uvicorn option, that is not a
+        positive number (NaN, infinity, a bool or a string included).
     :raises AsyncioReactorRequired: from ``doStart``, under another reactor.
     """
 
@@ -76,6 +92,13 @@ class ASGI(Factory):
             raise ValueError(f"lifespan must be 'auto', 'on' or 'off', got {lifespan!r}")
         if not callable(app):
             raise TypeError(f"ASGI needs an ASGI application (a callable), got {app!r}")
+        _number("ASGI", "shutdown_timeout", shutdown_timeout)
+        for name, optional in _UVICORN_SECONDS.items():
+            if name in uvicorn_options:
+                _number("ASGI", name, uvicorn_options[name], optional=optional)
+        for name, optional in _UVICORN_COUNTS.items():
+            if name in uvicorn_options:
+                _integer("ASGI", name, uvicorn_options[name], optional=optional)
         uvicorn = _uvicorn()
         self.app = app
         self.root_path = root_path

@@ -18,6 +18,7 @@ from twisted.web.server import Site
 from twisted.web.wsgi import WSGIResource
 from zope.interface import implementer
 
+from muxtwist._options import _integer, _number
 from muxtwist._twisted import default_reactor, generic_http_channel_base, http_channel_busy, http_inner_channel
 
 if TYPE_CHECKING:
@@ -78,7 +79,8 @@ class _Gate:
         buffer has gone into the socket and the kernel finds room in its send
         buffer, so a client that reads very slowly is cut off too.
         """
-        if not self._open.wait(self._send_timeout):
+        # Beyond TIMEOUT_MAX (about 292 years) the wait would raise OverflowError.
+        if not self._open.wait(min(self._send_timeout, threading.TIMEOUT_MAX)):
             self.done = True
             self._reactor.callFromThread(self._abort)
 
@@ -250,10 +252,8 @@ class WSGI(Site):
     ) -> None:
         if not callable(app):
             raise TypeError(f"WSGI needs a WSGI application (a callable), got {app!r}")
-        if not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
-        if isinstance(send_timeout, bool) or not isinstance(send_timeout, int | float) or not 0 < send_timeout < 1e9:
-            raise ValueError(f"send_timeout must be a positive number of seconds, got {send_timeout!r}")
+        _integer("WSGI", "threads", threads)
+        _number("WSGI", "send_timeout", send_timeout)
         self.send_timeout = float(send_timeout)
         reactor = default_reactor(reactor)
         self._reactor: Any = reactor
