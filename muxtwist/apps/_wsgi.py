@@ -199,6 +199,48 @@ class _HalfClosingChannel(HTTPChannel):
 class _HalfClosingGenericChannel(generic_http_channel_base()):  # type: ignore[misc]
     """Site's protocol (HTTP/1.1, or HTTP/2 when ALPN says so) passing half-closes to an HTTP/1.1 channel."""
 
+    #: How often a stop looks whether an HTTP/2 connection's last stream has been sent.
+    h2_poll = 0.05
+    _lost = False
+
+    def finish_and_close(self, reactor: Any) -> None:
+        """
+        A graceful stop: an HTTP/1.1 connection closes now if idle, else once
+        the requests already received are answered; an HTTP/2 one gets a
+        GOAWAY (no new streams) and closes once its open streams are sent.
+        """
+        channel = http_inner_channel(self)
+        if isinstance(channel, _HalfClosingChannel):
+            channel.finish_and_close()
+        elif channel is not None and channel.transport is not None and not self._lost:
+            from hyperframe.frame import GoAwayFrame  # h2's, there since HTTP/2 is being spoken
+
+            # twisted.web's H2Connection: conn is its h2 state machine, streams
+            # the streams not yet sent in full (both public attributes). The
+            # GOAWAY is written past the state machine: h2 takes one it sends
+            # as the end of the connection, and would refuse the frames still
+            # to come both ways (the client's WINDOW_UPDATEs, the answers).
+            goaway = GoAwayFrame(0)
+            goaway.last_stream_id = channel.conn.highest_inbound_stream_id
+            channel.transport.write(goaway.serialize())
+            self._close_when_sent(channel, reactor)
+
+    def _close_when_sent(self, channel: Any, reactor: Any) -> None:
+        # twisted.web tells no one when an HTTP/2 stream has been sent: look.
+        if self._lost or channel.transport is None:
+            return
+        if channel.streams:
+            reactor.callLater(self.h2_poll, self._close_when_sent, channel, reactor)
+        else:
+            # The H2Connection is its transport's producer, and a TLS
+            # transport closes only once its producer has gone.
+            channel.transport.unregisterProducer()
+            channel.transport.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._lost = True
+        super().connectionLost(reason)
+
     def readConnectionLost(self) -> None:
         channel = http_inner_channel(self)
         if IHalfCloseableProtocol.providedBy(channel):
@@ -212,11 +254,12 @@ class _HalfClosingGenericChannel(generic_http_channel_base()):  # type: ignore[m
 
 def _half_closing_channel(site: object) -> _HalfClosingGenericChannel:
     """What ``WSGI.buildProtocol`` builds (called as a method of the site, as Twisted's own default is)."""
-    channel = _HalfClosingChannel()  # type: ignore[no-untyped-call]
+    channel = _HalfClosingGenericChannel(_HalfClosingChannel())  # type: ignore[no-untyped-call]
     channels = getattr(site, "_channels", None)
     if channels is not None:
+        # The outer channel: it stays the connection's protocol when HTTP/2 replaces the HTTP/1.1 one.
         channels.add(channel)
-    return _HalfClosingGenericChannel(channel)
+    return channel
 
 
 class WSGI(Site):
@@ -257,7 +300,7 @@ class WSGI(Site):
         self.send_timeout = float(send_timeout)
         reactor = default_reactor(reactor)
         self._reactor: Any = reactor
-        self._channels: weakref.WeakSet[_HalfClosingChannel] = weakref.WeakSet()
+        self._channels: weakref.WeakSet[_HalfClosingGenericChannel] = weakref.WeakSet()
         self._trigger: Any = None
         self.app = app
         self.threads = threads
@@ -311,10 +354,13 @@ class WSGI(Site):
         Ask every connection to finish, as the reactor's shutdown does: an
         idle keep-alive connection closes at once, a busy one once the
         requests it has received are answered. (Otherwise an idle one held
-        the stop for the whole ``shutdown_timeout`` and was then reset.)
+        the stop for the whole ``shutdown_timeout`` and was then reset.) An
+        HTTP/2 connection gets a GOAWAY at once, which tells its client the
+        last stream that will be answered, and closes once its open streams
+        are sent in full.
         """
         for channel in list(self._channels):
-            channel.finish_and_close()
+            channel.finish_and_close(self._reactor)
 
     def stopFactory(self) -> None:
         if self._trigger is not None:

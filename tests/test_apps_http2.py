@@ -1,0 +1,230 @@
+"""
+The WSGI and ASGI targets behind ``TerminateTLS`` when a client negotiates
+HTTP/2 by ALPN (twisted.web serves it for a WSGI target), with the ``h2``
+library as the client over real TLS sockets on 127.0.0.1: a stop's
+``shutdown()``, and a large streamed body to a client that does not read.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+from hyperframe.frame import Frame, GoAwayFrame
+from twisted.internet import threads
+from twisted.trial import unittest
+
+from muxtwist import Rule
+from muxtwist.actions import TerminateTLS
+from muxtwist.apps import WSGI
+from muxtwist.matchers import Prefix
+from tests.certs import make_certificate
+from tests.test_proxy_support import mux, until, wait
+
+
+class H2Client:
+    """
+    A blocking HTTP/2 client over TLS (ALPN h2) on the ``h2`` library, run
+    on a thread of its own; ``pump`` reads what the server sends, for a
+    bounded time, and records its events.
+    """
+
+    def __init__(self, port: int, *, window: int | None = None) -> None:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.set_alpn_protocols(["h2"])
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if window is not None:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        self.sock = context.wrap_socket(raw, server_hostname="a.test")
+        self.alpn = self.sock.selected_alpn_protocol()
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        if window is not None:
+            self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+            self.conn.increment_flow_control_window(window - 65535)
+        self.sock.sendall(self.conn.data_to_send())
+        self.events: list[h2.events.Event] = []
+        self.bodies: dict[int, bytearray] = {}
+        self.ended: set[int] = set()
+        self.goaway: GoAwayFrame | None = None
+        self._frames = bytearray()
+        self.closed = False
+
+    def request(self, path: str) -> int:
+        stream_id: int = self.conn.get_next_available_stream_id()
+        headers = [(":method", "GET"), (":path", path), (":scheme", "https"), (":authority", "a.test")]
+        self.conn.send_headers(stream_id, headers, end_stream=True)
+        self.sock.sendall(self.conn.data_to_send())
+        self.bodies[stream_id] = bytearray()
+        return stream_id
+
+    def pump(self, until: Callable[[], bool], seconds: float) -> bool:
+        """Read and handle frames until ``until()`` holds, the connection closes, or ``seconds`` pass."""
+        deadline = time.monotonic() + seconds
+        while not until() and not self.closed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                return until()
+            except (ssl.SSLError, OSError):
+                data = b""
+            if not data:
+                self.closed = True
+                break
+            for event in self.conn.receive_data(self._without_goaway(data)):
+                self.events.append(event)
+                if isinstance(event, h2.events.DataReceived):
+                    self.bodies[event.stream_id] += event.data
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    self.ended.add(event.stream_id)
+            pending = self.conn.data_to_send()
+            if pending:
+                try:
+                    self.sock.sendall(pending)
+                except OSError:
+                    pass
+        return until()
+
+    def _without_goaway(self, data: bytes) -> bytes:
+        """
+        ``data`` less the GOAWAY frames, kept in ``goaway``: h2 takes a GOAWAY
+        as the end of the connection and refuses the answers that follow,
+        where a client such as curl or nghttp goes on reading the streams the
+        GOAWAY says will be answered.
+        """
+        self._frames += data
+        out = bytearray()
+        while len(self._frames) >= 9:
+            length = int.from_bytes(self._frames[:3], "big")
+            if len(self._frames) < 9 + length:
+                break
+            frame, self._frames = bytes(self._frames[: 9 + length]), self._frames[9 + length :]
+            if frame[3] == 0x7:
+                goaway, _ = Frame.parse_frame_header(memoryview(frame[:9]))
+                goaway.parse_body(memoryview(frame[9:]))
+                assert isinstance(goaway, GoAwayFrame)
+                self.goaway = goaway
+            else:
+                out += frame
+        return bytes(out)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Held:
+    """A WSGI app: ``/hello`` answers at once, ``/slow`` once ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.running = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., object]) -> Iterable[bytes]:
+        if environ["PATH_INFO"] == "/slow":
+            self.running += 1
+            self.release.wait(10)
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"done"]
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"hello"]
+
+
+class Streaming:
+    """A WSGI app streaming ``chunks`` chunks of 64 KiB, counting how many it has produced."""
+
+    def __init__(self, chunks: int) -> None:
+        self.chunks = chunks
+        self.produced = 0
+        self.closed = threading.Event()
+
+    def __call__(self, environ: dict[str, object], start_response: Callable[..., object]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Length", str(self.chunks * 65536))])
+        return self.body()
+
+    def body(self) -> Iterator[bytes]:
+        try:
+            for _ in range(self.chunks):
+                self.produced += 1
+                yield b"x" * 65536
+        finally:
+            self.closed.set()
+
+
+def tls_mux(case: unittest.TestCase, target: Any) -> int:
+    """A port on 127.0.0.1 where TLS (ALPN h2 offered) leads to ``target``."""
+    certificate = make_certificate("a.test")
+    directory = case.mktemp()
+    os.makedirs(directory)
+    path = os.path.join(directory, "a.test.pem")
+    with open(path, "wb") as f:
+        f.write(certificate.cert_pem + certificate.key_pem)
+    tls = TerminateTLS(directory, target)
+    port, factory = mux(case, [Rule(Prefix(b"\x16\x03"), tls, name="tls")])
+    factory.doStart()
+    case.addCleanup(factory.doStop)
+    return port
+
+
+def connect(case: unittest.TestCase, port: int, **options: Any) -> Any:
+    """An :class:`H2Client` (on a thread), closed in cleanup."""
+
+    def made(client: H2Client) -> H2Client:
+        case.addCleanup(client.close)
+        return client
+
+    return wait(threads.deferToThread(H2Client, port, **options), 10).addCallback(made)
+
+
+def pump(client: H2Client, condition: Callable[[], bool], seconds: float) -> Any:
+    return wait(threads.deferToThread(client.pump, condition, seconds), seconds + 5)
+
+
+class WSGIHTTP2ShutdownTests(unittest.TestCase):
+    async def test_shutdown_sends_goaway_to_idle_http2_connections_and_lets_busy_ones_answer(self) -> None:
+        """shutdown() gives an idle HTTP/2 connection a GOAWAY and closes it at once, a busy one after its answer."""
+        app = Held()
+        self.addCleanup(app.release.set)
+        target = WSGI(app, threads=2)
+        port = tls_mux(self, target)
+        idle = await connect(self, port)
+        busy = await connect(self, port)
+        self.assertEqual((idle.alpn, busy.alpn), ("h2", "h2"))
+        stream = idle.request("/hello")
+        self.assertTrue(await pump(idle, lambda: stream in idle.ended, 5))
+        self.assertEqual(bytes(idle.bodies[stream]), b"hello")
+        slow = busy.request("/slow")
+        await until(lambda: app.running == 1, 5)
+        started = time.monotonic()
+        target.shutdown()
+        self.assertTrue(await pump(idle, lambda: idle.closed, 2), "the idle HTTP/2 connection stayed open")
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertIsNotNone(idle.goaway, "closed without a GOAWAY")
+        assert idle.goaway is not None
+        self.assertEqual((idle.goaway.error_code, idle.goaway.last_stream_id), (0, stream))
+        # The busy one is told no new streams will be served, and stays open for its answer.
+        await pump(busy, lambda: busy.closed, 0.5)
+        self.assertFalse(busy.closed, f"the busy HTTP/2 connection was closed before its answer: {busy.events}")
+        self.assertNotIn(slow, busy.ended)
+        app.release.set()
+        self.assertTrue(await pump(busy, lambda: busy.closed, 5), "the busy HTTP/2 connection stayed open")
+        self.assertIn(slow, busy.ended)
+        self.assertEqual(bytes(busy.bodies[slow]), b"done")
+        self.assertIsNotNone(busy.goaway)
+        assert busy.goaway is not None
+        self.assertEqual((busy.goaway.error_code, busy.goaway.last_stream_id), (0, slow))
