@@ -7,19 +7,69 @@ instead of a ``TypeError`` deep inside Twisted when the first client comes.
 
 from __future__ import annotations
 
+import math
 import os
+import reprlib
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["OptionError", "check_proxy", "check_redirect", "check_terminate_tls"]
+__all__ = ["OptionError", "check_proxy", "check_redirect", "check_terminate_tls", "shown"]
+
+#: The most characters of a value an error message shows: a long path whole,
+#: not a whole string or integer of thousands.
+SHOWN_LIMIT = 200
+
+
+def _digits(number: int) -> int:
+    """How many decimal digits ``number`` (not negative) has, without writing it out."""
+    if number < 10:
+        return 1
+    digits = int(math.log10(number)) + 1
+    # log10 is a float: near a power of ten it may be one out either way.
+    if 10 ** (digits - 1) > number:
+        digits -= 1
+    elif 10**digits <= number:
+        digits += 1
+    return digits
+
+
+class _Shown(reprlib.Repr):
+    """reprlib's bounded repr, with an integer too long to show written as its first digits and its length."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.maxstring = self.maxother = self.maxlong = limit
+
+    def repr_int(self, x: int, level: int) -> str:
+        number = abs(x)
+        digits = _digits(number)
+        if digits + (x < 0) <= self.maxlong:
+            return repr(x)
+        lead = number // 10 ** (digits - 20)
+        return f"{'-' if x < 0 else ''}{lead}... (an integer of {digits} digits)"
+
+
+def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
+    """
+    ``repr(value)`` for an error message: at most ``limit`` characters, and
+    never an exception, whatever ``value`` is (an integer of a million
+    digits, an object whose ``__repr__`` raises).
+    """
+    try:
+        text = _Shown(limit).repr(value)
+    except Exception:
+        # reprlib already stands in for a __repr__ that raises; this is for a
+        # __class__ or __getattribute__ that raises too.
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class OptionError(ValueError, TypeError):
     """An action option with a value it cannot take (both a ValueError and a TypeError)."""
 
     def __init__(self, owner: str, option: str, value: object, expected: str) -> None:
-        super().__init__(f"{owner} option {option}={value!r}: expected {expected}")
+        super().__init__(f"{owner} option {option}={shown(value)}: expected {expected}")
         self.owner = owner
         self.option = option
         self.value = value

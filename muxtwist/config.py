@@ -7,20 +7,24 @@ the line and the problem.
 from __future__ import annotations
 
 import ast
+import codecs
+import contextlib
 import difflib
 import io
 import os
+import re
 import sys
 import tokenize
 import traceback
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IProtocolFactory, IReactorCore
 from twisted.logger import Logger
 
+from muxtwist._options import shown
 from muxtwist._signals import keep_our_handlers
 from muxtwist._twisted import endpoint_port
 from muxtwist.interfaces import IMatcher
@@ -150,7 +154,8 @@ def _h2_without_support(path: str, rules: Sequence[Rule], line: int | None) -> l
         ConfigWarning(
             path,
             line,
-            f"{tls!r} offers h2 (ALPN), but {site} behind it cannot speak HTTP/2: Twisted's HTTP/2 support is "
+            f"{shown(tls)} offers h2 (ALPN), but {shown(site)} behind it cannot speak HTTP/2: "
+            "Twisted's HTTP/2 support is "
             'not installed (pip install "Twisted[http2]"), so clients that pick h2 will fail',
             "h2",
         )
@@ -196,7 +201,8 @@ def _stream_matchers_on_udp(
         ConfigWarning(
             path,
             line,
-            f"rule {rule.name!r} of {description!r} uses {', '.join(f'{n}()' for n in names)}, a matcher of a "
+            f"rule {shown(rule.name)} of {shown(description)} uses {', '.join(f'{n}()' for n in names)}, "
+            "a matcher of a "
             "stream (TCP) protocol: on a UDP listener it sees one datagram at a time and will likely never match "
             "(TLS over UDP is QUIC() or DTLS())",
             "udp",
@@ -224,10 +230,10 @@ def check_endpoint(description: str) -> None:
     try:
         endpoint = endpoints.serverFromString(_NoReactor(), description)
     except Exception as e:
-        raise ValueError(f"bad endpoint description {description!r}: {e}") from None
+        raise ValueError(f"bad endpoint description {shown(description)}: {_clip(str(e))}") from None
     port, _ = endpoint_port(endpoint) or (0, "")
     if not 0 <= port <= 65535:
-        raise ValueError(f"bad endpoint description {description!r}: port {port} is not in 0-65535")
+        raise ValueError(f"bad endpoint description {shown(description)}: port {port} is not in 0-65535")
 
 
 def _assignment_lines(source: str) -> dict[str, tuple[int, list[int]]]:
@@ -255,6 +261,18 @@ def _assignment_lines(source: str) -> dict[str, tuple[int, list[int]]]:
     return lines
 
 
+#: A coding declaration (PEP 263), as tokenize reads it.
+_DECLARATION = re.compile(rb"^[ \t\f]*#.*?coding[:=][ \t]*([-\w.]+)")
+
+
+def _declaration(raw: bytes) -> tuple[int, str] | None:
+    """The line (1 or 2) of the file's coding declaration and the encoding it names, if it has one."""
+    for number, line in enumerate(raw.removeprefix(codecs.BOM_UTF8).splitlines()[:2], 1):
+        if found := _DECLARATION.match(line):
+            return number, found.group(1).decode("ascii", "replace")
+    return None
+
+
 def _run(path: str) -> tuple[dict[str, Any], str]:
     try:
         with open(path, "rb") as f:
@@ -264,9 +282,19 @@ def _run(path: str) -> tuple[dict[str, Any], str]:
     try:
         # UTF-8 unless a coding declaration says otherwise, as for any Python file.
         encoding = tokenize.detect_encoding(io.BytesIO(raw).readline)[0]
-        source = raw.decode(encoding)
     except SyntaxError as e:
-        raise ConfigError(path, e.lineno, f"syntax error: {e.msg}") from None
+        if not e.msg.startswith("invalid or missing encoding declaration"):
+            # An unknown encoding, or one that contradicts a byte order mark:
+            # tokenize gives no line, but the declaration is on line 1 or 2.
+            declared = _declaration(raw)
+            problem = f"syntax error: {e.msg}"
+            if declared is not None and e.msg.startswith("encoding problem"):
+                problem = f"syntax error: the file starts with a UTF-8 byte order mark but declares {declared[1]!r}"
+            raise ConfigError(path, declared and declared[0], problem) from None
+        # A line of the first two that is not UTF-8: said below, with its byte and line.
+        encoding = "utf-8"
+    try:
+        source = raw.decode(encoding)
     except UnicodeDecodeError as e:
         # The codec may have decoded less than the file (utf-8-sig: all but the byte order mark).
         at = e.start + len(raw) - len(e.object)
@@ -288,15 +316,10 @@ def _run(path: str) -> tuple[dict[str, Any], str]:
     except BaseException as e:
         # sys.exit() (or any BaseException) in the file is a broken file too:
         # at a reload it must not end the server, nor vanish without a word.
-        line = None
-        for frame, lineno in traceback.walk_tb(e.__traceback__):
-            if frame.f_code.co_filename == path:
-                line = lineno
-        try:
-            said = "" if e.args == (None,) else str(e)
-        except Exception:
-            said = ""  # its __str__ is broken too: the type and the line must do
-        raise ConfigError(path, line, f"{type(e).__name__} while loading{': ' + said if said else ''}") from None
+        said = _message(e)
+        raise ConfigError(
+            path, _file_line(path, e), f"{type(e).__name__} while loading{': ' + said if said else ''}"
+        ) from None
     finally:
         try:
             sys.path.remove(folder)
@@ -305,107 +328,192 @@ def _run(path: str) -> tuple[dict[str, Any], str]:
     return module.__dict__, source
 
 
+def _file_line(path: str, error: BaseException) -> int | None:
+    """The last line of the file ``path`` that ``error``'s traceback went through, if any."""
+    line = None
+    for frame, lineno in traceback.walk_tb(error.__traceback__):
+        if frame.f_code.co_filename == path:
+            line = lineno
+    return line
+
+
+def _message(error: BaseException) -> str:
+    """What ``error`` says (at most a few lines' worth), or nothing when it says nothing or its ``__str__`` fails."""
+    try:
+        said = "" if error.args == (None,) else str(error)
+    except Exception:
+        said = ""  # its __str__ is broken too: the type and the line must do
+    return _clip(said)
+
+
+def _clip(text: str, limit: int = 400) -> str:
+    """``text`` cut to ``limit`` characters: a message of another module's making, holding a value of the file's."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _checking(path: str, name: str, line: int | None) -> Iterator[None]:
+    """
+    While ``name`` is checked, anything raised but a ConfigError becomes
+    one: a value that breaks the checks (a list whose ``__iter__`` raises, a
+    ``__len__`` or ``__eq__`` that does) is a broken file too, and at a
+    reload it must leave the running rules as any other broken file does.
+    """
+    try:
+        yield
+    except ConfigError:
+        raise
+    except BaseException as e:  # sys.exit() in a __len__ too, as in _run
+        raised = _file_line(path, e)
+        at = f" at line {raised}" if raised is not None and raised != line else ""
+        said = _message(e)
+        raise ConfigError(
+            path, line, f"{name} could not be checked: {type(e).__name__}{at}{': ' + said if said else ''}"
+        ) from None
+
+
 def _check_rules(path: str, name: str, value: object, lines: tuple[int, list[int]] | None) -> tuple[Rule, ...]:
     line = lines[0] if lines else None
     if not isinstance(value, Sequence) or isinstance(value, str | bytes):
         raise ConfigError(path, line, f"{name} must be a list of Rule, got {type(value).__name__}")
-    for i, rule in enumerate(value):
+    # Read once, into a plain tuple: what is checked is what is served.
+    items = tuple(value)
+    for i, rule in enumerate(items):
         item_line = lines[1][i] if lines and i < len(lines[1]) else line
         if not isinstance(rule, Rule):
-            raise ConfigError(path, item_line, f"{name}[{i}] is not a Rule: {rule!r}")
+            raise ConfigError(path, item_line, f"{name}[{i}] is not a Rule: {shown(rule)}")
         if not IMatcher.providedBy(rule.matcher):
-            raise ConfigError(path, item_line, f"{name}[{i}]: matcher {rule.matcher!r} is not an IMatcher")
+            raise ConfigError(path, item_line, f"{name}[{i}]: matcher {shown(rule.matcher)} is not an IMatcher")
         if not IProtocolFactory.providedBy(rule.factory) and not is_datagram_target(rule.factory):
-            raise ConfigError(path, item_line, f"{name}[{i}]: factory {rule.factory!r} is not an IProtocolFactory")
-    clash = duplicate_names(value)
+            raise ConfigError(path, item_line, f"{name}[{i}]: factory {shown(rule.factory)} is not an IProtocolFactory")
+    clash = duplicate_names(items)
     if clash is not None:
         first, second, rule_name = clash
         if second < 0:
             first_line = lines[1][first] if lines and first < len(lines[1]) else line
-            raise ConfigError(path, first_line, f"{name}[{first}] takes the reserved rule name {rule_name!r}")
+            raise ConfigError(path, first_line, f"{name}[{first}] takes the reserved rule name {shown(rule_name)}")
         second_line = lines[1][second] if lines and second < len(lines[1]) else line
         first_line = lines[1][first] if lines and first < len(lines[1]) else line
         raise ConfigError(
             path,
             second_line,
-            f"{name}[{second}] is named {rule_name!r} like {name}[{first}]"
+            f"{name}[{second}] is named {shown(rule_name)} like {name}[{first}]"
             f"{f' (line {first_line})' if first_line is not None else ''}; rule names must be unique: give one a name=",
         )
-    return tuple(value)
+    return items
+
+
+def _plain_number(value: int | float) -> int | float:
+    """``value`` as a plain int or float: a subclass's own comparisons (or their exceptions) go no further."""
+    return float.__float__(value) if isinstance(value, float) else int.__int__(value)
 
 
 def _number(path: str, line: int | None, name: str, value: object, *, integer: bool, optional: bool) -> Any:
     if value is None and optional:
         return None
+    want = "a positive integer" if integer else "a non-negative finite number"
     kinds: tuple[type, ...] = (int,) if integer else (int, float)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, kinds)
-        or (not integer and not value <= sys.float_info.max)  # type: ignore[operator]
-        or value < 0  # type: ignore[operator]
-        or (integer and value == 0)
-    ):
-        want = "a positive integer" if integer else "a non-negative finite number"
-        raise ConfigError(path, line, f"{name} must be {want}{' or None' if optional else ''}, got {value!r}")
-    return value
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ConfigError(path, line, f"{name} must be {want}{' or None' if optional else ''}, got {shown(value)}")
+    number = _plain_number(value)  # type: ignore[arg-type]
+    if (not integer and not number <= sys.float_info.max) or number < 0 or (integer and number == 0):
+        raise ConfigError(path, line, f"{name} must be {want}{' or None' if optional else ''}, got {shown(number)}")
+    return number
+
+
+def _check_setting(path: str, line: int | None, name: str, value: object) -> Any:
+    """``value`` checked as the setting ``name``: what :class:`Settings` is given."""
+    if name == "sniff_timeout":
+        number = _plain_number(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        # (NaN fails the comparison too; an int beyond a float overflows callLater.)
+        if number is None or not 0 < number <= sys.float_info.max:
+            shown_value = shown(value if number is None else number)
+            raise ConfigError(path, line, f"sniff_timeout must be a finite number more than 0, got {shown_value}")
+        return number
+    if name == "shutdown_timeout":
+        return _number(path, line, name, value, integer=False, optional=False)
+    if name == "max_sniff_bytes":
+        return _number(path, line, name, value, integer=True, optional=False)
+    if name in ("max_connections", "max_connections_per_source", "max_udp_flows", "max_flows_per_source",
+                "max_sniff_datagrams"):  # fmt: skip
+        return _number(path, line, name, value, integer=True, optional=True)
+    if name == "log_connections":
+        if not isinstance(value, bool):
+            raise ConfigError(path, line, f"log_connections must be True or False, got {shown(value)}")
+        return value
+    if name in ("on_timeout", "on_no_match"):
+        if value is not None and not IProtocolFactory.providedBy(value):
+            raise ConfigError(path, line, f"{name} must be an IProtocolFactory or None, got {shown(value)}")
+        return value
+    assert name == "accept_proxy_protocol", name
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ConfigError(path, line, f"accept_proxy_protocol must be a list of CIDRs, got {shown(value)}")
+    entries = tuple(value)
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, str):
+            raise ConfigError(path, line, f"accept_proxy_protocol[{i}] must be a CIDR or 'unix', got {shown(entry)}")
+    entries = tuple(str.__str__(entry) for entry in entries)
+    from muxtwist.proxyprotocol import Trust
+
+    try:
+        Trust.parse(entries)
+    except ValueError as e:
+        raise ConfigError(path, line, f"accept_proxy_protocol: {_clip(str(e))}") from None
+    return entries
 
 
 def _check_settings(path: str, ns: Mapping[str, Any], lines: Mapping[str, tuple[int, list[int]]]) -> Settings:
-    def line(name: str) -> int | None:
-        return lines[name][0] if name in lines else None
-
     values: dict[str, Any] = {}
-    if "sniff_timeout" in ns:
-        value = ns["sniff_timeout"]
-        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= sys.float_info.max:
-            # (NaN fails the comparison too; an int beyond a float overflows callLater.)
-            raise ConfigError(
-                path, line("sniff_timeout"), f"sniff_timeout must be a finite number more than 0, got {value!r}"
-            )
-        values["sniff_timeout"] = value
-    if "shutdown_timeout" in ns:
-        values["shutdown_timeout"] = _number(
-            path, line("shutdown_timeout"), "shutdown_timeout", ns["shutdown_timeout"], integer=False, optional=False
-        )
-    if "max_sniff_bytes" in ns:
-        values["max_sniff_bytes"] = _number(
-            path, line("max_sniff_bytes"), "max_sniff_bytes", ns["max_sniff_bytes"], integer=True, optional=False
-        )
-    for name in (
-        "max_connections",
-        "max_connections_per_source",
-        "max_udp_flows",
-        "max_flows_per_source",
-        "max_sniff_datagrams",
-    ):
+    for name in SETTINGS:
         if name in ns:
-            values[name] = _number(path, line(name), name, ns[name], integer=True, optional=True)
-    if "log_connections" in ns:
-        if not isinstance(ns["log_connections"], bool):
-            raise ConfigError(
-                path, line("log_connections"), f"log_connections must be True or False, got {ns['log_connections']!r}"
-            )
-        values["log_connections"] = ns["log_connections"]
-    for name in ("on_timeout", "on_no_match"):
-        if name in ns:
-            value = ns[name]
-            if value is not None and not IProtocolFactory.providedBy(value):
-                raise ConfigError(path, line(name), f"{name} must be an IProtocolFactory or None, got {value!r}")
-            values[name] = value
-    if "accept_proxy_protocol" in ns and ns["accept_proxy_protocol"] is not None:
-        value = ns["accept_proxy_protocol"]
-        if isinstance(value, str) or not isinstance(value, Sequence):
-            raise ConfigError(
-                path, line("accept_proxy_protocol"), f"accept_proxy_protocol must be a list of CIDRs, got {value!r}"
-            )
-        from muxtwist.proxyprotocol import Trust
-
-        try:
-            Trust.parse(value)
-        except ValueError as e:
-            raise ConfigError(path, line("accept_proxy_protocol"), f"accept_proxy_protocol: {e}") from None
-        values["accept_proxy_protocol"] = tuple(value)
+            line = lines[name][0] if name in lines else None
+            with _checking(path, name, line):
+                values[name] = _check_setting(path, line, name, ns[name])
     return Settings(**values)
+
+
+def _check_listeners(path: str, raw: object, where: tuple[int, list[int]] | None) -> dict[str, tuple[Rule, ...]]:
+    line = where[0] if where else None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(path, line, f"listeners must be a dict of endpoint -> rules, got {type(raw).__name__}")
+    listeners: dict[str, tuple[Rule, ...]] = {}
+    for i, (key, listener_rules) in enumerate(tuple(raw.items())):
+        item_line = where[1][i] if where and i < len(where[1]) else line
+        if not isinstance(key, str):
+            raise ConfigError(path, item_line, f"listeners key {shown(key)} is not an endpoint description")
+        description = endpoint_description(str.__str__(key))
+        try:
+            check_endpoint(description)
+        except ValueError as e:
+            raise ConfigError(path, item_line, f"listeners: {_clip(str(e))}") from None
+        listeners[description] = _check_rules(
+            path, f"listeners[{shown(description)}]", listener_rules, (item_line, []) if item_line else None
+        )
+        if (problem := udp_target_problem(description, listeners[description])) is not None:
+            raise ConfigError(path, item_line, _clip(problem))
+    return listeners
+
+
+def _warnings(
+    path: str, ns: Mapping[str, Any], lines: Mapping[str, tuple[int, list[int]]], config: Config
+) -> list[ConfigWarning]:
+    """What in a usable file is probably not what its author meant."""
+    warnings = _misspelled(path, ns, lines)
+    settings = config.settings
+    for key, some_rules in ({"rules": config.rules or ()} | dict(config.listeners)).items():
+        where = lines.get(key if key == "rules" else "listeners")
+        line = where[0] if where else None
+        with _checking(path, "rules" if key == "rules" else f"listeners[{shown(key)}]", line):
+            warnings += _h2_without_support(path, some_rules, line)
+            warnings += _stream_matchers_on_udp(path, key, some_rules, line)
+        catch_all = settings.on_no_match is not None or settings.on_timeout is not None
+        if not some_rules and (key != "rules" or config.rules is not None) and not catch_all:
+            what = "rules is empty" if key == "rules" else f"listener {key} has no rules"
+            problem = f"{what} and there is no on_no_match or on_timeout: every connection is closed"
+            warnings.append(ConfigWarning(path, line, problem, "empty"))
+    return warnings
 
 
 def load_config(path: str) -> Config:
@@ -420,44 +528,22 @@ def load_config(path: str) -> Config:
     lines = _assignment_lines(source)
     if "rules" not in ns and "listeners" not in ns:
         raise ConfigError(path, None, "defines neither 'rules' nor 'listeners'")
-    rules = _check_rules(path, "rules", ns["rules"], lines.get("rules")) if "rules" in ns else None
+    rules = None
+    if "rules" in ns:
+        where = lines.get("rules")
+        with _checking(path, "rules", where and where[0]):
+            rules = _check_rules(path, "rules", ns["rules"], where)
     listeners: dict[str, tuple[Rule, ...]] = {}
     if "listeners" in ns:
-        raw = ns["listeners"]
         where = lines.get("listeners")
-        if not isinstance(raw, Mapping):
-            raise ConfigError(
-                path, where and where[0], f"listeners must be a dict of endpoint -> rules, got {type(raw).__name__}"
-            )
-        for i, (description, listener_rules) in enumerate(raw.items()):
-            item_line = where[1][i] if where and i < len(where[1]) else (where and where[0])
-            if not isinstance(description, str):
-                raise ConfigError(path, item_line, f"listeners key {description!r} is not an endpoint description")
-            description = endpoint_description(description)
-            try:
-                check_endpoint(description)
-            except ValueError as e:
-                raise ConfigError(path, item_line, f"listeners: {e}") from None
-            listeners[description] = _check_rules(
-                path, f"listeners[{description!r}]", listener_rules, (item_line or 0, []) if item_line else None
-            )
-            if (problem := udp_target_problem(description, listeners[description])) is not None:
-                raise ConfigError(path, item_line, problem)
-    settings = _check_settings(path, ns, lines)
-    warnings = _misspelled(path, ns, lines)
-    for key, some_rules in ({"rules": rules or ()} | {k: v for k, v in listeners.items()}).items():
-        where = lines.get(key if key == "rules" else "listeners")
-        warnings += _h2_without_support(path, some_rules, where[0] if where else None)
-        warnings += _stream_matchers_on_udp(path, key, some_rules, where[0] if where else None)
-        catch_all = settings.on_no_match is not None or settings.on_timeout is not None
-        if not some_rules and (key != "rules" or rules is not None) and not catch_all:
-            what = "rules is empty" if key == "rules" else f"listener {key} has no rules"
-            problem = f"{what} and there is no on_no_match or on_timeout: every connection is closed"
-            warnings.append(ConfigWarning(path, where[0] if where else None, problem, "empty"))
+        with _checking(path, "listeners", where and where[0]):
+            listeners = _check_listeners(path, ns["listeners"], where)
+    config = Config(path=path, rules=rules, listeners=listeners, settings=_check_settings(path, ns, lines))
+    warnings = _warnings(path, ns, lines, config)
     for warning in warnings:
         # Not a field named "warning": trial's reporter reads that as warnings.warn's.
         log.warn("{problem}", problem=str(warning))
-    return Config(path=path, rules=rules, listeners=listeners, settings=settings, warnings=tuple(warnings))
+    return attrs.evolve(config, warnings=tuple(warnings))
 
 
 def build_factory(rules: Sequence[Rule], settings: Settings, reactor: IReactorCore | None = None) -> SniffingFactory:

@@ -197,6 +197,134 @@ class LoaderTests(unittest.TestCase):
         assert config.rules is not None
         self.assertEqual(len(config.rules), 1)
 
+    def assignment_line(self, path: str, start: str) -> int:
+        """The line of ``path`` that starts with ``start``."""
+        with open(path) as f:
+            return next(i for i, line in enumerate(f, 1) if line.startswith(start))
+
+    def test_values_that_raise_while_checked_are_one_error(self) -> None:
+        """A setting whose __iter__, __len__, items() or attribute lookup raises is an error naming it and its line."""
+        cases = [
+            ("rules", "class Odd(list):\n    def __iter__(self):\n        raise RuntimeError('no iterating')\n"
+             "rules = Odd([Rule(HTTP1(), echo)])\n", "RuntimeError at line"),
+            ("rules", "class Odd(list):\n    def __len__(self):\n        raise RuntimeError('no length')\n"
+             "rules = Odd([Rule(HTTP1(), echo)])\n", "RuntimeError at line"),
+            ("rules", "import sys\nclass Odd(list):\n    def __iter__(self):\n        sys.exit(3)\n"
+             "rules = Odd([Rule(HTTP1(), echo)])\n", "SystemExit at line"),
+            ("listeners", "class Odd(dict):\n    def items(self):\n        raise RuntimeError('no items')\n"
+             "listeners = Odd({'3000': [Rule(HTTP1(), echo)]})\n", "RuntimeError at line"),
+            ("accept_proxy_protocol", "class Odd(list):\n    def __iter__(self):\n        raise KeyError('x')\n"
+             "rules = []\naccept_proxy_protocol = Odd(['127.0.0.1'])\n", "KeyError at line"),
+            ("on_no_match", "class Odd:\n    def __getattribute__(self, name):\n        raise ValueError('no')\n"
+             "rules = []\non_no_match = Odd()\n", "ValueError at line"),
+        ]  # fmt: skip
+        for name, body, said in cases:
+            path = self.write(body)
+            error = self.assertRaises(ConfigError, load_config, path)
+            self.assertTrue(error.problem.startswith(f"{name} could not be checked: "), error.problem)
+            self.assertIn(said, error.problem)
+            self.assertEqual(error.line, self.assignment_line(path, f"{name} = "), body)
+
+    def test_values_whose_repr_raises_are_named_in_the_error(self) -> None:
+        """A wrong value whose __repr__ raises is still one error naming the setting (or the rule) and its line."""
+        odd = "class Odd:\n    def __repr__(self):\n        raise RuntimeError('no repr')\n"
+        for body, start in [
+            ("rules = []\nsniff_timeout = Odd()\n", "sniff_timeout must be a finite number more than 0, got <Odd"),
+            ("rules = []\nmax_connections = Odd()\n", "max_connections must be a positive integer or None, got <Odd"),
+            ("rules = []\non_timeout = Odd()\n", "on_timeout must be an IProtocolFactory or None, got <Odd"),
+            ("rules = [\n    Odd(),\n]\n", "rules[0] is not a Rule: <Odd"),
+            ("rules = [Rule(HTTP1(), echo)]\nlisteners = {Odd(): rules}\n", "listeners key <Odd"),
+        ]:
+            error = self.broken(odd + body)
+            self.assertTrue(error.problem.startswith(start), error.problem)
+            self.assertIsNotNone(error.line)
+
+    def test_number_subclasses_are_kept_as_plain_numbers(self) -> None:
+        """An int or float subclass whose comparisons raise is checked and kept as its plain value."""
+        path = self.write("""
+            class Odd(int):
+                def __eq__(self, other):
+                    raise RuntimeError("no eq")
+                def __lt__(self, other):
+                    raise RuntimeError("no lt")
+                __hash__ = int.__hash__
+            class OddFloat(float):
+                def __le__(self, other):
+                    raise RuntimeError("no le")
+            rules = []
+            max_connections = Odd(5)
+            max_sniff_bytes = Odd(100)
+            sniff_timeout = OddFloat(1.5)
+            shutdown_timeout = OddFloat(2.0)
+        """)
+        settings = load_config(path).settings
+        values = (settings.max_connections, settings.max_sniff_bytes, settings.sniff_timeout, settings.shutdown_timeout)
+        self.assertEqual([type(v) for v in values], [int, int, float, float])
+        self.assertEqual(values, (5, 100, 1.5, 2.0))
+
+    def test_unknown_coding_declaration_names_its_line(self) -> None:
+        """A coding declaration naming an unknown encoding is an error at its line, 1 or 2."""
+        for text, line in [
+            (b"# -*- coding: nosuch -*-\nrules = []\n", 1),
+            (b"#!/usr/bin/env python\n# -*- coding: nosuch -*-\nrules = []\n", 2),
+            (b"\xef\xbb\xbf\n# coding: nosuch\nrules = []\n", 2),
+        ]:
+            path = self.mktemp() + "-rules.py"
+            with open(path, "wb") as f:
+                f.write(text)
+            error = self.assertRaises(ConfigError, load_config, path)
+            self.assertEqual((error.line, error.problem), (line, "syntax error: unknown encoding: nosuch"), text)
+
+    def test_coding_declaration_against_a_byte_order_mark_names_its_line(self) -> None:
+        """A declaration of another encoding after a UTF-8 byte order mark is an error at its line, saying so."""
+        path = self.mktemp() + "-rules.py"
+        with open(path, "wb") as f:
+            f.write(b"\xef\xbb\xbf# coding: latin-1\nrules = []\n")
+        error = self.assertRaises(ConfigError, load_config, path)
+        self.assertEqual(error.line, 1)
+        self.assertIn("UTF-8 byte order mark but declares 'latin-1'", error.problem)
+
+    def test_first_line_that_is_not_utf8_names_its_byte_and_line(self) -> None:
+        """A byte that is not UTF-8 on line 1 or 2 is named with its line, as on any later line."""
+        for text, line in [(b"rules = []  # caf\xe9\n", 1), (b"rules = []\n# na\xefve\n", 2)]:
+            path = self.mktemp() + "-rules.py"
+            with open(path, "wb") as f:
+                f.write(text)
+            error = self.assertRaises(ConfigError, load_config, path)
+            self.assertEqual(error.line, line, text)
+            self.assertIn("the file is not UTF-8 text: byte ", error.problem)
+
+    def test_huge_integers_are_shown_shortened(self) -> None:
+        """An integer of thousands of digits is shown as its first digits and its length, in every setting's error."""
+        for line in (
+            "sniff_timeout = 10**5000",
+            "sniff_timeout = -10**4000",
+            "shutdown_timeout = 10**5000",
+            "max_connections = -10**5000",
+            "max_connections_per_source = -10**4000",
+            "max_sniff_bytes = -10**5000",
+            "log_connections = 10**5000",
+            "on_no_match = 10**5000",
+            "accept_proxy_protocol = 10**5000",
+            "accept_proxy_protocol = [10**5000]",
+            "rules = [10**5000]",
+        ):
+            error = self.broken(f"rules = [Rule(HTTP1(), echo)]\n{line}\n")
+            self.assertLessEqual(len(error.problem), 200, line)
+            self.assertIn("... (an integer of ", error.problem, line)
+            self.assertEqual(error.line, HEADER.count("\n") + 2, line)
+
+    def test_long_values_are_shown_shortened(self) -> None:
+        """A long string (a listeners key, a setting of the wrong type) is shown cut to 80 characters."""
+        for line in (
+            "listeners = {'bogus:' + 'x' * 100000: []}",
+            "sniff_timeout = 'x' * 100000",
+            "accept_proxy_protocol = ['x' * 100000]",
+        ):
+            error = self.broken(f"rules = [Rule(HTTP1(), echo)]\n{line}\n")
+            self.assertLessEqual(len(error.problem), 500, line)
+            self.assertIn("...", error.problem, line)
+
 
 class WarningTests(unittest.TestCase):
     """Usable files with a probable mistake load, with a warning naming it."""

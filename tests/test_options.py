@@ -147,3 +147,26 @@ class MoreActionOptionTests(unittest.TestCase):
         """Proxy(transparent=...) takes True or False, not a truthy string."""
         message = self.refused(Proxy, BACKEND, transparent="yes")
         self.assertIn("Proxy option transparent='yes': expected True or False", message)
+
+    def test_values_in_errors_are_shown_shortened(self) -> None:
+        """A huge integer, a long string or a value whose repr raises is shown in at most 200 characters."""
+
+        class Odd:
+            def __repr__(self) -> str:
+                raise RuntimeError("no repr")
+
+        factory = Factory.forProtocol(Protocol)
+        missing = os.path.join(self.mktemp(), "certs")
+        for value in (10**5000, -(10**4000), "x" * 100_000, Odd()):
+            messages = [
+                self.refused(Proxy, BACKEND, splice=value),
+                self.refused(TerminateTLS, missing, factory, handshake_timeout=value),
+                self.refused(RedirectToHTTPS, port=value),
+            ]
+            for message in messages:
+                shown = message.split("=", 1)[1].split(": expected ")[0]
+                self.assertLessEqual(len(shown), 200, message[:300])
+        message = self.refused(Proxy, BACKEND, max_connections=-(10**5000))
+        self.assertIn("max_connections=-10000000000000000000... (an integer of 5001 digits): expected", message)
+        message = self.refused(Proxy, BACKEND, connect_timeout=Odd())
+        self.assertIn("connect_timeout=<Odd instance at 0x", message)
