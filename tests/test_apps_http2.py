@@ -21,6 +21,7 @@ import h2.events
 import h2.settings
 from hyperframe.frame import Frame, GoAwayFrame
 from twisted.internet import threads
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from muxtwist import Rule
@@ -28,7 +29,7 @@ from muxtwist.actions import TerminateTLS
 from muxtwist.apps import WSGI
 from muxtwist.matchers import Prefix
 from tests.certs import make_certificate
-from tests.test_proxy_support import mux, until, wait
+from tests.test_proxy_support import R, mux, until, wait
 
 
 class H2Client:
@@ -228,3 +229,20 @@ class WSGIHTTP2ShutdownTests(unittest.TestCase):
         self.assertIsNotNone(busy.goaway)
         assert busy.goaway is not None
         self.assertEqual((busy.goaway.error_code, busy.goaway.last_stream_id), (0, slow))
+
+
+class WSGIHTTP2FlowControlTests(unittest.TestCase):
+    async def test_a_client_granting_a_large_window_that_does_not_read_pauses_a_streaming_response(self) -> None:
+        """An HTTP/2 client that grants a 2 GiB window and reads nothing holds the app's iteration as over HTTP/1.1."""
+        app = Streaming(1024)  # 64 MiB
+        port = tls_mux(self, WSGI(app, threads=2))
+        client = await connect(self, port, window=2**31 - 1)
+        self.assertEqual(client.alpn, "h2")
+        stream = client.request("/")
+        await until(lambda: app.produced > 0, 5)
+        await deferLater(R, 1.0, lambda: None)
+        # The socket buffers of loopback hold a few MiB; nothing holds the rest.
+        self.assertLess(app.produced, 160, f"{app.produced} chunks of 64 KiB produced for a client reading nothing")
+        self.assertTrue(await pump(client, lambda: stream in client.ended, 30))
+        self.assertEqual(len(client.bodies[stream]), 1024 * 65536)
+        self.assertEqual(app.produced, 1024)

@@ -59,16 +59,34 @@ class _Gate:
 
     def _finished(self, _: object) -> None:
         self.done = True
-        self._open.set()
+        self._update()
+
+    #: Paused by its stream (or HTTP/1.1 connection), held by an HTTP/2 connection whose transport is full.
+    _paused = False
+    _held = False
+
+    def _update(self) -> None:
+        if self.done or not (self._paused or self._held):
+            self._open.set()
+        else:
+            self._open.clear()
 
     def pauseProducing(self) -> None:
-        self._open.clear()
+        self._paused = True
+        self._update()
 
     def resumeProducing(self) -> None:
-        self._open.set()
+        self._paused = False
+        self._update()
 
     def stopProducing(self) -> None:
-        self._open.set()
+        self._paused = self._held = False
+        self._update()
+
+    def hold(self, held: bool) -> None:
+        """The HTTP/2 connection's transport is full (or has room again), which no flow-control window says."""
+        self._held = held
+        self._update()
 
     def wait(self) -> None:
         """
@@ -195,6 +213,45 @@ class _HalfClosingChannel(HTTPChannel):
             self.loseConnection()  # type: ignore[no-untyped-call]
 
 
+@implementer(IPushProducer)
+class _H2Pacer:
+    """
+    The producer of an HTTP/2 connection's transport, in front of
+    twisted.web's ``H2Connection``: when the transport is full it also holds
+    the :class:`_Gate` of every stream. ``H2Connection`` alone only stops
+    sending and goes on queueing what the streams write, up to their
+    flow-control windows, which the client sets (up to 2 GiB each): a client
+    that granted large windows and read nothing had a whole large response
+    queued in memory.
+    """
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.paused = False
+
+    def hold_streams(self) -> None:
+        # H2Connection.streams and H2Stream.producer are public attributes.
+        for stream in list(self.connection.streams.values()):
+            gate = stream.producer
+            if isinstance(gate, _Gate):
+                gate.hold(self.paused)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.connection.pauseProducing()
+        self.hold_streams()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.hold_streams()
+        self.connection.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.paused = False
+        self.hold_streams()
+        self.connection.stopProducing()
+
+
 @implementer(IHalfCloseableProtocol)
 class _HalfClosingGenericChannel(generic_http_channel_base()):  # type: ignore[misc]
     """Site's protocol (HTTP/1.1, or HTTP/2 when ALPN says so) passing half-closes to an HTTP/1.1 channel."""
@@ -236,6 +293,22 @@ class _HalfClosingGenericChannel(generic_http_channel_base()):  # type: ignore[m
             # transport closes only once its producer has gone.
             channel.transport.unregisterProducer()
             channel.transport.loseConnection()
+
+    _pacer: _H2Pacer | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        channel = http_inner_channel(self)
+        if self._pacer is None:
+            if isinstance(channel, _HalfClosingChannel) or channel is None or channel.transport is None:
+                return
+            # Switched to HTTP/2 (by ALPN): stand between the transport and the H2Connection.
+            self._pacer = _H2Pacer(channel)
+            channel.transport.unregisterProducer()
+            channel.transport.registerProducer(self._pacer, True)
+        if self._pacer.paused:
+            # Streams this data opened, while the transport is still full.
+            self._pacer.hold_streams()
 
     def connectionLost(self, reason: Any) -> None:
         self._lost = True
@@ -280,7 +353,10 @@ class WSGI(Site):
     reading, and to one that reads very slowly: the connection takes more
     only once its write buffers have room again (on Linux loopback a client
     read about 190 KB before its connection took more, so with the default
-    60 s, one reading below about 3 KB/s).
+    60 s, one reading below about 3 KB/s). Over HTTP/2 (ALPN h2 behind
+    ``TerminateTLS``) a stream is paced both by its flow-control window and
+    by the connection's transport, so a client that grants large windows
+    and reads nothing holds the body as over HTTP/1.1.
     """
 
     protocol = _half_closing_channel
