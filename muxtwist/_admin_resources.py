@@ -21,7 +21,8 @@ from prometheus_client.metrics_core import Metric
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
+from twisted.web import pages
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from muxtwist._admin_merge import CounterMemory, StatusMemory, exposition, merge_families, merge_status
@@ -32,6 +33,7 @@ from muxtwist._twisted import default_reactor
 from muxtwist.metrics import Metrics, default_metrics
 
 __all__ = [
+    "Folder",
     "LocalMetrics",
     "LocalStatus",
     "MetricsResource",
@@ -64,6 +66,52 @@ def _headers(request: Request, content_type: bytes) -> None:
     request.setHeader(b"cache-control", b"no-store")
     request.setHeader(b"x-content-type-options", b"nosniff")
     request.setHeader(b"server", b"muxtwist")
+
+
+#: The methods every admin resource answers (HEAD as GET, without the body).
+ALLOWED_METHODS = b"GET, HEAD"
+
+
+class _Leaf(Resource):
+    """
+    An admin resource at one path, with nothing below it (``/ready/x`` and
+    ``/ready/`` are 404, as any path with no resource), answering GET and
+    HEAD only: OPTIONS answers 204 with ``Allow``, any other method 405
+    with ``Allow`` (twisted.web alone answers OPTIONS, PUT or DELETE with
+    501, as a method it does not know).
+    """
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return pages.notFound()
+
+    def render(self, request: Request) -> int | bytes:
+        if request.method in (b"GET", b"HEAD"):
+            body: int | bytes = super().render(request)  # type: ignore[no-untyped-call]
+            return body
+        request.setHeader(b"allow", ALLOWED_METHODS)
+        request.setHeader(b"server", b"muxtwist")
+        if request.method == b"OPTIONS":
+            # No body and no Content-Length (RFC 9110, 8.6), which returning b"" would set.
+            request.setResponseCode(204)
+            request.finish()
+            return NOT_DONE_YET
+        request.setResponseCode(405)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"method not allowed: GET or HEAD\n"
+
+
+class Folder(Resource):
+    """A path that only holds others (``/worker``): 404 itself, whatever the method, and below it but its children."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return pages.notFound()
+
+    def render(self, request: Request) -> bytes:
+        body: bytes = pages.notFound().render(request)
+        return body
 
 
 class _SingleFlight:
@@ -108,10 +156,8 @@ def _instance() -> bytes:
     return f"{os.getpid()}-{uuid.uuid4().hex}".encode("ascii")
 
 
-class _Aggregating(Resource):
+class _Aggregating(_Leaf):
     """A resource answering with this process's numbers, or, given peers, every worker's summed."""
-
-    isLeaf = True
 
     def __init__(self, service: Any, metrics: Metrics, peers: WorkerPeers | None, reactor: Any = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -251,10 +297,8 @@ class MetricsResource(_Aggregating):
         return self._flight.run(lambda: peers.fetch_answers("/worker/metrics").addCallback(merge))
 
 
-class LocalMetrics(Resource):
+class LocalMetrics(_Leaf):
     """``/worker/metrics``: this process's own samples, named by the ``X-Muxtwist-Instance`` header."""
-
-    isLeaf = True
 
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -268,10 +312,8 @@ class LocalMetrics(Resource):
         return generate_latest(self.registry)
 
 
-class LocalStatus(Resource):
+class LocalStatus(_Leaf):
     """``/worker/status.json``: this process's own :func:`status`, named by the ``X-Muxtwist-Instance`` header."""
-
-    isLeaf = True
 
     def __init__(self, service: Any, metrics: Metrics) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -286,10 +328,8 @@ class LocalStatus(Resource):
         return _json(status(self.service, self.metrics))
 
 
-class StaticFile(Resource):
+class StaticFile(_Leaf):
     """One file of ``admin_static/``: the stats page's script or style."""
-
-    isLeaf = True
 
     def __init__(self, name: str, content_type: bytes) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -303,14 +343,12 @@ class StaticFile(Resource):
         return self.body
 
 
-class ReadyResource(Resource):
+class ReadyResource(_Leaf):
     """
     200 while the service serves, 503 once it is draining (or stopped), so a
     load balancer stops sending new clients before the listeners close.
     Without a service it is always ready: whoever can reach it is served.
     """
-
-    isLeaf = True
 
     def __init__(self, service: _Stoppable | None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]

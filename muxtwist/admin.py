@@ -22,13 +22,13 @@ import os
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from muxtwist._admin_merge import merge_metrics, merge_status
 from muxtwist._admin_page import render_page
 from muxtwist._admin_peers import WORKERS_DIR_ENV, WorkerPeers
 from muxtwist._admin_resources import (
+    Folder,
     LocalMetrics,
     LocalStatus,
     MetricsResource,
@@ -107,14 +107,14 @@ def admin_site(
         # inherited the directory (started from a worker, or from a shell
         # that exported it) serves its own numbers, not another pool's.
         peers = WorkerPeers(os.environ[WORKERS_DIR_ENV], reactor)
-    root = Resource()
+    root = Folder()
     root.putChild(b"", StatsPage(service, metrics, peers, reactor))
     root.putChild(b"status.json", StatusResource(service, metrics, peers, reactor))
     root.putChild(b"metrics", MetricsResource(registry, peers, reactor))
     root.putChild(b"ready", ReadyResource(service))
     root.putChild(b"stats.css", StaticFile("stats.css", b"text/css; charset=utf-8"))
     root.putChild(b"stats.js", StaticFile("stats.js", b"text/javascript; charset=utf-8"))
-    worker = Resource()
+    worker = Folder()
     worker.putChild(b"metrics", LocalMetrics(raw))
     worker.putChild(b"status.json", LocalStatus(service, metrics))
     root.putChild(b"worker", worker)
