@@ -2,7 +2,8 @@
 The listener changes of a reload of ``MuxService``'s rules file: which old
 listener is in a new one's way, and the order in which new listeners start
 and old ones close (added ones first; an old one in a new one's way closes
-first and listens again if the new one cannot).
+first and listens again if the new one cannot, unless a new one's port
+listens on its very address).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
+from muxtwist._limits import address_text
 from muxtwist._listener import Listener
-from muxtwist._reload_lines import cannot_listen, listen_again, serve_on
+from muxtwist._reload_lines import cannot_listen, listen_again, serve_on, served_by
 from muxtwist._twisted import endpoint_port, endpoint_unix_path
 from muxtwist.config import Config, build_factory
 
@@ -52,6 +54,17 @@ def _same_address(old: Listener, new: Listener) -> bool | None:
 def _in_the_way(old: Listener, new: Listener) -> bool:
     """Whether ``old`` may hold the address ``new`` listens on (see ``_same_address``)."""
     return _same_address(old, new) is not False
+
+
+def _bound(listener: Listener) -> object | None:
+    """The address ``listener``'s port listens on (``getHost()``); ``None`` if it has none or cannot tell."""
+    if listener.port is None:
+        return None
+    try:
+        address: object = listener.port.getHost()
+    except Exception:
+        return None
+    return address
 
 
 def _adopted(endpoint: Any) -> int | None:
@@ -115,6 +128,7 @@ class ListenerChanges:
                 failed.append(description)
         # Old ports that a new listener needs close first.
         first = [old for old in gone if any(_in_the_way(old, listener) for listener in new)]
+        bound = {old.description: _bound(old) for old in first}
         await defer.gatherResults([self._close_port(old, drain=False) for old in first])
         if self.draining:
             # A stop began while they closed: nothing more listens.
@@ -136,7 +150,17 @@ class ListenerChanges:
             # be compared with it (a plugin's) does only if the reload fully took effect.
             taken = any(_same_address(old, listener) for listener in started)
             maybe = any(_same_address(old, listener) is None for listener in started)
-            if taken or (maybe and not failed) or not self._listen_again(old):
+            address = bound[old.description]
+            holder = next(
+                (listener for listener in started if address is not None and _bound(listener) == address), None
+            )
+            if taken or (maybe and not failed):
+                self._drain_in_background(old)
+            elif holder is not None:
+                # Its description could not say so (a plugin's endpoint), but its port listens where the old one did.
+                served_by(log, old.description, holder.description, address_text(address))
+                self._drain_in_background(old)
+            elif not self._listen_again(old):
                 self._drain_in_background(old)
         rest = [old for old in gone if old not in first]
         if failed:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from twisted.logger import Logger
 
-__all__ = ["cannot_listen", "listen_again", "serve_on"]
+__all__ = ["cannot_listen", "listen_again", "serve_on", "served_by"]
 
 
 def cannot_listen(log: Logger, description: str, problem: Exception, *, again: bool = True) -> None:
@@ -52,4 +52,19 @@ def serve_on(log: Logger, descriptions: Sequence[str]) -> None:
     log.error(
         "reload: {kept} serve(s) on with the running rules until every listener the rules file adds listens",
         kept=", ".join(descriptions),
+    )
+
+
+def served_by(log: Logger, description: str, new: str, address: str) -> None:
+    """
+    A listener a reload closed for a new one on its address does not listen
+    again: that new one listens on its very address (``new``'s port reports
+    it), with the new rules.
+    """
+    log.warn(
+        "reload: {description} does not listen again: {new} listens on its address ({address}) and serves it"
+        " with the new rules",
+        description=description,
+        new=new,
+        address=address,
     )

@@ -205,9 +205,8 @@ class IncomparableEndpointTests(RulesFile):
         """The port of a socket of another server listening on 127.0.0.1, closed at the end."""
         return int(self.listening().getsockname()[1])
 
-    @defer.inlineCallbacks
-    def test_plugin_endpoint_of_a_failed_reload_serves_on_beside_another(self) -> Any:
-        """A plugin endpoint A -> another B and a taken port: A serves on with its rules, B listens, reload False."""
+    def hidden_plugin(self) -> None:
+        """The ``muxtwisthidden:PORT`` endpoint plugin (HIDDEN_PLUGIN) installed for this test."""
         import twisted.plugins
 
         folder = os.path.abspath(self.mktemp())
@@ -215,6 +214,11 @@ class IncomparableEndpointTests(RulesFile):
         with open(os.path.join(folder, "muxtwist_test_hidden.py"), "w") as f:
             f.write(HIDDEN_PLUGIN)
         self.patch(twisted.plugins, "__path__", [*twisted.plugins.__path__, folder])
+
+    @defer.inlineCallbacks
+    def test_plugin_endpoint_of_a_failed_reload_serves_on_beside_another(self) -> Any:
+        """A plugin endpoint A -> another B and a taken port: A serves on with its rules, B listens, reload False."""
+        self.hidden_plugin()
         a, b = free_port(), free_port()
         service = self.start(f"muxtwisthidden:{a}")
         taken = self.held_port()
@@ -226,6 +230,29 @@ class IncomparableEndpointTests(RulesFile):
             self.assertEqual((yield client.answered), answer)
             client.transport.loseConnection()  # type: ignore[union-attr]
             yield client.lost
+
+    @defer.inlineCallbacks
+    def test_plugin_endpoint_moved_to_a_new_one_on_its_address_is_said_served_not_closed(self) -> Any:
+        """A plugin endpoint A -> B on A's address and a taken port: the line says B serves A's address, not closed."""
+        self.hidden_plugin()
+        a = free_port()
+        service = self.start(f"muxtwisthidden:{a}")
+        taken = self.held_port()
+        # The same address written another way: a new description, whose address muxtwist cannot compare with A's.
+        moved = f"muxtwisthidden:0{a}"
+        lines = self.log_lines()
+        self.write((moved, f"tcp:{taken}:interface=127.0.0.1"), "two")
+        self.assertFalse((yield service.reload()))
+        self.assertEqual(sorted(service.listeners), [moved])
+        client = yield defer.Deferred.fromCoroutine(held(a))
+        self.assertEqual((yield client.answered), b"two:HI")
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        yield client.lost
+        about = [line for line in lines if f"muxtwisthidden:{a}" in line and "reload" in line]
+        self.assertFalse([line for line in about if "stays closed" in line], about)
+        served = [line for line in about if f"{moved} listens on its address" in line]
+        self.assertEqual(len(served), 1, about)
+        self.assertIn(f"127.0.0.1:{a}", served[0])
 
     @defer.inlineCallbacks
     def test_systemd_socket_of_a_failed_reload_serves_on_beside_another(self) -> Any:
