@@ -24,6 +24,7 @@ from typing import Any, TextIO
 import attrs
 
 from muxtwist._checks import per_request_routing
+from muxtwist._options import shown
 from muxtwist.config import Config, ConfigError, Settings, load_config
 from muxtwist.interfaces import ConnectionInfo, IMatcher
 from muxtwist.service import wanted_listeners
@@ -36,7 +37,7 @@ __all__ = ["main"]
 
 
 def _factory_name(factory: object) -> str:
-    text = repr(factory)
+    text = shown(factory, 100)
     if text.startswith("<") and " object at 0x" in text:
         return type(factory).__name__
     return text
@@ -64,7 +65,7 @@ def user_repr(obj: object) -> str:
     """
     cls = type(obj)
     if not attrs.has(cls):
-        return repr(obj)
+        return shown(obj, 100)
     args: list[str] = []
     for field in attrs.fields(cls):
         value = getattr(obj, field.name)
@@ -109,7 +110,11 @@ def _describe_rule(rule: Rule) -> str:
     limit = f"  (max_connections={rule.max_connections})" if rule.max_connections is not None else ""
     if getattr(rule.factory, "needs_asyncio_reactor", False):
         limit += "  (needs Twisted's asyncio reactor: twistd --reactor=asyncio muxtwist ...)"
-    return f"{rule.name}: {_short(user_repr(rule.matcher))} -> {_short(_factory_name(rule.factory))}{limit}"
+    try:
+        matcher = user_repr(rule.matcher)
+    except Exception:
+        matcher = shown(rule.matcher, 100)  # a matcher of the user's own whose fields cannot be read or compared
+    return f"{rule.name}: {_short(matcher)} -> {_short(_factory_name(rule.factory))}{limit}"
 
 
 #: What a UDP listener takes for a UDP setting the rules file leaves out: ``UDPMux``'s defaults.
@@ -126,13 +131,13 @@ def _print_settings(settings: Settings, out: TextIO, udp: bool = False) -> None:
                   "shutdown_timeout", "accept_proxy_protocol", "on_timeout", "on_no_match"):  # fmt: skip
         value = getattr(settings, field)
         mark = "" if value != getattr(defaults, field) else "  (default)"
-        shown = _factory_name(value) if field.startswith("on_") and value is not None else repr(value)
-        print(f"  {field} = {shown}{mark}", file=out)
+        text = _factory_name(value) if field.startswith("on_") and value is not None else shown(value, 100)
+        print(f"  {field} = {text}{mark}", file=out)
     if udp:
         for field, default in _UDP_DEFAULTS.items():
             value = getattr(settings, field)
-            shown = f"{default!r}  (default)" if value is None else repr(value)
-            print(f"  {field} = {shown}", file=out)
+            text = f"{default!r}  (default)" if value is None else shown(value, 100)
+            print(f"  {field} = {text}", file=out)
 
 
 def check(path: str, ports: Sequence[str], out: TextIO, err: TextIO) -> int:

@@ -13,6 +13,7 @@ from twisted.logger import ILogObserver, jsonFileLogObserver
 from twisted.python import usage
 
 from muxtwist._checks import probe_listen, same_address, twistd_option_hint
+from muxtwist._options import shown
 from muxtwist._signals import hold_sighup
 from muxtwist._textlog import text_log_observer, use_twistd_options
 from muxtwist.config import ConfigError, Settings, build_factory, check_endpoint, endpoint_description, load_config
@@ -20,6 +21,18 @@ from muxtwist.service import MuxService, wanted_listeners
 from muxtwist.udp.listener import is_udp, probe_udp_listeners, udp_listeners_problem
 
 __all__ = ["Options", "makeService"]
+
+#: Said after an option error under twistd, in place of twistd's whole help text.
+HELP_HINT = "see twistd muxtwist --help"
+
+
+def _count(value: str) -> int:
+    """``--workers``'s value: a whole number (its lower bound is checked in ``postOptions``)."""
+    try:
+        return int(value)
+    except ValueError:
+        # usage.CoerceParameter would say "Parameter type enforcement failed", naming no option.
+        raise usage.UsageError(f"--workers must be a whole number, got {shown(value)}") from None
 
 
 class Options(usage.Options):
@@ -33,7 +46,7 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "The rules file (plain Python defining rules and/or listeners)."],
         ["admin", None, None, "Serve /metrics and /ready on this endpoint (a port number or a description)."],
-        ["workers", None, 1, "Serve with this many worker processes sharing the listening sockets.", int],
+        ["workers", None, 1, "Serve with this many worker processes sharing the listening sockets.", _count],
         ["log-format", None, "text", "text (readable, the default) or json (one JSON object a line, on stdout)."],
     ]
 
@@ -46,7 +59,7 @@ class Options(usage.Options):
         """(internal) FD=DESCRIPTION: a listening socket made by the --workers parent."""
         fd, _, description = value.partition("=")
         if not fd.isdigit() or not description:
-            raise usage.UsageError(f"--inherit wants FD=DESCRIPTION, got {value!r}")
+            raise usage.UsageError(f"--inherit wants FD=DESCRIPTION, got {shown(value)}")
         self["inherit"][endpoint_description(description)] = int(fd)
 
     def opt_port(self, value: str) -> None:
@@ -61,13 +74,26 @@ class Options(usage.Options):
     opt_p = opt_port
 
     def parseOptions(self, options: Any = None) -> None:
+        """
+        Parse the options; under twistd, a mistake is one line on stderr.
+
+        twistd answers a UsageError with its whole help text before the
+        error (twisted.application.app.run prints the options first), so
+        that the one line saying what is wrong scrolls out of sight. Under
+        twistd (a parent), a UsageError is therefore turned into that line
+        and a pointer to ``--help``, as SystemExit, which twistd lets
+        through. Without a parent (muxtwist's own code, tests) it is raised
+        as it is.
+        """
         try:
             super().parseOptions(options)  # type: ignore[no-untyped-call]
         except usage.UsageError as e:
             hint = twistd_option_hint(str(e))
-            if hint is None:
+            if hint is not None:
+                raise SystemExit(f"muxtwist: {hint}") from None
+            if self.parent is None:
                 raise
-            raise SystemExit(f"muxtwist: {hint}") from None
+            raise SystemExit(f"muxtwist: {e} ({HELP_HINT})") from None
 
     def postOptions(self) -> None:
         if self.parent is not None:
@@ -75,7 +101,7 @@ class Options(usage.Options):
             # slow rules file, say) is kept for later, not fatal.
             hold_sighup()
         if self["log-format"] not in ("text", "json"):
-            raise usage.UsageError(f"--log-format must be text or json, got {self['log-format']!r}")
+            raise usage.UsageError(f"--log-format must be text or json, got {shown(self['log-format'])}")
         # A --logger given to twistd, as given (twistd imports it later): the
         # workers of --workers are given it too.
         self["twistd-logger"] = self.parent.get("logger") if self.parent is not None else None
@@ -89,7 +115,7 @@ class Options(usage.Options):
             use_twistd_options(self.parent)
             self.parent["logger"] = "muxtwist._textlog.text_log_observer"
         if self["workers"] < 1:
-            raise usage.UsageError(f"--workers must be at least 1, got {self['workers']}")
+            raise usage.UsageError(f"--workers must be at least 1, got {shown(self['workers'])}")
         if self["admin"] is not None:
             self["admin"] = endpoint_description(self["admin"])
             try:

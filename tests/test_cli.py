@@ -125,6 +125,58 @@ class CLITests(unittest.TestCase):
         )
         self.assertEqual(bad.returncode, 1)
 
+    def test_check_of_a_rules_list_that_raises_is_one_line(self) -> None:
+        """check (in process and as ``python -m muxtwist``) of rules whose __iter__ raises is one line and exit 1."""
+        path = self.write(
+            """\
+            class Odd(list):
+                def __iter__(self):
+                    raise RuntimeError("no iterating")
+            rules = Odd()
+            """
+        )
+        expected = f"muxtwist: {path}:4: rules could not be checked: RuntimeError at line 3: no iterating"
+        code, out, err = self.run_main("check", path)
+        self.assertEqual((code, out, err), (1, "", expected + "\n"))
+        done = subprocess.run(
+            [sys.executable, "-m", "muxtwist", "check", path], cwd=ROOT, capture_output=True, text=True, timeout=30
+        )
+        self.assertEqual((done.returncode, done.stdout, done.stderr), (1, "", expected + "\n"))
+
+    def test_check_shows_huge_and_unprintable_values_shortened(self) -> None:
+        """check of a usable file shows a huge limit, and a matcher and factory whose repr raises, in a few words."""
+        path = self.write(
+            """\
+            from twisted.internet.protocol import Factory, Protocol
+            from zope.interface import implementer
+            from muxtwist import Rule
+            from muxtwist.interfaces import IMatcher, Verdict
+
+            @implementer(IMatcher)
+            class Mine:
+                name = "mine"
+                def match(self, data, info):
+                    return Verdict.MATCH
+                def __repr__(self):
+                    raise RuntimeError("no repr")
+
+            class Odd(Factory):
+                protocol = Protocol
+                def __repr__(self):
+                    raise RuntimeError("no repr")
+
+            rules = [Rule(Mine(), Odd())]
+            on_no_match = Odd()
+            max_connections = 10**5000
+            """
+        )
+        code, out, err = self.run_main("check", path)
+        self.assertEqual(code, 0, err)
+        self.assertIn("  max_connections = 10000000000000000000... (an integer of 5001 digits)\n", out)
+        self.assertIn("  1. mine: <Mine instance at 0x", out)
+        self.assertIn("-> <Odd instance at 0x", out)
+        self.assertIn("  on_no_match = <Odd instance at 0x", out)
+
 
 class CheckShowsWhatWasWrittenTests(unittest.TestCase):
     """check shows rules as written and warns about what will not work as meant."""
@@ -337,6 +389,31 @@ class TwistdErrorTests(unittest.TestCase):
             f"muxtwist: cannot listen on unix:{path}: another server holds its lock file {path}.lock "
             f"(process {os.getpid()})",
         )
+
+    def test_option_errors_are_one_line_without_the_help_text(self) -> None:
+        """A bad muxtwist option is one line on stderr with a pointer to --help, not twistd's whole help first."""
+        for argv, problem in [
+            (["--workers", "0"], "--workers must be at least 1, got 0"),
+            (["--log-format", "xml"], "--log-format must be text or json, got 'xml'"),
+            (["--workers", "abc"], "--workers must be a whole number, got 'abc'"),
+            (["--bogus"], "option --bogus not recognized"),
+        ]:
+            done = self.twistd("-n", "--pidfile=", "muxtwist", *argv)
+            self.assertEqual(done.returncode, 1, argv)
+            self.assertEqual(done.stdout, "", argv)
+            self.assertEqual(done.stderr, f"muxtwist: {problem} (see twistd muxtwist --help)\n")
+        done = self.twistd("-n", "--pidfile=", "muxtwist", "--log-format", "x" * 5000)
+        self.assertEqual((done.returncode, done.stdout), (1, ""))
+        self.assertTrue(done.stderr.startswith("muxtwist: --log-format must be text or json, got 'xxx"), done.stderr)
+        self.assertLessEqual(len(done.stderr), 300)
+
+    def test_help_still_prints_every_option(self) -> None:
+        """``twistd muxtwist --help`` still prints the options and exits 0."""
+        done = self.twistd("muxtwist", "--help")
+        self.assertEqual((done.returncode, done.stderr), (0, ""))
+        for option in ("--port=", "--config=", "--admin=", "--workers=", "--log-format="):
+            self.assertIn(option, done.stdout)
+        self.assertIn("[default: 1]", done.stdout)
 
     def test_twistd_option_after_the_plugin_name(self) -> None:
         """-n after muxtwist says it belongs before the plugin name."""

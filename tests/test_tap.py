@@ -154,6 +154,41 @@ class RulesFileTests(unittest.TestCase):
         self.assertIn("reload failed, keeping the running rules", log)
         self.assertIn("syntax error", log)
 
+    def test_sighup_with_rules_that_raise_while_checked_keeps_old_rules(self) -> None:
+        """A reload of rules whose __len__ raises is one logged error naming them, and the old rules keep serving."""
+        url = f"http://127.0.0.1:{self.port}/"
+        with open(self.rules, "w") as f:
+            f.write(
+                "class Odd(list):\n    def __len__(self):\n        raise RuntimeError('no length')\nrules = Odd()\n"
+            )
+        assert self.server.proc.stdout is not None
+        output = self.server.proc.stdout.fileno()
+        os.set_blocking(output, False)
+        self.server.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        log = b""
+        try:
+            while b"reload failed" not in log:
+                self.assertLess(time.monotonic(), deadline, "no reload line")
+                time.sleep(0.05)
+                try:
+                    log += os.read(output, 65536)
+                except BlockingIOError:
+                    pass
+        finally:
+            os.set_blocking(output, True)
+        self.assertEqual(run(["curl", "-sS", "--max-time", "10", url]), b"site B\n")
+        code, rest = self.server.stop()
+        log_text = log.decode(errors="replace") + rest
+        self.assertEqual(code, 0, log_text)
+        self.assertIn(
+            f"reload failed, keeping the running rules: {self.rules}:4: rules could not be checked: "
+            "RuntimeError at line 3: no length",
+            log_text,
+        )
+        self.assertNotIn("unexpectedly", log_text)
+        self.assertNotIn("Traceback", log_text)
+
 
 class SecondSignalTests(unittest.TestCase):
     def test_second_sigterm_cuts_the_drain_short(self) -> None:
@@ -198,6 +233,41 @@ class BrokenConfigTests(unittest.TestCase):
         self.assertIn(f"{path}:4:", message)
         self.assertIn("IProtocolFactory", message)
         self.assertNotIn("Traceback", message)
+
+    def test_rules_that_raise_while_checked_are_one_message(self) -> None:
+        """Rules whose __iter__ raises stop twistd with one line naming the file, the line and the exception."""
+        path = os.path.abspath(self.mktemp() + "-rules.py")
+        with open(path, "w") as f:
+            f.write(
+                "class Odd(list):\n    def __iter__(self):\n        raise RuntimeError('no iterating')\nrules = Odd()\n"
+            )
+        out = subprocess.run(
+            twistd_command("--port", f"tcp:{free_port()}:interface=127.0.0.1", "--config", path),
+            cwd=ROOT,
+            capture_output=True,
+            timeout=60,
+            start_new_session=True,
+        )
+        self.assertEqual(out.returncode, 1)
+        self.assertEqual(
+            out.stderr.decode(),
+            f"muxtwist: {path}:4: rules could not be checked: RuntimeError at line 3: no iterating\n",
+        )
+
+    def test_option_errors_under_twistd_are_one_line(self) -> None:
+        """Under twistd a usage error is SystemExit with one line and a pointer to --help; alone it is a UsageError."""
+        from twisted.python import usage
+        from twisted.scripts.twistd import ServerOptions
+
+        from muxtwist.tap import Options
+
+        # Parsing under twistd holds SIGHUP for the start-up to come: not this process's.
+        self.addCleanup(signal.signal, signal.SIGHUP, signal.getsignal(signal.SIGHUP))
+        error = self.assertRaises(SystemExit, ServerOptions().parseOptions, ["-n", "muxtwist", "--log-format", "xml"])
+        self.assertEqual(
+            error.code, "muxtwist: --log-format must be text or json, got 'xml' (see twistd muxtwist --help)"
+        )
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--log-format", "xml"])
 
     def test_bad_port(self) -> None:
         """A --port that is not an endpoint description is refused with a clear error."""
