@@ -180,7 +180,7 @@ def _rules_for(config: Config, listener: str | None) -> tuple[Rule, ...]:
 
         key = endpoint_description(listener)
         if key not in wanted:
-            raise ValueError(f"no listener {key!r}; the file has: {', '.join(wanted) or 'none'}")
+            raise ValueError(f"no listener {shown(key)}; the file has: {', '.join(wanted) or 'none'}")
         return wanted[key]
     if config.rules is not None:
         return config.rules
@@ -267,7 +267,7 @@ def read_bytes(text: str | None, hex_text: str | None, file: str | None, stdin: 
     try:
         return codecs.escape_decode(raw)[0]
     except ValueError as e:
-        raise ValueError(f"bad escape in {text!r}: {e}") from None
+        raise ValueError(f"bad escape in {shown(text)}: {e}") from None
 
 
 def main(

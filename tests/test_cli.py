@@ -282,6 +282,19 @@ class ExplainInputTests(unittest.TestCase):
             self.assertIn("32 bytes: b'GET / HTTP/1.1\\r\\nHost: a.test\\r\\n\\r\\n'", out)
             self.assertIn("winner: site-a", out)
 
+    def test_long_arguments_are_shown_shortened(self) -> None:
+        """A long bad-escape text or --listener is shown cut to 200 characters in the one-line error."""
+        for argv in (
+            ("explain", self.rules, "x" * 100_000 + "\\x"),
+            ("explain", self.rules, "--listener", "tcp:" + "9" * 100_000, "GET"),
+        ):
+            code, out, err = self.run_main(*argv)
+            self.assertEqual((code, out), (1, ""))
+            self.assertLessEqual(len(err), 400, err[:500])
+            self.assertTrue(
+                err.startswith(("muxtwist: bad escape in 'xxx", "muxtwist: no listener 'tcp:999")), err[:100]
+            )
+
     def test_file_and_stdin(self) -> None:
         """@path reads a capture file; - reads standard input as bytes."""
         capture = self.mktemp()
