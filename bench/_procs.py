@@ -30,6 +30,7 @@ TOOLS = {
     "h2load": "nghttp2-client",
     "openssl": "openssl",
     "taskset": "util-linux",
+    "valgrind": "valgrind",
 }
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
