@@ -40,6 +40,8 @@ class RuleSet:
     on_no_match: IProtocolFactory | None
     factories: tuple[IProtocolFactory, ...]
     sniffing: int = 0
+    #: whether zero bytes can only make the rules wait (``muxtwist._rules.waits_for_bytes``).
+    waits: bool = False
 
 
 class InnerFactories:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.interfaces import IProtocolFactory
@@ -16,7 +16,44 @@ from twisted.internet.protocol import AbstractDatagramProtocol
 
 from muxtwist.interfaces import IMatcher
 
-__all__ = ["RESERVED_NAMES", "Outcome", "Rule", "RuleStats", "check_unique_names", "duplicate_names"]
+__all__ = [
+    "RESERVED_NAMES",
+    "Outcome",
+    "Rule",
+    "RuleStats",
+    "check_unique_names",
+    "duplicate_names",
+    "needs_bytes",
+    "waits_for_bytes",
+]
+
+
+_M = TypeVar("_M", bound=type)
+
+
+def needs_bytes(cls: _M) -> _M:
+    """
+    Mark a matcher class whose ``match`` says ``NEED_MORE`` to zero bytes,
+    whatever the connection, and that writes nothing: the sniffer then does
+    not ask its rule on connect (:func:`waits_for_bytes`). The mark names the
+    ``match`` it vouches for, so a subclass with a ``match`` of its own is
+    asked as any matcher is.
+    """
+    cls._needs_bytes = cls.match  # type: ignore[attr-defined]
+    return cls
+
+
+def waits_for_bytes(rules: Sequence[Rule]) -> bool:
+    """
+    Whether showing zero bytes to ``rules`` can only say "wait": no rules, or
+    a first rule whose matcher is marked with :func:`needs_bytes` (the rules
+    are asked in order and the first ``NEED_MORE`` ends the asking).
+    """
+    if not rules:
+        return True
+    matcher = type(rules[0].matcher)
+    vouched = getattr(matcher, "_needs_bytes", None)
+    return vouched is not None and vouched is getattr(matcher, "match", None)
 
 
 def _provides(interface: Any, what: str, also: type | None = None) -> Callable[[Any, Any, Any], None]:

@@ -212,7 +212,8 @@ class SniffingProtocol(EndOfConnection):
         self._deadline = deadlines.add(self._timed_out)
         if factory._trusted is not None:
             self._start_proxy_stage(self._info, factory._trusted)
-        else:
+        elif not self._ruleset.waits:
+            # A rule may decide on the connection alone (RemoteAddress), or write first.
             self._evaluate(final=None, data=b"")
 
     def dataReceived(self, data: bytes) -> None:

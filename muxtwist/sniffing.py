@@ -27,7 +27,15 @@ from muxtwist._deadlines import Deadlines
 from muxtwist._inner import InnerFactories, RuleSet, unique
 from muxtwist._limits import PerSource, Refusals, host_of
 from muxtwist._report import Observers
-from muxtwist._rules import RESERVED_NAMES, Outcome, Rule, RuleStats, check_unique_names, duplicate_names
+from muxtwist._rules import (
+    RESERVED_NAMES,
+    Outcome,
+    Rule,
+    RuleStats,
+    check_unique_names,
+    duplicate_names,
+    waits_for_bytes,
+)
 from muxtwist._sniffing_protocol import (
     EAGER_BYTES,
     EAGER_EVALUATIONS,
@@ -180,7 +188,9 @@ class SniffingFactory:
         if self._ruleset.sniffing:
             self._old_rulesets.append(self._ruleset)
         factories = unique([r.factory for r in self.rules] + [on_timeout, on_no_match])
-        self._ruleset = RuleSet(self.rules, on_timeout, on_no_match, tuple(factories))
+        self._ruleset = RuleSet(
+            self.rules, on_timeout, on_no_match, tuple(factories), waits=waits_for_bytes(self.rules)
+        )
         if self._started:
             self._start_inner()
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import attrs
 from zope.interface import implementer
 
+from muxtwist._rules import needs_bytes
 from muxtwist.interfaces import ConnectionInfo, IMatcher, IRespondingMatcher, Verdict
 from muxtwist.matchers import _options
 
@@ -23,6 +24,7 @@ _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@needs_bytes
 @implementer(IMatcher)
 @attrs.frozen
 class Any:

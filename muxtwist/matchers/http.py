@@ -19,6 +19,7 @@ from urllib.parse import unquote_to_bytes
 import attrs
 from zope.interface import implementer
 
+from muxtwist._rules import needs_bytes
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers import _options
 
@@ -280,6 +281,7 @@ def _headers(headers: object) -> tuple[tuple[bytes, str | None], ...] | None:
     return tuple(out)
 
 
+@needs_bytes
 @implementer(IMatcher)
 @attrs.frozen
 class HTTP1:

@@ -31,6 +31,7 @@ import attrs
 from hpack import Decoder
 from zope.interface import implementer
 
+from muxtwist._rules import needs_bytes
 from muxtwist.interfaces import ConnectionInfo, IMatcher, IRespondingMatcher, Verdict
 from muxtwist.matchers import _options
 
@@ -170,6 +171,7 @@ class _AnswersSettings:
         return _strip_ack(data)
 
 
+@needs_bytes
 @implementer(IMatcher)
 @attrs.frozen
 class HTTP2:

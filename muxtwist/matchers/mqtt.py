@@ -14,6 +14,7 @@ from __future__ import annotations
 import attrs
 from zope.interface import implementer
 
+from muxtwist._rules import needs_bytes
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers import _options
 
@@ -40,6 +41,7 @@ def _remaining_length(data: bytes) -> tuple[Verdict, int, int]:
     return NO_MATCH, 0, 0
 
 
+@needs_bytes
 @implementer(IMatcher)
 @attrs.frozen
 class MQTT:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import attrs
 from zope.interface import implementer
 
+from muxtwist._rules import needs_bytes
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers import _options
 from muxtwist.matchers.datagram import DatagramInfo
@@ -65,6 +66,7 @@ def _layout_ok(packet: bytes) -> bool:
     return tls_crypt
 
 
+@needs_bytes
 @implementer(IMatcher)
 @attrs.frozen
 class OpenVPN:

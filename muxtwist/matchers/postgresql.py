@@ -16,6 +16,7 @@ import re
 import attrs
 from zope.interface import implementer
 
+from muxtwist._rules import needs_bytes
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers import _options
 
@@ -50,6 +51,7 @@ def _startup(body: bytes) -> bool:
     return b"user" in keys and all(_KEY.match(k) for k in keys)
 
 
+@needs_bytes
 @implementer(IMatcher)
 @attrs.frozen
 class PostgreSQL:

@@ -15,6 +15,7 @@ import struct
 import attrs
 from zope.interface import implementer
 
+from muxtwist._rules import needs_bytes
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers import _options
 
@@ -307,6 +308,7 @@ def _version(instance: object, attribute: object, value: int | None) -> None:
         raise ValueError(f"ProxyProtocol version must be 1, 2 or None (either), got {_options.describe(value)}")
 
 
+@needs_bytes
 @implementer(IMatcher)
 @attrs.frozen
 class ProxyProtocol:

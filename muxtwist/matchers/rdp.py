@@ -18,6 +18,7 @@ from __future__ import annotations
 import attrs
 from zope.interface import implementer
 
+from muxtwist._rules import needs_bytes
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers import _options
 
@@ -80,6 +81,7 @@ def _variable_ok(rest: bytes) -> bool:
     return not after
 
 
+@needs_bytes
 @implementer(IMatcher)
 @attrs.frozen
 class RDP:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import attrs
 from zope.interface import implementer
 
+from muxtwist._rules import needs_bytes
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers import _options
 
@@ -198,6 +199,7 @@ def _inline(data: bytes) -> Verdict:
     return MATCH if args is not None and accepts(args) else NO_MATCH
 
 
+@needs_bytes
 @implementer(IMatcher)
 @attrs.frozen
 class Redis:

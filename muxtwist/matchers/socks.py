@@ -17,6 +17,7 @@ import re
 import attrs
 from zope.interface import implementer
 
+from muxtwist._rules import needs_bytes
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers import _options
 
@@ -37,6 +38,7 @@ def _cstring(data: bytes, start: int) -> tuple[Verdict, int]:
     return (NO_MATCH if len(data) > start + _MAX_FIELD else NEED_MORE), 0
 
 
+@needs_bytes
 @implementer(IMatcher)
 @attrs.frozen
 class SOCKS4:
@@ -71,6 +73,7 @@ class SOCKS4:
         return MATCH if host_end > end + 1 else NO_MATCH
 
 
+@needs_bytes
 @implementer(IMatcher)
 @attrs.frozen
 class SOCKS5:

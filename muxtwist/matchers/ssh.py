@@ -18,6 +18,7 @@ import re
 import attrs
 from zope.interface import implementer
 
+from muxtwist._rules import needs_bytes
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers import _options
 
@@ -51,6 +52,7 @@ def parse_identification(data: bytes) -> tuple[Verdict, str | None]:
     return NO_MATCH, None
 
 
+@needs_bytes
 @implementer(IMatcher)
 @attrs.frozen
 class SSH:

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 import attrs
 from zope.interface import implementer
 
+from muxtwist._rules import needs_bytes
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers import _options
 
@@ -307,6 +308,7 @@ def _version(value: str | int | None) -> int | None:
         ) from None
 
 
+@needs_bytes
 @implementer(IMatcher)
 @attrs.frozen
 class TLS:

@@ -16,6 +16,7 @@ import fnmatch
 import attrs
 from zope.interface import implementer
 
+from muxtwist._rules import needs_bytes
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers import _options
 from muxtwist.matchers.http import RequestHead, parse_request_head
@@ -50,6 +51,7 @@ def _globs(value: object) -> tuple[str, ...] | None:
     return _paths(value)
 
 
+@needs_bytes
 @implementer(IMatcher)
 @attrs.frozen
 class WebSocket:

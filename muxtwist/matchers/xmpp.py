@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import attrs
 from zope.interface import implementer
 
+from muxtwist._rules import needs_bytes
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers import _options
 
@@ -85,6 +86,7 @@ def _globs(value: str | Iterable[str] | None) -> tuple[str, ...] | None:
     return None if values is None else tuple(v.lower() for v in values)
 
 
+@needs_bytes
 @implementer(IMatcher)
 @attrs.frozen
 class XMPP:
