@@ -25,6 +25,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from muxtwist._limits import address_text
+from muxtwist._options import shown
 from muxtwist._text import LogThrottle
 from muxtwist._twisted import default_reactor, generic_http_channel_base, http_channel_busy, http_inner_channel
 
@@ -101,7 +102,7 @@ class AdminSite(Site):
 
     def __init__(self, resource: IResource, *, max_connections: int = MAX_CONNECTIONS, reactor: Any = None) -> None:
         if not isinstance(max_connections, int) or isinstance(max_connections, bool) or max_connections < 1:
-            raise ValueError(f"admin max_connections must be a positive integer, got {max_connections!r}")
+            raise ValueError(f"admin max_connections must be a positive integer, got {shown(max_connections)}")
         reactor = default_reactor(reactor)
         super().__init__(resource, reactor=reactor)  # type: ignore[no-untyped-call]
         self.max_connections = max_connections

@@ -175,7 +175,7 @@ def check_terminate_tls(
                 continue
             raise OptionError(
                 "TerminateTLS",
-                f"certificates[{host!r}]",
+                f"certificates[{shown(host)}]",
                 paths,
                 "the path of a PEM file holding the chain and the key, or a (certificate path, key path) pair",
             )

@@ -14,6 +14,7 @@ import attrs
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import AbstractDatagramProtocol
 
+from muxtwist._options import shown
 from muxtwist.interfaces import IMatcher
 
 __all__ = [
@@ -59,7 +60,7 @@ def waits_for_bytes(rules: Sequence[Rule]) -> bool:
 def _provides(interface: Any, what: str, also: type | None = None) -> Callable[[Any, Any, Any], None]:
     def check(instance: Any, attribute: Any, value: Any) -> None:
         if not interface.providedBy(value) and not (also is not None and isinstance(value, also)):
-            raise TypeError(f"Rule {attribute.name} must be {what}, got {value!r}")
+            raise TypeError(f"Rule {attribute.name} must be {what}, got {shown(value)}")
 
     return check
 
@@ -69,7 +70,7 @@ def _rule_name(name: str | None, rule: Any) -> str:
     if name is None:
         return str(getattr(rule.matcher, "name", "rule"))
     if not isinstance(name, str) or not name:
-        raise TypeError(f"Rule name must be a non-empty string or None, got {name!r}")
+        raise TypeError(f"Rule name must be a non-empty string or None, got {shown(name)}")
     return name
 
 
@@ -101,11 +102,12 @@ def check_unique_names(rules: Sequence[Rule]) -> None:
     first, second, name = clash
     if second < 0:
         raise ValueError(
-            f"rule {first} (matcher {rules[first].matcher!r}) takes the reserved name {name!r}; give it another name="
+            f"rule {first} (matcher {shown(rules[first].matcher)}) takes the reserved name {shown(name)}; "
+            "give it another name="
         )
     raise ValueError(
-        f"rules {first} (matcher {rules[first].matcher!r}) and {second} (matcher {rules[second].matcher!r}) "
-        f"are both named {name!r}; rule names key limits, statistics and metrics: give each a unique name="
+        f"rules {first} (matcher {shown(rules[first].matcher)}) and {second} (matcher {shown(rules[second].matcher)}) "
+        f"are both named {shown(name)}; rule names key limits, statistics and metrics: give each a unique name="
     )
 
 
@@ -141,7 +143,7 @@ class Rule:
     @max_connections.validator
     def _check_max_connections(self, attribute: Any, value: int | None) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"Rule max_connections must be a positive integer or None, got {value!r}")
+            raise ValueError(f"Rule max_connections must be a positive integer or None, got {shown(value)}")
 
 
 class Outcome(enum.Enum):

@@ -36,6 +36,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress
 
 from muxtwist._limits import address_text
+from muxtwist._options import shown
 from muxtwist.interfaces import ConnectionInfo
 from muxtwist.matchers._basic import in_networks, parse_networks
 from muxtwist.matchers.proxy_protocol import (
@@ -72,7 +73,7 @@ class Trust:
         entries = list(entries)
         for entry in entries:
             if not isinstance(entry, str):
-                raise ValueError(f"not an IP network or {UNIX!r}: {entry!r}")
+                raise ValueError(f"not an IP network or {UNIX!r}: {shown(entry)}")
         cidrs = [e for e in entries if e.strip().lower() != UNIX]
         return cls(parse_networks(cidrs), len(cidrs) < len(entries))
 
@@ -105,7 +106,7 @@ def header_for(version: int, source: IAddress | None, destination: IAddress | No
         return build_v1(ip_port(source), ip_port(destination))
     if version == 2:
         return build_v2(ip_port(source), ip_port(destination))
-    raise ValueError(f"PROXY protocol version must be 1 or 2, not {version!r}")
+    raise ValueError(f"PROXY protocol version must be 1 or 2, not {shown(version)}")
 
 
 def _peer_ip(address: IAddress | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

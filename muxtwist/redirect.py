@@ -10,7 +10,7 @@ import re
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from muxtwist._options import check_redirect
+from muxtwist._options import check_redirect, shown
 
 __all__ = ["RedirectToHTTPS", "location"]
 
@@ -119,7 +119,7 @@ class RedirectToHTTPS(Site):
     def __init__(self, port: int | None = None) -> None:
         check_redirect(port)
         if port is not None and not 0 < port < 65536:
-            raise ValueError(f"port must be 1-65535, got {port!r}")
+            raise ValueError(f"port must be 1-65535, got {shown(port)}")
         super().__init__(_Redirect(port))  # type: ignore[no-untyped-call]
         self.port = port
         # An HTTP/1 answer only: this is never reached over TLS.

@@ -41,6 +41,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from muxtwist._options import shown
 from muxtwist._signals import SignalHandlers
 from muxtwist._twisted import default_reactor, endpoint_backlog, endpoint_port
 from muxtwist._worker import _Worker
@@ -166,10 +167,10 @@ class WorkerPool(SignalHandlers, Service):
     ) -> None:
         reactor = default_reactor(reactor)
         if count < 1:
-            raise ValueError(f"workers must be at least 1, got {count}")
+            raise ValueError(f"workers must be at least 1, got {shown(count)}")
         for d in descriptions:
             if d.startswith(("ssl:", "tls:", "le:", "lets:")):
-                raise ValueError(f"--workers cannot share {d!r}: use a plain tcp: listener and TerminateTLS rules")
+                raise ValueError(f"--workers cannot share {shown(d)}: use a plain tcp: listener and TerminateTLS rules")
         self._reactor = reactor
         self.count = count
         self.descriptions = list(descriptions)

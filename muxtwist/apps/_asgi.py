@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from muxtwist._options import _integer, _number
+from muxtwist._options import _integer, _number, shown
 from muxtwist._twisted import default_reactor
 from muxtwist.apps._asyncio import AsyncioProtocolFactory, Bridge, asyncio_loop
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
@@ -89,9 +89,9 @@ class ASGI(Factory):
         **uvicorn_options: Any,
     ) -> None:
         if lifespan not in ("auto", "on", "off"):
-            raise ValueError(f"lifespan must be 'auto', 'on' or 'off', got {lifespan!r}")
+            raise ValueError(f"lifespan must be 'auto', 'on' or 'off', got {shown(lifespan)}")
         if not callable(app):
-            raise TypeError(f"ASGI needs an ASGI application (a callable), got {app!r}")
+            raise TypeError(f"ASGI needs an ASGI application (a callable), got {shown(app)}")
         _number("ASGI", "shutdown_timeout", shutdown_timeout)
         for name, optional in _UVICORN_SECONDS.items():
             if name in uvicorn_options:

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from muxtwist._options import shown
 from muxtwist._transports import abort, can_half_close
 from muxtwist._twisted import asyncio_loop_of, write_now
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
@@ -167,7 +168,7 @@ class _Transport(asyncio.Transport):
         high = 65536 if high is None else high
         low = high // 4 if low is None else low
         if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+            raise ValueError(f"high ({shown(high)}) must be >= low ({shown(low)}) must be >= 0")
         self._limits = (low, high)
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
@@ -390,7 +391,7 @@ class AsyncioProtocol(Factory):
 
     def __init__(self, factory: AsyncioProtocolFactory) -> None:
         if not callable(factory):
-            raise TypeError(f"AsyncioProtocol needs a callable returning an asyncio protocol, got {factory!r}")
+            raise TypeError(f"AsyncioProtocol needs a callable returning an asyncio protocol, got {shown(factory)}")
         self.factory = factory
 
     def __repr__(self) -> str:

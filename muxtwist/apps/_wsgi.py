@@ -18,7 +18,7 @@ from twisted.web.server import Site
 from twisted.web.wsgi import WSGIResource
 from zope.interface import implementer
 
-from muxtwist._options import _integer, _number
+from muxtwist._options import _integer, _number, shown
 from muxtwist._twisted import default_reactor, generic_http_channel_base, http_channel_busy, http_inner_channel
 
 if TYPE_CHECKING:
@@ -370,7 +370,7 @@ class WSGI(Site):
         reactor: IReactorThreads | None = None,
     ) -> None:
         if not callable(app):
-            raise TypeError(f"WSGI needs a WSGI application (a callable), got {app!r}")
+            raise TypeError(f"WSGI needs a WSGI application (a callable), got {shown(app)}")
         _integer("WSGI", "threads", threads)
         _number("WSGI", "send_timeout", send_timeout)
         self.send_timeout = float(send_timeout)

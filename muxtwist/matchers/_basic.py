@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import attrs
 from zope.interface import implementer
 
+from muxtwist._options import shown
 from muxtwist._rules import needs_bytes
 from muxtwist.interfaces import ConnectionInfo, IMatcher, IRespondingMatcher, Verdict
 from muxtwist.matchers import _options
@@ -83,7 +84,9 @@ class Prefix:
 def _compile(pattern: bytes | str | re.Pattern[bytes]) -> re.Pattern[bytes]:
     if isinstance(pattern, re.Pattern):
         if not isinstance(pattern.pattern, bytes):
-            raise TypeError(f"Regex pattern must be a bytes pattern (or bytes or str), got {pattern!r} (a str pattern)")
+            raise TypeError(
+                f"Regex pattern must be a bytes pattern (or bytes or str), got {shown(pattern)} (a str pattern)"
+            )
         return pattern
     if not isinstance(pattern, bytes | str):
         raise TypeError(
@@ -92,14 +95,14 @@ def _compile(pattern: bytes | str | re.Pattern[bytes]) -> re.Pattern[bytes]:
     try:
         return re.compile(_as_bytes(pattern))
     except (re.error, UnicodeEncodeError) as e:
-        raise ValueError(f"Regex pattern must be a valid regular expression, got {pattern!r}: {e}") from None
+        raise ValueError(f"Regex pattern must be a valid regular expression, got {shown(pattern)}: {e}") from None
 
 
 def _min_length(instance: object, attribute: object, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"Regex min_length must be an int, got {_options.describe(value)}")
     if value < 0:
-        raise ValueError(f"Regex min_length must be 0 or more, got {value!r}")
+        raise ValueError(f"Regex min_length must be 0 or more, got {shown(value)}")
 
 
 @implementer(IMatcher)
@@ -146,7 +149,7 @@ def parse_networks(cidrs: Iterable[str]) -> tuple[_Network, ...]:
         try:
             networks.append(ipaddress.ip_network(cidr, strict=False))
         except ValueError as e:
-            raise ValueError(f"not an IP network: {cidr!r} ({e})") from None
+            raise ValueError(f"not an IP network: {shown(cidr)} ({e})") from None
     return tuple(networks)
 
 
@@ -192,7 +195,7 @@ class RemoteAddress:
 def _check_matchers(matchers: tuple[object, ...], combinator: str, name: object = None) -> tuple[IMatcher, ...]:
     for m in matchers:
         if not IMatcher.providedBy(m):
-            raise TypeError(f"{combinator}() takes matchers, got {m!r}")
+            raise TypeError(f"{combinator}() takes matchers, got {shown(m)}")
     if name is not None and (not isinstance(name, str) or not name):
         raise TypeError(f"{combinator} name must be a non-empty str or None, got {_options.describe(name)}")
     return matchers  # type: ignore[return-value]

@@ -11,14 +11,16 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from muxtwist._options import shown
+
 __all__ = ["boolean", "check_name", "describe", "strings", "text_or_none"]
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def describe(value: object) -> str:
-    """A value as an error message shows it: its repr and its type."""
-    return f"{value!r} ({type(value).__name__})"
+    """A value as an error message shows it: its repr (cut, see :func:`muxtwist._options.shown`) and its type."""
+    return f"{shown(value)} ({type(value).__name__})"
 
 
 def check_name(instance: object, attribute: Any, value: object) -> None:
@@ -70,15 +72,15 @@ def strings(
         else:
             values = tuple(value)
         if not values:
-            raise ValueError(f"{owner} {option} must name at least one value, got {value!r}")
+            raise ValueError(f"{owner} {option} must name at least one value, got {shown(value)}")
         for v in values:
             if not isinstance(v, str):
                 raise TypeError(f"{expected}, got {describe(v)}")
             if not v:
-                raise ValueError(f"{owner} {option} must not be an empty string, got {value!r}")
+                raise ValueError(f"{owner} {option} must not be an empty string, got {shown(value)}")
             problem = check(v) if check is not None else None
             if problem is not None:
-                raise ValueError(f"{owner} {option} {problem}, got {v!r}")
+                raise ValueError(f"{owner} {option} {problem}, got {shown(v)}")
         return values  # type: ignore[return-value]
 
     return convert

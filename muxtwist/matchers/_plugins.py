@@ -10,6 +10,7 @@ from typing import Any as AnyType
 import attrs
 from zope.interface import implementer
 
+from muxtwist._options import shown
 from muxtwist.interfaces import IMatcher, IMatcherPlugin
 
 __all__ = ["MatcherPlugin", "plugin", "plugins"]
@@ -55,6 +56,6 @@ def plugin(name: str, /, **options: AnyType) -> IMatcher:
     try:
         chosen = available[name]
     except KeyError:
-        raise LookupError(f"no matcher plugin named {name!r}; installed: {', '.join(sorted(available))}") from None
+        raise LookupError(f"no matcher plugin named {shown(name)}; installed: {', '.join(sorted(available))}") from None
     matcher: IMatcher = chosen.build(**options)
     return matcher

@@ -19,6 +19,7 @@ from urllib.parse import unquote_to_bytes
 import attrs
 from zope.interface import implementer
 
+from muxtwist._options import shown
 from muxtwist._rules import needs_bytes
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers import _options
@@ -249,7 +250,7 @@ def _methods(methods: object) -> frozenset[bytes]:
         text = m.decode("latin-1") if isinstance(m, bytes) else m
         problem = _options.token(text)
         if problem is not None:
-            raise ValueError(f"HTTP1 methods entries {problem}, got {m!r}")
+            raise ValueError(f"HTTP1 methods entries {problem}, got {shown(m)}")
         out.add(text.upper().encode("ascii"))
     return frozenset(out)
 
@@ -274,7 +275,7 @@ def _headers(headers: object) -> tuple[tuple[bytes, str | None], ...] | None:
             raise TypeError(f"HTTP1 headers names must be str, got {_options.describe(name)}")
         problem = _options.token(name)
         if problem is not None:
-            raise ValueError(f"HTTP1 headers names {problem}, got {name!r}")
+            raise ValueError(f"HTTP1 headers names {problem}, got {shown(name)}")
         if glob is not None and not isinstance(glob, str):
             raise TypeError(f"HTTP1 headers values must be a str glob or None, got {_options.describe(glob)}")
         out.append((name.lower().encode("ascii"), None if glob is None else glob.lower()))

@@ -17,6 +17,7 @@ import re
 import attrs
 from zope.interface import implementer
 
+from muxtwist._options import shown
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers import _options
 
@@ -45,7 +46,7 @@ class SNI:
         if not patterns:
             raise ValueError("SNI() needs at least one name or pattern")
         if not all(isinstance(p, str) and p for p in patterns):
-            raise TypeError(f"SNI() takes non-empty strings, got {patterns!r}")
+            raise TypeError(f"SNI() takes non-empty strings, got {shown(patterns)}")
         _options.check_name(self, None, name)
         self.__attrs_init__(tuple(patterns), name, _compile(patterns))  # type: ignore[attr-defined]
 
@@ -73,7 +74,7 @@ class ALPN:
         if not protocols:
             raise ValueError("ALPN() needs at least one protocol")
         if not all(isinstance(p, str) and p for p in protocols):
-            raise TypeError(f"ALPN() takes non-empty strings, got {protocols!r}")
+            raise TypeError(f"ALPN() takes non-empty strings, got {shown(protocols)}")
         _options.check_name(self, None, name)
         self.__attrs_init__(tuple(protocols), name)  # type: ignore[attr-defined]
 

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 from zope.interface import implementer
 
+from muxtwist._options import shown
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers.datagram import datagrams_of
 from muxtwist.matchers.tls import MAX_CLIENT_HELLO, TLS, ClientHello, parse_client_hello
@@ -318,7 +319,7 @@ def _versions(value: Iterable[str | int]) -> frozenset[int]:
         elif isinstance(v, str) and v in QUIC_VERSIONS:
             out.add(QUIC_VERSIONS[v])
         else:
-            raise ValueError(f"unknown QUIC version {v!r}; use {', '.join(QUIC_VERSIONS)}")
+            raise ValueError(f"unknown QUIC version {shown(v)}; use {', '.join(QUIC_VERSIONS)}")
     if not out:
         raise ValueError("QUIC versions must name at least one version")
     return frozenset(out)

@@ -18,6 +18,7 @@ import zlib
 import attrs
 from zope.interface import implementer
 
+from muxtwist._options import shown
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers.datagram import datagrams_of, is_datagram
 
@@ -68,7 +69,7 @@ def _methods(value: str | tuple[str, ...] | None) -> frozenset[int] | None:
     names = (value,) if isinstance(value, str) else value
     unknown = [n for n in names if n not in METHODS]
     if unknown:
-        raise ValueError(f"unknown STUN method(s) {unknown}; use {', '.join(METHODS)}")
+        raise ValueError(f"unknown STUN method(s) {shown(unknown)}; use {', '.join(METHODS)}")
     return frozenset(METHODS[n] for n in names)
 
 

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 import attrs
 from zope.interface import implementer
 
+from muxtwist._options import shown
 from muxtwist._rules import needs_bytes
 from muxtwist.interfaces import ConnectionInfo, IMatcher, Verdict
 from muxtwist.matchers import _options
@@ -296,7 +297,9 @@ def _version(value: str | int | None) -> int | None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         if not 0x0300 <= value <= 0x0304:
-            raise ValueError(f"TLS min_version must be 0x0300 (SSLv3) to 0x0304 (TLSv1.3), got {value:#06x}")
+            # In hex as the versions are written, unless too long to show.
+            got = f"{value:#06x}" if value.bit_length() <= 64 else shown(value)
+            raise ValueError(f"TLS min_version must be 0x0300 (SSLv3) to 0x0304 (TLSv1.3), got {got}")
         return value
     if not isinstance(value, str):
         raise TypeError(f"TLS min_version must be a version name or number, got {_options.describe(value)}")
@@ -304,7 +307,7 @@ def _version(value: str | int | None) -> int | None:
         return TLS_VERSIONS[value]
     except KeyError:
         raise ValueError(
-            f"TLS min_version must be one of {', '.join(TLS_VERSIONS)} (or a number), got {value!r}"
+            f"TLS min_version must be one of {', '.join(TLS_VERSIONS)} (or a number), got {shown(value)}"
         ) from None
 
 

@@ -19,7 +19,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from muxtwist._limits import PerSource, address_text, host_of
-from muxtwist._options import OptionError, check_terminate_tls
+from muxtwist._options import OptionError, check_terminate_tls, shown
 from muxtwist._reachable import within
 from muxtwist._report import Observers
 from muxtwist._text import BurstLog
@@ -131,7 +131,7 @@ class TerminateTLS:
         if not IProtocolFactory.providedBy(factory):
             raise OptionError("TerminateTLS", "factory", factory, "a protocol factory (a Site, a SniffingFactory, ...)")
         if min_version not in _VERSIONS:
-            raise ValueError(f"min_version must be one of {', '.join(_VERSIONS)}, got {min_version!r}")
+            raise ValueError(f"min_version must be one of {', '.join(_VERSIONS)}, got {shown(min_version)}")
         self._reactor: IReactorTime = reactor
         self.source = certificates
         self.factory = factory
@@ -146,7 +146,7 @@ class TerminateTLS:
             ("max_handshakes_per_source", max_handshakes_per_source),
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{what} must be a positive integer or None, got {value!r}")
+                raise ValueError(f"{what} must be a positive integer or None, got {shown(value)}")
         self.max_handshakes = max_handshakes
         self.max_handshakes_per_source = max_handshakes_per_source
         # Counted where the caller says: the Metrics given here, or those of

@@ -18,6 +18,8 @@ from typing import Any
 
 import attrs
 
+from muxtwist._options import shown
+
 __all__ = ["Flow", "FlowTable"]
 
 Address = tuple[str, int]
@@ -66,7 +68,7 @@ class FlowTable:
 
     def __init__(self, max_flows: int, max_flows_per_source: int | None, unmatched_timeout: float) -> None:
         if max_flows < 1:
-            raise ValueError(f"max_udp_flows must be a positive integer, got {max_flows!r}")
+            raise ValueError(f"max_udp_flows must be a positive integer, got {shown(max_flows)}")
         self.max_flows = max_flows
         self.max_flows_per_source = max_flows_per_source
         self.unmatched_timeout = unmatched_timeout

@@ -17,6 +17,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from muxtwist._options import shown
 from muxtwist._reload_lines import cannot_listen, listen_again, serve_on
 from muxtwist.udp.mux import MAX_DATAGRAM, UDPMux, is_datagram_target
 from muxtwist.udp.proxy import _fields
@@ -180,12 +181,12 @@ def udp_target_problem(description: str, rules: Sequence[Rule]) -> str | None:
     for i, rule in enumerate(rules):
         if is_udp(description) and not is_datagram_target(rule.factory):
             return (
-                f"listeners[{description!r}][{i}] (rule {rule.name!r}): a UDP listener's target must be a "
-                f"DatagramProtocol (UDPProxy or your own), got {rule.factory!r}"
+                f"listeners[{shown(description)}][{i}] (rule {shown(rule.name)}): a UDP listener's target must be a "
+                f"DatagramProtocol (UDPProxy or your own), got {shown(rule.factory)}"
             )
         if not is_udp(description) and is_datagram_target(rule.factory):
             return (
-                f"rule {rule.name!r} on {description!r}: a DatagramProtocol target serves only UDP listeners "
+                f"rule {shown(rule.name)} on {shown(description)}: a DatagramProtocol target serves only UDP listeners "
                 "(udp:PORT); give TCP listeners a factory"
             )
     return None
@@ -205,14 +206,14 @@ def udp_listeners_problem(wanted: Mapping[str, Sequence[Rule]]) -> str | None:
             continue
         address = parse_udp_description(description)
         if address in addresses:
-            return f"listeners {addresses[address]!r} and {description!r} are the same address; keep one"
+            return f"listeners {shown(addresses[address])} and {shown(description)} are the same address; keep one"
         addresses[address] = description
         for rule in rules:
             first = owners.setdefault(id(rule.factory), (description, rule.name))
             if first[0] != description:
                 return (
-                    f"rule {rule.name!r} of {description!r} has the same target as rule {first[1]!r} of "
-                    f"{first[0]!r} ({rule.factory!r}); a DatagramProtocol target serves one listener: "
+                    f"rule {shown(rule.name)} of {shown(description)} has the same target as rule {shown(first[1])} of "
+                    f"{shown(first[0])} ({shown(rule.factory)}); a DatagramProtocol target serves one listener: "
                     "build one per listener"
                 )
     return None

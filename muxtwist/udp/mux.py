@@ -29,6 +29,7 @@ from twisted.internet.protocol import AbstractDatagramProtocol, DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from muxtwist._options import shown
 from muxtwist._rules import check_unique_names
 from muxtwist._text import BurstLog
 from muxtwist._twisted import default_reactor
@@ -187,7 +188,7 @@ class UDPMux:
     ) -> None:
         self._reactor: IReactorTime = default_reactor(reactor)
         if max_sniff_datagrams < 1:
-            raise ValueError(f"max_sniff_datagrams must be at least 1, got {max_sniff_datagrams!r}")
+            raise ValueError(f"max_sniff_datagrams must be at least 1, got {shown(max_sniff_datagrams)}")
         self.sniff_timeout = sniff_timeout
         self.max_sniff_datagrams = max_sniff_datagrams
         self.max_sniff_bytes = max_sniff_bytes
@@ -232,8 +233,8 @@ class UDPMux:
         for rule in rules:
             if not is_datagram_target(rule.factory):
                 raise TypeError(
-                    f"rule {rule.name!r}: a UDP listener's target must be a DatagramProtocol "
-                    f"(UDPProxy or your own), got {rule.factory!r}"
+                    f"rule {shown(rule.name)}: a UDP listener's target must be a DatagramProtocol "
+                    f"(UDPProxy or your own), got {shown(rule.factory)}"
                 )
         if on_no_match is not None and not is_datagram_target(on_no_match):
             on_no_match = None
@@ -270,7 +271,7 @@ class UDPMux:
                     continue
                 if target.transport is not None:
                     raise ValueError(
-                        f"{target!r} already has a transport: a DatagramProtocol target serves one listener; "
+                        f"{shown(target)} already has a transport: a DatagramProtocol target serves one listener; "
                         "build one per listener"
                     )
                 try:

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from muxtwist._descriptions import split_description
+from muxtwist._options import shown
 from muxtwist._twisted import default_reactor
 from muxtwist.udp._sockets import FlowSockets
 from muxtwist.udp.interfaces import IFlowTarget
@@ -65,7 +66,7 @@ def _fields(description: str) -> tuple[str, dict[str, str]]:
     """``"udp:host=a:port=1"`` -> ``("udp", {"host": "a", "port": "1"})``; ``\\:`` escapes a colon."""
     positional, named = split_description(description)
     if len(positional) > 1:
-        raise ValueError(f"bad UDP backend {description!r}: {positional[1]!r} is not key=value")
+        raise ValueError(f"bad UDP backend {shown(description)}: {shown(positional[1])} is not key=value")
     return positional[0], named
 
 
@@ -78,19 +79,21 @@ def parse_backend(description: str) -> UDPBackend:
     """
     kind, fields = _fields(description)
     if kind not in ("udp", "udp6") or set(fields) - {"host", "port"} or "port" not in fields:
-        raise ValueError(f"bad UDP backend {description!r}: want udp:host=ADDRESS:port=PORT")
+        raise ValueError(f"bad UDP backend {shown(description)}: want udp:host=ADDRESS:port=PORT")
     try:
         port = int(fields["port"])
     except ValueError:
-        raise ValueError(f"bad UDP backend {description!r}: port {fields['port']!r} is not a number") from None
+        raise ValueError(
+            f"bad UDP backend {shown(description)}: port {shown(fields['port'])} is not a number"
+        ) from None
     if not 0 < port < 65536:
-        raise ValueError(f"bad UDP backend {description!r}: port {port} out of range")
+        raise ValueError(f"bad UDP backend {shown(description)}: port {shown(port)} out of range")
     host = fields.get("host", "::1" if kind == "udp6" else "127.0.0.1")
     family = socket.AF_INET6 if kind == "udp6" else socket.AF_UNSPEC
     try:
         found = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)
     except OSError as e:
-        raise ValueError(f"bad UDP backend {description!r}: cannot resolve {host!r}: {e}") from None
+        raise ValueError(f"bad UDP backend {shown(description)}: cannot resolve {shown(host)}: {e}") from None
     chosen_family, _, _, _, sockaddr = found[0]
     return UDPBackend(description, str(sockaddr[0]), port, int(chosen_family))
 
@@ -168,13 +171,13 @@ class UDPProxy(DatagramProtocol):
         if not backends:
             raise ValueError("UDPProxy needs at least one backend")
         if balance not in BALANCE:
-            raise ValueError(f"unknown balance {balance!r}; use one of {', '.join(BALANCE)}")
-        if max_flows is not None and (isinstance(max_flows, bool) or max_flows < 1):
-            raise ValueError(f"max_flows must be a positive integer or None, got {max_flows!r}")
+            raise ValueError(f"unknown balance {shown(balance)}; use one of {', '.join(BALANCE)}")
+        if max_flows is not None and (isinstance(max_flows, bool) or not isinstance(max_flows, int) or max_flows < 1):
+            raise ValueError(f"max_flows must be a positive integer or None, got {shown(max_flows)}")
         number = isinstance(idle_timeout, int | float) and not isinstance(idle_timeout, bool)
         if not number or not 0 < idle_timeout <= sys.float_info.max:
             # 0, a negative number or NaN would end every flow before its backend could answer.
-            raise ValueError(f"idle_timeout must be a positive number of seconds, got {idle_timeout!r}")
+            raise ValueError(f"idle_timeout must be a positive number of seconds, got {shown(idle_timeout)}")
         self._reactor: Any = default_reactor(reactor)
         self.backends = [parse_backend(b) for b in backends]
         self.balance = balance
