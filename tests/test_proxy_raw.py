@@ -276,3 +276,46 @@ class ConnectInPollerTests(unittest.TestCase):
         self.assertEqual(logged(events, "reset the relay"), [])
         stats = proxy.stats[desc]
         self.assertEqual((stats.failures, stats.errors, stats.active), (0, {}, 0))
+
+
+class SpliceableTests(unittest.SynchronousTestCase):
+    if not LINUX:
+        skip = "splice(2) is Linux only"
+
+    def _server_transport(self, family: int) -> Any:
+        """A Twisted server transport (TCP or UNIX) over one end of a real connected socket pair."""
+        if family == socket.AF_UNIX:
+            from twisted.internet import unix
+
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.addCleanup(b.close)
+            transport: Any = unix.Server(a, Echo(), "", None, 0, R)
+        else:
+            listening = socket.socket(family, socket.SOCK_STREAM)
+            self.addCleanup(listening.close)
+            listening.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+            listening.listen(1)
+            client = socket.create_connection(listening.getsockname()[:2])
+            self.addCleanup(client.close)
+            a, address = listening.accept()
+            transport = tcp.Server(a, Echo(), address, None, 0, R)
+        self.addCleanup(transport.connectionLost, Failure(error.ConnectionDone()))
+        transport.stopReading()
+        return transport
+
+    def test_only_ip_stream_sockets_are_spliceable(self) -> None:
+        """TCP over IPv4 and IPv6 is spliceable; a UNIX stream, which the relay passes on its own way, is not."""
+        from muxtwist.proxy._splice import spliceable
+
+        self.assertTrue(spliceable(self._server_transport(socket.AF_INET)))
+        self.assertTrue(spliceable(self._server_transport(socket.AF_INET6)))
+        self.assertFalse(spliceable(self._server_transport(socket.AF_UNIX)))
+
+    def test_the_shared_clean_end_is_a_connection_done(self) -> None:
+        """Both ends of every spliced relay's clean close are told ConnectionDone, one Failure made once."""
+        from muxtwist.proxy import _splice
+
+        self.assertIsInstance(_splice._DONE.value, error.ConnectionDone)
+        self.assertTrue(_splice._DONE.check(error.ConnectionDone))
+        self.assertFalse(_splice._DONE.check(error.ConnectionAborted))
+        self.assertIsNone(_splice._DONE.tb)

@@ -58,6 +58,10 @@ _PIPE = 256 * 1024
 #: full reads in a row before giving other connections their turn.
 _ROUNDS = 16
 _FAMILIES = (socket.AF_INET, socket.AF_INET6)
+#: what every spliced relay's clean end tells both its protocols: made once, with its
+#: exception's class names worked out (Twisted's ``connectionLost`` checks them).
+_DONE = Failure(error.ConnectionDone())
+_DONE.parents  # noqa: B018
 _GONE = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 
@@ -419,9 +423,8 @@ class Splice:
         # calls are no-ops.
         client, backend = self.client.transport, self.backend.transport
         client.disconnecting = backend.disconnecting = True
-        done = Failure(error.ConnectionDone())
-        client.connectionLost(done)
-        backend.connectionLost(done)
+        client.connectionLost(_DONE)
+        backend.connectionLost(_DONE)
 
     def _broken(self, end: _End, e: OSError) -> None:
         """A socket error on ``end``: it is lost; its protocol ends the other side."""
