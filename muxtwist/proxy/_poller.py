@@ -205,9 +205,18 @@ class Poller:
 _pollers: weakref.WeakKeyDictionary[Any, Poller] = weakref.WeakKeyDictionary()
 
 
+#: the last reactor asked about, and its poller (nearly always the one reactor of the process).
+_last: tuple[Any, Poller | None] = (None, None)
+
+
 def poller_for(reactor: Any) -> Poller:
     """The one :class:`Poller` of ``reactor``."""
+    global _last
+    last, poller = _last
+    if last is reactor and poller is not None:
+        return poller
     poller = _pollers.get(reactor)
     if poller is None:
         poller = _pollers[reactor] = Poller(reactor)
+    _last = (reactor, poller)
     return poller

@@ -266,6 +266,9 @@ class Proxy:
         turn = self._next
         if self.balance in ("round_robin", "least_conn"):
             self._next += 1
+        if len(self.backends) == 1 and not self.transparent:
+            # One backend: every balancing rule tries it, usable or not.
+            return [self.backends[0]]
         order = ordered(self.backends, self.balance, turn, self._random, info, self._reactor.seconds())
         client = ip_port(info.source) if self.transparent else None
         if client is not None:

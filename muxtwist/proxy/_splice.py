@@ -31,6 +31,7 @@ runs as usual.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import fcntl
 import os
@@ -58,6 +59,8 @@ _PIPE = 256 * 1024
 #: full reads in a row before giving other connections their turn.
 _ROUNDS = 16
 _FAMILIES = (socket.AF_INET, socket.AF_INET6)
+#: a socket's family as the kernel's number (``socket.family`` makes an enum member at each read).
+_family_number = _socket.socket.family.__get__
 #: what every spliced relay's clean end tells both its protocols: made once, with its
 #: exception's class names worked out (Twisted's ``connectionLost`` checks them).
 _DONE = Failure(error.ConnectionDone())
@@ -118,7 +121,7 @@ def spliceable(transport: object) -> bool:
     if not AVAILABLE or not isinstance(transport, tcp.Connection):
         return False
     sock = getattr(transport, "socket", None)
-    if sock is None or sock.family not in _FAMILIES or transport.disconnecting or transport.disconnected:
+    if sock is None or _family_number(sock) not in _FAMILIES or transport.disconnecting or transport.disconnected:
         return False
     # Bytes Twisted still holds for this socket would otherwise be overtaken.
     return unsent_bytes(transport) == 0 and transport.producer is None
