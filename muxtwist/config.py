@@ -287,9 +287,12 @@ def _run(path: str) -> tuple[dict[str, Any], str]:
             # An unknown encoding, or one that contradicts a byte order mark:
             # tokenize gives no line, but the declaration is on line 1 or 2.
             declared = _declaration(raw)
-            problem = f"syntax error: {e.msg}"
+            # The name is the file's own text, of any length: shown cut, as any value.
+            problem = f"syntax error: {_clip(e.msg, 200)}"
             if declared is not None and e.msg.startswith("encoding problem"):
-                problem = f"syntax error: the file starts with a UTF-8 byte order mark but declares {declared[1]!r}"
+                problem = (
+                    f"syntax error: the file starts with a UTF-8 byte order mark but declares {shown(declared[1])}"
+                )
             raise ConfigError(path, declared and declared[0], problem) from None
         # A line of the first two that is not UTF-8: said below, with its byte and line.
         encoding = "utf-8"
@@ -306,7 +309,7 @@ def _run(path: str) -> tuple[dict[str, Any], str]:
     try:
         code = compile(source, path, "exec")
     except SyntaxError as e:
-        raise ConfigError(path, e.lineno, f"syntax error: {e.msg}") from None
+        raise ConfigError(path, e.lineno, f"syntax error: {_clip(e.msg, 200)}") from None
     module = types.ModuleType("muxtwist_rules")
     module.__file__ = path
     folder = os.path.dirname(os.path.abspath(path))

@@ -284,6 +284,21 @@ class LoaderTests(unittest.TestCase):
         self.assertEqual(error.line, 1)
         self.assertIn("UTF-8 byte order mark but declares 'latin-1'", error.problem)
 
+    def test_long_coding_declaration_is_shown_cut(self) -> None:
+        """A coding declaration naming 100,000 characters is an error at its line showing at most 200 of them."""
+        name = b"a" * 100_000
+        for text, line in [
+            (b"# coding: " + name + b"\nrules = []\n", 1),
+            (b"\xef\xbb\xbf\n# coding: latin-1" + name + b"\nrules = []\n", 2),
+        ]:
+            path = self.mktemp() + "-rules.py"
+            with open(path, "wb") as f:
+                f.write(text)
+            error = self.assertRaises(ConfigError, load_config, path)
+            self.assertEqual(error.line, line, text[:40])
+            self.assertLess(len(error.problem), 300, error.problem[:100])
+            self.assertIn("aaaa", error.problem)
+
     def test_first_line_that_is_not_utf8_names_its_byte_and_line(self) -> None:
         """A byte that is not UTF-8 on line 1 or 2 is named with its line, as on any later line."""
         for text, line in [(b"rules = []  # caf\xe9\n", 1), (b"rules = []\n# na\xefve\n", 2)]:
