@@ -12,10 +12,14 @@ from collections.abc import Iterable
 
 import attrs
 from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import Logger
 
 from muxtwist._rules import Rule
+from muxtwist.interfaces import IRetiringFactory
 
 __all__ = ["InnerFactories", "RuleSet", "unique"]
+
+log = Logger(namespace="muxtwist.sniffing")
 
 
 def unique(factories: Iterable[IProtocolFactory | None]) -> list[IProtocolFactory]:
@@ -66,12 +70,16 @@ class InnerFactories:
             self.retiring.pop(id(f), None)
         wanted_ids = {id(f) for f in wanted}
         for key, f in self.running.items():
-            if key not in wanted_ids:
+            if key not in wanted_ids and key not in self.retiring:
                 self.retiring[key] = f
+                _tell_retiring(f)
 
     def retire_all(self) -> None:
         """Every running factory is no longer wanted (the last port stopped)."""
-        self.retiring = dict(self.running)
+        for key, f in self.running.items():
+            if key not in self.retiring:
+                self.retiring[key] = f
+                _tell_retiring(f)
 
     def stop_unused(self, sniffing: Iterable[RuleSet]) -> None:
         """
@@ -97,3 +105,13 @@ class InnerFactories:
             self.in_use[id(f)] = n
             return False
         return bool(self.retiring)
+
+
+def _tell_retiring(f: IProtocolFactory) -> None:
+    """Tell an :class:`~muxtwist.interfaces.IRetiringFactory` that the rules no longer name it."""
+    if not IRetiringFactory.providedBy(f):
+        return
+    try:
+        f.retiring()
+    except Exception:
+        log.failure("{factory!r} raised when told it is retiring; ignored", factory=f)

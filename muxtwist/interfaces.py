@@ -28,6 +28,7 @@ __all__ = [
     "IMatcher",
     "IMatcherPlugin",
     "IRespondingMatcher",
+    "IRetiringFactory",
     "RelayState",
     "Verdict",
 ]
@@ -130,6 +131,25 @@ class IConnectionInfoFactory(IProtocolFactory):
 
     def buildProtocolForConnection(addr: IAddress, info: ConnectionInfo, rule_name: str) -> IProtocol | None:
         """Build the protocol for a connection whose sniffing ended with ``rule_name``."""
+
+
+class IRetiringFactory(IProtocolFactory):
+    """
+    A factory that wants to know when the rules stop naming it (a reload
+    left it out, or its listener is closing), before its ``doStop``.
+
+    Connections already handed to it go on, and ``doStop`` waits for the
+    last of them; meanwhile the factory may close those that are idle, such
+    as HTTP keep-alive connections waiting for a next request, which would
+    otherwise keep it (and its threads) until their own timeout.
+    """
+
+    def retiring() -> None:
+        """
+        No new connection will be handed to this factory unless later rules
+        name it again. Called once each time it stops being named; it must
+        not raise (an exception is logged and ignored).
+        """
 
 
 class IConnectionReport(Interface):

@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from muxtwist import Outcome, Rule, SniffingFactory, Verdict
-from muxtwist.interfaces import ConnectionInfo, IMatcher, IRespondingMatcher
+from muxtwist.interfaces import ConnectionInfo, IMatcher, IRespondingMatcher, IRetiringFactory
 from muxtwist.matchers import Any as AnyMatcher
 from muxtwist.matchers import Prefix, RemoteAddress
 from muxtwist.testing import MemoryConnection
@@ -648,6 +648,69 @@ class ReloadLifecycleTests(unittest.TestCase):
         self.assertEqual((f.starts, f.stops), (1, 0))
         factory.doStop()
         self.assertEqual((f.starts, f.stops), (1, 1))
+
+
+@implementer(IRetiringFactory)
+class RetiringFactory(RecordingFactory):
+    """A recording factory told when the rules stop naming it; ``fail`` makes that raise."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.told = 0
+        self.fail = fail
+
+    def retiring(self) -> None:
+        self.told += 1
+        if self.fail:
+            raise RuntimeError("retiring failed")
+
+
+class RetiringTests(unittest.TestCase):
+    def test_a_factory_left_out_by_new_rules_is_told_once_before_it_stops(self) -> None:
+        """A reload leaving a factory out tells it so at once, once, while its connection goes on; doStop follows."""
+        old, new = RetiringFactory(), RetiringFactory()
+        factory, clock = make([Rule(Prefix(b"A"), old, name="a")])
+        factory.doStart()
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"A1")
+        factory.set_rules([Rule(Prefix(b"A"), new, name="a")])
+        self.assertEqual((old.told, old.stops), (1, 0))
+        factory.set_rules([Rule(Prefix(b"B"), new, name="b")])
+        self.assertEqual(old.told, 1)
+        conn.close()
+        self.assertEqual((old.told, old.stops, new.told), (1, 1, 0))
+
+    def test_a_factory_named_again_is_told_again_when_left_out_again(self) -> None:
+        """Each time the rules stop naming a factory it is told, including after a reload brought it back."""
+        f = RetiringFactory()
+        factory, clock = make([Rule(Prefix(b"A"), f, name="a")])
+        factory.doStart()
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"A")
+        factory.set_rules([])
+        factory.set_rules([Rule(Prefix(b"A"), f, name="a")])
+        factory.set_rules([])
+        self.assertEqual(f.told, 2)
+        conn.close()
+
+    def test_the_last_port_stopping_tells_every_factory(self) -> None:
+        """When the last port stops using the sniffer, every inner factory is told it is retiring, once."""
+        a, b = RetiringFactory(), RetiringFactory()
+        factory, clock = make([Rule(Prefix(b"A"), a, name="a")], on_no_match=b)
+        factory.doStart()
+        self.assertEqual((a.told, b.told), (0, 0))
+        factory.doStop()
+        self.assertEqual((a.told, b.told), (1, 1))
+        self.assertEqual((a.stops, b.stops), (1, 1))
+
+    def test_a_factory_that_raises_when_told_is_logged_and_the_reload_goes_on(self) -> None:
+        """An exception from retiring() is logged; the reload still installs the new rules and starts theirs."""
+        old, new = RetiringFactory(fail=True), RetiringFactory()
+        factory, clock = make([Rule(Prefix(b"A"), old, name="a")])
+        factory.doStart()
+        factory.set_rules([Rule(Prefix(b"A"), new, name="a")])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual((old.told, old.stops, new.starts), (1, 1, 1))
 
 
 class RefusalLogTests(unittest.TestCase):

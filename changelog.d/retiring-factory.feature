@@ -1,0 +1,1 @@
+`muxtwist.interfaces.IRetiringFactory`: a factory that provides it is told (`retiring()`) when the rules stop naming it, at a reload or when its listener closes, while connections already handed to it go on, so that it can close those that are idle (keep-alive connections) instead of waiting for their own timeout.
