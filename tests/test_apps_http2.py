@@ -246,3 +246,17 @@ class WSGIHTTP2FlowControlTests(unittest.TestCase):
         self.assertTrue(await pump(client, lambda: stream in client.ended, 30))
         self.assertEqual(len(client.bodies[stream]), 1024 * 65536)
         self.assertEqual(app.produced, 1024)
+
+    async def test_many_streams_of_a_client_that_does_not_read_hold_their_apps(self) -> None:
+        """Eight streams of a client granting 2 GiB windows and reading nothing hold their apps after a chunk or two."""
+        app = Streaming(128)  # 8 MiB a stream
+        port = tls_mux(self, WSGI(app, threads=8))
+        client = await connect(self, port, window=2**31 - 1)
+        streams = [client.request("/") for _ in range(8)]
+        await until(lambda: app.produced >= 8, 5)
+        await deferLater(R, 1.0, lambda: None)
+        # The socket buffers of loopback hold a few MiB, twisted.web's HTTP/2 queue 64 KiB of each stream.
+        self.assertLess(app.produced, 200, f"{app.produced} chunks of 64 KiB produced for a client reading nothing")
+        self.assertTrue(await pump(client, lambda: all(s in client.ended for s in streams), 60))
+        self.assertEqual([len(client.bodies[s]) for s in streams], [128 * 65536] * 8)
+        self.assertEqual(app.produced, 8 * 128)

@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.http import HTTPChannel
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 from twisted.web.wsgi import WSGIResource
 from zope.interface import implementer
 
@@ -32,6 +32,10 @@ _running = threading.local()
 
 
 log = Logger(namespace="muxtwist.apps")
+
+#: Bytes of one HTTP/2 stream's body that may wait in twisted.web's
+#: H2Connection, unsent, before the application is asked for no more.
+H2_STREAM_BACKLOG = 65536
 
 
 @implementer(IPushProducer)
@@ -61,12 +65,16 @@ class _Gate:
         self.done = True
         self._update()
 
-    #: Paused by its stream (or HTTP/1.1 connection), held by an HTTP/2 connection whose transport is full.
+    #: Paused by its stream (or HTTP/1.1 connection), held by an HTTP/2 connection whose transport is full,
+    #: or whose own queue holds more than H2_STREAM_BACKLOG bytes of this stream.
     _paused = False
     _held = False
+    _backlogged = False
+    #: The pacer of the HTTP/2 connection carrying this response, if any.
+    pacer: _H2Pacer | None = None
 
     def _update(self) -> None:
-        if self.done or not (self._paused or self._held):
+        if self.done or not (self._paused or self._held or self._backlogged):
             self._open.set()
         else:
             self._open.clear()
@@ -80,13 +88,23 @@ class _Gate:
         self._update()
 
     def stopProducing(self) -> None:
-        self._paused = self._held = False
+        self._paused = self._held = self._backlogged = False
         self._update()
 
     def hold(self, held: bool) -> None:
         """The HTTP/2 connection's transport is full (or has room again), which no flow-control window says."""
         self._held = held
         self._update()
+
+    def backlog(self, held: bool) -> None:
+        """The HTTP/2 connection holds more of this stream than it has sent (or has sent enough of it)."""
+        self._backlogged = held
+        self._update()
+
+    def written(self) -> None:
+        """On the reactor: the request wrote a chunk of the body."""
+        if self.pacer is not None:
+            self.pacer.written(self._request.channel)
 
     def wait(self) -> None:
         """
@@ -121,6 +139,15 @@ class _Gate:
         # A request that has finished has let go of its channel.
         if request.producer is self and getattr(request, "channel", None) is not None:
             request.unregisterProducer()
+
+
+class _PacedRequest(Request):
+    """twisted.web's request, telling its :class:`_Gate` of each chunk written."""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)  # type: ignore[no-untyped-call]
+        if isinstance(self.producer, _Gate):
+            self.producer.written()
 
 
 def _paced(app: Callable[..., Any]) -> Callable[..., Any]:
@@ -225,16 +252,79 @@ class _H2Pacer:
     queued in memory.
     """
 
-    def __init__(self, connection: Any) -> None:
+    def __init__(self, connection: Any, reactor: Any) -> None:
         self.connection = connection
         self.paused = False
+        self._reactor = reactor
+        #: Streams whose gates wait for the H2Connection to send their backlog.
+        self._backlogged: dict[Any, _Gate] = {}
+        self._look: Any = None
 
     def hold_streams(self) -> None:
         # H2Connection.streams and H2Stream.producer are public attributes.
         for stream in list(self.connection.streams.values()):
             gate = stream.producer
             if isinstance(gate, _Gate):
+                gate.pacer = self
                 gate.hold(self.paused)
+
+    def _queued(self, stream: Any) -> int | None:
+        """Bytes of ``stream``'s body the H2Connection holds unsent (None once it has ended)."""
+        # H2Stream.streamID, H2Connection.remainingOutboundWindow and conn (h2's state machine) are public.
+        stream_id = getattr(stream, "streamID", None)
+        if self.connection.streams.get(stream_id) is not stream:
+            return None
+        try:
+            window: int = self.connection.conn.local_flow_control_window(stream_id)
+            remaining: int = self.connection.remainingOutboundWindow(stream_id)
+        except Exception:  # h2 says the stream has closed
+            return None
+        return window - remaining
+
+    def written(self, stream: Any) -> None:
+        """
+        ``stream`` wrote a chunk. H2Connection sends one frame (16 KiB) a
+        reactor turn across all its streams and queues the rest up to each
+        stream's flow-control window, which the client sets (up to 2 GiB):
+        past ``H2_STREAM_BACKLOG`` the stream's gate waits for it to be sent.
+        """
+        gate = getattr(stream, "producer", None)
+        queued = self._queued(stream)
+        if isinstance(gate, _Gate) and queued is not None and queued > H2_STREAM_BACKLOG:
+            gate.backlog(True)
+            self._backlogged[stream] = gate
+            self.look_later()
+
+    def look_later(self) -> None:
+        """Look at the backlogs on the next reactor turn, if one may have shrunk (not while stalled)."""
+        if self._look is None and not self.paused and any(map(self._moving, self._backlogged)):
+            self._look = self._reactor.callLater(0, self._look_at_backlogs)
+
+    def _moving(self, stream: Any) -> bool:
+        try:
+            return bool(self.connection.conn.local_flow_control_window(stream.streamID) > 0)
+        except Exception:
+            return True  # closed: looked at once more, to let its gate go
+
+    def _look_at_backlogs(self) -> None:
+        self._look = None
+        for stream, gate in list(self._backlogged.items()):
+            queued = self._queued(stream)
+            if queued is None or queued <= H2_STREAM_BACKLOG:
+                del self._backlogged[stream]
+                gate.backlog(False)
+        # Again while the H2Connection sends (one frame a turn); a stalled
+        # stream is looked at again when the transport drains or data comes in.
+        self.look_later()
+
+    def release(self) -> None:
+        """Let every gate go and look no more (the connection has ended)."""
+        if self._look is not None and self._look.active():
+            self._look.cancel()
+        self._look = None
+        for gate in self._backlogged.values():
+            gate.backlog(False)
+        self._backlogged.clear()
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -245,10 +335,12 @@ class _H2Pacer:
         self.paused = False
         self.hold_streams()
         self.connection.resumeProducing()
+        self.look_later()
 
     def stopProducing(self) -> None:
         self.paused = False
         self.hold_streams()
+        self.release()
         self.connection.stopProducing()
 
 
@@ -303,15 +395,18 @@ class _HalfClosingGenericChannel(generic_http_channel_base()):  # type: ignore[m
             if isinstance(channel, _HalfClosingChannel) or channel is None or channel.transport is None:
                 return
             # Switched to HTTP/2 (by ALPN): stand between the transport and the H2Connection.
-            self._pacer = _H2Pacer(channel)
+            self._pacer = _H2Pacer(channel, default_reactor(getattr(self.factory, "_reactor", None)))
             channel.transport.unregisterProducer()
             channel.transport.registerProducer(self._pacer, True)
-        if self._pacer.paused:
-            # Streams this data opened, while the transport is still full.
-            self._pacer.hold_streams()
+        # Streams this data opened get the pacer (and are held while the
+        # transport is still full); a WINDOW_UPDATE may let a backlog move.
+        self._pacer.hold_streams()
+        self._pacer.look_later()
 
     def connectionLost(self, reason: Any) -> None:
         self._lost = True
+        if self._pacer is not None:
+            self._pacer.release()
         super().connectionLost(reason)
 
     def readConnectionLost(self) -> None:
@@ -354,12 +449,14 @@ class WSGI(Site):
     only once its write buffers have room again (on Linux loopback a client
     read about 190 KB before its connection took more, so with the default
     60 s, one reading below about 3 KB/s). Over HTTP/2 (ALPN h2 behind
-    ``TerminateTLS``) a stream is paced both by its flow-control window and
-    by the connection's transport, so a client that grants large windows
-    and reads nothing holds the body as over HTTP/1.1.
+    ``TerminateTLS``) a stream is paced by its flow-control window, by the
+    connection's transport and by twisted.web's HTTP/2 queue (64 KiB of each
+    stream), so a client that grants large windows and reads nothing holds
+    the body as over HTTP/1.1, however many streams it opens.
     """
 
     protocol = _half_closing_channel
+    requestFactory = _PacedRequest
 
     def __init__(
         self,
