@@ -76,18 +76,26 @@ class OptionError(ValueError, TypeError):
         self.expected = expected
 
 
+def _plain(value: int | float) -> int | float:
+    """
+    ``value`` as a plain int or float, for the checks: a subclass's own
+    comparisons (an ``__lt__`` that says a NaN is positive) are not asked.
+    """
+    return float.__float__(value) if isinstance(value, float) else int.__int__(value)
+
+
 def _number(owner: str, option: str, value: object, *, optional: bool = False) -> None:
     if value is None and optional:
         return
     # Not NaN, infinity or an int beyond a float: callLater would raise at each use.
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= sys.float_info.max:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < _plain(value) <= sys.float_info.max:
         raise OptionError(owner, option, value, "a positive number of seconds" + (" or None" if optional else ""))
 
 
 def _integer(owner: str, option: str, value: object, *, optional: bool = False) -> None:
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or _plain(value) < 1:
         raise OptionError(owner, option, value, "a positive integer" + (" or None" if optional else ""))
 
 

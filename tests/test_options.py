@@ -136,6 +136,32 @@ class MoreActionOptionTests(unittest.TestCase):
             error = self.assertRaises(ValueError, UDPProxy, "udp:host=127.0.0.1:port=53", idle_timeout=value)
             self.assertIn("idle_timeout must be a positive number of seconds", str(error))
 
+    def test_number_subclasses_are_checked_by_their_values(self) -> None:
+        """An int or float subclass whose comparisons say yes to anything is refused for its value (NaN, 0, -5)."""
+        from muxtwist.apps import WSGI
+
+        class Agreeing(float):
+            def __gt__(self, other: object) -> bool:
+                return True
+
+            def __lt__(self, other: object) -> bool:
+                return True
+
+            def __le__(self, other: object) -> bool:
+                return True
+
+        class AgreeingInt(int):
+            def __lt__(self, other: object) -> bool:
+                return False
+
+        def app(environ: object, start_response: object) -> list[bytes]:
+            return []
+
+        for value in (Agreeing("nan"), Agreeing(-5.0)):
+            self.assertIn("WSGI option send_timeout=", self.refused(WSGI, app, send_timeout=value))
+            self.assertIn("Proxy option connect_timeout=", self.refused(Proxy, BACKEND, connect_timeout=value))
+        self.assertIn("WSGI option threads=", self.refused(WSGI, app, threads=AgreeingInt(0)))
+
     def test_terminate_tls_factory(self) -> None:
         """TerminateTLS refuses a factory that is not a protocol factory (None, a number) at construction."""
         missing = os.path.join(self.mktemp(), "certs")
