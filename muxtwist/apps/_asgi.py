@@ -22,7 +22,7 @@ from zope.interface import implementer
 from muxtwist._options import _integer, _number, shown
 from muxtwist._twisted import default_reactor
 from muxtwist.apps._asyncio import AsyncioProtocolFactory, Bridge, asyncio_loop
-from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
+from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IRetiringFactory
 
 __all__ = ["ASGI"]
 
@@ -48,7 +48,7 @@ def _uvicorn() -> Any:
     return uvicorn
 
 
-@implementer(IConnectionInfoFactory)
+@implementer(IConnectionInfoFactory, IRetiringFactory)
 class ASGI(Factory):
     """
     A rule target serving the ASGI application ``app``: HTTP/1.1 and
@@ -62,6 +62,11 @@ class ASGI(Factory):
     waits for them up to ``shutdown_timeout`` seconds, then runs the lifespan
     shutdown (given up, with an error logged, after ``shutdown_timeout``
     seconds more). :meth:`when_stopped` fires when that is done.
+
+    When a reload's rules no longer name it (:meth:`retiring`), its HTTP
+    connections finish (idle keep-alive ones close at once, busy ones after
+    their response) and its WebSockets go on; the stop above follows once
+    the last connection has ended.
 
     :param root_path: the ASGI ``root_path`` (the app mounted below a prefix).
     :param lifespan: ``"auto"`` (run it if the app supports it), ``"on"``
@@ -189,6 +194,31 @@ class ASGI(Factory):
             return defer.succeed(None)  # never started: nothing to stop
         return self._stop()
 
+    def retiring(self) -> None:
+        """
+        The rules no longer name this target (a reload replaced it): each
+        HTTP connection is asked to finish as at a stop (uvicorn's
+        ``shutdown``), so that an idle keep-alive client does not hold the
+        old application until uvicorn's ``timeout_keep_alive``. WebSockets
+        are left alone (a stop would close them with 1012, a reload must
+        not), and so is the lifespan: its shutdown runs at ``doStop``, once
+        no connection uses the target. Nothing is refused: if later rules
+        name this target again, it serves their connections as before.
+        """
+        self._finish_connections(websockets=False)
+
+    def _finish_connections(self, *, websockets: bool) -> None:
+        """uvicorn's graceful ``shutdown`` of each connection (of each HTTP one only, without ``websockets``)."""
+        state = self._state
+        if state is None:
+            return
+        # A connection upgraded to a WebSocket is an instance of the
+        # configured ws_protocol_class (it replaces the HTTP one in the set).
+        ws_class = getattr(self.config, "ws_protocol_class", None)
+        for connection in list(state.connections):
+            if websockets or ws_class is None or not isinstance(connection, ws_class):
+                connection.shutdown()
+
     def _stop(self) -> defer.Deferred[None]:
         """Close connections gracefully, wait for them, run the lifespan shutdown."""
         if self._stopping is not None:
@@ -217,8 +247,7 @@ class ASGI(Factory):
                     app=repr(self),
                     timeout=self.shutdown_timeout,
                 )
-        for connection in list(state.connections):
-            connection.shutdown()
+        self._finish_connections(websockets=True)
         deadline = reactor.seconds() + self.shutdown_timeout
         while state.connections and reactor.seconds() < deadline:
             await _sleep(reactor, 0.05)

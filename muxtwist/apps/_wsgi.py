@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from muxtwist._options import _integer, _number, shown
 from muxtwist._twisted import default_reactor, generic_http_channel_base, http_channel_busy, http_inner_channel
+from muxtwist.interfaces import IRetiringFactory
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorThreads
@@ -219,10 +220,21 @@ class _HalfClosingChannel(HTTPChannel):
     _read_closed = False
 
     def finish_and_close(self) -> None:
-        """Close now if idle, else once the requests already received are answered (a graceful stop)."""
+        """
+        Close now if idle, else once the request being answered is (a
+        graceful stop): a response not begun yet says ``Connection: close``,
+        so that its client sends no next request on a connection closing.
+        """
         self._read_closed = True
-        if not http_channel_busy(self) and self.transport is not None:
-            self.loseConnection()  # type: ignore[no-untyped-call]
+        if not http_channel_busy(self):
+            if self.transport is not None:
+                self.loseConnection()  # type: ignore[no-untyped-call]
+            return
+        # HTTPChannel.requests and persistent, Request.startedWriting and
+        # responseHeaders are public attributes.
+        if self.requests and not self.requests[0].startedWriting:
+            self.persistent = False
+            self.requests[0].responseHeaders.setRawHeaders(b"connection", [b"close"])
 
     def readConnectionLost(self) -> None:
         self._read_closed = True
@@ -430,6 +442,7 @@ def _half_closing_channel(site: object) -> _HalfClosingGenericChannel:
     return channel
 
 
+@implementer(IRetiringFactory)
 class WSGI(Site):
     """
     A rule target serving the WSGI application ``app`` with
@@ -440,6 +453,11 @@ class WSGI(Site):
     free thread; the reactor thread never runs the application, so other
     connections are served meanwhile. A client that half-closes after its
     requests still gets their responses, then the connection closes.
+
+    When a reload's rules no longer name it (:meth:`retiring`), its
+    connections finish as at a stop: idle keep-alive ones close at once,
+    busy ones after their answer, HTTP/2 ones get a GOAWAY; ``doStop``, and
+    with it the pool's stop, follows once the last has closed.
 
     A response's body is taken from the application no faster than the
     client reads it; a connection that can take no more of it for
@@ -526,12 +544,28 @@ class WSGI(Site):
         """
         Ask every connection to finish, as the reactor's shutdown does: an
         idle keep-alive connection closes at once, a busy one once the
-        requests it has received are answered. (Otherwise an idle one held
-        the stop for the whole ``shutdown_timeout`` and was then reset.) An
-        HTTP/2 connection gets a GOAWAY at once, which tells its client the
-        last stream that will be answered, and closes once its open streams
-        are sent in full.
+        request it is answering is answered (with ``Connection: close`` if
+        its response has not begun). (Otherwise an idle one held the stop
+        for the whole ``shutdown_timeout`` and was then reset.) An HTTP/2
+        connection gets a GOAWAY at once, which tells its client the last
+        stream that will be answered, and closes once its open streams are
+        sent in full.
         """
+        self._finish_connections()
+
+    def retiring(self) -> None:
+        """
+        The rules no longer name this target (a reload replaced it): its
+        connections finish as at :meth:`shutdown`, so that an idle
+        keep-alive client does not hold the old target, and its threads,
+        until twisted.web's idle timeout (12 hours); ``doStop`` follows once
+        the last has closed. Nothing is refused and the pool keeps running:
+        if later rules name this target again, it serves their connections
+        as before.
+        """
+        self._finish_connections()
+
+    def _finish_connections(self) -> None:
         for channel in list(self._channels):
             channel.finish_and_close(self._reactor)
 

@@ -1,0 +1,309 @@
+"""
+WSGI and ASGI targets replaced by a reload (``IRetiringFactory.retiring``):
+their idle keep-alive connections close at once, busy ones after their
+answer, WebSockets go on, and the old target stops once its last connection
+has ended. Real sockets on 127.0.0.1: a ``SniffingFactory`` whose rules are
+set again, and real ``twistd muxtwist`` processes reloaded by SIGHUP.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.trial import unittest
+
+from muxtwist import Rule
+from muxtwist.apps import WSGI
+from muxtwist.interfaces import IRetiringFactory
+from muxtwist.matchers import HTTP1
+from tests.test_apps_examples import TWISTD_ASYNCIO
+from tests.test_apps_http2 import connect as h2_connect
+from tests.test_apps_http2 import pump, tls_mux
+from tests.test_examples import CLIENT, Running
+from tests.test_proxy_support import connect, mux, until
+
+
+class Answering:
+    """A WSGI app answering its ``word``; ``/slow`` only once ``release`` is set."""
+
+    def __init__(self, word: bytes) -> None:
+        self.word = word
+        self.release = threading.Event()
+        self.running = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., object]) -> Iterable[bytes]:
+        if environ["PATH_INFO"] == "/slow":
+            self.running += 1
+            self.release.wait(10)
+        body = self.word + (b" slow" if environ["PATH_INFO"] == "/slow" else b"")
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+
+
+def get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+
+class WSGIReloadTests(unittest.TestCase):
+    def serve(self) -> tuple[int, Any, WSGI, Answering]:
+        """A sniffing port whose one rule serves an :class:`Answering` app ``old`` through WSGI."""
+        app = Answering(b"old")
+        self.addCleanup(app.release.set)  # runs first: no request thread left waiting
+        target = WSGI(app, threads=2)
+        port, factory = mux(self, [Rule(HTTP1(), target, name="web")])
+        return port, factory, target, app
+
+    def test_wsgi_provides_the_retiring_hook(self) -> None:
+        """WSGI targets provide IRetiringFactory, so the sniffer tells them when a reload leaves them out."""
+        self.assertTrue(IRetiringFactory.providedBy(WSGI(Answering(b"x"))))
+
+    async def test_a_reload_closes_an_idle_keep_alive_connection_and_stops_the_old_target(self) -> None:
+        """A reload replacing the target closes an idle keep-alive client within a second; the old pool stops."""
+        port, factory, old, _ = self.serve()
+        client = await connect(self, port)
+        assert client.transport is not None
+        client.transport.write(get("/"))
+        await until(lambda: bytes(client.received).endswith(b"old"), 5)
+        pool = old.pool
+        self.assertTrue(pool.started)
+        new = WSGI(Answering(b"new"), threads=2)
+        started = time.monotonic()
+        factory.set_rules([Rule(HTTP1(), new, name="web")])
+        await until(lambda: client.eof.called, 1)
+        closed_after = time.monotonic() - started
+        # The old target's doStop follows its last connection: its pool stops, its threads end.
+        await until(lambda: not pool.started, 5)
+        await until(lambda: not [t for t in pool.threads if t.is_alive()], 5)
+        self.assertLess(closed_after, 1.0)
+        self.assertFalse(old.pool.started)
+        # New connections reach the new target.
+        fresh = await connect(self, port)
+        assert fresh.transport is not None
+        fresh.transport.write(get("/"))
+        await until(lambda: bytes(fresh.received).endswith(b"new"), 5)
+
+    async def test_a_reload_lets_a_request_in_flight_answer_then_closes_its_connection(self) -> None:
+        """A client mid-request when the target is replaced gets its whole answer, told Connection: close, then EOF."""
+        port, factory, old, app = self.serve()
+        busy = await connect(self, port)
+        assert busy.transport is not None
+        busy.transport.write(get("/slow"))
+        await until(lambda: app.running == 1, 5)
+        pool = old.pool
+        factory.set_rules([Rule(HTTP1(), WSGI(Answering(b"new")), name="web")])
+        self.assertFalse(busy.eof.called)
+        self.assertTrue(pool.started, "the old pool stopped while a request ran on it")
+        app.release.set()
+        await until(lambda: busy.eof.called, 5)
+        answer = bytes(busy.received)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK"), answer)
+        self.assertTrue(answer.endswith(b"\r\n\r\nold slow"), answer)
+        self.assertIn(b"\r\nconnection: close\r\n", answer.lower())
+        await until(lambda: not pool.started, 5)
+
+    async def test_a_target_named_again_after_a_reload_keeps_serving_keep_alive_clients(self) -> None:
+        """A target left out by a reload and named again by the next serves keep-alive clients on the same pool."""
+        port, factory, old, app = self.serve()
+        busy = await connect(self, port)  # holds the old target running between the two reloads
+        assert busy.transport is not None
+        busy.transport.write(get("/slow"))
+        await until(lambda: app.running == 1, 5)
+        pool = old.pool
+        factory.set_rules([Rule(HTTP1(), WSGI(Answering(b"new")), name="web")])
+        factory.set_rules([Rule(HTTP1(), old, name="web")])
+        client = await connect(self, port)
+        assert client.transport is not None
+        for n in (1, 2):  # two requests on one connection: nothing refused, kept alive
+            client.transport.write(get("/"))
+            await until(lambda n=n: bytes(client.received).count(b"old") == n, 5)  # type: ignore[misc]
+        self.assertFalse(client.eof.called)
+        self.assertIs(old.pool, pool)
+        self.assertTrue(pool.started)
+        app.release.set()
+        await until(lambda: bytes(busy.received).endswith(b"old slow"), 5)
+
+    async def test_retiring_sends_goaway_to_an_idle_http2_connection_and_keeps_serving(self) -> None:
+        """retiring() gives an idle HTTP/2 client a GOAWAY and EOF within a second; a new client is served after it."""
+        target = WSGI(Answering(b"old"), threads=2)
+        port = tls_mux(self, target)
+        idle = await h2_connect(self, port)
+        self.assertEqual(idle.alpn, "h2")
+        stream = idle.request("/")
+        self.assertTrue(await pump(idle, lambda: stream in idle.ended, 5))
+        target.retiring()
+        self.assertTrue(await pump(idle, lambda: idle.closed, 1), "the idle HTTP/2 connection stayed open")
+        self.assertIsNotNone(idle.goaway)
+        self.assertEqual(idle.goaway.last_stream_id, stream)
+        self.assertTrue(target.pool.started)
+        again = await h2_connect(self, port)
+        stream = again.request("/")
+        self.assertTrue(await pump(again, lambda: stream in again.ended, 5))
+        self.assertEqual(bytes(again.bodies[stream]), b"old")
+
+
+WSGI_RULES = """\
+from flask import Flask
+
+from muxtwist import Rule
+from muxtwist.apps import WSGI
+from muxtwist.matchers import HTTP1
+
+web = Flask("web")
+
+
+@web.route("/")
+def hello():
+    return "{word}\\n"
+
+
+rules = [Rule(HTTP1(), WSGI(web, threads=2), name="web")]
+"""
+
+ASGI_RULES = """\
+from twisted.logger import Logger
+
+from muxtwist import Rule
+from muxtwist.apps import ASGI
+from muxtwist.matchers import HTTP1
+
+log = Logger(namespace="rules")
+WORD = "{word}"
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                log.info("lifespan startup {{word}}", word=WORD)
+                await send({{"type": "lifespan.startup.complete"}})
+            else:
+                log.info("lifespan shutdown {{word}}", word=WORD)
+                await send({{"type": "lifespan.shutdown.complete"}})
+                return
+    elif scope["type"] == "http":
+        body = (WORD + "\\n").encode()
+        headers = [(b"content-length", str(len(body)).encode())]
+        await send({{"type": "http.response.start", "status": 200, "headers": headers}})
+        await send({{"type": "http.response.body", "body": body}})
+    else:
+        await receive()
+        await send({{"type": "websocket.accept"}})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            await send({{"type": "websocket.send", "text": WORD + ": " + message["text"]}})
+
+
+rules = [Rule(HTTP1(), ASGI(app, timeout_keep_alive=60), name="web")]
+"""
+
+
+def idle_keep_alive(port: int) -> tuple[http.client.HTTPConnection, bytes]:
+    """An http.client connection that made one request (its answer read) and stays open."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=CLIENT)
+    connection.request("GET", "/")
+    response = connection.getresponse()
+    body = response.read()
+    assert not response.will_close, response.getheaders()
+    return connection, body
+
+
+def seconds_until_closed(connection: http.client.HTTPConnection, seconds: float) -> float | None:
+    """How long until the server closes ``connection`` (reading nothing else), or None if it stays open."""
+    sock = connection.sock
+    assert sock is not None
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        data = sock.recv(1)
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        data = b""
+    assert data == b"", data
+    return time.monotonic() - started
+
+
+class TwistdReloadTests(unittest.TestCase):
+    """A real ``twistd -n muxtwist --config rules.py`` whose target a SIGHUP replaces."""
+
+    def start(self, command: list[str], rules: str) -> tuple[Running, int, str]:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "rules.py")
+        with open(path, "w") as f:
+            f.write(rules.format(word="one"))
+        running = Running([*command, "--port", "tcp:0:interface=127.0.0.1", "--config", path])
+        self.addCleanup(running.kill)  # its process group
+        (port,) = running.listening_ports()
+        return running, port, path
+
+    def reload(self, running: Running, path: str, rules: str) -> None:
+        with open(path, "w") as f:
+            f.write(rules.format(word="two"))
+        running.process.send_signal(signal.SIGHUP)
+        running.wait_for(rb"reloaded .*rules\.py")
+
+    def test_sighup_closes_an_idle_keep_alive_connection_to_the_replaced_wsgi_target(self) -> None:
+        """An idle http.client connection to a Flask target is closed within a second of the reload replacing it."""
+        command = [arg for arg in TWISTD_ASYNCIO if arg != "--reactor=asyncio"]
+        running, port, path = self.start(command, WSGI_RULES)
+        idle, body = idle_keep_alive(port)
+        self.addCleanup(idle.close)
+        self.assertEqual(body, b"one\n")
+        self.reload(running, path, WSGI_RULES)
+        closed = seconds_until_closed(idle, 2.0)
+        self.assertIsNotNone(closed, "the idle keep-alive connection stayed open after the reload")
+        assert closed is not None
+        self.assertLess(closed, 1.0)
+        fresh, body = idle_keep_alive(port)
+        fresh.close()
+        self.assertEqual(body, b"two\n")
+        self.assertEqual(running.stop(), 0, running.output.decode(errors="replace"))
+
+    def test_sighup_closes_idle_http_to_the_replaced_asgi_target_and_its_websocket_goes_on(self) -> None:
+        """
+        After a reload replaces an ASGI target, its idle keep-alive HTTP
+        client is closed within a second, its WebSocket goes on talking to
+        it, and its lifespan shutdown runs once that WebSocket has closed.
+        """
+        from websockets.sync.client import connect as ws_connect
+
+        running, port, path = self.start(TWISTD_ASYNCIO, ASGI_RULES)
+        running.wait_for(rb"lifespan startup one")
+        with ws_connect(f"ws://127.0.0.1:{port}/ws", open_timeout=CLIENT, close_timeout=CLIENT) as ws:
+            self.talk_through_a_reload(running, port, path, ws)
+        self.assertEqual(ws.close_code, 1000)
+        running.wait_for(rb"lifespan shutdown one")
+        self.assertEqual(running.stop(), 0, running.output.decode(errors="replace"))
+
+    def talk_through_a_reload(self, running: Running, port: int, path: str, ws: Any) -> None:
+        ws.send("a")
+        self.assertEqual(ws.recv(CLIENT), "one: a")
+        idle, body = idle_keep_alive(port)
+        self.addCleanup(idle.close)
+        self.assertEqual(body, b"one\n")
+        self.reload(running, path, ASGI_RULES)
+        running.wait_for(rb"lifespan startup two")
+        closed = seconds_until_closed(idle, 2.0)
+        self.assertIsNotNone(closed, "the idle keep-alive connection stayed open after the reload")
+        assert closed is not None
+        self.assertLess(closed, 1.0)
+        fresh, body = idle_keep_alive(port)
+        fresh.close()
+        self.assertEqual(body, b"two\n")
+        # The WebSocket still talks to the old application, whose lifespan has not ended.
+        ws.send("b")
+        self.assertEqual(ws.recv(CLIENT), "one: b")
+        deadline = time.monotonic() + 0.5
+        while running._read(deadline) and time.monotonic() < deadline:
+            pass  # what it has logged so far
+        self.assertNotIn(b"lifespan shutdown one", running.output)
