@@ -253,7 +253,13 @@ def main(argv: list[str] | None = None) -> None:
         # The observer `twistd -l FILE muxtwist` logs to.
         use_twistd_options({"logfile": options.log_file})
         globalLogBeginner.beginLoggingTo([text_log_observer()], redirectStandardIO=False)
-    endpoints.serverFromString(reactor, description).listen(factory)
+    if hasattr(factory, "set_rules"):
+        from muxtwist._listener import Listener
+
+        # Listening as `twistd muxtwist` and MuxService do.
+        Listener(description, factory, reactor).startService()
+    else:
+        endpoints.serverFromString(reactor, description).listen(factory)
     if options.control:
         control = protocol.Factory.forProtocol(lambda: Control(factory))
         endpoints.serverFromString(reactor, f"tcp:{options.control}:interface=127.0.0.1").listen(control)

@@ -46,6 +46,8 @@ class RuleSet:
     sniffing: int = 0
     #: whether zero bytes can only make the rules wait (``muxtwist._rules.waits_for_bytes``).
     waits: bool = False
+    #: whether every connection is handed to a relay (:mod:`muxtwist.proxy._polled`).
+    relays_only: bool = False
 
 
 class InnerFactories:

@@ -10,11 +10,13 @@ import socket
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints
+from twisted.internet import endpoints, tcp
 from twisted.logger import Logger
 
 from muxtwist._twisted import listen_errors_raise, listening, set_port_log_observer
 from muxtwist.metrics import EmfileThrottle, Metrics
+from muxtwist.proxy import _splice
+from muxtwist.proxy._polled import server_transport
 from muxtwist.sniffing import SniffingFactory
 
 __all__ = ["Listener"]
@@ -60,6 +62,9 @@ class Listener(StreamServerEndpointService):
 
     def _listening(self, port: Any) -> Any:
         self.port = port
+        if type(port) is tcp.Port and port.transport is tcp.Server and _splice.AVAILABLE:
+            # Clients of rules that only relay are read by the splice poller from their accept on.
+            port.transport = server_transport  # type: ignore[assignment]
         if self.inherited_fd is not None:
             # The port listens on its own duplicate; the inherited descriptor
             # would only keep the socket open after this worker stops.

@@ -133,6 +133,23 @@ def tls_unsent_bytes(transport: object) -> int | None:
     return sum(len(chunk) for chunk in held)
 
 
+def disconnect_selectable(reactor: Any, selectable: Any, why: Any, is_read: bool) -> None:
+    """
+    Disconnect ``selectable`` for the reason its ``doRead`` or ``doWrite``
+    returned or raised, as the reactor does for its own readers and writers:
+    a clean end of stream on a read of a half-closeable transport is its
+    ``readConnectionLost``, anything else its ``connectionLost``.
+
+    Why private: ``PosixReactorBase._disconnectSelectable`` is the reactor's
+    own dispatch rule (which reasons are a clean end, half-close, the shared
+    Failures); a transport that muxtwist's splice poller tells of readiness
+    (``muxtwist.proxy._polled``) must end exactly as one the reactor tells.
+    Checked on Twisted 26.10.0 (``twisted.internet.posixbase``; the epoll,
+    poll, select and asyncio reactors all inherit it).
+    """
+    reactor._disconnectSelectable(selectable, why, is_read)
+
+
 def was_aborted(transport: object) -> bool:
     """
     Whether ``abortConnection()`` was called on a TLS transport

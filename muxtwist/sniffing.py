@@ -189,7 +189,13 @@ class SniffingFactory:
             self._old_rulesets.append(self._ruleset)
         factories = unique([r.factory for r in self.rules] + [on_timeout, on_no_match])
         self._ruleset = RuleSet(
-            self.rules, on_timeout, on_no_match, tuple(factories), waits=waits_for_bytes(self.rules)
+            self.rules,
+            on_timeout,
+            on_no_match,
+            tuple(factories),
+            waits=waits_for_bytes(self.rules),
+            # Every winner, fallbacks included, a Proxy (a fallback of None closes).
+            relays_only=bool(factories) and all(getattr(f, "relays_connections", False) for f in factories),
         )
         if self._started:
             self._start_inner()

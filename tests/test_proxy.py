@@ -23,6 +23,7 @@ from muxtwist.actions import Proxy
 from muxtwist.matchers import Any as AnyMatcher
 from muxtwist.matchers import Prefix
 from muxtwist.proxy import _splice
+from muxtwist.proxy._polled import PolledServer
 from tests.test_proxy_support import (
     Echo,
     Peer,
@@ -72,6 +73,8 @@ class SpliceOption:
     """Tests of the relay run on the splice(2) path (where the platform has it) and, in a subclass, without it."""
 
     splice = True
+    #: whether the listener reads its clients in the splice poller from their accept on, as a Listener's does.
+    polled = False
 
     def relay_proxy(self, backends: Any, **options: Any) -> Proxy:
         return Proxy(backends, splice=self.splice, **options)
@@ -92,6 +95,7 @@ class RelayTests(SpliceOption, unittest.TestCase):
         self.assertEqual(bytes(server.received), b"hello world")
         (relay,) = proxy.relays
         self.assertEqual(relay.spliced, self.splice and sys.platform.startswith("linux"))
+        self.assertEqual(isinstance(relay.transport, PolledServer), self.polled and sys.platform.startswith("linux"))
         server.transport.write(b"!")  # type: ignore[union-attr]
         await client.received_at_least(12)
         self.assertEqual((relay.bytes_in, relay.bytes_out), (11, 12))
@@ -488,6 +492,37 @@ class LeakTestsWithoutSplice(LeakTests):
 
 
 class BackpressureTestsWithoutSplice(BackpressureTests):
+    splice = False
+
+
+class RelayTestsPolled(RelayTests):
+    polled = True
+
+
+class FailureTestsPolled(FailureTests):
+    polled = True
+
+
+class LeakTestsPolled(LeakTests):
+    polled = True
+
+
+class BackpressureTestsPolled(BackpressureTests):
+    polled = True
+
+
+class RelayTestsPolledWithoutSplice(RelayTests):
+    polled = True
+    splice = False
+
+
+class FailureTestsPolledWithoutSplice(FailureTests):
+    polled = True
+    splice = False
+
+
+class BackpressureTestsPolledWithoutSplice(BackpressureTests):
+    polled = True
     splice = False
 
 

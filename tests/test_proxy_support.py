@@ -20,6 +20,8 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from muxtwist import Rule, SniffingFactory
+from muxtwist.proxy import _splice
+from muxtwist.proxy._polled import server_transport
 from tests.processes import stop_group
 
 R: Any = reactor
@@ -150,9 +152,16 @@ def backend(case: unittest.TestCase, kind: Callable[[], Peer] = Echo) -> tuple[s
 
 
 def mux(case: unittest.TestCase, rules: Sequence[Rule], **options: Any) -> tuple[int, SniffingFactory]:
-    """A SniffingFactory listening on loopback for the length of the test."""
+    """
+    A SniffingFactory listening on loopback for the length of the test; for a
+    case whose ``polled`` is true, with the port's transports chosen as a
+    Listener chooses them (:mod:`muxtwist.proxy._polled`).
+    """
     factory = SniffingFactory(rules, **options)
     port = R.listenTCP(0, factory, interface="127.0.0.1")
+    if getattr(case, "polled", False) and _splice.AVAILABLE:
+        # As a Listener (twistd muxtwist, MuxService) sets its TCP ports up.
+        port.transport = server_transport
 
     async def stop() -> None:
         await port.stopListening()

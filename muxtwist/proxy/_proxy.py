@@ -97,6 +97,10 @@ class Proxy:
     :meth:`open_relays` only.
     """
 
+    #: every connection handed to it is relayed (a listener whose rules only relay reads its
+    #: clients in the splice poller from their accept on: muxtwist.proxy._polled).
+    relays_connections = True
+
     def __init__(
         self,
         backends: str | Sequence[str],
