@@ -209,3 +209,22 @@ class SocketTests(unittest.TestCase):
         await until(lambda: bool(lost))
         self.assertTrue(lost[0].check(error.ConnectionDone))
         self.assertEqual(b.recv(10), b"")
+
+    async def test_an_exception_from_the_protocols_connection_lost_is_logged(self) -> None:
+        """A protocol's connectionLost raising at the peer's close is logged once, as the reactor logs it."""
+        a, b = socket.socketpair()
+        ended: list[Failure] = []
+
+        class Raising(Protocol):
+            def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:  # noqa: B008
+                ended.append(reason)
+                raise ZeroDivisionError("from connectionLost")
+
+        proto = Raising()
+        transport = PolledServer(a, proto, ("127.0.0.1", 1), None, 0, R)
+        proto.makeConnection(transport)
+        b.close()
+        await until(lambda: bool(ended))
+        await until(lambda: bool(transport.disconnected))
+        self.assertEqual(len(ended), 1)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)

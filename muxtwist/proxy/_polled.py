@@ -68,7 +68,13 @@ class _Readiness:
             # The reactor stops reading first (an end of stream would be
             # reported again and again); its own removeReader does nothing here.
             transport.stopReading()
-            disconnect_selectable(transport.reactor, transport, why, is_read)
+            try:
+                disconnect_selectable(transport.reactor, transport, why, is_read)
+            except BaseException:
+                # The reactor logs what its disconnect raised (its protocol's
+                # connectionLost); raised on to the poller, it would end the
+                # transport again, which does nothing: the error was lost.
+                log.failure("{transport!r} failed while ending", Failure(), transport=transport)
 
     def connectionLost(self, reason: Failure) -> None:
         # The reactor is stopping and disconnects everything in the poller.
