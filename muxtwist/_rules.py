@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import AbstractDatagramProtocol
 
 from muxtwist._options import shown
-from muxtwist.interfaces import IMatcher
+from muxtwist.interfaces import IMatcher, IRespondingMatcher
 
 __all__ = [
     "RESERVED_NAMES",
@@ -47,12 +47,18 @@ def needs_bytes(cls: _M) -> _M:
 def waits_for_bytes(rules: Sequence[Rule]) -> bool:
     """
     Whether showing zero bytes to ``rules`` can only say "wait": no rules, or
-    a first rule whose matcher is marked with :func:`needs_bytes` (the rules
-    are asked in order and the first ``NEED_MORE`` ends the asking).
+    a first rule whose matcher is marked with :func:`needs_bytes` and does
+    not answer (an :class:`~muxtwist.interfaces.IRespondingMatcher`'s
+    ``respond`` may write on zero bytes); the rules are asked in order and
+    the first ``NEED_MORE`` ends the asking.
     """
     if not rules:
         return True
-    matcher = type(rules[0].matcher)
+    first = rules[0].matcher
+    if IRespondingMatcher.providedBy(first):
+        # The mark vouches for match() alone: a respond() may answer zero bytes (a banner).
+        return False
+    matcher = type(first)
     vouched = getattr(matcher, "_needs_bytes", None)
     return vouched is not None and vouched is getattr(matcher, "match", None)
 

@@ -147,6 +147,22 @@ class ConnectTests(unittest.SynchronousTestCase):
         self.assertEqual(spy.shown, [b""])
         self.assertEqual(p._evaluations, 1)  # type: ignore[attr-defined]
 
+    def test_a_responding_subclass_of_a_marked_matcher_still_writes_on_connect(self) -> None:
+        """A subclass adding a respond() that answers zero bytes (a banner) is asked on connect and writes it."""
+
+        @implementer(IRespondingMatcher)
+        @attrs.frozen
+        class Greeting(SSH):
+            def respond(self, data: bytes, info: ConnectionInfo) -> bytes:
+                return b"" if data else b"SSH-2.0-hello\r\n"
+
+            def filter_replay(self, data: bytes) -> bytes:
+                return data
+
+        self.assertFalse(waits_for_bytes([Rule(Greeting(), _factory())]))
+        _, p, transport = _sniffer([Rule(Greeting(), _factory())])
+        self.assertEqual(transport.value(), b"SSH-2.0-hello\r\n")
+
     def test_remote_address_still_decides_on_connect(self) -> None:
         """A RemoteAddress first rule hands the connection off before any byte, as before."""
         _, p, _ = _sniffer([Rule(RemoteAddress("127.0.0.0/8"), _factory()), Rule(HTTP1(), _factory())])
