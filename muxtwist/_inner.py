@@ -71,14 +71,15 @@ class InnerFactories:
                 f.doStart()
             self.retiring.pop(id(f), None)
         wanted_ids = {id(f) for f in wanted}
-        for key, f in self.running.items():
+        # A copy: a factory told it is retiring may end connections, and so stop others.
+        for key, f in list(self.running.items()):
             if key not in wanted_ids and key not in self.retiring:
                 self.retiring[key] = f
                 _tell_retiring(f)
 
     def retire_all(self) -> None:
         """Every running factory is no longer wanted (the last port stopped)."""
-        for key, f in self.running.items():
+        for key, f in list(self.running.items()):
             if key not in self.retiring:
                 self.retiring[key] = f
                 _tell_retiring(f)
