@@ -27,7 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
+from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IRetiringFactory
 from muxtwist.matchers import ALPN, HTTP1, SNI, Prefix
 from muxtwist.matchers import Any as AnyBytes
 from muxtwist.redirect import RedirectToHTTPS
@@ -952,3 +952,23 @@ class RedirectTests(TestCase):
     def test_port_checked(self) -> None:
         """A port outside 1-65535 is refused at once."""
         self.assertRaises(ValueError, RedirectToHTTPS, 0)
+
+
+class RetiringTests(TestCase):
+    def test_retiring_is_passed_to_the_factory_behind(self) -> None:
+        """A TerminateTLS the rules no longer name tells the factory behind it, which may close idle connections."""
+
+        @implementer(IRetiringFactory)
+        class Told(protocol.Factory):
+            told = 0
+
+            def retiring(self) -> None:
+                self.told += 1
+
+        p = pki()
+        inner = Told()
+        tls = TerminateTLS(cert_dir(self, **{"a.test": p.a}), inner)
+        self.assertTrue(IRetiringFactory.providedBy(tls))
+        tls.retiring()
+        self.assertEqual(inner.told, 1)
+        TerminateTLS(cert_dir(self, **{"a.test": p.a}), protocol.Factory()).retiring()  # nothing to tell: no error

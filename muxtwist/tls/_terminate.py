@@ -24,7 +24,7 @@ from muxtwist._reachable import within
 from muxtwist._report import Observers
 from muxtwist._text import BurstLog
 from muxtwist._twisted import default_reactor
-from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
+from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IRetiringFactory
 from muxtwist.tls._alpn import offered_protocols
 from muxtwist.tls._certificates import CertificateError, Certificates, load_certificates, read_pair
 from muxtwist.tls._handshake import ConnectionCreator, Handshake
@@ -67,7 +67,7 @@ def reload_all_certificates(*factories: object) -> None:
         terminator.reload_certificates()
 
 
-@implementer(IConnectionInfoFactory)
+@implementer(IConnectionInfoFactory, IRetiringFactory)
 class TerminateTLS:
     """
     Terminate TLS and hand the decrypted stream to ``factory``.
@@ -261,6 +261,16 @@ class TerminateTLS:
     def doStop(self) -> None:
         self._refusals.flush()
         self.factory.doStop()
+
+    def retiring(self) -> None:
+        """
+        The rules no longer name this TerminateTLS: the factory behind it is
+        told too, if it wants to know (a WSGI or ASGI target closes its idle
+        keep-alive connections; should other rules still name that target,
+        those clients only open new connections).
+        """
+        if IRetiringFactory.providedBy(self.factory):
+            self.factory.retiring()
 
     def buildProtocol(self, addr: IAddress) -> IProtocol | None:
         return self.buildProtocolForConnection(addr, ConnectionInfo(peer=addr), "")
