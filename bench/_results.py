@@ -286,6 +286,7 @@ def markdown(
         "python -m bench            # the full run: writes bench/results/ and this page",
         "python -m bench --quick    # a short run to check the harness",
         "python -m bench --only proxy",
+        "python -m bench.instructions --tree ../before --tree .   # instructions per connection, A/B, not timed",
         "```",
         "",
         "The harness installs what it lacks (`apt-get install wrk nginx haproxy sslh iperf3 nghttp2-client`, "

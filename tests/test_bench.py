@@ -174,3 +174,59 @@ class ProcessTests(unittest.TestCase):
 def _alive(pid: int) -> bool:
     state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     return state != "Z"
+
+
+class InstructionsLoadTests(unittest.SynchronousTestCase):
+    """bench.instructions' load: every request on its own connection, every answer checked."""
+
+    def _server(self, answer: bytes) -> tuple[int, list[int]]:
+        import socket
+        import threading
+
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(64)
+        listening.settimeout(0.1)
+        served: list[int] = []
+        stopping = threading.Event()
+
+        def serve() -> None:
+            while not stopping.is_set():
+                try:
+                    conn, _ = listening.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                conn.settimeout(5)
+                with conn:
+                    conn.recv(4096)
+                    conn.sendall(answer)
+                    served.append(1)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            stopping.set()
+            thread.join(5)
+            listening.close()
+
+        self.addCleanup(stop)
+        return listening.getsockname()[1], served
+
+    def test_count_connections_are_made_and_answered(self) -> None:
+        """load() makes exactly count connections, some at once, and returns once each was answered and closed."""
+        from bench.instructions import load
+
+        port, served = self._server(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        load(port, 25, 4)
+        self.assertEqual(len(served), 25)
+
+    def test_an_answer_that_is_not_200_stops_the_measurement(self) -> None:
+        """A server that answers anything but 200 is an error, not a figure."""
+        from bench.instructions import load
+
+        port, _ = self._server(b"HTTP/1.1 503 Busy\r\n\r\n")
+        with self.assertRaises(RuntimeError):
+            load(port, 3, 1)
