@@ -12,7 +12,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import h2.config
@@ -29,6 +29,7 @@ from muxtwist.actions import TerminateTLS
 from muxtwist.apps import WSGI
 from muxtwist.matchers import Prefix
 from tests.certs import make_certificate
+from tests.test_apps_wsgi import Streaming
 from tests.test_proxy_support import R, mux, until, wait
 
 
@@ -144,27 +145,6 @@ class Held:
             return [b"done"]
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"hello"]
-
-
-class Streaming:
-    """A WSGI app streaming ``chunks`` chunks of 64 KiB, counting how many it has produced."""
-
-    def __init__(self, chunks: int) -> None:
-        self.chunks = chunks
-        self.produced = 0
-        self.closed = threading.Event()
-
-    def __call__(self, environ: dict[str, object], start_response: Callable[..., object]) -> Iterable[bytes]:
-        start_response("200 OK", [("Content-Length", str(self.chunks * 65536))])
-        return self.body()
-
-    def body(self) -> Iterator[bytes]:
-        try:
-            for _ in range(self.chunks):
-                self.produced += 1
-                yield b"x" * 65536
-        finally:
-            self.closed.set()
 
 
 def tls_mux(case: unittest.TestCase, target: Any) -> int:

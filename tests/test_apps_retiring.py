@@ -260,13 +260,7 @@ class TwistdReloadTests(unittest.TestCase):
         self.addCleanup(idle.close)
         self.assertEqual(body, b"one\n")
         self.reload(running, path, WSGI_RULES)
-        closed = seconds_until_closed(idle, 2.0)
-        self.assertIsNotNone(closed, "the idle keep-alive connection stayed open after the reload")
-        assert closed is not None
-        self.assertLess(closed, 1.0)
-        fresh, body = idle_keep_alive(port)
-        fresh.close()
-        self.assertEqual(body, b"two\n")
+        self.closed_then_served_anew(idle, port, b"two\n")
         self.assertEqual(running.stop(), 0, running.output.decode(errors="replace"))
 
     def test_sighup_closes_idle_http_to_the_replaced_asgi_target_and_its_websocket_goes_on(self) -> None:
@@ -285,6 +279,16 @@ class TwistdReloadTests(unittest.TestCase):
         running.wait_for(rb"lifespan shutdown one")
         self.assertEqual(running.stop(), 0, running.output.decode(errors="replace"))
 
+    def closed_then_served_anew(self, idle: Any, port: int, answer: bytes) -> None:
+        """The idle keep-alive connection closes within a second; a new client gets ``answer`` (the new target)."""
+        closed = seconds_until_closed(idle, 2.0)
+        self.assertIsNotNone(closed, "the idle keep-alive connection stayed open after the reload")
+        assert closed is not None
+        self.assertLess(closed, 1.0)
+        fresh, body = idle_keep_alive(port)
+        fresh.close()
+        self.assertEqual(body, answer)
+
     def talk_through_a_reload(self, running: Running, port: int, path: str, ws: Any) -> None:
         ws.send("a")
         self.assertEqual(ws.recv(CLIENT), "one: a")
@@ -293,13 +297,7 @@ class TwistdReloadTests(unittest.TestCase):
         self.assertEqual(body, b"one\n")
         self.reload(running, path, ASGI_RULES)
         running.wait_for(rb"lifespan startup two")
-        closed = seconds_until_closed(idle, 2.0)
-        self.assertIsNotNone(closed, "the idle keep-alive connection stayed open after the reload")
-        assert closed is not None
-        self.assertLess(closed, 1.0)
-        fresh, body = idle_keep_alive(port)
-        fresh.close()
-        self.assertEqual(body, b"two\n")
+        self.closed_then_served_anew(idle, port, b"two\n")
         # The WebSocket still talks to the old application, whose lifespan has not ended.
         ws.send("b")
         self.assertEqual(ws.recv(CLIENT), "one: b")
