@@ -10,8 +10,8 @@ exception guard) and a registration that the relay then takes out again.
 :class:`PolledServer` is Twisted's own TCP server transport, every method
 of it, except where it waits: its readiness comes from the splice poller
 instead of the reactor, so the sniffer, the relay and the splice use it as
-any TCP transport, and moving it to the splice is one change of interest
-in the same ``epoll``. Dispatch follows the reactor's (a returned reason
+any TCP transport, and the splice takes its socket over in the same
+``epoll``, never through the reactor's. Dispatch follows the reactor's (a returned reason
 disconnects as the reactor would, half-close included; an exception is
 logged and disconnects).
 
