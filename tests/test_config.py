@@ -301,7 +301,7 @@ class LoaderTests(unittest.TestCase):
 
     def test_first_line_that_is_not_utf8_names_its_byte_and_line(self) -> None:
         """A byte that is not UTF-8 on line 1 or 2 is named with its line, as on any later line."""
-        for text, line in [(b"rules = []  # caf\xe9\n", 1), (b"rules = []\n# na\xefve\n", 2)]:
+        for text, line in [(b"rules = []  # r\xe9sum\xe9\n", 1), (b"rules = []\n# na\xefve\n", 2)]:
             path = self.mktemp() + "-rules.py"
             with open(path, "wb") as f:
                 f.write(text)

@@ -100,12 +100,12 @@ class ListenerChoiceTests(unittest.TestCase):
         factory = SniffingFactory([Rule(Prefix(b"hello"), Proxy(desc))], on_no_match=Proxy(desc))
         port = self._listen(factory)
         client = await connect(self, port)
-        client.transport.write(b"hel")  # type: ignore[union-attr]
+        client.transport.write(b"hell")  # type: ignore[union-attr]
         client.transport.loseWriteConnection()  # type: ignore[union-attr]
         server = await wait(backends.arrived)
         await wait(server.eof)
         await wait(client.eof)
-        self.assertEqual((bytes(server.received), bytes(client.received)), (b"hel", b"hel"))
+        self.assertEqual((bytes(server.received), bytes(client.received)), (b"hell", b"hell"))
         await client.closed()
         self.assertEqual(factory.stats["on_no_match"].outcomes, {"no_match": 1})
 
