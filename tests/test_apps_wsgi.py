@@ -232,9 +232,8 @@ class Streaming:
 
 
 class WSGIFlowControlTests(unittest.TestCase):
-    async def test_a_slow_reader_pauses_a_streaming_response(self) -> None:
-        """A client that does not read holds the application's iteration once the connection's buffers are full."""
-        app = Streaming(1024)  # 64 MiB
+    async def paused_client(self, app: Streaming) -> Any:
+        """A client that asked ``app`` (behind a 2-thread WSGI target) for its body and reads nothing; once it began."""
         port, factory = mux(self, [Rule(HTTP1(), WSGI(app, threads=2), name="wsgi")])
         factory.doStart()
         self.addCleanup(factory.doStop)
@@ -243,6 +242,12 @@ class WSGIFlowControlTests(unittest.TestCase):
         client.transport.pauseProducing()  # type: ignore[attr-defined]
         client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         await until(lambda: app.produced > 0, 5)
+        return client
+
+    async def test_a_slow_reader_pauses_a_streaming_response(self) -> None:
+        """A client that does not read holds the application's iteration once the connection's buffers are full."""
+        app = Streaming(1024)  # 64 MiB
+        client = await self.paused_client(app)
         await deferLater(R, 1.0, lambda: None)
         # The socket buffers of loopback hold a few MiB; nothing holds the rest.
         self.assertLess(app.produced, 160, f"{app.produced} chunks of 64 KiB produced for a client reading nothing")
@@ -254,14 +259,7 @@ class WSGIFlowControlTests(unittest.TestCase):
     async def test_a_reader_that_leaves_while_paused_ends_the_iteration(self) -> None:
         """A client that leaves while the response is paused frees the app's thread, which closes its iterable."""
         app = Streaming(1024)
-        port, factory = mux(self, [Rule(HTTP1(), WSGI(app, threads=2), name="wsgi")])
-        factory.doStart()
-        self.addCleanup(factory.doStop)
-        client = await connect(self, port)
-        assert client.transport is not None
-        client.transport.pauseProducing()  # type: ignore[attr-defined]
-        client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        await until(lambda: app.produced > 0, 5)
+        client = await self.paused_client(app)
         await deferLater(R, 0.5, lambda: None)
         client.transport.abortConnection()  # type: ignore[attr-defined]
         await until(app.closed.is_set, 5)
