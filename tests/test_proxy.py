@@ -24,6 +24,7 @@ from muxtwist.matchers import Any as AnyMatcher
 from muxtwist.matchers import Prefix
 from muxtwist.proxy import _splice
 from muxtwist.proxy._polled import PolledServer
+from muxtwist.proxy._relay import PENDING_LIMIT
 from tests.test_proxy_support import (
     Echo,
     Peer,
@@ -118,14 +119,19 @@ class RelayTests(SpliceOption, unittest.TestCase):
         (end,) = [e for e in events if e.get("log_event") == "connection_end"]
         self.assertEqual((end["relayed_in"], end["relayed_out"]), (4, 9))
 
-    def test_client_paused_until_backend_connects(self) -> None:
-        """Reading from the client is paused as soon as the relay starts, before any backend answers."""
+    def test_client_read_while_backend_connects_until_the_pending_limit(self) -> None:
+        """While no backend has answered, the client is read until PENDING_LIMIT bytes wait, then paused."""
         proxy = self.relay_proxy(f"tcp:host=127.0.0.1:port={free_port()}", connect_timeout=5)
         relay = proxy.buildProtocolForConnection(None, ConnectionInfo(), "r")  # type: ignore[arg-type]
         assert relay is not None
         transport = StringTransport()
         relay.makeConnection(transport)
+        self.assertEqual(transport.producerState, "producing")
+        relay.dataReceived(b"x" * (PENDING_LIMIT - 1))
+        self.assertEqual(transport.producerState, "producing")
+        relay.dataReceived(b"y")
         self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(relay.buffered(), PENDING_LIMIT)  # type: ignore[attr-defined]
         relay.connectionLost(error.ConnectionDone())  # type: ignore[arg-type]
         self.assertEqual(proxy.relays, set())
 

@@ -282,6 +282,63 @@ class PollerShutdownTests(unittest.SynchronousTestCase):
         self.assertEqual(len(poller), 0)
 
 
+class _CountingEpoll:
+    """An epoll that counts its ``modify`` calls."""
+
+    def __init__(self, epoll: Any) -> None:
+        self.epoll = epoll
+        self.modified = 0
+
+    def modify(self, fd: int, events: int) -> None:
+        self.modified += 1
+        self.epoll.modify(fd, events)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.epoll, name)
+
+
+class PollerHandOverTests(unittest.SynchronousTestCase):
+    def _two_ends(self, first_writes: bool) -> tuple[_poller.Poller, _CountingEpoll, _End, _End, socket.socket]:
+        if not LINUX:
+            raise unittest.SkipTest("epoll is Linux's")
+        poller = _poller.Poller(_Reactor())
+        ours, peer = socket.socketpair()
+        self.addCleanup(peer.close)
+        first = _End(poller, ours, [-1])
+        first.reading, first.writing = not first_writes, first_writes
+        poller.update(first)
+        epoll = _CountingEpoll(poller._epoll)
+        poller._epoll = epoll  # type: ignore[assignment]
+        self.addCleanup(epoll.epoll.close)
+        second = _End(poller, ours, [-1])
+        self.addCleanup(second.leave)
+        poller.update(second)
+        return poller, epoll, first, second, peer
+
+    def test_a_socket_taken_over_with_the_same_interest_costs_no_system_call(self) -> None:
+        """A second end reading a socket the poller already reads for another takes it over without a modify."""
+        poller, epoll, first, second, peer = self._two_ends(first_writes=False)
+        self.assertEqual(epoll.modified, 0)
+        self.assertEqual(first.events, 0)
+        peer.send(b"ping")
+        poller.doRead()
+        self.assertEqual((first.reads, second.reads, second.got), (0, 1, 4))
+        # The first end leaving (its transport's stopReading) takes nothing from the second.
+        first.reading = False
+        poller.update(first)
+        peer.send(b"pong")
+        poller.doRead()
+        self.assertEqual((second.reads, second.got), (2, 8))
+
+    def test_a_socket_taken_over_with_another_interest_is_modified_once(self) -> None:
+        """A second end reading a socket the poller watched for writing takes it over with one modify."""
+        poller, epoll, first, second, peer = self._two_ends(first_writes=True)
+        self.assertEqual(epoll.modified, 1)
+        peer.send(b"ping")
+        poller.doRead()
+        self.assertEqual((first.writes, second.reads, second.got), (0, 1, 4))
+
+
 class _Counter(_End):
     """An end on the real reactor that fires ``done`` once it has read ``expected`` bytes."""
 

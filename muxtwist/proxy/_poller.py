@@ -109,10 +109,13 @@ class Poller:
         held = self._ends.get(fd)
         if held is not None and held is not end and held.events:
             # The socket changes hands here (a connect's socket taken by its
-            # relay): one modify, and the old end is no longer registered.
+            # relay, a polled client by its splice): the old end is no longer
+            # registered, and a modify only if the interest changes.
+            registered = held.events
             held.events = 0
             self._ends[fd] = end
-            epoll.modify(fd, events)
+            if registered != events:
+                epoll.modify(fd, events)
             return
         epoll.register(fd, events)
         self._ends[fd] = end

@@ -4,8 +4,10 @@ client to the backend chosen for it (its idle timer is in
 :mod:`muxtwist.proxy._idle`, the aborting of ends that linger after a close
 in :mod:`muxtwist.proxy._closing`).
 
-Reading from the client is paused until a backend has connected; the sniffed
-bytes go first (after a PROXY header, if asked for); then both directions
+While a backend connects, what the client sends waits in the relay, up to
+:data:`PENDING_LIMIT` bytes, beyond which reading from the client pauses
+until a backend has connected; the sniffed bytes and what waited go first
+(after a PROXY header, if asked for); then both directions
 flow with each transport registered as the other's streaming producer, so a
 slow reader on either side stops reading on the other and memory stays
 bounded. After the backend connects, each chunk costs one ``write`` call: the
@@ -61,6 +63,10 @@ from muxtwist.proxy._raw import RawTransport, SpliceFactory
 __all__ = ["Relay"]
 
 log = Logger(namespace="muxtwist.proxy")
+
+#: bytes from the client a relay keeps while its backend connects before it
+#: stops reading the client (a copying read's worth).
+PENDING_LIMIT = 65536
 
 
 class _RelayOwner(TypingProtocol):
@@ -158,6 +164,9 @@ class Relay(Protocol):
         self.transparent = False
         self.side: _BackendSide | None = None
         self._pending: list[bytes] | None = []
+        #: bytes in ``_pending``; the client is paused once they reach :data:`PENDING_LIMIT`.
+        self._pending_size = 0
+        self._paused = False
         self._candidates: list[Backend] = []
         self._attempt: defer.Deferred[Any] | None = None
         self._trying: _BackendSide | None = None
@@ -192,7 +201,8 @@ class Relay(Protocol):
         """Bytes the relay holds that neither end has taken yet (what backpressure bounds)."""
         if self._splice is not None:
             return self._splice.buffered()
-        return sum(unsent_bytes(t) or 0 for t in (self.transport, self.side.transport if self.side else None))
+        waiting = self._pending_size if self._pending is not None else 0
+        return waiting + sum(unsent_bytes(t) or 0 for t in (self.transport, self.side.transport if self.side else None))
 
     def _unsplice(self) -> None:
         if self._splice is not None:
@@ -207,7 +217,6 @@ class Relay(Protocol):
     def connectionMade(self) -> None:
         transport = self.transport
         assert transport is not None
-        transport.pauseProducing()  # type: ignore[attr-defined]
         if self.info.local is None:
             self.info = self.info.evolve(local=transport.getHost(), peer=self.info.peer or transport.getPeer())
         self.proxy.relays.add(self)
@@ -216,8 +225,15 @@ class Relay(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         # Until the backend connects; then replaced by the backend transport's write.
-        if self._pending is not None:
-            self._pending.append(data)
+        pending = self._pending
+        if pending is not None:
+            pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size >= PENDING_LIMIT and not self._paused:
+                # The client is read while the backend connects (no pause and
+                # resume per connection), until this much waits for it.
+                self._paused = True
+                self.transport.pauseProducing()  # type: ignore[union-attr]
         elif self.side is not None:
             self.side.transport.write(data)  # type: ignore[union-attr]
 

@@ -273,11 +273,14 @@ class Splice:
     def start(self) -> None:
         """Take both sockets over from their transports and start relaying."""
         self.running = True
+        # Registered here first: a socket the poller already reads for its
+        # transport (a polled client) changes hands without a system call,
+        # and its transport's stopReading then finds nothing to undo.
+        self._read(self.client)
+        self._read(self.backend)
         for end in (self.client, self.backend):
             end.transport.stopReading()
             end.transport.stopWriting()
-        self._read(self.client)
-        self._read(self.backend)
         if self.up.prefix is not None:
             self._flush(self.up)
 
@@ -426,6 +429,11 @@ class Splice:
         # calls are no-ops.
         client, backend = self.client.transport, self.backend.transport
         client.disconnecting = backend.disconnecting = True
+        # Both ways are shut: the close alone ends the connection (Twisted's
+        # shutdown() before it would fail once the peer's FIN has come after ours).
+        for transport in (client, backend):
+            if isinstance(transport, tcp.Connection):
+                transport._shouldShutdown = False
         client.connectionLost(_DONE)
         backend.connectionLost(_DONE)
 
