@@ -78,6 +78,10 @@ class Twistd:
     def stop(self, timeout: float = 30.0) -> tuple[int, str]:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 30.0) -> tuple[int, str]:
+        """Wait for the server to exit by itself (killed with its group after ``timeout``): its status and log."""
         try:
             out, _ = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
