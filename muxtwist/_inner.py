@@ -61,6 +61,9 @@ class InnerFactories:
         self.running: dict[int, IProtocolFactory] = {}
         self.retiring: dict[int, IProtocolFactory] = {}
         self.in_use: dict[int, int] = {}
+        # Running factories told they are retiring because their owner was
+        # (tell_running): its doStop does not tell them a second time.
+        self.told: set[int] = set()
 
     def start(self, wanted: Iterable[IProtocolFactory]) -> None:
         """Start the wanted factories not running yet; mark the others retiring."""
@@ -68,6 +71,7 @@ class InnerFactories:
         for f in wanted:
             if id(f) not in self.running:
                 self.running[id(f)] = f
+                self.told.discard(id(f))
                 f.doStart()
             self.retiring.pop(id(f), None)
         wanted_ids = {id(f) for f in wanted}
@@ -78,10 +82,26 @@ class InnerFactories:
                 _tell_retiring(f)
 
     def retire_all(self) -> None:
-        """Every running factory is no longer wanted (the last port stopped)."""
+        """
+        Every running factory is no longer wanted (the last port stopped);
+        each is told so, unless :meth:`tell_running` told it already.
+        """
+        told, self.told = self.told, set()
         for key, f in list(self.running.items()):
             if key not in self.retiring:
                 self.retiring[key] = f
+                if key not in told:
+                    _tell_retiring(f)
+
+    def tell_running(self) -> None:
+        """
+        The owner itself is retiring (the rules of the sniffer it is nested
+        in no longer name it): tell each running factory not retiring yet,
+        once. They keep running: the owner serves on until its own doStop.
+        """
+        for key, f in list(self.running.items()):
+            if key not in self.retiring:
+                self.told.add(key)
                 _tell_retiring(f)
 
     def stop_unused(self, sniffing: Iterable[RuleSet]) -> None:
@@ -95,6 +115,7 @@ class InnerFactories:
             if key not in busy and not self.in_use.get(key):
                 del self.retiring[key]
                 del self.running[key]
+                self.told.discard(key)
                 f.doStop()
 
     def use(self, f: IProtocolFactory) -> None:

@@ -45,7 +45,7 @@ from muxtwist._sniffing_protocol import (
     max_matcher_work,
 )
 from muxtwist._twisted import default_reactor
-from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory
+from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IRetiringFactory
 from muxtwist.proxyprotocol import Trust
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ __all__ = [
 SniffingProtocol.__module__ = __name__
 
 
-@implementer(IConnectionInfoFactory)
+@implementer(IConnectionInfoFactory, IRetiringFactory)
 class SniffingFactory:
     """
     A factory whose connections are sniffed and handed to the first rule that
@@ -252,6 +252,17 @@ class SniffingFactory:
             self._inner.retire_all()
             self._stop_retired()
             self._refusals.flush()
+
+    def retiring(self) -> None:
+        """
+        Nested (a rule's factory, or behind ``TerminateTLS``), the rules
+        around this sniffer no longer name it: tell the factories of its own
+        rules and fallbacks, each once, so that a WSGI or ASGI target behind
+        it closes its idle keep-alive connections as one named directly
+        does. They serve on until this sniffer's ``doStop``, which does not
+        tell them again.
+        """
+        self._inner.tell_running()
 
     def buildProtocol(self, addr: IAddress) -> SniffingProtocol | None:
         return self.buildProtocolForConnection(addr, None, "")

@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from muxtwist import Rule
+from muxtwist import Rule, SniffingFactory
 from muxtwist.apps import WSGI
 from muxtwist.interfaces import IRetiringFactory
 from muxtwist.matchers import HTTP1
@@ -88,6 +88,21 @@ class WSGIReloadTests(unittest.TestCase):
         fresh.transport.write(get("/"))
         await until(lambda: bytes(fresh.received).endswith(b"new"), 5)
 
+    async def test_a_reload_closes_an_idle_keep_alive_connection_behind_a_nested_sniffer(self) -> None:
+        """A reload leaving out a nested SniffingFactory closes idle keep-alive clients of the WSGI target behind it."""
+        app = Answering(b"old")
+        self.addCleanup(app.release.set)
+        old = WSGI(app, threads=2)
+        port, factory = mux(self, [Rule(HTTP1(), SniffingFactory([Rule(HTTP1(), old, name="inner")]), name="web")])
+        client = await connect(self, port)
+        assert client.transport is not None
+        client.transport.write(get("/"))
+        await until(lambda: bytes(client.received).endswith(b"old"), 5)
+        pool = old.pool
+        factory.set_rules([Rule(HTTP1(), WSGI(Answering(b"new"), threads=2), name="web")])
+        await until(lambda: client.eof.called, 1)
+        await until(lambda: not pool.started, 5)
+
     async def test_a_reload_lets_a_request_in_flight_answer_then_closes_its_connection(self) -> None:
         """A client mid-request when the target is replaced gets its whole answer, told Connection: close, then EOF."""
         port, factory, old, app = self.serve()
@@ -150,7 +165,7 @@ class WSGIReloadTests(unittest.TestCase):
 WSGI_RULES = """\
 from flask import Flask
 
-from muxtwist import Rule
+from muxtwist import Rule, SniffingFactory
 from muxtwist.apps import WSGI
 from muxtwist.matchers import HTTP1
 
@@ -168,7 +183,7 @@ rules = [Rule(HTTP1(), WSGI(web, threads=2), name="web")]
 ASGI_RULES = """\
 from twisted.logger import Logger
 
-from muxtwist import Rule
+from muxtwist import Rule, SniffingFactory
 from muxtwist.apps import ASGI
 from muxtwist.matchers import HTTP1
 

@@ -712,6 +712,26 @@ class RetiringTests(unittest.TestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual((old.told, old.stops, new.starts), (1, 1, 1))
 
+    def test_a_nested_sniffer_left_out_tells_each_of_its_factories_once(self) -> None:
+        """A nested SniffingFactory the outer rules leave out tells its rules' and fallbacks' factories once each."""
+        web, other = RetiringFactory(), RetiringFactory()
+        nested = SniffingFactory(
+            [Rule(Prefix(b"A"), web, name="a"), Rule(Prefix(b"B"), web, name="b")],
+            on_no_match=other,
+            reactor=task.Clock(),
+        )
+        self.assertTrue(IRetiringFactory.providedBy(nested))
+        factory, clock = make([Rule(AnyMatcher(), nested, name="nested")])
+        factory.doStart()
+        conn = MemoryConnection(factory, clock=clock)
+        conn.send(b"A")
+        factory.set_rules([])
+        self.assertEqual((web.told, other.told), (1, 1))
+        self.assertEqual((web.stops, other.stops), (0, 0))
+        conn.close()
+        # The nested sniffer's doStop (its last connection ended) stops them without telling them again.
+        self.assertEqual((web.told, other.told, web.stops, other.stops), (1, 1, 1, 1))
+
 
 class RefusalLogTests(unittest.TestCase):
     def test_refusals_logged_at_most_once_a_second_with_a_count(self) -> None:
