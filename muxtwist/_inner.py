@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from muxtwist._rules import Rule
 from muxtwist.interfaces import IRetiringFactory
 
-__all__ = ["InnerFactories", "RuleSet", "unique"]
+__all__ = ["InnerFactories", "RuleSet", "tell_retiring", "unique"]
 
 log = Logger(namespace="muxtwist.sniffing")
 
@@ -48,6 +48,9 @@ class RuleSet:
     waits: bool = False
     #: whether every connection is handed to a relay (:mod:`muxtwist.proxy._polled`).
     relays_only: bool = False
+    #: whether the owner was told it is retiring while connections sniffed
+    #: under these rules: each is handed on late, and its winner told again.
+    retired: bool = False
 
 
 class InnerFactories:
@@ -79,7 +82,7 @@ class InnerFactories:
         for key, f in list(self.running.items()):
             if key not in wanted_ids and key not in self.retiring:
                 self.retiring[key] = f
-                _tell_retiring(f)
+                tell_retiring(f)
 
     def retire_all(self) -> None:
         """
@@ -91,7 +94,7 @@ class InnerFactories:
             if key not in self.retiring:
                 self.retiring[key] = f
                 if key not in told:
-                    _tell_retiring(f)
+                    tell_retiring(f)
 
     def tell_running(self) -> None:
         """
@@ -102,7 +105,7 @@ class InnerFactories:
         for key, f in list(self.running.items()):
             if key not in self.retiring:
                 self.told.add(key)
-                _tell_retiring(f)
+                tell_retiring(f)
 
     def stop_unused(self, sniffing: Iterable[RuleSet]) -> None:
         """
@@ -131,7 +134,7 @@ class InnerFactories:
         return bool(self.retiring)
 
 
-def _tell_retiring(f: IProtocolFactory) -> None:
+def tell_retiring(f: IProtocolFactory) -> None:
     """Tell an :class:`~muxtwist.interfaces.IRetiringFactory` that the rules no longer name it."""
     if not IRetiringFactory.providedBy(f):
         return

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from muxtwist._deadlines import Deadline, Deadlines
-from muxtwist._inner import InnerFactories, RuleSet
+from muxtwist._inner import InnerFactories, RuleSet, tell_retiring
 from muxtwist._rules import Outcome, RuleStats
 from muxtwist._sniffing_end import EndOfConnection, EndOwner
 from muxtwist._transports import abort
@@ -444,6 +444,12 @@ class SniffingProtocol(EndOfConnection):
                 proto.readConnectionLost()
             else:
                 transport.loseConnection()
+        if self._ruleset.retired or id(factory) in self.factory._inner.retiring:
+            # Sniffed under rules that have since stopped naming the winner,
+            # which was told so before this connection reached it: tell it
+            # again, so that it finishes this one too (after the replay, so
+            # that a request it carries is answered first).
+            tell_retiring(factory)
 
     def _close_unhandled(self, transport: ITransport, rule_name: str) -> None:
         if rule_name not in ("on_timeout", "on_no_match"):

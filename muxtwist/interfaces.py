@@ -147,8 +147,10 @@ class IRetiringFactory(IProtocolFactory):
     def retiring() -> None:
         """
         No new connection will be handed to this factory unless later rules
-        name it again. Called once each time it stops being named; it must
-        not raise (an exception is logged and ignored).
+        name it again. Called once each time it stops being named, and again
+        right after each connection that was still being sniffed then is
+        handed to it (its bytes replayed), so that it finishes that one too;
+        it must not raise (an exception is logged and ignored).
         """
 
 

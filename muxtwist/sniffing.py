@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorTime
 from zope.interface import implementer
@@ -260,8 +261,17 @@ class SniffingFactory:
         rules and fallbacks, each once, so that a WSGI or ASGI target behind
         it closes its idle keep-alive connections as one named directly
         does. They serve on until this sniffer's ``doStop``, which does not
-        tell them again.
+        tell them again. A connection still sniffing here now tells its
+        winner again once handed to it (:meth:`SniffingProtocol._hand_off`);
+        those that come later, if the rules around name this sniffer again,
+        do not.
         """
+        for ruleset in self._old_rulesets:
+            ruleset.retired = True
+        if self._ruleset.sniffing:
+            self._ruleset.retired = True
+            self._old_rulesets.append(self._ruleset)
+            self._ruleset = attrs.evolve(self._ruleset, sniffing=0, retired=False)
         self._inner.tell_running()
 
     def buildProtocol(self, addr: IAddress) -> SniffingProtocol | None:

@@ -103,6 +103,22 @@ class WSGIReloadTests(unittest.TestCase):
         await until(lambda: client.eof.called, 1)
         await until(lambda: not pool.started, 5)
 
+    async def test_a_request_still_sniffing_at_a_reload_is_answered_by_the_old_target_then_closed(self) -> None:
+        """A client whose request was half sent at a reload gets the old target's answer, Connection: close, and EOF."""
+        port, factory, old, _ = self.serve()
+        client = await connect(self, port)
+        assert client.transport is not None
+        client.transport.write(b"GET / HT")
+        await until(lambda: any(p.sniffing for p in factory.connections), 5)
+        pool = old.pool
+        factory.set_rules([Rule(HTTP1(), WSGI(Answering(b"new"), threads=2), name="web")])
+        client.transport.write(b"TP/1.1\r\nHost: x\r\n\r\n")
+        await until(lambda: client.eof.called, 5)
+        answer = bytes(client.received)
+        self.assertTrue(answer.endswith(b"\r\n\r\nold"), answer)
+        self.assertIn(b"\r\nconnection: close\r\n", answer.lower())
+        await until(lambda: not pool.started, 5)
+
     async def test_a_reload_lets_a_request_in_flight_answer_then_closes_its_connection(self) -> None:
         """A client mid-request when the target is replaced gets its whole answer, told Connection: close, then EOF."""
         port, factory, old, app = self.serve()

@@ -732,6 +732,62 @@ class RetiringTests(unittest.TestCase):
         # The nested sniffer's doStop (its last connection ended) stops them without telling them again.
         self.assertEqual((web.told, other.told, web.stops, other.stops), (1, 1, 1, 1))
 
+    def test_a_connection_handed_to_a_factory_after_it_was_told_tells_it_again(self) -> None:
+        """A connection sniffing at a reload and handed to the left-out factory afterwards makes it be told again."""
+        old, kept, new = RetiringFactory(), RetiringFactory(), RetiringFactory()
+        factory, clock = make([Rule(Prefix(b"AB"), old, name="a"), Rule(Prefix(b"KL"), kept, name="k")])
+        factory.doStart()
+        late, named = MemoryConnection(factory, clock=clock), MemoryConnection(factory, clock=clock)
+        late.send(b"A")
+        named.send(b"K")
+        factory.set_rules([Rule(Prefix(b"AB"), new, name="a"), Rule(Prefix(b"KL"), kept, name="k")])
+        self.assertEqual((old.told, kept.told), (1, 0))
+        late.send(b"B")
+        named.send(b"L")
+        self.assertEqual(old.built[0].received, b"AB")
+        self.assertEqual((old.told, kept.told, new.told), (2, 0, 0))
+        late.close()
+        self.assertEqual(old.stops, 1)
+        named.close()
+
+    def test_a_connection_sniffing_in_a_retired_nested_sniffer_tells_its_winner_again(self) -> None:
+        """A connection still sniffing in a nested sniffer when it retires tells its winner again once handed to it."""
+        web = RetiringFactory()
+        nested = SniffingFactory([Rule(Prefix(b"ABCD"), web, name="inner")], reactor=task.Clock())
+        factory, clock = make([Rule(Prefix(b"AB"), nested, name="nested")])
+        factory.doStart()
+        inside, outside = MemoryConnection(factory, clock=clock), MemoryConnection(factory, clock=clock)
+        inside.send(b"ABC")  # handed to the nested sniffer, which waits for more
+        outside.send(b"A")  # still sniffing in the outer one
+        factory.set_rules([])
+        self.assertEqual(web.told, 1)
+        inside.send(b"D")
+        self.assertEqual(web.told, 2)
+        outside.send(b"BCD")
+        self.assertEqual(web.told, 3)
+        self.assertEqual([p.received for p in web.built], [b"ABCD", b"ABCD"])
+        inside.close()
+        outside.close()
+        self.assertEqual((web.told, web.stops), (3, 1))
+
+    def test_a_nested_sniffer_named_again_tells_no_winner_of_later_connections(self) -> None:
+        """Once the outer rules name a retired nested sniffer again, its new connections reach their winner untold."""
+        web = RetiringFactory()
+        nested = SniffingFactory([Rule(Prefix(b"ABCD"), web, name="inner")], reactor=task.Clock())
+        factory, clock = make([Rule(Prefix(b"AB"), nested, name="nested")])
+        factory.doStart()
+        held = MemoryConnection(factory, clock=clock)
+        held.send(b"ABC")
+        factory.set_rules([])
+        factory.set_rules([Rule(Prefix(b"AB"), nested, name="nested")])
+        fresh = MemoryConnection(factory, clock=clock)
+        fresh.send(b"ABCD")
+        self.assertEqual(web.told, 1)
+        held.send(b"D")
+        self.assertEqual(web.told, 2)
+        held.close()
+        fresh.close()
+
 
 class RefusalLogTests(unittest.TestCase):
     def test_refusals_logged_at_most_once_a_second_with_a_count(self) -> None:
