@@ -23,9 +23,9 @@ from muxtwist._limits import Refusals, address_text
 from muxtwist._prestage import PreStageOwner, ProxyPreStage
 from muxtwist._report import ConnectionLog, Observers
 from muxtwist._rules import Outcome, RuleStats
-from muxtwist.interfaces import ConnectionEnd, IConnectionObserver, IConnectionReport
+from muxtwist.interfaces import ConnectionEnd, ConnectionInfo, IConnectionObserver, IConnectionReport
 
-__all__ = ["EndOfConnection", "EndOwner"]
+__all__ = ["EndOfConnection", "EndOwner", "refused_at_accept"]
 
 #: The ``connection_end`` event, for factories with ``log_connections``.
 _CONNECTION_LOG = ConnectionLog()
@@ -49,6 +49,34 @@ class EndOwner(PreStageOwner, Protocol):
     def _release_source(self, source: str) -> None: ...
 
     def _release(self, f: IProtocolFactory) -> None: ...
+
+
+def refused_at_accept(factory: EndOwner, addr: object, info: ConnectionInfo | None) -> None:
+    """
+    Report the end of a connection a listener limit refused before it was
+    sniffed (the factory built no protocol for it): counted as ``rejected``
+    with rule ``-``, as one the PROXY pre-stage refuses, so that every
+    accepted connection ends once in the metrics. Its ``connection_end``
+    line is left out: the limit's own refusal line, throttled, stands for it.
+    """
+    outcome = Outcome.REJECTED.value
+    ended = factory.stats.get("-") or factory.stats.setdefault("-", RuleStats())
+    ended.outcomes[outcome] = ended.outcomes.get(outcome, 0) + 1
+    observer = factory.metrics
+    if isinstance(observer, Observers) and not observer.observers:
+        return
+    observer.connection_end(
+        ConnectionEnd(
+            rule="-",
+            outcome=outcome,
+            sniff_time=0.0,
+            sniffed_in=0,
+            sniffed_out=0,
+            peer=address_text(info.source if info is not None else addr),
+            local_port=getattr(info.local if info is not None else None, "port", None),
+            duration=0.0,
+        )
+    )
 
 
 class EndOfConnection(ProxyPreStage):

@@ -37,6 +37,7 @@ from muxtwist._rules import (
     duplicate_names,
     waits_for_bytes,
 )
+from muxtwist._sniffing_end import refused_at_accept
 from muxtwist._sniffing_protocol import (
     EAGER_BYTES,
     EAGER_EVALUATIONS,
@@ -283,6 +284,7 @@ class SniffingFactory:
         """Build a sniffer; ``info`` comes from an outer sniffer when this one is nested."""
         if self.max_connections is not None and len(self.connections) >= self.max_connections:
             self._refused(addr, "max_connections", self.max_connections)
+            refused_at_accept(self, addr, info)
             return None
         source = None
         limit = self.max_connections_per_source
@@ -292,6 +294,7 @@ class SniffingFactory:
             source = host_of(info.source if info is not None else addr)
             if not self._take_source(source):
                 self._refused(addr, "max_connections_per_source", limit)
+                refused_at_accept(self, addr, info)
                 return None
         p = SniffingProtocol(self, addr, info)
         p._source = source

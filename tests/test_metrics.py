@@ -180,6 +180,30 @@ class LimitTests(unittest.TestCase):
         self.assertIsNotNone(factory.buildProtocol(peer("192.0.2.2")))
         b.close()
 
+    def test_refused_connections_count_once_in_connections_total(self) -> None:
+        """Connections refused by max_connections or max_connections_per_source end once as rejected, as others do."""
+        factory = SniffingFactory(
+            [Rule(AnyMatcher(), echo(), name="e")],
+            max_connections=2,
+            max_connections_per_source=1,
+            reactor=self.clock,
+            metrics=self.metrics,
+        )
+        a = MemoryConnection(factory, clock=self.clock, peer=peer("192.0.2.1"))
+        self.assertIsNone(factory.buildProtocol(peer("192.0.2.1", 2)))
+        b = MemoryConnection(factory, clock=self.clock, peer=peer("192.0.2.2"))
+        self.assertIsNone(factory.buildProtocol(peer("192.0.2.3")))
+        for c in (a, b):
+            c.send(b"x")
+            c.close()
+        total = self.metrics.value
+        self.assertEqual(total("muxtwist_connections_total", rule="e", outcome="handed_off"), 2)
+        self.assertEqual(total("muxtwist_connections_total", rule="-", outcome="rejected"), 2)
+        self.assertEqual(total("muxtwist_limit_rejections_total", limit="max_connections"), 1)
+        self.assertEqual(total("muxtwist_limit_rejections_total", limit="max_connections_per_source"), 1)
+        self.assertEqual(sum(self.metrics.connections_by_outcome().values()), 4)
+        self.assertEqual(factory.stats["-"].outcomes, {"rejected": 2})
+
     def test_per_rule(self) -> None:
         """A rule at its max_connections closes the next matching connection; other rules still serve."""
         rules = [
