@@ -181,7 +181,7 @@ class WSGIReloadTests(unittest.TestCase):
 WSGI_RULES = """\
 from flask import Flask
 
-from muxtwist import Rule, SniffingFactory
+from muxtwist import Rule
 from muxtwist.apps import WSGI
 from muxtwist.matchers import HTTP1
 
@@ -199,7 +199,7 @@ rules = [Rule(HTTP1(), WSGI(web, threads=2), name="web")]
 ASGI_RULES = """\
 from twisted.logger import Logger
 
-from muxtwist import Rule, SniffingFactory
+from muxtwist import Rule
 from muxtwist.apps import ASGI
 from muxtwist.matchers import HTTP1
 
