@@ -176,7 +176,10 @@ def _count(factory: Any) -> dict[str, int]:
 
 
 class Control(LineReceiver):
-    """``stats`` answers one JSON line: RSS, Python heap (when traced) and connection counts."""
+    """
+    ``stats`` answers one JSON line: RSS, Python heap (when traced) and
+    connection counts, after a full collection; ``count`` the counts alone.
+    """
 
     delimiter = b"\n"
 
@@ -192,6 +195,10 @@ class Control(LineReceiver):
             if tracemalloc.is_tracing():
                 stats["heap"], stats["heap_peak"] = tracemalloc.get_traced_memory()
             self.sendLine(json.dumps(stats).encode())  # type: ignore[no-untyped-call]
+        elif command == b"count":
+            # The connection counts alone, for polling: no gc.collect(), which takes
+            # about 0.25 s with 10,000 relays open and holds the reactor all that time.
+            self.sendLine(json.dumps(_count(self.watched)).encode())  # type: ignore[no-untyped-call]
         elif command == b"mark":
             gc.collect()
             self.baseline = tracemalloc.take_snapshot() if tracemalloc.is_tracing() else None

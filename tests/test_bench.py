@@ -12,6 +12,7 @@ import sys
 import tempfile
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from twisted.trial import unittest
 
@@ -159,6 +160,44 @@ class ProcessTests(unittest.TestCase):
             self.assertEqual(scenario.median(name, "ka_errors"), 0)
         for pid in pids:
             self.assertFalse(Path(f"/proc/{pid}/stat").exists() and _alive(pid))
+
+    def test_idle_connections_open_a_batch_at_a_time(self) -> None:
+        """The traced proxied scale run opens a batch once the server linked the one before, and gives a heap figure."""
+        import socket
+
+        workdir = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, workdir, ignore_errors=True)
+        ctx = scenarios.Context(
+            workdir=workdir, runs=1, seconds=1, idle_connections=10, server_cpu=[], load_cpu=[], log=lambda m: None
+        )
+        self.patch(scenarios, "IDLE_BATCH", 40)
+        linked = [0]
+        ask = scenarios._ControlClient.ask
+
+        def asking(client: scenarios._ControlClient, command: str) -> Any:
+            answer = ask(client, command)
+            if isinstance(answer, dict) and "linked" in answer:
+                linked[0] = answer["linked"]
+            return answer
+
+        # Per connection opened: how many the server had linked when it was opened.
+        behind: list[int] = []
+        connect = socket.create_connection
+
+        def connecting(address: Any, *args: Any, **kwargs: Any) -> socket.socket:
+            behind.append(linked[0])
+            return connect(address, *args, **kwargs)
+
+        self.patch(scenarios._ControlClient, "ask", asking)
+        with _procs.Servers(workdir) as servers:
+            _, sink_port = scenarios.start_python(ctx, servers, "scale-sink", "sink")
+            self.patch(socket, "create_connection", connecting)
+            figures, top = scenarios._scale_once(ctx, "scale-proxy", True, sink_port, 100)
+        # The first is the control connection; then connection i (from 0) is opened with i // 40 batches linked.
+        self.assertEqual(len(behind), 101)
+        self.assertEqual([b for i, b in enumerate(behind[1:]) if b < i // 40 * 40], [])
+        self.assertGreater(figures["heap_per_conn"], 0)
+        self.assertTrue(top)
 
     def test_asgi_mux_server_starts(self) -> None:
         """The ASGI scenario's muxtwist server (a Proxy rule, ASGI on the asyncio reactor) starts and answers HTTP."""
