@@ -2,7 +2,8 @@
 The WSGI and ASGI targets behind ``TerminateTLS`` when a client negotiates
 HTTP/2 by ALPN (twisted.web serves it for a WSGI target), with the ``h2``
 library as the client over real TLS sockets on 127.0.0.1: a stop's
-``shutdown()``, and a large streamed body to a client that does not read.
+``shutdown()``, streams opened after its (or ``retiring()``'s) GOAWAY, and
+a large streamed body to a client that does not read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 from hyperframe.frame import Frame, GoAwayFrame
@@ -59,7 +61,10 @@ class H2Client:
         self.events: list[h2.events.Event] = []
         self.bodies: dict[int, bytearray] = {}
         self.ended: set[int] = set()
+        #: The error code of each stream the server reset.
+        self.reset: dict[int, int] = {}
         self.goaway: GoAwayFrame | None = None
+        self.goaways: list[GoAwayFrame] = []
         self._frames = bytearray()
         self.closed = False
 
@@ -69,6 +74,32 @@ class H2Client:
         self.conn.send_headers(stream_id, headers, end_stream=True)
         self.sock.sendall(self.conn.data_to_send())
         self.bodies[stream_id] = bytearray()
+        return stream_id
+
+    def open(self, path: str) -> int:
+        """A POST to ``path`` whose body is still to come (:meth:`send_body`)."""
+        stream_id: int = self.conn.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":path", path), (":scheme", "https"), (":authority", "a.test")]
+        self.conn.send_headers(stream_id, headers)
+        self.sock.sendall(self.conn.data_to_send())
+        self.bodies[stream_id] = bytearray()
+        return stream_id
+
+    def send_body(self, stream_id: int, body: bytes) -> None:
+        """All of ``body`` on ``stream_id``, then its end (the flow-control windows must have room for it)."""
+        size = self.conn.max_outbound_frame_size
+        for start in range(0, len(body), size):
+            self.conn.send_data(stream_id, body[start : start + size])
+        self.conn.end_stream(stream_id)
+        self.sock.sendall(self.conn.data_to_send())
+
+    def post(self, path: str, body: bytes) -> int:
+        """A POST to ``path`` with ``body``, its HEADERS and DATA in one write."""
+        stream_id: int = self.conn.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":path", path), (":scheme", "https"), (":authority", "a.test")]
+        self.conn.send_headers(stream_id, headers)
+        self.bodies[stream_id] = bytearray()
+        self.send_body(stream_id, body)
         return stream_id
 
     def pump(self, until: Callable[[], bool], seconds: float) -> bool:
@@ -95,6 +126,8 @@ class H2Client:
                     self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 elif isinstance(event, h2.events.StreamEnded):
                     self.ended.add(event.stream_id)
+                elif isinstance(event, h2.events.StreamReset):
+                    self.reset[event.stream_id] = event.error_code
             pending = self.conn.data_to_send()
             if pending:
                 try:
@@ -122,6 +155,7 @@ class H2Client:
                 goaway.parse_body(memoryview(frame[9:]))
                 assert isinstance(goaway, GoAwayFrame)
                 self.goaway = goaway
+                self.goaways.append(goaway)
             else:
                 out += frame
         return bytes(out)
@@ -131,13 +165,23 @@ class H2Client:
 
 
 class Held:
-    """A WSGI app: ``/hello`` answers at once, ``/slow`` once ``release`` is set."""
+    """
+    A WSGI app: ``/hello`` answers at once, ``/slow`` once ``release`` is
+    set, ``/echo`` with the length of the body it read; ``paths`` lists the
+    paths it was called for.
+    """
 
     def __init__(self) -> None:
         self.release = threading.Event()
         self.running = 0
+        self.paths: list[str] = []
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., object]) -> Iterable[bytes]:
+        self.paths.append(environ["PATH_INFO"])
+        if environ["PATH_INFO"] == "/echo":
+            body = environ["wsgi.input"].read()
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"read %d" % len(body)]
         if environ["PATH_INFO"] == "/slow":
             self.running += 1
             self.release.wait(10)
@@ -209,6 +253,80 @@ class WSGIHTTP2ShutdownTests(unittest.TestCase):
         self.assertIsNotNone(busy.goaway)
         assert busy.goaway is not None
         self.assertEqual((busy.goaway.error_code, busy.goaway.last_stream_id), (0, slow))
+
+
+class WSGIHTTP2RefusedAfterGoawayTests(unittest.TestCase):
+    """RFC 9113 section 6.8: streams a client opens after our GOAWAY are refused, the earlier ones answered."""
+
+    async def test_streams_opened_after_shutdowns_goaway_are_refused_and_earlier_ones_answered(self) -> None:
+        """
+        After shutdown()'s GOAWAY, streams above its last stream id get
+        RST_STREAM REFUSED_STREAM and never reach the app (their bodies do
+        not use up the connection's window), while the streams below it, one
+        still sending its body, are answered in full; then the connection closes.
+        """
+        app = Held()
+        self.addCleanup(app.release.set)
+        target = WSGI(app, threads=4)
+        port = tls_mux(self, target)
+        client = await connect(self, port)
+        self.assertEqual(client.alpn, "h2")
+        posting = client.open("/echo")
+        slow = client.request("/slow")
+        # The server has read both HEADERS once the app runs for the second.
+        await until(lambda: app.running == 1, 5)
+        target.shutdown()
+        self.assertTrue(await pump(client, lambda: client.goaway is not None, 5), "no GOAWAY")
+        assert client.goaway is not None
+        self.assertEqual((client.goaway.error_code, client.goaway.last_stream_id), (0, slow))
+        # Eight refused streams, each with a body (in the TLS record of its
+        # HEADERS), twice what the connection's flow-control window holds.
+        late: list[int] = []
+        for _ in range(8):
+            room = await pump(client, lambda: client.conn.outbound_flow_control_window >= 16000, 5)
+            self.assertTrue(room, "the refused streams' bodies used up the connection's flow-control window")
+            late.append(client.post("/late", b"x" * 16000))
+        self.assertTrue(await pump(client, lambda: all(s in client.reset for s in late), 5), f"{client.events}")
+        self.assertEqual(client.reset, dict.fromkeys(late, h2.errors.ErrorCodes.REFUSED_STREAM))
+        self.assertTrue(await pump(client, lambda: client.conn.local_flow_control_window(posting) >= 16000, 5))
+        client.send_body(posting, b"y" * 16000)
+        self.assertTrue(await pump(client, lambda: posting in client.ended, 5), f"{client.events}")
+        self.assertEqual(bytes(client.bodies[posting]), b"read 16000")
+        self.assertFalse(client.closed, "closed while a stream below the GOAWAY's last stream id was unanswered")
+        app.release.set()
+        self.assertTrue(await pump(client, lambda: client.closed, 5), "the connection stayed open")
+        self.assertEqual(bytes(client.bodies[slow]), b"done")
+        self.assertIn(slow, client.ended)
+        self.assertEqual(client.ended & set(late), set())
+        self.assertEqual(sorted(app.paths), ["/echo", "/slow"])
+        self.assertEqual(client.reset, dict.fromkeys(late, h2.errors.ErrorCodes.REFUSED_STREAM))
+
+    async def test_streams_opened_after_retirings_goaway_are_refused_and_a_later_stop_keeps_its_last_stream_id(
+        self,
+    ) -> None:
+        """
+        After retiring()'s GOAWAY a new stream is refused with REFUSED_STREAM
+        and never reaches the app; a shutdown() after it names no higher last
+        stream id; the stream open before is answered, then the connection closes.
+        """
+        app = Held()
+        self.addCleanup(app.release.set)
+        target = WSGI(app, threads=2)
+        port = tls_mux(self, target)
+        client = await connect(self, port)
+        slow = client.request("/slow")
+        await until(lambda: app.running == 1, 5)
+        target.retiring()
+        self.assertTrue(await pump(client, lambda: client.goaway is not None, 5), "no GOAWAY")
+        late = client.request("/hello")
+        self.assertTrue(await pump(client, lambda: late in client.reset, 5), f"not refused: {client.events}")
+        self.assertEqual(client.reset[late], h2.errors.ErrorCodes.REFUSED_STREAM)
+        target.shutdown()
+        app.release.set()
+        self.assertTrue(await pump(client, lambda: client.closed, 5), "the connection stayed open")
+        self.assertEqual(bytes(client.bodies[slow]), b"done")
+        self.assertEqual(app.paths, ["/slow"])
+        self.assertEqual([(g.error_code, g.last_stream_id) for g in client.goaways], [(0, slow)] * len(client.goaways))
 
 
 class WSGIHTTP2FlowControlTests(unittest.TestCase):

@@ -356,6 +356,55 @@ class _H2Pacer:
         self.connection.stopProducing()
 
 
+class _RefusingH2State:
+    """
+    The h2 state machine of twisted.web's ``H2Connection`` (its public
+    ``conn``) once we have sent a GOAWAY naming ``last_stream_id``: a stream
+    the client opens above it is refused (RST_STREAM REFUSED_STREAM, so that
+    its client may send it again elsewhere) and none of its events reach the
+    ``H2Connection``, which would hand it to the application (RFC 9113
+    section 6.8). Its HEADERS are still decoded by h2, which keeps the HPACK
+    state both ends share, and the bytes of its body go back to the
+    connection's flow-control window. Everything else is h2's own.
+    """
+
+    def __init__(self, inner: Any, last_stream_id: int) -> None:
+        self._inner = inner
+        self.last_stream_id = last_stream_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _refused(self, stream_id: int) -> bool:
+        # Client-initiated streams have odd ids; 0 is the connection itself.
+        return stream_id > self.last_stream_id and stream_id % 2 == 1
+
+    def receive_data(self, data: bytes) -> list[Any]:
+        from h2.errors import ErrorCodes  # h2 is there since HTTP/2 is being spoken
+        from h2.events import DataReceived, RequestReceived
+        from h2.exceptions import StreamClosedError
+
+        kept: list[Any] = []
+        for event in self._inner.receive_data(data):
+            stream_id = getattr(event, "stream_id", 0) or 0
+            if not self._refused(stream_id):
+                kept.append(event)
+            elif isinstance(event, RequestReceived):
+                log.debug(
+                    "HTTP/2: stream {stream} opened after our GOAWAY (last stream {last}) refused",
+                    stream=stream_id,
+                    last=self.last_stream_id,
+                )
+                try:
+                    self._inner.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+                except StreamClosedError:
+                    pass  # the client has reset it already, in the same read
+            elif isinstance(event, DataReceived):
+                # The frames that come once the RST_STREAM is on its way h2 gives back itself.
+                self._inner.acknowledge_received_data(event.flow_controlled_length, stream_id)
+        return kept
+
+
 @implementer(IHalfCloseableProtocol)
 class _HalfClosingGenericChannel(generic_http_channel_base()):  # type: ignore[misc]
     """Site's protocol (HTTP/1.1, or HTTP/2 when ALPN says so) passing half-closes to an HTTP/1.1 channel."""
@@ -368,12 +417,17 @@ class _HalfClosingGenericChannel(generic_http_channel_base()):  # type: ignore[m
         """
         A graceful stop: an HTTP/1.1 connection closes now if idle, else once
         the requests already received are answered; an HTTP/2 one gets a
-        GOAWAY (no new streams) and closes once its open streams are sent.
+        GOAWAY (no new streams: those the client opens after it are refused
+        with REFUSED_STREAM) and closes once its open streams are sent.
         """
         channel = http_inner_channel(self)
         if isinstance(channel, _HalfClosingChannel):
             channel.finish_and_close()
         elif channel is not None and channel.transport is not None and not self._lost:
+            if isinstance(channel.conn, _RefusingH2State):
+                # Finishing already (retiring, then a stop): one GOAWAY is
+                # enough, and a later one must not name a higher stream.
+                return
             from hyperframe.frame import GoAwayFrame  # h2's, there since HTTP/2 is being spoken
 
             # twisted.web's H2Connection: conn is its h2 state machine, streams
@@ -381,8 +435,12 @@ class _HalfClosingGenericChannel(generic_http_channel_base()):  # type: ignore[m
             # GOAWAY is written past the state machine: h2 takes one it sends
             # as the end of the connection, and would refuse the frames still
             # to come both ways (the client's WINDOW_UPDATEs, the answers).
+            # Every stream up to the highest the client has opened is known
+            # to the H2Connection and will be answered; none above it will.
+            last_stream_id: int = channel.conn.highest_inbound_stream_id
             goaway = GoAwayFrame(0)
-            goaway.last_stream_id = channel.conn.highest_inbound_stream_id
+            goaway.last_stream_id = last_stream_id
+            channel.conn = _RefusingH2State(channel.conn, last_stream_id)
             channel.transport.write(goaway.serialize())
             self._close_when_sent(channel, reactor)
 
@@ -549,7 +607,8 @@ class WSGI(Site):
         for the whole ``shutdown_timeout`` and was then reset.) An HTTP/2
         connection gets a GOAWAY at once, which tells its client the last
         stream that will be answered, and closes once its open streams are
-        sent in full.
+        sent in full; a stream its client opens after the GOAWAY is refused
+        (RST_STREAM REFUSED_STREAM) and never reaches the application.
         """
         self._finish_connections()
 
