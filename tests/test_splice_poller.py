@@ -297,6 +297,26 @@ class _CountingEpoll:
         return getattr(self.epoll, name)
 
 
+class PollerTurnTests(unittest.SynchronousTestCase):
+    def test_one_turn_serves_every_ready_socket(self) -> None:
+        """One doRead serves every ready socket, more than MAX_EVENTS of them (a capped turn starved connects)."""
+        if not LINUX:
+            raise unittest.SkipTest("epoll is Linux's")
+        poller = _poller.Poller(_Reactor())
+        self.addCleanup(lambda: poller._epoll.close() if poller._epoll is not None else None)
+        ends = []
+        for _ in range(_poller.MAX_EVENTS * 3):
+            ours, peer = socket.socketpair()
+            self.addCleanup(peer.close)
+            end = _End(poller, ours, [-1])
+            self.addCleanup(end.leave)
+            poller.update(end)
+            peer.send(b"x")
+            ends.append(end)
+        poller.doRead()
+        self.assertEqual(sum(end.reads for end in ends), len(ends))
+
+
 class PollerHandOverTests(unittest.SynchronousTestCase):
     def _two_ends(self, first_writes: bool) -> tuple[_poller.Poller, _CountingEpoll, _End, _End, socket.socket]:
         if not LINUX:

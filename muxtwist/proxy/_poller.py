@@ -39,7 +39,11 @@ _OUT = select.EPOLLOUT
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 #: readiness a writer is told about.
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
-#: the most sockets served in one reactor turn; the rest stay ready for the next.
+#: the fewest ready sockets one reactor turn may serve: a turn serves every
+#: socket that is ready (up to one event per registered socket, as the
+#: reactor's own ``epoll`` does for its readers), so that a turn's accepts
+#: never outrun it: with a fixed cap, connects finished by the kernel waited
+#: behind new clients' first bytes until their ``connect_timeout`` ran out.
 MAX_EVENTS = 64
 
 
@@ -153,7 +157,7 @@ class Poller:
         return -1 if self._epoll is None else self._epoll.fileno()
 
     def doRead(self) -> None:
-        """Serve the sockets that are ready, :data:`MAX_EVENTS` at the most."""
+        """Serve every socket that is ready."""
         gone = self._gone
         gone.clear()
         ends = self._ends
@@ -161,7 +165,7 @@ class Poller:
         if epoll is None:
             return
         try:
-            ready = epoll.poll(0, MAX_EVENTS)
+            ready = epoll.poll(0, max(MAX_EVENTS, len(ends)))
         except InterruptedError:
             return
         for fd, mask in ready:
