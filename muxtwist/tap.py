@@ -16,6 +16,7 @@ from muxtwist._checks import probe_listen, same_address, twistd_option_hint
 from muxtwist._options import shown
 from muxtwist._signals import hold_sighup
 from muxtwist._textlog import text_log_observer, use_twistd_options
+from muxtwist._worker_limits import workers_problem
 from muxtwist.config import ConfigError, Settings, build_factory, check_endpoint, endpoint_description, load_config
 from muxtwist.service import MuxService, wanted_listeners
 from muxtwist.udp.listener import is_udp, probe_udp_listeners, udp_listeners_problem
@@ -145,6 +146,9 @@ class Options(usage.Options):
                 if self["loaded"] is None
                 else list(wanted_listeners(self["loaded"], tuple(self["port"])))
             )
+            problem = workers_problem(self["workers"], wanted, admin=self["admin"] is not None)
+            if problem is not None:
+                raise usage.UsageError(problem)
             admin = self["admin"]
             clash = next((d for d in wanted if admin is not None and same_address(d, admin)), None)
             if clash is not None:

@@ -25,14 +25,16 @@ answer with the sum.
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import shutil
 import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints
@@ -185,6 +187,8 @@ class WorkerPool(SignalHandlers, Service):
         #: For ``reuse_port`` listeners: each slot's own listening socket, by description.
         self.slot_sockets: dict[str, list[socket.socket]] = {}
         self._stopping = False
+        #: Whether startService is starting the workers (a spawn that fails then ends the start).
+        self._starting = False
         self._delay = RESTART_DELAY
         self._pending: dict[int, Any] = {}
         self._old_handlers: dict[int, Any] = {}
@@ -225,20 +229,32 @@ class WorkerPool(SignalHandlers, Service):
                         f" uid {self.uid}, gid {self.gid}: {e.strerror} (twistd --uid/--gid needs root)"
                     ) from None
             self._listen()
-        except BaseException:
+        except BaseException as e:
             # A pool that cannot start leaves no directory behind, nor any port open.
             if made:
                 shutil.rmtree(self.directory, ignore_errors=True)
                 self.directory = None
-            ports = [*self.ports.values(), *([self.admin_port] if self.admin_port is not None else [])]
-            self.ports, self.admin_port = {}, None
-            for port in ports:
-                port.stopListening()
-            for sockets in self.slot_sockets.values():
-                for s in sockets:
-                    s.close()
-            self.slot_sockets = {}
+            self._close_listeners()
+            error = e.socketError if isinstance(e, CannotListenError) else e
+            if isinstance(error, OSError) and error.errno in _OUT_OF_DESCRIPTORS:
+                log.error(
+                    "cannot start {count} workers: their listening sockets need more descriptors: {problem}",
+                    count=self.count,
+                    problem=_cause(error),
+                )
+                raise SystemExit(1) from None
             raise
+
+    def _close_listeners(self) -> None:
+        """Close the listening sockets made for the workers, and the admin site's."""
+        ports = [*self.ports.values(), *([self.admin_port] if self.admin_port is not None else [])]
+        self.ports, self.admin_port = {}, None
+        for port in ports:
+            port.stopListening()
+        for sockets in self.slot_sockets.values():
+            for s in sockets:
+                s.close()
+        self.slot_sockets = {}
 
     def _listen(self) -> None:
         assert self.directory is not None
@@ -276,12 +292,22 @@ class WorkerPool(SignalHandlers, Service):
             self.privilegedStartService()
         super().startService()  # type: ignore[no-untyped-call]
         self._stopping = False
-        for slot in range(self.count):
-            self._spawn(slot)
+        self._starting = True
+        try:
+            for slot in range(self.count):
+                self._spawn(slot)
+        except OSError as e:
+            self._give_up(slot, e)
+        finally:
+            self._starting = False
         if self.handle_signals:
             self.arm_signals()
 
     def _spawn(self, slot: int) -> None:
+        """
+        Start the worker of ``slot``. One that cannot be started is tried
+        again later, but at the pool's start, where the ``OSError`` is raised.
+        """
         self._pending.pop(slot, None)
         if self._stopping or not self.running:
             return
@@ -320,6 +346,9 @@ class WorkerPool(SignalHandlers, Service):
                 childFDs=child_fds,
             )
         except OSError as e:
+            if self._starting:
+                del self.workers[slot]
+                raise
             # Out of descriptors or processes, say: tried again as for a worker that ended at once.
             log.error("cannot start worker {slot}: {problem}", slot=slot, problem=e.strerror or str(e))
             self._ended(worker)
@@ -332,6 +361,33 @@ class WorkerPool(SignalHandlers, Service):
                 os.setpgid(pid, pid)
             except OSError:
                 pass  # the worker did it first (then it may have exec'd: EACCES), or it is gone already
+
+    def _give_up(self, slot: int, error: OSError) -> NoReturn:
+        """
+        A worker could not be started with the pool (out of descriptors or
+        processes): one line saying so, the workers already started stopped,
+        the listening sockets closed, and ``SystemExit(1)``, which twistd
+        lets through without a traceback. A pool that starts with fewer
+        workers than asked, retrying the rest for ever, would leave their
+        ``SO_REUSEPORT`` sockets taking connections nobody accepts.
+        """
+        started = [w for w in self.workers.values() if w.pid is not None]
+        log.error(
+            "cannot start {count} workers: worker {slot} could not be started: {problem};"
+            " stopping the {started} started and exiting",
+            count=self.count,
+            slot=slot,
+            problem=_cause(error),
+            started=len(started),
+        )
+        self._stopping = True
+        _stop_now([w.pid for w in started if w.pid is not None], min(self.stop_timeout, _GIVE_UP_WAIT))
+        self.workers = {}
+        self._close_listeners()
+        self._remove_directory()
+        atexit.unregister(self._remove_directory)
+        Service.stopService(self)
+        raise SystemExit(1)
 
     def _ended(self, worker: _Worker) -> None:
         if self.workers.get(worker.slot) is worker:
@@ -419,6 +475,64 @@ class WorkerPool(SignalHandlers, Service):
                     os.kill(w.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+#: The errors of a process out of descriptors: its own (ulimit -n) or the system's.
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
+
+#: Seconds a pool that could not start waits for the workers it started to exit after SIGTERM.
+_GIVE_UP_WAIT = 10.0
+
+
+def _cause(error: OSError) -> str:
+    """What ``error`` says, and the limit it ran into where that is known."""
+    problem = error.strerror or str(error)
+    try:
+        import resource
+    except ImportError:
+        return problem
+    if error.errno == errno.EMFILE:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY:
+            problem += f" (this process may open {soft} files: ulimit -n)"
+    elif error.errno == errno.EAGAIN:
+        soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+        problem += " (too many processes" + (f": ulimit -u is {soft})" if soft != resource.RLIM_INFINITY else ")")
+    return problem
+
+
+def _stop_now(pids: Sequence[int], timeout: float) -> None:
+    """
+    SIGTERM to each of ``pids`` (children of this process), a wait of at most
+    ``timeout`` seconds for them to exit, then SIGKILL for any left; each is reaped.
+    The reactor may not be running yet: the wait is here, bounded.
+    """
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    left = set(pids)
+    deadline = time.monotonic() + timeout
+    while left:
+        for pid in list(left):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid  # reaped already (the reactor's SIGCHLD handler)
+            if done:
+                left.discard(pid)
+        if not left:
+            break
+        if time.monotonic() >= deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+            break
+        time.sleep(0.02)
 
 
 def _reuse_port_sockets(endpoint: object, count: int) -> list[socket.socket] | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import textwrap
 from twisted.trial import unittest
 
 from muxtwist.cli import main
+from tests.processes import stop_group
 from tests.twistd import ROOT
 
 RULES = """\
@@ -333,19 +335,32 @@ class ExplainInputTests(unittest.TestCase):
 class TwistdErrorTests(unittest.TestCase):
     """Mistakes on the twistd command line are one line on stderr and a non-zero exit, not a traceback."""
 
-    def twistd(self, *argv: str) -> subprocess.CompletedProcess[str]:
+    def twistd(self, *argv: str, open_files: int | None = None) -> subprocess.CompletedProcess[str]:
+        """Run twistd with ``argv`` (under an ``open_files`` RLIMIT_NOFILE if given) to its end."""
         folder = os.path.abspath(self.mktemp())
         os.makedirs(folder)
         env = dict(os.environ, PYTHONPATH=ROOT)
-        done = subprocess.run(
+
+        def limit() -> None:
+            if open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+        proc = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *argv],
             cwd=folder,
             env=env,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=60,
             start_new_session=True,
+            preexec_fn=limit,
         )
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            stop_group(proc)  # with the workers of a pool, each in a process group of its own but dying with it
+            out, err = proc.communicate()
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         self.assertNotIn("Traceback", done.stderr + done.stdout)
         return done
 
@@ -419,6 +434,22 @@ class TwistdErrorTests(unittest.TestCase):
         self.assertEqual((done.returncode, done.stdout), (1, ""))
         self.assertTrue(done.stderr.startswith("muxtwist: --log-format must be text or json, got 'xxx"), done.stderr)
         self.assertLessEqual(len(done.stderr), 300)
+
+    def test_more_workers_than_the_open_file_limit_allows(self) -> None:
+        """A --workers count whose pipes and sockets pass the open-file limit is one line saying the most that fit."""
+        for count, limit in [("30", 64), ("100000", 1024)]:
+            argv = ["-n", "--pidfile=", "muxtwist", "--port", "tcp:0:interface=127.0.0.1", "--workers", count]
+            done = self.twistd(*argv, open_files=limit)
+            self.assertEqual((done.returncode, done.stdout), (1, ""), done.stderr)
+            self.assertRegex(
+                done.stderr,
+                rf"\Amuxtwist: --workers {count} needs about \d+ open files in this process \(4 a worker: 3 pipes,"
+                rf" 1 listening socket\), more than its limit of {limit} \(ulimit -n\): give at most \d+, or raise"
+                r" the limit \(see twistd muxtwist --help\)\n\Z",
+            )
+        most = int(done.stderr.split("give at most ")[1].split(",")[0])
+        self.assertLess(most * 4, 1024)
+        self.assertGreater(most * 4, 1024 - 64)
 
     def test_help_still_prints_every_option(self) -> None:
         """``twistd muxtwist --help`` still prints the options and exits 0."""

@@ -899,3 +899,141 @@ class SwitchedUserStartFailsTests(unittest.TestCase):
         self.assertNotEqual(ran.returncode, 0, output[-3000:])
         self.assertIn(f"uid not found: {uid}", output)
         self.assertEqual([n for n in os.listdir(tmp) if n.startswith("muxtwist-workers-")], [], output[-3000:])
+
+
+#: A twistd --logger for the parent of a pool (twistd calls it after parsing
+#: the options, before the pool listens and starts its workers) that leaves
+#: it HOLD_FREE descriptors under its limit: what a log observer, a rules
+#: file's own files or a leak can take once the --workers count was checked.
+HOLD_FILES = """\
+import os, resource, sys
+
+from twisted.logger import textFileLogObserver
+
+held = []
+
+
+def observer():
+    if "MUXTWIST_WORKER" not in os.environ:
+        free = int(os.environ["HOLD_FREE"])
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        while soft - (len(os.listdir("/proc/self/fd")) - 1) > free:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    return textFileLogObserver(sys.stdout)
+"""
+
+
+class OutOfDescriptorsAtStartTests(unittest.TestCase):
+    """A pool that runs out of descriptors while it starts says so in one line, stops what it started and exits 1."""
+
+    def start(self, free: int) -> tuple[int, str, str]:
+        """``twistd muxtwist --workers 6`` at a 64-file limit with ``free`` descriptors left: exit code, log, TMPDIR."""
+        import resource
+        import subprocess
+
+        from muxtwist.workers import worker_command
+        from tests.processes import stop_group
+        from tests.twistd import ROOT
+
+        if not os.path.isdir("/proc/self/fd"):
+            raise unittest.SkipTest("counts descriptors in /proc/self/fd")
+        folder = tempfile.mkdtemp(prefix="muxtwist-test-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        with open(os.path.join(folder, "hold_files.py"), "w") as f:
+            f.write(HOLD_FILES)
+        tmp = os.path.join(folder, "tmp")
+        os.mkdir(tmp)
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+        args = ["--port", "tcp:0:interface=127.0.0.1", "--workers", "6"]
+        proc = subprocess.Popen(
+            worker_command(args, ["--logger=hold_files.observer"]),
+            cwd=folder,
+            env=dict(os.environ, HOLD_FREE=str(free), TMPDIR=tmp, PYTHONPATH=ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=limit,
+        )
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            stop_group(proc)
+            out, _ = proc.communicate()
+        return proc.returncode, out.decode(errors="replace"), tmp
+
+    def test_a_worker_that_cannot_be_started_stops_the_pool(self) -> None:
+        """Out of descriptors at a spawn: one line naming the count and the cause; the started workers are stopped."""
+        code, log, tmp = self.start(free=11)
+        self.assertNotIn("Traceback", log)
+        self.assertEqual(code, 1, log[-3000:])
+        pids = [int(line.rsplit("pid ", 1)[1]) for line in log.splitlines() if " started: pid " in line]
+        self.assertTrue(0 < len(pids) < 6, log[-3000:])
+        (line,) = [line for line in log.splitlines() if "#error]" in line]
+        self.assertTrue(
+            line.endswith(
+                f"[muxtwist.workers#error] cannot start 6 workers: worker {len(pids)} could not be started:"
+                f" Too many open files (this process may open 64 files: ulimit -n); stopping the {len(pids)} started"
+                " and exiting"
+            ),
+            line,
+        )
+        for pid in pids:
+            self.assertFalse(os.path.exists(f"/proc/{pid}"), f"worker pid {pid} left running")
+        self.assertEqual(os.listdir(tmp), [])
+
+    def test_listening_sockets_that_cannot_be_made_stop_the_pool(self) -> None:
+        """Out of descriptors for the workers' listening sockets: one line, no worker started, exit 1."""
+        code, log, tmp = self.start(free=2)
+        self.assertNotIn("Traceback", log)
+        self.assertEqual(code, 1, log[-3000:])
+        self.assertNotIn(" started: pid ", log)
+        (line,) = [line for line in log.splitlines() if "#error]" in line]
+        self.assertTrue(
+            line.endswith(
+                "[muxtwist.workers#error] cannot start 6 workers: their listening sockets need more descriptors:"
+                " Too many open files (this process may open 64 files: ulimit -n)"
+            ),
+            line,
+        )
+        self.assertEqual(os.listdir(tmp), [])
+
+
+class WorkersProblemTests(unittest.SynchronousTestCase):
+    """The --workers count checked against the open-file limit and the machine's memory."""
+
+    def test_counts_that_fit_pass(self) -> None:
+        """A count whose descriptors and memory fit is no problem; --workers 1 is never one."""
+        from muxtwist._worker_limits import workers_problem
+
+        fits = {"open_files": 10, "limit": 1024, "memory": 8 * 2**30}
+        self.assertIsNone(workers_problem(4, ["tcp:3000"], admin=True, **fits))
+        self.assertIsNone(workers_problem(1, ["tcp:3000"], admin=False, open_files=10, limit=20, memory=1))
+
+    def test_admin_and_more_listeners_cost_a_descriptor_each_per_worker(self) -> None:
+        """Each tcp listener and --admin add one descriptor a worker, and the most that fit say so."""
+        from muxtwist._worker_limits import workers_problem
+
+        problem = workers_problem(
+            200, ["tcp:3000", "tcp6:3001", "unix:/run/mux.sock"], admin=True, open_files=10, limit=1024, memory=2**40
+        )
+        assert problem is not None
+        self.assertIn("(6 a worker: 3 pipes, 2 listening sockets, a connection to its admin socket)", problem)
+        # 10 open, 16 reserved, the unix socket and the admin port: (1024 - 28) // 6.
+        self.assertTrue(problem.endswith("give at most 166, or raise the limit"), problem)
+        self.assertIsNone(
+            workers_problem(166, ["tcp:3000", "tcp6:3001", "unix:/run/mux.sock"], admin=True, open_files=10, limit=1024)
+        )
+
+    def test_more_workers_than_memory_holds(self) -> None:
+        """With a high open-file limit, a count whose workers cannot fit in the machine's memory is refused."""
+        from muxtwist._worker_limits import WORKER_MEMORY, workers_problem
+
+        problem = workers_problem(100000, ["tcp:3000"], admin=False, open_files=10, limit=2**20, memory=4 * 2**30)
+        self.assertEqual(
+            problem,
+            f"--workers 100000 needs more memory than this machine has: each worker is a Python process of at least"
+            f" {WORKER_MEMORY // 2**20} MB, and there are 4096 MB in all: give at most {4 * 2**30 // WORKER_MEMORY}",
+        )
