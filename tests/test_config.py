@@ -4,16 +4,25 @@ Tests for muxtwist.config: loading rules.py and the one clear error for each kin
 
 from __future__ import annotations
 
+import codecs
 import os
+import subprocess
+import sys
 import textwrap
+from collections.abc import Generator
+from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web import http
 
 from muxtwist.config import ConfigError, load_config
+from muxtwist.service import MuxService
 from tests.certs import make_ca, make_certificate
+from tests.processes import stop_group
+from tests.twistd import ROOT, free_port, twistd_command
 
 HEADER = """\
 from twisted.internet.protocol import Factory, Protocol
@@ -273,7 +282,14 @@ class LoaderTests(unittest.TestCase):
             with open(path, "wb") as f:
                 f.write(text)
             error = self.assertRaises(ConfigError, load_config, path)
-            self.assertEqual((error.line, error.problem), (line, "syntax error: unknown encoding: nosuch"), text)
+            self.assertEqual(
+                (error.line, error.problem),
+                (
+                    line,
+                    "coding 'nosuch' cannot be used for a Python source file: Python knows no encoding of that name",
+                ),
+                text,
+            )
 
     def test_coding_declaration_against_a_byte_order_mark_names_its_line(self) -> None:
         """A declaration of another encoding after a UTF-8 byte order mark is an error at its line, saying so."""
@@ -339,6 +355,121 @@ class LoaderTests(unittest.TestCase):
             error = self.broken(f"rules = [Rule(HTTP1(), echo)]\n{line}\n")
             self.assertLessEqual(len(error.problem), 500, line)
             self.assertIn("...", error.problem, line)
+
+
+#: The problem of a rules file declaring a coding that is not ASCII-compatible.
+NOT_ASCII = (
+    "cannot be used for a Python source file: Python source must be in an ASCII-compatible encoding, and it is not"
+    " (save the file as UTF-8)"
+)
+
+
+class UnusableCodingTests(unittest.TestCase):
+    """A coding declaration Python source cannot be written in is one error naming the file, the line and why."""
+
+    def write(self, raw: bytes) -> str:
+        path = os.path.abspath(self.mktemp() + "-rules.py")
+        with open(path, "wb") as f:
+            f.write(raw)
+        return path
+
+    def test_coding_that_is_not_ascii_compatible_names_its_line(self) -> None:
+        """UTF-16, UTF-32 or EBCDIC declared on line 1 or 2 is one error at that line saying why it cannot be used."""
+        for coding in ("utf-16", "UTF-32-LE", "utf_16_be", "cp037"):
+            for first, line in [(b"", 1), (b"#!/usr/bin/env python3\n", 2), (b"\n", 2)]:
+                raw = first + f"# -*- coding: {coding} -*-\nrules = []\n".encode()
+                error = self.assertRaises(ConfigError, load_config, self.write(raw))
+                self.assertEqual((error.line, error.problem), (line, f"coding {coding!r} {NOT_ASCII}"), raw)
+
+    def test_coding_that_is_not_a_text_encoding_names_its_line(self) -> None:
+        """A bytes-to-bytes codec (hex, base64, rot13) declared as the coding is one error at its line."""
+        for coding in ("hex", "base64", "rot13"):
+            error = self.assertRaises(
+                ConfigError, load_config, self.write(f"# coding: {coding}\nrules = []\n".encode())
+            )
+            self.assertEqual(
+                (error.line, error.problem),
+                (1, f"coding {coding!r} cannot be used for a Python source file: it is not a text encoding"),
+            )
+
+    def test_file_saved_as_utf16_names_its_byte_order_mark(self) -> None:
+        """A file saved as UTF-16 or UTF-32 (with its byte order mark) is one error at line 1 saying so."""
+        for encoding, wide in [("utf-16", "UTF-16"), ("utf-16-be", "UTF-16"), ("utf-32", "UTF-32")]:
+            text = "# -*- coding: utf-16 -*-\nrules = []\n"
+            raw = text.encode(encoding) if encoding != "utf-16-be" else codecs.BOM_UTF16_BE + text.encode(encoding)
+            error = self.assertRaises(ConfigError, load_config, self.write(raw))
+            self.assertEqual(
+                (error.line, error.problem),
+                (
+                    1,
+                    f"the file is {wide} text (it starts with a {wide} byte order mark): Python source must be in an"
+                    " ASCII-compatible encoding (save the file as UTF-8)",
+                ),
+            )
+
+    def test_ascii_compatible_codings_still_load(self) -> None:
+        """Codings Python reads source in (Latin-1, cp1252, EUC-JP, UTF-7) load as before, non-ASCII comments too."""
+        for coding in ("latin-1", "cp1252", "euc-jp", "utf-7", "utf-8"):
+            raw = f"# -*- coding: {coding} -*-\n# \u00e9t\u00e9\nrules = []\n".encode(coding)
+            self.assertEqual(load_config(self.write(raw)).rules, ())
+
+    def test_check_and_twistd_say_it_in_one_line(self) -> None:
+        """python -m muxtwist check and twistd muxtwist --config both end with the one line and exit 1."""
+        path = self.write(b"# -*- coding: utf-16 -*-\nrules = []\n")
+        expected = f"muxtwist: {path}:1: coding 'utf-16' {NOT_ASCII}\n"
+        commands = [
+            [sys.executable, "-m", "muxtwist", "check", path],
+            twistd_command("--port", f"tcp:{free_port()}:interface=127.0.0.1", "--config", path),
+        ]
+        for command in commands:
+            proc = subprocess.Popen(
+                command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+            )
+            try:
+                out, err = proc.communicate(timeout=60)
+            finally:
+                stop_group(proc)
+            self.assertEqual((proc.returncode, err.decode(), out), (1, expected, b""), command)
+
+    @defer.inlineCallbacks
+    def test_reload_keeps_the_running_rules(self) -> Generator[defer.Deferred[Any], Any, None]:
+        """At a reload (SIGHUP) such a file logs the one error and the running rules keep serving."""
+        path = self.write(f"{RELOAD_RULES}".encode())
+        service = MuxService(config_path=path)
+        service.load(load_config(path))
+        service.startService()
+        self.addCleanup(service.stopService)
+        (listener,) = service.listeners.values()
+        lines: list[str] = []
+
+        def keep(event: dict[str, Any]) -> None:
+            lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(keep)
+        self.addCleanup(globalLogPublisher.removeObserver, keep)
+        for coding, why in [
+            ("utf-16", NOT_ASCII),
+            ("hex", "cannot be used for a Python source file: it is not a text encoding"),
+        ]:
+            with open(path, "wb") as f:
+                f.write(f"# coding: {coding}\n{RELOAD_RULES.replace('one', 'two')}".encode())
+            lines.clear()
+            reloaded = yield service.reload()
+            self.assertFalse(reloaded)
+            self.assertEqual(
+                [line for line in lines if "reload failed" in line],
+                [f"reload failed, keeping the running rules: {path}:1: coding {coding!r} {why}"],
+            )
+            self.assertEqual([rule.name for rule in listener.factory.rules], ["one"])
+
+
+RELOAD_RULES = """\
+from twisted.internet.protocol import Factory, Protocol
+from muxtwist import Rule
+from muxtwist.matchers import Prefix
+
+listeners = {"tcp:0:interface=127.0.0.1": [Rule(Prefix(b"A"), Factory.forProtocol(Protocol), name="one")]}
+"""
 
 
 class WarningTests(unittest.TestCase):
