@@ -38,7 +38,7 @@ from zope.interface import implementer
 
 from muxtwist._descriptions import split_description
 
-__all__ = ["DirectTCPEndpoint", "connect_error", "connect_socket", "direct_endpoint"]
+__all__ = ["DirectTCPEndpoint", "connect_error", "connect_socket", "direct_endpoint", "finished_connect"]
 
 
 class _Poller(Protocol):
@@ -67,6 +67,9 @@ class _PendingConnect:
         self._factory = factory
         self._d = d
         self._poller: _Poller | None = getattr(factory, "connect_poller", None)
+        if hasattr(factory, "connecting"):
+            # The factory keeps the connect it waits for (see finished_connect).
+            factory.connecting = self
         # As a poller's end: its descriptor, its interest, its registration.
         self.fd = sock.fileno()
         self.reading = False
@@ -154,6 +157,23 @@ class _PendingConnect:
         self._close()
         self._d.errback(connect_error(code) if code else reason)
 
+    def finish_if_connected(self) -> bool:
+        """
+        If the kernel has finished the connect and this process has not yet
+        looked (it was busy), finish it now, as if the socket had been seen
+        writable, and say ``True``; ``False`` if it is still in progress,
+        failed, or is over already.
+        """
+        sock = self._sock
+        if sock is None or not self.writing:
+            return False
+        try:
+            sock.getpeername()
+        except OSError:
+            return False
+        self.doWrite()
+        return True
+
     def cancel(self, d: defer.Deferred[IProtocol]) -> None:
         if self._sock is not None:
             self._unwatch()
@@ -163,6 +183,18 @@ class _PendingConnect:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+
+
+def finished_connect(factory: object) -> bool:
+    """
+    Finish the connect ``factory`` waits for if the kernel has finished it
+    (:meth:`_PendingConnect.finish_if_connected`): for a connect deadline
+    that fires after the process was too busy to see the socket writable.
+    ``factory`` must have a ``connecting`` attribute for its connects to be
+    known; ``False`` for any other.
+    """
+    pending = getattr(factory, "connecting", None)
+    return isinstance(pending, _PendingConnect) and pending.finish_if_connected()
 
 
 def connect_error(code: int) -> Exception:

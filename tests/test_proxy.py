@@ -318,6 +318,32 @@ class FailureTests(SpliceOption, unittest.TestCase):
         self.assertEqual([f["kind"] for f in failures], ["timeout"])
         self.assertEqual(proxy.stats[desc].errors, {"timeout": 1})
 
+    async def test_a_connect_done_while_the_process_was_busy_is_not_timed_out(self) -> None:
+        """A connect the kernel finished before connect_timeout is relayed when the process only looks after it."""
+        events = capture_logs(self)
+        desc, backends = backend(self)
+        proxy = self.relay_proxy(desc, connect_timeout=0.2)
+        connect_backend = proxy._connect
+
+        def busy_connect(*args: Any) -> Any:
+            attempt = connect_backend(*args)
+            # The process is busy past connect_timeout (a burst, a long pause)
+            # while the kernel finishes the connect: the deadline is due before
+            # the socket is seen writable.
+            time.sleep(0.4)
+            return attempt
+
+        proxy._connect = busy_connect  # type: ignore[method-assign]
+        port = proxied(self, proxy)
+        client = await connect(self, port)
+        client.transport.write(b"ping")  # type: ignore[union-attr]
+        server = await wait(backends.arrived)
+        await server.received_at_least(4)
+        # Echoed back through the relay.
+        self.assertEqual(await client.received_at_least(4), b"ping")
+        self.assertEqual(logged(events, "failed for"), [])
+        self.assertEqual(proxy.stats[desc].errors, {})
+
     async def test_client_leaves_while_connecting(self) -> None:
         """A client gone while the backend connect is pending cancels the attempt and its timer, logging no failure."""
         events = capture_logs(self)

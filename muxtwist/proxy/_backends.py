@@ -190,6 +190,9 @@ class _OneProtocol(Factory):
     # every new relay a log event.
     noisy = False
 
+    #: the connect this factory waits for, where muxtwist._connect makes it.
+    connecting: object = None
+
     def __init__(self, protocol: Protocol) -> None:
         self._protocol = protocol
 

@@ -48,6 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from muxtwist._connect import finished_connect
 from muxtwist._deadlines import Deadline
 from muxtwist._failures import connect_failure_kind, connect_failure_text
 from muxtwist._limits import address_text
@@ -170,6 +171,8 @@ class Relay(Protocol):
         self._candidates: list[Backend] = []
         self._attempt: defer.Deferred[Any] | None = None
         self._trying: _BackendSide | None = None
+        #: the factory of the connect being tried.
+        self._connecting: Factory | None = None
         self._timer: IDelayedCall | Deadline | None = None
         self._timed_out = False
         self._client_read_closed = False
@@ -288,6 +291,7 @@ class Relay(Protocol):
         self._timed_out = False
         self._timer = proxy._connect_deadline(self._connect_timed_out)
         factory = SpliceFactory(side, proxy._reactor) if proxy.splice and not backend.tls else _OneProtocol(side)
+        self._connecting = factory
         attempt = proxy._connect(backend, self, factory)
         if self._trying is side and not side.ready:
             self._attempt = attempt
@@ -295,6 +299,10 @@ class Relay(Protocol):
 
     def _connect_timed_out(self) -> None:
         self._timer = None
+        if self._attempt is not None and not self.backend_tls and finished_connect(self._connecting):
+            # The kernel had connected it; this process was too busy to look
+            # (a burst, a long pause): not the backend's timeout.
+            return
         self._timed_out = True
         if self._attempt is not None:
             self._attempt.cancel()
