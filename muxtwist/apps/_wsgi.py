@@ -226,12 +226,14 @@ class _HalfClosingChannel(HTTPChannel):
         so that its client sends no next request on a connection closing.
         """
         self._read_closed = True
-        if not http_channel_busy(self):
+        # HTTPChannel.requests and persistent, Request.startedWriting and
+        # responseHeaders are public attributes. A request whose line came
+        # but not all its headers is in requests, not busy yet: it is
+        # answered too (requestDone closes after it), not dropped unanswered.
+        if not http_channel_busy(self) and not self.requests:
             if self.transport is not None:
                 self.loseConnection()  # type: ignore[no-untyped-call]
             return
-        # HTTPChannel.requests and persistent, Request.startedWriting and
-        # responseHeaders are public attributes.
         if self.requests and not self.requests[0].startedWriting:
             self.persistent = False
             self.requests[0].responseHeaders.setRawHeaders(b"connection", [b"close"])
