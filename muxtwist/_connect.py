@@ -86,6 +86,10 @@ class _PendingConnect:
 
     def _unwatch(self) -> None:
         """Stop waiting (idempotent; nothing if a taker's registration replaced ours)."""
+        factory: Any = self._factory
+        if getattr(factory, "connecting", None) is self:
+            # Over: the factory no longer keeps it (nor a cycle with it).
+            factory.connecting = None
         if not self.writing:
             return
         self.writing = False

@@ -85,6 +85,22 @@ class ConnectTests(unittest.TestCase):
         client.transport.loseConnection()
         await wait(client.lost, 5)
 
+    async def test_a_factory_keeps_its_connect_only_while_it_waits(self) -> None:
+        """A factory with ``connecting`` holds the pending connect while it waits, and lets go once it is over."""
+        description, _ = backend(self, Echo)
+        endpoint = direct_endpoint(R, description)
+        assert endpoint is not None
+        client = Peer()
+        waiting = _Once(client)
+        waiting.connecting = None  # type: ignore[attr-defined]
+        d = endpoint.connect(waiting)
+        self.assertIsNotNone(waiting.connecting)  # type: ignore[attr-defined]
+        await wait(d, 5)
+        self.assertIsNone(waiting.connecting)  # type: ignore[attr-defined]
+        assert client.transport is not None
+        client.transport.loseConnection()
+        await wait(client.lost, 5)
+
     async def test_refused(self) -> None:
         """A closed port fails the Deferred with ConnectionRefusedError and leaves no descriptor open."""
         with socket.socket() as s:

@@ -273,14 +273,17 @@ class Splice:
     def start(self) -> None:
         """Take both sockets over from their transports and start relaying."""
         self.running = True
-        # Registered here first: a socket the poller already reads for its
-        # transport (a polled client) changes hands without a system call,
-        # and its transport's stopReading then finds nothing to undo.
+        # The transports stop writing first (they have nothing left to write:
+        # spliceable()), then the splice's ends are registered: a socket the
+        # poller already reads for its transport (a polled client) changes
+        # hands without a system call, and its transport's stopReading then
+        # finds nothing to undo.
+        for end in (self.client, self.backend):
+            end.transport.stopWriting()
         self._read(self.client)
         self._read(self.backend)
         for end in (self.client, self.backend):
             end.transport.stopReading()
-            end.transport.stopWriting()
         if self.up.prefix is not None:
             self._flush(self.up)
 
