@@ -357,14 +357,25 @@ class FailureTests(SpliceOption, unittest.TestCase):
         assert deadlines is not None
         self.assertEqual(deadlines.live, 1)
         self.assertTrue([c for c in R.getDelayedCalls() if getattr(c.func, "__self__", None) is deadlines])
-        # Reading is paused while connecting, so over TCP this is seen when the
-        # connect ends; here the transport reports it at once.
         relay.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(proxy.relays, set())
         self.assertEqual(deadlines.live, 0)
         self.assertEqual([c for c in R.getDelayedCalls() if getattr(c.func, "__self__", None) is deadlines], [])
         self.assertEqual(logged(events, "failed for"), [])
         self.assertEqual(proxy.stats[proxy.backends[0].description].failures, 0)
+
+    async def test_a_client_reset_while_connecting_cancels_the_attempt_at_once(self) -> None:
+        """A real client that resets while its backend connect hangs ends its relay at once, not at connect_timeout."""
+        full = _full_listener(self)
+        proxy = self.relay_proxy(f"tcp:host=127.0.0.1:port={full.getsockname()[1]}", connect_timeout=30)
+        port = proxied(self, proxy)
+        client = await connect(self, port)
+        client.transport.write(b"hi")  # type: ignore[union-attr]
+        await until(lambda: len(proxy.relays) == 1)
+        started = time.monotonic()
+        client.transport.abortConnection()  # type: ignore[union-attr]
+        await until(lambda: not proxy.relays, seconds=5)
+        self.assertLess(time.monotonic() - started, 5)
 
     async def test_max_connections(self) -> None:
         """Connections beyond max_connections are closed at once and counted."""
