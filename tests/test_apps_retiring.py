@@ -19,7 +19,7 @@ from typing import Any
 from twisted.trial import unittest
 
 from muxtwist import Rule, SniffingFactory
-from muxtwist.apps import WSGI
+from muxtwist.apps import WSGI, _wsgi
 from muxtwist.interfaces import IRetiringFactory
 from muxtwist.matchers import HTTP1
 from tests.test_apps_examples import TWISTD_ASYNCIO
@@ -133,6 +133,22 @@ class WSGIReloadTests(unittest.TestCase):
         answer = bytes(client.received)
         self.assertTrue(answer.endswith(b"\r\n\r\nold"), answer)
         self.assertIn(b"\r\nconnection: close\r\n", answer.lower())
+        await until(lambda: not pool.started, 5)
+
+    async def test_a_request_whose_headers_stop_coming_after_a_reload_is_closed_after_the_grace(self) -> None:
+        """A request whose headers stop coming after a reload is closed PARTIAL_REQUEST_GRACE seconds later."""
+        self.patch(_wsgi, "PARTIAL_REQUEST_GRACE", 0.3)
+        port, factory, old, _ = self.serve()
+        client = await connect(self, port)
+        assert client.transport is not None
+        client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        await until(lambda: factory.connections and not any(p.sniffing for p in factory.connections), 5)
+        pool = old.pool
+        factory.set_rules([Rule(HTTP1(), WSGI(Answering(b"new"), threads=2), name="web")])
+        started = time.monotonic()
+        await until(lambda: client.eof.called, 5)
+        self.assertGreaterEqual(time.monotonic() - started, 0.25)
+        self.assertEqual(bytes(client.received), b"")
         await until(lambda: not pool.started, 5)
 
     async def test_a_request_handed_off_late_with_its_headers_partly_sent_is_answered_then_closed(self) -> None:

@@ -208,6 +208,11 @@ def _daemon_thread(**kwargs: Any) -> threading.Thread:
     return threading.Thread(daemon=True, **kwargs)
 
 
+#: seconds without a byte after which a request whose headers are still
+#: coming is given up once its target was asked to finish (a reload, a stop).
+PARTIAL_REQUEST_GRACE = 10.0
+
+
 @implementer(IHalfCloseableProtocol)
 class _HalfClosingChannel(HTTPChannel):
     """
@@ -237,6 +242,12 @@ class _HalfClosingChannel(HTTPChannel):
         if self.requests and not self.requests[0].startedWriting:
             self.persistent = False
             self.requests[0].responseHeaders.setRawHeaders(b"connection", [b"close"])
+        if not http_channel_busy(self):
+            # Its headers still coming: they get PARTIAL_REQUEST_GRACE seconds
+            # without a byte (TimeoutMixin's idle timer, public), not the
+            # site's idle timeout (12 hours by default) holding a retired target.
+            grace = PARTIAL_REQUEST_GRACE
+            self.setTimeout(min(self.timeOut or grace, grace))  # type: ignore[no-untyped-call]
 
     def readConnectionLost(self) -> None:
         self._read_closed = True
