@@ -103,48 +103,43 @@ class WSGIReloadTests(unittest.TestCase):
         await until(lambda: client.eof.called, 1)
         await until(lambda: not pool.started, 5)
 
-    async def test_a_request_still_sniffing_at_a_reload_is_answered_by_the_old_target_then_closed(self) -> None:
-        """A client whose request was half sent at a reload gets the old target's answer, Connection: close, and EOF."""
+    async def reload_after(self, sent: bytes, sniffing: bool) -> tuple[Any, Any, Any]:
+        """A client that sent ``sent`` (still sniffing, or handed off), then a reload: client, factory, old pool."""
         port, factory, old, _ = self.serve()
         client = await connect(self, port)
         assert client.transport is not None
-        client.transport.write(b"GET / HT")
-        await until(lambda: any(p.sniffing for p in factory.connections), 5)
+        client.transport.write(sent)
+        if sniffing:
+            await until(lambda: any(p.sniffing for p in factory.connections), 5)
+        else:
+            await until(lambda: factory.connections and not any(p.sniffing for p in factory.connections), 5)
         pool = old.pool
         factory.set_rules([Rule(HTTP1(), WSGI(Answering(b"new"), threads=2), name="web")])
-        client.transport.write(b"TP/1.1\r\nHost: x\r\n\r\n")
+        return client, factory, pool
+
+    async def answered_by_the_old_target_then_closed(self, client: Any, pool: Any) -> None:
         await until(lambda: client.eof.called, 5)
         answer = bytes(client.received)
         self.assertTrue(answer.endswith(b"\r\n\r\nold"), answer)
         self.assertIn(b"\r\nconnection: close\r\n", answer.lower())
         await until(lambda: not pool.started, 5)
 
+    async def test_a_request_still_sniffing_at_a_reload_is_answered_by_the_old_target_then_closed(self) -> None:
+        """A client whose request was half sent at a reload gets the old target's answer, Connection: close, and EOF."""
+        client, _, pool = await self.reload_after(b"GET / HT", sniffing=True)
+        client.transport.write(b"TP/1.1\r\nHost: x\r\n\r\n")
+        await self.answered_by_the_old_target_then_closed(client, pool)
+
     async def test_a_request_whose_headers_are_partly_received_at_a_reload_is_answered_then_closed(self) -> None:
         """A request whose headers were partly received at a reload is answered, with Connection: close, then EOF."""
-        port, factory, old, _ = self.serve()
-        client = await connect(self, port)
-        assert client.transport is not None
-        client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
-        await until(lambda: factory.connections and not any(p.sniffing for p in factory.connections), 5)
-        pool = old.pool
-        factory.set_rules([Rule(HTTP1(), WSGI(Answering(b"new"), threads=2), name="web")])
+        client, _, pool = await self.reload_after(b"GET / HTTP/1.1\r\nHost: x\r\n", sniffing=False)
         client.transport.write(b"\r\n")
-        await until(lambda: client.eof.called, 5)
-        answer = bytes(client.received)
-        self.assertTrue(answer.endswith(b"\r\n\r\nold"), answer)
-        self.assertIn(b"\r\nconnection: close\r\n", answer.lower())
-        await until(lambda: not pool.started, 5)
+        await self.answered_by_the_old_target_then_closed(client, pool)
 
     async def test_a_request_whose_headers_stop_coming_after_a_reload_is_closed_after_the_grace(self) -> None:
         """A request whose headers stop coming after a reload is closed PARTIAL_REQUEST_GRACE seconds later."""
         self.patch(_wsgi, "PARTIAL_REQUEST_GRACE", 0.3)
-        port, factory, old, _ = self.serve()
-        client = await connect(self, port)
-        assert client.transport is not None
-        client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
-        await until(lambda: factory.connections and not any(p.sniffing for p in factory.connections), 5)
-        pool = old.pool
-        factory.set_rules([Rule(HTTP1(), WSGI(Answering(b"new"), threads=2), name="web")])
+        client, _, pool = await self.reload_after(b"GET / HTTP/1.1\r\nHost: x\r\n", sniffing=False)
         started = time.monotonic()
         await until(lambda: client.eof.called, 5)
         self.assertGreaterEqual(time.monotonic() - started, 0.25)
@@ -153,21 +148,11 @@ class WSGIReloadTests(unittest.TestCase):
 
     async def test_a_request_handed_off_late_with_its_headers_partly_sent_is_answered_then_closed(self) -> None:
         """A request handed to the old target after a reload, its headers not all sent yet, is answered, then EOF."""
-        port, factory, old, _ = self.serve()
-        client = await connect(self, port)
-        assert client.transport is not None
-        client.transport.write(b"GET / HT")
-        await until(lambda: any(p.sniffing for p in factory.connections), 5)
-        pool = old.pool
-        factory.set_rules([Rule(HTTP1(), WSGI(Answering(b"new"), threads=2), name="web")])
+        client, factory, pool = await self.reload_after(b"GET / HT", sniffing=True)
         client.transport.write(b"TP/1.1\r\nHost: x\r\n")
         await until(lambda: not any(p.sniffing for p in factory.connections), 5)
         client.transport.write(b"\r\n")
-        await until(lambda: client.eof.called, 5)
-        answer = bytes(client.received)
-        self.assertTrue(answer.endswith(b"\r\n\r\nold"), answer)
-        self.assertIn(b"\r\nconnection: close\r\n", answer.lower())
-        await until(lambda: not pool.started, 5)
+        await self.answered_by_the_old_target_then_closed(client, pool)
 
     async def test_a_reload_lets_a_request_in_flight_answer_then_closes_its_connection(self) -> None:
         """A client mid-request when the target is replaced gets its whole answer, told Connection: close, then EOF."""
