@@ -13,7 +13,6 @@ import difflib
 import io
 import os
 import re
-import string
 import sys
 import tokenize
 import traceback
@@ -27,6 +26,7 @@ from twisted.logger import Logger
 
 from muxtwist._options import shown
 from muxtwist._signals import keep_our_handlers
+from muxtwist._source_coding import not_for_source, wide_encoding
 from muxtwist._twisted import endpoint_port
 from muxtwist.interfaces import IMatcher
 from muxtwist.sniffing import Rule, SniffingFactory, duplicate_names
@@ -274,43 +274,6 @@ def _declaration(raw: bytes) -> tuple[int, str] | None:
     return None
 
 
-#: ASCII text a coding must decode as itself to be usable for Python source:
-#: what a declaration, names, numbers and most syntax are written in. Not
-#: ``+``, ``%``, ``\\`` or ``~``, which some encodings CPython accepts for
-#: source (UTF-7, cp864, Shift_JIS-2004, HZ) read otherwise.
-_ASCII_SAMPLE = (string.ascii_letters + string.digits + " \t\n\r#-*:=_.,;()[]{}<>'\"!?/|@").encode("ascii")
-
-#: Byte order marks of encodings that are not ASCII-compatible (UTF-32 first: its little-endian mark begins UTF-16's).
-_WIDE_MARKS = (
-    (codecs.BOM_UTF32_LE, "UTF-32"),
-    (codecs.BOM_UTF32_BE, "UTF-32"),
-    (codecs.BOM_UTF16_LE, "UTF-16"),
-    (codecs.BOM_UTF16_BE, "UTF-16"),
-)
-
-
-def _not_for_source(encoding: str) -> str | None:
-    """
-    Why text in ``encoding`` cannot be Python source (None if it can): Python
-    reads a file's first lines as ASCII to find its coding declaration, so
-    the encoding must write ASCII as ASCII (PEP 263). Judged as CPython
-    judges it (``SyntaxError: encoding problem``) for every codec it ships.
-    """
-    try:
-        info = codecs.lookup(encoding)
-    except LookupError:
-        return "Python knows no encoding of that name"
-    if not getattr(info, "_is_text_encoding", True):
-        return "it is not a text encoding"  # hex, base64, rot13, zlib: bytes to bytes
-    try:
-        same = _ASCII_SAMPLE.decode(encoding) == _ASCII_SAMPLE.decode("ascii")
-    except (UnicodeError, ValueError, TypeError, LookupError):
-        same = False
-    if not same:
-        return "Python source must be in an ASCII-compatible encoding, and it is not (save the file as UTF-8)"
-    return None
-
-
 def _unusable_coding(path: str, raw: bytes, name: str, why: str) -> ConfigError:
     """The error of a file whose coding declaration names ``name``, which cannot be used (``why``)."""
     declared = _declaration(raw)
@@ -328,14 +291,14 @@ def _run(path: str) -> tuple[dict[str, Any], str]:
             raw = f.read()
     except OSError as e:
         raise ConfigError(path, None, f"cannot read the rules file: {e.strerror or e}") from None
-    for mark, wide in _WIDE_MARKS:
-        if raw.startswith(mark):
-            raise ConfigError(
-                path,
-                1,
-                f"the file is {wide} text (it starts with a {wide} byte order mark): Python source must be in an"
-                " ASCII-compatible encoding (save the file as UTF-8)",
-            )
+    wide = wide_encoding(raw)
+    if wide is not None:
+        raise ConfigError(
+            path,
+            1,
+            f"the file is {wide} text (it starts with a {wide} byte order mark): Python source must be in an"
+            " ASCII-compatible encoding (save the file as UTF-8)",
+        )
     try:
         # UTF-8 unless a coding declaration says otherwise, as for any Python file.
         encoding = tokenize.detect_encoding(io.BytesIO(raw).readline)[0]
@@ -354,7 +317,7 @@ def _run(path: str) -> tuple[dict[str, Any], str]:
             raise ConfigError(path, declared and declared[0], problem) from None
         # A line of the first two that is not UTF-8: said below, with its byte and line.
         encoding = "utf-8"
-    why = _not_for_source(encoding)
+    why = not_for_source(encoding)
     if why is not None:
         # UTF-16, UTF-32, EBCDIC, or a bytes-to-bytes codec: decoding the file
         # with it gives nonsense, a LookupError or a confusing syntax error.
