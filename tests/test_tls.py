@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer, protocol, reactor, threads
+from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -972,3 +972,37 @@ class RetiringTests(TestCase):
         tls.retiring()
         self.assertEqual(inner.told, 1)
         TerminateTLS(cert_dir(self, **{"a.test": p.a}), protocol.Factory()).retiring()  # nothing to tell: no error
+
+    def test_a_factory_behind_that_raises_when_told_is_logged_and_the_reload_goes_on(self) -> None:
+        """An exception from the inner factory's retiring() is logged; the reload installs its rules, all told."""
+
+        @implementer(IRetiringFactory)
+        class Told(protocol.Factory):
+            def __init__(self, fail: bool) -> None:
+                self.told = self.stops = 0
+                self.fail = fail
+
+            def retiring(self) -> None:
+                self.told += 1
+                if self.fail:
+                    raise RuntimeError("retiring failed")
+
+            def doStop(self) -> None:
+                self.stops += 1
+
+        p = pki()
+        failing, other, new = Told(fail=True), Told(fail=False), Told(fail=False)
+        tls = TerminateTLS(cert_dir(self, **{"a.test": p.a}), failing)
+        tls.retiring()  # it must not raise (IRetiringFactory): logged as the inner factory's
+        errors = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual((len(errors), failing.told), (1, 1))
+        factory = SniffingFactory(
+            [Rule(Prefix(b"A"), tls, name="tls"), Rule(Prefix(b"B"), other, name="other")], reactor=task.Clock()
+        )
+        factory.doStart()
+        factory.set_rules([Rule(Prefix(b"A"), new, name="tls")])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual((failing.told, other.told, new.told), (2, 1, 0))
+        self.assertEqual((failing.stops, other.stops), (1, 1))
+        self.assertEqual([rule.factory for rule in factory.rules], [new])
+        factory.doStop()

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from muxtwist._inner import tell_retiring
 from muxtwist._limits import PerSource, address_text, host_of
 from muxtwist._options import OptionError, check_terminate_tls, shown
 from muxtwist._reachable import within
@@ -267,10 +268,10 @@ class TerminateTLS:
         The rules no longer name this TerminateTLS: the factory behind it is
         told too, if it wants to know (a WSGI or ASGI target closes its idle
         keep-alive connections; should other rules still name that target,
-        those clients only open new connections).
+        those clients only open new connections). Whatever it raises is
+        logged and ignored, as the sniffer does for the factories it tells.
         """
-        if IRetiringFactory.providedBy(self.factory):
-            self.factory.retiring()
+        tell_retiring(self.factory)
 
     def buildProtocol(self, addr: IAddress) -> IProtocol | None:
         return self.buildProtocolForConnection(addr, ConnectionInfo(peer=addr), "")
