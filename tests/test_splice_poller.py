@@ -7,15 +7,18 @@ event ever reaching an end that has left.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import sys
+import weakref
 from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from twisted.internet import defer, error
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -302,7 +305,8 @@ class PollerTurnTests(unittest.SynchronousTestCase):
         """One doRead serves every ready socket, more than MAX_EVENTS of them (a capped turn starved connects)."""
         if not LINUX:
             raise unittest.SkipTest("epoll is Linux's")
-        poller = _poller.Poller(_Reactor())
+        reactor = _Reactor()  # held here: a poller holds its reactor weakly
+        poller = _poller.Poller(reactor)
         self.addCleanup(lambda: poller._epoll.close() if poller._epoll is not None else None)
         ends = []
         for _ in range(_poller.MAX_EVENTS * 3):
@@ -321,7 +325,8 @@ class PollerHandOverTests(unittest.SynchronousTestCase):
     def _two_ends(self, first_writes: bool) -> tuple[_poller.Poller, _CountingEpoll, _End, _End, socket.socket]:
         if not LINUX:
             raise unittest.SkipTest("epoll is Linux's")
-        poller = _poller.Poller(_Reactor())
+        self.reactor = _Reactor()  # held here: a poller holds its reactor weakly
+        poller = _poller.Poller(self.reactor)
         ours, peer = socket.socketpair()
         self.addCleanup(peer.close)
         first = _End(poller, ours, [-1])
@@ -371,6 +376,28 @@ class _Counter(_End):
         super().doRead()
         if self.got >= self.expected and not self.done.called:
             self.done.callback(self.got)
+
+
+class PollerForTests(unittest.SynchronousTestCase):
+    def test_a_reactor_nothing_else_holds_is_collected(self) -> None:
+        """poller_for keeps no reactor alive, nor its poller: the last one asked about neither."""
+        first, last = MemoryReactorClock(), MemoryReactorClock()
+        poller = _poller.poller_for(first)
+        self.assertIs(_poller.poller_for(first), poller)
+        self.assertIsNot(_poller.poller_for(last), poller)
+        self.assertIs(_poller.poller_for(last), _poller.poller_for(last))
+        refs = [weakref.ref(first), weakref.ref(last), weakref.ref(poller), weakref.ref(_poller.poller_for(last))]
+        del first, last, poller
+        gc.collect()
+        self.assertEqual([ref() for ref in refs], [None] * 4)
+
+    def test_a_poller_is_the_same_while_its_reactor_lives(self) -> None:
+        """Asked about another reactor in between, poller_for still answers the first reactor's own poller."""
+        first, other = MemoryReactorClock(), MemoryReactorClock()
+        poller = _poller.poller_for(first)
+        _poller.poller_for(other)
+        gc.collect()
+        self.assertIs(_poller.poller_for(first), poller)
 
 
 class PollerReactorTests(unittest.TestCase):

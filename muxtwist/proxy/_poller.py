@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import select
 import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReadDescriptor
@@ -72,13 +73,17 @@ class Poller:
 
     The poller is a reader of the reactor, and its ``epoll`` descriptor
     open, only while it holds a socket: a reactor with no relay running has
-    nothing of ours registered or open.
+    nothing of ours registered or open. It holds the reactor weakly: the
+    relays using it hold their reactor, and a reactor they all dropped is
+    not kept alive by its poller.
     """
 
     __slots__ = ("__weakref__", "_ends", "_epoll", "_gone", "_reactor", "_registered", "stopping")
 
     def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
+        # Weakly: the relays that use the poller hold the reactor, and the
+        # poller kept for it (poller_for) must not keep it alive after them.
+        self._reactor: weakref.ref[Any] = weakref.ref(reactor, _forget)
         self._epoll: select.epoll | None = None
         #: the socket registered for each descriptor.
         self._ends: dict[int, Pollable] = {}
@@ -125,7 +130,10 @@ class Poller:
         self._ends[fd] = end
         if not self._registered:
             self._registered = True
-            self._reactor.addReader(self)
+            reactor = self._reactor()
+            if reactor is None:
+                raise RuntimeError("the reactor of this poller is gone")  # a relay holds the reactor it runs on
+            reactor.addReader(self)
 
     def unregister(self, end: Pollable) -> None:
         """Take ``end`` out (nothing if it is not in); its socket may already be closed."""
@@ -146,7 +154,9 @@ class Poller:
         if not self._ends:
             if self._registered:
                 self._registered = False
-                self._reactor.removeReader(self)
+                reactor = self._reactor()
+                if reactor is not None:  # gone: there is nothing to leave
+                    reactor.removeReader(self)
             if epoll is not None:
                 self._epoll = None
                 epoll.close()
@@ -212,18 +222,29 @@ class Poller:
 _pollers: weakref.WeakKeyDictionary[Any, Poller] = weakref.WeakKeyDictionary()
 
 
-#: the last reactor asked about, and its poller (nearly always the one reactor of the process).
-_last: tuple[Any, Poller | None] = (None, None)
+def _nothing() -> None:
+    return None
+
+
+#: the last reactor asked about, weakly, and its poller (nearly always the one reactor of the process).
+_last: tuple[Callable[[], Any], Poller | None] = (_nothing, None)
+
+
+def _forget(gone: weakref.ref[Any]) -> None:
+    """A poller's reactor is gone: the poller is not kept for it any more."""
+    global _last
+    if _last[0] is gone:
+        _last = (_nothing, None)
 
 
 def poller_for(reactor: Any) -> Poller:
-    """The one :class:`Poller` of ``reactor``."""
+    """The one :class:`Poller` of ``reactor``, kept for as long as the reactor lives."""
     global _last
     last, poller = _last
-    if last is reactor and poller is not None:
+    if last() is reactor and poller is not None:
         return poller
     poller = _pollers.get(reactor)
     if poller is None:
         poller = _pollers[reactor] = Poller(reactor)
-    _last = (reactor, poller)
+    _last = (poller._reactor, poller)
     return poller
