@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -22,6 +23,7 @@ from muxtwist import Rule, SniffingFactory
 from muxtwist.apps import WSGI, _wsgi
 from muxtwist.interfaces import IRetiringFactory
 from muxtwist.matchers import HTTP1
+from tests.test_aio import run_program
 from tests.test_apps_examples import TWISTD_ASYNCIO
 from tests.test_apps_http2 import connect as h2_connect
 from tests.test_apps_http2 import pump, tls_mux
@@ -371,3 +373,178 @@ class TwistdReloadTests(unittest.TestCase):
         while running._read(deadline) and time.monotonic() < deadline:
             pass  # what it has logged so far
         self.assertNotIn(b"lifespan shutdown one", running.output)
+
+
+#: What the ASGI reload programs share (after tests/test_aio.py's PRELUDE):
+#: an application answering its word, whose lifespan startup may wait for
+#: ``startup_may_finish``, logging its startup, requests and shutdown in
+#: ``events``; a service listening without waiting for that startup; a reload.
+ASGI_RELOAD = """
+import time
+from muxtwist import SniffingFactory
+from muxtwist.apps import _asgi
+from muxtwist.service import MuxService
+
+events = []
+startup_may_finish = asyncio.Event()
+
+def answering(word, slow_startup=False):
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            await receive()
+            if slow_startup:
+                await startup_may_finish.wait()
+            events.append("startup " + word)
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            events.append("shutdown " + word)
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        events.append("request " + word)
+        body = word.encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+    return app
+
+def target(word, slow_startup=False, **options):
+    return ASGI(answering(word, slow_startup), timeout_keep_alive=60, **options)
+
+def listen(first, shutdown_timeout=5):
+    reactor = muxtwist.aio.install_reactor()
+    factory = SniffingFactory([Rule(HTTP1(), first, name="web")], reactor=reactor)
+    service = MuxService(shutdown_timeout=shutdown_timeout, reactor=reactor)
+    service.add_listener("tcp:0:interface=127.0.0.1", factory)
+    service.privilegedStartService()
+    service.startService()
+    return muxtwist.aio.Server(service, factory)
+
+async def until(test, seconds=5):
+    deadline = time.monotonic() + seconds
+    while not test():
+        if time.monotonic() > deadline:
+            raise TimeoutError("still waiting after %s s" % seconds)
+        await asyncio.sleep(0.01)
+
+async def handed_off(server):
+    await until(lambda: server.factory.connections and not any(p.sniffing for p in server.factory.connections))
+
+async def sniffing(server):
+    await until(lambda: any(p.sniffing for p in server.factory.connections))
+
+def reload(server, word="new"):
+    server.factory.set_rules([Rule(HTTP1(), target(word), name="web")])
+
+async def rest(reader, seconds=3):
+    # What the server sends until it closes, and after how many seconds (None: still open).
+    started, data = time.monotonic(), b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), max(0.01, started + seconds - time.monotonic())):
+            data += chunk
+    except asyncio.TimeoutError:
+        return data.decode(), None
+    except ConnectionResetError:
+        return data.decode() + "<reset>", time.monotonic() - started
+    return data.decode(), time.monotonic() - started
+
+GET = b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n"
+
+async def connected(server, sent):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(sent)
+    return reader, writer
+"""
+
+
+class ASGIFinishTests(unittest.TestCase):
+    """
+    An ASGI target asked to finish (``retiring()`` at a reload, or its stop)
+    while connections wait for its lifespan startup, or while a request's
+    headers are still coming: each runs an asyncio program in a child
+    process (tests/test_aio.py's ``run_program``), the asyncio reactor there.
+    """
+
+    def run_asgi(self, body: str) -> dict[str, Any]:
+        return run_program(self, ASGI_RELOAD + textwrap.dedent(body))
+
+    def assert_answered_then_closed(self, got: dict[str, Any], word: str) -> None:
+        """The client got the whole answer ``word``, then EOF within two seconds."""
+        self.assertTrue(got["answer"].startswith("HTTP/1.1 200 OK\r\n"), got)
+        self.assertTrue(got["answer"].endswith("\r\n\r\n" + word), got["answer"])
+        self.assertIsNotNone(got["closed_after"], f"still open 3 s later: {got}")
+        self.assertLess(got["closed_after"], 2.0, got)
+
+    def test_a_connection_waiting_for_the_startup_at_a_reload_is_answered_then_closed(self) -> None:
+        """A request waiting for the lifespan startup when a reload retires the target is answered, then EOF."""
+        got = self.run_asgi(
+            """
+            async def main():
+                server = listen(target("old", slow_startup=True))
+                reader, writer = await connected(server, GET)
+                await handed_off(server)
+                reload(server)
+                startup_may_finish.set()
+                answer, closed_after = await rest(reader)
+                if closed_after is not None:
+                    await until(lambda: "shutdown old" in events)
+                writer.close()
+                await server.close()
+                print(json.dumps({"answer": answer, "closed_after": closed_after, "events": events}))
+
+            asyncio.run(main())
+            """
+        )
+        self.assert_answered_then_closed(got, "old")
+        events = got["events"]
+        self.assertLess(events.index("startup old"), events.index("request old"))
+        self.assertLess(events.index("request old"), events.index("shutdown old"))
+
+    def test_a_connection_waiting_for_the_startup_at_a_stop_is_answered_before_the_lifespan_shutdown(self) -> None:
+        """A request waiting for the startup when the target stops is answered and closed, then the lifespan ends."""
+        got = self.run_asgi(
+            """
+            async def main():
+                server = listen(target("app", slow_startup=True, shutdown_timeout=5))
+                reader, writer = await connected(server, GET)
+                await handed_off(server)
+                started = time.monotonic()
+                closing = asyncio.ensure_future(server.close())
+                await asyncio.sleep(0)
+                startup_may_finish.set()
+                answer, closed_after = await rest(reader)
+                await closing
+                took = time.monotonic() - started
+                writer.close()
+                print(json.dumps({"answer": answer, "closed_after": closed_after, "events": events, "took": took}))
+
+            asyncio.run(main())
+            """
+        )
+        self.assert_answered_then_closed(got, "app")
+        self.assertEqual(got["events"], ["startup app", "request app", "shutdown app"])
+        self.assertLess(got["took"], 2.0)
+
+    def test_a_connection_waiting_for_a_startup_the_stop_gives_up_is_closed_unserved(self) -> None:
+        """A connection waiting for a startup that outlasts the stop's shutdown_timeout is closed then, never served."""
+        got = self.run_asgi(
+            """
+            async def main():
+                server = listen(target("app", slow_startup=True, shutdown_timeout=0.3))
+                reader, writer = await connected(server, GET)
+                await handed_off(server)
+                closing = asyncio.ensure_future(server.close())
+                answer, closed_after = await rest(reader)
+                await closing
+                startup_may_finish.set()  # too late: nothing is served after the stop
+                await until(lambda: "startup app" in events)
+                await asyncio.sleep(0.2)  # a request it started would have reached the app by now
+                writer.close()
+                print(json.dumps({"answer": answer, "closed_after": closed_after, "events": events}))
+
+            asyncio.run(main())
+            """
+        )
+        self.assertEqual(got["answer"], "")
+        self.assertIsNotNone(got["closed_after"], "still open 3 s after the stop")
+        self.assertLess(got["closed_after"], 2.0)
+        self.assertNotIn("request app", got["events"])

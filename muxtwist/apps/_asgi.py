@@ -56,7 +56,8 @@ class ASGI(Factory):
     or wsproto, whichever uvicorn picks as installed).
 
     ``doStart`` runs the application's lifespan startup (connections that
-    arrive before it completes wait for it); the stop of the factory, or the
+    arrive before it completes wait for it, and are finished as soon as it
+    completes if the target was asked to finish meanwhile); the stop of the factory, or the
     reactor's shutdown, asks every connection to finish gracefully (uvicorn's
     ``shutdown``: idle keep-alive connections close, WebSockets get 1012),
     waits for them up to ``shutdown_timeout`` seconds, then runs the lifespan
@@ -115,7 +116,7 @@ class ASGI(Factory):
         self._state: Any = None
         self._lifespan: Any = None
         self._ready: bool | None = None
-        self._waiting: list[Bridge] = []
+        self._waiting: list[_AppBridge] = []
         self._started_waiters: list[defer.Deferred[bool]] = []
         self._stopping: defer.Deferred[None] | None = None
         self._stopped: defer.Deferred[None] = defer.succeed(None)
@@ -155,9 +156,9 @@ class ASGI(Factory):
         if failed:
             log.error("ASGI application {app} failed its lifespan startup: refusing its connections", app=repr(self))
         self._ready = not failed
-        started, self._started_waiters = self._started_waiters, []
-        for d in started:
-            d.callback(not failed)
+        # The connections that waited start before anyone waiting for the
+        # startup hears of it: a stop waiting for it then finds them among
+        # the connections it asks to finish and waits for.
         waiting, self._waiting = self._waiting, []
         for bridge in waiting:
             if bridge.lost:
@@ -166,6 +167,9 @@ class ASGI(Factory):
                 bridge.refuse()
             else:
                 bridge.start()
+        started, self._started_waiters = self._started_waiters, []
+        for d in started:
+            d.callback(not failed)
 
     def _startup_error(self, failure: Failure) -> None:
         log.failure("ASGI lifespan startup raised", failure)
@@ -208,10 +212,16 @@ class ASGI(Factory):
         self._finish_connections(websockets=False)
 
     def _finish_connections(self, *, websockets: bool) -> None:
-        """uvicorn's graceful ``shutdown`` of each connection (of each HTTP one only, without ``websockets``)."""
+        """
+        uvicorn's graceful ``shutdown`` of each connection (of each HTTP one
+        only, without ``websockets``); a connection still waiting for the
+        lifespan startup gets it once started, its first request served.
+        """
         state = self._state
         if state is None:
             return
+        for bridge in self._waiting:
+            bridge.finish_when_started = True
         # A connection upgraded to a WebSocket is an instance of the
         # configured ws_protocol_class (it replaces the HTTP one in the set).
         ws_class = getattr(self.config, "ws_protocol_class", None)
@@ -247,6 +257,13 @@ class ASGI(Factory):
                     app=repr(self),
                     timeout=self.shutdown_timeout,
                 )
+                # Given up: the connections still waiting for it are closed
+                # now, unserved, not left to the service's abort (or to an
+                # application whose startup ends after its stop).
+                waiting, self._waiting = self._waiting, []
+                for bridge in waiting:
+                    if not bridge.lost:
+                        bridge.refuse()
         self._finish_connections(websockets=True)
         deadline = reactor.seconds() + self.shutdown_timeout
         while state.connections and reactor.seconds() < deadline:
@@ -329,11 +346,17 @@ class ASGI(Factory):
 
 
 class _AppBridge(Bridge):
-    """A bridge that waits for its ASGI target's lifespan startup."""
+    """
+    A bridge that waits for its ASGI target's lifespan startup. Asked to
+    finish meanwhile (``finish_when_started``), it is finished as soon as
+    it starts: the request that came while it waited is served, then the
+    connection closes (as a busy connection is finished).
+    """
 
     def __init__(self, build: AsyncioProtocolFactory, info: ConnectionInfo | None, target: ASGI) -> None:
         super().__init__(build, info)
         self._target = target
+        self.finish_when_started = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -343,6 +366,15 @@ class _AppBridge(Bridge):
             target._waiting.append(self)
         else:
             self.start()
+
+    def start(self) -> None:
+        super().start()
+        proto = self.protocol
+        if self.finish_when_started and proto is not None and not (self.lost or self.closed):
+            # Its held bytes are delivered: a request among them is served
+            # once (uvicorn's shutdown lets a running cycle finish), an idle
+            # connection closes at once.
+            proto.shutdown()  # type: ignore[attr-defined]
 
 
 def _sleep(reactor: Any, seconds: float) -> defer.Deferred[None]:
