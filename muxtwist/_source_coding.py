@@ -8,7 +8,7 @@ from __future__ import annotations
 import codecs
 import string
 
-__all__ = ["not_for_source", "wide_encoding"]
+__all__ = ["not_for_source", "wide_encoding", "wide_without_mark"]
 
 #: ASCII text a coding must decode as itself to be usable for Python source:
 #: what a declaration, names, numbers and most syntax are written in. Not
@@ -24,6 +24,18 @@ _WIDE_MARKS = (
     (codecs.BOM_UTF16_BE, "UTF-16"),
 )
 
+#: The encodings a file holding NUL bytes may be in without its byte order
+#: mark (UTF-32 first: ASCII in UTF-32 reads as UTF-16 with NULs).
+_WIDE_CODECS = (
+    ("utf-32-le", "UTF-32 (little-endian)"),
+    ("utf-32-be", "UTF-32 (big-endian)"),
+    ("utf-16-le", "UTF-16 (little-endian)"),
+    ("utf-16-be", "UTF-16 (big-endian)"),
+)
+
+#: How much of such a file is read to tell which of them it is in.
+_WIDE_SAMPLE = 1024
+
 
 def not_for_source(encoding: str) -> str | None:
     """
@@ -38,6 +50,9 @@ def not_for_source(encoding: str) -> str | None:
         return "Python knows no encoding of that name"
     if not getattr(info, "_is_text_encoding", True):
         return "it is not a text encoding"  # hex, base64, rot13, zlib: bytes to bytes
+    if info.name == "undefined":
+        # The codec that raises at every use (a default encoding turned off): ASCII is the least of it.
+        return "that codec refuses every byte, so no text can be read in it (save the file as UTF-8)"
     try:
         same = _ASCII_SAMPLE.decode(encoding) == _ASCII_SAMPLE.decode("ascii")
     except (UnicodeError, ValueError, TypeError, LookupError):
@@ -52,4 +67,21 @@ def wide_encoding(raw: bytes) -> str | None:
     for mark, wide in _WIDE_MARKS:
         if raw.startswith(mark):
             return wide
+    return None
+
+
+def wide_without_mark(raw: bytes) -> str | None:
+    """
+    The encoding a file holding NUL bytes is probably in, without its byte
+    order mark: UTF-16 or UTF-32, either byte order, whichever reads the
+    file's start as text with no NUL and mostly ASCII, as Python source is.
+    ``None``: none does (a stray NUL, a file of NULs).
+    """
+    for codec, name in _WIDE_CODECS:
+        try:
+            text = codecs.getincrementaldecoder(codec)().decode(raw[:_WIDE_SAMPLE], final=False)
+        except UnicodeDecodeError:
+            continue
+        if text and "\0" not in text and 2 * sum(c < "\x80" for c in text) >= len(text):
+            return name
     return None

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from muxtwist._options import shown
 from muxtwist._signals import keep_our_handlers
-from muxtwist._source_coding import not_for_source, wide_encoding
+from muxtwist._source_coding import not_for_source, wide_encoding, wide_without_mark
 from muxtwist._twisted import endpoint_port
 from muxtwist.interfaces import IMatcher
 from muxtwist.sniffing import Rule, SniffingFactory, duplicate_names
@@ -299,6 +299,19 @@ def _run(path: str) -> tuple[dict[str, Any], str]:
             f"the file is {wide} text (it starts with a {wide} byte order mark): Python source must be in an"
             " ASCII-compatible encoding (save the file as UTF-8)",
         )
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        # Python's own error for it names no line and no cause.
+        looks_like = wide_without_mark(raw)
+        if looks_like is not None:
+            raise ConfigError(
+                path,
+                1,
+                f"the file contains NUL bytes: it is probably {looks_like} text without a byte order mark; Python"
+                " source must be in an ASCII-compatible encoding (save the file as UTF-8)",
+            )
+        line = raw.count(b"\n", 0, nul) + 1
+        raise ConfigError(path, line, "the file contains a NUL byte, which Python source cannot contain")
     try:
         # UTF-8 unless a coding declaration says otherwise, as for any Python file.
         encoding = tokenize.detect_encoding(io.BytesIO(raw).readline)[0]

@@ -392,6 +392,18 @@ class UnusableCodingTests(unittest.TestCase):
                 (1, f"coding {coding!r} cannot be used for a Python source file: it is not a text encoding"),
             )
 
+    def test_the_undefined_codec_says_it_refuses_every_byte(self) -> None:
+        """The codec "undefined" (which decodes nothing) is said to refuse every byte, not to be ASCII-incompatible."""
+        error = self.assertRaises(ConfigError, load_config, self.write(b"# -*- coding: undefined -*-\nrules = []\n"))
+        self.assertEqual(
+            (error.line, error.problem),
+            (
+                1,
+                "coding 'undefined' cannot be used for a Python source file: that codec refuses every byte, so no"
+                " text can be read in it (save the file as UTF-8)",
+            ),
+        )
+
     def test_file_saved_as_utf16_names_its_byte_order_mark(self) -> None:
         """A file saved as UTF-16 or UTF-32 (with its byte order mark) is one error at line 1 saying so."""
         for encoding, wide in [("utf-16", "UTF-16"), ("utf-16-be", "UTF-16"), ("utf-32", "UTF-32")]:
@@ -461,6 +473,96 @@ class UnusableCodingTests(unittest.TestCase):
                 [f"reload failed, keeping the running rules: {path}:1: coding {coding!r} {why}"],
             )
             self.assertEqual([rule.name for rule in listener.factory.rules], ["one"])
+
+
+#: The problem of a rules file saved as UTF-16 or UTF-32 without a byte order mark, by the encoding it looks like.
+def no_mark(looks_like: str) -> str:
+    return (
+        f"the file contains NUL bytes: it is probably {looks_like} text without a byte order mark; Python source"
+        " must be in an ASCII-compatible encoding (save the file as UTF-8)"
+    )
+
+
+class NulBytesTests(unittest.TestCase):
+    """A rules file holding NUL bytes (a wide encoding without its byte order mark) is one error naming the file."""
+
+    def write(self, raw: bytes) -> str:
+        path = os.path.abspath(self.mktemp() + "-rules.py")
+        with open(path, "wb") as f:
+            f.write(raw)
+        return path
+
+    def test_wide_text_without_a_byte_order_mark_says_what_it_probably_is(self) -> None:
+        """UTF-16 or UTF-32 without a byte order mark is one error at line 1 saying so and to save it as UTF-8."""
+        text = "# r\u00e8gles\nrules = []\n"
+        for encoding, looks_like in [
+            ("utf-16-le", "UTF-16 (little-endian)"),
+            ("utf-16-be", "UTF-16 (big-endian)"),
+            ("utf-32-le", "UTF-32 (little-endian)"),
+            ("utf-32-be", "UTF-32 (big-endian)"),
+        ]:
+            for raw in (text.encode(encoding), ("\n\n" + text).encode(encoding), text.encode(encoding)[:-1]):
+                error = self.assertRaises(ConfigError, load_config, self.write(raw))
+                self.assertEqual((error.line, error.problem), (1, no_mark(looks_like)), (encoding, raw))
+
+    def test_a_stray_nul_byte_names_its_line(self) -> None:
+        """A NUL byte in an otherwise UTF-8 file (or a file of NULs) is one error at the first NUL's line."""
+        for raw, line in [
+            (b"rules = []\n\nx = 1\x00\n", 3),
+            (b"\x00" * 4096, 1),
+            (b"rules = []\n" + b"\x00" * 4096, 2),
+            (b"# -*- coding: latin-1 -*-\nrules = []  # \xe9\x00\n", 2),
+        ]:
+            error = self.assertRaises(ConfigError, load_config, self.write(raw))
+            self.assertEqual(
+                (error.line, error.problem),
+                (line, "the file contains a NUL byte, which Python source cannot contain"),
+                raw[:40],
+            )
+
+    def test_check_and_twistd_say_it_in_one_line(self) -> None:
+        """python -m muxtwist check and twistd muxtwist --config both end with the one line and exit 1."""
+        path = self.write("rules = []\n".encode("utf-16-le"))
+        expected = f"muxtwist: {path}:1: {no_mark('UTF-16 (little-endian)')}\n"
+        commands = [
+            [sys.executable, "-m", "muxtwist", "check", path],
+            twistd_command("--port", f"tcp:{free_port()}:interface=127.0.0.1", "--config", path),
+        ]
+        for command in commands:
+            proc = subprocess.Popen(
+                command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+            )
+            try:
+                out, err = proc.communicate(timeout=60)
+            finally:
+                stop_group(proc)
+            self.assertEqual((proc.returncode, err.decode(), out), (1, expected, b""), command)
+
+    @defer.inlineCallbacks
+    def test_reload_keeps_the_running_rules(self) -> Generator[defer.Deferred[Any], Any, None]:
+        """At a reload (SIGHUP) such a file logs the one error and the running rules keep serving."""
+        path = self.write(RELOAD_RULES.encode())
+        service = MuxService(config_path=path)
+        service.load(load_config(path))
+        service.startService()
+        self.addCleanup(service.stopService)
+        (listener,) = service.listeners.values()
+        lines: list[str] = []
+
+        def keep(event: dict[str, Any]) -> None:
+            lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(keep)
+        self.addCleanup(globalLogPublisher.removeObserver, keep)
+        with open(path, "wb") as f:
+            f.write(RELOAD_RULES.replace("one", "two").encode("utf-32-be"))
+        reloaded = yield service.reload()
+        self.assertFalse(reloaded)
+        self.assertEqual(
+            [line for line in lines if "reload failed" in line],
+            [f"reload failed, keeping the running rules: {path}:1: {no_mark('UTF-32 (big-endian)')}"],
+        )
+        self.assertEqual([rule.name for rule in listener.factory.rules], ["one"])
 
 
 RELOAD_RULES = """\
