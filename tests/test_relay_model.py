@@ -5,17 +5,24 @@ loopback sockets.
 
 Hypothesis drives a client and a backend as plain non-blocking sockets with
 small receive buffers, around a real mux listener and a real ``Proxy`` run
-by the reactor: sends of any size, reads of any size or none for a while (a
-slow reader: the kernel buffers fill, and the relay must pause reading the
-other side, through its transports' ``pauseProducing``/``resumeProducing``
-on the Twisted relay and by dropping the reader on the splice relay),
-half-closes in either order, resets from either end (a backend that dies),
-and reactor turns in between. Each example also draws the splice relay's
-chunk size, so small examples reach its pipe path too. After every step:
+by the reactor. Each example draws its listener (the client read by
+Twisted's transport, or by the splice poller as on a listener whose rules
+only relay) and whether the backend's connect is held back; if it is, the
+client sends, half-closes or resets while its relay waits for the backend
+(the relay keeps what arrives up to its limit, and stops reading the client
+beyond it) until a step lets the connect go. Then: sends of any size, reads
+of any size or none for a while (a slow reader: the kernel buffers fill,
+and the relay must pause reading the other side, through its transports'
+``pauseProducing``/``resumeProducing`` on the Twisted relay and by dropping
+the reader on the splice relay), half-closes in either order, resets from
+either end (a backend that dies), and reactor turns in between. Each
+example also draws the splice relay's chunk size, so small examples reach
+its pipe path too. After every step:
 
 - what each end has received is a prefix of what the other end's kernel
   accepted (nothing lost, duplicated, reordered or invented);
-- the relay holds a bounded number of bytes (backpressure works).
+- the relay holds a bounded number of bytes (backpressure works), and
+  while it waits for its backend, at most its limit and one read more.
 
 At the end of every example, unless something was reset, both ends read
 everything and half-close one after the other: every byte accepted reached
@@ -37,13 +44,15 @@ from typing import Any
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from muxtwist import Rule, SniffingFactory
 from muxtwist.actions import Proxy
 from muxtwist.matchers import Any as AnyMatcher
 from muxtwist.proxy import _splice
+from muxtwist.proxy._polled import server_transport
+from muxtwist.proxy._relay import PENDING_LIMIT
 
 R: Any = reactor
 
@@ -127,6 +136,11 @@ class End:
             self.received += chunk
             limit -= len(chunk)
 
+    def read_to_end(self) -> bool:
+        """Read what there is; whether the other end has finished (end of stream or reset)."""
+        self.read(1 << 30)
+        return self.eof or self.reset_seen
+
     def half_close(self) -> None:
         self.write_closed = True
         try:
@@ -145,8 +159,50 @@ class End:
             self.sock.close()
 
 
+class Gate:
+    """
+    A backend endpoint whose connects wait until the gate opens: the relay
+    holds its client's bytes meanwhile. Cancelling a waiting connect (the
+    client went away) forgets it; once let through, the real connect runs.
+    """
+
+    def __init__(self, endpoint: Any) -> None:
+        self.endpoint = endpoint
+        self.closed = False
+        self.waiting: list[tuple[Any, defer.Deferred[Any]]] = []
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        if not self.closed:
+            connecting: defer.Deferred[Any] = self.endpoint.connect(factory)
+            return connecting
+        inner: list[defer.Deferred[Any]] = []
+
+        def cancel(d: defer.Deferred[Any]) -> None:
+            if inner:
+                inner[0].cancel()
+            else:
+                self.waiting.remove((factory, d))
+
+        d: defer.Deferred[Any] = defer.Deferred(cancel)
+        self.waiting.append((factory, d))
+        d.inner = inner  # type: ignore[attr-defined]
+        return d
+
+    def open(self) -> None:
+        self.closed = False
+        waiting, self.waiting = self.waiting, []
+        for factory, d in waiting:
+            connecting = self.endpoint.connect(factory)
+            d.inner.append(connecting)  # type: ignore[attr-defined]
+            connecting.chainDeferred(d)
+
+
 class Listeners:
-    """The mux listeners (one per relay variant) and the backend's listening socket, shared by every example."""
+    """
+    The mux listeners (one per relay variant: idle timer or not, the client
+    read by Twisted's transport or by the splice poller) and the backend's
+    listening socket, shared by every example.
+    """
 
     def __init__(self, case: unittest.SynchronousTestCase, splice: bool) -> None:
         self.backend = socket.socket()
@@ -156,15 +212,23 @@ class Listeners:
         self.backend.setblocking(False)
         case.addCleanup(self.backend.close)
         description = f"tcp:host=127.0.0.1:port={self.backend.getsockname()[1]}"
-        self.proxies = {
-            idle: Proxy(description, splice=splice, idle_timeout=600.0 if idle else None) for idle in (False, True)
-        }
+        self.proxies = {}
+        self.gates = {}
         self.ports = {}
-        for idle, proxy in self.proxies.items():
-            factory = SniffingFactory([Rule(AnyMatcher(), proxy, name="relay")])
-            port = R.listenTCP(0, factory, interface="127.0.0.1")
-            case.addCleanup(self._stop, port, factory)
-            self.ports[idle] = port.getHost().port
+        for idle in (False, True):
+            for polled in (False, True) if splice else (False,):
+                proxy = Proxy(description, splice=splice, idle_timeout=600.0 if idle else None)
+                gate = Gate(proxy.backends[0].endpoint)
+                proxy.backends[0].endpoint = gate  # type: ignore[assignment]
+                factory = SniffingFactory([Rule(AnyMatcher(), proxy, name="relay")])
+                port = R.listenTCP(0, factory, interface="127.0.0.1")
+                if polled:
+                    # As muxtwist's listeners do for rules that only relay.
+                    port.transport = server_transport
+                case.addCleanup(self._stop, port, factory)
+                self.proxies[idle, polled] = proxy
+                self.gates[idle, polled] = gate
+                self.ports[idle, polled] = port.getHost().port
 
     @staticmethod
     def _stop(port: Any, factory: SniffingFactory) -> None:
@@ -184,6 +248,7 @@ class RelayModel(RuleBasedStateMachine):
         self.client: End | None = None
         self.backend: End | None = None
         self.proxy: Proxy | None = None
+        self.gate: Gate
         self.fds = 0
         self.calls = 0
         self.pipes = 0
@@ -192,12 +257,18 @@ class RelayModel(RuleBasedStateMachine):
 
     @initialize(
         idle=st.booleans(),
+        polled=st.booleans(),
+        gated=st.booleans(),
         first=st.binary(min_size=1, max_size=4096),
         chunk=st.sampled_from([4096, 65536]),
         closer=st.sampled_from(["client", "backend"]),
     )
-    def connect(self, idle: bool, first: bytes, chunk: int, closer: str) -> None:
-        """A client connects through the mux and sends its first bytes; the relay connects to the backend."""
+    def connect(self, idle: bool, polled: bool, gated: bool, first: bytes, chunk: int, closer: str) -> None:
+        """
+        A client connects through the mux and sends its first bytes; the
+        relay connects to the backend, at once or (``gated``) once a step
+        lets it.
+        """
         # The splice relay moves a direction to a pipe after one full read of
         # its chunk; a small chunk brings small examples to the pipe path.
         self.chunk = _splice._CHUNK
@@ -207,24 +278,73 @@ class RelayModel(RuleBasedStateMachine):
         self.fds = open_fds()
         self.calls = len(R.getDelayedCalls())
         self.pipes = _splice.pipes.open
-        self.proxy = self.listeners.proxies[idle]
+        key = (idle, polled and self.splice)
+        self.proxy = self.listeners.proxies[key]
+        self.gate = self.listeners.gates[key]
+        self.gate.closed = gated
+        event("backend connect: " + ("held back" if gated else "at once"))
         sock = socket.socket()
         small_buffers(sock)
-        sock.connect(("127.0.0.1", self.listeners.ports[idle]))
+        sock.connect(("127.0.0.1", self.listeners.ports[key]))
         self.client = End("client", sock)
         self.client.send(first)
-        accepted: list[socket.socket] = []
+        if gated:
+            assert settle(lambda: len(self.relays()) == 1), "the client's relay never started"
+        else:
+            self.backend_connects()
 
-        def backend_accepted() -> bool:
-            try:
-                accepted.append(self.listeners.backend.accept()[0])
-            except BlockingIOError:
-                return False
+    def backend_accepted(self) -> bool:
+        """Whether the backend has accepted the relay's connection (accepting it if it is there)."""
+        if self.backend is not None:
             return True
+        try:
+            sock = self.listeners.backend.accept()[0]
+        except BlockingIOError:
+            return False
+        self.backend = End("backend", sock)
+        return True
 
-        assert settle(backend_accepted), "the relay never connected to the backend"
-        self.backend = End("backend", accepted[0])
-        assert settle(lambda: len(self.relays()) == 1 and self.relays()[0].side is not None)
+    def drain_backend(self) -> None:
+        """Accept and check what a relay that ended without us connected to the backend."""
+        assert self.client is not None
+        while True:
+            try:
+                stray = End("backend", self.listeners.backend.accept()[0])
+            except BlockingIOError:
+                return
+            try:
+                assert settle(stray.read_to_end)
+                assert stray.received == self.client.sent[: len(stray.received)], "client -> backend bytes differ"
+            finally:
+                stray.close()
+
+    def drained(self) -> bool:
+        """Whether the relay has ended, once what it connected to the backend is checked and closed."""
+        self.drain_backend()
+        ended = not self.relays()
+        self.drain_backend()
+        return ended
+
+    def connected(self) -> bool:
+        return self.backend is not None
+
+    @precondition(lambda self: not self.connected())
+    @rule()
+    def backend_connects(self) -> None:
+        """The held-back connect goes ahead (nothing, if the client went away first)."""
+        assert self.client is not None
+        self.gate.open()
+        if self.client.closed or self.client.reset_seen:
+            # A relay reading its client learns of the reset at once and
+            # gives up the connect. One that no longer reads it (paused at
+            # its limit, or after the client's half-close) connects and
+            # learns of it when it next writes to the client or the backend
+            # ends: here the backend closes at once. What reached the backend
+            # is a prefix of the client's bytes.
+            assert settle(self.drained), "the relay outlived its reset client"
+            return
+        assert settle(self.backend_accepted), "the relay never connected to the backend"
+        assert settle(lambda: not self.relays() or self.relays()[0].side is not None), "the relay never linked"
 
     def relays(self) -> list[Any]:
         assert self.proxy is not None
@@ -235,39 +355,55 @@ class RelayModel(RuleBasedStateMachine):
         return self.client, self.backend
 
     def anything_reset(self) -> bool:
-        client, backend = self.ends()
-        return client.closed or backend.closed or client.reset_seen or backend.reset_seen
+        ends = [e for e in (self.client, self.backend) if e is not None]
+        return any(e.closed or e.reset_seen for e in ends)
 
     def end(self, which: str) -> End:
-        client, backend = self.ends()
-        return client if which == "client" else backend
+        end = self.client if which == "client" else self.backend
+        assert end is not None
+        return end
 
     # Rules
 
-    @precondition(lambda self: not self.anything_reset())
+    def can(self, which: str) -> bool:
+        """Whether a step may act on ``which`` (the backend only once connected; nothing after a reset)."""
+        return not self.anything_reset() and (which == "client" or self.connected())
+
     @rule(which=st.sampled_from(["client", "backend"]), size=SIZES, seed=st.integers(0, 2**16))
     def send(self, which: str, size: int, seed: int) -> None:
+        if not self.can(which):
+            return
         end = self.end(which)
         if not end.write_closed:
             end.send(random.Random(seed).randbytes(size))
 
-    @precondition(lambda self: not self.anything_reset())
+    @precondition(lambda self: not self.connected() and not self.anything_reset())
+    @rule(size=SIZES, seed=st.integers(0, 2**16), turns=st.integers(1, 30))
+    def send_while_connecting(self, size: int, seed: int, turns: int) -> None:
+        """The client sends while its relay waits for the backend, and the relay reads what it will."""
+        client = self.end("client")
+        if not client.write_closed:
+            client.send(random.Random(seed).randbytes(size))
+        self.run_reactor(turns)
+
     @rule(which=st.sampled_from(["client", "backend"]), limit=st.integers(1, 400_000))
     def read(self, which: str, limit: int) -> None:
-        self.end(which).read(limit)
+        if self.can(which):
+            self.end(which).read(limit)
 
-    @precondition(lambda self: not self.anything_reset())
     @rule(which=st.sampled_from(["client", "backend"]))
     def half_close(self, which: str) -> None:
+        if not self.can(which):
+            return
         end = self.end(which)
         if not end.write_closed:
             end.half_close()
 
-    @precondition(lambda self: not self.anything_reset())
     @rule(which=st.sampled_from(["client", "backend"]))
     def reset(self, which: str) -> None:
         """The client aborts, or the backend dies."""
-        self.end(which).reset()
+        if self.can(which):
+            self.end(which).reset()
 
     @rule(turns=st.integers(1, 30))
     def run_reactor(self, turns: int) -> None:
@@ -281,6 +417,9 @@ class RelayModel(RuleBasedStateMachine):
         """What each end received is a prefix of what the other end sent."""
         if self.client is None:
             return
+        if self.backend is None:
+            assert not self.client.received, "the client received bytes before any backend connected"
+            return
         client, backend = self.ends()
         assert backend.received == client.sent[: len(backend.received)], "client -> backend bytes differ"
         assert client.received == backend.sent[: len(client.received)], "backend -> client bytes differ"
@@ -291,12 +430,23 @@ class RelayModel(RuleBasedStateMachine):
             return
         for relay in self.relays():
             assert relay.buffered() < BOUND, f"relay holds {relay.buffered()} bytes"
+            if relay.side is None:
+                # Waiting for its backend: at most the limit, and one read past it.
+                assert relay.buffered() <= PENDING_LIMIT + 65536, f"relay holds {relay.buffered()} bytes unconnected"
 
     # The end of an example
 
     def teardown(self) -> None:
         _splice._CHUNK = self.chunk
         if self.client is None:
+            return
+        if not self.connected():
+            self.backend_connects()
+        if self.backend is None:
+            # The client went away while its connect was held back: nothing
+            # reached a backend, and nothing is left over.
+            self.client.close()
+            self.check_nothing_left()
             return
         for relay in self.relays():
             splice = relay._splice
@@ -309,6 +459,12 @@ class RelayModel(RuleBasedStateMachine):
             client, backend = self.ends()
             client.close()
             backend.close()
+        self.check_nothing_left()
+
+    def check_nothing_left(self) -> None:
+        """Once our own sockets are closed: no relay, descriptor, delayed call or pipe is left."""
+        self.gate.closed = False
+        assert not self.gate.waiting, "a held-back connect was never cancelled"
         assert settle(lambda: not self.relays()), "the relay did not end after both sockets closed"
         assert settle(lambda: open_fds() <= self.fds), f"{open_fds() - self.fds} descriptors left over"
         assert len(R.getDelayedCalls()) == self.calls, "a delayed call was left over"
