@@ -400,6 +400,12 @@ def answering(word, slow_startup=False):
             events.append("shutdown " + word)
             await send({"type": "lifespan.shutdown.complete"})
             return
+        if scope["type"] == "websocket":
+            await receive()
+            await send({"type": "websocket.accept"})
+            while (message := await receive())["type"] != "websocket.disconnect":
+                await send({"type": "websocket.send", "text": word + ": " + message["text"]})
+            return
         events.append("request " + word)
         body = word.encode()
         await send({"type": "http.response.start", "status": 200,
@@ -548,3 +554,158 @@ class ASGIFinishTests(unittest.TestCase):
         self.assertIsNotNone(got["closed_after"], "still open 3 s after the stop")
         self.assertLess(got["closed_after"], 2.0)
         self.assertNotIn("request app", got["events"])
+
+    def test_a_request_whose_headers_are_partly_received_at_a_reload_is_answered_then_closed(self) -> None:
+        """A request whose headers were partly received when a reload retires the target is answered, then EOF."""
+        got = self.run_asgi(
+            """
+            async def main():
+                server = listen(target("old"))
+                await server.started()
+                reader, writer = await connected(server, b"GET / HTTP/1.1\\r\\nHost: x\\r\\n")
+                await handed_off(server)
+                reload(server)
+                writer.write(b"User-Agent: test\\r\\n\\r\\n")
+                answer, closed_after = await rest(reader)
+                if closed_after is not None:
+                    await until(lambda: "shutdown old" in events)
+                writer.close()
+                await server.close()
+                print(json.dumps({"answer": answer, "closed_after": closed_after, "events": events}))
+
+            asyncio.run(main())
+            """
+        )
+        self.assert_answered_then_closed(got, "old")
+        self.assertIn("request old", got["events"])
+        self.assertIn("shutdown old", got["events"])
+
+    def test_a_request_whose_headers_stop_coming_after_a_reload_is_closed_after_the_grace(self) -> None:
+        """A request whose headers stop coming after a reload is closed PARTIAL_REQUEST_GRACE seconds later."""
+        got = self.run_asgi(
+            """
+            _asgi.PARTIAL_REQUEST_GRACE = 0.5
+            async def main():
+                server = listen(target("old"))
+                await server.started()
+                reader, writer = await connected(server, b"GET / HTTP/1.1\\r\\nHost: x\\r\\n")
+                await handed_off(server)
+                reload(server)
+                await asyncio.sleep(0.3)
+                writer.write(b"User-Agent: test\\r\\n")  # a byte within the grace starts it again
+                answer, closed_after = await rest(reader)
+                if closed_after is not None:
+                    await until(lambda: "shutdown old" in events)
+                writer.close()
+                await server.close()
+                print(json.dumps({"answer": answer, "closed_after": closed_after, "events": events}))
+
+            asyncio.run(main())
+            """
+        )
+        self.assertEqual(got["answer"], "")
+        self.assertIsNotNone(got["closed_after"], "still open 3 s after the reload")
+        self.assertGreater(got["closed_after"], 0.4)
+        self.assertLess(got["closed_after"], 2.0)
+        self.assertNotIn("request old", got["events"])
+        self.assertIn("shutdown old", got["events"])
+
+    def test_a_request_handed_off_late_with_its_headers_partly_sent_is_answered_then_closed(self) -> None:
+        """A request handed to the old target after a reload, its headers not all sent yet, is answered, then EOF."""
+        got = self.run_asgi(
+            """
+            async def main():
+                server = listen(target("old"))
+                await server.started()
+                reader, writer = await connected(server, b"GET / HT")
+                await sniffing(server)
+                reload(server)
+                writer.write(b"TP/1.1\\r\\nHost: x\\r\\n")
+                await until(lambda: not any(p.sniffing for p in server.factory.connections))
+                writer.write(b"\\r\\n")
+                answer, closed_after = await rest(reader)
+                if closed_after is not None:
+                    await until(lambda: "shutdown old" in events)
+                writer.close()
+                await server.close()
+                print(json.dumps({"answer": answer, "closed_after": closed_after, "events": events}))
+
+            asyncio.run(main())
+            """
+        )
+        self.assert_answered_then_closed(got, "old")
+        self.assertIn("shutdown old", got["events"])
+
+    def test_a_second_request_partly_received_at_a_reload_is_answered_then_closed(self) -> None:
+        """On a keep-alive connection, a next request partly received at a reload is answered, then EOF."""
+        got = self.run_asgi(
+            """
+            async def main():
+                server = listen(target("old"))
+                await server.started()
+                # One write: the next request's first headers arrive with the first request.
+                reader, writer = await connected(server, GET + b"GET /again HTTP/1.1\\r\\nHost: x\\r\\n")
+                await asyncio.wait_for(reader.readuntil(b"old"), 5)
+                reload(server)
+                writer.write(b"\\r\\n")
+                answer, closed_after = await rest(reader)
+                writer.close()
+                await server.close()
+                print(json.dumps({"answer": answer, "closed_after": closed_after, "events": events}))
+
+            asyncio.run(main())
+            """
+        )
+        self.assert_answered_then_closed(got, "old")
+        self.assertEqual(got["events"].count("request old"), 2)
+
+    def test_a_request_whose_headers_are_partly_received_at_a_stop_is_answered_then_closed(self) -> None:
+        """A request whose headers were partly received when the target stops is answered before its lifespan ends."""
+        got = self.run_asgi(
+            """
+            async def main():
+                server = listen(target("app"))
+                await server.started()
+                reader, writer = await connected(server, b"GET / HTTP/1.1\\r\\nHost: x\\r\\n")
+                await handed_off(server)
+                closing = asyncio.ensure_future(server.close())
+                await asyncio.sleep(0)
+                writer.write(b"\\r\\n")
+                answer, closed_after = await rest(reader)
+                await closing
+                writer.close()
+                print(json.dumps({"answer": answer, "closed_after": closed_after, "events": events}))
+
+            asyncio.run(main())
+            """
+        )
+        self.assert_answered_then_closed(got, "app")
+        self.assertEqual(got["events"], ["startup app", "request app", "shutdown app"])
+
+    def test_a_websocket_waiting_for_the_startup_at_a_reload_goes_on(self) -> None:
+        """A WebSocket handshake waiting for the startup when a reload retires the target is accepted and goes on."""
+        got = self.run_asgi(
+            """
+            from websockets.asyncio.client import connect as ws_connect
+            async def main():
+                server = listen(target("old", slow_startup=True))
+                opening = asyncio.ensure_future(ws_connect(f"ws://127.0.0.1:{server.port}/ws", open_timeout=5))
+                await handed_off(server)
+                reload(server)
+                startup_may_finish.set()
+                ws = await opening
+                await ws.send("a")
+                first = await asyncio.wait_for(ws.recv(), 5)
+                await asyncio.sleep(0.2)  # what a close after the handshake would have taken
+                await ws.send("b")
+                second = await asyncio.wait_for(ws.recv(), 5)
+                await ws.close()
+                await until(lambda: "shutdown old" in events)
+                await server.close()
+                print(json.dumps({"said": [first, second], "events": events}))
+
+            asyncio.run(main())
+            """
+        )
+        self.assertEqual(got["said"], ["old: a", "old: b"])
+        self.assertIn("shutdown old", got["events"])

@@ -12,8 +12,8 @@ import asyncio
 from typing import Any, Literal
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,6 +38,12 @@ _UVICORN_COUNTS = {
     "limit_concurrency": True,
     "h11_max_incomplete_event_size": True,
 }
+
+
+#: seconds without a byte after which a request whose headers are still
+#: coming is given up once its target was asked to finish (a reload, a
+#: stop), as for the WSGI target: uvicorn's own protocol has no timer then.
+PARTIAL_REQUEST_GRACE = 10.0
 
 
 def _uvicorn() -> Any:
@@ -67,7 +73,9 @@ class ASGI(Factory):
     When a reload's rules no longer name it (:meth:`retiring`), its HTTP
     connections finish (idle keep-alive ones close at once, busy ones after
     their response) and its WebSockets go on; the stop above follows once
-    the last connection has ended.
+    the last connection has ended. At a stop as at a reload, a request whose
+    headers are still coming is answered before its connection closes
+    (given up after 10 seconds without a byte).
 
     :param root_path: the ASGI ``root_path`` (the app mounted below a prefix).
     :param lifespan: ``"auto"`` (run it if the app supports it), ``"on"``
@@ -117,6 +125,7 @@ class ASGI(Factory):
         self._lifespan: Any = None
         self._ready: bool | None = None
         self._waiting: list[_AppBridge] = []
+        self._bridges: set[_AppBridge] = set()
         self._started_waiters: list[defer.Deferred[bool]] = []
         self._stopping: defer.Deferred[None] | None = None
         self._stopped: defer.Deferred[None] = defer.succeed(None)
@@ -214,20 +223,18 @@ class ASGI(Factory):
     def _finish_connections(self, *, websockets: bool) -> None:
         """
         uvicorn's graceful ``shutdown`` of each connection (of each HTTP one
-        only, without ``websockets``); a connection still waiting for the
-        lifespan startup gets it once started, its first request served.
+        only, without ``websockets``): see :meth:`_AppBridge.finish`.
         """
-        state = self._state
-        if state is None:
+        if self._state is None:
             return
-        for bridge in self._waiting:
-            bridge.finish_when_started = True
+        for bridge in list(self._bridges):
+            bridge.finish(websockets=websockets)
+
+    def _is_websocket(self, protocol: object) -> bool:
         # A connection upgraded to a WebSocket is an instance of the
-        # configured ws_protocol_class (it replaces the HTTP one in the set).
+        # configured ws_protocol_class (it replaces the HTTP one).
         ws_class = getattr(self.config, "ws_protocol_class", None)
-        for connection in list(state.connections):
-            if websockets or ws_class is None or not isinstance(connection, ws_class):
-                connection.shutdown()
+        return ws_class is not None and isinstance(protocol, ws_class)
 
     def _stop(self) -> defer.Deferred[None]:
         """Close connections gracefully, wait for them, run the lifespan shutdown."""
@@ -347,34 +354,107 @@ class ASGI(Factory):
 
 class _AppBridge(Bridge):
     """
-    A bridge that waits for its ASGI target's lifespan startup. Asked to
-    finish meanwhile (``finish_when_started``), it is finished as soon as
-    it starts: the request that came while it waited is served, then the
-    connection closes (as a busy connection is finished).
+    A bridge that waits for its ASGI target's lifespan startup, and that
+    finishes its connection when the target asks (:meth:`finish`).
     """
 
     def __init__(self, build: AsyncioProtocolFactory, info: ConnectionInfo | None, target: ASGI) -> None:
         super().__init__(build, info)
         self._target = target
-        self.finish_when_started = False
+        # Asked to finish, not done yet: whether its WebSocket is to be
+        # finished too (a stop) or left alone (a reload); None: not asked.
+        self._finishing: bool | None = None
+        self._grace: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         target = self._target
+        target._bridges.add(self)
         if target._ready is None:
             self.wait()
             target._waiting.append(self)
         else:
             self.start()
 
+    def finish(self, *, websockets: bool) -> None:
+        """
+        The target is asked to finish: uvicorn's graceful ``shutdown`` of
+        this connection (an idle one closes, a request being answered closes
+        after its response), a WebSocket's only with ``websockets``. A
+        connection still waiting for the lifespan startup is finished once
+        it starts (the request it sent meanwhile served first), and one
+        whose request's headers are still coming once they have all come
+        (that request served first), or after ``PARTIAL_REQUEST_GRACE``
+        seconds without a byte: uvicorn's ``shutdown`` would close it with
+        that request unanswered, and it has no timer of its own then.
+        """
+        self._finishing = websockets or bool(self._finishing)
+        self._finish()
+
     def start(self) -> None:
         super().start()
+        self._finish()
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        self._finish()
+
+    def _finish(self) -> None:
+        websockets, proto = self._finishing, self.protocol
+        if websockets is None or proto is None or self.lost or self.closed:
+            return  # not asked, or not started yet (start() comes back here), or over
+        if self._target._is_websocket(proto):
+            self._finishing = None
+            if websockets:
+                proto.shutdown()  # type: ignore[attr-defined]
+            return
+        if _request_head_coming(proto):
+            if self._grace is not None and self._grace.active():
+                self._grace.reset(PARTIAL_REQUEST_GRACE)
+            else:
+                self._grace = self._target.reactor.callLater(PARTIAL_REQUEST_GRACE, self._grace_over)
+            return
+        self._finishing = None
+        self._stop_grace()
+        proto.shutdown()  # type: ignore[attr-defined]
+
+    def _grace_over(self) -> None:
+        self._grace = None
         proto = self.protocol
-        if self.finish_when_started and proto is not None and not (self.lost or self.closed):
-            # Its held bytes are delivered: a request among them is served
-            # once (uvicorn's shutdown lets a running cycle finish), an idle
-            # connection closes at once.
+        if proto is not None and not (self.lost or self.closed):
+            self._finishing = None
+            # No request being answered: uvicorn's shutdown closes it.
             proto.shutdown()  # type: ignore[attr-defined]
+
+    def _stop_grace(self) -> None:
+        if self._grace is not None and self._grace.active():
+            self._grace.cancel()
+        self._grace = None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_grace()
+        self._target._bridges.discard(self)
+        super().connectionLost(reason)
+
+
+def _request_head_coming(protocol: object) -> bool:
+    """
+    Whether uvicorn's h11 protocol has part of a request's head, not all of
+    it, and no request being answered (what its ``shutdown`` would close
+    unanswered). With another HTTP protocol class (httptools), False: it is
+    finished as uvicorn finishes it.
+    """
+    import h11  # uvicorn's dependency, imported by its protocol already
+
+    conn = getattr(protocol, "conn", None)
+    if not isinstance(conn, h11.Connection):
+        return False
+    # uvicorn's own shutdown reads cycle and response_complete the same way.
+    cycle = getattr(protocol, "cycle", None)
+    if cycle is not None and not cycle.response_complete:
+        return False
+    data, closed = conn.trailing_data  # h11's public view of what it has not parsed yet
+    return conn.their_state is h11.IDLE and bool(data) and not closed
 
 
 def _sleep(reactor: Any, seconds: float) -> defer.Deferred[None]:
