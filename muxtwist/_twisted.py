@@ -13,6 +13,7 @@ Checked on: Twisted 26.10.0.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ __all__ = [
     "listening",
     "reactor_started",
     "set_port_log_observer",
+    "tell_twistd_parent",
     "tls_unsent_bytes",
     "unsent_bytes",
     "was_aborted",
@@ -222,6 +224,44 @@ def set_port_log_observer(port: object, observer: Any) -> bool:
     if not isinstance(logger, Logger):
         return False
     port._logger = Logger(namespace=logger.namespace, source=port, observer=observer)  # type: ignore[attr-defined]
+    return True
+
+
+#: The most a daemonizing twistd's parent reads of its status pipe (one ``read(100)``).
+_STATUS_BYTES = 100
+
+
+def tell_twistd_parent(options: Any, problem: str) -> bool:
+    """
+    Tell the process that started a daemonizing ``twistd`` that the start
+    failed, and ``problem`` (cut to fit): it prints that on the terminal
+    and exits 1. For a start that ends in ``SystemExit``, which twistd does
+    not report itself; ``options`` are twistd's own (the ``parent`` of the
+    plugin's options). Returns whether there was such a process to tell:
+    ``False`` in the foreground (``twistd -n``) and outside twistd.
+
+    Why private: ``UnixApplicationRunner`` (``twisted.scripts._twistd_unix``)
+    keeps the write end of the pipe its waiting parent reads as
+    ``options["statusPipe"]`` once it has daemonized, and writes ``b"0"``
+    there after a good start, or ``b"1 "`` and the last line of the
+    exception, cut to 100 bytes, when the start raised an ``Exception``.
+    A ``SystemExit`` it lets through without a word, and its parent, which
+    never closed its own copy of the write end, then waits for ever.
+    Checked on Twisted 26.10.0.
+    """
+    fd = options.get("statusPipe") if options is not None else None
+    if not isinstance(fd, int):
+        return False
+    options["statusPipe"] = None  # told once
+    data = f"1 {problem}".encode("ascii", "backslashreplace")
+    if len(data) > _STATUS_BYTES:
+        data = data[: _STATUS_BYTES - 3] + b"..."
+    try:
+        os.write(fd, data)  # less than PIPE_BUF: written whole, without waiting
+    except OSError:
+        pass  # the parent is gone
+    finally:
+        os.close(fd)
     return True
 
 

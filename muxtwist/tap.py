@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
@@ -16,6 +17,7 @@ from muxtwist._checks import probe_listen, same_address, twistd_option_hint
 from muxtwist._options import shown
 from muxtwist._signals import hold_sighup
 from muxtwist._textlog import text_log_observer, use_twistd_options
+from muxtwist._twisted import tell_twistd_parent
 from muxtwist._worker_limits import workers_problem
 from muxtwist.config import ConfigError, Settings, build_factory, check_endpoint, endpoint_description, load_config
 from muxtwist.service import MuxService, wanted_listeners
@@ -221,6 +223,8 @@ def _workers(options: Options) -> IService:
             # twistd --uid/--gid: the user the workers will run as.
             uid=parent.get("uid") if parent is not None else None,
             gid=parent.get("gid") if parent is not None else None,
+            # A daemon's terminal shows why the pool did not start, as twistd does for other errors.
+            start_failed=functools.partial(tell_twistd_parent, parent),
         )
     except ValueError as e:
         raise SystemExit(f"muxtwist: {e}") from None

@@ -33,7 +33,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from twisted.application.service import Service
@@ -141,6 +141,11 @@ class WorkerPool(SignalHandlers, Service):
         switches to after :meth:`privilegedStartService`, the one the workers
         run as: the workers' sockets' directory, made before the switch, is
         given to them.
+    :param start_failed: called with one line saying why, when the pool
+        cannot start and ends the process (``SystemExit``); ``twistd``
+        passes one that tells the terminal of a daemon
+        (:func:`muxtwist._twisted.tell_twistd_parent`), which would
+        otherwise show nothing and not return.
     :param reuse_port: give each worker a listening socket of its own for
         every ``tcp:``/``tcp6:`` listener, all bound to the same address with
         ``SO_REUSEPORT`` (Linux), so that the kernel spreads new connections
@@ -165,6 +170,7 @@ class WorkerPool(SignalHandlers, Service):
         reuse_port: bool = True,
         uid: int | None = None,
         gid: int | None = None,
+        start_failed: Callable[[str], object] | None = None,
         reactor: Any = None,
     ) -> None:
         reactor = default_reactor(reactor)
@@ -197,6 +203,7 @@ class WorkerPool(SignalHandlers, Service):
         #: The private directory of the workers' admin sockets.
         self.directory: str | None = None
         self.uid, self.gid = uid, gid
+        self.start_failed = start_failed
 
     @property
     def draining(self) -> bool:
@@ -224,10 +231,12 @@ class WorkerPool(SignalHandlers, Service):
                 try:
                     os.chown(self.directory, -1 if self.uid is None else self.uid, -1 if self.gid is None else self.gid)
                 except PermissionError as e:
-                    raise SystemExit(
-                        f"muxtwist: cannot give the workers' sockets' directory {self.directory} to"
+                    problem = (
+                        f"cannot give the workers' sockets' directory {self.directory} to"
                         f" uid {self.uid}, gid {self.gid}: {e.strerror} (twistd --uid/--gid needs root)"
-                    ) from None
+                    )
+                    self._tell_start_failed(problem)
+                    raise SystemExit(f"muxtwist: {problem}") from None
             self._listen()
         except BaseException as e:
             # A pool that cannot start leaves no directory behind, nor any port open.
@@ -242,8 +251,18 @@ class WorkerPool(SignalHandlers, Service):
                     count=self.count,
                     problem=_cause(error),
                 )
+                self._tell_start_failed(f"cannot start {self.count} workers: {_cause(error)}")
                 raise SystemExit(1) from None
             raise
+
+    def _tell_start_failed(self, problem: str) -> None:
+        """Say ``problem`` to :attr:`start_failed` (a daemon's waiting parent), if any; what it raises is logged."""
+        if self.start_failed is None:
+            return
+        try:
+            self.start_failed(problem)
+        except Exception:
+            log.failure("cannot say why the workers did not start")
 
     def _close_listeners(self) -> None:
         """Close the listening sockets made for the workers, and the admin site's."""
@@ -387,6 +406,7 @@ class WorkerPool(SignalHandlers, Service):
         self._remove_directory()
         atexit.unregister(self._remove_directory)
         Service.stopService(self)
+        self._tell_start_failed(f"cannot start {self.count} workers: {_cause(error)}")
         raise SystemExit(1)
 
     def _ended(self, worker: _Worker) -> None:

@@ -42,6 +42,7 @@ from muxtwist._twisted import (
     listening,
     reactor_started,
     set_port_log_observer,
+    tell_twistd_parent,
     tls_unsent_bytes,
     unsent_bytes,
     was_aborted,
@@ -521,6 +522,7 @@ _PRIVATE = frozenset(
         "_tempDataBuffer",
         "_tempDataLen",
         "_waitingForPort",
+        "statusPipe",
         "dataBuffer",
         "offset",
     }
@@ -566,6 +568,50 @@ class HTTPChannelTests(unittest.TestCase):
         held[0].write(b"done")
         held[0].finish()
         self.assertFalse(http_channel_busy(channel))
+
+
+class TwistdStatusPipeTests(unittest.SynchronousTestCase):
+    """tell_twistd_parent writes what a daemonizing twistd's waiting parent reads and prints."""
+
+    def test_a_daemonizing_twistd_keeps_its_status_pipe_in_its_options(self) -> None:
+        """UnixApplicationRunner.setupEnvironment keeps the pipe daemonize() gave as options["statusPipe"]."""
+        from twisted.scripts import _twistd_unix
+
+        options = _twistd_unix.ServerOptions()
+        runner = _twistd_unix.UnixApplicationRunner(options)
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        self.patch(runner, "daemonize", lambda reactor: w)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        runner.setupEnvironment(None, ".", False, umask, None)
+        self.assertIs(options["statusPipe"], w)
+
+    def test_the_waiting_parent_prints_the_problem_and_exits_1(self) -> None:
+        """What tell_twistd_parent writes, cut to fit, is what the parent prints; it tells once, and only a daemon."""
+        import io
+        import sys
+
+        from twisted.scripts import _twistd_unix
+
+        options = _twistd_unix.ServerOptions()
+        runner = _twistd_unix.UnixApplicationRunner(options)
+        r, options["statusPipe"] = os.pipe()
+        self.addCleanup(os.close, r)
+        self.assertTrue(tell_twistd_parent(options, "cannot start 6 workers: " + "x" * 200))
+        self.assertFalse(tell_twistd_parent(options, "again"))
+        self.assertFalse(tell_twistd_parent(_twistd_unix.ServerOptions(), "in the foreground"))
+        self.assertFalse(tell_twistd_parent(None, "outside twistd"))
+        printed = io.StringIO()
+        self.patch(sys, "__stderr__", printed)
+        self.assertEqual(runner._waitForStart(r), 1)
+        self.assertEqual(
+            printed.getvalue(),
+            f"An error has occurred: b'cannot start 6 workers: {'x' * 71}...'\n"
+            "Please look at log file for more information.\n",
+        )
+        self.assertEqual(os.read(r, 100), b"")  # the write end is closed: nothing more, no wait
 
 
 class OnePlaceTests(unittest.TestCase):

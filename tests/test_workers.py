@@ -359,6 +359,32 @@ class SpawnFailureTests(unittest.SynchronousTestCase):
         self.assertEqual(len(reactor.spawned), 2)
         self.assertEqual(list(pool.workers), [0])
 
+    def test_a_pool_that_cannot_start_says_why_to_start_failed(self) -> None:
+        """A spawn failing at the start gives start_failed one line before SystemExit(1); its own errors are logged."""
+        import errno
+
+        from twisted.internet.task import Clock
+
+        from muxtwist.workers import WorkerPool
+
+        class Reactor(Clock):
+            def spawnProcess(self, protocol: object, *args: object, **kwargs: object) -> object:
+                raise OSError(errno.EMFILE, "Too many open files")
+
+        told: list[str] = []
+
+        def broken(problem: str) -> None:
+            told.append(problem)
+            raise RuntimeError("cannot tell")
+
+        for start_failed, count in ((None, 0), (told.append, 1), (broken, 2)):
+            pool = WorkerPool(2, [], [], handle_signals=False, start_failed=start_failed, reactor=Reactor())
+            error = self.assertRaises(SystemExit, pool.startService)
+            self.assertEqual((error.code, len(told)), (1, count))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        for problem in told:
+            self.assertTrue(problem.startswith("cannot start 2 workers: Too many open files"), problem)
+
 
 class WorkerLogNamespaceTests(unittest.SynchronousTestCase):
     def test_a_workers_lines_keep_the_pools_namespace(self) -> None:
@@ -919,15 +945,21 @@ def observer():
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         while soft - (len(os.listdir("/proc/self/fd")) - 1) > free:
             held.append(os.open(os.devnull, os.O_RDONLY))
-    return textFileLogObserver(sys.stdout)
+    # A daemon's standard output is /dev/null: it logs to HOLD_LOG when given.
+    log = os.environ.get("HOLD_LOG")
+    return textFileLogObserver(open(log, "a") if log else sys.stdout)
 """
 
 
 class OutOfDescriptorsAtStartTests(unittest.TestCase):
     """A pool that runs out of descriptors while it starts says so in one line, stops what it started and exits 1."""
 
-    def start(self, free: int) -> tuple[int, str, str]:
-        """``twistd muxtwist --workers 6`` at a 64-file limit with ``free`` descriptors left: exit code, log, TMPDIR."""
+    def start(self, free: int, daemon: bool = False) -> tuple[int, str, str]:
+        """
+        ``twistd muxtwist --workers 6`` at a 64-file limit with ``free``
+        descriptors left: exit code, log, TMPDIR. A ``daemon``'s log is its
+        file's, followed by what the command wrote.
+        """
         import resource
         import subprocess
 
@@ -948,10 +980,17 @@ class OutOfDescriptorsAtStartTests(unittest.TestCase):
             resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
         args = ["--port", "tcp:0:interface=127.0.0.1", "--workers", "6"]
+        command = worker_command(args, ["--logger=hold_files.observer"])
+        env = dict(os.environ, HOLD_FREE=str(free), TMPDIR=tmp, PYTHONPATH=ROOT)
+        log = os.path.join(folder, "twistd.log")
+        if daemon:
+            command.remove("-n")
+            command[command.index("--pidfile=")] = "--pidfile=" + os.path.join(folder, "twistd.pid")
+            env["HOLD_LOG"] = log
         proc = subprocess.Popen(
-            worker_command(args, ["--logger=hold_files.observer"]),
+            command,
             cwd=folder,
-            env=dict(os.environ, HOLD_FREE=str(free), TMPDIR=tmp, PYTHONPATH=ROOT),
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -962,6 +1001,9 @@ class OutOfDescriptorsAtStartTests(unittest.TestCase):
         except subprocess.TimeoutExpired:
             stop_group(proc)
             out, _ = proc.communicate()
+        if daemon and os.path.exists(log):
+            with open(log) as f:
+                out = f.read().encode() + out
         return proc.returncode, out.decode(errors="replace"), tmp
 
     def test_a_worker_that_cannot_be_started_stops_the_pool(self) -> None:
@@ -997,6 +1039,23 @@ class OutOfDescriptorsAtStartTests(unittest.TestCase):
                 " Too many open files (this process may open 64 files: ulimit -n)"
             ),
             line,
+        )
+        self.assertEqual(os.listdir(tmp), [])
+
+    def test_a_daemon_that_cannot_start_the_pool_says_why_on_the_terminal(self) -> None:
+        """In daemon mode the command twistd leaves in the foreground prints the reason and exits 1, at once."""
+        # Two descriptors fewer than in the foreground: the daemon keeps both ends of twistd's status pipe.
+        code, log, tmp = self.start(free=4, daemon=True)
+        self.assertIn(
+            "[muxtwist.workers#error] cannot start 6 workers: their listening sockets need more descriptors:", log
+        )
+        self.assertEqual(code, 1, log[-3000:])
+        self.assertTrue(
+            log.endswith(
+                "An error has occurred: b'cannot start 6 workers: Too many open files (this process may open 64 files:"
+                " ulimit -n)'\nPlease look at log file for more information.\n"
+            ),
+            log[-3000:],
         )
         self.assertEqual(os.listdir(tmp), [])
 
