@@ -1,20 +1,25 @@
 """
-ASGI target pieces that need no event loop: the clear error under another
-reactor, and what ``python -m muxtwist check`` says. Serving over real
+ASGI target pieces that need no running event loop: the clear error under
+another reactor, what ``python -m muxtwist check`` says, and how a request
+head still coming is told in uvicorn's protocols. Serving over real
 sockets is in tests/test_aio.py and tests/test_apps_examples.py.
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import io
 import os
 import tempfile
+from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from muxtwist._options import OptionError
 from muxtwist.apps import ASGI, AsyncioReactorRequired
+from muxtwist.apps._asgi import _request_head_coming
 from muxtwist.cli import main
 
 
@@ -81,3 +86,60 @@ class ASGITargetTests(unittest.TestCase):
         self.assertEqual(main(["check", path], out=out, err=err), 0, err.getvalue())
         self.assertIn("ASGI(api, root_path='/api', lifespan='auto')", out.getvalue())
         self.assertIn("needs Twisted's asyncio reactor", out.getvalue())
+
+
+class _Transport(asyncio.Transport):
+    """All a uvicorn protocol asks of its transport before a request's head is whole."""
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+class RequestHeadComingTests(unittest.TestCase):
+    """
+    ``_request_head_coming`` on uvicorn's own protocol classes, fed in
+    memory (no request completes, so no task is started).
+    """
+
+    def head_coming_after(self, http: str, chunks: list[bytes]) -> list[bool]:
+        """Whether a head is coming on a new connection of ``http``'s class, then after each chunk."""
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+        target = ASGI(app, http=http)
+        target.config.load()
+        from uvicorn.server import ServerState
+
+        proto = target.config.http_protocol_class(
+            config=target.config, server_state=ServerState(), app_state={}, _loop=loop
+        )
+        proto.connection_made(_Transport())
+        seen = [_request_head_coming(proto)]
+        for chunk in chunks:
+            proto.data_received(chunk)
+            seen.append(_request_head_coming(proto))
+        return seen
+
+    def check(self, http: str) -> None:
+        chunks = [b"G", b"ET / HTTP/1.1\r\n", b"Host: x\r\n"]
+        self.assertEqual(self.head_coming_after(http, chunks), [False, True, True, True])
+
+    def test_h11(self) -> None:
+        """With h11's protocol, a head is coming from a request's first byte until its blank line."""
+        self.check("h11")
+
+    def test_httptools(self) -> None:
+        """With httptools' protocol, a head is coming from a request's first byte until its blank line."""
+        if importlib.util.find_spec("httptools") is None:
+            raise unittest.SkipTest("httptools is not installed (pip install -e '.[test]')")
+        self.check("httptools")
+
+    def test_other_protocols(self) -> None:
+        """A protocol class it does not know never has a head coming (uvicorn's own shutdown finishes it)."""
+
+        class Lookalike:
+            conn = parser = object()
+            scope: dict[str, object] = {}
+            cycle = None
+
+        self.assertFalse(_request_head_coming(object()))
+        self.assertFalse(_request_head_coming(Lookalike()))

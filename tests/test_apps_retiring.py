@@ -9,6 +9,7 @@ set again, and real ``twistd muxtwist`` processes reloaded by SIGHUP.
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import os
 import signal
 import textwrap
@@ -414,6 +415,7 @@ def answering(word, slow_startup=False):
     return app
 
 def target(word, slow_startup=False, **options):
+    options.setdefault("http", HTTP)  # uvicorn's HTTP/1.1 protocol class: HTTP is set by the test
     return ASGI(answering(word, slow_startup), timeout_keep_alive=60, **options)
 
 def listen(first, shutdown_timeout=5):
@@ -462,16 +464,19 @@ async def connected(server, sent):
 """
 
 
-class ASGIFinishTests(unittest.TestCase):
+class ASGIPrograms(unittest.TestCase):
     """
-    An ASGI target asked to finish (``retiring()`` at a reload, or its stop)
-    while connections wait for its lifespan startup, or while a request's
-    headers are still coming: each runs an asyncio program in a child
-    process (tests/test_aio.py's ``run_program``), the asyncio reactor there.
+    What the tests of an ASGI target asked to finish share: each runs an
+    asyncio program in a child process (tests/test_aio.py's
+    ``run_program``), the asyncio reactor there, its targets built with
+    uvicorn's HTTP/1.1 protocol class ``http`` (``"auto"``: httptools when
+    it is installed, else h11).
     """
 
+    http = "auto"
+
     def run_asgi(self, body: str) -> dict[str, Any]:
-        return run_program(self, ASGI_RELOAD + textwrap.dedent(body))
+        return run_program(self, ASGI_RELOAD + f"HTTP = {self.http!r}\n" + textwrap.dedent(body))
 
     def assert_answered_then_closed(self, got: dict[str, Any], word: str) -> None:
         """The client got the whole answer ``word``, then EOF within two seconds."""
@@ -479,6 +484,13 @@ class ASGIFinishTests(unittest.TestCase):
         self.assertTrue(got["answer"].endswith("\r\n\r\n" + word), got["answer"])
         self.assertIsNotNone(got["closed_after"], f"still open 3 s later: {got}")
         self.assertLess(got["closed_after"], 2.0, got)
+
+
+class ASGIFinishTests(ASGIPrograms):
+    """
+    An ASGI target asked to finish (``retiring()`` at a reload, or its stop)
+    while connections wait for its lifespan startup.
+    """
 
     def test_a_connection_waiting_for_the_startup_at_a_reload_is_answered_then_closed(self) -> None:
         """A request waiting for the lifespan startup when a reload retires the target is answered, then EOF."""
@@ -554,6 +566,43 @@ class ASGIFinishTests(unittest.TestCase):
         self.assertIsNotNone(got["closed_after"], "still open 3 s after the stop")
         self.assertLess(got["closed_after"], 2.0)
         self.assertNotIn("request app", got["events"])
+
+    def test_a_websocket_waiting_for_the_startup_at_a_reload_goes_on(self) -> None:
+        """A WebSocket handshake waiting for the startup when a reload retires the target is accepted and goes on."""
+        got = self.run_asgi(
+            """
+            from websockets.asyncio.client import connect as ws_connect
+            async def main():
+                server = listen(target("old", slow_startup=True))
+                opening = asyncio.ensure_future(ws_connect(f"ws://127.0.0.1:{server.port}/ws", open_timeout=5))
+                await handed_off(server)
+                reload(server)
+                startup_may_finish.set()
+                ws = await opening
+                await ws.send("a")
+                first = await asyncio.wait_for(ws.recv(), 5)
+                await asyncio.sleep(0.2)  # what a close after the handshake would have taken
+                await ws.send("b")
+                second = await asyncio.wait_for(ws.recv(), 5)
+                await ws.close()
+                await until(lambda: "shutdown old" in events)
+                await server.close()
+                print(json.dumps({"said": [first, second], "events": events}))
+
+            asyncio.run(main())
+            """
+        )
+        self.assertEqual(got["said"], ["old: a", "old: b"])
+        self.assertIn("shutdown old", got["events"])
+
+
+class ASGIPartialRequestFinishTests(ASGIPrograms):
+    """
+    An ASGI target asked to finish (``retiring()`` at a reload, or its stop)
+    while a request's headers are still coming, with uvicorn's h11 protocol.
+    """
+
+    http = "h11"
 
     def test_a_request_whose_headers_are_partly_received_at_a_reload_is_answered_then_closed(self) -> None:
         """A request whose headers were partly received when a reload retires the target is answered, then EOF."""
@@ -682,30 +731,9 @@ class ASGIFinishTests(unittest.TestCase):
         self.assert_answered_then_closed(got, "app")
         self.assertEqual(got["events"], ["startup app", "request app", "shutdown app"])
 
-    def test_a_websocket_waiting_for_the_startup_at_a_reload_goes_on(self) -> None:
-        """A WebSocket handshake waiting for the startup when a reload retires the target is accepted and goes on."""
-        got = self.run_asgi(
-            """
-            from websockets.asyncio.client import connect as ws_connect
-            async def main():
-                server = listen(target("old", slow_startup=True))
-                opening = asyncio.ensure_future(ws_connect(f"ws://127.0.0.1:{server.port}/ws", open_timeout=5))
-                await handed_off(server)
-                reload(server)
-                startup_may_finish.set()
-                ws = await opening
-                await ws.send("a")
-                first = await asyncio.wait_for(ws.recv(), 5)
-                await asyncio.sleep(0.2)  # what a close after the handshake would have taken
-                await ws.send("b")
-                second = await asyncio.wait_for(ws.recv(), 5)
-                await ws.close()
-                await until(lambda: "shutdown old" in events)
-                await server.close()
-                print(json.dumps({"said": [first, second], "events": events}))
 
-            asyncio.run(main())
-            """
-        )
-        self.assertEqual(got["said"], ["old: a", "old: b"])
-        self.assertIn("shutdown old", got["events"])
+class ASGIPartialRequestFinishHttpToolsTests(ASGIPartialRequestFinishTests):
+    """The same with uvicorn's httptools protocol (what it picks when httptools is installed)."""
+
+    http = "httptools"
+    skip = None if importlib.util.find_spec("httptools") else "httptools is not installed (pip install -e '.[test]')"

@@ -9,6 +9,7 @@ is asyncio code).
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any, Literal
 
 from twisted.internet import defer
@@ -439,22 +440,29 @@ class _AppBridge(Bridge):
 
 def _request_head_coming(protocol: object) -> bool:
     """
-    Whether uvicorn's h11 protocol has part of a request's head, not all of
-    it, and no request being answered (what its ``shutdown`` would close
-    unanswered). With another HTTP protocol class (httptools), False: it is
-    finished as uvicorn finishes it.
+    Whether uvicorn's HTTP/1.1 protocol (h11's or httptools') has part of a
+    request's head, not all of it, and no request being answered (what its
+    ``shutdown`` would close unanswered). With a protocol class it does not
+    know, False: the connection is finished as uvicorn finishes it.
     """
-    import h11  # uvicorn's dependency, imported by its protocol already
-
-    conn = getattr(protocol, "conn", None)
-    if not isinstance(conn, h11.Connection):
-        return False
     # uvicorn's own shutdown reads cycle and response_complete the same way.
     cycle = getattr(protocol, "cycle", None)
-    if cycle is not None and not cycle.response_complete:
+    if cycle is not None and not getattr(cycle, "response_complete", True):
         return False
-    data, closed = conn.trailing_data  # h11's public view of what it has not parsed yet
-    return conn.their_state is h11.IDLE and bool(data) and not closed
+    conn = getattr(protocol, "conn", None)
+    h11 = sys.modules.get("h11")
+    if h11 is not None and isinstance(conn, h11.Connection):
+        data, closed = conn.trailing_data  # h11's public view of what it has not parsed yet
+        return conn.their_state is h11.IDLE and bool(data) and not closed
+    parser = getattr(protocol, "parser", None)
+    httptools = sys.modules.get("httptools")
+    if httptools is not None and isinstance(parser, httptools.HttpRequestParser):
+        # The parser calls on_message_begin at a request's first byte, where
+        # uvicorn starts a new scope, and on_headers_complete once the head
+        # is whole, where uvicorn gives that scope its "method" first.
+        scope = getattr(protocol, "scope", None)
+        return isinstance(scope, dict) and "method" not in scope
+    return False
 
 
 def _sleep(reactor: Any, seconds: float) -> defer.Deferred[None]:
