@@ -299,6 +299,48 @@ class ServeTests(TestCase):
         self.assertEqual(got["events"], ["request", "request cancelled", "lifespan shutdown", "closed"])
         self.assertEqual(got["tasks left"], 0)
 
+    def test_work_a_request_does_after_its_response_finishes_before_the_lifespan_shutdown(self) -> None:
+        """
+        close() waits, up to shutdown_timeout, for a request still running
+        after its response was sent and its connection closed (a background
+        task), as uvicorn does, instead of cancelling it at once.
+        """
+        got = run_program(
+            self,
+            """
+            events = []
+            async def app(scope, receive, send):
+                if scope["type"] == "lifespan":
+                    await receive()
+                    await send({"type": "lifespan.startup.complete"})
+                    await receive()
+                    events.append("lifespan shutdown")
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+                await send({"type": "http.response.body", "body": b"ok"})
+                events.append("responded")
+                try:
+                    await asyncio.sleep(0.5)  # what Starlette's BackgroundTasks do after the response
+                except asyncio.CancelledError:
+                    events.append("background cancelled")
+                    raise
+                events.append("background done")
+
+            async def main():
+                server = await muxtwist.aio.serve([Rule(HTTP1(), ASGI(app, shutdown_timeout=5))],
+                                                  "tcp:0:interface=127.0.0.1", shutdown_timeout=5)
+                answer = await http_get(server.port, "/")
+                await server.close()
+                events.append("closed")
+                print(json.dumps({"events": events, "answer": answer.endswith("ok")}))
+
+            asyncio.run(main())
+            """,
+        )
+        self.assertTrue(got["answer"])
+        self.assertEqual(got["events"], ["responded", "background done", "lifespan shutdown", "closed"])
+
     def test_cancelling_serve_during_the_lifespan_startup_still_runs_the_lifespan_shutdown(self) -> None:
         """serve() cancelled during the startup waits for it, then runs the shutdown: no lifespan is left running."""
         got = run_program(

@@ -283,7 +283,10 @@ class ASGI(Factory):
                         bridge.refuse()
         self._finish_connections(websockets=True)
         deadline = reactor.seconds() + self.shutdown_timeout
-        while state.connections and reactor.seconds() < deadline:
+        # As uvicorn: the connections, and then the requests still running
+        # once their connection has ended (the work an application does
+        # after its response, Starlette's BackgroundTasks), get until then.
+        while (state.connections or state.tasks) and reactor.seconds() < deadline:
             await _sleep(reactor, 0.05)
         for connection in list(state.connections):
             connection.transport.abort()
