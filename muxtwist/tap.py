@@ -17,7 +17,7 @@ from muxtwist._checks import probe_listen, same_address, twistd_option_hint
 from muxtwist._options import shown
 from muxtwist._signals import hold_sighup
 from muxtwist._textlog import text_log_observer, use_twistd_options
-from muxtwist._twisted import tell_twistd_parent
+from muxtwist._twisted import remove_twistd_pidfile, tell_twistd_parent
 from muxtwist._worker_limits import workers_problem
 from muxtwist.config import ConfigError, Settings, build_factory, check_endpoint, endpoint_description, load_config
 from muxtwist.service import MuxService, wanted_listeners
@@ -183,6 +183,12 @@ def _worker_args(options: Options) -> list[str]:
     return [*args, "--log-format", options["log-format"]]
 
 
+def _start_failed(twistd_options: Any, problem: str) -> None:
+    """The worker pool cannot start: what twistd does for a start that raised, which it skips for SystemExit."""
+    remove_twistd_pidfile(twistd_options)
+    tell_twistd_parent(twistd_options, problem)
+
+
 def _workers(options: Options) -> IService:
     from muxtwist.workers import WorkerPool
 
@@ -223,8 +229,8 @@ def _workers(options: Options) -> IService:
             # twistd --uid/--gid: the user the workers will run as.
             uid=parent.get("uid") if parent is not None else None,
             gid=parent.get("gid") if parent is not None else None,
-            # A daemon's terminal shows why the pool did not start, as twistd does for other errors.
-            start_failed=functools.partial(tell_twistd_parent, parent),
+            # As twistd does for other errors: no pid file left, and a daemon's terminal shows why.
+            start_failed=functools.partial(_start_failed, parent),
         )
     except ValueError as e:
         raise SystemExit(f"muxtwist: {e}") from None

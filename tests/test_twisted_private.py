@@ -41,6 +41,7 @@ from muxtwist._twisted import (
     listen_errors_raise,
     listening,
     reactor_started,
+    remove_twistd_pidfile,
     set_port_log_observer,
     tell_twistd_parent,
     tls_unsent_bytes,
@@ -648,3 +649,32 @@ class OnePlaceTests(unittest.TestCase):
                 if "twisted.internet.reactor" in imported:
                     found.append(f"{name}:{node.lineno}")
         self.assertEqual(found, [])
+
+
+class TwistdPidfileTests(unittest.SynchronousTestCase):
+    """remove_twistd_pidfile removes the pid file twistd wrote for this process, and no other."""
+
+    def test_the_file_twistd_writes_for_this_process_is_removed_and_no_other(self) -> None:
+        """setupEnvironment's pid file (named in twistd's options) goes; one naming another process, or none, stays."""
+        from twisted.scripts import _twistd_unix
+
+        folder = self.mktemp()
+        os.mkdir(folder)
+        path = os.path.join(folder, "twistd.pid")
+        options = _twistd_unix.ServerOptions()
+        options["pidfile"] = path
+        runner = _twistd_unix.UnixApplicationRunner(options)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        runner.setupEnvironment(None, ".", True, umask, path)
+        self.assertTrue(os.path.exists(path))
+        self.assertTrue(remove_twistd_pidfile(options))
+        self.assertFalse(os.path.exists(path))
+        self.assertFalse(remove_twistd_pidfile(options))  # gone already
+        with open(path, "w") as f:
+            f.write(str(os.getpid() + 1))
+        self.assertFalse(remove_twistd_pidfile(options))
+        self.assertTrue(os.path.exists(path))
+        options["pidfile"] = ""
+        self.assertFalse(remove_twistd_pidfile(options))  # twistd --pidfile=
+        self.assertFalse(remove_twistd_pidfile(None))  # outside twistd

@@ -1046,6 +1046,8 @@ class OutOfDescriptorsAtStartTests(unittest.TestCase):
         """In daemon mode the command twistd leaves in the foreground prints the reason and exits 1, at once."""
         # Two descriptors fewer than in the foreground: the daemon keeps both ends of twistd's status pipe.
         code, log, tmp = self.start(free=4, daemon=True)
+        # Its pid file goes with it, as when twistd reports a failed start itself.
+        self.assertFalse(os.path.exists(os.path.join(os.path.dirname(tmp), "twistd.pid")))
         self.assertIn(
             "[muxtwist.workers#error] cannot start 6 workers: their listening sockets need more descriptors:", log
         )
