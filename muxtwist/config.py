@@ -263,6 +263,11 @@ def _assignment_lines(source: str) -> dict[str, tuple[int, list[int]]]:
 
 
 #: A coding declaration (PEP 263), as tokenize reads it.
+#: The most a rules file is read of: past it, one error instead of reading
+#: on (``--config /dev/zero`` would fill the memory, and a reload would hold
+#: the reactor meanwhile). Rules files are a few kilobytes.
+MAX_RULES_FILE_BYTES = 16 * 2**20
+
 _DECLARATION = re.compile(rb"^[ \t\f]*#.*?coding[:=][ \t]*([-\w.]+)")
 
 
@@ -288,9 +293,13 @@ def _unusable_coding(path: str, raw: bytes, name: str, why: str) -> ConfigError:
 def _run(path: str) -> tuple[dict[str, Any], str]:
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(MAX_RULES_FILE_BYTES + 1)
     except OSError as e:
         raise ConfigError(path, None, f"cannot read the rules file: {e.strerror or e}") from None
+    if len(raw) > MAX_RULES_FILE_BYTES:
+        raise ConfigError(
+            path, None, f"the file is larger than {MAX_RULES_FILE_BYTES // 2**20} MiB: not read (is it a rules file?)"
+        )
     wide = wide_encoding(raw)
     if wide is not None:
         raise ConfigError(

@@ -520,6 +520,19 @@ class NulBytesTests(unittest.TestCase):
                 raw[:40],
             )
 
+    def test_a_file_larger_than_the_limit_is_one_error_saying_so(self) -> None:
+        """A rules file past MAX_RULES_FILE_BYTES is one error saying so, not read whole (/dev/zero is endless)."""
+        from muxtwist.config import MAX_RULES_FILE_BYTES
+
+        comment = b"# " + b"x" * 1021 + b"\n"
+        body = b"rules = []\n" + comment * (MAX_RULES_FILE_BYTES // len(comment))
+        load_config(self.write(body[:MAX_RULES_FILE_BYTES]))  # up to the limit: read
+        error = self.assertRaises(ConfigError, load_config, self.write(body + comment))
+        self.assertEqual(
+            (error.line, error.problem),
+            (None, f"the file is larger than {MAX_RULES_FILE_BYTES // 2**20} MiB: not read (is it a rules file?)"),
+        )
+
     def test_check_and_twistd_say_it_in_one_line(self) -> None:
         """python -m muxtwist check and twistd muxtwist --config both end with the one line and exit 1."""
         path = self.write("rules = []\n".encode("utf-16-le"))
