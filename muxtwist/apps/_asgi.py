@@ -9,7 +9,6 @@ is asyncio code).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import sys
 from typing import Any, Literal
 
@@ -47,11 +46,6 @@ _UVICORN_COUNTS = {
 #: stop), as for the WSGI target: uvicorn's own protocol has no timer then.
 PARTIAL_REQUEST_GRACE = 10.0
 
-#: The bridge whose bytes uvicorn's protocol is reading, while it reads
-#: them: a request's task is created then (or from the task of the request
-#: before it on that connection), and keeps it in its context.
-_reading: contextvars.ContextVar[_AppBridge] = contextvars.ContextVar("muxtwist.apps.ASGI connection")
-
 
 def _uvicorn() -> Any:
     try:
@@ -79,8 +73,7 @@ class ASGI(Factory):
 
     When a reload's rules no longer name it (:meth:`retiring`), its HTTP
     connections finish (idle keep-alive ones close at once, busy ones after
-    their response, which says ``Connection: close`` if it had not begun)
-    and its WebSockets go on; the stop above follows once
+    their response) and its WebSockets go on; the stop above follows once
     the last connection has ended. At a stop as at a reload, a request whose
     headers are still coming is answered before its connection closes
     (given up after 10 seconds without a byte).
@@ -158,8 +151,6 @@ class ASGI(Factory):
 
         if not self.config.loaded:
             self.config.load()
-            # Outermost, around what uvicorn built around the application.
-            self.config.loaded_app = _SayingClose(self.config.loaded_app)
         self._loop = loop
         self._state = ServerState()
         self._lifespan = LifespanOn(self.config) if self.lifespan != "off" else LifespanOff(self.config)
@@ -378,9 +369,6 @@ class _AppBridge(Bridge):
         # finished too (a stop) or left alone (a reload); None: not asked.
         self._finishing: bool | None = None
         self._grace: IDelayedCall | None = None
-        #: uvicorn's shutdown was called: the response being answered, or
-        #: the one whose request comes next, is the connection's last.
-        self.last_response = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -415,13 +403,6 @@ class _AppBridge(Bridge):
         super().dataReceived(data)
         self._finish()
 
-    def _deliver(self, data: bytes) -> None:
-        token = _reading.set(self)
-        try:
-            super()._deliver(data)
-        finally:
-            _reading.reset(token)
-
     def _finish(self) -> None:
         websockets, proto = self._finishing, self.protocol
         if websockets is None or proto is None or self.lost or self.closed:
@@ -439,7 +420,6 @@ class _AppBridge(Bridge):
             return
         self._finishing = None
         self._stop_grace()
-        self.last_response = True
         proto.shutdown()  # type: ignore[attr-defined]
 
     def _grace_over(self) -> None:
@@ -459,44 +439,6 @@ class _AppBridge(Bridge):
         self._stop_grace()
         self._target._bridges.discard(self)
         super().connectionLost(reason)
-
-
-class _SayingClose:
-    """
-    The application as the target's connections call it: a response that
-    starts once uvicorn's shutdown was called on its connection (so the
-    connection closes after it) says ``Connection: close``, as the WSGI
-    target's do. uvicorn's httptools protocol adds it then, its h11 protocol
-    does not. The connection is the one the request's task was created for
-    (``_reading``); under uvicorn's ``reset_contextvars`` it is not
-    known, and the response goes out as uvicorn sends it (the connection
-    still closes after it).
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        bridge = _reading.get(None)
-        if bridge is None or scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def sending(message: Any) -> None:
-            if message["type"] == "http.response.start" and bridge.last_response:
-                message = _saying_close(message)
-            await send(message)
-
-        await self.app(scope, receive, sending)
-
-
-def _saying_close(start: Any) -> Any:
-    """An ``http.response.start`` message with ``Connection: close`` among its headers."""
-    headers = list(start.get("headers", ()))
-    for name, value in headers:
-        if bytes(name).lower() == b"connection" and b"close" in (t.strip().lower() for t in bytes(value).split(b",")):
-            return start
-    return {**start, "headers": [*headers, (b"connection", b"close")]}
 
 
 def _request_head_coming(protocol: object) -> bool:
