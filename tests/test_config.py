@@ -364,14 +364,68 @@ NOT_ASCII = (
 )
 
 
-class UnusableCodingTests(unittest.TestCase):
-    """A coding declaration Python source cannot be written in is one error naming the file, the line and why."""
+class RawRulesFileTests(unittest.TestCase):
+    """What the tests of a rules file's bytes share: writing it, and running the commands and a reload on it."""
 
     def write(self, raw: bytes) -> str:
         path = os.path.abspath(self.mktemp() + "-rules.py")
         with open(path, "wb") as f:
             f.write(raw)
         return path
+
+    def assert_check_and_twistd_say(self, path: str, expected: str) -> None:
+        """python -m muxtwist check and twistd muxtwist --config both end with ``expected`` and exit 1."""
+        commands = [
+            [sys.executable, "-m", "muxtwist", "check", path],
+            twistd_command("--port", f"tcp:{free_port()}:interface=127.0.0.1", "--config", path),
+        ]
+        for command in commands:
+            proc = subprocess.Popen(
+                command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+            )
+            try:
+                out, err = proc.communicate(timeout=60)
+            finally:
+                stop_group(proc)
+            self.assertEqual((proc.returncode, err.decode(), out), (1, expected, b""), command)
+
+    @defer.inlineCallbacks
+    def assert_reloads_keep_the_running_rules(
+        self, broken: list[tuple[bytes, str]]
+    ) -> Generator[defer.Deferred[Any], Any, None]:
+        """
+        A service running RELOAD_RULES is reloaded with each of ``broken``
+        (the file's bytes, the problem after its path): each reload fails
+        with that one line, and the running rules keep serving.
+        """
+        path = self.write(RELOAD_RULES.encode())
+        service = MuxService(config_path=path)
+        service.load(load_config(path))
+        service.startService()
+        self.addCleanup(service.stopService)
+        (listener,) = service.listeners.values()
+        lines: list[str] = []
+
+        def keep(event: dict[str, Any]) -> None:
+            lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(keep)
+        self.addCleanup(globalLogPublisher.removeObserver, keep)
+        for raw, problem in broken:
+            with open(path, "wb") as f:
+                f.write(raw)
+            lines.clear()
+            reloaded = yield service.reload()
+            self.assertFalse(reloaded)
+            self.assertEqual(
+                [line for line in lines if "reload failed" in line],
+                [f"reload failed, keeping the running rules: {path}:{problem}"],
+            )
+            self.assertEqual([rule.name for rule in listener.factory.rules], ["one"])
+
+
+class UnusableCodingTests(RawRulesFileTests):
+    """A coding declaration Python source cannot be written in is one error naming the file, the line and why."""
 
     def test_coding_that_is_not_ascii_compatible_names_its_line(self) -> None:
         """UTF-16, UTF-32 or EBCDIC declared on line 1 or 2 is one error at that line saying why it cannot be used."""
@@ -428,51 +482,21 @@ class UnusableCodingTests(unittest.TestCase):
     def test_check_and_twistd_say_it_in_one_line(self) -> None:
         """python -m muxtwist check and twistd muxtwist --config both end with the one line and exit 1."""
         path = self.write(b"# -*- coding: utf-16 -*-\nrules = []\n")
-        expected = f"muxtwist: {path}:1: coding 'utf-16' {NOT_ASCII}\n"
-        commands = [
-            [sys.executable, "-m", "muxtwist", "check", path],
-            twistd_command("--port", f"tcp:{free_port()}:interface=127.0.0.1", "--config", path),
-        ]
-        for command in commands:
-            proc = subprocess.Popen(
-                command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-            )
-            try:
-                out, err = proc.communicate(timeout=60)
-            finally:
-                stop_group(proc)
-            self.assertEqual((proc.returncode, err.decode(), out), (1, expected, b""), command)
+        self.assert_check_and_twistd_say(path, f"muxtwist: {path}:1: coding 'utf-16' {NOT_ASCII}\n")
 
     @defer.inlineCallbacks
     def test_reload_keeps_the_running_rules(self) -> Generator[defer.Deferred[Any], Any, None]:
         """At a reload (SIGHUP) such a file logs the one error and the running rules keep serving."""
-        path = self.write(f"{RELOAD_RULES}".encode())
-        service = MuxService(config_path=path)
-        service.load(load_config(path))
-        service.startService()
-        self.addCleanup(service.stopService)
-        (listener,) = service.listeners.values()
-        lines: list[str] = []
-
-        def keep(event: dict[str, Any]) -> None:
-            lines.append(formatEvent(event))
-
-        globalLogPublisher.addObserver(keep)
-        self.addCleanup(globalLogPublisher.removeObserver, keep)
-        for coding, why in [
-            ("utf-16", NOT_ASCII),
-            ("hex", "cannot be used for a Python source file: it is not a text encoding"),
-        ]:
-            with open(path, "wb") as f:
-                f.write(f"# coding: {coding}\n{RELOAD_RULES.replace('one', 'two')}".encode())
-            lines.clear()
-            reloaded = yield service.reload()
-            self.assertFalse(reloaded)
-            self.assertEqual(
-                [line for line in lines if "reload failed" in line],
-                [f"reload failed, keeping the running rules: {path}:1: coding {coding!r} {why}"],
-            )
-            self.assertEqual([rule.name for rule in listener.factory.rules], ["one"])
+        two = RELOAD_RULES.replace("one", "two")
+        yield self.assert_reloads_keep_the_running_rules(
+            [
+                (f"# coding: utf-16\n{two}".encode(), f"1: coding 'utf-16' {NOT_ASCII}"),
+                (
+                    f"# coding: hex\n{two}".encode(),
+                    "1: coding 'hex' cannot be used for a Python source file: it is not a text encoding",
+                ),
+            ]
+        )
 
 
 #: The problem of a rules file saved as UTF-16 or UTF-32 without a byte order mark, by the encoding it looks like.
@@ -483,14 +507,8 @@ def no_mark(looks_like: str) -> str:
     )
 
 
-class NulBytesTests(unittest.TestCase):
+class NulBytesTests(RawRulesFileTests):
     """A rules file holding NUL bytes (a wide encoding without its byte order mark) is one error naming the file."""
-
-    def write(self, raw: bytes) -> str:
-        path = os.path.abspath(self.mktemp() + "-rules.py")
-        with open(path, "wb") as f:
-            f.write(raw)
-        return path
 
     def test_wide_text_without_a_byte_order_mark_says_what_it_probably_is(self) -> None:
         """UTF-16 or UTF-32 without a byte order mark is one error at line 1 saying so and to save it as UTF-8."""
@@ -536,46 +554,14 @@ class NulBytesTests(unittest.TestCase):
     def test_check_and_twistd_say_it_in_one_line(self) -> None:
         """python -m muxtwist check and twistd muxtwist --config both end with the one line and exit 1."""
         path = self.write("rules = []\n".encode("utf-16-le"))
-        expected = f"muxtwist: {path}:1: {no_mark('UTF-16 (little-endian)')}\n"
-        commands = [
-            [sys.executable, "-m", "muxtwist", "check", path],
-            twistd_command("--port", f"tcp:{free_port()}:interface=127.0.0.1", "--config", path),
-        ]
-        for command in commands:
-            proc = subprocess.Popen(
-                command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-            )
-            try:
-                out, err = proc.communicate(timeout=60)
-            finally:
-                stop_group(proc)
-            self.assertEqual((proc.returncode, err.decode(), out), (1, expected, b""), command)
+        self.assert_check_and_twistd_say(path, f"muxtwist: {path}:1: {no_mark('UTF-16 (little-endian)')}\n")
 
     @defer.inlineCallbacks
     def test_reload_keeps_the_running_rules(self) -> Generator[defer.Deferred[Any], Any, None]:
         """At a reload (SIGHUP) such a file logs the one error and the running rules keep serving."""
-        path = self.write(RELOAD_RULES.encode())
-        service = MuxService(config_path=path)
-        service.load(load_config(path))
-        service.startService()
-        self.addCleanup(service.stopService)
-        (listener,) = service.listeners.values()
-        lines: list[str] = []
-
-        def keep(event: dict[str, Any]) -> None:
-            lines.append(formatEvent(event))
-
-        globalLogPublisher.addObserver(keep)
-        self.addCleanup(globalLogPublisher.removeObserver, keep)
-        with open(path, "wb") as f:
-            f.write(RELOAD_RULES.replace("one", "two").encode("utf-32-be"))
-        reloaded = yield service.reload()
-        self.assertFalse(reloaded)
-        self.assertEqual(
-            [line for line in lines if "reload failed" in line],
-            [f"reload failed, keeping the running rules: {path}:1: {no_mark('UTF-32 (big-endian)')}"],
+        yield self.assert_reloads_keep_the_running_rules(
+            [(RELOAD_RULES.replace("one", "two").encode("utf-32-be"), f"1: {no_mark('UTF-32 (big-endian)')}")]
         )
-        self.assertEqual([rule.name for rule in listener.factory.rules], ["one"])
 
 
 RELOAD_RULES = """\
