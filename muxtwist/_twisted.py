@@ -31,6 +31,7 @@ __all__ = [
     "endpoint_port",
     "generic_http_channel_base",
     "http_channel_busy",
+    "http_head_coming",
     "http_inner_channel",
     "listen_errors_raise",
     "listening",
@@ -395,6 +396,21 @@ def http_channel_busy(channel: object) -> bool:
     dispatch. Checked on Twisted 26.10.0 (``twisted.web.http``).
     """
     return bool(getattr(channel, "_handlingRequest", False))
+
+
+def http_head_coming(channel: object) -> bool:
+    """
+    Whether a twisted.web ``HTTPChannel`` has part of a request's head, not
+    all of it (the request line not ended yet, or its headers still coming).
+
+    Why private: besides ``_handlingRequest`` (see :func:`http_channel_busy`),
+    ``LineReceiver._buffer`` holds a line not ended yet; ``line_mode`` and
+    ``requests`` (a request is added at its request line) are public.
+    Checked on Twisted 26.10.0 (``twisted.web.http``, ``twisted.protocols.basic``).
+    """
+    if getattr(channel, "_handlingRequest", False) or not getattr(channel, "line_mode", 0):
+        return False
+    return bool(getattr(channel, "requests", None) or getattr(channel, "_buffer", b""))
 
 
 class EndWatcher(Protocol):

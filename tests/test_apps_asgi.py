@@ -1,8 +1,9 @@
 """
 ASGI target pieces that need no running event loop: the clear error under
 another reactor, what ``python -m muxtwist check`` says, and how a request
-head still coming is told in uvicorn's protocols. Serving over real
-sockets is in tests/test_aio.py and tests/test_apps_examples.py.
+head still coming is told in uvicorn's protocols; and ``header_timeout``
+over real sockets, in child asyncio programs. Serving over real sockets is
+in tests/test_aio.py and tests/test_apps_examples.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib.util
 import io
 import os
 import tempfile
+import textwrap
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
@@ -21,6 +23,8 @@ from muxtwist._options import OptionError
 from muxtwist.apps import ASGI, AsyncioReactorRequired
 from muxtwist.apps._asgi import _request_head_coming
 from muxtwist.cli import main
+from tests.test_aio import run_program
+from tests.test_apps_retiring import ASGI_RELOAD
 
 
 async def app(scope: object, receive: object, send: object) -> None:
@@ -42,6 +46,17 @@ class ASGITargetTests(unittest.TestCase):
         """ASGI(app, lifespan=...) accepts only auto, on and off."""
         with self.assertRaises(ValueError):
             ASGI(app, lifespan="sometimes")  # type: ignore[arg-type]
+
+    def test_header_timeout_is_checked_when_built(self) -> None:
+        """ASGI(header_timeout=...) refuses what is not a positive number of seconds or None, naming the option."""
+        for bad in (0, -1, float("nan"), float("inf"), 10**400, "30", True):
+            with self.assertRaises(OptionError) as caught:
+                ASGI(app, header_timeout=bad)  # type: ignore[arg-type]
+            self.assertEqual((caught.exception.owner, caught.exception.option), ("ASGI", "header_timeout"))
+            self.assertIn("a positive number of seconds or None", str(caught.exception))
+        self.assertEqual(ASGI(app).header_timeout, 30.0)
+        self.assertEqual(ASGI(app, header_timeout=2).header_timeout, 2.0)
+        self.assertIsNone(ASGI(app, header_timeout=None).header_timeout)
 
     def test_shutdown_timeout_is_checked_when_built(self) -> None:
         """ASGI(shutdown_timeout=...) refuses what is not a positive number of seconds, naming the option."""
@@ -143,3 +158,151 @@ class RequestHeadComingTests(unittest.TestCase):
 
         self.assertFalse(_request_head_coming(object()))
         self.assertFalse(_request_head_coming(Lookalike()))
+
+
+class ASGIHeaderTimeoutTests(unittest.TestCase):
+    """
+    A request's head that does not come in full within ``header_timeout``
+    seconds of its first byte gets 408 (child asyncio programs, the asyncio
+    reactor there), with uvicorn's h11 protocol.
+    """
+
+    http = "h11"
+
+    def run_asgi(self, body: str) -> dict[str, Any]:
+        return run_program(self, ASGI_RELOAD + f"HTTP = {self.http!r}\n" + HEADER_TIMEOUT + textwrap.dedent(body))
+
+    def assert_timed_out(self, got: dict[str, Any]) -> None:
+        """The client got 408 with Connection: close, then EOF, about header_timeout (0.5 s) later."""
+        self.assertTrue(got["answer"].startswith("HTTP/1.1 408 Request Timeout\r\n"), got)
+        self.assertIn("\r\nConnection: close\r\n", got["answer"])
+        self.assertIsNotNone(got["closed_after"], f"still open 3 s later: {got}")
+        self.assertGreater(got["closed_after"], 0.4, got)
+        self.assertLess(got["closed_after"], 1.5, got)
+        self.assertEqual(got["deadlines"], 0, got)
+
+    def test_a_partial_head_gets_408_then_eof_at_header_timeout(self) -> None:
+        """A request line and a header line, then nothing: 408 and EOF about header_timeout later."""
+        got = self.run_asgi(
+            """
+            async def main():
+                server = listen(target("app", header_timeout=0.5))
+                await server.started()
+                reader, writer = await connected(server, b"GET / HTTP/1.1\\r\\nHost: x\\r\\n")
+                answer, closed_after = await rest(reader)
+                await report(server, writer, answer, closed_after)
+
+            asyncio.run(main())
+            """
+        )
+        self.assert_timed_out(got)
+        self.assertNotIn("request app", got["events"])
+
+    def test_a_head_dribbled_a_byte_at_a_time_gets_408_at_header_timeout(self) -> None:
+        """A byte of a header every 0.2 s does not extend the deadline: 408 about header_timeout after the first."""
+        got = self.run_asgi(
+            """
+            async def dribble(writer):
+                for _ in range(15):
+                    await asyncio.sleep(0.2)
+                    if writer.is_closing():
+                        return
+                    writer.write(b"x")
+
+            async def main():
+                server = listen(target("app", header_timeout=0.5))
+                await server.started()
+                reader, writer = await connected(server, b"GET / HTTP/1.1\\r\\nX-Slow: ")
+                dribbling = asyncio.ensure_future(dribble(writer))
+                answer, closed_after = await rest(reader)
+                dribbling.cancel()
+                await report(server, writer, answer, closed_after)
+
+            asyncio.run(main())
+            """
+        )
+        self.assert_timed_out(got)
+
+    def test_a_head_sent_in_pieces_within_the_deadline_is_answered(self) -> None:
+        """A head in three pieces within header_timeout is answered, and its deadline is cancelled."""
+        got = self.run_asgi(
+            """
+            async def main():
+                server = listen(target("app", header_timeout=0.5))
+                await server.started()
+                reader, writer = await connected(server, b"GET / HTTP/1.1\\r\\n")
+                await asyncio.sleep(0.1)
+                writer.write(b"Host: x\\r\\n")
+                await asyncio.sleep(0.1)
+                writer.write(b"\\r\\n")
+                answer = (await asyncio.wait_for(reader.readuntil(b"app"), 5)).decode()
+                deadlines = head_deadlines()
+                more, closed_after = await rest(reader, 1.0)
+                await report(server, writer, answer + more, closed_after, deadlines)
+
+            asyncio.run(main())
+            """
+        )
+        self.assertTrue(got["answer"].startswith("HTTP/1.1 200 OK\r\n"), got)
+        self.assertTrue(got["answer"].endswith("\r\n\r\napp"), got)
+        self.assertIsNone(got["closed_after"], got)
+        self.assertEqual(got["deadlines"], 0, got)
+
+    def test_a_second_request_on_a_keep_alive_connection_has_its_own_deadline(self) -> None:
+        """After a first request answered, a second whose head stops coming gets 408 about header_timeout later."""
+        got = self.run_asgi(
+            """
+            async def main():
+                server = listen(target("app", header_timeout=0.5))
+                await server.started()
+                reader, writer = await connected(server, GET)
+                await asyncio.wait_for(reader.readuntil(b"app"), 5)
+                more, closed_after = await rest(reader, 0.6)  # idle between requests: no deadline then
+                assert (more, closed_after) == ("", None), (more, closed_after)
+                writer.write(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n")
+                answer, closed_after = await rest(reader)
+                await report(server, writer, answer, closed_after)
+
+            asyncio.run(main())
+            """
+        )
+        self.assert_timed_out(got)
+        self.assertEqual(got["events"].count("request app"), 1)
+
+    def test_no_header_timeout_leaves_a_partial_head_waiting(self) -> None:
+        """header_timeout=None: a partial head is neither answered nor closed, and no deadline is set."""
+        got = self.run_asgi(
+            """
+            async def main():
+                server = listen(target("app", header_timeout=None))
+                await server.started()
+                reader, writer = await connected(server, b"GET / HTTP/1.1\\r\\nHost: x\\r\\n")
+                answer, closed_after = await rest(reader, 1.0)
+                await report(server, writer, answer, closed_after, head_deadlines())
+
+            asyncio.run(main())
+            """
+        )
+        self.assertEqual((got["answer"], got["closed_after"], got["deadlines"]), ("", None, 0), got)
+
+
+class ASGIHeaderTimeoutHttpToolsTests(ASGIHeaderTimeoutTests):
+    """The same with uvicorn's httptools protocol (what it picks when httptools is installed)."""
+
+    http = "httptools"
+    skip = None if importlib.util.find_spec("httptools") else "httptools is not installed (pip install -e '.[test]')"
+
+
+#: What the header_timeout programs add: the request-head deadlines the
+#: reactor holds, and the report of what the client saw.
+HEADER_TIMEOUT = """
+def head_deadlines():
+    from twisted.internet import reactor
+    return sum(getattr(call.func, "__name__", "") == "_head_timed_out" for call in reactor.getDelayedCalls())
+
+async def report(server, writer, answer, closed_after, deadlines=None):
+    deadlines = head_deadlines() if deadlines is None else deadlines
+    writer.close()
+    await server.close()
+    print(json.dumps({"answer": answer, "closed_after": closed_after, "deadlines": deadlines, "events": events}))
+"""

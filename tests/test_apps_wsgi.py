@@ -429,3 +429,108 @@ class WSGIPausedDisconnectTests(unittest.SynchronousTestCase):
         thread.join(5)
         self.assertFalse(thread.is_alive())
         self.assertEqual((errors, gate.done), ([], False))
+
+
+def _head_deadlines() -> int:
+    """How many request-head deadlines the reactor holds."""
+    return sum(getattr(call.func, "__name__", "") == "_head_timed_out" for call in R.getDelayedCalls())
+
+
+class WSGIHeaderTimeoutTests(unittest.TestCase):
+    """A request's head that does not come in full within ``header_timeout`` seconds of its first byte gets 408."""
+
+    def serve(self, **options: Any) -> int:
+        target = WSGI(SlowApp().flask, threads=2, **options)
+        port, factory = mux(self, [Rule(HTTP1(), target, name="wsgi")])
+        factory.doStart()
+        self.addCleanup(factory.doStop)
+        return port
+
+    async def closed_after(self, client: Any, seconds: float = 3.0) -> float:
+        """Seconds until ``client``'s connection ends (fails after ``seconds``)."""
+        started = R.seconds()
+        await until(lambda: client.eof.called or client.lost.called, seconds)
+        return R.seconds() - started
+
+    def assert_timed_out(self, received: bytes) -> None:
+        self.assertTrue(received.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), received)
+        self.assertIn(b"\r\nConnection: close\r\n", received)
+
+    async def test_a_partial_head_gets_408_then_eof_at_header_timeout(self) -> None:
+        """A request line and a header line, then nothing: 408 and EOF about header_timeout later."""
+        port = self.serve(header_timeout=0.5)
+        client = await connect(self, port)
+        assert client.transport is not None
+        client.transport.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n")
+        elapsed = await self.closed_after(client)
+        self.assertGreater(elapsed, 0.4)
+        self.assertLess(elapsed, 1.5)
+        self.assert_timed_out(bytes(client.received))
+        self.assertEqual(_head_deadlines(), 0)
+
+    async def test_a_head_dribbled_a_byte_at_a_time_gets_408_at_header_timeout(self) -> None:
+        """A byte of a header every 0.2 s does not extend the deadline: 408 about header_timeout after the first."""
+        port = self.serve(header_timeout=0.5)
+        client = await connect(self, port)
+        assert client.transport is not None
+        client.transport.write(b"GET /hello HTTP/1.1\r\nX-Slow: ")
+        started = R.seconds()
+        for _ in range(15):
+            await deferLater(R, 0.2, lambda: None)
+            if client.eof.called or client.lost.called:
+                break
+            client.transport.write(b"x")
+        self.assertTrue(client.eof.called or client.lost.called, "still open after 3 s of dribbling")
+        self.assertLess(R.seconds() - started, 1.5)
+        self.assert_timed_out(bytes(client.received))
+
+    async def test_a_head_sent_in_pieces_within_the_deadline_is_answered(self) -> None:
+        """A head in three pieces within header_timeout is answered, and its deadline is cancelled."""
+        port = self.serve(header_timeout=0.5)
+        client = await connect(self, port)
+        assert client.transport is not None
+        for piece in (b"GET /hello HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):
+            client.transport.write(piece)
+            await deferLater(R, 0.1, lambda: None)
+        await until(lambda: bytes(client.received).endswith(b"hello from flask"), 5)
+        self.assertTrue(bytes(client.received).startswith(b"HTTP/1.1 200 OK\r\n"), bytes(client.received))
+        self.assertEqual(_head_deadlines(), 0)
+        await deferLater(R, 0.6, lambda: None)
+        self.assertFalse(client.eof.called or client.lost.called)
+
+    async def test_a_second_request_on_a_keep_alive_connection_has_its_own_deadline(self) -> None:
+        """After a first request answered, a second whose head stops coming gets 408 about header_timeout later."""
+        port = self.serve(header_timeout=0.5)
+        client = await connect(self, port)
+        assert client.transport is not None
+        client.transport.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        await until(lambda: bytes(client.received).endswith(b"hello from flask"), 5)
+        await deferLater(R, 0.6, lambda: None)  # idle between requests: no deadline then
+        self.assertFalse(client.eof.called or client.lost.called)
+        first = len(client.received)
+        client.transport.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n")
+        elapsed = await self.closed_after(client)
+        self.assertGreater(elapsed, 0.4)
+        self.assertLess(elapsed, 1.5)
+        self.assert_timed_out(bytes(client.received)[first:])
+
+    async def test_no_header_timeout_leaves_a_partial_head_waiting(self) -> None:
+        """header_timeout=None: a partial head is neither answered nor closed, and no deadline is set."""
+        port = self.serve(header_timeout=None)
+        client = await connect(self, port)
+        assert client.transport is not None
+        client.transport.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n")
+        await deferLater(R, 1.0, lambda: None)
+        self.assertFalse(client.eof.called or client.lost.called)
+        self.assertEqual(bytes(client.received), b"")
+        self.assertEqual(_head_deadlines(), 0)
+
+    def test_header_timeout_must_be_a_positive_number_or_none(self) -> None:
+        """WSGI(header_timeout=...) refuses 0, negatives, NaN, infinity, an int beyond a float, bools and strings."""
+        for bad in (0, -1, float("nan"), float("inf"), 10**400, True, "30"):
+            with self.assertRaises(OptionError) as caught:
+                WSGI(lambda environ, start_response: [], header_timeout=bad)
+            self.assertEqual((caught.exception.owner, caught.exception.option), ("WSGI", "header_timeout"))
+            self.assertIn("a positive number of seconds or None", str(caught.exception))
+        self.assertEqual(WSGI(lambda environ, start_response: []).header_timeout, 30.0)
+        self.assertIsNone(WSGI(lambda environ, start_response: [], header_timeout=None).header_timeout)

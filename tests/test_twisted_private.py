@@ -37,6 +37,7 @@ from muxtwist._twisted import (
     endpoint_unix_path,
     generic_http_channel_base,
     http_channel_busy,
+    http_head_coming,
     http_inner_channel,
     listen_errors_raise,
     listening,
@@ -569,6 +570,30 @@ class HTTPChannelTests(unittest.TestCase):
         held[0].write(b"done")
         held[0].finish()
         self.assertFalse(http_channel_busy(channel))
+
+    def test_a_request_head_coming(self) -> None:
+        """http_head_coming is true from a head's first byte until its blank line, and between heads false."""
+        from twisted.internet.address import IPv4Address
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        class Hello(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                return b"hello"
+
+        built = Site(Hello(), reactor=Clock()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        channel = http_inner_channel(built)
+        built.makeConnection(StringTransport())
+        self.assertFalse(http_head_coming(channel))
+        for piece in (b"G", b"ET / HTTP/1.1\r\n", b"Host: a\r\n"):
+            built.dataReceived(piece)
+            self.assertTrue(http_head_coming(channel), piece)
+        built.dataReceived(b"\r\n")  # answered at once: between two requests
+        self.assertFalse(http_head_coming(channel))
+        built.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nab")
+        self.assertFalse(http_head_coming(channel))  # its body coming, not its head
 
 
 class TwistdStatusPipeTests(unittest.SynchronousTestCase):

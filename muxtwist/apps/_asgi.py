@@ -46,6 +46,17 @@ _UVICORN_COUNTS = {
 #: stop), as for the WSGI target: uvicorn's own protocol has no timer then.
 PARTIAL_REQUEST_GRACE = 10.0
 
+#: What a client whose request's head did not come in full within
+#: ``header_timeout`` seconds of its first byte gets, before the close.
+REQUEST_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 16\r\n"
+    b"Connection: close\r\n"
+    b"\r\n"
+    b"Request Timeout\n"
+)
+
 
 def _uvicorn() -> Any:
     try:
@@ -76,17 +87,27 @@ class ASGI(Factory):
     their response) and its WebSockets go on; the stop above follows once
     the last connection has ended. At a stop as at a reload, a request whose
     headers are still coming is answered before its connection closes
-    (given up after 10 seconds without a byte).
+    (given up after 10 seconds without a byte, or at ``header_timeout``).
+
+    A request's head (its request line and headers) must come in full within
+    ``header_timeout`` seconds of its first byte (30 by default, as HAProxy's
+    ``timeout http-request`` or nginx's ``client_header_timeout``; a total,
+    not reset by each byte, so a client sending a byte now and then gains
+    nothing): otherwise its client gets ``408 Request Timeout`` and the
+    connection closes. That holds for each request of a keep-alive
+    connection; uvicorn's protocols have no such timer (``timeout_keep_alive``
+    ends at a request's first byte). ``header_timeout=None``: no bound.
 
     :param root_path: the ASGI ``root_path`` (the app mounted below a prefix).
     :param lifespan: ``"auto"`` (run it if the app supports it), ``"on"``
         (its failure refuses connections) or ``"off"``.
     :param shutdown_timeout: seconds, a positive number.
+    :param header_timeout: seconds, a positive number, or None.
     :param uvicorn_options: more ``uvicorn.Config`` options (``ws_max_size``,
         ``timeout_keep_alive``, ``h11_max_incomplete_event_size``...).
     :raises OptionError: (a ``ValueError`` and a ``TypeError``) for a
-        ``shutdown_timeout``, or a numeric uvicorn option, that is not a
-        positive number (NaN, infinity, a bool or a string included).
+        ``shutdown_timeout``, a ``header_timeout`` (unless None), or a
+        numeric uvicorn option, that is not a positive number (NaN, infinity, a bool or a string included).
     :raises AsyncioReactorRequired: from ``doStart``, under another reactor.
     """
 
@@ -100,6 +121,7 @@ class ASGI(Factory):
         root_path: str = "",
         lifespan: Literal["auto", "on", "off"] = "auto",
         shutdown_timeout: float = 30.0,
+        header_timeout: float | None = 30.0,
         reactor: Any = None,
         **uvicorn_options: Any,
     ) -> None:
@@ -108,6 +130,7 @@ class ASGI(Factory):
         if not callable(app):
             raise TypeError(f"ASGI needs an ASGI application (a callable), got {shown(app)}")
         _number("ASGI", "shutdown_timeout", shutdown_timeout)
+        _number("ASGI", "header_timeout", header_timeout, optional=True)
         for name, optional in _UVICORN_SECONDS.items():
             if name in uvicorn_options:
                 _number("ASGI", name, uvicorn_options[name], optional=optional)
@@ -119,6 +142,7 @@ class ASGI(Factory):
         self.root_path = root_path
         self.lifespan = lifespan
         self.shutdown_timeout = shutdown_timeout
+        self.header_timeout = None if header_timeout is None else float(header_timeout)
         self._reactor = reactor
         options = {"log_config": None, "access_log": False, "proxy_headers": False, **uvicorn_options}
         self.config = uvicorn.Config(app, root_path=root_path, lifespan=lifespan, **options)
@@ -369,6 +393,7 @@ class _AppBridge(Bridge):
         # finished too (a stop) or left alone (a reload); None: not asked.
         self._finishing: bool | None = None
         self._grace: IDelayedCall | None = None
+        self._head_deadline: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -397,11 +422,49 @@ class _AppBridge(Bridge):
 
     def start(self) -> None:
         super().start()
+        self._watch_head()
         self._finish()
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
+        self._watch_head()
         self._finish()
+
+    def _watch_head(self) -> None:
+        # A timer only when a read leaves a head unfinished (a head that came
+        # whole in one read costs one look); it is not reset by later bytes.
+        timeout, proto = self._target.header_timeout, self.protocol
+        if timeout is None or proto is None:
+            return
+        if _request_head_coming(proto):
+            if self._head_deadline is None and not (self.lost or self.closed):
+                self._head_deadline = self._target.reactor.callLater(timeout, self._head_timed_out)
+        elif self._head_deadline is not None:
+            self._stop_head_deadline()
+
+    def _stop_head_deadline(self) -> None:
+        if self._head_deadline is not None and self._head_deadline.active():
+            self._head_deadline.cancel()
+        self._head_deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        proto = self.protocol
+        if proto is None or self.lost or self.closed or not _request_head_coming(proto):
+            return
+        # No request being answered (_request_head_coming says so): nothing
+        # of an answer to this one has been sent.
+        log.info(
+            "ASGI: a request's head did not come in full within {timeout}s (header_timeout): 408, closing {peer}",
+            timeout=self._target.header_timeout,
+            peer=str(self.transport.getPeer()) if self.transport is not None else None,
+        )
+        self._finishing = None
+        self._stop_grace()
+        transport = getattr(proto, "transport", None)  # the asyncio transport uvicorn writes to
+        if transport is not None:
+            transport.write(REQUEST_TIMEOUT_RESPONSE)
+            transport.close()
 
     def _finish(self) -> None:
         websockets, proto = self._finishing, self.protocol
@@ -437,6 +500,7 @@ class _AppBridge(Bridge):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_grace()
+        self._stop_head_deadline()
         self._target._bridges.discard(self)
         super().connectionLost(reason)
 

@@ -10,8 +10,10 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
@@ -19,7 +21,13 @@ from twisted.web.wsgi import WSGIResource
 from zope.interface import implementer
 
 from muxtwist._options import _integer, _number, shown
-from muxtwist._twisted import default_reactor, generic_http_channel_base, http_channel_busy, http_inner_channel
+from muxtwist._twisted import (
+    default_reactor,
+    generic_http_channel_base,
+    http_channel_busy,
+    http_head_coming,
+    http_inner_channel,
+)
 from muxtwist.interfaces import IRetiringFactory
 
 if TYPE_CHECKING:
@@ -212,6 +220,17 @@ def _daemon_thread(**kwargs: Any) -> threading.Thread:
 #: coming is given up once its target was asked to finish (a reload, a stop).
 PARTIAL_REQUEST_GRACE = 10.0
 
+#: What a client whose request's head did not come in full within
+#: ``header_timeout`` seconds of its first byte gets, before the close.
+REQUEST_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 16\r\n"
+    b"Connection: close\r\n"
+    b"\r\n"
+    b"Request Timeout\n"
+)
+
 
 @implementer(IHalfCloseableProtocol)
 class _HalfClosingChannel(HTTPChannel):
@@ -223,6 +242,47 @@ class _HalfClosingChannel(HTTPChannel):
     """
 
     _read_closed = False
+    #: Seconds a request's head may take from its first byte (the target's
+    #: ``header_timeout``); None: no bound but twisted.web's idle timeout.
+    header_timeout: float | None = None
+    _head_deadline: IDelayedCall | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+        if self.header_timeout is not None:
+            self._watch_head(self.header_timeout)
+
+    def _watch_head(self, timeout: float) -> None:
+        # A timer only when a read leaves a head unfinished (a head that came
+        # whole in one read costs one look); it is not reset by later bytes.
+        if http_head_coming(self):
+            if self._head_deadline is None and self.transport is not None:
+                self._head_deadline = self.callLater(timeout, self._head_timed_out)  # type: ignore[no-untyped-call]
+        elif self._head_deadline is not None:
+            self._stop_head_deadline()
+
+    def _stop_head_deadline(self) -> None:
+        if self._head_deadline is not None and self._head_deadline.active():
+            self._head_deadline.cancel()
+        self._head_deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        if self.transport is None or not http_head_coming(self):
+            return
+        # Nothing of this request's answer has been sent: the one before it,
+        # if any, was answered in full before its head began.
+        log.info(
+            "WSGI: a request's head did not come in full within {timeout}s (header_timeout): 408, closing {peer}",
+            timeout=self.header_timeout,
+            peer=str(self.transport.getPeer()),
+        )
+        self.transport.write(REQUEST_TIMEOUT_RESPONSE)
+        self.loseConnection()  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_head_deadline()
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     def finish_and_close(self) -> None:
         """
@@ -505,7 +565,9 @@ class _HalfClosingGenericChannel(generic_http_channel_base()):  # type: ignore[m
 
 def _half_closing_channel(site: object) -> _HalfClosingGenericChannel:
     """What ``WSGI.buildProtocol`` builds (called as a method of the site, as Twisted's own default is)."""
-    channel = _HalfClosingGenericChannel(_HalfClosingChannel())  # type: ignore[no-untyped-call]
+    inner = _HalfClosingChannel()  # type: ignore[no-untyped-call]
+    inner.header_timeout = getattr(site, "header_timeout", None)
+    channel = _HalfClosingGenericChannel(inner)
     channels = getattr(site, "_channels", None)
     if channels is not None:
         # The outer channel: it stays the connection's protocol when HTTP/2 replaces the HTTP/1.1 one.
@@ -542,6 +604,20 @@ class WSGI(Site):
     connection's transport and by twisted.web's HTTP/2 queue (64 KiB of each
     stream), so a client that grants large windows and reads nothing holds
     the body as over HTTP/1.1, however many streams it opens.
+
+    A request's head (its request line and headers) must come in full within
+    ``header_timeout`` seconds of its first byte (30 by default, as HAProxy's
+    ``timeout http-request`` or nginx's ``client_header_timeout``; a total,
+    not reset by each byte, so a client sending a byte now and then gains
+    nothing): otherwise its client gets ``408 Request Timeout`` and the
+    connection closes. That holds for each request of a keep-alive
+    connection. ``header_timeout=None`` leaves only twisted.web's idle
+    timeout (12 hours, reset by each byte).
+
+    :raises OptionError: (a ``ValueError`` and a ``TypeError``) for a
+        ``threads`` that is not a positive integer, or a ``send_timeout`` or
+        ``header_timeout`` that is not a positive number of seconds
+        (``header_timeout`` may be None).
     """
 
     protocol = _half_closing_channel
@@ -553,13 +629,16 @@ class WSGI(Site):
         *,
         threads: int = 10,
         send_timeout: float = 60.0,
+        header_timeout: float | None = 30.0,
         reactor: IReactorThreads | None = None,
     ) -> None:
         if not callable(app):
             raise TypeError(f"WSGI needs a WSGI application (a callable), got {shown(app)}")
         _integer("WSGI", "threads", threads)
         _number("WSGI", "send_timeout", send_timeout)
+        _number("WSGI", "header_timeout", header_timeout, optional=True)
         self.send_timeout = float(send_timeout)
+        self.header_timeout = None if header_timeout is None else float(header_timeout)
         reactor = default_reactor(reactor)
         self._reactor: Any = reactor
         self._channels: weakref.WeakSet[_HalfClosingGenericChannel] = weakref.WeakSet()
