@@ -269,6 +269,24 @@ class ASGIHeaderTimeoutTests(unittest.TestCase):
         self.assert_timed_out(got)
         self.assertEqual(got["events"].count("request app"), 1)
 
+    def test_a_partial_head_pipelined_behind_a_request_gets_408(self) -> None:
+        """A request and the start of a second in one write: the first is answered, the second gets 408 and EOF."""
+        got = self.run_asgi(
+            """
+            async def main():
+                server = listen(target("app", header_timeout=0.5))
+                await server.started()
+                reader, writer = await connected(server, GET + b"GET /2 HTTP/1.1\\r\\nHost: x\\r\\n")
+                await asyncio.wait_for(reader.readuntil(b"app"), 5)
+                answer, closed_after = await rest(reader)
+                await report(server, writer, answer, closed_after)
+
+            asyncio.run(main())
+            """
+        )
+        self.assert_timed_out(got)
+        self.assertEqual(got["events"].count("request app"), 1)
+
     def test_no_header_timeout_leaves_a_partial_head_waiting(self) -> None:
         """header_timeout=None: a partial head is neither answered nor closed, and no deadline is set."""
         got = self.run_asgi(

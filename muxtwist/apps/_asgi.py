@@ -436,7 +436,10 @@ class _AppBridge(Bridge):
         timeout, proto = self._target.header_timeout, self.protocol
         if timeout is None or proto is None:
             return
-        if _request_head_coming(proto):
+        # Pending, not only coming: a head pipelined behind a request still
+        # being answered is held by uvicorn until that response ends, and no
+        # read of ours follows then; its deadline starts at this read too.
+        if _request_head_pending(proto):
             if self._head_deadline is None and not (self.lost or self.closed):
                 self._head_deadline = self._target.reactor.callLater(timeout, self._head_timed_out)
         elif self._head_deadline is not None:
@@ -450,7 +453,14 @@ class _AppBridge(Bridge):
     def _head_timed_out(self) -> None:
         self._head_deadline = None
         proto = self.protocol
-        if proto is None or self.lost or self.closed or not _request_head_coming(proto):
+        if proto is None or self.lost or self.closed:
+            return
+        if not _request_head_coming(proto):
+            if _request_head_pending(proto) and (timeout := self._target.header_timeout) is not None:
+                # Behind a response still being sent, which a 408 cannot
+                # interrupt: looked at again, so that it comes at most
+                # header_timeout after that response has ended.
+                self._head_deadline = self._target.reactor.callLater(timeout, self._head_timed_out)
             return
         # No request being answered (_request_head_coming says so): nothing
         # of an answer to this one has been sent.
@@ -527,6 +537,29 @@ def _request_head_coming(protocol: object) -> bool:
         # The parser calls on_message_begin at a request's first byte, where
         # uvicorn starts a new scope, and on_headers_complete once the head
         # is whole, where uvicorn gives that scope its "method" first.
+        scope = getattr(protocol, "scope", None)
+        return isinstance(scope, dict) and "method" not in scope
+    return False
+
+
+def _request_head_pending(protocol: object) -> bool:
+    """
+    Whether uvicorn's HTTP/1.1 protocol holds part of a request's head, not
+    all of it, whether or not an earlier request on the connection (one
+    pipelined before it) is still being answered. With a protocol class it
+    does not know, False.
+    """
+    conn = getattr(protocol, "conn", None)
+    h11 = sys.modules.get("h11")
+    if h11 is not None and isinstance(conn, h11.Connection):
+        # DONE: the earlier request has come in full; h11 parses no more of
+        # what follows it until its response has been sent.
+        data, closed = conn.trailing_data
+        return conn.their_state in (h11.IDLE, h11.DONE) and bool(data) and not closed
+    parser = getattr(protocol, "parser", None)
+    httptools = sys.modules.get("httptools")
+    if httptools is not None and isinstance(parser, httptools.HttpRequestParser):
+        # httptools parses every byte as it comes, a pipelined head too.
         scope = getattr(protocol, "scope", None)
         return isinstance(scope, dict) and "method" not in scope
     return False
