@@ -13,6 +13,7 @@ import difflib
 import io
 import os
 import re
+import stat
 import sys
 import tokenize
 import traceback
@@ -291,6 +292,15 @@ def _unusable_coding(path: str, raw: bytes, name: str, why: str) -> ConfigError:
 
 
 def _run(path: str) -> tuple[dict[str, Any], str]:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = 0  # open() below says what is wrong
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):
+        # Opening a named pipe waits for a writer, and a device may never
+        # end: at a reload either would hold the reactor. Rules are re-read
+        # at every reload, so they are a file.
+        raise ConfigError(path, None, "not a regular file (a pipe, a device or a socket): rules are read from a file")
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_RULES_FILE_BYTES + 1)

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Generator
 from typing import Any
 
@@ -550,6 +552,25 @@ class NulBytesTests(RawRulesFileTests):
             (error.line, error.problem),
             (None, f"the file is larger than {MAX_RULES_FILE_BYTES // 2**20} MiB: not read (is it a rules file?)"),
         )
+
+    def test_a_pipe_or_a_device_is_one_error_at_once(self) -> None:
+        """A named pipe or a device given as the rules file is one error, without waiting to open or read it."""
+        fifo = os.path.abspath(self.mktemp() + "-rules.py")
+        os.mkfifo(fifo)
+
+        def unblock() -> None:
+            # Without the check, open() would wait for a writer: this one comes 2 s later.
+            time.sleep(2)
+            with open(fifo, "wb"):
+                pass
+
+        threading.Thread(target=unblock, daemon=True).start()
+        problem = "not a regular file (a pipe, a device or a socket): rules are read from a file"
+        for path in (fifo, "/dev/zero"):
+            started = time.monotonic()
+            error = self.assertRaises(ConfigError, load_config, path)
+            self.assertEqual((error.line, error.problem), (None, problem), path)
+            self.assertLess(time.monotonic() - started, 1.0, path)
 
     def test_check_and_twistd_say_it_in_one_line(self) -> None:
         """python -m muxtwist check and twistd muxtwist --config both end with the one line and exit 1."""
