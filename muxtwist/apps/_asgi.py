@@ -23,6 +23,7 @@ from zope.interface import implementer
 from muxtwist._options import _integer, _number, shown
 from muxtwist._twisted import default_reactor
 from muxtwist.apps._asyncio import AsyncioProtocolFactory, Bridge, asyncio_loop
+from muxtwist.apps._http import PARTIAL_REQUEST_GRACE, REQUEST_TIMEOUT_RESPONSE
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IRetiringFactory
 
 __all__ = ["ASGI"]
@@ -39,23 +40,6 @@ _UVICORN_COUNTS = {
     "limit_concurrency": True,
     "h11_max_incomplete_event_size": True,
 }
-
-
-#: seconds without a byte after which a request whose headers are still
-#: coming is given up once its target was asked to finish (a reload, a
-#: stop), as for the WSGI target: uvicorn's own protocol has no timer then.
-PARTIAL_REQUEST_GRACE = 10.0
-
-#: What a client whose request's head did not come in full within
-#: ``header_timeout`` seconds of its first byte gets, before the close.
-REQUEST_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\n"
-    b"Content-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: 16\r\n"
-    b"Connection: close\r\n"
-    b"\r\n"
-    b"Request Timeout\n"
-)
 
 
 def _uvicorn() -> Any:
@@ -439,7 +423,7 @@ class _AppBridge(Bridge):
         # Pending, not only coming: a head pipelined behind a request still
         # being answered is held by uvicorn until that response ends, and no
         # read of ours follows then; its deadline starts at this read too.
-        if _request_head_pending(proto):
+        if _request_head_coming(proto, queued=True):
             if self._head_deadline is None and not (self.lost or self.closed):
                 self._head_deadline = self._target.reactor.callLater(timeout, self._head_timed_out)
         elif self._head_deadline is not None:
@@ -456,7 +440,7 @@ class _AppBridge(Bridge):
         if proto is None or self.lost or self.closed:
             return
         if not _request_head_coming(proto):
-            if _request_head_pending(proto) and (timeout := self._target.header_timeout) is not None:
+            if _request_head_coming(proto, queued=True) and (timeout := self._target.header_timeout) is not None:
                 # Behind a response still being sent, which a 408 cannot
                 # interrupt: looked at again, so that it comes at most
                 # header_timeout after that response has ended.
@@ -515,51 +499,35 @@ class _AppBridge(Bridge):
         super().connectionLost(reason)
 
 
-def _request_head_coming(protocol: object) -> bool:
+def _request_head_coming(protocol: object, *, queued: bool = False) -> bool:
     """
     Whether uvicorn's HTTP/1.1 protocol (h11's or httptools') has part of a
     request's head, not all of it, and no request being answered (what its
-    ``shutdown`` would close unanswered). With a protocol class it does not
-    know, False: the connection is finished as uvicorn finishes it.
+    ``shutdown`` would close unanswered); with ``queued``, also when an
+    earlier request on the connection (one pipelined before it) is still
+    being answered. With a protocol class it does not know, False: the
+    connection is finished as uvicorn finishes it.
     """
-    # uvicorn's own shutdown reads cycle and response_complete the same way.
-    cycle = getattr(protocol, "cycle", None)
-    if cycle is not None and not getattr(cycle, "response_complete", True):
-        return False
+    if not queued:
+        # uvicorn's own shutdown reads cycle and response_complete the same way.
+        cycle = getattr(protocol, "cycle", None)
+        if cycle is not None and not getattr(cycle, "response_complete", True):
+            return False
     conn = getattr(protocol, "conn", None)
     h11 = sys.modules.get("h11")
     if h11 is not None and isinstance(conn, h11.Connection):
         data, closed = conn.trailing_data  # h11's public view of what it has not parsed yet
-        return conn.their_state is h11.IDLE and bool(data) and not closed
-    parser = getattr(protocol, "parser", None)
-    httptools = sys.modules.get("httptools")
-    if httptools is not None and isinstance(parser, httptools.HttpRequestParser):
-        # The parser calls on_message_begin at a request's first byte, where
-        # uvicorn starts a new scope, and on_headers_complete once the head
-        # is whole, where uvicorn gives that scope its "method" first.
-        scope = getattr(protocol, "scope", None)
-        return isinstance(scope, dict) and "method" not in scope
-    return False
-
-
-def _request_head_pending(protocol: object) -> bool:
-    """
-    Whether uvicorn's HTTP/1.1 protocol holds part of a request's head, not
-    all of it, whether or not an earlier request on the connection (one
-    pipelined before it) is still being answered. With a protocol class it
-    does not know, False.
-    """
-    conn = getattr(protocol, "conn", None)
-    h11 = sys.modules.get("h11")
-    if h11 is not None and isinstance(conn, h11.Connection):
         # DONE: the earlier request has come in full; h11 parses no more of
         # what follows it until its response has been sent.
-        data, closed = conn.trailing_data
-        return conn.their_state in (h11.IDLE, h11.DONE) and bool(data) and not closed
+        idle = conn.their_state is h11.IDLE or (queued and conn.their_state is h11.DONE)
+        return idle and bool(data) and not closed
     parser = getattr(protocol, "parser", None)
     httptools = sys.modules.get("httptools")
     if httptools is not None and isinstance(parser, httptools.HttpRequestParser):
-        # httptools parses every byte as it comes, a pipelined head too.
+        # The parser calls on_message_begin at a request's first byte (a
+        # pipelined one's too: it parses every byte as it comes), where
+        # uvicorn starts a new scope, and on_headers_complete once the head
+        # is whole, where uvicorn gives that scope its "method" first.
         scope = getattr(protocol, "scope", None)
         return isinstance(scope, dict) and "method" not in scope
     return False

@@ -28,6 +28,7 @@ from muxtwist._twisted import (
     http_head_coming,
     http_inner_channel,
 )
+from muxtwist.apps._http import PARTIAL_REQUEST_GRACE, REQUEST_TIMEOUT_RESPONSE
 from muxtwist.interfaces import IRetiringFactory
 
 if TYPE_CHECKING:
@@ -214,22 +215,6 @@ class _PacedResource(WSGIResource):
 def _daemon_thread(**kwargs: Any) -> threading.Thread:
     """A thread for the WSGI pool that does not hold the process open at exit."""
     return threading.Thread(daemon=True, **kwargs)
-
-
-#: seconds without a byte after which a request whose headers are still
-#: coming is given up once its target was asked to finish (a reload, a stop).
-PARTIAL_REQUEST_GRACE = 10.0
-
-#: What a client whose request's head did not come in full within
-#: ``header_timeout`` seconds of its first byte gets, before the close.
-REQUEST_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\n"
-    b"Content-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: 16\r\n"
-    b"Connection: close\r\n"
-    b"\r\n"
-    b"Request Timeout\n"
-)
 
 
 @implementer(IHalfCloseableProtocol)
