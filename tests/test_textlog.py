@@ -245,7 +245,6 @@ class ToParentTests(unittest.TestCase):
 
         self.patch(_worker_log, "TO_PARENT_LIMIT", 256 * 1024)
         read_end, out = _pipe_to_parent(self, clock)
-        self.addCleanup(out.close)
         return read_end, out
 
     def _count(self, records: list[bytes], line: bytes) -> tuple[int, int]:
@@ -351,7 +350,14 @@ class ToParentTests(unittest.TestCase):
 
 
 def _pipe_to_parent(test: unittest.TestCase, clock: Any = None, size: int | None = None) -> tuple[int, Any]:
-    """A worker's ToParent on a pipe of ``size`` bytes (the default: the system's), and the pipe's read end."""
+    """
+    A worker's ToParent on a pipe of ``size`` bytes (the default: the
+    system's), and the pipe's read end. At cleanup the read end closes
+    first, then the ToParent (its last writes find no reader: they never
+    wait for one a failed test left), then its descriptors. A ToParent left
+    unclosed would close when the garbage collector finds it, in a later
+    test, and make blocking whatever descriptor took its number by then.
+    """
     import atexit
     import fcntl
 
@@ -363,11 +369,12 @@ def _pipe_to_parent(test: unittest.TestCase, clock: Any = None, size: int | None
     if size is not None:
         fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
     os.set_blocking(read_end, False)
-    test.addCleanup(os.close, read_end)
-    test.addCleanup(os.close, write_end)
     out = _worker_log.ToParent(write_end, reactor=clock if clock is not None else Clock())
+    atexit.unregister(out.close)  # the cleanups close it
     test.addCleanup(os.close, out._fd)
-    atexit.unregister(out.close)  # the test closes it, when it can
+    test.addCleanup(os.close, write_end)
+    test.addCleanup(out.close)
+    test.addCleanup(os.close, read_end)
     return read_end, out
 
 
@@ -408,7 +415,6 @@ class SignalHandlerWriteTests(unittest.TestCase):
         writer.join(10)
         if not done.is_set():
             self.fail("the write never returned: its thread waits for a lock it holds itself")
-        self.addCleanup(out.close)
         self.assertEqual(_read_all(read_end).split(RECORD_END), [b"being written\n", b"from the handler\n", b""])
 
     def test_a_handler_waiting_for_another_threads_lock_is_not_waited_for(self) -> None:
@@ -448,7 +454,6 @@ class SignalHandlerWriteTests(unittest.TestCase):
         out.write(b"being written\n")
         thread.join(10)
         self.assertEqual(handled, [True], "the handler waited for a lock the waiting thread held: a cycle")
-        self.addCleanup(out.close)
         expected = [b"being written\n", b"from the thread\n", b"from the handler\n", b""]
         self.assertEqual(_read_all(read_end).split(RECORD_END), expected)
 

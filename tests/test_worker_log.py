@@ -5,8 +5,6 @@ parent, through a pipe, when an exception cuts a write short.
 
 from __future__ import annotations
 
-import fcntl
-import os
 import sys
 from types import FrameType
 from typing import Any
@@ -16,7 +14,7 @@ from twisted.trial import unittest
 
 from muxtwist import _worker_log
 from muxtwist._worker_log import RECORD_END, ToParent
-from tests.test_textlog import _read_all
+from tests.test_textlog import _pipe_to_parent, _read_all
 
 
 class _FromAHandler(Exception):
@@ -198,20 +196,3 @@ class DroppedNoteTests(unittest.TestCase):
         notes = [r for r in records if b"log events dropped" in r]
         dropped = sum(int(n.split(b"] ")[1].split(b" ")[0]) for n in notes)
         self.assertEqual(records.count(line) + dropped, 300, notes)
-
-
-def _pipe_to_parent(test: unittest.TestCase, clock: Clock, size: int) -> tuple[int, ToParent]:
-    """
-    A worker's ToParent on a pipe of ``size`` bytes, and the pipe's read
-    end, closed before it at cleanup: its close() never waits for a reader
-    that a failed test left.
-    """
-    read_end, write_end = os.pipe()
-    fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
-    os.set_blocking(read_end, False)
-    out = ToParent(write_end, reactor=clock)
-    test.addCleanup(os.close, out._fd)
-    test.addCleanup(out.close)
-    test.addCleanup(os.close, write_end)
-    test.addCleanup(os.close, read_end)
-    return read_end, out
