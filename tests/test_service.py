@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import textwrap
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, endpoints, error, protocol, reactor, task
@@ -17,11 +18,18 @@ from muxtwist import MuxService, Rule, SniffingFactory
 from muxtwist.matchers import Prefix
 from tests.reloading import RulesFileCase
 
+#: How long a test waits for an event on loopback before failing (a slow, busy machine).
+WAIT = 30.0
+
 
 class Dribbler(protocol.Protocol):
     """On 'SLOW n', writes n numbered chunks 50 ms apart, then closes; on 'STUCK', never answers."""
 
+    factory: DribblerFactory
+
     def dataReceived(self, data: bytes) -> None:
+        if not self.factory.handed_off.called:
+            self.factory.handed_off.callback(None)
         if data.startswith(b"SLOW"):
             self.left = int(data.split()[1])
             self.sent = 0
@@ -41,13 +49,26 @@ class Dribbler(protocol.Protocol):
             call.cancel()
 
 
+class DribblerFactory(protocol.Factory):
+    """Dribblers; ``handed_off`` fires when the first of them gets its bytes (sniffing is over)."""
+
+    protocol = Dribbler
+
+    def __init__(self) -> None:
+        self.handed_off: defer.Deferred[None] = defer.Deferred()
+
+
 class Client(protocol.Protocol):
     def __init__(self) -> None:
         self.received = b""
         self.lost: defer.Deferred[bytes] = defer.Deferred()
+        #: fires at the first bytes received
+        self.answered: defer.Deferred[None] = defer.Deferred()
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
+        if not self.answered.called:
+            self.answered.callback(None)
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost.callback(self.received)
@@ -69,6 +90,15 @@ async def connect_unix(path: str, send: bytes) -> Client:
     return client
 
 
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait, without blocking the reactor, until ``condition()`` holds; fail after WAIT seconds."""
+    deadline = reactor.seconds() + WAIT  # type: ignore[attr-defined]
+    while not condition():
+        if reactor.seconds() > deadline:  # type: ignore[attr-defined]
+            raise AssertionError(f"not seen within {WAIT} s: {what}")
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
 def port_of(service: MuxService) -> int:
     (listener,) = service.listeners.values()
     port: int = listener._waitingForPort.result.getHost().port  # type: ignore[union-attr]
@@ -78,7 +108,8 @@ def port_of(service: MuxService) -> int:
 class StopTests(unittest.TestCase):
     def make_service(self, shutdown_timeout: float) -> MuxService:
         service = MuxService(shutdown_timeout=shutdown_timeout)
-        factory = SniffingFactory([Rule(Prefix(b"SLOW", b"STUCK"), protocol.Factory.forProtocol(Dribbler))])
+        self.dribblers = DribblerFactory()
+        factory = SniffingFactory([Rule(Prefix(b"SLOW", b"STUCK"), self.dribblers)])
         service.add_listener("tcp:0:interface=127.0.0.1", factory)
         service.startService()
         return service
@@ -88,7 +119,8 @@ class StopTests(unittest.TestCase):
         """A handed-off transfer still running at stop finishes intact before stopService fires."""
         service = self.make_service(shutdown_timeout=10)
         client = yield defer.Deferred.fromCoroutine(connect(port_of(service), b"SLOW 6"))
-        yield task.deferLater(reactor, 0.08, lambda: None)
+        # Stop once the first chunk is here: the other five are 5 x 50 ms of reactor time away.
+        yield client.answered.addTimeout(WAIT, reactor)
         stopped = service.stopService()
         self.assertFalse(stopped.called)
         received = yield client.lost
@@ -101,7 +133,7 @@ class StopTests(unittest.TestCase):
         """A connection that does not finish is aborted at shutdown_timeout, and only then does stop fire."""
         service = self.make_service(shutdown_timeout=0.3)
         client = yield defer.Deferred.fromCoroutine(connect(port_of(service), b"STUCK"))
-        yield task.deferLater(reactor, 0.05, lambda: None)
+        yield self.dribblers.handed_off.addTimeout(WAIT, reactor)
         started = reactor.seconds()  # type: ignore[attr-defined]
         yield service.stopService()
         elapsed = reactor.seconds() - started  # type: ignore[attr-defined]
@@ -115,7 +147,7 @@ class StopTests(unittest.TestCase):
         """A connection still sniffing at stop is aborted at once and stop does not wait for it."""
         service = self.make_service(shutdown_timeout=30)
         client = yield defer.Deferred.fromCoroutine(connect(port_of(service), b"SL"))
-        yield task.deferLater(reactor, 0.05, lambda: None)
+        yield defer.Deferred.fromCoroutine(until(lambda: len(service.connections) == 1, "the connection accepted"))
         self.assertEqual(len(service.connections), 1)
         yield service.stopService()
         yield client.lost
