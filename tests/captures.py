@@ -4,7 +4,8 @@ capturing socket on 127.0.0.1 and what it sends first is recorded.
 
 The capturing server answers nothing (except where a client must be told
 something to go on, such as psql's SSL refusal), so each capture ends when
-the client closes, or has been quiet for ``QUIET`` seconds, or at a deadline.
+the client closes, or has been quiet for ``QUIET`` seconds (once it has sent
+what follows such an answer), or at a deadline.
 All captures are taken once per test process, in parallel.
 
 Where no client program is installed (OpenVPN, XMPP, RDP), the bytes are
@@ -26,7 +27,9 @@ import attrs
 
 from tests.processes import stop_group
 
-QUIET = 0.3
+#: A pause this long ends a capture: long enough for a client that writes
+#: twice (curl's HTTP/2 preface, then its request) on a busy host.
+QUIET = 2.0
 DEADLINE = 15.0
 
 
@@ -66,21 +69,24 @@ def capture(
         with conn:
             conn.settimeout(QUIET)
             end = time.monotonic() + DEADLINE
-            answered = 0
+            #: How much the client had sent when it was answered (None: not answered).
+            answered_at: int | None = None
             while time.monotonic() < end:
                 try:
                     chunk = conn.recv(65536)
                 except TimeoutError:
-                    if data:
+                    # Quiet: the client has sent what it sends first, unless it
+                    # was answered and has not yet sent what follows the answer.
+                    if data and (answered_at is None or len(data) > answered_at):
                         break
                     continue
                 if not chunk:
                     break
                 data += chunk
-                if respond is not None:
+                if respond is not None and answered_at is None:
                     out = respond(bytes(data))
-                    if out and answered == 0:
-                        answered += 1
+                    if out:
+                        answered_at = len(data)
                         conn.sendall(out)
     finally:
         stop_group(proc)
