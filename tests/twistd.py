@@ -5,6 +5,7 @@ Run ``twistd -n muxtwist`` from this checkout as a child process, for tests.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -65,6 +66,8 @@ class Twistd:
             env=dict(os.environ),
             start_new_session=True,
         )
+        #: What read_until() has read of the output; wait() returns it first.
+        self._read = b""
         try:
             for port in wait_ports:
                 wait_for_port(port, self.proc)
@@ -80,6 +83,26 @@ class Twistd:
             self.proc.send_signal(signal.SIGTERM)
         return self.wait(timeout)
 
+    def read_until(self, text: bytes, timeout: float = 30.0) -> None:
+        """
+        Read the server's output until ``text`` is in it: a step the server
+        has logged, such as having handled a signal. AssertionError, with the
+        output so far, after ``timeout`` seconds or if the output ends first.
+        """
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while text not in self._read:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{text!r} not in the output after {timeout} s: {self._read[-3000:]!r}")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise AssertionError(f"the output ended without {text!r}: {self._read[-3000:]!r}")
+                self._read += chunk
+
     def wait(self, timeout: float = 30.0) -> tuple[int, str]:
         """Wait for the server to exit by itself (killed with its group after ``timeout``): its status and log."""
         try:
@@ -87,7 +110,7 @@ class Twistd:
         except subprocess.TimeoutExpired:
             stop_group(self.proc)
             out, _ = self.proc.communicate()
-        return self.proc.returncode, out.decode(errors="replace")
+        return self.proc.returncode, (self._read + out).decode(errors="replace")
 
     def kill(self) -> None:
         """Stop the server and its whole process group (workers too): TERM, then KILL."""
