@@ -559,12 +559,20 @@ class NulBytesTests(RawRulesFileTests):
         os.mkfifo(fifo)
 
         def unblock() -> None:
-            # Without the check, open() would wait for a writer: this one comes 2 s later.
-            time.sleep(2)
-            with open(fifo, "wb"):
+            # Without the check, open() would wait for a writer: this one comes
+            # 2 s later. Opened without waiting for a reader: with the check
+            # there is none, and the thread ends at once (ENXIO).
+            done.wait(2)
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
                 pass
 
-        threading.Thread(target=unblock, daemon=True).start()
+        done = threading.Event()
+        writer = threading.Thread(target=unblock, daemon=True)
+        writer.start()
+        self.addCleanup(writer.join, 10)
+        self.addCleanup(done.set)
         problem = "not a regular file (a pipe, a device or a socket): rules are read from a file"
         for path in (fifo, "/dev/zero"):
             started = time.monotonic()
