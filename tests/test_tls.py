@@ -545,9 +545,11 @@ class RobustnessTests(TestCase):
 
         globalLogPublisher.addObserver(keep)
         self.addCleanup(globalLogPublisher.removeObserver, keep)
+        # Far from the time the exchange takes even on a busy host: closed at once, not at the timeout.
+        self.tls.handshake_timeout = 30.0
         back, took = yield in_thread(raw_exchange, self.port, b"\x16\x03\x01\x00\x40" + b"\xee" * 64)
         self.assertEqual(back[:1], b"\x15", "a TLS alert record")
-        self.assertLess(took, 0.9, "closed before the handshake timeout")
+        self.assertLess(took, 10, "closed before the handshake timeout")
         self.assertEqual(self.tls.stats["failed"], 1)
         failed = [line for line in lines if line.startswith("TLS handshake with ")]
         self.assertEqual(len(failed), 1, lines)
