@@ -67,7 +67,7 @@ class Twistd:
             start_new_session=True,
         )
         #: What read_until() has read of the output; wait() returns it first.
-        self._read = b""
+        self._early_output = b""
         try:
             for port in wait_ports:
                 wait_for_port(port, self.proc)
@@ -92,16 +92,16 @@ class Twistd:
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + timeout
-        while text not in self._read:
+        while text not in self._early_output:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"{text!r} not in the output after {timeout} s: {self._read[-3000:]!r}")
+                raise AssertionError(f"{text!r} not in the output after {timeout} s: {self._early_output[-3000:]!r}")
             ready, _, _ = select.select([fd], [], [], left)
             if ready:
                 chunk = os.read(fd, 65536)
                 if not chunk:
-                    raise AssertionError(f"the output ended without {text!r}: {self._read[-3000:]!r}")
-                self._read += chunk
+                    raise AssertionError(f"the output ended without {text!r}: {self._early_output[-3000:]!r}")
+                self._early_output += chunk
 
     def wait(self, timeout: float = 30.0) -> tuple[int, str]:
         """Wait for the server to exit by itself (killed with its group after ``timeout``): its status and log."""
@@ -110,7 +110,7 @@ class Twistd:
         except subprocess.TimeoutExpired:
             stop_group(self.proc)
             out, _ = self.proc.communicate()
-        return self.proc.returncode, (self._read + out).decode(errors="replace")
+        return self.proc.returncode, (self._early_output + out).decode(errors="replace")
 
     def kill(self) -> None:
         """Stop the server and its whole process group (workers too): TERM, then KILL."""
