@@ -111,13 +111,13 @@ class ServeTests(TestCase):
 
             async def main():
                 rules = [Rule(HTTP1(), ASGI(app, lifespan="off"))]
-                server = await muxtwist.aio.serve(rules, "tcp:0:interface=127.0.0.1", shutdown_timeout=5)
+                server = await muxtwist.aio.serve(rules, "tcp:0:interface=127.0.0.1", shutdown_timeout=30)
                 reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
                 writer.write(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
                 head = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
                 started = time.monotonic()
                 closing = asyncio.create_task(server.close())
-                rest = await asyncio.wait_for(reader.read(), 10)
+                rest = await asyncio.wait_for(reader.read(), 40)
                 closed_after = time.monotonic() - started
                 await closing
                 took = time.monotonic() - started
@@ -129,8 +129,9 @@ class ServeTests(TestCase):
         )
         self.assertTrue(got["head"].startswith("HTTP/1.1 200"), got["head"])
         self.assertEqual(got["rest"], "")
-        self.assertLess(got["closed_after"], 2.0)
-        self.assertLess(got["took"], 2.0)
+        # At once: far from the 30 s shutdown_timeout, also on a busy host.
+        self.assertLess(got["closed_after"], 10)
+        self.assertLess(got["took"], 10)
 
     def test_close_closes_idle_wsgi_keep_alive_connections_at_once(self) -> None:
         """close() closes an idle keep-alive connection of a WSGI target at once, not at shutdown_timeout."""
@@ -148,13 +149,13 @@ class ServeTests(TestCase):
                 from muxtwist.apps import WSGI  # twisted.web imports the reactor
 
                 rules = [Rule(HTTP1(), WSGI(app))]
-                server = await muxtwist.aio.serve(rules, "tcp:0:interface=127.0.0.1", shutdown_timeout=5)
+                server = await muxtwist.aio.serve(rules, "tcp:0:interface=127.0.0.1", shutdown_timeout=30)
                 reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
                 writer.write(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
                 await asyncio.wait_for(reader.readuntil(b"ok"), 5)
                 started = time.monotonic()
                 closing = asyncio.create_task(server.close())
-                rest = await asyncio.wait_for(reader.read(), 10)
+                rest = await asyncio.wait_for(reader.read(), 40)
                 closed_after = time.monotonic() - started
                 await closing
                 print(json.dumps({"rest": rest.decode(), "closed_after": closed_after}))
@@ -163,7 +164,7 @@ class ServeTests(TestCase):
             """,
         )
         self.assertEqual(got["rest"], "")
-        self.assertLess(got["closed_after"], 2.0)
+        self.assertLess(got["closed_after"], 10)  # at once: far from the 30 s shutdown_timeout
 
     def test_connections_wait_for_the_lifespan_startup(self) -> None:
         """A request that arrives while the lifespan startup runs is served after it, with its state."""
