@@ -16,7 +16,7 @@ import subprocess
 import time
 from typing import Any
 
-__all__ = ["group_alive", "stop_group"]
+__all__ = ["group_alive", "output_after_stop", "stop_group"]
 
 
 def group_alive(pgid: int) -> bool:
@@ -54,3 +54,23 @@ def stop_group(process: subprocess.Popen[Any], grace: float = 5.0) -> None:
         process.wait(10)
     except subprocess.TimeoutExpired:
         pass
+
+
+def output_after_stop(process: subprocess.Popen[Any], timeout: float = 30.0) -> tuple[Any, Any]:
+    """
+    ``process.communicate()`` for a process :func:`stop_group` has stopped,
+    waiting at most ``timeout`` seconds for its pipes to close. A process
+    outside its group may still hold them open (a worker of a pool runs in a
+    process group of its own): an AssertionError saying so, with the pipes
+    closed, instead of a wait for ever.
+    """
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+        raise AssertionError(
+            f"{process.args!r} was stopped, but its output is still held open after {timeout} s"
+            " (by a process outside its process group)"
+        ) from None

@@ -15,7 +15,7 @@ import textwrap
 from twisted.trial import unittest
 
 from muxtwist.cli import main
-from tests.processes import stop_group
+from tests.processes import output_after_stop, stop_group
 from tests.twistd import ROOT
 
 RULES = """\
@@ -359,7 +359,7 @@ class TwistdErrorTests(unittest.TestCase):
             out, err = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             stop_group(proc)  # with the workers of a pool, each in a process group of its own but dying with it
-            out, err = proc.communicate()
+            out, err = output_after_stop(proc)
         done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
         self.assertNotIn("Traceback", done.stderr + done.stdout)
         return done

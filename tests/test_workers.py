@@ -964,7 +964,7 @@ class OutOfDescriptorsAtStartTests(unittest.TestCase):
         import subprocess
 
         from muxtwist.workers import worker_command
-        from tests.processes import stop_group
+        from tests.processes import output_after_stop, stop_group
         from tests.twistd import ROOT
 
         if not os.path.isdir("/proc/self/fd"):
@@ -999,8 +999,8 @@ class OutOfDescriptorsAtStartTests(unittest.TestCase):
         try:
             out, _ = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            stop_group(proc)
-            out, _ = proc.communicate()
+            stop_group(proc)  # its workers are in process groups of their own
+            out, _ = output_after_stop(proc)
         if daemon and os.path.exists(log):
             with open(log) as f:
                 out = f.read().encode() + out

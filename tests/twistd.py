@@ -12,7 +12,7 @@ import subprocess
 import time
 
 from muxtwist.workers import worker_command
-from tests.processes import stop_group
+from tests.processes import output_after_stop, stop_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,10 +109,10 @@ class Twistd:
             out, _ = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             stop_group(self.proc)
-            out, _ = self.proc.communicate()
+            out, _ = output_after_stop(self.proc)
         return self.proc.returncode, (self._early_output + out).decode(errors="replace")
 
     def kill(self) -> None:
         """Stop the server and its whole process group (workers too): TERM, then KILL."""
         stop_group(self.proc)
-        self.proc.communicate()
+        output_after_stop(self.proc)
