@@ -119,7 +119,9 @@ class DNSClientTests(unittest.TestCase):
                 dig(port, "a.test"),
                 dig(port, "b.test"),
                 dig(port, "www.b.test"),
-                getProcessOutputAndValue(shutil.which("curl") or "curl", ["-s", f"http://127.0.0.1:{port}/"]),
+                getProcessOutputAndValue(
+                    shutil.which("curl") or "curl", ["-s", "--max-time", "30", f"http://127.0.0.1:{port}/"]
+                ),
             ]
         )
         self.assertEqual(

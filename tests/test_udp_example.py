@@ -87,10 +87,19 @@ class ExampleTests(unittest.TestCase):
         curl = shutil.which("curl") or "curl"
         https = yield getProcessOutputAndValue(
             curl,
-            ["-sS", "--cacert", "ca.pem", "--resolve", f"a.test:{port}:127.0.0.1", f"https://a.test:{port}/"],
+            [
+                "-sS",
+                "--max-time",
+                "30",
+                "--cacert",
+                "ca.pem",
+                "--resolve",
+                f"a.test:{port}:127.0.0.1",
+                f"https://a.test:{port}/",
+            ],
             path=directory,
         )
-        http = yield getProcessOutputAndValue(curl, ["-sS", f"http://127.0.0.1:{port}/"])
+        http = yield getProcessOutputAndValue(curl, ["-sS", "--max-time", "30", f"http://127.0.0.1:{port}/"])
         banner = yield threads.deferToThread(ssh_banner, port)
         results = yield defer.gatherResults(
             [
