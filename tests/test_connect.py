@@ -5,6 +5,7 @@ IP address, on real loopback sockets, and where Proxy uses it.
 
 from __future__ import annotations
 
+import gc
 import socket
 import sys
 
@@ -160,7 +161,13 @@ class ConnectTests(unittest.TestCase):
 
 
 async def settled() -> None:
-    """One reactor turn, so that descriptors the reactor opens once (its waker) are open before counting."""
+    """
+    One reactor turn, so that descriptors the reactor opens once (its waker)
+    are open before counting; and the garbage of earlier tests collected, so
+    that a socket left in a reference cycle is not closed by the collector
+    between two counts.
+    """
+    gc.collect()
     await task.deferLater(R, 0, lambda: None)
 
 
