@@ -21,7 +21,7 @@ from typing import Any
 from twisted.trial import unittest
 
 from muxtwist import Rule, SniffingFactory
-from muxtwist.apps import WSGI, _wsgi
+from muxtwist.apps import WSGI, _wsgi_channel
 from muxtwist.interfaces import IRetiringFactory
 from muxtwist.matchers import HTTP1
 from tests.test_aio import run_program
@@ -141,7 +141,7 @@ class WSGIReloadTests(unittest.TestCase):
 
     async def test_a_request_whose_headers_stop_coming_after_a_reload_is_closed_after_the_grace(self) -> None:
         """A request whose headers stop coming after a reload is closed PARTIAL_REQUEST_GRACE seconds later."""
-        self.patch(_wsgi, "PARTIAL_REQUEST_GRACE", 0.3)
+        self.patch(_wsgi_channel, "PARTIAL_REQUEST_GRACE", 0.3)
         client, _, pool = await self.reload_after(b"GET / HTTP/1.1\r\nHost: x\r\n", sniffing=False)
         started = time.monotonic()
         await until(lambda: client.eof.called, 5)

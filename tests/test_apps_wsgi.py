@@ -24,7 +24,7 @@ from twisted.trial import unittest
 from muxtwist import Rule
 from muxtwist._options import OptionError
 from muxtwist.apps import WSGI
-from muxtwist.apps._wsgi import _Gate, _paced_body
+from muxtwist.apps._wsgi_pacing import _Gate, _paced_body
 from muxtwist.default import Echo
 from muxtwist.matchers import HTTP1, Prefix
 from tests.processes import stop_group

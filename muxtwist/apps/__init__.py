@@ -18,7 +18,9 @@ Each target is an ordinary Twisted ``IProtocolFactory``, so it nests inside
   bounded thread pool started and stopped with the factory.
 
 The facade of the package: ``_asyncio`` holds the adapter and
-:class:`AsyncioProtocol`, ``_asgi`` :class:`ASGI`, ``_wsgi`` :class:`WSGI`.
+:class:`AsyncioProtocol`, ``_asgi`` :class:`ASGI`, ``_wsgi`` :class:`WSGI`
+(its connections in ``_wsgi_channel``, the pacing of its responses in
+``_wsgi_pacing``); ``_http`` what both HTTP targets share.
 """
 
 from muxtwist.apps._asgi import ASGI

@@ -23,7 +23,7 @@ from zope.interface import implementer
 from muxtwist._options import _integer, _number, shown
 from muxtwist._twisted import default_reactor
 from muxtwist.apps._asyncio import AsyncioProtocolFactory, Bridge, asyncio_loop
-from muxtwist.apps._http import PARTIAL_REQUEST_GRACE, REQUEST_TIMEOUT_RESPONSE
+from muxtwist.apps._http import PARTIAL_REQUEST_GRACE, REQUEST_TIMEOUT_RESPONSE, HeadDeadline, ShutdownTrigger
 from muxtwist.interfaces import ConnectionInfo, IConnectionInfoFactory, IRetiringFactory
 
 __all__ = ["ASGI"]
@@ -138,7 +138,7 @@ class ASGI(Factory):
         self._started_waiters: list[defer.Deferred[bool]] = []
         self._stopping: defer.Deferred[None] | None = None
         self._stopped: defer.Deferred[None] = defer.succeed(None)
-        self._trigger: Any = None
+        self._trigger = ShutdownTrigger(self._stop)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
@@ -167,7 +167,7 @@ class ASGI(Factory):
         self._stopped = defer.Deferred()
         startup = defer.Deferred.fromFuture(loop.create_task(self._lifespan.startup()))
         startup.addCallbacks(self._started, self._startup_error)
-        self._trigger = self.reactor.addSystemEventTrigger("before", "shutdown", self._stop)
+        self._trigger.add(self.reactor)
 
     def _started(self, _: object) -> None:
         failed = bool(getattr(self._lifespan, "should_exit", False))
@@ -195,12 +195,7 @@ class ASGI(Factory):
         self._started(None)
 
     def stopFactory(self) -> None:
-        if self._trigger is not None:
-            try:
-                self.reactor.removeSystemEventTrigger(self._trigger)
-            except (ValueError, KeyError):
-                pass
-            self._trigger = None
+        self._trigger.remove()
         self._stop()
 
     def shutdown(self) -> defer.Deferred[None]:
@@ -377,7 +372,7 @@ class _AppBridge(Bridge):
         # finished too (a stop) or left alone (a reload); None: not asked.
         self._finishing: bool | None = None
         self._grace: IDelayedCall | None = None
-        self._head_deadline: IDelayedCall | None = None
+        self._head_deadline = HeadDeadline()
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -415,27 +410,18 @@ class _AppBridge(Bridge):
         self._finish()
 
     def _watch_head(self) -> None:
-        # A timer only when a read leaves a head unfinished (a head that came
-        # whole in one read costs one look); it is not reset by later bytes.
         timeout, proto = self._target.header_timeout, self.protocol
         if timeout is None or proto is None:
             return
         # Pending, not only coming: a head pipelined behind a request still
         # being answered is held by uvicorn until that response ends, and no
         # read of ours follows then; its deadline starts at this read too.
-        if _request_head_coming(proto, queued=True):
-            if self._head_deadline is None and not (self.lost or self.closed):
-                self._head_deadline = self._target.reactor.callLater(timeout, self._head_timed_out)
-        elif self._head_deadline is not None:
-            self._stop_head_deadline()
-
-    def _stop_head_deadline(self) -> None:
-        if self._head_deadline is not None and self._head_deadline.active():
-            self._head_deadline.cancel()
-        self._head_deadline = None
+        if not _request_head_coming(proto, queued=True):
+            self._head_deadline.stop()
+        elif not (self.lost or self.closed):
+            self._head_deadline.start(self._target.reactor.callLater, timeout, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
-        self._head_deadline = None
         proto = self.protocol
         if proto is None or self.lost or self.closed:
             return
@@ -444,7 +430,7 @@ class _AppBridge(Bridge):
                 # Behind a response still being sent, which a 408 cannot
                 # interrupt: looked at again, so that it comes at most
                 # header_timeout after that response has ended.
-                self._head_deadline = self._target.reactor.callLater(timeout, self._head_timed_out)
+                self._head_deadline.start(self._target.reactor.callLater, timeout, self._head_timed_out)
             return
         # No request being answered (_request_head_coming says so): nothing
         # of an answer to this one has been sent.
@@ -494,7 +480,7 @@ class _AppBridge(Bridge):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_grace()
-        self._stop_head_deadline()
+        self._head_deadline.stop()
         self._target._bridges.discard(self)
         super().connectionLost(reason)
 
