@@ -237,8 +237,9 @@ class WSGIHTTP2ShutdownTests(unittest.TestCase):
         await until(lambda: app.running == 1, 5)
         started = time.monotonic()
         target.shutdown()
-        self.assertTrue(await pump(idle, lambda: idle.closed, 2), "the idle HTTP/2 connection stayed open")
-        self.assertLess(time.monotonic() - started, 2)
+        # At once: 5 s leaves a busy host room and is still half PARTIAL_REQUEST_GRACE.
+        self.assertTrue(await pump(idle, lambda: idle.closed, 5), "the idle HTTP/2 connection stayed open")
+        self.assertLess(time.monotonic() - started, 5)
         self.assertIsNotNone(idle.goaway, "closed without a GOAWAY")
         assert idle.goaway is not None
         self.assertEqual((idle.goaway.error_code, idle.goaway.last_stream_id), (0, stream))
