@@ -197,6 +197,15 @@ class _Loopback(unittest.TestCase):
         await task.deferLater(reactor, 0, lambda: None)
 
 
+async def until(condition: Callable[[], bool], what: str, seconds: float = 30.0) -> None:
+    """Wait, without blocking the reactor, until ``condition()`` holds; fail after ``seconds``."""
+    deadline = reactor.seconds() + seconds  # type: ignore[attr-defined]
+    while not condition():
+        if reactor.seconds() > deadline:  # type: ignore[attr-defined]
+            raise AssertionError(f"not seen within {seconds} s: {what}")
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
 def _drop(client: Client) -> defer.Deferred[None] | None:
     """Cleanup: close a client still connected and wait for it."""
     if client.lost.called or client.transport is None:
@@ -296,8 +305,7 @@ class NestedHandoffTests(_Loopback):
         outer = SniffingFactory([Rule(Prefix(b"OUT"), inner, name="nest")], metrics=outer_metrics)
         # The echo of the opener is the cue to send more.
         client = await self.connect(self.listen(outer), Client(b"OUTIX hello", b"after", ready=b"OUTIX hello"))
-        while client.received != b"OUTIX helloafter":
-            await task.deferLater(reactor, 0.01, lambda: None)
+        await until(lambda: client.received == b"OUTIX helloafter", "the echo of both writes")
         assert client.transport is not None
         client.transport.loseConnection()
         await client.lost
@@ -378,8 +386,7 @@ class SiteTests(_Loopback):
         factory = SniffingFactory([Rule(HTTP1(), Site(page), name="web")], metrics=metrics)
         second = b"GET /2 HTTP/1.1\r\nHost: t\r\n" + (b"Connection: close\r\n" if ending == "winner" else b"") + b"\r\n"
         client = await self.connect(self.listen(factory), Client(self.FIRST, second, ready=b"page 1"))
-        while b"page 2" not in client.received and not client.lost.called:
-            await task.deferLater(reactor, 0.01, lambda: None)
+        await until(lambda: b"page 2" in client.received or client.lost.called, "the second page or the close")
         if ending == "client":
             assert client.transport is not None
             client.transport.loseConnection()
