@@ -31,6 +31,25 @@ async def http_get(port, path, timeout=10):
     data = await asyncio.wait_for(reader.read(), timeout)
     writer.close()
     return data.decode()
+
+def with_lifespan(http, events):
+    # An ASGI application: http(scope, receive, send) serves its requests; its
+    # lifespan startup completes at once, its shutdown is noted in events.
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            await receive()
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            events.append("lifespan shutdown")
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await http(scope, receive, send)
+    return app
+
+def serve_asgi(app, shutdown_timeout):
+    # muxtwist.aio.serve of one ASGI target; the target and the service have the same shutdown_timeout.
+    rules = [Rule(HTTP1(), ASGI(app, shutdown_timeout=shutdown_timeout))]
+    return muxtwist.aio.serve(rules, "tcp:0:interface=127.0.0.1", shutdown_timeout=shutdown_timeout)
 """
 
 
@@ -54,6 +73,11 @@ def run_program(case: TestCase, body: str, timeout: float = 90.0) -> dict[str, A
 
 
 class ServeTests(TestCase):
+    def assert_answered(self, response: str, body: str) -> None:
+        """``response`` is a 200 whose body ends with ``body``."""
+        self.assertTrue(response.startswith("HTTP/1.1 200"), response)
+        self.assertTrue(response.endswith(body), response)
+
     def test_serve_and_close_drain_a_request_then_run_the_lifespan_shutdown(self) -> None:
         """close() lets an in-flight request finish, then runs the lifespan shutdown; root_path reaches the scope."""
         got = run_program(
@@ -94,8 +118,7 @@ class ServeTests(TestCase):
             got["events"],
             ["lifespan.startup", "serving", "request /api/slow /api", "responded", "lifespan.shutdown", "closed"],
         )
-        self.assertTrue(got["response"].startswith("HTTP/1.1 200"), got["response"])
-        self.assertTrue(got["response"].endswith("slow"), got["response"])
+        self.assert_answered(got["response"], "slow")
 
     def test_close_closes_idle_keep_alive_connections_at_once(self) -> None:
         """close() asks ASGI connections to finish: an idle keep-alive one closes at once, not at shutdown_timeout."""
@@ -202,8 +225,7 @@ class ServeTests(TestCase):
             asyncio.run(main())
             """,
         )
-        self.assertTrue(got["response"].startswith("HTTP/1.1 200"), got["response"])
-        self.assertTrue(got["response"].endswith("yes"), got["response"])
+        self.assert_answered(got["response"], "yes")
 
     def test_failed_lifespan_startup_raises_from_serve(self) -> None:
         """An application whose lifespan startup fails makes serve() raise, and nothing keeps listening."""
@@ -242,8 +264,7 @@ class ServeTests(TestCase):
                 await asyncio.sleep(3600)
 
             async def main():
-                server = await muxtwist.aio.serve([Rule(HTTP1(), ASGI(app, shutdown_timeout=0.5))],
-                                                  "tcp:0:interface=127.0.0.1", shutdown_timeout=0.5)
+                server = await serve_asgi(app, shutdown_timeout=0.5)
                 start = time.monotonic()
                 try:
                     await asyncio.wait_for(server.close(), 10)
@@ -267,14 +288,7 @@ class ServeTests(TestCase):
             self,
             """
             events = []
-            async def app(scope, receive, send):
-                if scope["type"] == "lifespan":
-                    await receive()
-                    await send({"type": "lifespan.startup.complete"})
-                    await receive()
-                    events.append("lifespan shutdown")
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            async def forever(scope, receive, send):
                 events.append("request")
                 try:
                     await asyncio.sleep(3600)
@@ -283,8 +297,7 @@ class ServeTests(TestCase):
                     raise
 
             async def main():
-                server = await muxtwist.aio.serve([Rule(HTTP1(), ASGI(app, shutdown_timeout=0.3))],
-                                                  "tcp:0:interface=127.0.0.1", shutdown_timeout=0.3)
+                server = await serve_asgi(with_lifespan(forever, events), shutdown_timeout=0.3)
                 request = asyncio.create_task(http_get(server.port, "/forever"))
                 while "request" not in events:
                     await asyncio.sleep(0.01)
@@ -310,14 +323,7 @@ class ServeTests(TestCase):
             self,
             """
             events = []
-            async def app(scope, receive, send):
-                if scope["type"] == "lifespan":
-                    await receive()
-                    await send({"type": "lifespan.startup.complete"})
-                    await receive()
-                    events.append("lifespan shutdown")
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            async def working_after(scope, receive, send):
                 await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
                 await send({"type": "http.response.body", "body": b"ok"})
                 events.append("responded")
@@ -329,8 +335,7 @@ class ServeTests(TestCase):
                 events.append("background done")
 
             async def main():
-                server = await muxtwist.aio.serve([Rule(HTTP1(), ASGI(app, shutdown_timeout=5))],
-                                                  "tcp:0:interface=127.0.0.1", shutdown_timeout=5)
+                server = await serve_asgi(with_lifespan(working_after, events), shutdown_timeout=5)
                 answer = await http_get(server.port, "/")
                 await server.close()
                 events.append("closed")
@@ -359,8 +364,7 @@ class ServeTests(TestCase):
                 await send({"type": "lifespan.shutdown.complete"})
 
             async def main():
-                serving = asyncio.create_task(muxtwist.aio.serve([Rule(HTTP1(), ASGI(app, shutdown_timeout=5))],
-                                                                 "tcp:0:interface=127.0.0.1", shutdown_timeout=5))
+                serving = asyncio.create_task(serve_asgi(app, shutdown_timeout=5))
                 await asyncio.sleep(0.1)
                 serving.cancel()
                 try:

@@ -13,7 +13,6 @@ import importlib.util
 import io
 import os
 import tempfile
-import textwrap
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
@@ -23,8 +22,7 @@ from muxtwist._options import OptionError
 from muxtwist.apps import ASGI, AsyncioReactorRequired
 from muxtwist.apps._asgi import _request_head_coming
 from muxtwist.cli import main
-from tests.test_aio import run_program
-from tests.test_apps_retiring import ASGI_RELOAD
+from tests.test_apps_retiring import ASGIPrograms
 
 
 async def app(scope: object, receive: object, send: object) -> None:
@@ -160,7 +158,28 @@ class RequestHeadComingTests(unittest.TestCase):
         self.assertFalse(_request_head_coming(Lookalike()))
 
 
-class ASGIHeaderTimeoutTests(unittest.TestCase):
+#: What the header_timeout programs add (after ``ASGI_RELOAD``): the
+#: request-head deadlines the reactor holds, and the report of what the
+#: client saw.
+HEADER_TIMEOUT = """
+def head_deadlines():
+    from twisted.internet import reactor
+    return sum(getattr(call.func, "__name__", "") == "_head_timed_out" for call in reactor.getDelayedCalls())
+
+async def report(server, writer, answer, closed_after, deadlines=None):
+    deadlines = head_deadlines() if deadlines is None else deadlines
+    writer.close()
+    await server.close()
+    tell(answer=answer, closed_after=closed_after, deadlines=deadlines)
+
+async def report_rest(server, reader, writer, seconds=3):
+    # What the server sends until it closes (or for seconds), reported.
+    answer, closed_after = await rest(reader, seconds)
+    await report(server, writer, answer, closed_after)
+"""
+
+
+class ASGIHeaderTimeoutTests(ASGIPrograms):
     """
     A request's head that does not come in full within ``header_timeout``
     seconds of its first byte gets 408 (child asyncio programs, the asyncio
@@ -168,9 +187,7 @@ class ASGIHeaderTimeoutTests(unittest.TestCase):
     """
 
     http = "h11"
-
-    def run_asgi(self, body: str) -> dict[str, Any]:
-        return run_program(self, ASGI_RELOAD + f"HTTP = {self.http!r}\n" + HEADER_TIMEOUT + textwrap.dedent(body))
+    helpers = HEADER_TIMEOUT
 
     def assert_timed_out(self, got: dict[str, Any]) -> None:
         """The client got 408 with Connection: close, then EOF, about header_timeout (0.5 s) later."""
@@ -181,18 +198,18 @@ class ASGIHeaderTimeoutTests(unittest.TestCase):
         self.assertLess(got["closed_after"], 1.5, got)
         self.assertEqual(got["deadlines"], 0, got)
 
+    def assert_second_timed_out(self, got: dict[str, Any]) -> None:
+        """The connection's first request reached the application, its second got 408 and EOF (assert_timed_out)."""
+        self.assert_timed_out(got)
+        self.assertEqual(got["events"].count("request app"), 1)
+
     def test_a_partial_head_gets_408_then_eof_at_header_timeout(self) -> None:
         """A request line and a header line, then nothing: 408 and EOF about header_timeout later."""
         got = self.run_asgi(
             """
             async def main():
-                server = listen(target("app", header_timeout=0.5))
-                await server.started()
-                reader, writer = await connected(server, b"GET / HTTP/1.1\\r\\nHost: x\\r\\n")
-                answer, closed_after = await rest(reader)
-                await report(server, writer, answer, closed_after)
-
-            asyncio.run(main())
+                server, reader, writer = await served(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n", header_timeout=0.5)
+                await report_rest(server, reader, writer)
             """
         )
         self.assert_timed_out(got)
@@ -210,15 +227,11 @@ class ASGIHeaderTimeoutTests(unittest.TestCase):
                     writer.write(b"x")
 
             async def main():
-                server = listen(target("app", header_timeout=0.5))
-                await server.started()
-                reader, writer = await connected(server, b"GET / HTTP/1.1\\r\\nX-Slow: ")
+                server, reader, writer = await served(b"GET / HTTP/1.1\\r\\nX-Slow: ", header_timeout=0.5)
                 dribbling = asyncio.ensure_future(dribble(writer))
                 answer, closed_after = await rest(reader)
                 dribbling.cancel()
                 await report(server, writer, answer, closed_after)
-
-            asyncio.run(main())
             """
         )
         self.assert_timed_out(got)
@@ -228,9 +241,7 @@ class ASGIHeaderTimeoutTests(unittest.TestCase):
         got = self.run_asgi(
             """
             async def main():
-                server = listen(target("app", header_timeout=0.5))
-                await server.started()
-                reader, writer = await connected(server, b"GET / HTTP/1.1\\r\\n")
+                server, reader, writer = await served(b"GET / HTTP/1.1\\r\\n", header_timeout=0.5)
                 await asyncio.sleep(0.1)
                 writer.write(b"Host: x\\r\\n")
                 await asyncio.sleep(0.1)
@@ -239,8 +250,6 @@ class ASGIHeaderTimeoutTests(unittest.TestCase):
                 deadlines = head_deadlines()
                 more, closed_after = await rest(reader, 1.0)
                 await report(server, writer, answer + more, closed_after, deadlines)
-
-            asyncio.run(main())
             """
         )
         self.assertTrue(got["answer"].startswith("HTTP/1.1 200 OK\r\n"), got)
@@ -253,52 +262,35 @@ class ASGIHeaderTimeoutTests(unittest.TestCase):
         got = self.run_asgi(
             """
             async def main():
-                server = listen(target("app", header_timeout=0.5))
-                await server.started()
-                reader, writer = await connected(server, GET)
+                server, reader, writer = await served(GET, header_timeout=0.5)
                 await asyncio.wait_for(reader.readuntil(b"app"), 5)
                 more, closed_after = await rest(reader, 0.6)  # idle between requests: no deadline then
                 assert (more, closed_after) == ("", None), (more, closed_after)
                 writer.write(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n")
-                answer, closed_after = await rest(reader)
-                await report(server, writer, answer, closed_after)
-
-            asyncio.run(main())
+                await report_rest(server, reader, writer)
             """
         )
-        self.assert_timed_out(got)
-        self.assertEqual(got["events"].count("request app"), 1)
+        self.assert_second_timed_out(got)
 
     def test_a_partial_head_pipelined_behind_a_request_gets_408(self) -> None:
         """A request and the start of a second in one write: the first is answered, the second gets 408 and EOF."""
         got = self.run_asgi(
             """
             async def main():
-                server = listen(target("app", header_timeout=0.5))
-                await server.started()
-                reader, writer = await connected(server, GET + b"GET /2 HTTP/1.1\\r\\nHost: x\\r\\n")
+                server, reader, writer = await served(GET + b"GET /2 HTTP/1.1\\r\\nHost: x\\r\\n", header_timeout=0.5)
                 await asyncio.wait_for(reader.readuntil(b"app"), 5)
-                answer, closed_after = await rest(reader)
-                await report(server, writer, answer, closed_after)
-
-            asyncio.run(main())
+                await report_rest(server, reader, writer)
             """
         )
-        self.assert_timed_out(got)
-        self.assertEqual(got["events"].count("request app"), 1)
+        self.assert_second_timed_out(got)
 
     def test_no_header_timeout_leaves_a_partial_head_waiting(self) -> None:
         """header_timeout=None: a partial head is neither answered nor closed, and no deadline is set."""
         got = self.run_asgi(
             """
             async def main():
-                server = listen(target("app", header_timeout=None))
-                await server.started()
-                reader, writer = await connected(server, b"GET / HTTP/1.1\\r\\nHost: x\\r\\n")
-                answer, closed_after = await rest(reader, 1.0)
-                await report(server, writer, answer, closed_after, head_deadlines())
-
-            asyncio.run(main())
+                server, reader, writer = await served(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n", header_timeout=None)
+                await report_rest(server, reader, writer, 1.0)
             """
         )
         self.assertEqual((got["answer"], got["closed_after"], got["deadlines"]), ("", None, 0), got)
@@ -309,18 +301,3 @@ class ASGIHeaderTimeoutHttpToolsTests(ASGIHeaderTimeoutTests):
 
     http = "httptools"
     skip = None if importlib.util.find_spec("httptools") else "httptools is not installed (pip install -e '.[test]')"
-
-
-#: What the header_timeout programs add: the request-head deadlines the
-#: reactor holds, and the report of what the client saw.
-HEADER_TIMEOUT = """
-def head_deadlines():
-    from twisted.internet import reactor
-    return sum(getattr(call.func, "__name__", "") == "_head_timed_out" for call in reactor.getDelayedCalls())
-
-async def report(server, writer, answer, closed_after, deadlines=None):
-    deadlines = head_deadlines() if deadlines is None else deadlines
-    writer.close()
-    await server.close()
-    print(json.dumps({"answer": answer, "closed_after": closed_after, "deadlines": deadlines, "events": events}))
-"""

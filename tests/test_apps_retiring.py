@@ -461,6 +461,42 @@ async def connected(server, sent):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(sent)
     return reader, writer
+
+async def served(sent, word="app", **options):
+    # A server whose one target answers word, its lifespan started, and a
+    # connection to it that has sent ``sent``.
+    server = listen(target(word, **options))
+    await server.started()
+    reader, writer = await connected(server, sent)
+    return server, reader, writer
+
+def tell(**measured):
+    # The program's answer to the test (its last line): what it measured, and the applications' events.
+    print(json.dumps({**measured, "events": events}))
+
+async def answered_after_reload(server, reader, writer):
+    # What the old target sends until it closes; once it has, its lifespan
+    # shutdown awaited (it follows its last connection); then tell().
+    answer, closed_after = await rest(reader)
+    if closed_after is not None:
+        await until(lambda: "shutdown old" in events)
+    writer.close()
+    await server.close()
+    tell(answer=answer, closed_after=closed_after)
+
+async def answered_at_stop(server, reader, writer, meanwhile):
+    # The stop begun (server.close), then meanwhile() done; what the target
+    # sends until it closes, the stop awaited; then tell(), with the seconds
+    # the stop took.
+    started = time.monotonic()
+    closing = asyncio.ensure_future(server.close())
+    await asyncio.sleep(0)
+    meanwhile()
+    answer, closed_after = await rest(reader)
+    await closing
+    took = time.monotonic() - started
+    writer.close()
+    tell(answer=answer, closed_after=closed_after, took=took)
 """
 
 
@@ -474,9 +510,13 @@ class ASGIPrograms(unittest.TestCase):
     """
 
     http = "auto"
+    #: What a subclass's programs add to ``ASGI_RELOAD``.
+    helpers = ""
 
     def run_asgi(self, body: str) -> dict[str, Any]:
-        return run_program(self, ASGI_RELOAD + f"HTTP = {self.http!r}\n" + textwrap.dedent(body))
+        """Run ``body`` (after ``ASGI_RELOAD`` and ``helpers``), which defines ``async def main()``; what it tells."""
+        program = ASGI_RELOAD + f"HTTP = {self.http!r}\n" + self.helpers + textwrap.dedent(body)
+        return run_program(self, program + "\nasyncio.run(main())\n")
 
     def assert_answered_then_closed(self, got: dict[str, Any], word: str) -> None:
         """The client got the whole answer ``word``, then EOF within two seconds."""
@@ -484,6 +524,11 @@ class ASGIPrograms(unittest.TestCase):
         self.assertTrue(got["answer"].endswith("\r\n\r\n" + word), got["answer"])
         self.assertIsNotNone(got["closed_after"], f"still open 3 s later: {got}")
         self.assertLess(got["closed_after"], 2.0, got)
+
+    def assert_old_answered_then_closed(self, got: dict[str, Any]) -> None:
+        """The retired target answered (assert_answered_then_closed), then its lifespan shutdown ran."""
+        self.assert_answered_then_closed(got, "old")
+        self.assertIn("shutdown old", got["events"])
 
 
 class ASGIFinishTests(ASGIPrograms):
@@ -502,14 +547,7 @@ class ASGIFinishTests(ASGIPrograms):
                 await handed_off(server)
                 reload(server)
                 startup_may_finish.set()
-                answer, closed_after = await rest(reader)
-                if closed_after is not None:
-                    await until(lambda: "shutdown old" in events)
-                writer.close()
-                await server.close()
-                print(json.dumps({"answer": answer, "closed_after": closed_after, "events": events}))
-
-            asyncio.run(main())
+                await answered_after_reload(server, reader, writer)
             """
         )
         self.assert_answered_then_closed(got, "old")
@@ -525,17 +563,7 @@ class ASGIFinishTests(ASGIPrograms):
                 server = listen(target("app", slow_startup=True, shutdown_timeout=5))
                 reader, writer = await connected(server, GET)
                 await handed_off(server)
-                started = time.monotonic()
-                closing = asyncio.ensure_future(server.close())
-                await asyncio.sleep(0)
-                startup_may_finish.set()
-                answer, closed_after = await rest(reader)
-                await closing
-                took = time.monotonic() - started
-                writer.close()
-                print(json.dumps({"answer": answer, "closed_after": closed_after, "events": events, "took": took}))
-
-            asyncio.run(main())
+                await answered_at_stop(server, reader, writer, startup_may_finish.set)
             """
         )
         self.assert_answered_then_closed(got, "app")
@@ -557,9 +585,7 @@ class ASGIFinishTests(ASGIPrograms):
                 await until(lambda: "startup app" in events)
                 await asyncio.sleep(0.2)  # a request it started would have reached the app by now
                 writer.close()
-                print(json.dumps({"answer": answer, "closed_after": closed_after, "events": events}))
-
-            asyncio.run(main())
+                tell(answer=answer, closed_after=closed_after)
             """
         )
         self.assertEqual(got["answer"], "")
@@ -587,9 +613,7 @@ class ASGIFinishTests(ASGIPrograms):
                 await ws.close()
                 await until(lambda: "shutdown old" in events)
                 await server.close()
-                print(json.dumps({"said": [first, second], "events": events}))
-
-            asyncio.run(main())
+                tell(said=[first, second])
             """
         )
         self.assertEqual(got["said"], ["old: a", "old: b"])
@@ -609,25 +633,15 @@ class ASGIPartialRequestFinishTests(ASGIPrograms):
         got = self.run_asgi(
             """
             async def main():
-                server = listen(target("old"))
-                await server.started()
-                reader, writer = await connected(server, b"GET / HTTP/1.1\\r\\nHost: x\\r\\n")
+                server, reader, writer = await served(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n", "old")
                 await handed_off(server)
                 reload(server)
                 writer.write(b"User-Agent: test\\r\\n\\r\\n")
-                answer, closed_after = await rest(reader)
-                if closed_after is not None:
-                    await until(lambda: "shutdown old" in events)
-                writer.close()
-                await server.close()
-                print(json.dumps({"answer": answer, "closed_after": closed_after, "events": events}))
-
-            asyncio.run(main())
+                await answered_after_reload(server, reader, writer)
             """
         )
-        self.assert_answered_then_closed(got, "old")
+        self.assert_old_answered_then_closed(got)
         self.assertIn("request old", got["events"])
-        self.assertIn("shutdown old", got["events"])
 
     def test_a_request_whose_headers_stop_coming_after_a_reload_is_closed_after_the_grace(self) -> None:
         """A request whose headers stop coming after a reload is closed PARTIAL_REQUEST_GRACE seconds later."""
@@ -635,21 +649,12 @@ class ASGIPartialRequestFinishTests(ASGIPrograms):
             """
             _asgi.PARTIAL_REQUEST_GRACE = 0.5
             async def main():
-                server = listen(target("old"))
-                await server.started()
-                reader, writer = await connected(server, b"GET / HTTP/1.1\\r\\nHost: x\\r\\n")
+                server, reader, writer = await served(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n", "old")
                 await handed_off(server)
                 reload(server)
                 await asyncio.sleep(0.3)
                 writer.write(b"User-Agent: test\\r\\n")  # a byte within the grace starts it again
-                answer, closed_after = await rest(reader)
-                if closed_after is not None:
-                    await until(lambda: "shutdown old" in events)
-                writer.close()
-                await server.close()
-                print(json.dumps({"answer": answer, "closed_after": closed_after, "events": events}))
-
-            asyncio.run(main())
+                await answered_after_reload(server, reader, writer)
             """
         )
         self.assertEqual(got["answer"], "")
@@ -664,45 +669,31 @@ class ASGIPartialRequestFinishTests(ASGIPrograms):
         got = self.run_asgi(
             """
             async def main():
-                server = listen(target("old"))
-                await server.started()
-                reader, writer = await connected(server, b"GET / HT")
+                server, reader, writer = await served(b"GET / HT", "old")
                 await sniffing(server)
                 reload(server)
                 writer.write(b"TP/1.1\\r\\nHost: x\\r\\n")
                 await until(lambda: not any(p.sniffing for p in server.factory.connections))
                 writer.write(b"\\r\\n")
-                answer, closed_after = await rest(reader)
-                if closed_after is not None:
-                    await until(lambda: "shutdown old" in events)
-                writer.close()
-                await server.close()
-                print(json.dumps({"answer": answer, "closed_after": closed_after, "events": events}))
-
-            asyncio.run(main())
+                await answered_after_reload(server, reader, writer)
             """
         )
-        self.assert_answered_then_closed(got, "old")
-        self.assertIn("shutdown old", got["events"])
+        self.assert_old_answered_then_closed(got)
 
     def test_a_second_request_partly_received_at_a_reload_is_answered_then_closed(self) -> None:
         """On a keep-alive connection, a next request partly received at a reload is answered, then EOF."""
         got = self.run_asgi(
             """
             async def main():
-                server = listen(target("old"))
-                await server.started()
                 # One write: the next request's first headers arrive with the first request.
-                reader, writer = await connected(server, GET + b"GET /again HTTP/1.1\\r\\nHost: x\\r\\n")
+                server, reader, writer = await served(GET + b"GET /again HTTP/1.1\\r\\nHost: x\\r\\n", "old")
                 await asyncio.wait_for(reader.readuntil(b"old"), 5)
                 reload(server)
                 writer.write(b"\\r\\n")
                 answer, closed_after = await rest(reader)
                 writer.close()
                 await server.close()
-                print(json.dumps({"answer": answer, "closed_after": closed_after, "events": events}))
-
-            asyncio.run(main())
+                tell(answer=answer, closed_after=closed_after)
             """
         )
         self.assert_answered_then_closed(got, "old")
@@ -713,19 +704,9 @@ class ASGIPartialRequestFinishTests(ASGIPrograms):
         got = self.run_asgi(
             """
             async def main():
-                server = listen(target("app"))
-                await server.started()
-                reader, writer = await connected(server, b"GET / HTTP/1.1\\r\\nHost: x\\r\\n")
+                server, reader, writer = await served(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n")
                 await handed_off(server)
-                closing = asyncio.ensure_future(server.close())
-                await asyncio.sleep(0)
-                writer.write(b"\\r\\n")
-                answer, closed_after = await rest(reader)
-                await closing
-                writer.close()
-                print(json.dumps({"answer": answer, "closed_after": closed_after, "events": events}))
-
-            asyncio.run(main())
+                await answered_at_stop(server, reader, writer, lambda: writer.write(b"\\r\\n"))
             """
         )
         self.assert_answered_then_closed(got, "app")
