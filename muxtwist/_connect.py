@@ -76,6 +76,9 @@ class _PendingConnect:
         self.writing = False
         self.events = 0
 
+    #: as a poller's end, never registered for errors alone (see muxtwist.proxy._poller).
+    errors = False
+
     def watch(self) -> None:
         """Wait for the socket to be writable (its connect done)."""
         self.writing = True

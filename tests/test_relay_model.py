@@ -28,8 +28,13 @@ At the end of every example, unless something was reset, both ends read
 everything and half-close one after the other: every byte accepted reached
 the other end, exactly; the first half-close reached the other end while
 it could still send; and the relay closed both of its sockets by itself
-once both directions had ended. In every case, once our own sockets are closed, no
-descriptor and no delayed call is left over.
+once both directions had ended. After a reset of one end, where the relay
+hears of it whether or not it reads that end (every end of a spliced relay,
+and a client read by the splice poller), the relay ends by itself, though
+the other end neither sends nor closes, even when the reset end had
+half-closed or was paused (its connect held back, or its backend taking
+nothing). In every case, once our own sockets are closed, no descriptor and
+no delayed call is left over.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from muxtwist import Rule, SniffingFactory
 from muxtwist.actions import Proxy
 from muxtwist.matchers import Any as AnyMatcher
 from muxtwist.proxy import _splice
-from muxtwist.proxy._polled import server_transport
+from muxtwist.proxy._polled import PolledServer, server_transport
 from muxtwist.proxy._relay import PENDING_LIMIT
 
 R: Any = reactor
@@ -254,6 +259,10 @@ class RelayModel(RuleBasedStateMachine):
         self.pipes = 0
         self.chunk = _splice._CHUNK
         self.closer = "client"
+        #: whether the client is read by the splice poller (a listener whose rules only relay).
+        self.polled = False
+        #: the end the example reset, if any.
+        self.reset_by: str | None = None
 
     @initialize(
         idle=st.booleans(),
@@ -279,6 +288,8 @@ class RelayModel(RuleBasedStateMachine):
         self.calls = len(R.getDelayedCalls())
         self.pipes = _splice.pipes.open
         key = (idle, polled and self.splice)
+        self.polled = key[1]
+        self.reset_by = None
         self.proxy = self.listeners.proxies[key]
         self.gate = self.listeners.gates[key]
         self.gate.closed = gated
@@ -333,14 +344,20 @@ class RelayModel(RuleBasedStateMachine):
     def backend_connects(self) -> None:
         """The held-back connect goes ahead (nothing, if the client went away first)."""
         assert self.client is not None
+        if self.client.closed and self.polled:
+            # A client read by the splice poller is polled for errors even
+            # while not read (paused at its limit, or after its half-close):
+            # its relay learns of the reset at once and gives up the connect.
+            assert settle(lambda: not self.relays()), "the relay kept its reset client while connecting"
+            assert not self.gate.waiting, "the connect of a relay that ended was not cancelled"
         self.gate.open()
         if self.client.closed or self.client.reset_seen:
             # A relay reading its client learns of the reset at once and
-            # gives up the connect. One that no longer reads it (paused at
-            # its limit, or after the client's half-close) connects and
-            # learns of it when it next writes to the client or the backend
-            # ends: here the backend closes at once. What reached the backend
-            # is a prefix of the client's bytes.
+            # gives up the connect. A reactor transport no longer read (paused
+            # at its limit, or after the client's half-close) is not polled:
+            # its relay connects and learns of it when it next writes to the
+            # client or the backend ends: here the backend closes at once.
+            # What reached the backend is a prefix of the client's bytes.
             assert settle(self.drained), "the relay outlived its reset client"
             return
         assert settle(self.backend_accepted), "the relay never connected to the backend"
@@ -403,6 +420,7 @@ class RelayModel(RuleBasedStateMachine):
     def reset(self, which: str) -> None:
         """The client aborts, or the backend dies."""
         if self.can(which):
+            self.reset_by = which
             self.end(which).reset()
 
     @rule(turns=st.integers(1, 30))
@@ -455,11 +473,41 @@ class RelayModel(RuleBasedStateMachine):
         try:
             if not self.anything_reset():
                 self.finish_cleanly()
+            elif self.reset_by is not None and self.hears_reset(self.reset_by):
+                self.ends_after_reset(self.reset_by)
         finally:
             client, backend = self.ends()
             client.close()
             backend.close()
         self.check_nothing_left()
+
+    def hears_reset(self, which: str) -> bool:
+        """
+        Whether the relay hears of a reset of ``which`` whether or not it
+        reads that end: a spliced relay polls both its sockets for errors,
+        and the splice poller a client it reads; a reactor transport not
+        being read (after its half-close, or paused) is not polled.
+        """
+        relays = self.relays()
+        if not relays:
+            return True
+        (relay,) = relays
+        return relay._splice is not None or (which == "client" and isinstance(relay.transport, PolledServer))
+
+    def ends_after_reset(self, which: str) -> None:
+        """
+        The relay ends by itself after ``which`` reset, though the other end
+        (which reads what comes) neither sends nor closes; nothing but a
+        prefix of what was sent reached it.
+        """
+        other = self.end("backend" if which == "client" else "client")
+
+        def gone() -> bool:
+            other.read(1 << 30)
+            return not self.relays()
+
+        assert settle(gone), f"the relay outlived its reset {which} (the {other.name} still open)"
+        self.nothing_lost_or_invented()
 
     def check_nothing_left(self) -> None:
         """Once our own sockets are closed: no relay, descriptor, delayed call or pipe is left."""

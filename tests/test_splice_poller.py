@@ -1,8 +1,9 @@
 """
 The poller of spliced sockets (muxtwist.proxy._poller): one epoll per
 reactor, one reactor reader for every spliced relay, each ready socket
-dispatched to its own end, a failing end failing its relay only, and no
-event ever reaching an end that has left.
+dispatched to its own end, a failing end failing its relay only, no event
+ever reaching an end that has left, and an end neither read nor written
+that asks for errors told of its peer's hang-up.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class _Reactor:
 class _End:
     """A socket a poller dispatches to, which drains what it reads and records what it is told."""
 
-    def __init__(self, poller: _poller.Poller, sock: socket.socket, batch: list[int]) -> None:
+    def __init__(self, poller: _poller.Poller, sock: socket.socket, batch: list[int], errors: bool = False) -> None:
         self.poller = poller
         self.socket = sock
         sock.setblocking(False)
@@ -55,6 +56,10 @@ class _End:
         self.reading = True
         self.writing = False
         self.events = 0
+        #: whether it stays registered for errors alone when neither read nor written.
+        self.errors = errors
+        #: times it was told of an error or a hang-up.
+        self.erred = 0
         self.left = False
         self.raises = False
         self.reads = 0
@@ -93,6 +98,14 @@ class _End:
         self.writing = False
         self.poller.update(self)
 
+    def doError(self) -> None:
+        self._check("error")
+        if not self.errors or self.reading or self.writing:
+            self.stale.append(f"error while errors={self.errors} reading={self.reading} writing={self.writing}")
+        self.erred += 1
+        # As a relay: the connection is lost, its socket closed.
+        self.leave()
+
     def connectionLost(self, reason: Failure) -> None:
         self.lost = reason
         self.leave()
@@ -129,6 +142,10 @@ class PollerMachine(RuleBasedStateMachine):
         self.peers: dict[_End, socket.socket] = {}
         self.sent: dict[_End, int] = {}
         self.everyone: list[_End] = []
+        #: ends whose peer has closed (hung up).
+        self.hung: set[_End] = set()
+        #: hung-up ends that must be told of it.
+        self.told: set[_End] = set()
 
     def teardown(self) -> None:
         for end in self.ends:
@@ -138,10 +155,10 @@ class PollerMachine(RuleBasedStateMachine):
         if self.poller._epoll is not None:
             self.poller._epoll.close()
 
-    def _open(self) -> _End:
+    def _open(self, errors: bool = False) -> _End:
         ours, peer = socket.socketpair()
         peer.setblocking(False)
-        end = _End(self.poller, ours, self.batch)
+        end = _End(self.poller, ours, self.batch, errors)
         self.poller.update(end)
         self.ends.append(end)
         self.everyone.append(end)
@@ -153,19 +170,35 @@ class PollerMachine(RuleBasedStateMachine):
         end.leave()
         self.ends.remove(end)
         self.peers.pop(end).close()
+        self.hung.discard(end)
+        self.told.discard(end)
 
-    @rule()
-    def open(self) -> None:
-        self._open()
+    @rule(errors=st.booleans())
+    def open(self, errors: bool) -> None:
+        self._open(errors)
 
     @precondition(lambda self: self.ends)
     @rule(which=st.integers(0, 63), size=st.integers(1, 3000))
     def peer_sends(self, which: int, size: int) -> None:
         end = self.ends[which % len(self.ends)]
+        if end in self.hung:
+            return
         try:
             self.sent[end] += self.peers[end].send(b"x" * size)
         except BlockingIOError:
             pass
+
+    @precondition(lambda self: self.ends)
+    @rule(which=st.integers(0, 63))
+    def peer_hangs_up(self, which: int) -> None:
+        """The peer closes: a hang-up on the end, reported whatever its interest."""
+        end = self.ends[which % len(self.ends)]
+        if end not in self.hung:
+            self.hung.add(end)
+            if end.events and end.errors:
+                # Registered, it stays so (for errors alone, if nothing else) until told.
+                self.told.add(end)
+            self.peers[end].close()
 
     @precondition(lambda self: self.ends)
     @rule(which=st.integers(0, 63), reading=st.booleans(), writing=st.booleans())
@@ -206,6 +239,8 @@ class PollerMachine(RuleBasedStateMachine):
         end.on_read = swap
         # The reader ready first, then the victim: its event comes later in the same batch.
         for ready in (end, victim):
+            if ready in self.hung:
+                continue
             try:
                 self.sent[ready] += self.peers[ready].send(b"old")
             except BlockingIOError:
@@ -216,10 +251,7 @@ class PollerMachine(RuleBasedStateMachine):
         for _ in range(rounds):
             self.batch[0] += 1
             self.poller.doRead()
-            for end in list(self.ends):
-                if end.lost is not None:
-                    self.ends.remove(end)
-                    self.peers.pop(end).close()
+            self._forget_gone()
         if len(self.ends) <= _poller.MAX_EVENTS and not any(e.on_read for e in self.ends):
             # Every healthy end that wants to read has read all its peer sent (none starved by another failing).
             self.batch[0] += 1
@@ -227,6 +259,28 @@ class PollerMachine(RuleBasedStateMachine):
             for end in self.ends:
                 if end.lost is None and end.reading and not end.raises:
                     assert end.got == self.sent[end], (end.got, self.sent[end])
+            self.batch[0] += 1
+            self.poller.doRead()
+            self._forget_gone()
+            for end in self.ends:
+                # Read to its end of file or written, then registered for errors alone:
+                # after two turns, a hung-up end that asks for errors has been told.
+                if end in self.told and not end.raises:
+                    raise AssertionError(f"a hang-up never reported (events={end.events})")
+
+    def _forget_gone(self) -> None:
+        for end in list(self.ends):
+            if end.lost is not None or end.erred:
+                self.ends.remove(end)
+                self.peers.pop(end).close()
+                self.hung.discard(end)
+                self.told.discard(end)
+
+    @invariant()
+    def errors_only_where_asked(self) -> None:
+        for end in self.ends:
+            if end.events and not (end.reading or end.writing):
+                assert end.errors, "an end that wants nothing is registered though it asks for no errors"
 
     @invariant()
     def no_stale_dispatch(self) -> None:

@@ -15,6 +15,11 @@ any TCP transport, and the splice takes its socket over in the same
 disconnects as the reactor would, half-close included; an exception is
 logged and disconnects).
 
+Unlike a reactor's transport, one not being read (paused, or after its end
+of stream) stays in the poller for errors alone, so that a client that
+resets then, while its relay waits for the backend or the backend takes
+nothing, is lost at once, as if a read had found the reset.
+
 A connection is sniffed under the rules of its accept (a reload's new
 rules are for new connections), so it is handed to a relay or closed. Any
 protocol would run on it all the same: the transport is Twisted's, only
@@ -27,7 +32,7 @@ import socket
 import sys
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import main, tcp
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -42,7 +47,7 @@ log = Logger(namespace="muxtwist.proxy")
 class _Readiness:
     """The poller's end of a :class:`PolledServer`: what it waits for, and the reactor's dispatch rules."""
 
-    __slots__ = ("events", "fd", "reading", "transport", "writing")
+    __slots__ = ("errors", "events", "fd", "reading", "transport", "writing")
 
     def __init__(self, transport: PolledServer, fd: int) -> None:
         self.transport = transport
@@ -50,12 +55,34 @@ class _Readiness:
         self.reading = False
         self.writing = False
         self.events = 0
+        #: neither read nor written, it stays registered to hear of a reset.
+        self.errors = True
 
     def doRead(self) -> None:
         self._dispatch(True)
 
     def doWrite(self) -> None:
         self._dispatch(False)
+
+    def doError(self) -> None:
+        transport = self.transport
+        if transport.disconnecting:
+            # An abort under way ends it itself.
+            return
+        try:
+            code = transport.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as e:
+            code = e.errno or 0
+        if code:
+            # A reset (or a timeout) while not read: lost, as a read would have said.
+            self._disconnect(main.CONNECTION_LOST, True)
+            return
+        # A hang-up with no error: the client's end of stream came after ours
+        # (both ways shut), to be read once its relay reads it again. It
+        # would be reported at every poll: from now on the socket is polled
+        # only while it is read or written.
+        self.errors = False
+        transport._poller.update(self)
 
     def _dispatch(self, is_read: bool) -> None:
         transport = self.transport
@@ -65,16 +92,20 @@ class _Readiness:
             why = sys.exc_info()[1]
             log.failure("{transport!r} failed", Failure(), transport=transport)
         if why:
-            # The reactor stops reading first (an end of stream would be
-            # reported again and again); its own removeReader does nothing here.
-            transport.stopReading()
-            try:
-                disconnect_selectable(transport.reactor, transport, why, is_read)
-            except BaseException:
-                # The reactor logs what its disconnect raised (its protocol's
-                # connectionLost); raised on to the poller, it would end the
-                # transport again, which does nothing: the error was lost.
-                log.failure("{transport!r} failed while ending", Failure(), transport=transport)
+            self._disconnect(why, is_read)
+
+    def _disconnect(self, why: object, is_read: bool) -> None:
+        transport = self.transport
+        # The reactor stops reading first (an end of stream would be
+        # reported again and again); its own removeReader does nothing here.
+        transport.stopReading()
+        try:
+            disconnect_selectable(transport.reactor, transport, why, is_read)
+        except BaseException:
+            # The reactor logs what its disconnect raised (its protocol's
+            # connectionLost); raised on to the poller, it would end the
+            # transport again, which does nothing: the error was lost.
+            log.failure("{transport!r} failed while ending", Failure(), transport=transport)
 
     def connectionLost(self, reason: Failure) -> None:
         # The reactor is stopping and disconnects everything in the poller.
@@ -116,6 +147,14 @@ class PolledServer(tcp.Server):
         if readiness.writing:
             readiness.writing = False
             self._poller.update(readiness)
+
+    def connectionLost(self, reason: Failure) -> None:
+        readiness = self._readiness
+        readiness.reading = readiness.writing = False
+        # Twisted's connectionLost closes the socket at once, which takes it
+        # out of the poller's epoll: no system call of ours for that.
+        self._poller.forget(readiness)
+        super().connectionLost(reason)
 
 
 def server_transport(

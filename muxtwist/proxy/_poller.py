@@ -16,6 +16,16 @@ its Twisted transport before registering it here, and unregisters it here
 before giving it back. A backend's connect waits here too
 (:mod:`muxtwist._connect`); when the relay takes the connected socket, the
 relay's end replaces the connect's registration with one ``modify``.
+
+A socket that is neither read nor written (after its end of stream, or
+paused because the other side takes nothing) is taken out, unless its end
+asks to hear of errors (:attr:`Pollable.errors`): it then stays registered
+with no interest, for which the kernel still reports an error or a hang-up
+(a reset), and :meth:`Pollable.doError` is called. The interest changes
+that happen anyway carry it (a ``modify`` where there was a removal), and
+an end whose socket is closed at once leaves with the close
+(:meth:`Poller.forget`), not with a system call of its own: the kernel takes
+a descriptor out of every ``epoll`` when its last reference is closed.
 """
 
 from __future__ import annotations
@@ -40,6 +50,9 @@ _OUT = select.EPOLLOUT
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 #: readiness a writer is told about.
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+#: what the kernel reports whatever the interest: the registration of an end
+#: that only waits for them (non-zero, so that ``events`` says it is registered).
+_ERRORS = select.EPOLLERR | select.EPOLLHUP
 #: the fewest ready sockets one reactor turn may serve: a turn serves every
 #: socket that is ready (up to one event per registered socket, as the
 #: reactor's own ``epoll`` does for its readers), so that a turn's accepts
@@ -58,10 +71,16 @@ class Pollable(Protocol):
     writing: bool
     #: the events it is registered for (0: not registered).
     events: int
+    #: whether, neither read nor written, it stays registered to hear of an
+    #: error or a hang-up (:meth:`doError`) rather than being taken out.
+    errors: bool
 
     def doRead(self) -> None: ...
 
     def doWrite(self) -> None: ...
+
+    def doError(self) -> None:
+        """An error or a hang-up while neither read nor written (only if :attr:`errors`)."""
 
     def connectionLost(self, reason: Failure) -> None: ...
 
@@ -98,9 +117,16 @@ class Poller:
         return len(self._ends)
 
     def update(self, end: Pollable) -> None:
-        """Make ``end``'s registration match its ``reading`` and ``writing``."""
+        """
+        Make ``end``'s registration match its ``reading`` and ``writing``.
+        With neither, an end that asks to (:attr:`Pollable.errors`) stays
+        registered, for errors only, if it is registered; one that is not
+        is not registered for that.
+        """
         events = (_IN if end.reading else 0) | (_OUT if end.writing else 0)
         old = end.events
+        if not events and old and end.errors:
+            events = _ERRORS
         if events == old:
             return
         fd = end.fd
@@ -139,18 +165,31 @@ class Poller:
         """Take ``end`` out (nothing if it is not in); its socket may already be closed."""
         if not end.events:
             return
+        epoll = self._epoll
+        if epoll is not None:
+            try:
+                epoll.unregister(end.fd)
+            except OSError:
+                # Closed already (the kernel dropped it with its last reference).
+                pass
+        self.forget(end)
+
+    def forget(self, end: Pollable) -> None:
+        """
+        Take ``end`` out without a system call (nothing if it is not in):
+        its socket is closed before anything else is registered, and the
+        close takes it out of the ``epoll``. Only for a socket that nothing
+        else holds open (a descriptor this process duplicated or a child
+        inherited would keep it registered).
+        """
+        if not end.events:
+            return
         end.events = 0
         fd = end.fd
         if self._ends.get(fd) is end:
             del self._ends[fd]
             self._gone.add(fd)
         epoll = self._epoll
-        if epoll is not None:
-            try:
-                epoll.unregister(fd)
-            except OSError:
-                # Closed already (the kernel dropped it with its last reference).
-                pass
         if not self._ends:
             if self._registered:
                 self._registered = False
@@ -189,6 +228,10 @@ class Poller:
                         continue
                 if mask & _WRITABLE and end.writing:
                     end.doWrite()
+                elif mask & _ERRORS and end.events == _ERRORS:
+                    # Registered for errors alone (maybe since the read just
+                    # above): a reset of a socket nobody reads or writes.
+                    end.doError()
             except Exception:
                 self._lost(end, Failure())
 

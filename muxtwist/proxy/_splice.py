@@ -26,7 +26,11 @@ descriptor limit (``RLIMIT_NOFILE // 8`` pipes).
 An end of file is passed on as a half-close of the other socket; when both
 directions have ended, or on any socket error, the sockets are given back to
 their Twisted transports to be closed, so the protocols' ``connectionLost``
-runs as usual.
+runs as usual. A socket no longer read (after its end of file, or while the
+other side takes nothing) stays in the poller for errors alone: its reset
+ends the relay at once, as a reset found by a read does, rather than when
+the relay next writes to it or the other side ends. What it had sent that
+the other side has not taken yet is dropped then (it reset the connection).
 """
 
 from __future__ import annotations
@@ -200,7 +204,18 @@ class _Flow:
 class _End:
     """One socket of the relay, as the poller sees it while spliced."""
 
-    __slots__ = ("events", "fd", "incoming", "outgoing", "reading", "socket", "splice", "transport", "writing")
+    __slots__ = (
+        "errors",
+        "events",
+        "fd",
+        "incoming",
+        "outgoing",
+        "reading",
+        "socket",
+        "splice",
+        "transport",
+        "writing",
+    )
 
     def __init__(self, splice: Splice, transport: tcp.Connection | RawTransport) -> None:
         self.splice = splice
@@ -213,6 +228,8 @@ class _End:
         self.writing = False
         #: the events the poller has it registered for.
         self.events = 0
+        #: neither read nor written, it stays registered to hear of a reset.
+        self.errors = True
         #: the flow this socket is read for, and the one it is written for.
         self.outgoing: _Flow
         self.incoming: _Flow
@@ -222,6 +239,9 @@ class _End:
 
     def doWrite(self) -> None:
         self.splice._drained(self.incoming)
+
+    def doError(self) -> None:
+        self.splice._hung_up(self)
 
     def connectionLost(self, reason: Failure) -> None:
         self.splice._failed(self, reason)
@@ -287,15 +307,23 @@ class Splice:
         if self.up.prefix is not None:
             self._flush(self.up)
 
-    def stop(self) -> None:
-        """Give the sockets back (unregistered) and close the pipes; idempotent."""
+    def stop(self, *closing: _End) -> None:
+        """
+        Give the sockets back (unregistered) and close the pipes; idempotent.
+
+        :param closing: ends whose sockets the caller closes at once: the
+            close takes them out of the poller, with no system call of ours.
+        """
         if not self.running:
             return
         self.running = False
         poller = self._poller
         for end in (self.client, self.backend):
             end.reading = end.writing = False
-            poller.unregister(end)
+            if end in closing:
+                poller.forget(end)
+            else:
+                poller.unregister(end)
         self.up.close()
         self.down.close()
 
@@ -414,18 +442,20 @@ class Splice:
     def _ended(self, flow: _Flow) -> None:
         """End of file from ``flow.src``: half-close ``flow.dst``; close both once both ways ended."""
         flow.ended = True
-        src = flow.src
-        if src.reading:
-            src.reading = False
-            self._poller.update(src)
         if not (self.up.ended and self.down.ended):
+            src = flow.src
+            if src.reading:
+                # Still registered, for errors alone (unless it is written to):
+                # its reset ends the relay, though the other side may never end.
+                src.reading = False
+                self._poller.update(src)
             try:
                 flow.dst.socket.shutdown(socket.SHUT_WR)
             except OSError as e:
                 self._broken(flow.dst, e)
             return
         self.closed_both = True
-        self.stop()
+        self.stop(self.client, self.backend)
         # Both ways ended and nothing is buffered: close both now (the close
         # sends the last FIN), as a loseConnection would one reactor turn
         # later. Marked closing first, so the relay's own loseConnection
@@ -448,6 +478,27 @@ class Splice:
             reason = e
         self._failed(end, Failure(reason))
 
+    def _hung_up(self, end: _End) -> None:
+        """
+        An error or a hang-up on ``end`` while it is neither read nor
+        written: a reset (or a timeout) nobody would find until the relay
+        next writes to it or the other side ends. It is lost now.
+        """
+        try:
+            code = end.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as e:
+            code = e.errno or 0
+        if code:
+            self._broken(end, OSError(code, os.strerror(code)))
+            return
+        # A hang-up with no error: the peer's end of file came after this
+        # side's (both ways shut) while its bytes wait for the other side.
+        # A clean end, read once the other side takes them; the hang-up
+        # would be reported at every poll until then, so from now on this
+        # socket is polled only while it is read or written.
+        end.errors = False
+        self._poller.update(end)
+
     def _failed(self, end: _End, reason: Failure) -> None:
         if not self.running:
             return
@@ -455,5 +506,6 @@ class Splice:
             # The reactor is stopping: the relay ends from its client's side
             # (the backend is closed after it), and no backend is blamed.
             end = self.client
-        self.stop()
+        # The lost end's connectionLost closes its socket at once.
+        self.stop(end)
         end.transport.connectionLost(reason)
