@@ -284,6 +284,39 @@ class ASGIHeaderTimeoutTests(ASGIPrograms):
         )
         self.assert_second_timed_out(got)
 
+    def test_a_partial_head_behind_a_response_longer_than_header_timeout_gets_408_after_it(self) -> None:
+        """
+        A partial head pipelined behind a request answered after 1.2 s, longer
+        than header_timeout (0.5 s): its deadline passes while that response
+        is still to come (a 408 cannot interrupt it) and is looked at again
+        until it has been sent; the head then gets 408 and EOF within
+        header_timeout of that response's end, not never.
+        """
+        got = self.run_asgi(
+            """
+            async def slow(scope, receive, send):
+                if scope["type"] != "http":
+                    return
+                events.append("request app")
+                await asyncio.sleep(1.2)
+                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
+                await send({"type": "http.response.body", "body": b"slow"})
+
+            async def main():
+                server = listen(ASGI(slow, lifespan="off", header_timeout=0.5, http=HTTP, timeout_keep_alive=60))
+                await server.started()
+                reader, writer = await connected(server, GET + b"GET /2 HTTP/1.1\\r\\nHost: x\\r\\n")
+                await asyncio.wait_for(reader.readuntil(b"slow"), 5)
+                await report_rest(server, reader, writer)
+            """
+        )
+        self.assertTrue(got["answer"].startswith("HTTP/1.1 408 Request Timeout\r\n"), got)
+        self.assertIn("\r\nConnection: close\r\n", got["answer"])
+        self.assertIsNotNone(got["closed_after"], f"still open 3 s after the first response: {got}")
+        self.assertLess(got["closed_after"], 1.5, got)  # about the 0.3 s left of the deadline; room for a busy host
+        self.assertEqual(got["deadlines"], 0, got)
+        self.assertEqual(got["events"].count("request app"), 1, got)
+
     def test_no_header_timeout_leaves_a_partial_head_waiting(self) -> None:
         """header_timeout=None: a partial head is neither answered nor closed, and no deadline is set."""
         got = self.run_asgi(

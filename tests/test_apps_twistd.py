@@ -8,8 +8,10 @@ protocols through ``AsyncioProtocol``, loaded by a real ``twistd muxtwist``
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 
 from twisted.trial.unittest import TestCase
 
@@ -142,17 +144,40 @@ class WebStackRulesFileTests(TestCase):
             running.wait_for(rb"rule " + rule)
         self.assertEqual(running.stop(), 0, running.output.decode(errors="replace"))
 
-    def test_wsgi_and_a_plain_asyncio_protocol_under_twistd_on_the_default_reactor(self) -> None:
-        """Under twistd's default reactor, curl reaches Flask and nc the echo protocol (it never touches the loop)."""
+    def serve_without_asgi(self) -> tuple[Running, int]:
+        """twistd on its default reactor, with the rules but the ASGI one."""
         # ASGI needs the asyncio reactor (tests/test_apps_asgi.py checks the error): not in this file.
         without_asgi = os.path.join(os.path.dirname(self.rules), "without_asgi.py")
         with open(without_asgi, "w") as f:
             f.write(RULES.replace(ASGI_RULE, ""))
-        running, port = self.serve(TWISTD_DEFAULT, without_asgi)
+        return self.serve(TWISTD_DEFAULT, without_asgi)
+
+    def test_wsgi_and_a_plain_asyncio_protocol_under_twistd_on_the_default_reactor(self) -> None:
+        """Under twistd's default reactor, curl reaches Flask and nc the echo protocol (it never touches the loop)."""
+        running, port = self.serve_without_asgi()
         self.assertEqual(self.curl(port, "/hello"), b"hello from flask\n")
         self.assertEqual(nc(port, b"ECHO one\ntwo\n"), b"ECHO one\ntwo\n")
         self.assertEqual(running.stop(), 0, running.output.decode(errors="replace"))
         self.assertNotIn(b"AsyncioSelectorReactor", running.output)
+
+    def test_sigterm_closes_an_idle_keep_alive_wsgi_connection_at_once(self) -> None:
+        """
+        SIGTERM asks the WSGI target's connections to finish (at the reactor's
+        shutdown): a keep-alive client idle after its answer gets EOF and
+        twistd exits at once, not after the 30 s shutdown_timeout.
+        """
+        running, port = self.serve_without_asgi()
+        with socket.create_connection(("127.0.0.1", port), CLIENT) as client:
+            client.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"hello from flask\n"):
+                chunk = client.recv(65536)
+                self.assertTrue(chunk, f"closed after {answer!r}")
+                answer += chunk
+            started = time.monotonic()
+            self.assertEqual(running.stop(timeout=20), 0, running.output.decode(errors="replace"))
+            self.assertLess(time.monotonic() - started, 10, running.output.decode(errors="replace"))
+            self.assertEqual(client.recv(65536), b"")  # EOF, not a reset at shutdown_timeout
 
     def test_workers_run_the_reactor_twistd_was_given(self) -> None:
         """twistd --reactor=asyncio muxtwist --workers 2 starts workers on the asyncio reactor: ASGI answers in each."""
