@@ -40,15 +40,6 @@ HOLD = '"{description}": [Rule(Prefix(b"HI"), Factory.forProtocol(Hold), name="h
 class Held(Client):
     """A client whose connection was handed off: ``answered`` fires with the first answer."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.answered: defer.Deferred[bytes] = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        super().dataReceived(data)
-        if not self.answered.called:
-            self.answered.callback(self.received)
-
 
 async def held(port: int) -> Held:
     """A connection to 127.0.0.1:port that says HI, so that the rule's Hold protocol holds it."""

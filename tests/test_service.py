@@ -62,13 +62,13 @@ class Client(protocol.Protocol):
     def __init__(self) -> None:
         self.received = b""
         self.lost: defer.Deferred[bytes] = defer.Deferred()
-        #: fires at the first bytes received
-        self.answered: defer.Deferred[None] = defer.Deferred()
+        #: fires at the first bytes received, with them
+        self.answered: defer.Deferred[bytes] = defer.Deferred()
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
         if not self.answered.called:
-            self.answered.callback(None)
+            self.answered.callback(self.received)
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost.callback(self.received)
