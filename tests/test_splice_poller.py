@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import select
 import socket
 import sys
 import weakref
@@ -27,6 +28,7 @@ from muxtwist import Rule
 from muxtwist.actions import Proxy
 from muxtwist.matchers import Any as AnyMatcher
 from muxtwist.proxy import _poller, _splice
+from muxtwist.proxy._relay import Relay
 from tests.test_proxy_support import Echo, R, backend, connect, mux, until, wait
 
 LINUX = sys.platform.startswith("linux")
@@ -540,6 +542,43 @@ class PollerReactorTests(unittest.TestCase):
             await client.closed()
             await until(lambda: not proxy.relays)
             self.assertEqual(epolls(), before)
+
+    async def test_a_relay_ended_both_ways_closes_its_backend_though_its_client_raised(self) -> None:
+        """
+        Once both ways have ended, the splice leaves the poller without a
+        system call and closes both sockets: the backend's is closed though
+        what its client's close ran raised, or it would stay open in the
+        epoll, hung up and reported at every poll to a poller that no longer
+        knows it (a busy loop for as long as another relay is polled).
+        """
+        if not _splice.AVAILABLE:
+            raise unittest.SkipTest("splice(2) is Linux's")
+        desc, backends = backend(self, Echo)
+        proxy = Proxy(desc, splice=True)
+        port, _ = mux(self, [Rule(AnyMatcher(), proxy, name="relay")])
+        kept = await connect(self, port)
+        kept.transport.write(b"kept")  # type: ignore[union-attr]
+        await kept.received_at_least(4)
+        client = await connect(self, port)
+        client.transport.write(b"ping")  # type: ignore[union-attr]
+        await client.received_at_least(4)
+        await until(lambda: len(proxy.relays) == 2 and all(r.spliced for r in proxy.relays))
+        (ending,) = [r for r in proxy.relays if r.transport.getPeer().port == client.transport.getHost().port]  # type: ignore[union-attr]
+        original = Relay.connectionLost
+
+        def raising(relay: Relay, reason: Failure) -> None:
+            original(relay, reason)
+            if relay is ending:
+                raise RuntimeError("a fault in what the client's close runs")
+
+        self.patch(Relay, "connectionLost", raising)
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        await client.closed()
+        await until(lambda: len(proxy.relays) == 1, 5)
+        poller = _poller.poller_for(R)
+        self.assertEqual(len(poller), 2)
+        # Nothing happens on the kept relay: the poller has nothing to report.
+        self.assertEqual(select.select([poller.fileno()], [], [], 0.2)[0], [])
 
 
 def _fds() -> list[str]:

@@ -467,8 +467,13 @@ class Splice:
         for transport in (client, backend):
             if isinstance(transport, tcp.Connection):
                 transport._shouldShutdown = False
-        client.connectionLost(_DONE)
-        backend.connectionLost(_DONE)
+        # Both are closed whatever the client's end raises: the poller has
+        # forgotten both sockets, and one left open would stay in its epoll,
+        # hung up, reported at every poll to a poller that no longer knows it.
+        try:
+            client.connectionLost(_DONE)
+        finally:
+            backend.connectionLost(_DONE)
 
     def _broken(self, end: _End, e: OSError) -> None:
         """A socket error on ``end``: it is lost; its protocol ends the other side."""
