@@ -32,6 +32,7 @@ from muxtwist.matchers import Any as AnyMatcher
 from muxtwist.proxy import _splice
 from muxtwist.proxy._polled import PolledServer
 from muxtwist.proxy._relay import PENDING_LIMIT, Relay
+from tests.test_proxy import _full_listener
 from tests.test_proxy_support import Peer, R, backend, mux, until, wait
 
 #: how long the relay may take to hear of a reset (it is at once; a busy host is slow).
@@ -140,6 +141,17 @@ class UnreadResetTests(unittest.TestCase):
         port, _ = mux(self, [Rule(AnyMatcher(), proxy, name="relay")])
         return proxy, port, backends
 
+    async def relayed(self) -> tuple[Proxy, socket.socket, Any, Relay]:
+        """A client that sent ``a request``, its silent backend's server protocol, and their relay, once it relays."""
+        proxy, port, backends = self.proxied()
+        client = raw_client(self, port)
+        self.assertEqual(client.send(b"a request"), len(b"a request"))
+        server = await wait(backends.arrived)
+        await wait(server.made)
+        (relay,) = proxy.relays
+        await until(lambda: relay.side is not None, 5)
+        return proxy, client, server, relay
+
     def client_watched(self) -> None:
         if not (self.splice or self.polled):
             raise unittest.SkipTest("a reactor transport not being read is not polled: its reset is not seen")
@@ -147,13 +159,7 @@ class UnreadResetTests(unittest.TestCase):
     async def test_a_client_reset_after_its_half_close_resets_the_backend_at_once(self) -> None:
         """A client that sends, half-closes, then resets, its backend silent and open, has its relay end at once."""
         self.client_watched()
-        proxy, port, backends = self.proxied()
-        client = raw_client(self, port)
-        client.send(b"a request")
-        server = await wait(backends.arrived)
-        await wait(server.made)
-        (relay,) = proxy.relays
-        await until(lambda: relay.side is not None, 5)
+        proxy, client, server, relay = await self.relayed()
         self.assertEqual(relay.spliced, self.splice)
         client.shutdown(socket.SHUT_WR)
         await until(lambda: client_read_closed(relay), 5)
@@ -171,13 +177,7 @@ class UnreadResetTests(unittest.TestCase):
     async def test_a_client_reset_while_paused_resets_the_backend_at_once(self) -> None:
         """A client paused because its backend takes nothing that resets ends the relay at once."""
         self.client_watched()
-        proxy, port, backends = self.proxied()
-        client = raw_client(self, port)
-        client.send(b"a request")
-        server = await wait(backends.arrived)
-        await wait(server.made)
-        (relay,) = proxy.relays
-        await until(lambda: relay.side is not None, 5)
+        proxy, client, server, relay = await self.relayed()
         await until(stays_paused(relay, client), 20)
         reset(client)
         handle = server.transport.getHandle()  # type: ignore[union-attr]
@@ -188,13 +188,7 @@ class UnreadResetTests(unittest.TestCase):
         """A backend that half-closes, then resets while its client neither sends nor closes ends the relay at once."""
         if not self.splice:
             raise unittest.SkipTest("a backend is a reactor transport on the Twisted relay")
-        proxy, port, backends = self.proxied()
-        client = raw_client(self, port)
-        client.send(b"a request")
-        server = await wait(backends.arrived)
-        await wait(server.made)
-        (relay,) = proxy.relays
-        await until(lambda: relay.side is not None, 5)
+        proxy, client, server, relay = await self.relayed()
         assert server.transport is not None
         server.transport.loseWriteConnection()  # type: ignore[attr-defined]
         splice = relay._splice
@@ -212,15 +206,10 @@ class UnreadResetTests(unittest.TestCase):
         loses nothing: once the backend reads, every byte and the half-close
         reach it.
         """
-        proxy, port, backends = self.proxied()
-        client = raw_client(self, port)
-        sent = client.send(b"a request")
-        server = await wait(backends.arrived)
-        await wait(server.made)
-        (relay,) = proxy.relays
-        await until(lambda: relay.side is not None, 5)
+        proxy, client, server, relay = await self.relayed()
+        sent = len(b"a request")
         assert server.transport is not None
-        server.transport.loseWriteConnection()  # type: ignore[attr-defined]
+        server.transport.loseWriteConnection()
 
         def client_eof() -> bool:
             try:
@@ -254,7 +243,7 @@ class UnreadResetTests(unittest.TestCase):
         for _ in range(5):
             await task.deferLater(R, 0.01, lambda: None)
         self.assertEqual(len(proxy.relays), 1)
-        server.transport.resumeProducing()  # type: ignore[attr-defined]
+        server.transport.resumeProducing()
         await wait(server.eof, 20)
         self.assertEqual(len(server.received), sent)
         await until(lambda: not proxy.relays, 5)
@@ -275,20 +264,6 @@ class UnreadResetTests(unittest.TestCase):
         self.assertGreaterEqual(relay.buffered(), PENDING_LIMIT)
         reset(client)
         await until(lambda: not proxy.relays, PROMPT)
-
-
-def _full_listener(case: unittest.TestCase) -> socket.socket:
-    """A listening socket whose accept queue is full: further SYNs are dropped, so connects hang."""
-    full = socket.socket()
-    case.addCleanup(full.close)
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)
-    for _ in range(8):
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(full.getsockname())
-        case.addCleanup(s.close)
-    return full
 
 
 class UnreadResetTestsPolled(UnreadResetTests):
