@@ -9,6 +9,7 @@ The relay tests of tests/test_proxy.py run on this path too (the
 
 from __future__ import annotations
 
+import select
 import socket
 import sys
 from typing import Any
@@ -176,6 +177,62 @@ class DispatchTests(unittest.SynchronousTestCase):
         transport = _Transport(None)
         _Readiness(transport, -1).doRead()  # type: ignore[arg-type]
         self.assertEqual(transport.calls, [])
+
+
+def _refused_socket(case: unittest.TestCase) -> socket.socket:
+    """A socket whose connect was refused, its error (ECONNREFUSED) pending: as a reset leaves one."""
+    unused = socket.socket()
+    case.addCleanup(unused.close)
+    unused.bind(("127.0.0.1", 0))  # bound, not listening: a connect to it is refused
+    sock = socket.socket()
+    case.addCleanup(sock.close)
+    sock.setblocking(False)
+    sock.connect_ex(unused.getsockname())
+    select.select([], [sock], [], 5)
+    return sock
+
+
+class _Poller:
+    def __init__(self) -> None:
+        self.updated: list[bool] = []
+
+    def update(self, end: _Readiness) -> None:
+        self.updated.append(end.errors)
+
+
+class ErrorWhileNotReadTests(unittest.SynchronousTestCase):
+    """An error or a hang-up reported while a polled transport is neither read nor written."""
+
+    def readiness(self, sock: socket.socket, disconnecting: bool) -> tuple[_Transport, _Readiness, _Poller]:
+        transport = _Transport(None)
+        transport.socket = sock  # type: ignore[attr-defined]
+        transport.disconnecting = disconnecting  # type: ignore[attr-defined]
+        transport._poller = poller = _Poller()  # type: ignore[attr-defined]
+        return transport, _Readiness(transport, sock.fileno()), poller  # type: ignore[arg-type]
+
+    def test_an_error_ends_the_connection_even_while_it_is_disconnecting(self) -> None:
+        """
+        A reset found while a loseConnection is under way ends it too: left
+        registered for errors alone, it would be reported at every poll.
+        """
+        for disconnecting in (False, True):
+            transport, readiness, poller = self.readiness(_refused_socket(self), disconnecting)
+            readiness.doError()
+            self.assertEqual(transport.calls, ["stopReading", "connectionLost:ConnectionLost"], disconnecting)
+            self.assertEqual(poller.updated, [])
+
+    def test_a_hang_up_without_an_error_stops_the_errors_interest(self) -> None:
+        """Both ways shut with no error: not an end of the connection, and no longer polled for errors alone."""
+        for disconnecting in (False, True):
+            ours, theirs = socket.socketpair()
+            self.addCleanup(ours.close)
+            self.addCleanup(theirs.close)
+            ours.shutdown(socket.SHUT_WR)
+            theirs.shutdown(socket.SHUT_WR)
+            transport, readiness, poller = self.readiness(ours, disconnecting)
+            readiness.doError()
+            self.assertEqual(transport.calls, [], disconnecting)
+            self.assertEqual(poller.updated, [False])
 
 
 class SocketTests(unittest.TestCase):

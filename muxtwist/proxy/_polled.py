@@ -65,10 +65,10 @@ class _Readiness:
         self._dispatch(False)
 
     def doError(self) -> None:
+        # Whether or not a loseConnection is under way (one waiting for a
+        # paused producer): returning without a change here would leave the
+        # error reported at every poll.
         transport = self.transport
-        if transport.disconnecting:
-            # An abort under way ends it itself.
-            return
         try:
             code = transport.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         except OSError as e:
