@@ -18,6 +18,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from muxtwist._twisted import take_exit_signal
+
 __all__ = ["SignalHandlers", "hold_sighup", "keep_our_handlers", "take_pending_sighup"]
 
 log = Logger()
@@ -166,6 +168,12 @@ class SignalHandlers:
         ):
             self._old_handlers[signum] = signal.signal(signum, handler)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        taken = take_exit_signal(self._reactor)
+        if taken is not None:
+            # A stop signal came between the reactor's handlers and ours: the
+            # reactor stops already, and, as after ours, the process exits 0
+            # (twistd would otherwise kill itself with that signal at exit).
+            log.info("received signal {signum} during start-up: stopping", signum=taken)
         if take_pending_sighup():
             log.info("a SIGHUP arrived during start-up: reloading now")
             self._reload_queued = True

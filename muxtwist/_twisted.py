@@ -38,6 +38,7 @@ __all__ = [
     "reactor_started",
     "remove_twistd_pidfile",
     "set_port_log_observer",
+    "take_exit_signal",
     "tell_twistd_parent",
     "tls_unsent_bytes",
     "unsent_bytes",
@@ -305,6 +306,24 @@ def reactor_started(reactor: object) -> bool:
     Checked on Twisted 26.10.0 (``twisted.internet.base.ReactorBase``).
     """
     return bool(getattr(reactor, "_started", False))
+
+
+def take_exit_signal(reactor: object) -> int | None:
+    """
+    The stop signal the reactor's own handler took (SIGTERM, SIGINT,
+    SIGBREAK), if one did, now forgotten: ``twistd`` then exits as after
+    any stop, not by that signal again.
+
+    Why private: ``ReactorBase._exitSignal`` is what the reactor's handlers
+    set and what ``twistd`` reads once the reactor has stopped, to kill
+    itself with that signal; there is no public way to take a signal as
+    handled. Checked on Twisted 26.10.0 (``twisted.internet.base``,
+    ``twisted.application.app``).
+    """
+    number = getattr(reactor, "_exitSignal", None)
+    if number is not None:
+        reactor._exitSignal = None  # type: ignore[attr-defined]
+    return number if isinstance(number, int) else None
 
 
 def endpoint_port(endpoint: IStreamServerEndpoint) -> tuple[int, str] | None:

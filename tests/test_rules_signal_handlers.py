@@ -335,3 +335,41 @@ class ReloadFailureTests(unittest.SynchronousTestCase):
         said = [e for e in events if e.get("log_namespace") == "muxtwist._signals"]
         self.assertEqual([e["log_level"] for e in said], [LogLevel.error])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class StopSignalDuringStartUpTests(unittest.SynchronousTestCase):
+    """A stop signal the reactor's own handler took before muxtwist's handlers were in."""
+
+    def install(self, handlers: _Handlers) -> list[dict[str, Any]]:
+        from twisted.logger import globalLogPublisher
+
+        import muxtwist._signals
+
+        self.patch(muxtwist._signals, "_sighup_pending", False)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.addCleanup(handlers.restore_signals)
+        handlers._install_signals()
+        return [e for e in events if e.get("log_namespace") == "muxtwist._signals"]
+
+    def test_it_is_taken_as_handled_so_twistd_exits_0(self) -> None:
+        """
+        The reactor stops already; the signal it noted (twistd kills itself
+        with it at exit: status -15) is taken, as muxtwist's own handler
+        would have handled it, and said.
+        """
+        handlers = _Handlers()
+        handlers._exitSignal = signal.SIGTERM  # type: ignore[attr-defined]
+        said = self.install(handlers)
+        self.assertIsNone(handlers._exitSignal)  # type: ignore[attr-defined]
+        self.assertEqual(
+            [(e["log_format"], e["signum"]) for e in said][:1],
+            [("received signal {signum} during start-up: stopping", signal.SIGTERM)],
+        )
+
+    def test_without_one_nothing_is_said(self) -> None:
+        """No signal noted by the reactor: nothing taken, nothing said."""
+        handlers = _Handlers()
+        self.assertEqual(self.install(handlers), [])
+        self.assertFalse(hasattr(handlers, "_exitSignal"))

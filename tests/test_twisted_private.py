@@ -44,6 +44,7 @@ from muxtwist._twisted import (
     reactor_started,
     remove_twistd_pidfile,
     set_port_log_observer,
+    take_exit_signal,
     tell_twistd_parent,
     tls_unsent_bytes,
     unsent_bytes,
@@ -305,6 +306,23 @@ class ReactorTests(unittest.TestCase):
         asyncio_reactor.stop()
         asyncio_reactor.crash()
 
+    def test_exit_signal(self) -> None:
+        """take_exit_signal: the reactor's SIGTERM handler notes the signal as _exitSignal; twistd reads it at exit."""
+        import inspect
+        import signal
+
+        from twisted.application import app
+
+        loop = asyncio.new_event_loop()
+        self.addCleanup(loop.close)
+        asyncio_reactor = AsyncioSelectorReactor(loop)
+        self.assertIsNone(take_exit_signal(asyncio_reactor))
+        asyncio_reactor.sigTerm(signal.SIGTERM)
+        self.assertEqual(take_exit_signal(asyncio_reactor), signal.SIGTERM)
+        self.assertIsNone(take_exit_signal(asyncio_reactor))
+        self.assertIn("reactor._exitSignal", inspect.getsource(app.ApplicationRunner))
+        self.assertIsNone(take_exit_signal(Clock()))
+
     def test_endpoint_port(self) -> None:
         """endpoint_port: serverFromString's TCP endpoints keep _port and _interface as parsed."""
 
@@ -515,6 +533,7 @@ _PRIVATE = frozenset(
         "_channel",
         "_handlingRequest",
         "_asyncioEventloop",
+        "_exitSignal",
         "_backlog",
         "_interface",
         "_logger",
