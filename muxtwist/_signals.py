@@ -148,11 +148,13 @@ class SignalHandlers:
     _reactor: Any
     _old_handlers: dict[int, Any]
     _reload_queued: bool
+    _stop_asked: bool
     reload: Callable[[], object]
 
     def arm_signals(self) -> None:
         """Install the handlers once the reactor runs (it installs its own when it starts; ours go after)."""
         self._old_handlers = getattr(self, "_old_handlers", {})
+        self._stop_asked = False
         if getattr(self._reactor, "running", False):
             self._install_signals()
         else:
@@ -173,6 +175,7 @@ class SignalHandlers:
             # A stop signal came between the reactor's handlers and ours: the
             # reactor stops already, and, as after ours, the process exits 0
             # (twistd would otherwise kill itself with that signal at exit).
+            self._stop_asked = True
             log.info("received signal {signum} during start-up: stopping", signum=taken)
         if take_pending_sighup():
             log.info("a SIGHUP arrived during start-up: reloading now")
@@ -216,7 +219,17 @@ class SignalHandlers:
         # buffer refuses a reentrant write; a worker's pipe to its parent
         # holds a lock).
         say = self._reactor.callFromThread
-        if not self.running:
+        taken = take_exit_signal(self._reactor)
+        if taken is not None:
+            # The reactor's own handler took one before ours were in, and
+            # _install_signals has not taken it yet (this one came meanwhile).
+            self._stop_asked = True
+            say(log.info, "received signal {signum} during start-up: stopping", signum=taken)
+        # A stop asked already (by a signal before, perhaps the reactor's own
+        # handler during start-up) whose services have not begun stopping yet:
+        # this is a second signal too, not a second reactor.stop() (which
+        # raises ReactorNotRunning).
+        if not self.running or getattr(self, "_stop_asked", False):
             if getattr(self, "in_worker", False):
                 # A --workers worker: the parent signals it once; a signal to
                 # every process (systemd's KillMode=control-group) must not
@@ -227,7 +240,13 @@ class SignalHandlers:
             stop_now = getattr(self, "stop_now", None)
             if stop_now is not None:
                 say(log.info, "received signal {signum} again: aborting the remaining connections", signum=signum)
-                self._reactor.callFromThread(stop_now)
+                if self.running:
+                    # The services stop from the first 'before shutdown'
+                    # triggers (twistd's): abort once they have begun draining.
+                    say(self._reactor.addSystemEventTrigger, "before", "shutdown", stop_now)
+                else:
+                    say(stop_now)
             return
+        self._stop_asked = True
         say(log.info, "received signal {signum}: stopping", signum=signum)
         self._reactor.callFromThread(self._reactor.stop)

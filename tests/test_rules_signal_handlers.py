@@ -368,6 +368,70 @@ class StopSignalDuringStartUpTests(unittest.SynchronousTestCase):
             [("received signal {signum} during start-up: stopping", signal.SIGTERM)],
         )
 
+    def test_a_second_signal_is_one_again_not_a_second_stop(self) -> None:
+        """
+        A signal to muxtwist's handler before the reactor ran the stop the
+        reactor's own handler asked is a second signal: the remaining
+        connections are aborted once the services drain, and the reactor is
+        not stopped twice (ReactorNotRunning, logged critical).
+        """
+        handlers = _Handlers()
+        triggers: list[tuple[object, ...]] = []
+        handlers.addSystemEventTrigger = lambda *a: triggers.append(a)  # type: ignore[attr-defined]
+        handlers.stop_now = lambda: None  # type: ignore[attr-defined]
+        handlers._exitSignal = signal.SIGTERM  # type: ignore[attr-defined]
+        self.install(handlers)
+        handlers._stop_signal(signal.SIGTERM, None)
+        for call in handlers.calls:
+            assert callable(call)
+            call()
+        self.assertNotIn(handlers.stop, handlers.calls)
+        self.assertEqual(triggers, [("before", "shutdown", handlers.stop_now)])  # type: ignore[attr-defined]
+
+    def test_a_signal_while_ours_go_in_takes_the_noted_one_first(self) -> None:
+        """
+        A signal reaching muxtwist's handler after it is in but before
+        _install_signals took the reactor's noted one: that one is taken and
+        said there, and this one is a second signal.
+        """
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        handlers = _Handlers()
+        handlers.addSystemEventTrigger = lambda *a: None  # type: ignore[attr-defined]
+        handlers.stop_now = lambda: None  # type: ignore[attr-defined]
+        handlers._exitSignal = signal.SIGINT  # type: ignore[attr-defined]
+        handlers._stop_signal(signal.SIGTERM, None)
+        self.assertIsNone(handlers._exitSignal)  # type: ignore[attr-defined]
+        for call in handlers.calls:
+            assert callable(call)
+            call()
+        self.assertNotIn(handlers.stop, handlers.calls)
+        said = [(e["log_format"], e["signum"]) for e in events if e.get("log_namespace") == "muxtwist._signals"]
+        self.assertEqual(
+            said,
+            [
+                ("received signal {signum} during start-up: stopping", signal.SIGINT),
+                ("received signal {signum} again: aborting the remaining connections", signal.SIGTERM),
+            ],
+        )
+
+    def test_two_signals_before_the_stop_ran_stop_once(self) -> None:
+        """Two signals to muxtwist's handler within one reactor iteration: one reactor.stop()."""
+        handlers = _Handlers()
+        handlers.addSystemEventTrigger = lambda *a: None  # type: ignore[attr-defined]
+        handlers.stop_now = lambda: None  # type: ignore[attr-defined]
+        self.install(handlers)
+        handlers._stop_signal(signal.SIGTERM, None)
+        handlers._stop_signal(signal.SIGINT, None)
+        self.assertEqual(handlers.calls.count(handlers.stop), 1)
+        handlers.restore_signals()
+        handlers.arm_signals()
+        handlers._stop_signal(signal.SIGTERM, None)
+        self.assertEqual(handlers.calls.count(handlers.stop), 2)
+
     def test_without_one_nothing_is_said(self) -> None:
         """No signal noted by the reactor: nothing taken, nothing said."""
         handlers = _Handlers()
