@@ -58,6 +58,10 @@ def hold_sighup() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
 
+def _call_now(f: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+    f(*args, **kwargs)
+
+
 def _ignore_sighup_at_exit() -> None:
     """
     At exit, a SIGHUP still held (by :func:`hold_sighup`, or by the early
@@ -170,17 +174,23 @@ class SignalHandlers:
         ):
             self._old_handlers[signum] = signal.signal(signum, handler)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
-        taken = take_exit_signal(self._reactor)
-        if taken is not None:
-            # A stop signal came between the reactor's handlers and ours: the
-            # reactor stops already, and, as after ours, the process exits 0
-            # (twistd would otherwise kill itself with that signal at exit).
-            self._stop_asked = True
-            log.info("received signal {signum} during start-up: stopping", signum=taken)
+        self._take_start_up_stop(_call_now)
         if take_pending_sighup():
             log.info("a SIGHUP arrived during start-up: reloading now")
             self._reload_queued = True
             self._reactor.callLater(0, self._queued_reload)
+
+    def _take_start_up_stop(self, say: Callable[..., object]) -> None:
+        """
+        A stop signal that came between the reactor's handlers and ours: the
+        reactor stops already; taken as handled (as after ours, the process
+        exits 0: twistd would otherwise kill itself with that signal at
+        exit) and said, through ``say(log.info, ...)``.
+        """
+        taken = take_exit_signal(self._reactor)
+        if taken is not None:
+            self._stop_asked = True
+            say(log.info, "received signal {signum} during start-up: stopping", signum=taken)
 
     def restore_signals(self) -> None:
         """Put back the handlers that were there before."""
@@ -219,12 +229,9 @@ class SignalHandlers:
         # buffer refuses a reentrant write; a worker's pipe to its parent
         # holds a lock).
         say = self._reactor.callFromThread
-        taken = take_exit_signal(self._reactor)
-        if taken is not None:
-            # The reactor's own handler took one before ours were in, and
-            # _install_signals has not taken it yet (this one came meanwhile).
-            self._stop_asked = True
-            say(log.info, "received signal {signum} during start-up: stopping", signum=taken)
+        # One the reactor's own handler took before ours were in, that
+        # _install_signals has not taken yet (this one came meanwhile).
+        self._take_start_up_stop(say)
         # A stop asked already (by a signal before, perhaps the reactor's own
         # handler during start-up) whose services have not begun stopping yet:
         # this is a second signal too, not a second reactor.stop() (which
